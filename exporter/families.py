@@ -1,0 +1,202 @@
+"""Model families: one registry that finds the loader for a checkpoint directory from its config.json.
+
+A family is a small spec object; what differs between families lives in its fields, not in
+``isinstance`` checks in generic code. Every family loads to a ``LoadedModel``: the eval-mode module,
+its MoE layers (modules with a swappable ``dispatch`` and ``expert_weights()``), and a ``ModelInfo``.
+
+Model call convention (all families): ``model(input_ids [batch, seq] int64)`` returns
+``(logits [batch, seq, vocab], [(expert_idx [tokens, k] int64, expert_weight [tokens, k]) per MoE layer])``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeport.errors import MoeportError
+from moeport.samples import checkpoint as ckpt
+
+
+@dataclass(frozen=True)
+class MoELayerInfo:
+    """One MoE layer as the exported graph names it (``routing.{label}.experts``)."""
+
+    label: str
+    num_experts: int
+    top_k: int
+    router: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: str
+    vocab_size: int
+    layers: tuple[MoELayerInfo, ...]
+
+    @property
+    def num_experts(self) -> int:
+        return max(layer.num_experts for layer in self.layers)
+
+    @property
+    def top_k(self) -> int:
+        return max(layer.top_k for layer in self.layers)
+
+    @property
+    def all_soft(self) -> bool:
+        """True when every layer weights all of its experts (dense soft MoE)."""
+        return all(layer.top_k == layer.num_experts for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "vocab_size": self.vocab_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelInfo":
+        return cls(data["family"], int(data["vocab_size"]), tuple(MoELayerInfo(**d) for d in data["layers"]))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    moe_layers: list[nn.Module]
+    info: ModelInfo
+    source: Path | None = None
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How to recognise, build and describe one family of checkpoints."""
+
+    name: str
+    description: str
+    matches: Callable[[dict], bool]  # config.json dict -> is this family
+    build: Callable[[dict], nn.Module]  # config dict -> randomly initialised model (raises ValueError)
+    layer_labels: Callable[[nn.Module], list[str]]  # one label per MoE layer, in model order
+    tolerance: float = 1e-4  # default max abs error for export validation and verify
+
+
+_FAMILIES: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    if spec.name in _FAMILIES:
+        raise ValueError(f"model family {spec.name!r} is already registered")
+    for attr in ("matches", "build", "layer_labels"):
+        if not callable(getattr(spec, attr)):
+            raise TypeError(f"family {spec.name!r}: {attr} must be callable")
+    _FAMILIES[spec.name] = spec
+    return spec
+
+
+def families() -> list[FamilySpec]:
+    return list(_FAMILIES.values())
+
+
+def get_family(name: str) -> FamilySpec:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise MoeportError(f"unknown model family {name!r}; known families: {', '.join(_FAMILIES)}") from None
+
+
+def find_family(config: dict, where: str = "config.json") -> FamilySpec:
+    for spec in _FAMILIES.values():
+        if spec.matches(config):
+            return spec
+    named = config.get("family", config.get("model_type"))
+    raise MoeportError(
+        f"{where} names no known model family (family={named!r}); known families: {', '.join(_FAMILIES)}"
+    )
+
+
+def describe(spec: FamilySpec, model: nn.Module, moe_layers: list[nn.Module]) -> ModelInfo:
+    labels = spec.layer_labels(model)
+    layers = tuple(
+        MoELayerInfo(label, moe.cfg.num_experts, moe.cfg.top_k, moe.cfg.router) for label, moe in zip(labels, moe_layers)
+    )
+    return ModelInfo(spec.name, model.config.vocab_size, layers)
+
+
+def from_module(spec_name: str, model: nn.Module, config: dict | None = None) -> LoadedModel:
+    """Wrap an in-memory model of a registered family (tests and samples use this)."""
+    spec = _FAMILIES[spec_name]
+    moe_layers = model.moe_layers()
+    return LoadedModel(model.eval(), moe_layers, describe(spec, model, moe_layers), None, config or {})
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
+    """Load a checkpoint directory with the family its config.json names. User errors are MoeportError."""
+    path = ckpt.checkpoint_dir(path)
+    config = ckpt.read_config(path)
+    spec = find_family(config, where=str(path / ckpt.CONFIG_NAME))
+    try:
+        model = spec.build(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise MoeportError(f"{path / ckpt.CONFIG_NAME} is not a valid {spec.name} config: {exc}") from exc
+    ckpt.load_weights(path, model)
+    loaded = from_module(spec.name, model, config)
+    loaded.source = path
+    return loaded
+
+
+def output_names(info: ModelInfo, with_routing: bool, extra_outputs: tuple[str, ...] = ()) -> list[str]:
+    """Graph output names: ``logits``, then per MoE layer ``routing.{label}.experts|weights|<extra>``."""
+    names = ["logits"]
+    if with_routing:
+        for layer in info.layers:
+            names += [f"routing.{layer.label}.{part}" for part in ("experts", "weights", *extra_outputs)]
+    return names
+
+
+def reference_outputs(loaded: LoadedModel, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """PyTorch eager outputs (reference dispatch) named as the exported graph names them."""
+    with torch.no_grad():
+        logits, routing = loaded.model(torch.from_numpy(input_ids))
+    outputs = {"logits": logits.numpy()}
+    for layer, (idx, weight) in zip(loaded.info.layers, routing):
+        outputs[f"routing.{layer.label}.experts"] = idx.numpy()
+        outputs[f"routing.{layer.label}.weights"] = weight.numpy()
+    return outputs
+
+
+def random_input_ids(info: ModelInfo, batch: int, seq: int, seed: int) -> np.ndarray:
+    """Seeded token ids ``[batch, seq]`` int64 in ``[0, vocab)``."""
+    return np.random.default_rng(seed).integers(0, info.vocab_size, size=(batch, seq), dtype=np.int64)
+
+
+def _sample_build(config: dict) -> nn.Module:
+    from moeport.samples.catalog import build_model
+    from moeport.samples.model import EnsembleConfig, LMConfig
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    cls = EnsembleConfig if config.get("family") == "moeport_ensemble" else LMConfig
+    return build_model(cls(**config))
+
+
+register_family(FamilySpec(
+    name="moeport_lm",
+    description="moeport sample decoder LM (samples/model.py)",
+    matches=lambda c: c.get("family") == "moeport_lm",
+    build=_sample_build,
+    layer_labels=lambda m: [str(i) for i in range(len(m.layers))],
+))
+register_family(FamilySpec(
+    name="moeport_ensemble",
+    description="ensemble of moeport sample LMs mixed by fixed or learned weights",
+    matches=lambda c: c.get("family") == "moeport_ensemble",
+    build=_sample_build,
+    layer_labels=lambda m: [f"m{j}.{i}" for j, member in enumerate(m.members) for i in range(len(member.layers))],
+))
+

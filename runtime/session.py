@@ -1,0 +1,121 @@
+"""onnxruntime sessions, with execution providers known by short name in one registry.
+
+``create_session(model, ep="cpu")`` is the one way moeport opens a model. Asking for a provider the
+installed onnxruntime lacks is a user error that lists what is available, unless ``fallback="cpu"``,
+in which case a warning says so.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeport.errors import MoeportError
+
+
+@dataclass(frozen=True)
+class ExecutionProvider:
+    name: str  # short name used on the command line
+    ort_name: str  # onnxruntime's provider name
+    description: str
+    options: dict = field(default_factory=dict)  # default provider options
+    needs_static_shapes: bool = False
+
+
+_PROVIDERS: dict[str, ExecutionProvider] = {}
+
+
+def register_provider(provider: ExecutionProvider) -> ExecutionProvider:
+    if provider.name in _PROVIDERS:
+        raise ValueError(f"execution provider {provider.name!r} is already registered")
+    if not provider.ort_name.endswith("ExecutionProvider"):
+        raise ValueError(f"{provider.ort_name!r} is not an onnxruntime provider name")
+    _PROVIDERS[provider.name] = provider
+    return provider
+
+
+for _provider in (
+    ExecutionProvider("cpu", "CPUExecutionProvider", "onnxruntime's default CPU kernels"),
+    ExecutionProvider("cuda", "CUDAExecutionProvider", "NVIDIA GPUs through CUDA"),
+    ExecutionProvider("tensorrt", "TensorrtExecutionProvider", "NVIDIA TensorRT", needs_static_shapes=False),
+    ExecutionProvider("openvino", "OpenVINOExecutionProvider", "Intel OpenVINO (onnxruntime-openvino wheel)",
+                      {"device_type": "CPU"}),
+    ExecutionProvider("nnapi", "NnapiExecutionProvider", "Android Neural Networks API", needs_static_shapes=True),
+    ExecutionProvider("coreml", "CoreMLExecutionProvider", "Apple Core ML", needs_static_shapes=True),
+    ExecutionProvider("xnnpack", "XnnpackExecutionProvider", "XNNPACK (ARM/x86 mobile CPUs)"),
+    ExecutionProvider("qnn", "QNNExecutionProvider", "Qualcomm AI Engine Direct", needs_static_shapes=True),
+    ExecutionProvider("dml", "DmlExecutionProvider", "DirectML (Windows GPUs)"),
+    ExecutionProvider("webgpu", "WebGpuExecutionProvider", "WebGPU"),
+):
+    register_provider(_provider)
+
+
+def providers() -> list[ExecutionProvider]:
+    return list(_PROVIDERS.values())
+
+
+def available_providers() -> list[str]:
+    """Short names of the registered providers the installed onnxruntime has."""
+    import onnxruntime as ort
+
+    installed = set(ort.get_available_providers())
+    return [p.name for p in _PROVIDERS.values() if p.ort_name in installed]
+
+
+def resolve_provider(name: str, fallback: str | None = None) -> ExecutionProvider:
+    """The provider to use for ``name``; a missing one raises, or falls back with a warning."""
+    if name not in _PROVIDERS:
+        raise MoeportError(f"unknown execution provider {name!r}; known: {', '.join(_PROVIDERS)}")
+    available = available_providers()
+    if name in available:
+        return _PROVIDERS[name]
+    if fallback is not None:
+        if fallback not in available:
+            raise MoeportError(f"fallback provider {fallback!r} is not available either; available: {', '.join(available)}")
+        warnings.warn(f"execution provider {name!r} is not available in this onnxruntime; falling back to {fallback!r}",
+                      stacklevel=2)
+        return _PROVIDERS[fallback]
+    raise MoeportError(
+        f"execution provider {name!r} is not available in this onnxruntime; available: {', '.join(available)} "
+        f"(pass --fallback cpu to run on cpu instead)"
+    )
+
+
+def create_session(
+    model: str | os.PathLike,
+    ep: str = "cpu",
+    *,
+    fallback: str | None = None,
+    threads: int | None = None,
+    optimization: str = "all",
+):
+    """Open ``model`` with onnxruntime on provider ``ep``. ``optimization``: all|extended|basic|disabled."""
+    import onnxruntime as ort
+
+    path = Path(model)
+    if not path.is_file():
+        raise MoeportError(f"model file not found: {path}")
+    provider = resolve_provider(ep, fallback)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    chosen = [(provider.ort_name, dict(provider.options))]
+    if provider.name != "cpu":
+        chosen.append(("CPUExecutionProvider", {}))
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.NoSuchFile) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoeportError(f"onnxruntime cannot load {path}: {first_line}") from exc

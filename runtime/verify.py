@@ -1,0 +1,182 @@
+"""Parity of an exported model against its PyTorch checkpoint: what ``moeport verify`` runs.
+
+Both run on the same seeded ``input_ids`` at each requested ``(batch, seq)`` shape; every output the
+graph shares with the reference is compared by one ``Comparator`` (per-output stats, argmax agreement for
+logits, routing agreement and expert load per MoE layer when the model was exported ``--with-routing``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeport.errors import MoeportError, UsageError
+from moeport.exporter import families
+from moeport.exporter.families import ModelInfo
+from moeport.runtime.compare import Comparator, Comparison
+from moeport.runtime.session import create_session
+from moeport.samples.checkpoint import checkpoint_hash
+
+DEFAULT_SHAPES = ((1, 1), (3, 7), (2, 64))
+METADATA_PREFIX = "moeport."
+_SHAPE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"1x1,3x7"`` -> ``[(1, 1), (3, 7)]``; anything else is a usage error naming the bad part."""
+    shapes = []
+    for part in text.split(","):
+        match = _SHAPE.match(part)
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            raise UsageError(
+                f"cannot parse shape {part.strip()!r} in {text!r}: expected BATCHxSEQ[,BATCHxSEQ...] "
+                "with positive sizes, e.g. 1x1,3x7,2x64"
+            )
+        shapes.append((int(match[1]), int(match[2])))
+    return shapes
+
+
+def read_metadata(model: str | os.PathLike) -> dict[str, str]:
+    """The ``moeport.*`` metadata of an ONNX file (without loading its weights)."""
+    import onnx
+
+    path = Path(model)
+    if not path.is_file():
+        raise MoeportError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError, plus OSError; all mean "not ONNX"
+        raise MoeportError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from exc
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
+def model_info(model: str | os.PathLike) -> tuple[ModelInfo, dict[str, str]]:
+    metadata = read_metadata(model)
+    if "model_info" not in metadata:
+        raise MoeportError(f"{model} has no moeport metadata (family, experts); export it with `moeport export`")
+    return ModelInfo.from_dict(json.loads(metadata["model_info"])), metadata
+
+
+@dataclass
+class ShapeResult:
+    shape: tuple[int, int]
+    comparison: Comparison
+    dropped: dict[str, int] = field(default_factory=dict)  # capacity strategy: dropped slots per layer
+
+    def to_dict(self) -> dict:
+        return {"shape": f"{self.shape[0]}x{self.shape[1]}", **self.comparison.to_dict(), "dropped": self.dropped}
+
+
+@dataclass
+class VerifyReport:
+    model: Path
+    checkpoint: Path
+    ep: str
+    strategy: str
+    results: list[ShapeResult]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.comparison.passed for r in self.results)
+
+    @property
+    def max_abs_err(self) -> float:
+        return max(r.comparison.max_abs_err for r in self.results)
+
+    @property
+    def routing_agreement(self) -> float | None:
+        values = [r.comparison.routing_agreement for r in self.results if r.comparison.routing_agreement is not None]
+        return min(values, default=None)
+
+    @property
+    def argmax_agreement(self) -> float | None:
+        values = [r.comparison.argmax_agreement for r in self.results if r.comparison.argmax_agreement is not None]
+        return min(values, default=None)
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "max_abs_err": self.max_abs_err,
+            "routing_agreement": self.routing_agreement,
+            "argmax_agreement": self.argmax_agreement,
+            "model": str(self.model),
+            "checkpoint": str(self.checkpoint),
+            "ep": self.ep,
+            "strategy": self.strategy,
+            "warnings": self.warnings,
+            "shapes": [r.to_dict() for r in self.results],
+        }
+
+    def render(self) -> str:
+        """A plain-text report: one table of outputs per shape, then routing per layer."""
+        lines = [f"verify {self.model} against {self.checkpoint} on {self.ep} (strategy {self.strategy})"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        header = f"  {'output':<28} {'max_abs':>9} {'mean_abs':>9} {'p99_abs':>9} {'max_rel':>9} {'cosine':>9} {'argmax':>7}  ok"
+        for result in self.results:
+            lines.append(f"shape {result.shape[0]}x{result.shape[1]}")
+            lines.append(header)
+            for o in result.comparison.outputs:
+                argmax = "" if o.argmax_agreement is None else f"{o.argmax_agreement:.4f}"
+                lines.append(f"  {o.name:<28} {o.max_abs:9.2e} {o.mean_abs:9.2e} {o.p99_abs:9.2e} {o.max_rel:9.2e} "
+                             f"{o.cosine:9.6f} {argmax:>7}  {'yes' if o.passed else 'NO'}")
+            for name in result.comparison.missing:
+                lines.append(f"  {name:<28} missing from the model's outputs  NO")
+            for r in result.comparison.routing:
+                dropped = f" dropped {result.dropped[r.label]}" if r.label in result.dropped else ""
+                lines.append(f"  routing layer {r.label}: agreement {r.agreement:.4f} over {r.tokens} tokens, "
+                             f"load {r.load_actual}{dropped}  {'yes' if r.passed else 'NO'}")
+        routing = "n/a (export --with-routing to compare routing)" if self.routing_agreement is None \
+            else f"{self.routing_agreement:.4f}"
+        argmax = "n/a" if self.argmax_agreement is None else f"{self.argmax_agreement:.4f}"
+        lines.append(f"{'PASSED' if self.passed else 'FAILED'}: max abs error {self.max_abs_err:.3g}, "
+                     f"routing agreement {routing}, argmax agreement {argmax}")
+        return "\n".join(lines)
+
+
+def verify(
+    model: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    *,
+    shapes: list[tuple[int, int]] | str = DEFAULT_SHAPES,
+    ep: str = "cpu",
+    fallback: str | None = None,
+    atol: float | None = None,
+    rtol: float = 0.0,
+    min_routing_agreement: float = 1.0,
+    seed: int = 0,
+    threads: int | None = None,
+) -> VerifyReport:
+    """Run ``model`` (onnxruntime) and ``checkpoint`` (PyTorch eager) on the same inputs and compare."""
+    if isinstance(shapes, str):
+        shapes = parse_shapes(shapes)
+    info, metadata = model_info(model)
+    loaded = families.load_checkpoint(checkpoint)
+    report_warnings = []
+    if loaded.info.family != info.family:
+        raise MoeportError(f"{model} was exported from a {info.family} model but {checkpoint} is {loaded.info.family}")
+    if loaded.info.layers != info.layers:
+        raise MoeportError(f"{model} and {checkpoint} have different MoE layers; was it exported from this checkpoint?")
+    if metadata.get("source_sha256") and metadata["source_sha256"] != checkpoint_hash(checkpoint):
+        report_warnings.append("the checkpoint's files differ from the ones this model was exported from")
+    spec = families.get_family(info.family)
+    comparator = Comparator(atol=spec.tolerance if atol is None else atol, rtol=rtol,
+                            min_routing_agreement=min_routing_agreement)
+    session = create_session(model, ep, fallback=fallback, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for i, (batch, seq) in enumerate(shapes):
+        input_ids = families.random_input_ids(info, batch, seq, seed=seed + i)
+        reference = families.reference_outputs(loaded, input_ids)
+        actual = dict(zip(names, session.run(None, {"input_ids": input_ids})))
+        dropped = {
+            layer.label: int(np.asarray(actual[f"routing.{layer.label}.dropped"]))
+            for layer in info.layers if f"routing.{layer.label}.dropped" in actual
+        }
+        results.append(ShapeResult((batch, seq), comparator.compare(reference, actual, info.layers), dropped))
+    return VerifyReport(Path(model), Path(checkpoint), ep, metadata.get("strategy", "?"), results, report_warnings)

@@ -1,0 +1,151 @@
+"""The ``moeport`` command line: each command parses, calls one library function, prints, exits.
+
+Exit codes: 0 success, 1 a failed check or a user error, 2 a usage error. User errors print one line
+(``error: ...``) and no traceback; pass ``--debug`` (or set MOEPORT_DEBUG=1) to see it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from moeport.errors import MoeportError
+
+
+def _echo_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moeport")
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors too.")
+def cli(debug: bool) -> None:
+    """Export Mixture-of-Experts models to ONNX and run them on onnxruntime."""
+
+
+@cli.group()
+def samples() -> None:
+    """The bundled sample MoE models."""
+
+
+@samples.command("list")
+@click.option("--verbose", "-v", is_flag=True, help="Also print what each sample shows.")
+def samples_list(verbose: bool) -> None:
+    """Print one sample name per line."""
+    from moeport.samples.catalog import list_samples
+
+    for sample in list_samples():
+        click.echo(f"{sample.name}\t{sample.description}" if verbose else sample.name)
+
+
+@samples.command("create")
+@click.argument("name")
+@click.argument("directory", type=click.Path(file_okay=False))
+def samples_create(name: str, directory: str) -> None:
+    """Write sample NAME as a checkpoint directory (config.json + model.safetensors)."""
+    from moeport.samples.catalog import create_sample
+
+    click.echo(create_sample(name, directory))
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="ONNX file to write.")
+@click.option("--strategy", default="auto", show_default=True,
+              type=click.Choice(["auto", "sorted", "gather", "dense", "capacity"]), help="MoE dispatch strategy.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 18..23).")
+@click.option("--with-routing", is_flag=True, help="Add each MoE layer's selected experts and weights as outputs.")
+@click.option("--capacity-factor", type=float, default=None,
+              help="capacity strategy: slots per expert = factor * tokens * k / E (default E/k: drops nothing).")
+@click.option("--no-validate", is_flag=True, help="Skip the post-export parity check against PyTorch.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export_cmd(checkpoint, output, strategy, opset, with_routing, capacity_factor, no_validate, force, as_json):
+    """Export the MoE checkpoint directory CHECKPOINT to ONNX."""
+    from moeport.exporter.export import DEFAULT_OPSET, export_checkpoint
+
+    result = export_checkpoint(checkpoint, output, strategy=strategy, opset=opset or DEFAULT_OPSET,
+                               with_routing=with_routing, capacity_factor=capacity_factor,
+                               validate=not no_validate, force=force)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    click.echo(f"exported {result.family} ({len(result.info.layers)} MoE layers, {result.info.num_experts} experts, "
+               f"top-{result.info.top_k}) to {result.output} [{result.size_bytes / 1e6:.2f} MB, opset {result.opset}, "
+               f"IR {result.ir_version}] in {result.seconds:.1f}s")
+    click.echo(f"strategy: {result.strategy} ({result.strategy_reason})")
+    if result.validation is not None:
+        shapes = ", ".join(f"{b}x{s}" for b, s in result.validation_shapes)
+        click.echo(f"validated against PyTorch at {shapes}: max abs error {result.validation.max_abs_err:.3g}")
+    if result.dropped_slots is not None:
+        click.echo(f"capacity: {result.dropped_slots} token slots dropped on the validation inputs")
+
+
+@cli.command("verify")
+@click.argument("model", type=click.Path())
+@click.option("--checkpoint", required=True, type=click.Path(), help="The checkpoint the model was exported from.")
+@click.option("--shapes", default="1x1,3x7,2x64", show_default=True, help="BATCHxSEQ list to test.")
+@click.option("--ep", default="cpu", show_default=True, help="Execution provider short name.")
+@click.option("--fallback", default=None, help="Provider to use when --ep is not available (e.g. cpu).")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: the family's, 1e-4).")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance.")
+@click.option("--min-routing-agreement", type=float, default=1.0, show_default=True,
+              help="Lowest routing agreement that passes (quantized models need less than 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_agreement, as_json):
+    """Compare MODEL on onnxruntime with CHECKPOINT in PyTorch; exit 1 if they differ."""
+    from moeport.runtime.verify import parse_shapes, verify
+
+    report = verify(model, checkpoint, shapes=parse_shapes(shapes), ep=ep, fallback=fallback, atol=atol,
+                    rtol=rtol, min_routing_agreement=min_routing_agreement)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    sys.exit(0 if report.passed else 1)
+
+
+@cli.command("demo")
+@click.option("--workdir", default="moeport-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the sample checkpoint and model go.")
+@click.option("--sample", default="trained", show_default=True, help="Which sample to use.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def demo_cmd(workdir, sample, as_json):
+    """Export the bundled sample with routing outputs, verify parity, print the report."""
+    from moeport.demo import run_demo
+
+    report = run_demo(workdir, sample)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        result = report.export
+        click.echo(f"checkpoint: {report.checkpoint}")
+        click.echo(f"exported: {result.output} ({result.size_bytes / 1e6:.2f} MB, strategy {result.strategy}, "
+                   f"{result.seconds:.1f}s)")
+        click.echo(report.verify.render())
+    sys.exit(0 if report.passed else 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("MOEPORT_DEBUG") == "1"
+    try:
+        code = cli.main(args=args, prog_name="moeport", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        code = 1
+    except click.ClickException as exc:  # usage errors: bad option, missing argument, bad choice
+        click.echo(f"error: {exc.format_message()} (see moeport --help)", err=True)
+        code = exc.exit_code
+    except MoeportError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
