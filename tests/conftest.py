@@ -1,0 +1,49 @@
+"""Shared fixtures: sample checkpoints and exported models, built once per test session.
+
+Exports take seconds each, so tests ask for them through these caching factories instead of
+exporting the same thing again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moeport.exporter.export import export_checkpoint
+from moeport.samples.catalog import create_sample
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("moeport")
+
+
+@pytest.fixture(scope="session")
+def sample_checkpoint(workdir):
+    """sample_checkpoint(name) -> Path of that sample's checkpoint directory (created once)."""
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            made[name] = create_sample(name, workdir / "checkpoints" / name)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def exported(workdir, sample_checkpoint):
+    """exported(name, **export options) -> ExportResult, cached per (name, options)."""
+    cache: dict = {}
+
+    def export(name: str, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            tag = "-".join(f"{k}={v}" for k, v in sorted(options.items())) or "default"
+            out = workdir / "models" / f"{name}.{tag}.onnx"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cache[key] = export_checkpoint(sample_checkpoint(name), out, **options)
+        return cache[key]
+
+    return export
