@@ -84,6 +84,8 @@ class FamilySpec:
     matches: Callable[[dict], bool]  # config.json dict -> is this family
     build: Callable[[dict], nn.Module]  # config dict -> randomly initialised model (raises ValueError)
     layer_labels: Callable[[nn.Module], list[str]]  # one label per MoE layer, in model order
+    # (loaded, input_ids) -> per MoE layer, per token: gap between the k-th and (k+1)-th selection score
+    routing_margins: Callable[["LoadedModel", np.ndarray], list[np.ndarray]]
     tolerance: float = 1e-4  # default max abs error for export validation and verify
 
 
@@ -93,7 +95,7 @@ _FAMILIES: dict[str, FamilySpec] = {}
 def register_family(spec: FamilySpec) -> FamilySpec:
     if spec.name in _FAMILIES:
         raise ValueError(f"model family {spec.name!r} is already registered")
-    for attr in ("matches", "build", "layer_labels"):
+    for attr in ("matches", "build", "layer_labels", "routing_margins"):
         if not callable(getattr(spec, attr)):
             raise TypeError(f"family {spec.name!r}: {attr} must be callable")
     _FAMILIES[spec.name] = spec
@@ -171,6 +173,25 @@ def reference_outputs(loaded: LoadedModel, input_ids: np.ndarray) -> dict[str, n
     return outputs
 
 
+# Two experts whose selection scores are closer than this are a tie: torch and onnxruntime may break it
+# differently (both correctly), and everything downstream of that token then differs.
+TIE_MARGIN = 1e-5
+
+
+def routing_margins(loaded: LoadedModel, input_ids: np.ndarray) -> list[np.ndarray]:
+    """Per MoE layer, per token ``[batch*seq]``: k-th minus (k+1)-th selection score (inf when k == E)."""
+    return get_family(loaded.info.family).routing_margins(loaded, input_ids)
+
+
+def tie_free_input_ids(loaded: LoadedModel, batch: int, seq: int, seed: int, tries: int = 50) -> np.ndarray:
+    """Seeded ``input_ids`` whose reference routing has no near-tie (first seed from ``seed`` on that works)."""
+    for attempt in range(tries):
+        input_ids = random_input_ids(loaded.info, batch, seq, seed + 7919 * attempt)
+        if all(m.size == 0 or m.min() > TIE_MARGIN for m in routing_margins(loaded, input_ids)):
+            return input_ids
+    raise RuntimeError(f"no tie-free input of shape {batch}x{seq} in {tries} tries; the router scores are degenerate")
+
+
 def random_input_ids(info: ModelInfo, batch: int, seq: int, seed: int) -> np.ndarray:
     """Seeded token ids ``[batch, seq]`` int64 in ``[0, vocab)``."""
     return np.random.default_rng(seed).integers(0, info.vocab_size, size=(batch, seq), dtype=np.int64)
@@ -185,12 +206,43 @@ def _sample_build(config: dict) -> nn.Module:
     return build_model(cls(**config))
 
 
+def _selection_margin(scores: torch.Tensor, top_k: int) -> np.ndarray:
+    if top_k >= scores.shape[-1]:
+        # Soft layers select every expert; what can tie is the top expert that routing agreement compares.
+        top = torch.topk(scores, min(2, scores.shape[-1]), dim=-1).values
+        return (top[:, 0] - top[:, -1]).numpy() if scores.shape[-1] > 1 else np.full(len(scores), np.inf)
+    top = torch.topk(scores, top_k + 1, dim=-1).values
+    return (top[:, top_k - 1] - top[:, top_k]).numpy()
+
+
+def _sample_routing_margins(loaded: LoadedModel, input_ids: np.ndarray) -> list[np.ndarray]:
+    """Capture each router's gate logits and rebuild the score its top-k selects on."""
+    logits: list[torch.Tensor] = []
+    hooks = [moe.router.gate.register_forward_hook(lambda _m, _i, out: logits.append(out))
+             for moe in loaded.moe_layers]
+    try:
+        with torch.no_grad():
+            loaded.model(torch.from_numpy(input_ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    margins = []
+    for moe, gate_logits in zip(loaded.moe_layers, logits):
+        if moe.cfg.router == "sigmoid_topk":
+            scores = torch.sigmoid(gate_logits) + moe.router.score_correction_bias
+        else:
+            scores = torch.softmax(gate_logits, dim=-1)
+        margins.append(_selection_margin(scores, moe.cfg.top_k))
+    return margins
+
+
 register_family(FamilySpec(
     name="moeport_lm",
     description="moeport sample decoder LM (samples/model.py)",
     matches=lambda c: c.get("family") == "moeport_lm",
     build=_sample_build,
     layer_labels=lambda m: [str(i) for i in range(len(m.layers))],
+    routing_margins=_sample_routing_margins,
 ))
 register_family(FamilySpec(
     name="moeport_ensemble",
@@ -198,5 +250,6 @@ register_family(FamilySpec(
     matches=lambda c: c.get("family") == "moeport_ensemble",
     build=_sample_build,
     layer_labels=lambda m: [f"m{j}.{i}" for j, member in enumerate(m.members) for i in range(len(member.layers))],
+    routing_margins=_sample_routing_margins,
 ))
 

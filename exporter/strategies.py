@@ -45,12 +45,17 @@ class DispatchStrategy:
     prepare: Callable[[nn.Module], dict[str, torch.Tensor]]  # buffers to attach to the MoE module
     dispatch: Callable[..., torch.Tensor]  # (moe, x, idx, weight, *, options) -> [tokens, hidden]
     extra_outputs: tuple[str, ...] = ()  # per-layer outputs besides experts/weights, with --with-routing
+    # (moe, expert_idx, options) -> {name: tensor} for extra_outputs; a pure function of the routing, so the
+    # export wrapper can compute it without the dispatch keeping state on the module.
+    compute_extras: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
 _STRATEGIES: dict[str, DispatchStrategy] = {}
 
 
 def register_strategy(strategy: DispatchStrategy) -> DispatchStrategy:
+    if bool(strategy.extra_outputs) != (strategy.compute_extras is not None):
+        raise ValueError(f"strategy {strategy.name!r}: extra_outputs and compute_extras go together")
     if strategy.name in _STRATEGIES or strategy.name == "auto":
         raise ValueError(f"dispatch strategy {strategy.name!r} is already registered (or reserved)")
     if not callable(strategy.prepare) or not callable(strategy.dispatch):
@@ -115,19 +120,25 @@ def dense_dispatch(moe, x, expert_idx, expert_weight, *, options):
     return out
 
 
-def capacity_dispatch(moe, x, expert_idx, expert_weight, *, options):
-    tokens, hidden = x.shape
-    num_experts, k = len(moe.experts), expert_idx.shape[1]
+def _capacity_plan(expert_idx: torch.Tensor, num_experts: int, options: StrategyOptions):
+    """(flat expert [S], rank of each slot within its expert [S], kept [S] bool, capacity C) for S = tokens*k."""
+    tokens, k = expert_idx.shape
     factor = Fraction(options.capacity_factor or Fraction(num_experts, k)).limit_denominator(1000)
-    num_slots = tokens * k
     # capacity = ceil(factor * slots / E), in integers so it stays symbolic in the token count.
-    capacity = (factor.numerator * num_slots + factor.denominator * num_experts - 1) // (
+    capacity = (factor.numerator * tokens * k + factor.denominator * num_experts - 1) // (
         factor.denominator * num_experts
     )
     flat_expert = expert_idx.reshape(-1)
     one_hot = F.one_hot(flat_expert, num_experts)  # [S, E]
-    position = ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)  # rank of the slot within its expert
-    kept = position < capacity
+    position = ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)
+    return flat_expert, position, position < capacity, capacity
+
+
+def capacity_dispatch(moe, x, expert_idx, expert_weight, *, options):
+    tokens, hidden = x.shape
+    num_experts, k = len(moe.experts), expert_idx.shape[1]
+    num_slots = tokens * k
+    flat_expert, position, kept, capacity = _capacity_plan(expert_idx, num_experts, options)
     slot = torch.arange(num_slots, device=x.device)
     # Dropped slots go to private rows after the E*C buffer rows, so every scatter index is unique.
     dest = torch.where(kept, flat_expert * capacity + position, num_experts * capacity + slot)
@@ -139,8 +150,12 @@ def capacity_dispatch(moe, x, expert_idx, expert_weight, *, options):
     ]
     outputs.append(x.new_zeros(num_slots, hidden))
     slot_y = torch.cat(outputs)[dest] * (expert_weight.reshape(-1) * kept)[:, None]
-    setattr(moe, f"{_PREFIX}dropped", (~kept).sum())
     return slot_y.reshape(tokens, k, hidden).sum(dim=1)
+
+
+def capacity_extras(moe, expert_idx, options):
+    _, _, kept, _ = _capacity_plan(expert_idx, len(moe.experts), options)
+    return {"dropped": (~kept).sum()}
 
 
 register_strategy(DispatchStrategy("sorted", "sort slots by expert; one segment per expert (compute ~ k)",
@@ -150,12 +165,8 @@ register_strategy(DispatchStrategy("gather", "gather each token's expert weights
 register_strategy(DispatchStrategy("dense", "every expert on every token, zero weight when unselected",
                                    _per_expert, dense_dispatch))
 register_strategy(DispatchStrategy("capacity", "static [E, C, hidden] buffer with a capacity factor",
-                                   _per_expert, capacity_dispatch, extra_outputs=("dropped",)))
-
-
-def extra_output(moe: nn.Module, name: str) -> torch.Tensor:
-    """A per-layer extra output (e.g. ``dropped``) recorded by the last dispatch of ``moe``."""
-    return getattr(moe, f"{_PREFIX}{name}")
+                                   _per_expert, capacity_dispatch, extra_outputs=("dropped",),
+                                   compute_extras=capacity_extras))
 
 
 @contextlib.contextmanager
@@ -180,9 +191,6 @@ def use_strategy(
             moe.dispatch = dispatch
             for name in names:
                 delattr(moe, name)
-            for extra in strategy.extra_outputs:
-                if hasattr(moe, f"{_PREFIX}{extra}"):
-                    delattr(moe, f"{_PREFIX}{extra}")
 
 
 def translation_table() -> dict:

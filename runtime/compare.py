@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from moeport.exporter.families import MoELayerInfo
+from moeport.exporter.families import TIE_MARGIN, MoELayerInfo
 
 _REL_FLOOR = 1e-6  # denominators below this make relative error meaningless
 
@@ -60,6 +60,8 @@ class RoutingStats:
     load_reference: list[int]
     load_actual: list[int]
     passed: bool
+    near_ties: int = 0  # tokens whose reference k-th and (k+1)-th scores nearly tie (either choice is right)
+    disagreements_at_ties: int = 0  # of the disagreeing tokens, how many are such near-ties
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,27 +157,28 @@ class Comparator:
             abs_err = np.where(actual == reference, 0.0, np.nan_to_num(abs_err, nan=np.inf))
             rel_err = abs_err / np.maximum(np.abs(np.nan_to_num(reference)), _REL_FLOOR)
             excess = abs_err - tol.rtol * np.abs(np.nan_to_num(reference))
-        empty = abs_err.size == 0
-        stats = OutputStats(
-            name=name,
-            shape=tuple(reference.shape),
-            max_abs=0.0 if empty else float(abs_err.max()),
-            mean_abs=0.0 if empty else float(abs_err.mean()),
-            p99_abs=0.0 if empty else float(np.quantile(abs_err, 0.99)),
-            max_rel=0.0 if empty else float(rel_err.max()),
-            mean_rel=0.0 if empty else float(rel_err.mean()),
-            p99_rel=0.0 if empty else float(np.quantile(rel_err, 0.99)),
-            cosine=_cosine(np.nan_to_num(reference), np.nan_to_num(actual)),
-            min_passing_atol=0.0 if empty else float(max(excess.max(), 0.0)),
-            tolerance=tol,
-            passed=bool(np.all(excess <= tol.atol)),
-        )
+            empty = abs_err.size == 0
+            stats = OutputStats(
+                name=name,
+                shape=tuple(reference.shape),
+                max_abs=0.0 if empty else float(abs_err.max()),
+                mean_abs=0.0 if empty else float(abs_err.mean()),
+                p99_abs=0.0 if empty else float(np.quantile(abs_err, 0.99)),
+                max_rel=0.0 if empty else float(rel_err.max()),
+                mean_rel=0.0 if empty else float(rel_err.mean()),
+                p99_rel=0.0 if empty else float(np.quantile(rel_err, 0.99)),
+                cosine=_cosine(np.nan_to_num(reference), np.nan_to_num(actual)),
+                min_passing_atol=0.0 if empty else float(max(excess.max(), 0.0)),
+                tolerance=tol,
+                passed=bool(np.all(excess <= tol.atol)),
+            )
         if name in self.logits_outputs and reference.ndim >= 1 and reference.size:
             stats.argmax_agreement = float(np.mean(np.argmax(reference, -1) == np.argmax(actual, -1)))
         return stats
 
     def compare_routing(
-        self, layer: MoELayerInfo, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]
+        self, layer: MoELayerInfo, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray],
+        margins: np.ndarray | None = None,
     ) -> tuple[RoutingStats, OutputStats]:
         """Agreement and load for one layer, plus the weight error on tokens whose experts agree."""
         experts, weights = f"routing.{layer.label}.experts", f"routing.{layer.label}.weights"
@@ -189,6 +192,10 @@ class Comparator:
             load_actual=expert_load(actual[experts], layer.num_experts),
             passed=(float(agree.mean()) if agree.size else 1.0) >= self.min_routing_agreement,
         )
+        if margins is not None:
+            ties = margins < TIE_MARGIN
+            stats.near_ties = int(ties.sum())
+            stats.disagreements_at_ties = int((ties & ~agree).sum())
         # Compare weights slot by slot in expert order, on the tokens that chose the same experts.
         order_ref = np.argsort(reference[experts][agree], axis=-1, kind="stable")
         order_act = np.argsort(actual[experts][agree], axis=-1, kind="stable")
@@ -200,8 +207,10 @@ class Comparator:
         return stats, weight_stats
 
     def compare(
-        self, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], layers: Iterable[MoELayerInfo] = ()
+        self, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], layers: Iterable[MoELayerInfo] = (),
+        margins: dict[str, np.ndarray] | None = None,
     ) -> Comparison:
+        """Compare every reference output; ``margins`` (per layer label, per token) flags router near-ties."""
         result = Comparison()
         layers = list(layers)
         routing_names = {
@@ -217,7 +226,8 @@ class Comparator:
         for layer in layers:
             names = {f"routing.{layer.label}.experts", f"routing.{layer.label}.weights"}
             if names <= set(actual) and names <= set(reference):
-                routing, weight_stats = self.compare_routing(layer, reference, actual)
+                routing, weight_stats = self.compare_routing(layer, reference, actual,
+                                                             (margins or {}).get(layer.label))
                 result.routing.append(routing)
                 result.outputs.append(weight_stats)
         return result

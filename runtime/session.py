@@ -85,19 +85,25 @@ def resolve_provider(name: str, fallback: str | None = None) -> ExecutionProvide
 
 def create_session(
     model: str | os.PathLike,
-    ep: str = "cpu",
+    ep: "str | ExecutionProvider" = "cpu",
     *,
     fallback: str | None = None,
     threads: int | None = None,
     optimization: str = "all",
+    profile_dir: str | os.PathLike | None = None,
+    config: dict[str, str] | None = None,
 ):
-    """Open ``model`` with onnxruntime on provider ``ep``. ``optimization``: all|extended|basic|disabled."""
+    """Open ``model`` with onnxruntime on provider ``ep`` (a short name, or an already resolved provider).
+
+    ``optimization``: all|extended|basic|disabled. ``profile_dir``: record an onnxruntime profile there
+    (the placement report reads it). ``config``: session config entries (``add_session_config_entry``).
+    """
     import onnxruntime as ort
 
     path = Path(model)
     if not path.is_file():
         raise MoeportError(f"model file not found: {path}")
-    provider = resolve_provider(ep, fallback)
+    provider = ep if isinstance(ep, ExecutionProvider) else resolve_provider(ep, fallback)
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -108,14 +114,17 @@ def create_session(
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(profile_dir) / "moeport_profile")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     chosen = [(provider.ort_name, dict(provider.options))]
     if provider.name != "cpu":
         chosen.append(("CPUExecutionProvider", {}))
+    state = ort.capi.onnxruntime_pybind11_state
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-    except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
-            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.Fail,
-            ort.capi.onnxruntime_pybind11_state.NoSuchFile) as exc:
+    except (state.InvalidProtobuf, state.InvalidGraph, state.Fail, state.NoSuchFile) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoeportError(f"onnxruntime cannot load {path}: {first_line}") from exc

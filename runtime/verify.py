@@ -129,6 +129,7 @@ class VerifyReport:
                 lines.append(f"  {name:<28} missing from the model's outputs  NO")
             for r in result.comparison.routing:
                 dropped = f" dropped {result.dropped[r.label]}" if r.label in result.dropped else ""
+                dropped += f" near-ties {r.near_ties}" if r.near_ties else ""
                 lines.append(f"  routing layer {r.label}: agreement {r.agreement:.4f} over {r.tokens} tokens, "
                              f"load {r.load_actual}{dropped}  {'yes' if r.passed else 'NO'}")
         routing = "n/a (export --with-routing to compare routing)" if self.routing_agreement is None \
@@ -173,10 +174,17 @@ def verify(
     for i, (batch, seq) in enumerate(shapes):
         input_ids = families.random_input_ids(info, batch, seq, seed=seed + i)
         reference = families.reference_outputs(loaded, input_ids)
+        margins = dict(zip((layer.label for layer in info.layers), families.routing_margins(loaded, input_ids)))
         actual = dict(zip(names, session.run(None, {"input_ids": input_ids})))
         dropped = {
             layer.label: int(np.asarray(actual[f"routing.{layer.label}.dropped"]))
             for layer in info.layers if f"routing.{layer.label}.dropped" in actual
         }
-        results.append(ShapeResult((batch, seq), comparator.compare(reference, actual, info.layers), dropped))
+        comparison = comparator.compare(reference, actual, info.layers, margins)
+        results.append(ShapeResult((batch, seq), comparison, dropped))
+        tied = sum(r.disagreements_at_ties for r in comparison.routing)
+        if tied:
+            report_warnings.append(
+                f"at {batch}x{seq}, {tied} token(s) whose router scores nearly tie chose different experts; either "
+                "choice is correct and later tokens inherit the difference (try another --seed)")
     return VerifyReport(Path(model), Path(checkpoint), ep, metadata.get("strategy", "?"), results, report_warnings)

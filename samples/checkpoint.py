@@ -12,7 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from moeport.errors import MoeportError

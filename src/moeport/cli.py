@@ -95,13 +95,14 @@ def export_cmd(checkpoint, output, strategy, opset, with_routing, capacity_facto
 @click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance.")
 @click.option("--min-routing-agreement", type=float, default=1.0, show_default=True,
               help="Lowest routing agreement that passes (quantized models need less than 1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input_ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_agreement, as_json):
+def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_agreement, seed, as_json):
     """Compare MODEL on onnxruntime with CHECKPOINT in PyTorch; exit 1 if they differ."""
     from moeport.runtime.verify import parse_shapes, verify
 
     report = verify(model, checkpoint, shapes=parse_shapes(shapes), ep=ep, fallback=fallback, atol=atol,
-                    rtol=rtol, min_routing_agreement=min_routing_agreement)
+                    rtol=rtol, min_routing_agreement=min_routing_agreement, seed=seed)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     sys.exit(0 if report.passed else 1)
 
@@ -125,6 +126,10 @@ def demo_cmd(workdir, sample, as_json):
                    f"{result.seconds:.1f}s)")
         click.echo(report.verify.render())
     sys.exit(0 if report.passed else 1)
+
+
+from moeport.cli_runtime import register as _register_runtime
+_register_runtime(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,161 @@
+"""Helpers shared by run, bench, inspect and package: tensor specs, input checks, atomic writes.
+
+A ``TensorSpec`` describes one graph input or output as onnxruntime reports it: ``shape`` holds an int
+for a fixed dim and a name (``"batch"``) or ``None`` for a dynamic one. Exported moeport models take
+``input_ids [batch, sequence] int64`` and return ``logits [batch, sequence, vocab] float32``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeport.errors import MoeportError
+
+# onnxruntime type strings -> numpy dtypes (the ones an input check can meet).
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name ("int64"), or onnxruntime's type string when numpy has none
+    shape: tuple  # int for a fixed dim, str (dim_param) or None for a dynamic one
+
+    @classmethod
+    def from_ort(cls, node_arg) -> "TensorSpec":
+        np_type = _ORT_TYPES.get(node_arg.type)
+        dtype = np.dtype(np_type).name if np_type is not None else node_arg.type
+        return cls(node_arg.name, dtype, tuple(node_arg.shape))
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: ("?" if d is None else d) for i, d in enumerate(self.shape) if not isinstance(d, int)}
+
+    def shape_text(self) -> str:
+        """``[batch, sequence]`` -- how error messages and reports spell the expected shape."""
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "dynamic_axes": {str(k): v for k, v in self.dynamic_axes.items()}}
+
+
+def session_specs(session) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    return ([TensorSpec.from_ort(a) for a in session.get_inputs()],
+            [TensorSpec.from_ort(a) for a in session.get_outputs()])
+
+
+def check_inputs(feeds: dict[str, np.ndarray], specs: list[TensorSpec], vocab_size: int | None = None) -> None:
+    """Raise a one-line MoeportError for the first input that does not fit ``specs``.
+
+    Checked in order: missing and unexpected names, rank, dtype, fixed dims, then (for ``input_ids``
+    when the vocabulary size is known) token ids outside ``[0, vocab_size)``. Everything here runs before
+    onnxruntime sees the arrays, because its own messages name internal nodes, not the user's input.
+    """
+    expected = {s.name: s for s in specs}
+    missing = [name for name in expected if name not in feeds]
+    if missing:
+        raise MoeportError(f"input {missing[0]!r} is missing; the model expects inputs "
+                           f"{', '.join(repr(s.name) for s in specs)} and got {', '.join(map(repr, feeds)) or 'none'}")
+    extra = [name for name in feeds if name not in expected]
+    if extra:
+        raise MoeportError(f"input {extra[0]!r} is not an input of the model; it expects "
+                           f"{', '.join(repr(s.name) for s in specs)}")
+    for spec in specs:
+        array = feeds[spec.name]
+        if array.ndim != len(spec.shape):
+            raise MoeportError(f"input {spec.name!r} has shape {tuple(array.shape)}; the model expects "
+                               f"{spec.shape_text()} (rank {len(spec.shape)})")
+        if array.dtype.name != spec.dtype:
+            raise MoeportError(f"input {spec.name!r} has dtype {array.dtype.name}; the model expects {spec.dtype} "
+                               f"with shape {spec.shape_text()}")
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if isinstance(want, int) and got != want:
+                raise MoeportError(f"input {spec.name!r} has shape {tuple(array.shape)}; the model expects "
+                                   f"{spec.shape_text()} (dim {axis} must be {want})")
+            if got == 0:
+                raise MoeportError(f"input {spec.name!r} has shape {tuple(array.shape)}; dim {axis} is empty")
+    ids = feeds.get("input_ids")
+    if vocab_size is not None and ids is not None and ids.size and np.issubdtype(ids.dtype, np.integer):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            position = tuple(int(i) for i in np.argwhere(ids == bad)[0])
+            raise MoeportError(f"input 'input_ids' holds token id {bad} at {position}, outside the vocabulary "
+                               f"[0, {vocab_size})")
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file by name (no pickles: an npz of tensors never needs them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoeportError(f"inputs file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise MoeportError(f"{path} is a single .npy array; save the inputs with np.savez(path, input_ids=...)")
+            return {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise MoeportError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+
+
+def check_new_file(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise MoeportError(f"output {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise MoeportError(f"output {path} already exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise MoeportError(f"output directory {path.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ""):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+
+    A crash or an exception leaves ``path`` as it was (never half-written) and removes the temporary.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray], force: bool = False) -> Path:
+    """Write ``arrays`` to ``path`` atomically (np.savez through a file object, so no ``.npz`` is appended)."""
+    check_new_file(path, force)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def parse_fixed_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
+    """``["input_ids=1x64"]`` -> ``{"input_ids": [1, 64]}``; anything else is a usage error."""
+    from moeport.errors import UsageError
+
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            values = [int(d) for d in dims.lower().split("x")] if sep and name.strip() else []
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise UsageError(f"cannot parse shape {item!r}: expected NAME=D0xD1..., e.g. input_ids=1x64")
+        shapes[name.strip()] = values
+    return shapes

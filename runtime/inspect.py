@@ -1,0 +1,146 @@
+"""``moeport inspect``: what an ONNX file is and where it could run.
+
+Reads the graph (weights included, unless stored as external data, whose sizes come from the
+initializers' dims): moeport metadata (family, experts, top-k, strategy), opset and IR version, op
+histogram, parameter count and bytes, the inputs' and outputs' dynamic axes (an exported model has
+``input_ids [batch, sequence]`` and ``logits [batch, sequence, vocab]``). Then two views of providers:
+the estimated NNAPI/CoreML share from onnxruntime's mobile usability checker, and, unless turned off,
+the measured placement of one profiled run on ``ep`` with a seeded ``[1, 8]`` input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeport.errors import MoeportError
+from moeport.runtime._io import TensorSpec
+from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
+
+METADATA_PREFIX = "moeport."
+
+
+def load_onnx(model: str | os.PathLike):
+    """The ModelProto of ``model`` without external data; unreadable files are a user error."""
+    import onnx
+
+    path = Path(model)
+    if not path.is_file():
+        raise MoeportError(f"model file not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and OSError alike mean "not an ONNX file"
+        raise MoeportError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from exc
+
+
+def value_spec(value) -> TensorSpec:
+    """A graph input/output ValueInfoProto as a TensorSpec (dims: int, dim_param name, or None)."""
+    from onnx import helper
+
+    tensor = value.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name if tensor.elem_type else "?"
+    return TensorSpec(value.name, dtype, dims)
+
+
+def parameter_stats(graph) -> tuple[int, int]:
+    """(element count, bytes) of the initializers, from their dims so external data need not be read."""
+    from onnx import helper
+
+    count = size = 0
+    for init in graph.initializer:
+        n = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
+        count += n
+        size += n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return count, size
+
+
+@dataclass
+class InspectReport:
+    model: Path
+    metadata: dict[str, str]  # moeport.* properties, prefix removed
+    opset: int | None
+    ir_version: int
+    producer: str
+    op_histogram: dict[str, int]
+    parameters: int
+    parameter_bytes: int
+    file_bytes: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    coverage: list[EpCoverage]
+    placement: Placement | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> int:
+        return sum(self.op_histogram.values())
+
+    def to_dict(self) -> dict:
+        md = self.metadata
+        return {
+            "model": str(self.model),
+            "family": md.get("family"), "num_experts": int(md["num_experts"]) if "num_experts" in md else None,
+            "top_k": int(md["top_k"]) if "top_k" in md else None, "strategy": md.get("strategy"),
+            "opset": self.opset, "ir_version": self.ir_version, "producer": self.producer,
+            "nodes": self.nodes, "op_histogram": self.op_histogram,
+            "parameters": self.parameters, "parameter_bytes": self.parameter_bytes, "file_bytes": self.file_bytes,
+            "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
+            "mobile_coverage": [c.to_dict() for c in self.coverage],
+            "placement": None if self.placement is None else self.placement.to_dict(),
+            "metadata": self.metadata, "warnings": self.warnings,
+        }
+
+    def render(self) -> str:
+        md = self.metadata
+        lines = [f"warning: {w}" for w in self.warnings]
+        lines.append(f"{self.model}: {self.file_bytes / 1e6:.2f} MB, opset {self.opset}, IR {self.ir_version}, "
+                     f"producer {self.producer}")
+        if "family" in md:
+            lines.append(f"family {md['family']}, {md.get('num_experts', '?')} experts, top-{md.get('top_k', '?')}, "
+                         f"strategy {md.get('strategy', '?')}")
+        else:
+            lines.append("no moeport metadata (not exported by moeport)")
+        lines.append(f"parameters: {self.parameters:,} ({self.parameter_bytes / 1e6:.2f} MB)")
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            for s in specs:
+                axes = ", ".join(f"{k}={v}" for k, v in s.dynamic_axes.items()) or "none"
+                lines.append(f"{kind} {s.name}: {s.dtype} {s.shape_text()} (dynamic axes: {axes})")
+        hist = ", ".join(f"{op} {n}" for op, n in self.op_histogram.items())
+        lines.append(f"{self.nodes} nodes: {hist}")
+        lines.append("mobile providers (onnxruntime usability checker, graph optimized to BASIC):")
+        lines += [f"  {c.render()}" for c in self.coverage]
+        if self.placement is not None:
+            lines.append(self.placement.render())
+        return "\n".join(lines)
+
+
+def inspect_model(model: str | os.PathLike, *, ep: str = "cpu", fallback: str | None = None,
+                  placement: bool = True) -> InspectReport:
+    """Describe ``model``; with ``placement`` also run it once on ``ep`` to see where its nodes land."""
+    from moeport.runtime.run import example_feeds
+
+    path = Path(model)
+    proto = load_onnx(path)
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    metadata = {p.key.removeprefix(METADATA_PREFIX): p.value for p in proto.metadata_props
+                if p.key.startswith(METADATA_PREFIX)}
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    inputs = [value_spec(v) for v in graph.input if v.name not in initializers]
+    outputs = [value_spec(v) for v in graph.output]
+    count, size = parameter_stats(graph)
+    histogram = dict(Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
+                             for n in graph.node).most_common())
+    coverage = mobile_coverage(path, also_if_fixed=True)
+    report = InspectReport(path, metadata, opset, proto.ir_version, proto.producer_name, histogram, count, size,
+                           path.stat().st_size, inputs, outputs, coverage)
+    if placement:
+        provider, report.warnings = resolve_with_warnings(ep, fallback)
+        raw_metadata = {METADATA_PREFIX + k: v for k, v in metadata.items()}
+        report.placement = measure_placement(path, example_feeds(inputs, raw_metadata), provider)
+    return report

@@ -1,0 +1,268 @@
+"""``moeport package``: an ONNX model as an on-device bundle (ORT format + reduced-build config).
+
+Steps, each done by onnxruntime's own tools:
+1. fix dynamic input shapes (``onnxruntime.tools.onnx_model_utils.make_input_shape_fixed`` and
+   ``fix_output_shapes``, what ``make_dynamic_shape_fixed`` runs), then re-run ONNX shape inference so
+   every intermediate value has a static shape: NNAPI and CoreML only take nodes with static shapes;
+2. estimate NNAPI/CoreML coverage (nodes, partitions, share of MatMul FLOPs) with the mobile usability
+   checker (see ``placement.mobile_coverage``);
+3. convert to ORT format with ``convert_onnx_models_to_ort`` for the ARM target platform (so no
+   x86-only layout transforms are baked in), which also writes ``required_operators.config`` for a
+   reduced onnxruntime build;
+4. check that the ``.ort`` file loads and gives the outputs of the ``.onnx`` on a seeded input;
+5. write ``bundle.json``: metadata, I/O specs, files with sizes and hashes, coverage, the check.
+
+An exported model's input is ``input_ids [batch, sequence] int64``; ``--shape input_ids=1x64`` makes it
+``[1, 64]``. The bundle directory is built next to the destination and renamed into place at the end,
+so a failure never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeport.errors import MoeportError, UsageError
+from moeport.runtime._io import TensorSpec, session_specs
+from moeport.runtime.inspect import METADATA_PREFIX, load_onnx, value_spec
+from moeport.runtime.placement import EpCoverage, mobile_coverage
+
+BUNDLE_FORMAT = "moeport-bundle/1"
+OPERATOR_CONFIG = "required_operators.config"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    ort_platform: str  # convert_onnx_models_to_ort --target_platform
+    providers: tuple[str, ...]  # providers an app on this target would register, best first
+    description: str
+
+
+TARGETS = {t.name: t for t in (
+    Target("android", "arm", ("nnapi", "xnnpack", "cpu"), "Android phones (arm64-v8a)"),
+    Target("ios", "arm", ("coreml", "xnnpack", "cpu"), "iPhones and iPads (arm64)"),
+    Target("arm64-linux", "arm", ("xnnpack", "cpu"), "64-bit ARM Linux boards"),
+)}
+
+
+@dataclass
+class PackageResult:
+    output: Path
+    target: Target
+    ort_file: Path
+    onnx_file: Path
+    operator_config: Path
+    bundle_file: Path
+    fixed_shapes: dict[str, list[int]]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    coverage: list[EpCoverage]
+    check: dict  # max abs difference .ort vs .onnx per output, on a seeded input
+    operators: list[str]  # lines of the operator config (domain;opset;op,op...)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return json.loads(self.bundle_file.read_text()) | {"output": str(self.output)}
+
+    def render(self) -> str:
+        lines = [f"warning: {w}" for w in self.warnings]
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in self.fixed_shapes.items()) or "none fixed"
+        lines.append(f"packaged for {self.target.name} ({self.target.description}) into {self.output}; shapes: {shapes}")
+        for path in (self.ort_file, self.onnx_file, self.operator_config, self.bundle_file):
+            lines.append(f"  {path.name:<32} {path.stat().st_size / 1e6:8.3f} MB")
+        lines.append("estimated mobile provider coverage (onnxruntime usability checker):")
+        lines += [f"  {c.render()}" for c in self.coverage]
+        lines.append(f".ort vs .onnx on {self.check['inputs']}: max abs difference {self.check['max_abs_diff']:.3g}")
+        return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fix_shapes(proto, shapes: dict[str, list[int]]):
+    """Fix the named inputs' shapes in ``proto`` (in place), then return it with inferred value shapes."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    names = [v.name for v in proto.graph.input]
+    for name, dims in shapes.items():
+        if name not in names:
+            raise UsageError(f"--shape names input {name!r}, which the model does not have; inputs: {', '.join(names)}")
+        current = value_spec(next(v for v in proto.graph.input if v.name == name))
+        if len(current.shape) != len(dims):
+            raise MoeportError(f"--shape {name}={'x'.join(map(str, dims))} has {len(dims)} dims; input {name!r} is "
+                               f"{current.shape_text()} (rank {len(current.shape)})")
+        try:
+            make_input_shape_fixed(proto.graph, name, dims)
+        except ValueError as exc:  # rank mismatch or a fixed dim that differs: the user's shape is wrong
+            raise MoeportError(f"cannot fix input {name!r} to {'x'.join(map(str, dims))}: {exc}") from exc
+    try:
+        fix_output_shapes(proto)
+        # Shape inference again so every intermediate value is static too: the usability checker
+        # (and NNAPI/CoreML) look at each node's input shapes, not just the graph's.
+        del proto.graph.value_info[:]
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise MoeportError(f"the model does not accept the fixed shapes {shapes}: {first}") from exc
+
+
+def _convert_to_ort(stage: Path, output_dir: Path, platform: str) -> str:
+    """Run onnxruntime's converter on the staged model directory; return what it printed."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    printed = io.StringIO()
+    # The converter prints progress and its config writer logs at INFO through a DEBUG-level logger of its
+    # own; keep our stdout/stderr to our report, and put the logger back as it was afterwards.
+    config_log = logging.getLogger("ort_format_model.utils")
+    level = config_log.level
+    config_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(printed):
+            convert_onnx_models_to_ort(stage, output_dir=output_dir, optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform=platform)
+    finally:
+        config_log.setLevel(level)
+    return printed.getvalue()
+
+
+def _compare_ort(onnx_file: Path, ort_file: Path, metadata: dict[str, str]) -> dict:
+    """Max abs difference of each output between the .onnx and the .ort, on one seeded input."""
+    from moeport.runtime.run import example_feeds
+    from moeport.runtime.session import create_session
+
+    reference = create_session(onnx_file, "cpu")
+    packaged = create_session(ort_file, "cpu")
+    inputs, outputs = session_specs(packaged)
+    feeds = example_feeds(inputs, metadata)
+    expected = reference.run(None, feeds)
+    actual = packaged.run(None, feeds)
+    diffs = {spec.name: float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)), initial=0.0))
+             for spec, a, e in zip(outputs, actual, expected)}
+    return {"inputs": {k: list(v.shape) for k, v in feeds.items()}, "max_abs_diff": max(diffs.values(), default=0.0),
+            "per_output": diffs}
+
+
+def _prepare_destination(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise MoeportError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()):
+        if not force:
+            raise MoeportError(f"output directory {output} is not empty; pass --force to replace it")
+        if not (output / "bundle.json").is_file():
+            # --force replaces a previous bundle, never an arbitrary directory.
+            raise MoeportError(f"output directory {output} is not empty and holds no bundle.json; "
+                               "refusing to replace it even with --force")
+    if not output.parent.is_dir():
+        raise MoeportError(f"output directory {output.parent} does not exist")
+
+
+def package_model(
+    model: str | os.PathLike,
+    target: str,
+    output: str | os.PathLike,
+    *,
+    shapes: dict[str, list[int]] | None = None,
+    force: bool = False,
+) -> PackageResult:
+    """Package ``model`` for ``target`` (android, ios, arm64-linux) into the directory ``output``."""
+    import onnx
+    import onnxruntime as ort
+
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    spec = TARGETS[target]
+    model, output = Path(model), Path(output)
+    shapes = dict(shapes or {})
+    _prepare_destination(output, force)
+    proto = load_onnx(model)
+    onnx.load_external_data_for_model(proto, str(model.parent))  # no-op without external data
+    proto = fix_shapes(proto, shapes)
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [value_spec(v) for v in proto.graph.input if v.name not in initializers]
+    outputs = [value_spec(v) for v in proto.graph.output]
+    notes = []
+    dynamic = [s for s in inputs if s.dynamic_axes]
+    if dynamic and target in ("android", "ios"):
+        notes.append(f"input {dynamic[0].name!r} keeps dynamic axes {dynamic[0].shape_text()}: NNAPI and CoreML "
+                     f"take no node with a dynamic shape; pass --shape {dynamic[0].name}=1x64 (for example)")
+    metadata = {p.key: p.value for p in proto.metadata_props}
+
+    stem = model.stem
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        stage = work / ".stage"
+        stage.mkdir()
+        staged = stage / f"{stem}.onnx"
+        onnx.save(proto, str(staged))
+        coverage = mobile_coverage(staged)
+        _convert_to_ort(stage, work, spec.ort_platform)
+        onnx_file = work / f"{stem}.onnx"
+        os.replace(staged, onnx_file)
+        shutil.rmtree(stage)
+        ort_file, config = work / f"{stem}.ort", work / OPERATOR_CONFIG
+        if not ort_file.is_file() or not config.is_file():
+            # The converter's naming is its own; if it changes, say so instead of writing a partial bundle.
+            raise RuntimeError(f"convert_onnx_models_to_ort wrote {sorted(p.name for p in work.iterdir())}, "
+                               f"expected {ort_file.name} and {OPERATOR_CONFIG}")
+        # The config's header names the models it came from: our temporary directory, not the bundle's.
+        config.write_text(config.read_text().replace(str(work), str(output.resolve())))
+        check = _compare_ort(onnx_file, ort_file, metadata)
+        operators = [line for line in config.read_text().splitlines() if line and not line.startswith("#")]
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "target": spec.name,
+            "target_platform": spec.ort_platform,
+            "providers": list(spec.providers),
+            "onnxruntime_version": ort.__version__,
+            "source": str(model),
+            "model": {
+                "family": metadata.get(METADATA_PREFIX + "family"),
+                "num_experts": metadata.get(METADATA_PREFIX + "num_experts"),
+                "top_k": metadata.get(METADATA_PREFIX + "top_k"),
+                "strategy": metadata.get(METADATA_PREFIX + "strategy"),
+                "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+                "ir_version": proto.ir_version,
+                "metadata": {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items()
+                             if k.startswith(METADATA_PREFIX)},
+            },
+            "fixed_shapes": shapes,
+            "inputs": [s.to_dict() for s in inputs],
+            "outputs": [s.to_dict() for s in outputs],
+            "files": {kind: {"path": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                      for kind, p in (("ort", ort_file), ("onnx", onnx_file), ("operator_config", config))},
+            "operators": operators,
+            "coverage": {c.ep: c.to_dict() for c in coverage},
+            "check": check,
+            "warnings": notes,
+        }
+        (work / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
+        if output.exists():
+            # _prepare_destination allowed this (empty, or a previous bundle with --force). rename() cannot
+            # replace a non-empty directory, so there is a short window without a bundle, never a mixed one.
+            shutil.rmtree(output)
+        os.replace(work, output)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return PackageResult(output, spec, output / ort_file.name, output / onnx_file.name, output / OPERATOR_CONFIG,
+                         output / "bundle.json", shapes, inputs, outputs, coverage, check, operators, notes)
+
+
+__all__ = ["TARGETS", "PackageResult", "Target", "fix_shapes", "package_model"]

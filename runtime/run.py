@@ -1,0 +1,135 @@
+"""``moeport run``: run a model once on inputs from an ``.npz`` file, with a placement report.
+
+Exported models take ``input_ids`` ``[batch, sequence]`` int64 and return ``logits``
+``[batch, sequence, vocab]`` float32, plus ``routing.{label}.experts`` ``[batch*sequence, k]`` int64 and
+``routing.{label}.weights`` ``[batch*sequence, k]`` float32 when exported ``--with-routing``. The inputs
+are checked against the model (names, rank, dtype, fixed dims, token ids against the vocabulary) before
+onnxruntime sees them; the outputs go to an ``.npz`` written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeport.runtime._io import TensorSpec, check_inputs, check_new_file, load_npz, save_npz, session_specs
+from moeport.runtime.placement import Placement, profiled_session, resolve_with_warnings, run_profiled
+
+
+@dataclass
+class OutputSummary:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    min: float | None
+    max: float | None
+    mean: float | None
+
+    @classmethod
+    def of(cls, name: str, array: np.ndarray) -> "OutputSummary":
+        numeric = array.size and (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_)
+        values = array.astype(np.float64) if numeric else None
+        return cls(name, array.dtype.name, tuple(array.shape),
+                   None if values is None else float(values.min()),
+                   None if values is None else float(values.max()),
+                   None if values is None else float(values.mean()))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "min": self.min, "max": self.max, "mean": self.mean}
+
+
+@dataclass
+class RunResult:
+    model: Path
+    ep: str  # short name of the provider used (after any fallback)
+    inputs: dict[str, tuple[int, ...]]
+    outputs: list[OutputSummary]
+    placement: Placement
+    seconds: float  # the one session.run, profiling included
+    output_file: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the outputs themselves
+
+    def to_dict(self) -> dict:
+        return {"model": str(self.model), "ep": self.ep,
+                "inputs": {k: list(v) for k, v in self.inputs.items()},
+                "outputs": [o.to_dict() for o in self.outputs],
+                "output_file": None if self.output_file is None else str(self.output_file),
+                "seconds": round(self.seconds, 4), "placement": self.placement.to_dict(),
+                "warnings": self.warnings}
+
+    def render(self) -> str:
+        lines = [f"warning: {w}" for w in self.warnings]
+        shapes = ", ".join(f"{k} {list(v)}" for k, v in self.inputs.items())
+        lines.append(f"ran {self.model} on {self.ep} with {shapes} in {self.seconds * 1e3:.1f} ms")
+        for o in self.outputs:
+            stats = "" if o.min is None else f"  min {o.min:.4g} max {o.max:.4g} mean {o.mean:.4g}"
+            lines.append(f"  {o.name:<28} {o.dtype:<8} {str(list(o.shape)):<16}{stats}")
+        if self.output_file is not None:
+            lines.append(f"outputs written to {self.output_file}")
+        lines.append(self.placement.render())
+        return "\n".join(lines)
+
+
+def vocab_size_from_metadata(metadata: dict[str, str]) -> int | None:
+    """The vocabulary size moeport's export stored in ``moeport.model_info`` (None for other models)."""
+    raw = metadata.get("moeport.model_info")
+    return None if raw is None else int(json.loads(raw)["vocab_size"])
+
+
+def run_model(
+    model: str | os.PathLike,
+    inputs: str | os.PathLike | dict[str, np.ndarray],
+    *,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    ep: str = "cpu",
+    fallback: str | None = None,
+    threads: int | None = None,
+) -> RunResult:
+    """Run ``model`` once on ``inputs`` (an .npz path or a dict of arrays); optionally save the outputs.
+
+    The session is profiled so that the result also says which provider ran each node.
+    """
+    model = Path(model)
+    output = None if output is None else Path(output)
+    if output is not None:
+        check_new_file(output, force)  # before the run: do not compute what cannot be written
+    feeds = load_npz(inputs) if not isinstance(inputs, dict) else dict(inputs)
+    provider, notes = resolve_with_warnings(ep, fallback)
+    with tempfile.TemporaryDirectory(prefix="moeport-profile-") as tmp:
+        session = profiled_session(model, provider, threads=threads, profile_dir=tmp)
+        input_specs, _ = session_specs(session)
+        metadata = session.get_modelmeta().custom_metadata_map
+        check_inputs(feeds, input_specs, vocab_size_from_metadata(metadata))
+        start = time.perf_counter()
+        values, placement = run_profiled(session, feeds, provider.ort_name)
+        seconds = time.perf_counter() - start
+    arrays = {spec.name: value for spec, value in zip(session_specs(session)[1], values)}
+    if output is not None:
+        save_npz(output, arrays, force=force)
+    return RunResult(model, provider.name, {k: tuple(v.shape) for k, v in feeds.items()},
+                     [OutputSummary.of(k, v) for k, v in arrays.items()], placement, seconds, output, notes, arrays)
+
+
+def example_feeds(specs: list[TensorSpec], metadata: dict[str, str], batch: int = 1, seq: int = 8,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for ``specs``: ``input_ids`` in the vocabulary, dynamic dims set to batch, seq, 1..."""
+    rng = np.random.default_rng(seed)
+    vocab = vocab_size_from_metadata(metadata) or 2
+    feeds = {}
+    for spec in specs:
+        defaults = iter((batch, seq))
+        shape = tuple(d if isinstance(d, int) else next(defaults, 1) for d in spec.shape)
+        if np.issubdtype(np.dtype(spec.dtype), np.integer):
+            feeds[spec.name] = rng.integers(0, vocab, size=shape, dtype=spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feeds

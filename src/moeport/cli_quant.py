@@ -1,0 +1,63 @@
+"""``moeport quantize``: one call to ``moeport.quant.quantize``, then the report as text or JSON.
+
+Registered on the main group by ``register(cli)`` (kept in its own file so cli.py stays small).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import click
+
+from moeport.quant.schemes import TARGETS
+
+MODES = ("int8", "int8-dynamic", "fp16", "int4")
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Quantized ONNX file to write.")
+@click.option("--mode", default=None, type=click.Choice(MODES),
+              help="Quantization mode (default: int8, or fp16 for --target cuda/coreml).")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(TARGETS),
+              help="Where the model will run: picks the int8 scheme (cpu: by this CPU's VNNI support).")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="int8: calibration text (bytes), .jsonl ({\"text\": ...} per line) or .npz of input arrays "
+                   "(default: the trained sample's calibration.txt).")
+@click.option("--calibration-samples", type=int, default=64, show_default=True,
+              help="int8: number of 128-token calibration windows.")
+@click.option("--random-calibration", is_flag=True, help="int8: calibrate on random tokens (not representative).")
+@click.option("--keep-router/--no-keep-router", default=True, show_default=True,
+              help="Keep gate projection, Softmax/Sigmoid, TopK and weight normalisation in float32.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="PyTorch checkpoint the model came from: adds parity (errors, argmax, routing agreement).")
+@click.option("--heldout", type=click.Path(), default=None,
+              help="Held-out text for perplexity of byte-level models (default: the trained sample's heldout.txt).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per quantization block.")
+@click.option("--no-perplexity", is_flag=True, help="Skip the held-out perplexity and routing pass.")
+@click.option("--latency-runs", type=int, default=10, show_default=True, help="CPU latency runs (0: skip).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
+                 checkpoint, heldout, block_size, no_perplexity, latency_runs, force, as_json):
+    """Quantize the exported ONNX file MODEL and report size, parity, perplexity and latency."""
+    from moeport.quant import quantize
+
+    with warnings.catch_warnings():
+        # The result lists every warning; print them once, from there, not twice.
+        warnings.simplefilter("ignore", UserWarning)
+        result = quantize(model, output, mode=mode, target=target, calibration=calibration,
+                          calibration_samples=calibration_samples, random_calibration=random_calibration,
+                          keep_router=keep_router, checkpoint=checkpoint, heldout=heldout, block_size=block_size,
+                          latency_runs=latency_runs, perplexity=not no_perplexity, force=force)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        for message in result.warnings:
+            click.echo(f"warning: {message}", err=True)
+    else:
+        click.echo(result.render())
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(quantize_cmd)

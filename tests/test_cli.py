@@ -1,0 +1,133 @@
+"""The CLI: output format, exit codes and one-line messages of the failure cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moeport.cli import main
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_samples_list_prints_one_name_per_line(capsys):
+    code, out, _ = run_cli(capsys, "samples", "list")
+    assert code == 0
+    assert out.splitlines()[:3] == ["topk", "topk-raw", "switch"]
+    assert "trained" in out.splitlines()
+
+
+def test_samples_create(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "samples", "create", "switch", str(tmp_path / "s"))
+    assert code == 0 and (tmp_path / "s" / "model.safetensors").is_file()
+
+
+def test_export_and_verify_json(capsys, tmp_path, sample_checkpoint):
+    checkpoint = sample_checkpoint("sigmoid-shared")
+    model = tmp_path / "m.onnx"
+    code, out, _ = run_cli(capsys, "export", str(checkpoint), "-o", str(model), "--with-routing", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["strategy"] == "sorted" and result["with_routing"] and result["validation"]["passed"]
+    code, out, _ = run_cli(capsys, "verify", str(model), "--checkpoint", str(checkpoint), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["passed"] is True
+    assert report["max_abs_err"] <= 1e-4
+    assert report["routing_agreement"] == 1.0
+    assert report["argmax_agreement"] == 1.0
+    assert [s["shape"] for s in report["shapes"]] == ["1x1", "3x7", "2x64"]
+
+
+def test_verify_fails_with_exit_1_beyond_tolerance(capsys, exported, sample_checkpoint):
+    model = exported("topk", with_routing=True).output
+    code, out, _ = run_cli(capsys, "verify", str(model), "--checkpoint", str(sample_checkpoint("topk")),
+                           "--atol", "0", "--shapes", "2x8")
+    assert code == 1
+    assert "FAILED" in out
+
+
+def test_verify_without_routing_reports_null(capsys, exported, sample_checkpoint):
+    model = exported("switch").output
+    code, out, _ = run_cli(capsys, "verify", str(model), "--checkpoint", str(sample_checkpoint("switch")), "--json")
+    assert code == 0 and json.loads(out)["routing_agreement"] is None
+
+
+@pytest.mark.parametrize("case, args, exit_code, message", [
+    ("missing directory", ["export", "{tmp}/nope", "-o", "{tmp}/x.onnx"], 1,
+     "error: checkpoint directory not found: {tmp}/nope"),
+    ("file, not directory", ["export", "{tmp}/file.txt", "-o", "{tmp}/x.onnx"], 1,
+     "error: checkpoint must be a directory holding config.json, got a file: {tmp}/file.txt"),
+    ("no config.json", ["export", "{tmp}/empty", "-o", "{tmp}/x.onnx"], 1,
+     "error: no config.json in {tmp}/empty: not a checkpoint directory"),
+    ("unknown family", ["export", "{tmp}/unknown", "-o", "{tmp}/x.onnx"], 1,
+     "error: {tmp}/unknown/config.json names no known model family (family='llama-dense'); "
+     "known families: moeport_lm, moeport_ensemble"),
+    ("config not JSON", ["export", "{tmp}/notjson", "-o", "{tmp}/x.onnx"], 1,
+     "error: {tmp}/notjson/config.json is not valid JSON (Expecting property name enclosed in double quotes at line 1)"),
+    ("shapes that do not parse", ["verify", "{tmp}/x.onnx", "--checkpoint", "{tmp}", "--shapes", "1x1,3by7"], 2,
+     "error: cannot parse shape '3by7' in '1x1,3by7': expected BATCHxSEQ[,BATCHxSEQ...] with positive sizes, "
+     "e.g. 1x1,3x7,2x64"),
+    ("zero-size shape", ["verify", "{tmp}/x.onnx", "--checkpoint", "{tmp}", "--shapes", "0x4"], 2,
+     "error: cannot parse shape '0x4' in '0x4': expected BATCHxSEQ[,BATCHxSEQ...] with positive sizes, "
+     "e.g. 1x1,3x7,2x64"),
+    ("missing model", ["verify", "{tmp}/none.onnx", "--checkpoint", "{tmp}"], 1,
+     "error: model file not found: {tmp}/none.onnx"),
+    ("not an onnx file", ["verify", "{tmp}/file.txt", "--checkpoint", "{tmp}"], 1,
+     "error: {tmp}/file.txt is not a readable ONNX model (DecodeError)"),
+    ("unknown strategy", ["export", "{tmp}", "-o", "{tmp}/x.onnx", "--strategy", "magic"], 2,
+     "error: Invalid value for '--strategy': 'magic' is not one of 'auto', 'sorted', 'gather', 'dense', "
+     "'capacity'. (see moeport --help)"),
+    ("unknown sample", ["samples", "create", "nope", "{tmp}/s"], 1,
+     "error: unknown sample 'nope'; known samples: topk, topk-raw, switch, sigmoid-shared, soft, ensemble, "
+     "ensemble-fixed, trained"),
+])
+def test_failure_cases_print_one_line(capsys, tmp_path, case, args, exit_code, message):
+    (tmp_path / "file.txt").write_text("not onnx")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text('{"family": "llama-dense"}')
+    (tmp_path / "notjson").mkdir()
+    (tmp_path / "notjson" / "config.json").write_text("{family: moeport_lm")
+    code, out, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == exit_code, case
+    expected = message.format(tmp=tmp_path)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0] == expected
+    assert "Traceback" not in err and not out
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_model_without_moeport_metadata(capsys, tmp_path, sample_checkpoint):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "plain.onnx")
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "plain.onnx"), "--checkpoint",
+                           str(sample_checkpoint("topk")))
+    assert code == 1
+    assert err.strip() == (f"error: {tmp_path / 'plain.onnx'} has no moeport metadata (family, experts); "
+                           "export it with `moeport export`")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--debug", "export", str(tmp_path / "nope"), "-o", str(tmp_path / "x.onnx"))
+    assert code == 1 and "Traceback" in err and err.strip().endswith(f"checkpoint directory not found: {tmp_path / 'nope'}")
+
+
+def test_console_script_entry_point(tmp_path):
+    """The installed `moeport` command runs (version) and keeps stdout clean."""
+    result = subprocess.run([sys.executable, "-m", "moeport.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "0.1.0" in result.stdout
