@@ -98,7 +98,7 @@ class ExportModule(nn.Module):
                  options: strategies.StrategyOptions):
         super().__init__()
         self.model = loaded.model
-        self.moe_layers = loaded.moe_layers  # plain list: already registered under self.model
+        self.layers = loaded.info.layers
         self.with_routing = with_routing
         self.strategy, self.options = strategy, options
 
@@ -106,10 +106,10 @@ class ExportModule(nn.Module):
         logits, routing = self.model(input_ids)
         outputs = [logits]
         if self.with_routing:
-            for moe, (idx, weight) in zip(self.moe_layers, routing):
+            for layer, (idx, weight) in zip(self.layers, routing):
                 outputs += [idx, weight]
                 if self.strategy.compute_extras is not None:
-                    extras = self.strategy.compute_extras(moe, idx, self.options)
+                    extras = self.strategy.compute_extras(layer.num_experts, idx, self.options)
                     outputs += [extras[name] for name in self.strategy.extra_outputs]
         return tuple(outputs)
 
@@ -211,15 +211,15 @@ def _validate(path: Path, loaded: LoadedModel, strategy, options, shapes, tolera
     session = create_session(path, "cpu")
     comparator = Comparator(atol=tolerance)
     merged, dropped = Comparison(), 0
-    with strategies.use_strategy(loaded.moe_layers, strategy, options):
+    with strategies.use_strategy(loaded.sites, strategy, options):
         for i, (batch, seq) in enumerate(shapes):
             # Inputs without router near-ties: at a tie either expert is right, and the outputs would differ.
             input_ids = families.tie_free_input_ids(loaded, batch, seq, seed=1000 + i)
             reference = families.reference_outputs(loaded, input_ids)
             if strategy.compute_extras is not None:
-                for moe, layer in zip(loaded.moe_layers, loaded.info.layers):
+                for layer in loaded.info.layers:
                     idx = torch.from_numpy(reference[f"routing.{layer.label}.experts"])
-                    dropped += int(strategy.compute_extras(moe, idx, options)["dropped"])
+                    dropped += int(strategy.compute_extras(layer.num_experts, idx, options)["dropped"])
             names = [o.name for o in session.get_outputs()]
             actual = dict(zip(names, session.run(None, {"input_ids": input_ids})))
             result = comparator.compare(reference, actual, loaded.info.layers)
@@ -260,7 +260,7 @@ def export_model(
     module = ExportModule(loaded, with_routing, chosen, options).eval()
     example = torch.from_numpy(families.random_input_ids(loaded.info, *example_shape, seed=example_seed))
 
-    with strategies.use_strategy(loaded.moe_layers, chosen, options):
+    with strategies.use_strategy(loaded.sites, chosen, options):
         model = _trace(module, example, opset, output_names)
     _finish(model, loaded=loaded, strategy=chosen.name, opset=opset, with_routing=with_routing,
             source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None)

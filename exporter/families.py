@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moeport.errors import MoeportError
+from moeport.exporter.strategies import ExpertBank, ExpertsSite
 from moeport.samples import checkpoint as ckpt
 
 
@@ -69,7 +70,8 @@ class ModelInfo:
 @dataclass
 class LoadedModel:
     model: nn.Module
-    moe_layers: list[nn.Module]
+    moe_layers: list[nn.Module]  # the family's MoE blocks, in model order (for its own spec functions)
+    sites: list[ExpertsSite]  # where each MoE layer's experts run (for the dispatch strategies)
     info: ModelInfo
     source: Path | None = None
     config: dict = field(default_factory=dict)
@@ -83,7 +85,9 @@ class FamilySpec:
     description: str
     matches: Callable[[dict], bool]  # config.json dict -> is this family
     build: Callable[[dict], nn.Module]  # config dict -> randomly initialised model (raises ValueError)
-    layer_labels: Callable[[nn.Module], list[str]]  # one label per MoE layer, in model order
+    moe_layers: Callable[[nn.Module], list[nn.Module]]  # the MoE blocks, in model order
+    describe: Callable[[nn.Module, list[nn.Module]], list[MoELayerInfo]]  # one per MoE block
+    experts_sites: Callable[[list[nn.Module]], list[ExpertsSite]]  # one per MoE block
     # (loaded, input_ids) -> per MoE layer, per token: gap between the k-th and (k+1)-th selection score
     routing_margins: Callable[["LoadedModel", np.ndarray], list[np.ndarray]]
     tolerance: float = 1e-4  # default max abs error for export validation and verify
@@ -95,7 +99,7 @@ _FAMILIES: dict[str, FamilySpec] = {}
 def register_family(spec: FamilySpec) -> FamilySpec:
     if spec.name in _FAMILIES:
         raise ValueError(f"model family {spec.name!r} is already registered")
-    for attr in ("matches", "build", "layer_labels", "routing_margins"):
+    for attr in ("matches", "build", "moe_layers", "describe", "experts_sites", "routing_margins"):
         if not callable(getattr(spec, attr)):
             raise TypeError(f"family {spec.name!r}: {attr} must be callable")
     _FAMILIES[spec.name] = spec
@@ -123,19 +127,13 @@ def find_family(config: dict, where: str = "config.json") -> FamilySpec:
     )
 
 
-def describe(spec: FamilySpec, model: nn.Module, moe_layers: list[nn.Module]) -> ModelInfo:
-    labels = spec.layer_labels(model)
-    layers = tuple(
-        MoELayerInfo(label, moe.cfg.num_experts, moe.cfg.top_k, moe.cfg.router) for label, moe in zip(labels, moe_layers)
-    )
-    return ModelInfo(spec.name, model.config.vocab_size, layers)
-
-
 def from_module(spec_name: str, model: nn.Module, config: dict | None = None) -> LoadedModel:
     """Wrap an in-memory model of a registered family (tests and samples use this)."""
-    spec = _FAMILIES[spec_name]
-    moe_layers = model.moe_layers()
-    return LoadedModel(model.eval(), moe_layers, describe(spec, model, moe_layers), None, config or {})
+    spec = get_family(spec_name)
+    model.eval()
+    moe_layers = spec.moe_layers(model)
+    info = ModelInfo(spec.name, int(model.config.vocab_size), tuple(spec.describe(model, moe_layers)))
+    return LoadedModel(model, moe_layers, spec.experts_sites(moe_layers), info, None, config or {})
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
@@ -236,12 +234,46 @@ def _sample_routing_margins(loaded: LoadedModel, input_ids: np.ndarray) -> list[
     return margins
 
 
+def _silu_glu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _sample_sites(moe_layers: list[nn.Module]) -> list[ExpertsSite]:
+    """The sample MoE runs its experts through its ``dispatch`` attribute."""
+    sites = []
+    for moe in moe_layers:
+        def bank(moe=moe) -> ExpertBank:
+            gate_up, down = moe.expert_weights()
+            return ExpertBank(gate_up, down, _silu_glu)
+
+        def install(dispatch, moe=moe) -> None:
+            moe.dispatch = lambda _moe, x, idx, weight: dispatch(x, idx, weight)
+
+        def restore(moe=moe, original=moe.dispatch) -> None:
+            moe.dispatch = original
+
+        sites.append(ExpertsSite(moe, bank, install, restore))
+    return sites
+
+
+def _sample_describe(model: nn.Module, moe_layers: list[nn.Module]) -> list[MoELayerInfo]:
+    if hasattr(model, "members"):
+        labels = [f"m{j}.{i}" for j, member in enumerate(model.members) for i in range(len(member.layers))]
+    else:
+        labels = [str(i) for i in range(len(model.layers))]
+    return [MoELayerInfo(label, moe.cfg.num_experts, moe.cfg.top_k, moe.cfg.router)
+            for label, moe in zip(labels, moe_layers)]
+
+
 register_family(FamilySpec(
     name="moeport_lm",
     description="moeport sample decoder LM (samples/model.py)",
     matches=lambda c: c.get("family") == "moeport_lm",
     build=_sample_build,
-    layer_labels=lambda m: [str(i) for i in range(len(m.layers))],
+    moe_layers=lambda m: m.moe_layers(),
+    describe=_sample_describe,
+    experts_sites=_sample_sites,
     routing_margins=_sample_routing_margins,
 ))
 register_family(FamilySpec(
@@ -249,7 +281,9 @@ register_family(FamilySpec(
     description="ensemble of moeport sample LMs mixed by fixed or learned weights",
     matches=lambda c: c.get("family") == "moeport_ensemble",
     build=_sample_build,
-    layer_labels=lambda m: [f"m{j}.{i}" for j, member in enumerate(m.members) for i in range(len(member.layers))],
+    moe_layers=lambda m: m.moe_layers(),
+    describe=_sample_describe,
+    experts_sites=_sample_sites,
     routing_margins=_sample_routing_margins,
 ))
 

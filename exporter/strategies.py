@@ -1,13 +1,16 @@
 """Dispatch strategies: how the experts of an MoE layer become ONNX. One registry, checked at registration.
 
-Every strategy is a dispatch function ``(moe, x [tokens, hidden], expert_idx [tokens, k] int64,
-expert_weight [tokens, k]) -> [tokens, hidden]`` that reads the per-expert weights ``prepare`` attached
-to the MoE module as buffers (so torch.export lifts them to named ONNX initializers).
+A model family describes each MoE layer's experts as an ``ExpertsSite``: the module holding them, an
+``ExpertBank`` (per-expert weights in ``x @ W`` layout, optional biases, the family's own gate function)
+and how to swap the function that runs them. ``use_strategy`` attaches the bank's weights to the module
+as buffers (so torch.export lifts them to named 2-D ONNX initializers) and installs the strategy's
+dispatch ``(x [tokens, hidden], expert_idx [tokens, k] int64, expert_weight [tokens, k]) -> [tokens, hidden]``.
 
-- ``sorted``: sort slots by expert, one contiguous segment per expert (custom op, see custom_ops).
-  Compute grows with k, not with the number of experts. The default for top-k routers.
-- ``gather``: gather each token's k expert weight matrices and multiply; cheapest for one or a few
-  tokens, memory-bound and slow for long prompts.
+- ``sorted``: sort the tokens*k slots by expert, one contiguous segment per expert (the
+  ``moeport::segment_matmul`` custom op), put the results back with the inverse permutation and sum
+  over k. Compute grows with k, not with the number of experts. The default for top-k routers.
+- ``gather``: gather each slot's expert weight matrices and multiply; cheapest for one or a few
+  tokens, memory-bound for long prompts.
 - ``dense``: every expert on every token, weights scattered into a [tokens, E] matrix with zeros for
   unselected experts. Exact for soft MoE (where every expert is selected anyway).
 - ``capacity``: a static-shape dispatch buffer [E, C, hidden] with C = ceil(factor * tokens * k / E); slots
@@ -33,6 +36,36 @@ from moeport.exporter import custom_ops
 _PREFIX = "moeport_"
 
 
+@dataclass
+class ExpertBank:
+    """One MoE layer's experts: ``y = gate(x @ gate_up[e] + gate_up_bias[e]) @ down[e] + down_bias[e]``.
+
+    ``gate_up``: E tensors ``[hidden, G]`` (G = 2*inter for gated experts, in the family's own column
+    order); ``down``: E tensors ``[inter, hidden]``; biases ``[E, G]`` / ``[E, hidden]`` or None;
+    ``apply_gate``: ``[rows, G] -> [rows, inter]`` (GLU, plain activation, or a family's custom gate).
+    """
+
+    gate_up: list[torch.Tensor]
+    down: list[torch.Tensor]
+    apply_gate: Callable[[torch.Tensor], torch.Tensor]
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate_up)
+
+
+@dataclass
+class ExpertsSite:
+    """Where a family runs one layer's experts, and how to swap the function that runs them."""
+
+    module: nn.Module  # buffers are attached here; initializer names follow its path in the model
+    bank: Callable[[], ExpertBank]
+    install: Callable[[Callable[..., torch.Tensor]], None]  # dispatch(x, idx, weight) -> out
+    restore: Callable[[], None]
+
+
 @dataclass(frozen=True)
 class StrategyOptions:
     capacity_factor: float | None = None  # capacity only; None -> num_experts / top_k (drops nothing)
@@ -42,11 +75,11 @@ class StrategyOptions:
 class DispatchStrategy:
     name: str
     description: str
-    prepare: Callable[[nn.Module], dict[str, torch.Tensor]]  # buffers to attach to the MoE module
-    dispatch: Callable[..., torch.Tensor]  # (moe, x, idx, weight, *, options) -> [tokens, hidden]
+    stacked: bool  # weights as [E, ...] stacks (gather) instead of one 2-D tensor per expert
+    dispatch: Callable[..., torch.Tensor]  # (weights, x, idx, weight, *, options) -> [tokens, hidden]
     extra_outputs: tuple[str, ...] = ()  # per-layer outputs besides experts/weights, with --with-routing
-    # (moe, expert_idx, options) -> {name: tensor} for extra_outputs; a pure function of the routing, so the
-    # export wrapper can compute it without the dispatch keeping state on the module.
+    # (num_experts, expert_idx, options) -> {name: tensor}: a pure function of the routing, so the export
+    # wrapper computes it without the dispatch keeping state on the module.
     compute_extras: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
@@ -54,12 +87,12 @@ _STRATEGIES: dict[str, DispatchStrategy] = {}
 
 
 def register_strategy(strategy: DispatchStrategy) -> DispatchStrategy:
-    if bool(strategy.extra_outputs) != (strategy.compute_extras is not None):
-        raise ValueError(f"strategy {strategy.name!r}: extra_outputs and compute_extras go together")
     if strategy.name in _STRATEGIES or strategy.name == "auto":
         raise ValueError(f"dispatch strategy {strategy.name!r} is already registered (or reserved)")
-    if not callable(strategy.prepare) or not callable(strategy.dispatch):
-        raise TypeError(f"strategy {strategy.name!r} needs callable prepare and dispatch")
+    if not callable(strategy.dispatch):
+        raise TypeError(f"strategy {strategy.name!r} needs a callable dispatch")
+    if bool(strategy.extra_outputs) != (strategy.compute_extras is not None):
+        raise ValueError(f"strategy {strategy.name!r}: extra_outputs and compute_extras go together")
     _STRATEGIES[strategy.name] = strategy
     return strategy
 
@@ -75,48 +108,87 @@ def get_strategy(name: str) -> DispatchStrategy:
         raise MoeportError(f"unknown strategy {name!r}; choose auto or one of: {', '.join(_STRATEGIES)}") from None
 
 
-def _buffers(moe: nn.Module, kind: str) -> list[torch.Tensor]:
-    count = len(moe.experts)
-    return [getattr(moe, f"{_PREFIX}{kind}_{e}") for e in range(count)]
+class _Weights:
+    """Read access, at dispatch time, to the bank tensors attached to a site's module as buffers."""
+
+    def __init__(self, module: nn.Module, num_experts: int, apply_gate: Callable):
+        self.module, self.num_experts, self.apply_gate = module, num_experts, apply_gate
+
+    def per_expert(self, kind: str) -> list[torch.Tensor]:
+        return [getattr(self.module, f"{_PREFIX}{kind}_{e}") for e in range(self.num_experts)]
+
+    def stacked(self, kind: str) -> torch.Tensor:
+        return getattr(self.module, f"{_PREFIX}{kind}")
+
+    def bias(self, kind: str) -> torch.Tensor | None:
+        return getattr(self.module, f"{_PREFIX}{kind}_bias", None)
 
 
-def _per_expert(moe: nn.Module) -> dict[str, torch.Tensor]:
-    gate_up, down = moe.expert_weights()
-    buffers = {f"{_PREFIX}gate_up_{e}": w for e, w in enumerate(gate_up)}
-    buffers.update({f"{_PREFIX}down_{e}": w for e, w in enumerate(down)})
+def _bank_buffers(bank: ExpertBank, stacked: bool) -> dict[str, torch.Tensor]:
+    if stacked:
+        buffers = {f"{_PREFIX}gate_up": torch.stack(bank.gate_up), f"{_PREFIX}down": torch.stack(bank.down)}
+    else:
+        buffers = {f"{_PREFIX}gate_up_{e}": w.contiguous() for e, w in enumerate(bank.gate_up)}
+        buffers.update({f"{_PREFIX}down_{e}": w.contiguous() for e, w in enumerate(bank.down)})
+    if bank.gate_up_bias is not None:
+        buffers[f"{_PREFIX}gate_up_bias"] = bank.gate_up_bias
+    if bank.down_bias is not None:
+        buffers[f"{_PREFIX}down_bias"] = bank.down_bias
     return buffers
 
 
-def _stacked(moe: nn.Module) -> dict[str, torch.Tensor]:
-    gate_up, down = moe.expert_weights()
-    return {f"{_PREFIX}gate_up": torch.stack(gate_up), f"{_PREFIX}down": torch.stack(down)}
+def _expert_ffn(weights: _Weights, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e`` on rows ``x [rows, hidden]`` with the per-expert 2-D weights."""
+    h = x @ weights.per_expert("gate_up")[e]
+    if (bias := weights.bias("gate_up")) is not None:
+        h = h + bias[e]
+    y = weights.apply_gate(h) @ weights.per_expert("down")[e]
+    if (bias := weights.bias("down")) is not None:
+        y = y + bias[e]
+    return y
 
 
-def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    gate, up = (x @ gate_up).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ down
+def sorted_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options):
+    tokens, hidden = x.shape
+    k = expert_idx.shape[1]
+    num_slots = tokens * k
+    flat_expert = expert_idx.reshape(-1)
+    slot = torch.arange(num_slots, device=x.device)
+    # Unique keys make the sort stable and identical on every runtime: slot s belongs to token s // k.
+    order = torch.argsort(flat_expert * num_slots + slot)
+    sorted_expert = flat_expert[order]
+    counts = F.one_hot(flat_expert, weights.num_experts).sum(0)
+    h = torch.ops.moeport.segment_matmul(x[order // k], counts, weights.per_expert("gate_up"))
+    if (bias := weights.bias("gate_up")) is not None:
+        h = h + bias[sorted_expert]
+    y = torch.ops.moeport.segment_matmul(weights.apply_gate(h), counts, weights.per_expert("down"))
+    if (bias := weights.bias("down")) is not None:
+        y = y + bias[sorted_expert]
+    y = y * expert_weight.reshape(-1)[order][:, None]
+    # Back to slot order with the inverse permutation, then sum each token's k slots: no scatter-add,
+    # which some providers (OpenVINO) refuse.
+    inverse = torch.zeros_like(order).scatter(0, order, slot)
+    return y[inverse].reshape(tokens, k, hidden).sum(dim=1)
 
 
-def sorted_dispatch(moe, x, expert_idx, expert_weight, *, options):
-    return torch.ops.moeport.sorted_experts(
-        x, expert_idx, expert_weight, _buffers(moe, "gate_up"), _buffers(moe, "down"), "silu_glu"
-    )
-
-
-def gather_dispatch(moe, x, expert_idx, expert_weight, *, options):
-    gate_up = getattr(moe, f"{_PREFIX}gate_up")[expert_idx]  # [tokens, k, hidden, 2*inter]
-    down = getattr(moe, f"{_PREFIX}down")[expert_idx]  # [tokens, k, inter, hidden]
-    gate, up = (x[:, None, None, :] @ gate_up).chunk(2, dim=-1)  # [tokens, k, 1, inter] each
-    y = ((F.silu(gate) * up) @ down).squeeze(2)  # [tokens, k, hidden]
+def gather_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options):
+    tokens, hidden = x.shape
+    gate_up = weights.stacked("gate_up")[expert_idx]  # [tokens, k, hidden, G]
+    h = (x[:, None, None, :] @ gate_up).squeeze(2)  # [tokens, k, G]
+    if (bias := weights.bias("gate_up")) is not None:
+        h = h + bias[expert_idx]
+    a = weights.apply_gate(h.reshape(-1, h.shape[-1])).reshape(tokens, -1, 1, weights.stacked("down").shape[1])
+    y = (a @ weights.stacked("down")[expert_idx]).squeeze(2)  # [tokens, k, hidden]
+    if (bias := weights.bias("down")) is not None:
+        y = y + bias[expert_idx]
     return (y * expert_weight[..., None]).sum(dim=1)
 
 
-def dense_dispatch(moe, x, expert_idx, expert_weight, *, options):
-    num_experts = len(moe.experts)
-    dense_weight = x.new_zeros(x.shape[0], num_experts).scatter(1, expert_idx, expert_weight)
+def dense_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options):
+    dense_weight = x.new_zeros(x.shape[0], weights.num_experts).scatter(1, expert_idx, expert_weight)
     out = x.new_zeros(x.shape)
-    for e, (gate_up, down) in enumerate(zip(_buffers(moe, "gate_up"), _buffers(moe, "down"))):
-        out = out + _swiglu(x, gate_up, down) * dense_weight[:, e : e + 1]
+    for e in range(weights.num_experts):
+        out = out + _expert_ffn(weights, x, e) * dense_weight[:, e : e + 1]
     return out
 
 
@@ -134,9 +206,9 @@ def _capacity_plan(expert_idx: torch.Tensor, num_experts: int, options: Strategy
     return flat_expert, position, position < capacity, capacity
 
 
-def capacity_dispatch(moe, x, expert_idx, expert_weight, *, options):
+def capacity_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options):
     tokens, hidden = x.shape
-    num_experts, k = len(moe.experts), expert_idx.shape[1]
+    num_experts, k = weights.num_experts, expert_idx.shape[1]
     num_slots = tokens * k
     flat_expert, position, kept, capacity = _capacity_plan(expert_idx, num_experts, options)
     slot = torch.arange(num_slots, device=x.device)
@@ -144,53 +216,50 @@ def capacity_dispatch(moe, x, expert_idx, expert_weight, *, options):
     dest = torch.where(kept, flat_expert * capacity + position, num_experts * capacity + slot)
     buffer = x.new_zeros(num_experts * capacity + num_slots, hidden)
     buffer = buffer.index_put((dest,), x[slot // k])
-    outputs = [
-        _swiglu(buffer[e * capacity : (e + 1) * capacity], gate_up, down)
-        for e, (gate_up, down) in enumerate(zip(_buffers(moe, "gate_up"), _buffers(moe, "down")))
-    ]
+    outputs = [_expert_ffn(weights, buffer[e * capacity : (e + 1) * capacity], e) for e in range(num_experts)]
     outputs.append(x.new_zeros(num_slots, hidden))
     slot_y = torch.cat(outputs)[dest] * (expert_weight.reshape(-1) * kept)[:, None]
     return slot_y.reshape(tokens, k, hidden).sum(dim=1)
 
 
-def capacity_extras(moe, expert_idx, options):
-    _, _, kept, _ = _capacity_plan(expert_idx, len(moe.experts), options)
+def capacity_extras(num_experts: int, expert_idx: torch.Tensor, options: StrategyOptions) -> dict[str, torch.Tensor]:
+    _, _, kept, _ = _capacity_plan(expert_idx, num_experts, options)
     return {"dropped": (~kept).sum()}
 
 
 register_strategy(DispatchStrategy("sorted", "sort slots by expert; one segment per expert (compute ~ k)",
-                                   _per_expert, sorted_dispatch))
+                                   False, sorted_dispatch))
 register_strategy(DispatchStrategy("gather", "gather each token's expert weights (for 1-few tokens)",
-                                   _stacked, gather_dispatch))
+                                   True, gather_dispatch))
 register_strategy(DispatchStrategy("dense", "every expert on every token, zero weight when unselected",
-                                   _per_expert, dense_dispatch))
+                                   False, dense_dispatch))
 register_strategy(DispatchStrategy("capacity", "static [E, C, hidden] buffer with a capacity factor",
-                                   _per_expert, capacity_dispatch, extra_outputs=("dropped",),
+                                   False, capacity_dispatch, extra_outputs=("dropped",),
                                    compute_extras=capacity_extras))
 
 
 @contextlib.contextmanager
 def use_strategy(
-    moe_layers: list[nn.Module], strategy: DispatchStrategy, options: StrategyOptions = StrategyOptions()
+    sites: list[ExpertsSite], strategy: DispatchStrategy, options: StrategyOptions = StrategyOptions()
 ) -> Iterator[None]:
-    """Swap every layer's ``dispatch`` for ``strategy`` and attach its weights; restore both on exit."""
-    patched: list[tuple[nn.Module, Callable, list[str]]] = []
+    """Attach every site's expert weights and install ``strategy``; restore both on exit."""
+    patched: list[tuple[ExpertsSite, list[str]]] = []
     try:
-        for moe in moe_layers:
-            names = []
+        for site in sites:
             with torch.no_grad():  # export-time copies of the weights, not trainable parameters
-                prepared = strategy.prepare(moe)
-            for name, tensor in prepared.items():
-                moe.register_buffer(name, tensor, persistent=False)
-                names.append(name)
-            patched.append((moe, moe.dispatch, names))
-            moe.dispatch = functools.partial(strategy.dispatch, options=options)
+                bank = site.bank()
+                buffers = _bank_buffers(bank, strategy.stacked)
+            for name, tensor in buffers.items():
+                site.module.register_buffer(name, tensor, persistent=False)
+            patched.append((site, list(buffers)))
+            weights = _Weights(site.module, bank.num_experts, bank.apply_gate)
+            site.install(functools.partial(strategy.dispatch, weights, options=options))
         yield
     finally:
-        for moe, dispatch, names in patched:
-            moe.dispatch = dispatch
+        for site, names in patched:
+            site.restore()
             for name in names:
-                delattr(moe, name)
+                delattr(site.module, name)
 
 
 def translation_table() -> dict:
