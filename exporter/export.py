@@ -102,8 +102,10 @@ class ExportModule(nn.Module):
         self.with_routing = with_routing
         self.strategy, self.options = strategy, options
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, routing = self.model(input_ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
+                                                                        "attention_mask": attention_mask}
+        logits, routing = self.model(**inputs)
         outputs = [logits]
         if self.with_routing:
             for layer, (idx, weight) in zip(self.layers, routing):
@@ -144,7 +146,7 @@ def _check_opset(opset: int) -> None:
         raise MoeportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
 
 
-def _trace(module: ExportModule, example: torch.Tensor, opset: int, output_names: list[str]):
+def _trace(module: ExportModule, example: dict[str, torch.Tensor], opset: int, output_names: list[str]):
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     # The exporter reports progress on stdout; keep it for the error message, not for the user's terminal
     # (``--json`` output must stay parseable).
@@ -155,12 +157,13 @@ def _trace(module: ExportModule, example: torch.Tensor, opset: int, output_names
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not actionable here
         program = torch.onnx.export(
             module,
-            (example,),
+            (),
+            kwargs=example,
             dynamo=True,
-            input_names=["input_ids"],
+            input_names=list(example),
             output_names=output_names,
             opset_version=opset,
-            dynamic_shapes={"input_ids": {0: batch, 1: sequence}},
+            dynamic_shapes={name: {0: batch, 1: sequence} for name in example},
             custom_translation_table=strategies.translation_table(),
             optimize=True,
             verbose=False,
@@ -214,14 +217,14 @@ def _validate(path: Path, loaded: LoadedModel, strategy, options, shapes, tolera
     with strategies.use_strategy(loaded.sites, strategy, options):
         for i, (batch, seq) in enumerate(shapes):
             # Inputs without router near-ties: at a tie either expert is right, and the outputs would differ.
-            input_ids = families.tie_free_input_ids(loaded, batch, seq, seed=1000 + i)
-            reference = families.reference_outputs(loaded, input_ids)
+            inputs = families.tie_free_inputs(loaded, batch, seq, seed=1000 + i)
+            reference = families.reference_outputs(loaded, inputs)
             if strategy.compute_extras is not None:
                 for layer in loaded.info.layers:
                     idx = torch.from_numpy(reference[f"routing.{layer.label}.experts"])
                     dropped += int(strategy.compute_extras(layer.num_experts, idx, options)["dropped"])
             names = [o.name for o in session.get_outputs()]
-            actual = dict(zip(names, session.run(None, {"input_ids": input_ids})))
+            actual = dict(zip(names, session.run(None, inputs)))
             result = comparator.compare(reference, actual, loaded.info.layers)
             merged.outputs += result.outputs
             merged.routing += result.routing
@@ -258,7 +261,8 @@ def export_model(
     options = strategies.StrategyOptions(capacity_factor=capacity_factor)
     output_names = families.output_names(loaded.info, with_routing, chosen.extra_outputs)
     module = ExportModule(loaded, with_routing, chosen, options).eval()
-    example = torch.from_numpy(families.random_input_ids(loaded.info, *example_shape, seed=example_seed))
+    example = {name: torch.from_numpy(a) for name, a in
+               families.random_inputs(loaded.info, *example_shape, seed=example_seed).items()}
 
     with strategies.use_strategy(loaded.sites, chosen, options):
         model = _trace(module, example, opset, output_names)
@@ -302,11 +306,13 @@ def export_model(
     )
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, **options) -> ExportResult:
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, trust_pickle: bool = False,
+                      **options) -> ExportResult:
     """Export the checkpoint directory ``checkpoint`` to the ONNX file ``output``.
 
+    ``trust_pickle``: allow pickle weights (Hugging Face ``*.bin``), loaded with ``weights_only=True``.
     Options: ``strategy`` (auto|sorted|gather|dense|capacity), ``opset``, ``with_routing``,
     ``capacity_factor``, ``example_shape``, ``example_seed``, ``validate``, ``force``.
     """
-    loaded = families.load_checkpoint(checkpoint)
+    loaded = families.load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), **options)

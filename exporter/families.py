@@ -4,8 +4,10 @@ A family is a small spec object; what differs between families lives in its fiel
 ``isinstance`` checks in generic code. Every family loads to a ``LoadedModel``: the eval-mode module,
 its MoE layers (modules with a swappable ``dispatch`` and ``expert_weights()``), and a ``ModelInfo``.
 
-Model call convention (all families): ``model(input_ids [batch, seq] int64)`` returns
-``(logits [batch, seq, vocab], [(expert_idx [tokens, k] int64, expert_weight [tokens, k]) per MoE layer])``.
+Model call convention (all families): ``model(**inputs)`` with ``input_ids [batch, seq] int64`` (and,
+where the family's ``input_names`` say so, ``attention_mask [batch, seq] int64``, 0 = padding) returns
+``(logits [batch, seq, vocab], [(expert_idx [tokens, k] int64, expert_weight [tokens, k]) per MoE layer])``
+with ``tokens = batch * seq``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class ModelInfo:
     family: str
     vocab_size: int
     layers: tuple[MoELayerInfo, ...]
+    input_names: tuple[str, ...] = ("input_ids",)
+    model_type: str = ""  # the transformers model_type, for Hugging Face checkpoints
 
     @property
     def num_experts(self) -> int:
@@ -60,11 +64,14 @@ class ModelInfo:
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "layers": [vars(layer) for layer in self.layers],
+            "input_names": list(self.input_names),
+            "model_type": self.model_type,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelInfo":
-        return cls(data["family"], int(data["vocab_size"]), tuple(MoELayerInfo(**d) for d in data["layers"]))
+        return cls(data["family"], int(data["vocab_size"]), tuple(MoELayerInfo(**d) for d in data["layers"]),
+                   tuple(data.get("input_names", ("input_ids",))), data.get("model_type", ""))
 
 
 @dataclass
@@ -88,9 +95,13 @@ class FamilySpec:
     moe_layers: Callable[[nn.Module], list[nn.Module]]  # the MoE blocks, in model order
     describe: Callable[[nn.Module, list[nn.Module]], list[MoELayerInfo]]  # one per MoE block
     experts_sites: Callable[[list[nn.Module]], list[ExpertsSite]]  # one per MoE block
-    # (loaded, input_ids) -> per MoE layer, per token: gap between the k-th and (k+1)-th selection score
-    routing_margins: Callable[["LoadedModel", np.ndarray], list[np.ndarray]]
+    # (loaded, inputs) -> per MoE layer, per token: gap between the k-th and (k+1)-th selection score
+    routing_margins: Callable[["LoadedModel", dict[str, np.ndarray]], list[np.ndarray]]
     tolerance: float = 1e-4  # default max abs error for export validation and verify
+    input_names: tuple[str, ...] = ("input_ids",)
+    # (checkpoint dir, trust_pickle) -> LoadedModel, for families with their own loader; default:
+    # build from config.json, then load model.safetensors strictly.
+    load: Callable[[Path, bool], "LoadedModel"] | None = None
 
 
 _FAMILIES: dict[str, FamilySpec] = {}
@@ -132,15 +143,18 @@ def from_module(spec_name: str, model: nn.Module, config: dict | None = None) ->
     spec = get_family(spec_name)
     model.eval()
     moe_layers = spec.moe_layers(model)
-    info = ModelInfo(spec.name, int(model.config.vocab_size), tuple(spec.describe(model, moe_layers)))
+    info = ModelInfo(spec.name, int(model.config.vocab_size), tuple(spec.describe(model, moe_layers)),
+                     spec.input_names, getattr(model.config, "model_type", "") or "")
     return LoadedModel(model, moe_layers, spec.experts_sites(moe_layers), info, None, config or {})
 
 
-def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:
     """Load a checkpoint directory with the family its config.json names. User errors are MoeportError."""
     path = ckpt.checkpoint_dir(path)
     config = ckpt.read_config(path)
     spec = find_family(config, where=str(path / ckpt.CONFIG_NAME))
+    if spec.load is not None:
+        return spec.load(path, trust_pickle)
     try:
         model = spec.build(config)
     except (TypeError, ValueError, KeyError) as exc:
@@ -160,10 +174,10 @@ def output_names(info: ModelInfo, with_routing: bool, extra_outputs: tuple[str, 
     return names
 
 
-def reference_outputs(loaded: LoadedModel, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+def reference_outputs(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PyTorch eager outputs (reference dispatch) named as the exported graph names them."""
     with torch.no_grad():
-        logits, routing = loaded.model(torch.from_numpy(input_ids))
+        logits, routing = loaded.model(**{name: torch.from_numpy(a) for name, a in inputs.items()})
     outputs = {"logits": logits.numpy()}
     for layer, (idx, weight) in zip(loaded.info.layers, routing):
         outputs[f"routing.{layer.label}.experts"] = idx.numpy()
@@ -176,23 +190,31 @@ def reference_outputs(loaded: LoadedModel, input_ids: np.ndarray) -> dict[str, n
 TIE_MARGIN = 1e-5
 
 
-def routing_margins(loaded: LoadedModel, input_ids: np.ndarray) -> list[np.ndarray]:
+def routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Per MoE layer, per token ``[batch*seq]``: k-th minus (k+1)-th selection score (inf when k == E)."""
-    return get_family(loaded.info.family).routing_margins(loaded, input_ids)
+    return get_family(loaded.info.family).routing_margins(loaded, inputs)
 
 
-def tie_free_input_ids(loaded: LoadedModel, batch: int, seq: int, seed: int, tries: int = 50) -> np.ndarray:
-    """Seeded ``input_ids`` whose reference routing has no near-tie (first seed from ``seed`` on that works)."""
+def random_inputs(info: ModelInfo, batch: int, seq: int, seed: int, left_padding: bool = False) -> dict[str, np.ndarray]:
+    """Seeded model inputs: ``input_ids [batch, seq]`` in ``[0, vocab)`` and, where the model takes it,
+    ``attention_mask`` (all ones, or with ``left_padding`` row r starting with min(r, seq - 1) pads)."""
+    inputs = {"input_ids": np.random.default_rng(seed).integers(0, info.vocab_size, size=(batch, seq), dtype=np.int64)}
+    if "attention_mask" in info.input_names:
+        mask = np.ones((batch, seq), dtype=np.int64)
+        if left_padding:
+            for row in range(batch):
+                mask[row, : min(row, seq - 1)] = 0
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def tie_free_inputs(loaded: LoadedModel, batch: int, seq: int, seed: int, tries: int = 50) -> dict[str, np.ndarray]:
+    """Seeded inputs whose reference routing has no near-tie (first seed from ``seed`` on that works)."""
     for attempt in range(tries):
-        input_ids = random_input_ids(loaded.info, batch, seq, seed + 7919 * attempt)
-        if all(m.size == 0 or m.min() > TIE_MARGIN for m in routing_margins(loaded, input_ids)):
-            return input_ids
+        inputs = random_inputs(loaded.info, batch, seq, seed + 7919 * attempt)
+        if all(m.size == 0 or m.min() > TIE_MARGIN for m in routing_margins(loaded, inputs)):
+            return inputs
     raise RuntimeError(f"no tie-free input of shape {batch}x{seq} in {tries} tries; the router scores are degenerate")
-
-
-def random_input_ids(info: ModelInfo, batch: int, seq: int, seed: int) -> np.ndarray:
-    """Seeded token ids ``[batch, seq]`` int64 in ``[0, vocab)``."""
-    return np.random.default_rng(seed).integers(0, info.vocab_size, size=(batch, seq), dtype=np.int64)
 
 
 def _sample_build(config: dict) -> nn.Module:
@@ -213,14 +235,14 @@ def _selection_margin(scores: torch.Tensor, top_k: int) -> np.ndarray:
     return (top[:, top_k - 1] - top[:, top_k]).numpy()
 
 
-def _sample_routing_margins(loaded: LoadedModel, input_ids: np.ndarray) -> list[np.ndarray]:
+def _sample_routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Capture each router's gate logits and rebuild the score its top-k selects on."""
     logits: list[torch.Tensor] = []
     hooks = [moe.router.gate.register_forward_hook(lambda _m, _i, out: logits.append(out))
              for moe in loaded.moe_layers]
     try:
         with torch.no_grad():
-            loaded.model(torch.from_numpy(input_ids))
+            loaded.model(torch.from_numpy(inputs["input_ids"]))
     finally:
         for hook in hooks:
             hook.remove()

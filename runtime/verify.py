@@ -152,6 +152,7 @@ def verify(
     min_routing_agreement: float = 1.0,
     seed: int = 0,
     threads: int | None = None,
+    left_padding: bool = False,
 ) -> VerifyReport:
     """Run ``model`` (onnxruntime) and ``checkpoint`` (PyTorch eager) on the same inputs and compare."""
     if isinstance(shapes, str):
@@ -172,10 +173,10 @@ def verify(
     names = [o.name for o in session.get_outputs()]
     results = []
     for i, (batch, seq) in enumerate(shapes):
-        input_ids = families.random_input_ids(info, batch, seq, seed=seed + i)
-        reference = families.reference_outputs(loaded, input_ids)
-        margins = dict(zip((layer.label for layer in info.layers), families.routing_margins(loaded, input_ids)))
-        actual = dict(zip(names, session.run(None, {"input_ids": input_ids})))
+        inputs = families.random_inputs(info, batch, seq, seed=seed + i, left_padding=left_padding)
+        reference = families.reference_outputs(loaded, inputs)
+        margins = dict(zip((layer.label for layer in info.layers), families.routing_margins(loaded, inputs)))
+        actual = dict(zip(names, session.run(None, inputs)))
         dropped = {
             layer.label: int(np.asarray(actual[f"routing.{layer.label}.dropped"]))
             for layer in info.layers if f"routing.{layer.label}.dropped" in actual

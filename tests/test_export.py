@@ -111,18 +111,18 @@ def test_graph_does_not_freeze_the_example_routing(workdir, sample_checkpoint):
     second = export_checkpoint(checkpoint, workdir / "ex-b.onnx", with_routing=True, example_shape=(4, 33),
                                example_seed=2)
     loaded = families.load_checkpoint(checkpoint)
-    third = families.random_input_ids(loaded.info, 3, 17, seed=99)
+    third = families.random_inputs(loaded.info, 3, 17, seed=99)
     outputs = []
     for result in (first, second):
         session = create_session(result.output)
-        outputs.append(session.run(None, {"input_ids": third}))
+        outputs.append(session.run(None, third))
     for a, b in zip(*outputs):
         np.testing.assert_array_equal(a, b)
     reference = families.reference_outputs(loaded, third)
     np.testing.assert_allclose(outputs[0][0], reference["logits"], atol=1e-4, rtol=0)
     # the third input routes differently from both example inputs in at least one token
     assert not np.array_equal(outputs[0][1][:6], families.reference_outputs(
-        loaded, families.random_input_ids(loaded.info, 2, 3, seed=1))["routing.0.experts"])
+        loaded, families.random_inputs(loaded.info, 2, 3, seed=1))["routing.0.experts"])
 
 
 def test_sorted_handles_expert_with_no_tokens(workdir, sample_checkpoint):
@@ -164,10 +164,10 @@ def test_near_ties_are_avoided_in_validation_and_explained_by_verify(sample_chec
     Export validation must not pick such inputs; verify on them must name the tie, not hide it.
     """
     loaded = families.load_checkpoint(sample_checkpoint("topk"))
-    tied = families.random_input_ids(loaded.info, 3, 11, 1001)
+    tied = families.random_inputs(loaded.info, 3, 11, 1001)
     margins = families.routing_margins(loaded, tied)
     assert margins[1].min() < families.TIE_MARGIN
-    chosen = families.tie_free_input_ids(loaded, 3, 11, 1001)
+    chosen = families.tie_free_inputs(loaded, 3, 11, 1001)
     assert all(m.min() > families.TIE_MARGIN for m in families.routing_margins(loaded, chosen))
     result = exported("topk", strategy="gather", with_routing=True)
     assert result.validation.passed

@@ -67,7 +67,7 @@ def test_run_writes_outputs_matching_pytorch(capsys, tmp_path, routed, loaded, i
     assert code == 0
     report = json.loads(stdout)
     assert report["ep"] == "cpu" and report["output_file"] == str(out)
-    reference = families.reference_outputs(loaded, ids)
+    reference = families.reference_outputs(loaded, {"input_ids": ids})
     with np.load(out) as saved:
         assert sorted(saved.files) == sorted(reference)
         np.testing.assert_allclose(saved["logits"], reference["logits"], atol=1e-4, rtol=0)

@@ -1,0 +1,280 @@
+"""Hugging Face transformers MoE checkpoints, through transformers' own experts interface.
+
+transformers >= 5 runs the experts of its MoE families through one interface
+(``transformers.integrations.moe``): an experts module holds stacked weights (``gate_up_proj`` or
+``up_proj``, ``down_proj``, optional biases, transposed or not) and its forward is looked up by
+``config._experts_implementation`` in ``ALL_EXPERTS_FUNCTIONS``. We register one implementation there,
+``"moeport"``, which calls whatever dispatch strategy is installed on that module. So every family on the
+interface exports with our sparse dispatch, and each family's router (softmax or sigmoid, grouped top-k,
+correction biases, shared experts with their own gates, dense layers mixed in) stays its own code and is
+traced as it is.
+
+The ``transformers`` family loads a checkpoint directory (config.json + *.safetensors, sharded too)
+offline, never with ``trust_remote_code``; pickle weights only with ``trust_pickle`` (then loaded with
+``weights_only=True`` by transformers). Graph inputs: ``input_ids`` and ``attention_mask``
+``[batch, sequence]`` int64 (left padding honoured); output ``logits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeport.errors import MoeportError
+from moeport.exporter import families
+from moeport.exporter.families import FamilySpec, LoadedModel, MoELayerInfo, register_family
+from moeport.exporter.strategies import ExpertBank, ExpertsSite
+
+IMPLEMENTATION = "moeport"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MoeportError("this is a Hugging Face checkpoint; install transformers: pip install 'moeport[hf]'") from exc
+    return transformers
+
+
+def _moeport_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The experts implementation we register: run the strategy installed on this module."""
+    dispatch = getattr(self, "_moeport_dispatch", None)
+    if dispatch is None:
+        raise RuntimeError("experts_implementation 'moeport' is only valid inside moeport's use_strategy")
+    return dispatch(hidden_states, top_k_index, top_k_weights)
+
+
+def _register_implementation() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _moeport_experts_forward)
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A module built by ``@use_experts_implementation`` (it carries the interface's layout flags)."""
+    return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and hasattr(module, "down_proj")
+
+
+def _layer_label(path: str) -> str:
+    numbers = re.findall(r"\.(\d+)\.", f".{path}.")
+    return ".".join(numbers) if numbers else path
+
+
+def experts_bank(module: nn.Module) -> ExpertBank:
+    """Per-expert 2-D weights in ``x @ W`` layout from the interface's stacked tensors."""
+    if getattr(module, "has_post_expert_norm", False):
+        raise MoeportError(f"{type(module).__name__}: experts with a post-expert norm are not supported yet")
+    stacked_in = module.gate_up_proj if module.has_gate else module.up_proj
+    # Not transposed: [E, out, in] (F.linear layout) -> per expert [in, out]; transposed: already [E, in, out].
+    if module.is_transposed:
+        gate_up = [stacked_in[e] for e in range(stacked_in.shape[0])]
+        down = [module.down_proj[e] for e in range(module.down_proj.shape[0])]
+    else:
+        gate_up = [stacked_in[e].T for e in range(stacked_in.shape[0])]
+        down = [module.down_proj[e].T for e in range(module.down_proj.shape[0])]
+    gate_up_bias = down_bias = None
+    if module.has_bias:
+        gate_up_bias = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
+        down_bias = module.down_proj_bias
+    # The family's own gate (GLU split, interleaved layouts, clamped activations) or plain activation.
+    apply_gate = module._apply_gate if module.has_gate else module.act_fn
+    return ExpertBank([w.detach().clone() for w in gate_up], [w.detach().clone() for w in down], apply_gate,
+                      None if gate_up_bias is None else gate_up_bias.detach().clone(),
+                      None if down_bias is None else down_bias.detach().clone())
+
+
+def experts_sites(modules: list[nn.Module]) -> list[ExpertsSite]:
+    """One site per experts module: install = point its config at our implementation."""
+    _register_implementation()
+    sites = []
+    for module in modules:
+        def install(dispatch: Callable, module=module) -> None:
+            module._moeport_previous_implementation = module.config._experts_implementation
+            module._moeport_dispatch = dispatch
+            module.config._experts_implementation = IMPLEMENTATION
+
+        def restore(module=module) -> None:
+            module.config._experts_implementation = module._moeport_previous_implementation
+            del module._moeport_dispatch, module._moeport_previous_implementation
+
+        sites.append(ExpertsSite(module, lambda module=module: experts_bank(module), install, restore))
+    return sites
+
+
+@contextlib.contextmanager
+def _capture_routing(experts: list[nn.Module], records: list):
+    """Record (top_k_index, top_k_weights) of every experts call, in call order."""
+
+    def hook(_module, args, kwargs):
+        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        weight = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+        records.append((idx, weight))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in experts]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class CausalLMAdapter(nn.Module):
+    """A transformers causal LM in moeport's call convention.
+
+    ``forward(input_ids [batch, seq], attention_mask [batch, seq] = None)`` ->
+    ``(logits [batch, seq, vocab], [(expert_idx [tokens, k], expert_weight [tokens, k]) per MoE layer])``.
+    The routing is read at each experts module's input, so it is exactly what the experts used.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.experts = [m for m in model.modules() if is_experts_module(m)]
+        self.experts_paths = [name for name, m in model.named_modules() if is_experts_module(m)]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        records: list = []
+        with _capture_routing(self.experts, records):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits, [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
+
+    def moe_layers(self) -> list[nn.Module]:
+        return self.experts
+
+
+def _describe(adapter: CausalLMAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:
+    """Layer labels from module paths; k from one probe forward (families name it differently)."""
+    probe = torch.zeros(1, 2, dtype=torch.long)
+    with torch.no_grad():
+        _, routing = adapter(probe)
+    if len(routing) != len(experts):
+        raise MoeportError(f"{type(adapter.model).__name__}: expected one experts call per MoE layer, "
+                           f"saw {len(routing)} for {len(experts)} layers")
+    return [MoELayerInfo(_layer_label(path), int(module.num_experts), int(idx.shape[-1]), "hf")
+            for path, module, (idx, _) in zip(adapter.experts_paths, experts, routing)]
+
+
+def _router_logits_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Per layer, the gap between the k-th and (k+1)-th router logit of each token.
+
+    Routers differ per family (softmax, sigmoid + correction bias, grouped top-k); the raw logit gap is
+    the common proxy for a near-tie. A family whose gate module is not found reports no ties (inf).
+    """
+    adapter: CausalLMAdapter = loaded.model
+    logits: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, path in enumerate(adapter.experts_paths):
+        parent = adapter.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else adapter.model
+        gate = getattr(parent, "gate", None) or getattr(parent, "router", None)
+        if isinstance(gate, nn.Module):
+            num_experts = adapter.experts[i].num_experts
+
+            def hook(_m, _args, out, i=i, num_experts=num_experts):
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for tensor in outs:
+                    if torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.shape[-1] == num_experts:
+                        logits[i] = tensor.reshape(-1, num_experts)
+                        return
+
+            handles.append(gate.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            adapter(**{name: torch.from_numpy(a) for name, a in inputs.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = int(np.prod(inputs["input_ids"].shape))
+    margins = []
+    for i, layer in enumerate(loaded.info.layers):
+        if i in logits and layer.top_k < layer.num_experts:
+            top = torch.topk(logits[i].float(), layer.top_k + 1, dim=-1).values
+            margins.append((top[:, layer.top_k - 1] - top[:, layer.top_k]).numpy())
+        else:
+            margins.append(np.full(tokens, np.inf))
+    return margins
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
+    """Load a transformers causal LM from a local directory: offline, no remote code, float32, eager."""
+    transformers = _transformers()
+    path = Path(path)
+    if not _has_safetensors(path):
+        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+        if not pickles:
+            raise MoeportError(f"no *.safetensors weights in {path}")
+        if not trust_pickle:
+            raise MoeportError(
+                f"{path} holds only pickle weights ({pickles[0]}); pickle can run code when loaded. Convert them "
+                "to safetensors, or pass --trust-pickle to load them with torch.load(weights_only=True)"
+            )
+    transformers.utils.logging.disable_progress_bar()  # our output is one report, not loader bars
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config._experts_implementation = "eager"
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+            use_safetensors=not trust_pickle or _has_safetensors(path), attn_implementation="eager",
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoeportError(f"transformers cannot load {path}: {first}") from exc
+    return model.eval()
+
+
+def _build(config: dict) -> nn.Module:
+    """Random-weight model from a config dict (the loader replaces this path for checkpoints)."""
+    transformers = _transformers()
+    cfg = transformers.AutoConfig.for_model(**config)
+    cfg._experts_implementation = "eager"
+    cfg._attn_implementation = "eager"
+    return CausalLMAdapter(transformers.AutoModelForCausalLM.from_config(cfg).eval())
+
+
+def _matches(config: dict) -> bool:
+    if "model_type" not in config or "family" in config:
+        return False
+    try:
+        transformers = _transformers()
+    except MoeportError:
+        return True  # say "install transformers" rather than "unknown family"
+    return config["model_type"] in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def load(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:
+    """Load a Hugging Face MoE checkpoint directory as a ``LoadedModel``."""
+    model = load_pretrained(path, trust_pickle)
+    adapter = CausalLMAdapter(model)
+    if not adapter.experts:
+        raise MoeportError(f"{path}: {type(model).__name__} has no experts on transformers' experts interface; "
+                           "it is not an MoE model moeport can export")
+    loaded = families.from_module("transformers", adapter, model.config.to_dict())
+    loaded.source = Path(path)
+    return loaded
+
+
+SPEC = register_family(FamilySpec(
+    name="transformers",
+    description="Hugging Face transformers causal LMs whose experts use transformers.integrations.moe",
+    matches=_matches,
+    build=_build,
+    moe_layers=lambda adapter: adapter.moe_layers(),
+    describe=_describe,
+    experts_sites=experts_sites,
+    routing_margins=_router_logits_margins,
+    input_names=("input_ids", "attention_mask"),
+    load=load,
+))
