@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import moeport
 from moeport.errors import MoeportError
-from moeport.exporter import families, strategies
+from moeport.exporter import families, strategies, tasks
 from moeport.exporter.families import LoadedModel, ModelInfo
 from moeport.samples.checkpoint import checkpoint_hash
 
@@ -91,31 +90,6 @@ class ExportResult:
         }
 
 
-class ExportModule(nn.Module):
-    """What is traced: ``input_ids`` -> (logits, then experts/weights[/extras] of every MoE layer)."""
-
-    def __init__(self, loaded: LoadedModel, with_routing: bool, strategy: strategies.DispatchStrategy,
-                 options: strategies.StrategyOptions):
-        super().__init__()
-        self.model = loaded.model
-        self.layers = loaded.info.layers
-        self.with_routing = with_routing
-        self.strategy, self.options = strategy, options
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
-                                                                        "attention_mask": attention_mask}
-        logits, routing = self.model(**inputs)
-        outputs = [logits]
-        if self.with_routing:
-            for layer, (idx, weight) in zip(self.layers, routing):
-                outputs += [idx, weight]
-                if self.strategy.compute_extras is not None:
-                    extras = self.strategy.compute_extras(layer.num_experts, idx, self.options)
-                    outputs += [extras[name] for name in self.strategy.extra_outputs]
-        return tuple(outputs)
-
-
 def choose_strategy(info: ModelInfo, requested: str = "auto") -> tuple[strategies.DispatchStrategy, str]:
     """The strategy to export with, and why."""
     if requested != "auto":
@@ -146,8 +120,7 @@ def _check_opset(opset: int) -> None:
         raise MoeportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
 
 
-def _trace(module: ExportModule, example: dict[str, torch.Tensor], opset: int, output_names: list[str]):
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+def _trace(graph: tasks.TaskGraph, opset: int):
     # The exporter reports progress on stdout; keep it for the error message, not for the user's terminal
     # (``--json`` output must stay parseable).
     captured = io.StringIO()
@@ -155,23 +128,33 @@ def _trace(module: ExportModule, example: dict[str, torch.Tensor], opset: int, o
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(captured), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not actionable here
+        # One Dim object shared by several inputs is the intent, not a conflict.
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
         program = torch.onnx.export(
-            module,
-            (),
-            kwargs=example,
+            graph.module,
+            graph.args,
             dynamo=True,
-            input_names=list(example),
-            output_names=output_names,
+            input_names=graph.input_names,
+            output_names=graph.output_names,
             opset_version=opset,
-            dynamic_shapes={name: {0: batch, 1: sequence} for name in example},
+            dynamic_shapes=graph.dynamic_shapes,
             custom_translation_table=strategies.translation_table(),
             optimize=True,
             verbose=False,
         )
-    return program.model  # onnx_ir.Model
+    model = program.model  # onnx_ir.Model
+    import onnx_ir as ir
+
+    # Axes torch.export had to name itself (e.g. past_sequence + sequence) get the task's names.
+    for value in model.graph.inputs:
+        for axis, name in graph.input_dim_names.get(value.name, {}).items():
+            dims = list(value.shape)
+            dims[axis] = ir.SymbolicDim(name)
+            value.shape = ir.Shape(dims)
+    return model
 
 
-def _finish(model, *, loaded: LoadedModel, strategy: str, opset: int, with_routing: bool,
+def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int, with_routing: bool,
             source_sha256: str, capacity_factor: float | None) -> None:
     """Stamp metadata and the IR version; refuse anything outside the standard domain."""
     model.ir_version = min(model.ir_version, ORT_1_20_IR_VERSION if opset <= 22 else 11)
@@ -188,6 +171,7 @@ def _finish(model, *, loaded: LoadedModel, strategy: str, opset: int, with_routi
         "num_experts": str(info.num_experts),
         "top_k": str(info.top_k),
         "strategy": strategy,
+        "task": task,
         "with_routing": str(with_routing).lower(),
         "model_info": json.dumps(info.to_dict(), sort_keys=True),
     }
@@ -206,37 +190,12 @@ def _save(model, path: Path) -> bool:
     return external
 
 
-def _validate(path: Path, loaded: LoadedModel, strategy, options, shapes, tolerance: float):
-    """Run the file on onnxruntime and PyTorch (same strategy, eager) on shapes unlike the example's."""
-    from moeport.runtime.compare import Comparator, Comparison
-    from moeport.runtime.session import create_session
-
-    session = create_session(path, "cpu")
-    comparator = Comparator(atol=tolerance)
-    merged, dropped = Comparison(), 0
-    with strategies.use_strategy(loaded.sites, strategy, options):
-        for i, (batch, seq) in enumerate(shapes):
-            # Inputs without router near-ties: at a tie either expert is right, and the outputs would differ.
-            inputs = families.tie_free_inputs(loaded, batch, seq, seed=1000 + i)
-            reference = families.reference_outputs(loaded, inputs)
-            if strategy.compute_extras is not None:
-                for layer in loaded.info.layers:
-                    idx = torch.from_numpy(reference[f"routing.{layer.label}.experts"])
-                    dropped += int(strategy.compute_extras(layer.num_experts, idx, options)["dropped"])
-            names = [o.name for o in session.get_outputs()]
-            actual = dict(zip(names, session.run(None, inputs)))
-            result = comparator.compare(reference, actual, loaded.info.layers)
-            merged.outputs += result.outputs
-            merged.routing += result.routing
-            merged.missing += result.missing
-    return merged, (dropped if strategy.extra_outputs else None)
-
-
 def export_model(
     loaded: LoadedModel,
     output: str | os.PathLike,
     *,
     strategy: str = "auto",
+    task: str = "logits",
     opset: int = DEFAULT_OPSET,
     with_routing: bool = False,
     capacity_factor: float | None = None,
@@ -257,16 +216,14 @@ def export_model(
         raise MoeportError(f"example shape must be at least 2x2 to keep batch and sequence dynamic, got {example_shape}")
     if capacity_factor is not None and capacity_factor <= 0:
         raise MoeportError(f"capacity factor must be positive, got {capacity_factor}")
+    export_task = tasks.get_task(task, loaded)
     chosen, reason = choose_strategy(loaded.info, strategy)
     options = strategies.StrategyOptions(capacity_factor=capacity_factor)
-    output_names = families.output_names(loaded.info, with_routing, chosen.extra_outputs)
-    module = ExportModule(loaded, with_routing, chosen, options).eval()
-    example = {name: torch.from_numpy(a) for name, a in
-               families.random_inputs(loaded.info, *example_shape, seed=example_seed).items()}
+    graph = export_task.build(loaded, with_routing, chosen, options, example_shape, example_seed)
 
     with strategies.use_strategy(loaded.sites, chosen, options):
-        model = _trace(module, example, opset, output_names)
-    _finish(model, loaded=loaded, strategy=chosen.name, opset=opset, with_routing=with_routing,
+        model = _trace(graph, opset)
+    _finish(model, loaded=loaded, strategy=chosen.name, task=task, opset=opset, with_routing=with_routing,
             source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -278,8 +235,9 @@ def export_model(
         onnx.checker.check_model(str(staged), full_check=True)
         validation, dropped = None, None
         if validate:
-            validation, dropped = _validate(staged, loaded, chosen, options, validation_shapes,
-                                            families.get_family(loaded.info.family).tolerance)
+            from moeport.runtime.session import create_session
+
+            validation, dropped = graph.validate(create_session(staged, "cpu"), validation_shapes)
             if not validation.passed:
                 raise MoeportError(
                     f"exported graph does not match PyTorch (max abs error {validation.max_abs_err:.3g}, routing "
@@ -299,7 +257,7 @@ def export_model(
 
     return ExportResult(
         output=output, family=loaded.info.family, strategy=chosen.name, strategy_reason=reason, opset=opset,
-        ir_version=model.ir_version, info=loaded.info, with_routing=with_routing, output_names=output_names,
+        ir_version=model.ir_version, info=loaded.info, with_routing=with_routing, output_names=graph.output_names,
         size_bytes=size, external_data=external, source_sha256=source_sha256,
         seconds=time.perf_counter() - started, validation=validation,
         validation_shapes=list(validation_shapes) if validate else [], dropped_slots=dropped,
@@ -311,7 +269,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     """Export the checkpoint directory ``checkpoint`` to the ONNX file ``output``.
 
     ``trust_pickle``: allow pickle weights (Hugging Face ``*.bin``), loaded with ``weights_only=True``.
-    Options: ``strategy`` (auto|sorted|gather|dense|capacity), ``opset``, ``with_routing``,
+    Options: ``strategy`` (auto|sorted|gather|dense|capacity), ``task`` (logits|text-generation-with-past),
+    ``opset``, ``with_routing``,
     ``capacity_factor``, ``example_shape``, ``example_seed``, ``validate``, ``force``.
     """
     loaded = families.load_checkpoint(checkpoint, trust_pickle=trust_pickle)

@@ -148,6 +148,28 @@ class CausalLMAdapter(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits, [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
 
+    def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
+        """One decoder step with a KV cache (see ``exporter.tasks``): returns (logits [batch, seq, vocab],
+        presents [key_0, value_0, key_1, ...] each [batch, kv_heads, past + seq, head_dim], routing)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for i in range(len(past_key_values) // 2):
+            cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+        records: list = []
+        with _capture_routing(self.experts, records):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        routing = [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
+        return out.logits, presents, routing
+
+    def cache_shapes(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) of every cache tensor, key then value per layer, from a probe forward."""
+        with torch.no_grad():
+            out = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+        return [(t.shape[1], t.shape[3]) for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+
     def moe_layers(self) -> list[nn.Module]:
         return self.experts
 

@@ -256,7 +256,8 @@ def use_strategy(
             site.install(functools.partial(strategy.dispatch, weights, options=options))
         yield
     finally:
-        for site, names in patched:
+        # Last in, first out: sites may share state (transformers layers share one config object).
+        for site, names in reversed(patched):
             site.restore()
             for name in names:
                 delattr(site.module, name)

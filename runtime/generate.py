@@ -1,0 +1,138 @@
+"""Greedy decoding on onnxruntime with a ``text-generation-with-past`` graph: what ``moeport generate`` runs.
+
+The prompt is run once (prefill, empty past); every new token is then one decode step that feeds back
+the ``present.*`` tensors as ``past_key_values.*`` -- the prompt is never recomputed. Prompts of
+different lengths are left-padded; ``attention_mask`` marks the padding and ``position_ids`` follow the
+mask, as transformers' ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeport.errors import MoeportError, UsageError
+from moeport.runtime.session import create_session
+
+PAD_ID = 0
+
+
+def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds of one with-past step. ``attention_mask [batch, past + seq]`` covers past and new tokens;
+    ``input_ids [batch, seq]``; ``past`` = [key_0, value_0, key_1, ...] each ``[batch, kv_heads, past, head_dim]``.
+    Positions count only unmasked tokens (padded slots get 1, as in transformers)."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    positions[attention_mask == 0] = 1
+    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+             "position_ids": positions[:, -input_ids.shape[1]:].astype(np.int64)}
+    for i in range(len(past) // 2):
+        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+    return feeds
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; anything else is a usage error."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"cannot parse --prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+    if not ids:
+        raise UsageError("--prompt-ids is empty: give at least one token id")
+    return ids
+
+
+@dataclass
+class GenerateResult:
+    token_ids: list[list[int]]  # the new tokens of each prompt
+    seconds: float  # decode loop wall time, prefill included
+    text: list[str] | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(len(t) for t in self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        single = len(self.token_ids) == 1
+        data = {"token_ids": self.token_ids[0] if single else self.token_ids,
+                "tokens_per_s": round(self.tokens_per_s, 2), "seconds": round(self.seconds, 4)}
+        if self.text is not None:
+            data["text"] = self.text[0] if single else self.text
+        return data
+
+
+def _model_vocab(session) -> int | None:
+    info = session.get_modelmeta().custom_metadata_map.get("moeport.model_info")
+    return json.loads(info)["vocab_size"] if info else None
+
+
+def generate(
+    model: str | os.PathLike,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 32,
+    ep: str = "cpu",
+    fallback: str | None = None,
+    threads: int | None = None,
+    eos_token_id: int | None = None,
+) -> GenerateResult:
+    """Greedy-decode ``max_new_tokens`` after each prompt (stops a row early only at ``eos_token_id``)."""
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("every prompt needs at least one token id")
+    session = create_session(model, ep, fallback=fallback, threads=threads)
+    inputs = {i.name: i for i in session.get_inputs()}
+    if "past_key_values.0.key" not in inputs:
+        raise MoeportError(f"{model} has no KV-cache inputs; export it with --task text-generation-with-past")
+    vocab = _model_vocab(session)
+    for prompt in prompts:
+        bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise MoeportError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    input_ids = np.full((batch, longest), PAD_ID, dtype=np.int64)
+    mask = np.zeros((batch, longest), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = prompt
+        mask[row, longest - len(prompt):] = 1
+    past = [np.zeros((batch, inputs[n].shape[1], 0, inputs[n].shape[3]), dtype=np.float32) for n in past_names]
+
+    new_tokens = np.zeros((batch, 0), dtype=np.int64)
+    finished = np.zeros(batch, dtype=bool)
+    started = time.perf_counter()
+    for _ in range(max_new_tokens):
+        outputs = session.run(None, decoder_feeds(mask, input_ids, past))
+        next_ids = outputs[0][:, -1].argmax(-1)
+        if eos_token_id is not None:
+            next_ids = np.where(finished, eos_token_id, next_ids)
+            finished |= next_ids == eos_token_id
+        new_tokens = np.concatenate([new_tokens, next_ids[:, None]], axis=1)
+        if finished.all():
+            break
+        past = outputs[1 : 1 + len(past_names)]
+        input_ids = next_ids[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+    seconds = time.perf_counter() - started
+    return GenerateResult([row.tolist() for row in new_tokens], seconds)
+
+
+def generate_text(model: str | os.PathLike, checkpoint: str | os.PathLike, prompt: str, **options) -> GenerateResult:
+    """``generate`` with the tokenizer saved in ``checkpoint`` (offline): text in, text out."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise MoeportError("--prompt needs transformers for the tokenizer: pip install 'moeport[hf]'") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise MoeportError(f"no usable tokenizer in {checkpoint}: use --prompt-ids instead") from exc
+    result = generate(model, [tokenizer.encode(prompt)], eos_token_id=tokenizer.eos_token_id, **options)
+    result.text = [tokenizer.decode(ids) for ids in result.token_ids]
+    return result

@@ -1,0 +1,165 @@
+"""KV-cache decoder export of transformers MoE models, and greedy generation on onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moeport.cli import main  # noqa: E402
+from moeport.exporter.export import export_checkpoint  # noqa: E402
+from moeport.runtime.generate import generate  # noqa: E402
+
+COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=8,
+                                                  num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=32,
+                                                     num_experts=8, num_experts_per_tok=2, head_dim=8,
+                                                     norm_topk_prob=True, decoder_sparse_step=1),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        # MLA: one key/value head per attention head
+        **{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, norm_topk_prob=True,
+        routed_scaling_factor=2.0),
+}
+PROMPT = [5, 17, 99, 3, 42, 8]
+PADDED = [[7, 8, 9], [1, 2, 3, 4, 5, 6]]
+
+
+@pytest.fixture(scope="module")
+def with_past(tmp_path_factory):
+    """model_type -> (checkpoint dir, with-past ONNX path, eager transformers model)."""
+    made = {}
+
+    def make(model_type):
+        if model_type not in made:
+            root = tmp_path_factory.mktemp(model_type)
+            torch.manual_seed(0)
+            config = CONFIGS[model_type]()
+            model = transformers.AutoModelForCausalLM.from_config(config).eval()
+            model.save_pretrained(root / "ckpt")
+            result = export_checkpoint(root / "ckpt", root / "past.onnx", task="text-generation-with-past")
+            assert result.validation.passed, result.validation.to_dict()
+            made[model_type] = (root / "ckpt", result.output, model)
+        return made[model_type]
+
+    return make
+
+
+def transformers_generate(model, prompts: list[list[int]], new_tokens: int = 32) -> list[list[int]]:
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    # Plain greedy with no end-of-sequence token: min_new_tokens would instead *suppress* EOS (id 2 in
+    # these configs), which is not greedy decoding.
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                           eos_token_id=None)
+    model.generation_config.eos_token_id = None  # else generate() merges the model's EOS back in
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, generation_config=config)
+    assert out.shape[1] == longest + new_tokens
+    return out[:, longest:].tolist()
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_greedy_tokens_match_transformers(with_past, model_type):
+    _, model_path, model = with_past(model_type)
+    single = generate(model_path, [PROMPT], max_new_tokens=32)
+    assert single.token_ids == transformers_generate(model, [PROMPT])
+    assert len(single.token_ids[0]) == 32
+    padded = generate(model_path, PADDED, max_new_tokens=32)
+    assert padded.token_ids == transformers_generate(model, PADDED)
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_with_past_graph_io_and_sparse_dispatch(with_past, model_type):
+    _, model_path, model = with_past(model_type)
+    graph = onnx.load(str(model_path))
+    onnx.checker.check_model(graph, full_check=True)
+    names = [i.name for i in graph.graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    layers = model.config.num_hidden_layers
+    assert names[3:] == [f"past_key_values.{i}.{p}" for i in range(layers) for p in ("key", "value")]
+    outputs = [o.name for o in graph.graph.output]
+    assert outputs == ["logits"] + [f"present.{i}.{p}" for i in range(layers) for p in ("key", "value")]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
+    assert dims["attention_mask"] == ["batch", "past_sequence + sequence"]
+    assert dims["past_key_values.0.key"][0] == "batch" and dims["past_key_values.0.key"][2] == "past_sequence"
+    ops = [n.op_type for n in graph.graph.node]
+    # sparse: per MoE layer one sort (TopK) of the slots and one Slice-fed MatMul pair per expert;
+    # an all-experts fallback would have neither CumSum segment bounds nor per-expert Slices.
+    moe_layers = sum(1 for m in model.modules() if hasattr(m, "is_transposed") and hasattr(m, "has_gate"))
+    assert ops.count("CumSum") >= moe_layers  # the two segment matmuls of a layer share their bounds
+    assert ops.count("TopK") >= 2 * moe_layers  # the router's top-k and the slot sort
+    assert ops.count("Slice") >= 2 * 8 * moe_layers
+    assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)
+
+
+def test_generate_cli_json(with_past, capsys):
+    _, model_path, model = with_past("mixtral")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(model_path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "8",
+              "--json"])
+    assert exit_info.value.code in (0, None)
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == transformers_generate(model, [PROMPT], 8)[0]
+    assert result["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "1,x"], "error: cannot parse --prompt-ids '1,x': expected comma-separated token ids, e.g. 1,2,3"),
+    (["--prompt-ids", "1,500"], "error: prompt token id 500 is outside the model's vocabulary [0, 128)"),
+    ([], "error: give exactly one of --prompt-ids and --prompt"),
+    (["--prompt", "hi"], "error: --prompt needs --checkpoint DIR with the tokenizer"),
+])
+def test_generate_cli_errors(with_past, capsys, args, message):
+    _, model_path, _ = with_past("mixtral")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(model_path), *args])
+    assert exit_info.value.code in (1, 2)
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_generate_refuses_a_logits_graph(exported, capsys):
+    model = exported("switch").output
+    with pytest.raises(SystemExit):
+        main(["generate", str(model), "--prompt-ids", "1,2"])
+    assert capsys.readouterr().err.strip() == (
+        f"error: {model} has no KV-cache inputs; export it with --task text-generation-with-past")
+
+
+def test_with_past_task_refused_for_sample_family(sample_checkpoint, tmp_path):
+    from moeport import MoeportError
+
+    with pytest.raises(MoeportError, match="task 'text-generation-with-past' does not apply to this moeport_lm "
+                                           "model: it has no KV cache"):
+        export_checkpoint(sample_checkpoint("topk"), tmp_path / "x.onnx", task="text-generation-with-past")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_prefill_and_decode_match_logits_of_full_forward(with_past):
+    """Decoding token by token with the cache gives the logits of one full forward pass."""
+    from moeport.runtime.generate import decoder_feeds
+    from moeport.runtime.session import create_session
+
+    _, model_path, model = with_past("qwen3_moe")
+    session = create_session(model_path)
+    names = [o.name for o in session.get_outputs()]
+    ids = np.array([PROMPT], dtype=np.int64)
+    heads = {i.name: i.shape for i in session.get_inputs()}
+    past = [np.zeros((1, heads[n][1], 0, heads[n][3]), np.float32) for n in heads if n.startswith("past_")]
+    prefill = dict(zip(names, session.run(None, decoder_feeds(np.ones((1, 4), np.int64), ids[:, :4], past))))
+    step = dict(zip(names, session.run(None, decoder_feeds(
+        np.ones((1, 5), np.int64), ids[:, 4:5], [prefill[n] for n in names[1:]]))))
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids[:, :5])).logits.numpy()
+    np.testing.assert_allclose(step["logits"][0, 0], full[0, 4], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill["logits"][0], full[0, :4], atol=1e-4, rtol=0)
