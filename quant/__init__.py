@@ -1,0 +1,26 @@
+"""Quantize exported MoE models with onnxruntime's tools, keeping the routers in float32.
+
+``quantize(model, out, mode="int8"|"int8-dynamic"|"fp16"|"int4", ...)`` -> ``QuantizeResult`` (``to_dict()``,
+``render()``): what was quantized, how many router nodes stayed float, calibration coverage per expert,
+and a quality report (size, parity with PyTorch, perplexity, routing agreement, latency).
+Modes are registered in ``moeport.quant.modes``; routers are found by ``moeport.quant.router.find_routers``.
+"""
+
+from moeport.quant.core import QuantizeResult, quantize
+from moeport.quant.modes import QuantMode, get_mode, modes, register_mode
+from moeport.quant.router import RouterPlan, find_expert_matmuls, find_routers
+from moeport.quant.schemes import TARGETS, choose_scheme
+
+__all__ = [
+    "TARGETS",
+    "QuantMode",
+    "QuantizeResult",
+    "RouterPlan",
+    "choose_scheme",
+    "find_expert_matmuls",
+    "find_routers",
+    "get_mode",
+    "modes",
+    "quantize",
+    "register_mode",
+]

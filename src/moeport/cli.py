@@ -57,20 +57,26 @@ def samples_create(name: str, directory: str) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="ONNX file to write.")
 @click.option("--strategy", default="auto", show_default=True,
               type=click.Choice(["auto", "sorted", "gather", "dense", "capacity"]), help="MoE dispatch strategy.")
+@click.option("--task", default="logits", show_default=True,
+              type=click.Choice(["logits", "text-generation-with-past"]),
+              help="logits: one forward pass; text-generation-with-past: decoder with KV cache (transformers).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 18..23).")
 @click.option("--with-routing", is_flag=True, help="Add each MoE layer's selected experts and weights as outputs.")
 @click.option("--capacity-factor", type=float, default=None,
               help="capacity strategy: slots per expert = factor * tokens * k / E (default E/k: drops nothing).")
 @click.option("--no-validate", is_flag=True, help="Skip the post-export parity check against PyTorch.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow pickle weights (*.bin); loaded with torch.load(weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_cmd(checkpoint, output, strategy, opset, with_routing, capacity_factor, no_validate, force, as_json):
+def export_cmd(checkpoint, output, strategy, task, opset, with_routing, capacity_factor, no_validate, force,
+               trust_pickle, as_json):
     """Export the MoE checkpoint directory CHECKPOINT to ONNX."""
     from moeport.exporter.export import DEFAULT_OPSET, export_checkpoint
 
-    result = export_checkpoint(checkpoint, output, strategy=strategy, opset=opset or DEFAULT_OPSET,
+    result = export_checkpoint(checkpoint, output, strategy=strategy, task=task, opset=opset or DEFAULT_OPSET,
                                with_routing=with_routing, capacity_factor=capacity_factor,
-                               validate=not no_validate, force=force)
+                               validate=not no_validate, force=force, trust_pickle=trust_pickle)
     if as_json:
         _echo_json(result.to_dict())
         return
@@ -107,6 +113,36 @@ def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_
     sys.exit(0 if report.passed else 1)
 
 
+@cli.command("generate")
+@click.argument("model", type=click.Path())
+@click.option("--prompt-ids", default=None, help="Comma-separated prompt token ids, e.g. 1,2,3.")
+@click.option("--prompt", default=None, help="Prompt text (needs --checkpoint with a tokenizer).")
+@click.option("--checkpoint", default=None, type=click.Path(), help="Checkpoint directory holding the tokenizer.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--ep", default="cpu", show_default=True, help="Execution provider short name.")
+@click.option("--fallback", default=None, help="Provider to use when --ep is not available (e.g. cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print {token_ids, tokens_per_s} as JSON.")
+def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fallback, as_json):
+    """Greedy-decode with a text-generation-with-past MODEL on onnxruntime, using its KV cache."""
+    from moeport.errors import UsageError
+    from moeport.runtime.generate import generate, generate_text, parse_prompt_ids
+
+    if (prompt_ids is None) == (prompt is None):
+        raise UsageError("give exactly one of --prompt-ids and --prompt")
+    options = {"max_new_tokens": max_new_tokens, "ep": ep, "fallback": fallback}
+    if prompt is not None:
+        if checkpoint is None:
+            raise UsageError("--prompt needs --checkpoint DIR with the tokenizer")
+        result = generate_text(model, checkpoint, prompt, **options)
+    else:
+        result = generate(model, [parse_prompt_ids(prompt_ids)], **options)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    click.echo(result.text[0] if result.text else ",".join(map(str, result.token_ids[0])))
+    click.echo(f"{len(result.token_ids[0])} tokens, {result.tokens_per_s:.1f} tokens/s", err=True)
+
+
 @cli.command("demo")
 @click.option("--workdir", default="moeport-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the sample checkpoint and model go.")
@@ -130,6 +166,10 @@ def demo_cmd(workdir, sample, as_json):
 
 from moeport.cli_runtime import register as _register_runtime
 _register_runtime(cli)
+
+
+from moeport.cli_quant import register as _register_quant
+_register_quant(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

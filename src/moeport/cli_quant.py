@@ -10,9 +10,10 @@ import warnings
 
 import click
 
-from moeport.quant.schemes import TARGETS
-
+# Literal here so that `moeport --help` does not import onnx/onnxruntime through moeport.quant;
+# tests/test_quant.py checks they equal the mode registry and moeport.quant.schemes.TARGETS.
 MODES = ("int8", "int8-dynamic", "fp16", "int4")
+TARGETS = ("cpu", "cuda", "arm", "nnapi", "coreml", "qnn")
 
 
 @click.command("quantize")

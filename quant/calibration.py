@@ -1,0 +1,197 @@
+"""Calibration inputs for static int8 quantization, and how many of their tokens each expert saw.
+
+Sources (``load_calibration``):
+
+- a text file (``.txt`` or anything not below): bytes -> token ids for a byte-level model (vocab 256);
+- a JSONL file (``.jsonl``): one JSON object per line, its ``"text"`` field, as bytes;
+- a ``.npz`` file: one array per graph input, named as the input, ``[samples, seq]`` integer ids;
+- ``"random"``: seeded uniform token ids; only when asked for explicitly, with a warning (random bytes
+  route unlike real text, so the activation ranges and per-expert coverage are not representative).
+
+Every sample is a dict ``{input name: array [1, seq] int64}`` -- one window per ``session.run``.
+Tokenizer-based text for non-byte-level checkpoints is not implemented yet (a user error says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeport.errors import MoeportError
+
+BYTE_VOCAB = 256
+DEFAULT_SEQ = 128
+RANDOM = "random"
+
+
+@dataclass
+class CalibrationSet:
+    """Samples plus where they came from. ``samples[i]``: ``{input name: [1, seq] int64}``."""
+
+    source: str
+    samples: list[dict[str, np.ndarray]]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(next(iter(s.values())).size for s in self.samples))
+
+
+def _windows(ids: np.ndarray, seq: int, count: int, input_name: str) -> list[dict[str, np.ndarray]]:
+    """``count`` evenly spaced windows of ``seq`` ids from a 1-D stream (fewer if it is short)."""
+    if ids.size < seq:
+        seq = int(ids.size)
+    starts = np.unique(np.linspace(0, ids.size - seq, num=max(count, 1)).astype(np.int64))
+    return [{input_name: ids[s:s + seq][None, :].astype(np.int64)} for s in starts[:count]]
+
+
+def _text_bytes(path: Path) -> bytes:
+    if path.suffix == ".jsonl":
+        chunks = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MoeportError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise MoeportError(f"{path}:{lineno} has no string \"text\" field")
+            chunks.append(record["text"].encode("utf-8"))
+        return b"\n".join(chunks)
+    return path.read_bytes()
+
+
+def _from_npz(path: Path, input_names: list[str], vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise MoeportError(f"calibration file {path} is not a readable .npz archive ({exc})") from exc
+    with archive:
+        missing = [n for n in input_names if n not in archive.files]
+        if missing:
+            raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "
+                               f"{sorted(archive.files)}, the model needs {input_names}")
+        arrays = {n: archive[n] for n in input_names}
+    rows = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+    for name, array in arrays.items():
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+            raise MoeportError(f"calibration file {path} does not fit the model: array {name!r} is "
+                               f"{array.dtype} {list(array.shape)}, expected integer token ids [samples, seq]")
+        if vocab_size is not None and array.size and (array.min() < 0 or array.max() >= vocab_size):
+            raise MoeportError(f"calibration file {path} does not fit the model: {name!r} holds ids in "
+                               f"[{array.min()}, {array.max()}] but the vocabulary has {vocab_size} tokens")
+    if len(rows) != 1:
+        raise MoeportError(f"calibration file {path}: its arrays have different numbers of samples")
+    total = rows.pop()
+    return [{n: arrays[n][i:i + 1].astype(np.int64) for n in input_names} for i in range(min(total, count))]
+
+
+def load_calibration(
+    source: str | os.PathLike,
+    *,
+    input_names: list[str],
+    vocab_size: int | None,
+    samples: int,
+    seq: int = DEFAULT_SEQ,
+    seed: int = 0,
+) -> CalibrationSet:
+    """Read ``source`` (see the module docstring) into at most ``samples`` windows of ``seq`` tokens."""
+    if samples < 1:
+        raise MoeportError(f"calibration samples must be at least 1, got {samples}")
+    if str(source) == RANDOM:
+        if vocab_size is None or len(input_names) != 1:
+            raise MoeportError("random calibration needs a moeport-exported model (one input_ids input)")
+        rng = np.random.default_rng(seed)
+        data = [{input_names[0]: rng.integers(0, vocab_size, size=(1, seq), dtype=np.int64)} for _ in range(samples)]
+        return CalibrationSet(RANDOM, data, [
+            "calibrating on random tokens: activation ranges and expert coverage will not match real inputs"])
+    path = Path(source)
+    if not path.is_file():
+        raise MoeportError(f"calibration file not found: {path}")
+    if path.suffix == ".npz":
+        return CalibrationSet(str(path), _from_npz(path, input_names, vocab_size, samples))
+    if len(input_names) != 1:
+        raise MoeportError(f"calibration text {path} gives one token stream, but the model has inputs "
+                           f"{input_names}; pass a .npz with one array per input")
+    if vocab_size is None:
+        raise MoeportError(f"calibration text {path} needs the model's vocabulary size, but the model has no moeport "
+                           "metadata; pass a .npz of token ids")
+    if vocab_size != BYTE_VOCAB:
+        raise MoeportError(f"calibration text {path} is read as bytes, which fits a byte-level model (vocabulary "
+                           f"{BYTE_VOCAB}) but this model's vocabulary is {vocab_size}; pass a .npz of token ids")
+    try:
+        data = _text_bytes(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MoeportError(f"cannot read calibration file {path}: {exc}") from exc
+    if not data:
+        raise MoeportError(f"calibration file {path} is empty")
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    return CalibrationSet(str(path), _windows(ids, seq, samples, input_names[0]))
+
+
+class ProgressReader:
+    """onnxruntime ``CalibrationDataReader`` over a ``CalibrationSet``, with a tqdm bar on stderr."""
+
+    def __init__(self, calibration: CalibrationSet, desc: str = "calibrating"):
+        from tqdm import tqdm
+
+        self._samples = iter(calibration.samples)
+        self._bar = tqdm(total=len(calibration.samples), desc=desc, unit="sample", leave=False)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        sample = next(self._samples, None)
+        if sample is None:
+            self._bar.close()
+        else:
+            self._bar.update(1)
+        return sample
+
+    def rewind(self) -> None:  # part of the reader protocol; one pass is all MinMax needs
+        raise NotImplementedError("ProgressReader is single-pass")
+
+
+def as_reader(calibration: CalibrationSet):
+    """Wrap ``ProgressReader`` in onnxruntime's ABC (it checks ``isinstance``)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(ProgressReader, CalibrationDataReader):
+        pass
+
+    return _Reader(calibration)
+
+
+@dataclass
+class ExpertCoverage:
+    """Calibration token slots per expert, per router (graph order)."""
+
+    label: str
+    counts: list[int]
+    starved: list[int]  # experts below the starvation threshold
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "counts": self.counts, "starved": self.starved}
+
+
+def starvation_threshold(total_slots: int, num_experts: int) -> float:
+    """An expert is starved below 10% of an even share (its activation ranges rest on a handful of tokens)."""
+    return 0.1 * total_slots / max(num_experts, 1)
+
+
+def expert_coverage(session_outputs: list[np.ndarray], labels: list[str], num_experts: list[int]) -> list[ExpertCoverage]:
+    """Per-router histograms from TopK index outputs ``[tokens, k]`` accumulated over the samples.
+
+    ``session_outputs``: for each sample, the list of index arrays in router order.
+    """
+    result = []
+    for r, (label, experts) in enumerate(zip(labels, num_experts)):
+        counts = np.zeros(experts, dtype=np.int64)
+        for outputs in session_outputs:
+            counts += np.bincount(outputs[r].reshape(-1), minlength=experts)[:experts]
+        limit = starvation_threshold(int(counts.sum()), experts)
+        result.append(ExpertCoverage(label, counts.tolist(), [e for e in range(experts) if counts[e] < limit]))
+    return result

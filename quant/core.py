@@ -1,0 +1,552 @@
+"""``quantize(model, out, mode=...)``: what ``moeport quantize`` runs.
+
+The work is done by onnxruntime's tools, chosen by the mode's kind:
+
+- ``qdq_static`` (int8): ``quantize_static`` in QDQ format, per-channel weights, MinMax calibration;
+- ``dynamic`` (int8-dynamic): ``quantize_dynamic`` (weights int8, activations quantized per run);
+- ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
+- ``nbits`` (int4): ``MatMulNBitsQuantizer`` (MatMul -> MatMulNBits, embedding Gather ->
+  GatherBlockQuantized), symmetric blocks of ``block_size`` along K.
+
+Which nodes: the weight-carrying ones -- MatMul/Gemm whose second input is a 2-D initializer (the
+per-expert weights, e.g. gate_up ``[hidden, 2*inter]`` and down ``[inter, hidden]``, attention
+projections, lm_head) and Gather over an initializer (the embedding ``[vocab, hidden]``).
+Activation x activation MatMuls (attention scores) stay float. With ``keep_router`` (the default) the
+nodes of ``router.find_routers`` are excluded from every tool, so the gate projection, Softmax/Sigmoid,
+TopK and weight normalisation stay float32.
+
+The output is written to a temporary file beside ``out`` and renamed into place once it loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from moeport.errors import MoeportError
+from moeport.quant import calibration as calib
+from moeport.quant import quality as qual
+from moeport.quant.modes import QuantMode, get_mode
+from moeport.quant.router import RouterPlan, find_expert_matmuls, find_routers
+from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, choose_scheme
+
+METADATA_KEY = "moeport.quantization"
+DEFAULT_CALIBRATION_SAMPLES = 64
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_LATENCY_RUNS = 10
+_ROUTER_QDQ_OPS = ("Softmax", "Sigmoid")  # quantized only with keep_router=False
+
+
+def bundled_text(name: str) -> Path | None:
+    """``samples/trained/<name>`` (calibration.txt, heldout.txt) when the trained sample is installed."""
+    from moeport.samples.catalog import TRAINED_DIR
+
+    path = Path(TRAINED_DIR) / name
+    return path if path.is_file() else None
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` did and what it cost. Sizes in bytes, latency in ms for ``[1, 128]`` ids."""
+
+    input: Path
+    output: Path
+    mode: QuantMode
+    target: str
+    scheme: IntScheme | None
+    keep_router: bool
+    router: RouterPlan
+    router_kept_float: dict[str, int]  # op type -> router nodes computing in float32 in the output
+    quantized_nodes: dict[str, int]  # nodes handed to the quantizer, by op type
+    output_ops: dict[str, int]  # quantization ops in the output (DequantizeLinear, MatMulNBits, ...)
+    casts_added: int
+    calibration: dict | None
+    quality: qual.QualityReport
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def targets_met(self) -> dict[str, bool | None]:
+        """Each of the mode's targets: True/False, None when not measured."""
+        q, m = self.quality, self.mode
+        routing = q.parity.routing_agreement if q.parity else None
+        ppl = q.perplexity_change
+        return {
+            "size": q.size_ratio <= m.max_size_ratio,
+            "routing": None if routing is None else routing >= m.min_routing_agreement,
+            "perplexity": None if ppl is None else ppl <= m.max_perplexity_increase,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "input": str(self.input),
+            "output": str(self.output),
+            "mode": self.mode.to_dict(),
+            "target": self.target,
+            "scheme": None if self.scheme is None else self.scheme.to_dict(),
+            "keep_router": self.keep_router,
+            "router": {**self.router.to_dict(), "kept_float": self.router_kept_float,
+                       "kept_float_nodes": sum(self.router_kept_float.values())},
+            "quantized_nodes": self.quantized_nodes,
+            "output_ops": self.output_ops,
+            "casts_added": self.casts_added,
+            "calibration": self.calibration,
+            "quality": self.quality.to_dict(),
+            "targets_met": self.targets_met(),
+            "seconds": round(self.seconds, 2),
+            "warnings": self.warnings,
+        }
+
+    def render(self) -> str:
+        q, m = self.quality, self.mode
+        met = self.targets_met()
+        mark = {True: "yes", False: "NO", None: "n/a"}
+        lines = [f"quantized {self.input} -> {self.output} ({m.name}, target {self.target}, {self.seconds:.1f}s)"]
+        if self.scheme is not None:
+            s = self.scheme
+            lines.append(f"scheme: activations {s.activation_type}, weights {s.weight_type}, "
+                         f"{'per-channel' if s.per_channel else 'per-tensor'}"
+                         f"{', reduce_range' if s.reduce_range else ''} ({s.reason})")
+        lines.append("nodes quantized: " + ", ".join(f"{k} {v}" for k, v in self.quantized_nodes.items())
+                     + "; output ops: " + ", ".join(f"{k} {v}" for k, v in self.output_ops.items()))
+        if self.keep_router:
+            ops = ", ".join(f"{k} {v}" for k, v in self.router_kept_float.items())
+            lines.append(f"router kept float32: {sum(self.router_kept_float.values())} nodes in {len(self.router.routers)} "
+                         f"routers ({ops}); casts added: {self.casts_added}")
+        else:
+            lines.append(f"router NOT protected (--no-keep-router); casts added: {self.casts_added}")
+        if self.calibration:
+            c = self.calibration
+            borrowed = f"; {c['borrowed_ranges']} starved expert inputs use their layer's range" \
+                if c["borrowed_ranges"] else ""
+            lines.append(f"calibration: {c['samples']} samples, {c['tokens']} tokens from {c['source']}{borrowed}")
+            for cov in c["coverage"]:
+                starved = f"  starved: {cov['starved']}" if cov["starved"] else ""
+                lines.append(f"  tokens per expert, {cov['label']}: {cov['counts']}{starved}")
+        lines.append(f"  {'metric':<34} {'before':>12} {'after':>12} {'change':>10}  target")
+        lines.append(f"  {'file size (MB, fp32 w/o debug meta)':<34} {(q.size_before - q.debug_metadata) / 1e6:12.3f} "
+                     f"{q.size_after / 1e6:12.3f} {q.size_ratio:9.3f}x  <= {m.max_size_ratio:.2f}x {mark[met['size']]}")
+        lines.append(f"  {'weights only (MB)':<34} {q.weights_before / 1e6:12.3f} {q.weights_after / 1e6:12.3f} "
+                     f"{q.weights_ratio:9.3f}x")
+        if q.debug_metadata:
+            lines.append(f"  (input file {q.size_before / 1e6:.3f} MB includes {q.debug_metadata / 1e6:.3f} MB of "
+                         "torch.onnx per-node debug metadata, not written to the output)")
+        if q.perplexity_before is not None:
+            lines.append(f"  {f'perplexity ({q.heldout_tokens} held-out bytes)':<34} {q.perplexity_before:12.4f} "
+                         f"{q.perplexity_after:12.4f} {q.perplexity_change:+9.2%}  <= +{m.max_perplexity_increase:.1%} "
+                         f"{mark[met['perplexity']]}")
+        if q.latency_before_ms is not None:
+            lines.append(f"  {'CPU latency 1x128 (ms, median)':<34} {q.latency_before_ms:12.2f} "
+                         f"{q.latency_after_ms:12.2f} {q.latency_after_ms / q.latency_before_ms:9.2f}x")
+        if q.parity is not None:
+            p = q.parity
+            lines.append(f"  parity vs PyTorch fp32 on {','.join(p.shapes)} (random ids): max abs err "
+                         f"{p.max_abs_err:.4g}, mean abs err {p.mean_abs_err:.4g}, argmax agreement "
+                         f"{p.argmax_agreement:.4f}")
+            if p.routing_agreement is not None:
+                layers = ", ".join(f"{k}: {v:.4f}" for k, v in p.routing_per_layer.items())
+                lines.append(f"  routing agreement {p.routing_agreement:.4f} (worst layer) >= "
+                             f"{m.min_routing_agreement} {mark[met['routing']]}; per layer {layers}")
+        if q.heldout_routing:
+            layers = ", ".join(f"{k}: {v:.4f}" for k, v in q.heldout_routing.items())
+            lines.append(f"  routing agreement on held-out text vs fp32 ONNX: {layers}")
+            layers = ", ".join(f"{k}: {v:.4f}" for k, v in q.heldout_top1.items())
+            lines.append(f"  top-1 expert agreement on held-out text: {layers}")
+        lines += [f"  note: {n}" for n in q.notes]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
+    """MatMul/Gemm with a 2-D initializer weight and Gather over an initializer, minus ``exclude``."""
+    inits = {i.name: i for i in model.graph.initializer}
+    chosen = []
+    for node in model.graph.node:
+        if node.name in exclude:
+            continue
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and len(inits.get(node.input[1], _NO).dims) == 2:
+            chosen.append(node)
+        elif node.op_type == "Gather" and len(inits.get(node.input[0], _NO).dims) == 2:
+            chosen.append(node)
+    return chosen
+
+
+_NO = onnx.TensorProto()  # stands in for "not an initializer" (no dims)
+
+
+def _expert_inputs(model: onnx.ModelProto, weight_nodes: list[onnx.NodeProto]) -> dict[tuple, dict[int, str]]:
+    """Per expert group (``router.find_expert_matmuls``): {expert: activation tensor ``[tokens_e, K]`` its
+    MatMul reads}, for the targeted MatMuls only."""
+    targeted = {n.name for n in weight_nodes}
+    return {key: {e: node.input[0] for e, node in enumerate(nodes) if node.name in targeted}
+            for key, nodes in find_expert_matmuls(model).items()}
+
+
+def _borrowed_ranges(ranges: dict[str, list], groups) -> dict[str, list[dict]]:
+    """TensorQuantOverrides giving starved experts' inputs their layer's range.
+
+    Why: onnxruntime calibrates a tensor that never held a value to scale 1.0, zero point 0 -- an
+    expert no calibration token chose would then clip every negative input to 0 at run time. An expert
+    with under 10% of an even share gets the union of its layer's observed ranges instead.
+    """
+    overrides = {}
+    for experts in groups.values():
+        rows = {e: ranges[name][2] for e, name in experts.items()}
+        seen = [ranges[name] for name in experts.values() if ranges[name][2]]
+        if not seen:
+            continue
+        low, high = min(r[0] for r in seen), max(r[1] for r in seen)
+        limit = calib.starvation_threshold(sum(rows.values()), len(experts))
+        for e, name in experts.items():
+            if rows[e] < limit:
+                overrides[name] = [{"rmin": np.float32(low), "rmax": np.float32(high)}]
+    return overrides
+
+
+def _coverage(model_path: Path, plan: RouterPlan, data: calib.CalibrationSet, labels: list[str] | None,
+              expert_inputs: dict[tuple, dict[int, str]]):
+    """Run the fp32 model on the calibration samples: TopK selections per expert and router, and
+    ``{expert input tensor: [min, max, rows]}`` for ``_borrowed_ranges``."""
+    tensors = tuple(name for experts in expert_inputs.values() for name in experts.values())
+    if not plan.routers and not tensors:
+        return [], {}
+    session = qual.RouterSession(model_path, [r.indices_output for r in plan.routers], tensors)
+    ranges = {name: [np.inf, -np.inf, 0] for name in tensors}
+    proto = onnx.load(str(model_path), load_external_data=False)
+    shapes = {}
+    for value in onnx.shape_inference.infer_shapes(proto).graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = dims[-1].dim_value if dims else 0
+    num_experts = [shapes.get(r.scores_output, 0) for r in plan.routers]
+    outputs = []
+    for sample in data.samples:  # one pass: TopK ids first, then the expert inputs
+        runs = session.session.run([*session.index_names, *tensors], sample)
+        indices, values = runs[:len(session.index_names)], runs[len(session.index_names):]
+        outputs.append(indices)
+        for r, ids in enumerate(indices):  # infer E from the ids when shape inference did not
+            if ids.size:
+                num_experts[r] = max(num_experts[r], int(ids.max()) + 1)
+        for name, value in zip(tensors, values):
+            if value.size:
+                ranges[name] = [min(ranges[name][0], float(value.min())), max(ranges[name][1], float(value.max())),
+                                ranges[name][2] + value.shape[0]]
+    if not plan.routers:
+        return [], ranges
+    if labels is None or len(labels) != len(plan.routers):
+        labels = [f"router{i}" for i in range(len(plan.routers))]
+    return calib.expert_coverage(outputs, labels, num_experts), ranges
+
+
+def _check_paths(model: Path, out: Path, force: bool) -> None:
+    from moeport.exporter.export import check_output_path
+
+    if not model.is_file():
+        raise MoeportError(f"model file not found: {model}")
+    if out.resolve() == model.resolve():
+        raise MoeportError(f"output {out} is the input model; choose another file name")
+    check_output_path(out, force)
+
+
+def _stamp(proto: onnx.ModelProto, source: onnx.ModelProto, info: dict) -> None:
+    """Carry the source's moeport metadata over (verify needs it) and record how it was quantized."""
+    have = {p.key for p in proto.metadata_props}
+    for prop in source.metadata_props:
+        if prop.key not in have:
+            proto.metadata_props.add(key=prop.key, value=prop.value)
+    for prop in list(proto.metadata_props):
+        if prop.key == METADATA_KEY:
+            proto.metadata_props.remove(prop)
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(info, sort_keys=True))
+
+
+def float_router_nodes(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count of router nodes in ``model`` that compute in float32: no float16 output and no
+    input from a DequantizeLinear. Found again on the output because quantize_dynamic rewrites a Gemm gate
+    as a (renamed, still float) MatMul and fp16 adds Casts at the router's edges."""
+    from moeport.quant.router import _Graph
+
+    g = _Graph(model)
+    names = set(find_routers(model).nodes)
+    counts: Counter = Counter()
+    for node in g.nodes:
+        if node.name not in names:
+            continue
+        outputs_fp32 = all(g.elem_type.get(o) != onnx.TensorProto.FLOAT16 for o in node.output if o)
+        dequantized = any(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear"
+                          for i in node.input)
+        if outputs_fp32 and not dequantized and node.op_type != "Cast":  # Casts are counted on their own
+            counts[node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+def _gemms_as_matmuls(proto: onnx.ModelProto, names: set[str]) -> int:
+    """Rewrite the named ``Gemm(A, B[, C])`` with a constant B as ``MatMul(A, B')`` [+ ``Add(C)``], in place.
+
+    Why: MatMulNBitsQuantizer and quantize_dynamic skip Gemm, and torch exports a 2-D ``nn.Linear`` (shared
+    experts, routers) as Gemm. Only the plain form (alpha = beta = 1, transA = 0) is rewritten; B is
+    stored transposed when transB = 1, so the MatMul weight is ``[K, N]``. Returns how many were rewritten.
+    """
+    inits = {i.name: i for i in proto.graph.initializer}
+    rewritten = 0
+    nodes = []
+    for node in proto.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or node.name not in names or not plain or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            array = np.ascontiguousarray(onnx.numpy_helper.to_array(inits[weight]).T)
+            weight = f"{weight}_kn"
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(array, weight))
+        product = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}_matmul"
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if product != node.output[0]:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                               name=f"{node.name}_bias"))
+        rewritten += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {i for n in proto.graph.node for i in n.input}
+    for init in [i for i in proto.graph.initializer if i.name not in used]:
+        proto.graph.initializer.remove(init)  # the [N, K] originals of transposed weights
+    return rewritten
+
+
+def _topological(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_ir as ir
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    model = ir.from_proto(proto)
+    TopologicalSortPass()(model)
+    return ir.to_proto(model)
+
+
+def _strip_debug_metadata(proto: onnx.ModelProto) -> int:
+    """Drop torch.onnx's per-node provenance (stack traces, FX node text); returns the bytes saved.
+
+    It is a third of a small exported file and nothing reads it at run time.
+    """
+    before = proto.ByteSize()
+    for node in proto.graph.node:
+        keep = [(p.key, p.value) for p in node.metadata_props
+                if not (p.key.startswith("pkg.torch.") or p.key == "namespace")]
+        if len(keep) != len(node.metadata_props):
+            node.ClearField("metadata_props")
+            for key, value in keep:
+                node.metadata_props.add(key=key, value=value)
+    return before - proto.ByteSize()
+
+
+def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, *, scheme, weight_nodes,
+           exclude, data, block_size, overrides) -> onnx.ModelProto:
+    """Run the onnxruntime tool for ``mode.kind``; returns the quantized model (also in ``staged`` for QDQ)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    names = [n.name for n in weight_nodes]
+    if mode.kind == "qdq_static":
+        quantize_static(
+            str(source), str(staged), calib.as_reader(data), quant_format=QuantFormat.QDQ,
+            # Only the targeted nodes' types: calibration covers every tensor of these types, and the
+            # attention Softmax input (-inf masked scores) would otherwise yield NaN zero points.
+            op_types_to_quantize=sorted({n.op_type for n in weight_nodes}), per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range, activation_type=QuantType[scheme.activation_type],
+            weight_type=QuantType[scheme.weight_type], nodes_to_quantize=names, nodes_to_exclude=sorted(exclude),
+            calibrate_method=CalibrationMethod.MinMax,
+            # DedicatedQDQPair: a tensor read by both a quantized node and the router (the shared experts'
+            # Gemm and the gate read the same normed hidden states) gets its own Q/DQ per quantized
+            # consumer; without it the router would read the dequantized copy.
+            extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True,
+                           "TensorQuantOverrides": overrides, "DedicatedQDQPair": True},
+        )
+        return onnx.load(str(staged))
+    if mode.kind == "dynamic":
+        # There is no dynamic Gemm kernel: targeted Gemms become MatMuls first.
+        source_proto = copy.deepcopy(proto)
+        _gemms_as_matmuls(source_proto, {n.name for n in weight_nodes if n.op_type == "Gemm"})
+        quantize_dynamic(
+            source_proto, str(staged), op_types_to_quantize=["MatMul", "Gather"], per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
+            nodes_to_quantize=names, nodes_to_exclude=sorted(exclude),
+        )
+        return onnx.load(str(staged))
+    if mode.kind == "fp16":
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        converted = convert_float_to_float16(copy.deepcopy(proto), keep_io_types=True,
+                                             op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=sorted(exclude))
+        # The converter appends the Casts it adds for initializers after their consumers; ORT and the
+        # checker need topological order.
+        return _topological(converted)
+    if mode.kind == "nbits":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        source_proto = copy.deepcopy(proto)  # both steps rewrite the graph in place
+        _gemms_as_matmuls(source_proto, {n.name for n in weight_nodes if n.op_type == "Gemm"})
+        # nodes_to_include only adds to op_types_to_quantize, so everything not targeted is excluded.
+        skip = {n.name for n in source_proto.graph.node if n.op_type in ("MatMul", "Gather")} - set(names)
+        quantizer = MatMulNBitsQuantizer(
+            source_proto,
+            bits=mode.bits, block_size=block_size, is_symmetric=True, nodes_to_exclude=sorted(exclude | skip),
+            op_types_to_quantize=("MatMul", "Gather"),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
+        quantizer.process()
+        return quantizer.model.model
+    raise AssertionError(f"mode kind {mode.kind!r} has no implementation")  # registry validation prevents this
+
+
+def quantize(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mode: str | None = None,
+    target: str = "cpu",
+    calibration: str | os.PathLike | None = None,
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    random_calibration: bool = False,
+    keep_router: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    heldout: str | os.PathLike | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    latency_runs: int = DEFAULT_LATENCY_RUNS,
+    perplexity: bool = True,
+    parity_shapes=qual.PARITY_SHAPES,
+    force: bool = False,
+) -> QuantizeResult:
+    """Quantize the ONNX file ``model`` into ``out`` and measure what it cost (see the module docstring).
+
+    ``calibration``: text/JSONL/.npz path (int8 only); None uses the bundled ``calibration.txt`` of the
+    trained sample; ``random_calibration=True`` uses random ids (with a warning). ``heldout``: text for
+    perplexity (default: the bundled ``heldout.txt``). ``checkpoint``: PyTorch reference for parity.
+    ``latency_runs=0`` skips the latency measurement, ``perplexity=False`` the held-out text pass.
+    """
+    started = time.perf_counter()
+    model, out = Path(model), Path(out)
+    if target not in TARGETS:
+        raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    spec = get_mode(mode or DEFAULT_MODE[target])
+    if spec.kind == "nbits" and (block_size < 16 or block_size & (block_size - 1)):
+        raise MoeportError(f"block size must be a power of two >= 16, got {block_size}")
+    if not spec.needs_calibration and (calibration is not None or random_calibration):
+        raise MoeportError(f"mode {spec.name} uses no calibration data; drop --calibration/--random-calibration")
+    _check_paths(model, out, force)
+
+    from moeport.runtime.verify import read_metadata
+
+    metadata = read_metadata(model)
+    info = json.loads(metadata["model_info"]) if "model_info" in metadata else None
+    vocab = info["vocab_size"] if info else None
+    labels = [layer["label"] for layer in info["layers"]] if info else None
+    proto = onnx.load(str(model))
+    plan = find_routers(proto)
+    exclude = set(plan.nodes) if keep_router else set()
+    targeted = _weight_nodes(proto, exclude)
+    if not keep_router and spec.kind == "qdq_static":
+        # Unprotected means "as onnxruntime's defaults would do": Softmax/Sigmoid get Q/DQ too (Softmax on
+        # a fixed [0, 1] grid), which is what makes TopK see ties.
+        router_nodes = set(plan.nodes)
+        targeted += [n for n in proto.graph.node if n.name in router_nodes and n.op_type in _ROUTER_QDQ_OPS]
+    result_warnings: list[str] = []
+    if not plan.routers:
+        result_warnings.append("no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph")
+    scheme = choose_scheme(target) if spec.kind in ("qdq_static", "dynamic") else None
+
+    data, calibration_info, overrides = None, None, {}
+    if spec.needs_calibration:
+        input_names = [i.name for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
+        if random_calibration:
+            if calibration is not None:
+                raise MoeportError("give either --calibration or --random-calibration, not both")
+            source = calib.RANDOM
+        elif calibration is not None:
+            source = calibration
+        else:
+            source = bundled_text("calibration.txt")
+            if source is None:
+                raise MoeportError("int8 needs calibration data: pass --calibration FILE (text, .jsonl or .npz), "
+                                   "or --random-calibration to accept random tokens")
+        data = calib.load_calibration(source, input_names=input_names, vocab_size=vocab,
+                                      samples=calibration_samples)
+        result_warnings += data.warnings
+        expert_inputs = _expert_inputs(proto, targeted)
+        coverage, ranges = _coverage(model, plan, data, labels, expert_inputs)
+        overrides = _borrowed_ranges(ranges, expert_inputs)
+        for cov in coverage:
+            if cov.starved:
+                result_warnings.append(
+                    f"experts {cov.starved} of layer {cov.label} got under 10% of an even share of the "
+                    f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens")
+        calibration_info = {"source": data.source, "samples": len(data.samples), "tokens": data.tokens,
+                            "coverage": [c.to_dict() for c in coverage],
+                            "borrowed_ranges": len(overrides)}
+        if overrides:
+            result_warnings.append(f"{len(overrides)} expert input tensors saw too few calibration tokens; they use "
+                                   "their layer's activation range instead of their own")
+    for message in result_warnings:
+        warnings.warn(message, stacklevel=2)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staged = staging / out.name
+    try:
+        quantized = _apply(spec, model, proto, staged, scheme=scheme, weight_nodes=targeted, exclude=exclude,
+                           data=data, block_size=block_size, overrides=overrides)
+        _stamp(quantized, proto, {"mode": spec.name, "target": target, "keep_router": keep_router,
+                                  "scheme": None if scheme is None else scheme.to_dict(),
+                                  "block_size": block_size if spec.kind == "nbits" else None})
+        _strip_debug_metadata(quantized)
+        onnx.save(quantized, str(staged))
+        onnx.checker.check_model(str(staged))
+        os.replace(staged, out)
+    finally:
+        for leftover in staging.glob("*"):
+            leftover.unlink()
+        staging.rmdir()
+
+    before_ops = Counter(n.op_type for n in proto.graph.node)
+    after_ops = Counter(n.op_type for n in quantized.graph.node)
+    float_kept = float_router_nodes(quantized) if keep_router else {}
+    quant_ops = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                 "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized", "Cast")
+    output_ops = {op: after_ops[op] - before_ops[op] for op in quant_ops if after_ops[op] - before_ops[op]}
+
+    report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(proto),
+                                qual.weight_bytes(quantized), _strip_debug_metadata(copy.deepcopy(proto)))
+    if checkpoint is not None:
+        report.parity = qual.parity(out, Path(checkpoint), spec.min_routing_agreement, parity_shapes)
+    if not perplexity:
+        report.notes.append("perplexity not measured (skipped on request)")
+    elif vocab == calib.BYTE_VOCAB:
+        text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
+        if text_path is None:
+            report.notes.append("no perplexity: no held-out text (pass --heldout FILE)")
+        elif not text_path.is_file():
+            raise MoeportError(f"held-out text not found: {text_path}")
+        else:
+            ppl = qual.heldout_quality(model, out, text_path.read_bytes(), [r.indices_output for r in plan.routers])
+            report.perplexity_before, report.perplexity_after, report.heldout_tokens, routing, top1 = ppl
+            if labels and len(labels) == len(routing):
+                routing, top1 = dict(zip(labels, routing.values())), dict(zip(labels, top1.values()))
+            report.heldout_routing, report.heldout_top1 = routing, top1
+    else:
+        report.notes.append("no perplexity: only byte-level models (vocabulary 256) are scored on text")
+    if latency_runs > 0:
+        report.latency_before_ms = qual.latency_ms(model, vocab or 2, latency_runs)
+        report.latency_after_ms = qual.latency_ms(out, vocab or 2, latency_runs)
+
+    return QuantizeResult(
+        input=model, output=out, mode=spec, target=target, scheme=scheme, keep_router=keep_router, router=plan,
+        router_kept_float=float_kept, quantized_nodes=dict(Counter(n.op_type for n in targeted)),
+        output_ops=output_ops, casts_added=after_ops["Cast"] - before_ops["Cast"], calibration=calibration_info,
+        quality=report, seconds=time.perf_counter() - started, warnings=result_warnings,
+    )

@@ -1,0 +1,219 @@
+"""How much a quantized model lost: size, parity with PyTorch, perplexity, routing on text, latency.
+
+Every number compares the fp32 ONNX file (``before``) with the quantized one (``after``) on the same
+inputs. Perplexity is for byte-level LMs (vocabulary 256): the held-out text's bytes are cut into
+non-overlapping windows ``[batch, window]``; the logits ``[batch, window, 256]`` at position t score byte
+t+1 (the first byte of each window has no context and is not scored).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from moeport.quant.router import find_routers
+
+PARITY_SHAPES = ((1, 1), (3, 7), (4, 128))
+PPL_WINDOW = 256
+PPL_BATCH = 8
+LATENCY_SHAPE = (1, 128)
+
+
+@dataclass
+class Parity:
+    """Quantized ONNX vs PyTorch fp32 (``moeport.runtime.verify``), merged over the shapes."""
+
+    shapes: list[str]
+    max_abs_err: float
+    mean_abs_err: float  # logits
+    argmax_agreement: float | None  # logits, over all tokens of all shapes
+    routing_agreement: float | None  # worst layer, over all tokens of all shapes
+    routing_per_layer: dict[str, float]
+
+
+@dataclass
+class QualityReport:
+    size_before: int  # files as written (the input keeps torch.onnx's per-node debug metadata)
+    size_after: int
+    weights_before: int  # initializer bytes only: the part quantization shrinks
+    weights_after: int
+    debug_metadata: int  # bytes of per-node torch.onnx provenance in the input; the output drops them
+    parity: Parity | None = None
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    heldout_tokens: int = 0
+    heldout_routing: dict[str, float] = field(default_factory=dict)  # per router, same expert set as fp32 ONNX
+    heldout_top1: dict[str, float] = field(default_factory=dict)  # per router, same top expert as fp32 ONNX
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    notes: list[str] = field(default_factory=list)  # why a measurement is missing
+
+    @property
+    def size_ratio(self) -> float:
+        """Output file / input file without its debug metadata: the same content, fp32 vs quantized."""
+        return self.size_after / (self.size_before - self.debug_metadata)
+
+    @property
+    def weights_ratio(self) -> float:
+        return self.weights_after / max(self.weights_before, 1)
+
+    @property
+    def perplexity_change(self) -> float | None:
+        if self.perplexity_before is None or self.perplexity_after is None:
+            return None
+        return self.perplexity_after / self.perplexity_before - 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["size_ratio"] = self.size_ratio
+        data["weights_ratio"] = self.weights_ratio
+        data["perplexity_change"] = self.perplexity_change
+        return data
+
+
+def model_size(path: str | os.PathLike) -> int:
+    """Bytes of the model file plus its external data files, if any."""
+    path = Path(path)
+    size = path.stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data if entry.key == "location"
+    }
+    return size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the initializers' data (raw or typed fields) of an in-memory model."""
+    total = 0
+    for init in proto.graph.initializer:
+        total += len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
+    return total
+
+
+def parity(model: Path, checkpoint: Path, min_routing_agreement: float, shapes=PARITY_SHAPES) -> Parity:
+    """verify() with no error tolerance (quantized outputs never meet fp32's); routing sets the pass."""
+    from moeport.runtime.verify import verify
+
+    report = verify(model, checkpoint, shapes=list(shapes), atol=math.inf,
+                    min_routing_agreement=min_routing_agreement)
+    agree: dict[str, list[float]] = {}
+    for result in report.results:
+        for r in result.comparison.routing:
+            agree.setdefault(r.label, [0.0, 0.0])
+            agree[r.label][0] += r.agreement * r.tokens
+            agree[r.label][1] += r.tokens
+    per_layer = {label: total / max(n, 1) for label, (total, n) in agree.items()}
+    logits = [o for r in report.results for o in r.comparison.outputs if o.name == "logits"]
+    tokens = [math.prod(o.shape[:-1]) for o in logits]
+    mean_abs = sum(o.mean_abs * n for o, n in zip(logits, tokens)) / max(sum(tokens), 1)
+    return Parity(
+        shapes=[f"{b}x{s}" for b, s in shapes],
+        max_abs_err=report.max_abs_err,
+        mean_abs_err=mean_abs,
+        argmax_agreement=None if not logits else
+        sum(o.argmax_agreement * n for o, n in zip(logits, tokens)) / max(sum(tokens), 1),  # token-weighted
+        # Worst layer over all tokens of all shapes (not report.routing_agreement, whose per-shape minimum
+        # lets a 1-token shape swing it between 0 and 1).
+        routing_agreement=min(per_layer.values(), default=None),
+        routing_per_layer=per_layer,
+    )
+
+
+class RouterSession:
+    """A session that also returns every router's TopK indices (added as graph outputs in a temp copy)."""
+
+    def __init__(self, model: Path, index_names: list[str] | None = None, float_outputs: tuple[str, ...] = ()):
+        from moeport.runtime.session import create_session
+
+        proto = onnx.load(str(model))
+        if index_names is None:
+            index_names = [r.indices_output for r in find_routers(proto).routers]
+        produced = {o for node in proto.graph.node for o in node.output}
+        self.index_names = [n for n in index_names if n in produced]
+        present = {o.name for o in proto.graph.output}
+        for name in self.index_names:
+            if name not in present:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+        for name in float_outputs:
+            if name not in present:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        with tempfile.TemporaryDirectory(prefix="moeport-quant-") as tmp:
+            path = Path(tmp) / model.name
+            onnx.save(proto, str(path))
+            self.session = create_session(path, "cpu")
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids ``[batch, seq]`` -> (logits ``[batch, seq, vocab]``, TopK indices ``[tokens, k]`` per router)."""
+        outputs = self.session.run(["logits", *self.index_names], {self.input_name: ids})
+        return outputs[0], outputs[1:]
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[:, 1:] under logits[:, :-1] (float64), and the count."""
+    scores = logits[:, :-1].astype(np.float64)
+    scores -= scores.max(-1, keepdims=True)
+    log_probs = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+    target = ids[:, 1:]
+    picked = np.take_along_axis(log_probs, target[..., None], -1)[..., 0]
+    return float(-picked.sum()), int(target.size)
+
+
+def heldout_quality(before: Path, after: Path, text: bytes, routers_before: list[str] | None = None,
+                    window: int = PPL_WINDOW, batch: int = PPL_BATCH):
+    """(ppl before, ppl after, scored tokens, per-router agreement of the TopK sets after vs before, and of
+    the top-1 expert). ``text`` bytes are windows ``[batch, window]``; routers are matched by TopK output name."""
+    ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+    count = ids.size // window
+    windows = ids[:count * window].reshape(count, window)
+    fp32 = RouterSession(before, routers_before)
+    quant = RouterSession(after, fp32.index_names)
+    nll = [0.0, 0.0]
+    tokens = 0
+    same = np.zeros(len(fp32.index_names))
+    same_top1 = np.zeros(len(fp32.index_names))
+    slots = 0
+    for start in range(0, count, batch):
+        chunk = windows[start:start + batch]
+        logits_a, idx_a = fp32.run(chunk)
+        logits_b, idx_b = quant.run(chunk)
+        for i, logits in enumerate((logits_a, logits_b)):
+            value, n = _nll(logits, chunk)
+            nll[i] += value
+        tokens += n
+        if len(idx_b) == len(idx_a):
+            for r, (a, b) in enumerate(zip(idx_a, idx_b)):
+                same[r] += np.all(np.sort(a, -1) == np.sort(b, -1), -1).sum()
+                same_top1[r] += (a[:, 0] == b[:, 0]).sum()  # TopK sorts by score: column 0 is the top expert
+        slots += chunk.size
+    agreement, top1 = {}, {}
+    if len(quant.index_names) == len(fp32.index_names):
+        agreement = {f"router{r}": float(same[r] / slots) for r in range(len(fp32.index_names))}
+        top1 = {f"router{r}": float(same_top1[r] / slots) for r in range(len(fp32.index_names))}
+    return math.exp(nll[0] / tokens), math.exp(nll[1] / tokens), tokens, agreement, top1
+
+
+def latency_ms(model: Path, vocab_size: int, runs: int, shape=LATENCY_SHAPE) -> float:
+    """Median wall time of ``runs`` CPU runs on seeded ids ``shape`` after two warm-up runs."""
+    from moeport.runtime.session import create_session
+
+    session = create_session(model, "cpu")
+    ids = np.random.default_rng(0).integers(0, vocab_size, size=shape, dtype=np.int64)
+    feed = {session.get_inputs()[0].name: ids}
+    for _ in range(2):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)

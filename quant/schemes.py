@@ -1,0 +1,75 @@
+"""Which integer scheme to quantize with, per deployment target and, for x86 CPUs, per CPU feature.
+
+Why this exists (PITFALLS.md): on x86 without VNNI, onnxruntime's fused u8s8 kernels accumulate pairs in
+int16 (``vpmaddubsw``) and saturate; measured top-k expert agreement fell to 80% on a toy MoE. Either
+``reduce_range`` (7-bit weights) or u8u8 avoids it. With AVX512-VNNI / AVX-VNNI the int32 dot product
+has no such limit, so full-range u8s8 is right.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moeport.errors import MoeportError
+
+TARGETS = ("cpu", "cuda", "arm", "nnapi", "coreml", "qnn")
+# The mode each target gets when none is asked for: GPUs and Core ML run fp16 natively.
+DEFAULT_MODE = {"cpu": "int8", "arm": "int8", "nnapi": "int8", "qnn": "int8", "cuda": "fp16", "coreml": "fp16"}
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+
+
+@dataclass(frozen=True)
+class IntScheme:
+    """8-bit scheme: types are onnxruntime QuantType names (QUInt8, QInt8)."""
+
+    activation_type: str
+    weight_type: str
+    reduce_range: bool
+    per_channel: bool
+    symmetric_activations: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The flags of the first CPU in ``cpuinfo`` (empty when the file does not exist: not Linux)."""
+    path = Path(cpuinfo)
+    if not path.is_file():
+        return set()
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("flags") or line.startswith("Features"):  # x86 | ARM
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | None = None) -> IntScheme:
+    """The int8 scheme for ``target``; for ``cpu`` it depends on this machine (or the given one)."""
+    if target not in TARGETS:
+        raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "cpu":
+        machine = (machine or platform.machine()).lower()
+        if machine in ("x86_64", "amd64", "i686", "x86"):
+            flags = cpu_flags() if flags is None else flags
+            vnni = sorted(f for f in VNNI_FLAGS if f in flags)
+            if vnni:
+                return IntScheme("QUInt8", "QInt8", False, True, False,
+                                 f"x86 with {'/'.join(vnni)}: full-range u8s8 (int32 dot products)")
+            return IntScheme("QUInt8", "QInt8", True, True, False,
+                             "x86 without VNNI: u8s8 with reduce_range (7-bit weights) so int16 accumulation "
+                             "in the fused kernels cannot saturate")
+        return IntScheme("QUInt8", "QInt8", False, True, False, f"{machine}: u8s8 (int32 accumulation)")
+    if target == "arm":
+        return IntScheme("QUInt8", "QInt8", False, True, False, "ARM: u8s8 per-channel (NEON int32 dot products)")
+    if target == "nnapi":
+        return IntScheme("QUInt8", "QUInt8", False, False, False,
+                         "NNAPI: uint8 activations and weights, per-tensor (TENSOR_QUANT8_ASYMM)")
+    if target == "qnn":
+        return IntScheme("QUInt8", "QUInt8", False, True, False, "QNN HTP: uint8 activations and weights")
+    if target == "cuda":
+        return IntScheme("QInt8", "QInt8", False, True, True,
+                         "CUDA/TensorRT: symmetric int8 activations and weights (fp16 is the default mode here)")
+    return IntScheme("QUInt8", "QInt8", False, True, False, "Core ML: u8s8 (fp16 is the default mode here)")

@@ -1,0 +1,325 @@
+"""moeport.quant: every mode on the random ``topk`` sample, router protection, schemes, user errors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from moeport.cli import main
+from moeport.errors import MoeportError
+from moeport.quant import core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
+from moeport.quant.calibration import starvation_threshold
+from moeport.quant.modes import QuantMode
+from moeport.quant.schemes import choose_scheme, cpu_flags
+
+TEXT = (b"def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 40)
+
+
+@pytest.fixture(scope="module")
+def topk(exported):
+    return exported("topk", with_routing=True)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant-text") / "text.txt"
+    path.write_bytes(TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized(topk, sample_checkpoint, text_file, tmp_path_factory):
+    """quantized(mode, **options) -> QuantizeResult on the topk sample, cached per (mode, options)."""
+    cache = {}
+    out_dir = tmp_path_factory.mktemp("quant-out")
+
+    def make(mode: str, **options):
+        key = (mode, tuple(sorted(options.items())))
+        if key not in cache:
+            if mode == "int8" and "calibration" not in options and "random_calibration" not in options:
+                options["calibration"] = text_file
+            cache[key] = quantize(topk.output, out_dir / f"{mode}-{len(cache)}.onnx", mode=mode,
+                                  checkpoint=sample_checkpoint("topk"), heldout=text_file, latency_runs=2,
+                                  parity_shapes=((2, 16),), **options)
+        return cache[key]
+
+    return make
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def _experts(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every expert MatMul (found structurally: MatMul over a per-expert Slice of the sorted rows)."""
+    return [node for nodes in find_expert_matmuls(model).values() for node in nodes]
+
+
+def test_router_plan_on_exported_sample(topk):
+    plan = find_routers(onnx.load(topk.output))
+    assert len(plan.routers) == len(topk.info.layers) == 2
+    assert plan.op_types == {"Div": 2, "Gemm": 2, "ReduceSum": 2, "Reshape": 2, "Softmax": 2, "TopK": 2}
+    assert [r.indices_output for r in plan.routers] == ["routing.0.experts", "routing.1.experts"]
+
+
+def test_router_plan_sigmoid_with_bias(exported):
+    plan = find_routers(onnx.load(exported("sigmoid-shared").output))
+    assert len(plan.routers) == 2
+    # score + correction bias -> TopK, weights gathered from the plain scores, renormalised, scaled
+    for op in ("Sigmoid", "Add", "TopK", "GatherElements", "ReduceSum", "Div"):
+        assert plan.op_types.get(op, 0) >= 2, (op, plan.op_types)
+    assert "MatMul" not in plan.op_types  # expert MatMuls are never part of the router
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "int4"])
+def test_shared_experts_quantized_router_reads_float(exported, tmp_path, mode):
+    """sigmoid-shared: the shared experts' Gemm reads the same hidden states as the router gate."""
+    model = exported("sigmoid-shared").output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = quantize(model, tmp_path / "s.onnx", mode=mode, random_calibration=mode == "int8",
+                          calibration_samples=4, latency_runs=0, perplexity=False)
+    out = onnx.load(result.output)
+    producers = _producers(out)
+    shared = [n for n in out.graph.node if n.op_type == "Gemm" and n.name not in set(find_routers(out).nodes)]
+    if mode == "int8":  # QDQ keeps Gemm, with int8 weights
+        assert len(shared) == 6 and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in shared)
+    else:  # rewritten as MatMul first, then quantized
+        assert not shared
+    gates = [n for n in out.graph.node if n.name in {r.gate for r in find_routers(out).routers}]
+    assert len(gates) == 2 and result.router_kept_float["Sigmoid"] == 2
+    for gate in gates:
+        assert gate.op_type in ("Gemm", "MatMul")
+        assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in gate.input)
+
+
+def test_int8_quantizes_experts_not_router(quantized, topk):
+    result = quantized("int8")
+    model = onnx.load(result.output)
+    onnx.checker.check_model(model, full_check=True)
+    producers = _producers(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    experts = _experts(model)
+    assert len(experts) == len(_experts(onnx.load(topk.output))) == 32  # 2 layers x 8 experts x 2 MatMuls
+    assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in experts)  # int8 weights
+    assert all(inits[producers[n.input[1]].input[0]].data_type == TensorProto.INT8 for n in experts)
+    assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in experts)  # activations too
+    for name in find_routers(onnx.load(topk.output)).nodes:
+        node = next(n for n in model.graph.node if n.name == name)
+        assert not any(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input), name
+    gate_weights = [n.input[1] for n in model.graph.node if n.name in set(find_routers(model).nodes)
+                    and n.op_type in ("Gemm", "MatMul")]
+    assert len(gate_weights) == 2 and all(inits[w].data_type == TensorProto.FLOAT for w in gate_weights)
+    assert result.router_kept_float == {"Div": 2, "Gemm": 2, "ReduceSum": 2, "Reshape": 2, "Softmax": 2, "TopK": 2}
+    # per-channel weights: one scale per output column of each expert MatMul
+    for node in experts:
+        dq = producers[node.input[1]]
+        assert list(inits[dq.input[1]].dims) == [inits[dq.input[0]].dims[1]]
+
+
+def test_int8_report(quantized):
+    result = quantized("int8")
+    q = result.quality
+    assert q.weights_ratio < 0.30 and q.size_after < q.size_before
+    assert q.parity.routing_agreement >= 0.9 and q.parity.argmax_agreement >= 0.9
+    assert set(q.parity.routing_per_layer) == {"0", "1"}
+    assert q.perplexity_before > 1 and abs(q.perplexity_change) < 0.05
+    assert q.latency_before_ms > 0 and q.latency_after_ms > 0
+    coverage = result.calibration["coverage"]
+    assert [c["label"] for c in coverage] == ["0", "1"]
+    assert all(sum(c["counts"]) == result.calibration["tokens"] * 2 for c in coverage)  # top-2 slots
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["mode"]["name"] == "int8" and data["router"]["kept_float_nodes"] == 12
+    text = result.render()
+    assert "router kept float32: 12 nodes" in text and "perplexity" in text and "routing agreement" in text
+    assert json.loads(onnx.load(result.output).metadata_props[-1].value)["mode"] == "int8"
+
+
+def test_int8_dynamic(quantized):
+    result = quantized("int8-dynamic")
+    experts = _experts(onnx.load(result.output))
+    assert len(experts) == 32 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert sum(result.router_kept_float.values()) == 12
+    assert result.quality.parity.routing_agreement >= 0.9
+
+
+def test_fp16_keeps_io_and_router_float32(quantized):
+    result = quantized("fp16")
+    model = onnx.load(result.output)
+    for value in list(model.graph.input) + list(model.graph.output):
+        assert value.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT64), value.name
+    inits = {i.name: i for i in model.graph.initializer}
+    experts = _experts(model)
+    assert len(experts) == 32 and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in experts)
+    router = find_routers(model)
+    gates = [n for n in model.graph.node if n.name in set(router.nodes) and n.op_type in ("Gemm", "MatMul")]
+    producers = _producers(model)
+    # the converter feeds blocked nodes through a Cast(to=float32) even when the initializer stays float32
+    weights = [producers[n.input[1]].input[0] if n.input[1] in producers else n.input[1] for n in gates]
+    assert len(gates) == 2 and all(inits[w].data_type == TensorProto.FLOAT for w in weights)
+    assert result.router_kept_float["TopK"] == 2 and result.router_kept_float["Softmax"] == 2
+    assert result.casts_added > 0
+    # random router logits have near-ties; fp16 may flip one of 32 tokens
+    assert result.quality.parity.routing_agreement >= 0.95 and result.quality.parity.argmax_agreement == 1.0
+    assert result.quality.size_ratio < 0.6
+
+
+def test_int4_matmulnbits_for_experts(quantized):
+    result = quantized("int4", block_size=32)
+    model = onnx.load(result.output)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 41  # 32 expert, 8 attention, 1 lm_head
+    assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "block_size"} == {32}
+    experts = _experts(model)
+    assert len(experts) == 32 and all(n.op_type == "MatMulNBits" for n in experts)
+    gates = [n for n in model.graph.node if n.name in set(find_routers(model).nodes) and n.op_type in ("Gemm", "MatMul")]
+    assert len(gates) == 2  # the router gates stay float Gemm/MatMul
+    assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    assert result.quality.weights_ratio < 0.2
+
+
+def test_every_registered_mode_is_exercised(quantized):
+    for mode in modes():
+        assert quantized(mode.name).output.is_file()
+
+
+def test_cli_choices_match_registries():
+    from moeport import cli_quant
+    from moeport.quant import TARGETS
+
+    assert cli_quant.MODES == tuple(m.name for m in modes())
+    assert cli_quant.TARGETS == TARGETS
+
+
+def test_mode_registry_validates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_mode(get_mode("int8"))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        register_mode(QuantMode("int3", "magic", "", False, 0.1, 0.9, 0.1))
+    with pytest.raises(ValueError, match="only static quantization needs calibration"):
+        register_mode(QuantMode("int8-x", "dynamic", "", True, 0.3, 0.9, 0.1))
+    with pytest.raises(MoeportError, match="unknown quantization mode 'int9'; choose one of int8, int8-dynamic"):
+        get_mode("int9")
+
+
+def test_schemes_follow_cpu_and_target(tmp_path):
+    no_vnni = choose_scheme("cpu", machine="x86_64", flags={"avx2", "fma"})
+    assert no_vnni.reduce_range and no_vnni.weight_type == "QInt8"
+    vnni = choose_scheme("cpu", machine="x86_64", flags={"avx2", "avx512_vnni"})
+    assert not vnni.reduce_range and "avx512_vnni" in vnni.reason
+    assert not choose_scheme("cpu", machine="aarch64").reduce_range
+    assert choose_scheme("nnapi").weight_type == "QUInt8" and not choose_scheme("nnapi").per_channel
+    assert choose_scheme("cuda").symmetric_activations
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx_vnni\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx_vnni"}
+    with pytest.raises(MoeportError, match="unknown target 'tpu'"):
+        choose_scheme("tpu")
+
+
+def test_starvation_threshold():
+    assert starvation_threshold(1600, 8) == 20.0
+
+
+def test_random_calibration_warns(topk, tmp_path):
+    with pytest.warns(UserWarning, match="calibrating on random tokens"):
+        result = quantize(topk.output, tmp_path / "r.onnx", mode="int8", random_calibration=True,
+                          calibration_samples=4, latency_runs=0, perplexity=False)
+    assert result.calibration["source"] == "random" and result.calibration["tokens"] == 4 * 128
+
+
+def test_starved_experts_warn(topk, tmp_path):
+    ids = np.zeros((2, 8), dtype=np.int64)  # one repeated byte: a few experts get every token
+    np.savez(tmp_path / "same.npz", input_ids=ids)
+    with pytest.warns(UserWarning, match=r"experts \[.*\] of layer 0 got under 10% of an even share"), \
+            pytest.warns(UserWarning, match="use their layer's activation range"):
+        result = quantize(topk.output, tmp_path / "s.onnx", mode="int8", calibration=tmp_path / "same.npz",
+                          latency_runs=0, perplexity=False)
+    assert result.calibration["coverage"][0]["starved"] and result.calibration["borrowed_ranges"] > 0
+    # onnxruntime would give an expert that saw no token scale 1.0 / zero point 0 (negative inputs -> 0)
+    model = onnx.load(result.output)
+    producers = _producers(model)
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    expert_inputs = [producers[n.input[0]] for n in _experts(model)]
+    assert len(expert_inputs) == 32 and all(float(scales[dq.input[1]]) < 0.5 for dq in expert_inputs)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: np.savez(d / "c.npz", tokens=np.zeros((2, 8), dtype=np.int64)),
+     "does not fit the model: it has arrays ['tokens'], the model needs ['input_ids']"),
+    (lambda d: np.savez(d / "c.npz", input_ids=np.full((2, 8), 300, dtype=np.int64)),
+     "does not fit the model: 'input_ids' holds ids in [300, 300] but the vocabulary has 256 tokens"),
+    (lambda d: np.savez(d / "c.npz", input_ids=np.zeros((2, 8), dtype=np.float32)),
+     "array 'input_ids' is float32 [2, 8], expected integer token ids [samples, seq]"),
+])
+def test_calibration_that_does_not_fit(topk, tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(MoeportError) as info:
+        quantize(topk.output, tmp_path / "o.onnx", mode="int8", calibration=tmp_path / "c.npz", latency_runs=0)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_user_errors(topk, tmp_path, monkeypatch):
+    cases = [
+        (dict(model=tmp_path / "none.onnx", mode="int8"), "model file not found"),
+        (dict(mode="fp16", calibration="x.txt"), "mode fp16 uses no calibration data"),
+        (dict(mode="int4", block_size=24), "block size must be a power of two >= 16, got 24"),
+        (dict(mode="int8", calibration=tmp_path / "missing.txt"), "calibration file not found"),
+        (dict(mode="int8", target="tpu"), "unknown target 'tpu'"),
+    ]
+    for options, message in cases:
+        model = options.pop("model", topk.output)
+        with pytest.raises(MoeportError, match=message):
+            quantize(model, tmp_path / "o.onnx", latency_runs=0, **options)
+    monkeypatch.setattr(core, "bundled_text", lambda name: None)
+    with pytest.raises(MoeportError, match="int8 needs calibration data: pass --calibration FILE"):
+        quantize(topk.output, tmp_path / "o.onnx", mode="int8", latency_runs=0)
+    (tmp_path / "exists.onnx").write_bytes(b"")
+    with pytest.raises(MoeportError, match="already exists; pass --force"):
+        quantize(topk.output, tmp_path / "exists.onnx", mode="fp16", latency_runs=0)
+
+
+def test_cli(topk, tmp_path, capsys, sample_checkpoint):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(topk.output), "-o", str(tmp_path / "a.onnx"), "--mode", "int9"])
+    assert exit_info.value.code == 2
+    assert "Invalid value for '--mode'" in capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", tokens=np.zeros((1, 4), dtype=np.int64))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(topk.output), "-o", str(tmp_path / "a.onnx"), "--calibration", str(tmp_path / "bad.npz")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: calibration file") and err.count("\n") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["quantize", str(topk.output), "-o", str(tmp_path / "f.onnx"), "--mode", "fp16", "--json",
+                  "--latency-runs", "0", "--no-perplexity", "--checkpoint", str(sample_checkpoint("topk"))])
+    assert exit_info.value.code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"]["name"] == "fp16" and data["quality"]["parity"]["routing_agreement"] >= 0.95
+    assert data["targets_met"]["routing"] is True
+
+
+def test_calibration_sources(tmp_path):
+    from moeport.quant.calibration import load_calibration
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "import os"}\n\n{"text": "x = 1"}\n', encoding="utf-8")
+    data = load_calibration(jsonl, input_names=["input_ids"], vocab_size=256, samples=3, seq=4)
+    assert [s["input_ids"].shape for s in data.samples] == [(1, 4)] * 3
+    assert bytes(data.samples[0]["input_ids"][0].astype("uint8")) == b"impo"
+    text = tmp_path / "c.txt"
+    text.write_bytes(TEXT)
+    windows = load_calibration(text, input_names=["input_ids"], vocab_size=256, samples=5, seq=32).samples
+    assert len(windows) == 5 and windows[-1]["input_ids"][0, -1] == TEXT[-1]  # evenly spaced, to the end
+    with pytest.raises(MoeportError, match="fits a byte-level model .* but this model's vocabulary is 32000"):
+        load_calibration(text, input_names=["input_ids"], vocab_size=32000, samples=1)
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n', encoding="utf-8")
+    with pytest.raises(MoeportError, match=r"bad.jsonl:1 has no string \"text\" field"):
+        load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], vocab_size=256, samples=1)
