@@ -163,6 +163,11 @@ def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int,
         # A bug in our translations, not a user error: keep the traceback.
         raise RuntimeError(f"export produced non-standard domains {custom} / {len(model.functions)} functions")
     model.producer_name, model.producer_version = "moeport", moeport.__version__
+    # torch.onnx annotates every node with its FX node, stack trace and module path: useful to debug the
+    # exporter, but it is a tenth to a third of a small model's file, names paths of the exporting machine,
+    # and quantizers drop it anyway.
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
     info = loaded.info
     props = {
         "version": moeport.__version__,

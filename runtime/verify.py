@@ -140,6 +140,27 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _check_inputs(inputs: dict[str, np.ndarray], info: ModelInfo) -> None:
+    """User errors for given inputs, before PyTorch or onnxruntime see them."""
+    ids = inputs.get("input_ids")
+    if ids is None or ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise MoeportError("inputs need 'input_ids', an integer array [batch, seq]")
+    if ids.size and (ids.min() < 0 or ids.max() >= info.vocab_size):
+        raise MoeportError(f"input_ids hold token ids outside the vocabulary [0, {info.vocab_size})")
+    missing = [name for name in info.input_names if name not in inputs]
+    if missing:
+        raise MoeportError(f"inputs lack {missing[0]!r}; the model takes {', '.join(info.input_names)}")
+
+
+def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` file, integer ids as int64."""
+    try:
+        with np.load(path) as data:
+            return {k: (v.astype(np.int64) if v.dtype.kind in "iu" else v) for k, v in data.items()}
+    except (OSError, ValueError) as exc:
+        raise MoeportError(f"cannot read inputs from {path}: {exc}") from exc
+
+
 def verify(
     model: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -153,8 +174,13 @@ def verify(
     seed: int = 0,
     threads: int | None = None,
     left_padding: bool = False,
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> VerifyReport:
-    """Run ``model`` (onnxruntime) and ``checkpoint`` (PyTorch eager) on the same inputs and compare."""
+    """Run ``model`` (onnxruntime) and ``checkpoint`` (PyTorch eager) on the same inputs and compare.
+
+    Inputs are seeded random token ids at each of ``shapes``, or, with ``inputs``, the given arrays
+    (``input_ids [batch, seq]`` int64 ...) as one run -- real text routes like the model was trained for.
+    """
     if isinstance(shapes, str):
         shapes = parse_shapes(shapes)
     info, metadata = model_info(model)
@@ -172,11 +198,17 @@ def verify(
     session = create_session(model, ep, fallback=fallback, threads=threads)
     names = [o.name for o in session.get_outputs()]
     results = []
-    for i, (batch, seq) in enumerate(shapes):
-        inputs = families.random_inputs(info, batch, seq, seed=seed + i, left_padding=left_padding)
-        reference = families.reference_outputs(loaded, inputs)
-        margins = dict(zip((layer.label for layer in info.layers), families.routing_margins(loaded, inputs)))
-        actual = dict(zip(names, session.run(None, inputs)))
+    runs = [inputs] if inputs is not None else [
+        families.random_inputs(info, batch, seq, seed=seed + i, left_padding=left_padding)
+        for i, (batch, seq) in enumerate(shapes)]
+    input_names = [i.name for i in session.get_inputs()]
+    for feeds in runs:
+        _check_inputs(feeds, info)
+        feeds = {name: feeds[name] for name in input_names}
+        batch, seq = feeds["input_ids"].shape
+        reference = families.reference_outputs(loaded, feeds)
+        margins = dict(zip((layer.label for layer in info.layers), families.routing_margins(loaded, feeds)))
+        actual = dict(zip(names, session.run(None, feeds)))
         dropped = {
             layer.label: int(np.asarray(actual[f"routing.{layer.label}.dropped"]))
             for layer in info.layers if f"routing.{layer.label}.dropped" in actual

@@ -58,6 +58,20 @@ def load_balancing_loss(gate_logits: list[torch.Tensor], num_experts: int, top_k
     return total / len(gate_logits)
 
 
+def outside_topk_mass(gate_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Mean router probability left outside each token's top-k experts.
+
+    Penalising it makes the router decisive about its top-k *set* (a clear gap between the k-th and
+    (k+1)-th expert), while the balancing loss still spreads tokens over experts. A flat router flips
+    its k-th expert under any small change of its input -- quantization noise included.
+    """
+    total = torch.zeros(())
+    for logits in gate_logits:
+        probs = torch.softmax(logits, dim=-1)
+        total = total + (1 - torch.topk(probs, top_k, dim=-1).values.sum(-1)).mean()
+    return total / len(gate_logits)
+
+
 def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator):
     while True:
         starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=generator)
@@ -87,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--balance-coef", type=float, default=0.01, help="Switch load-balancing loss weight")
+    parser.add_argument("--topk-mass-coef", type=float, default=0.0,
+                        help="weight of the router probability left outside the top-k (0: off)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -114,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         logits, _ = model(inputs)
         lm_loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
         aux = load_balancing_loss(gate_logits, cfg.moe.num_experts, cfg.moe.top_k)
-        loss = lm_loss + 0.01 * aux
+        loss = lm_loss + args.balance_coef * aux
+        if args.topk_mass_coef:
+            loss = loss + args.topk_mass_coef * outside_topk_mass(gate_logits, cfg.moe.top_k)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

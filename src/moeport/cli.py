@@ -102,13 +102,18 @@ def export_cmd(checkpoint, output, strategy, task, opset, with_routing, capacity
 @click.option("--min-routing-agreement", type=float, default=1.0, show_default=True,
               help="Lowest routing agreement that passes (quantized models need less than 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input_ids.")
+@click.option("--left-padding", is_flag=True, help="Left-pad the rows of each batch (models with attention_mask).")
+@click.option("--inputs", "inputs_file", default=None, type=click.Path(),
+              help="An .npz of real inputs (input_ids [batch, seq], ...) to use instead of random ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_agreement, seed, as_json):
+def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_agreement, seed, left_padding,
+               inputs_file, as_json):
     """Compare MODEL on onnxruntime with CHECKPOINT in PyTorch; exit 1 if they differ."""
-    from moeport.runtime.verify import parse_shapes, verify
+    from moeport.runtime.verify import load_inputs, parse_shapes, verify
 
     report = verify(model, checkpoint, shapes=parse_shapes(shapes), ep=ep, fallback=fallback, atol=atol,
-                    rtol=rtol, min_routing_agreement=min_routing_agreement, seed=seed)
+                    rtol=rtol, min_routing_agreement=min_routing_agreement, seed=seed, left_padding=left_padding,
+                    inputs=None if inputs_file is None else load_inputs(inputs_file))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     sys.exit(0 if report.passed else 1)
 
