@@ -40,6 +40,7 @@ class ShapeBench:
     torch: dict[str, float] | None
     peak_rss_mb: float
     runs: int
+    expert_efficiency: dict | None = None  # runtime.efficiency.ExpertEfficiency.to_dict()
 
     @property
     def tokens(self) -> int:
@@ -60,6 +61,8 @@ class ShapeBench:
             "torch_p99_ms": None if self.torch is None else self.torch["p99"],
             "torch_tokens_per_s": None if self.torch is None else self.tokens / (self.torch["p50"] / 1e3),
             "speedup": self.speedup, "peak_rss_mb": self.peak_rss_mb,
+            "expert_matmul_fraction": None if self.expert_efficiency is None else self.expert_efficiency["fraction"],
+            "expert_efficiency": self.expert_efficiency,
         }
 
 
@@ -92,6 +95,11 @@ class BenchReport:
             speedup = "" if r.speedup is None else f"{r.speedup:.2f}x"
             lines.append(f"  {d['shape']:<9} {d['ort_ms']:9.3f} {d['ort_p90_ms']:9.3f} {d['ort_p99_ms']:9.3f} "
                          f"{d['ort_tokens_per_s']:10.0f} {torch_ms:>10} {speedup:>8} {r.peak_rss_mb:7.0f}MB")
+        for r in self.results:
+            if r.expert_efficiency is not None:
+                e = r.expert_efficiency
+                lines.append(f"  expert MatMuls at {e['shape']}: {e['expert_gflop_s']:.1f} GFLOP/s = "
+                             f"{e['fraction']:.0%} of a plain MatMul of the same size ({e['plain_gflop_s']:.1f} GFLOP/s)")
         lines.append("latencies in ms; speedup = PyTorch median / onnxruntime median")
         if self.plot is not None:
             lines.append(f"plot written to {self.plot}")
@@ -126,6 +134,7 @@ def bench(
     plot: str | os.PathLike | None = None,
     progress: bool = False,
     seed: int = 0,
+    expert_efficiency: bool = False,
 ) -> BenchReport:
     """Time ``model`` (and ``checkpoint`` in PyTorch eager) at each shape; see the module docstring."""
     import psutil
@@ -152,8 +161,10 @@ def bench(
     session = create_session(model, provider, threads=threads, config=spinning)
     input_specs, _ = session_specs(session)
     metadata = session.get_modelmeta().custom_metadata_map
-    if [s.name for s in input_specs] != ["input_ids"]:
-        raise MoeportError(f"{model} takes inputs {[s.name for s in input_specs]}; bench feeds 'input_ids' only")
+    names = [s.name for s in input_specs]
+    if names not in (["input_ids"], ["input_ids", "attention_mask"]):
+        raise MoeportError(f"{model} takes inputs {names}; bench feeds input_ids (and attention_mask) only: "
+                           "export with --task logits")
     torch_model = None
     if checkpoint is not None:
         torch_model = _torch_model(checkpoint, metadata, model)
@@ -164,7 +175,9 @@ def bench(
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar, torch.no_grad():
         for i, (batch, seq) in enumerate(shapes):
             feeds = example_feeds(input_specs, metadata, batch, seq, seed=seed + i)
-            ids = torch.from_numpy(feeds["input_ids"])
+            if "attention_mask" in feeds:
+                feeds["attention_mask"] = np.ones_like(feeds["input_ids"])  # no padding
+            torch_feeds = {name: torch.from_numpy(array) for name, array in feeds.items()}
             ort_times, torch_times, peak = [], [], 0
             for n in range(warmup + runs):
                 # Alternate the backends run by run so that noise over time is shared between them.
@@ -174,7 +187,7 @@ def bench(
                 torch_time = None
                 if torch_model is not None:
                     start = time.perf_counter()
-                    torch_model(ids)
+                    torch_model(**torch_feeds)
                     torch_time = time.perf_counter() - start
                 peak = max(peak, process.memory_info().rss)
                 if n >= warmup:
@@ -182,8 +195,15 @@ def bench(
                     if torch_time is not None:
                         torch_times.append(torch_time)
                 bar.update(1)
+            efficiency = None
+            if expert_efficiency:
+                from moeport.runtime.efficiency import expert_efficiency as measure
+
+                top_k = int(metadata.get("moeport.top_k", "0")) or 1
+                efficiency = measure(model, feeds, top_k=top_k, ep=provider.name, threads=threads,
+                                     runs=max(runs // 2, 3)).to_dict()
             results.append(ShapeBench((batch, seq), _ms_stats(ort_times),
-                                      _ms_stats(torch_times) if torch_times else None, peak / 2**20, runs))
+                                      _ms_stats(torch_times) if torch_times else None, peak / 2**20, runs, efficiency))
     report = BenchReport(model, None if checkpoint is None else Path(checkpoint), provider.name, threads, warmup,
                          results, notes)
     if plot is not None:
@@ -222,7 +242,9 @@ def write_plot(report: BenchReport, path: Path) -> None:
         ax.set_title(f"{report.model.name}, {report.threads} threads")
         ax.legend()
         fig.tight_layout()
-        with atomic_path(path, suffix=path.suffix) as tmp:
+        from moeport._fs import writing
+
+        with writing(path), atomic_path(path, suffix=path.suffix) as tmp:
             fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)

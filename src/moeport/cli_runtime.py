@@ -58,13 +58,17 @@ def run_cmd(model, inputs, output, force, ep, fallback, threads, as_json):
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per shape.")
 @click.option("--plot", type=click.Path(), default=None, help="Write a latency bar chart (needs matplotlib).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--expert-efficiency", is_flag=True,
+              help="Also profile the expert MatMuls: their FLOP rate as a fraction of a plain MatMul's.")
 @_JSON
-def bench_cmd(model, checkpoint, shapes, ep, fallback, threads, warmup, runs, plot, no_progress, as_json):
+def bench_cmd(model, checkpoint, shapes, ep, fallback, threads, warmup, runs, plot, no_progress, expert_efficiency,
+              as_json):
     """Latency percentiles, tokens/s and peak memory of MODEL; with --checkpoint, against PyTorch."""
     from moeport.runtime.bench import bench
 
     report = bench(model, checkpoint=checkpoint, shapes=shapes, ep=ep, fallback=fallback, threads=threads,
-                   warmup=warmup, runs=runs, plot=plot, progress=not no_progress)
+                   warmup=warmup, runs=runs, plot=plot, progress=not no_progress,
+                   expert_efficiency=expert_efficiency)
     if as_json:
         _warn(report.warnings)
         _echo_json(report.to_dict())
