@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from moeport._fs import writing
 from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
@@ -442,10 +443,10 @@ def quantize(
         raise MoeportError(f"mode {spec.name} uses no calibration data; drop --calibration/--random-calibration")
     _check_paths(model, out, force)
 
-    from moeport.runtime.verify import read_metadata
+    from moeport.runtime.verify import parse_model_info, read_metadata
 
-    metadata = read_metadata(model)
-    info = json.loads(metadata["model_info"]) if "model_info" in metadata else None
+    metadata = read_metadata(model)  # also refuses external data outside the model's directory
+    info = parse_model_info(metadata["model_info"], model).to_dict() if "model_info" in metadata else None
     vocab = info["vocab_size"] if info else None
     labels = [layer["label"] for layer in info["layers"]] if info else None
     proto = onnx.load(str(model))
@@ -496,18 +497,22 @@ def quantize(
     for message in result_warnings:
         warnings.warn(message, stacklevel=2)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with writing(out):  # disk full / permission denied: one line, and the staging dir goes away
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staged = staging / out.name
     try:
-        quantized = _apply(spec, model, proto, staged, scheme=scheme, weight_nodes=targeted, exclude=exclude,
-                           data=data, block_size=block_size, overrides=overrides)
+        with writing(out):  # onnxruntime's quantizers write the staged file themselves
+            quantized = _apply(spec, model, proto, staged, scheme=scheme, weight_nodes=targeted, exclude=exclude,
+                               data=data, block_size=block_size, overrides=overrides)
         _stamp(quantized, proto, {"mode": spec.name, "target": target, "keep_router": keep_router,
                                   "scheme": None if scheme is None else scheme.to_dict(),
                                   "block_size": block_size if spec.kind == "nbits" else None})
         _strip_debug_metadata(quantized)
-        onnx.save(quantized, str(staged))
+        with writing(out):
+            onnx.save(quantized, str(staged))
         onnx.checker.check_model(str(staged))
-        os.replace(staged, out)
+        with writing(out):
+            os.replace(staged, out)
     finally:
         for leftover in staging.glob("*"):
             leftover.unlink()

@@ -103,6 +103,15 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise MoeportError(f"inputs file not found: {path}")
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as exc:
+        raise MoeportError(f"cannot read inputs file {path}: {exc.strerror}") from exc
+    if not zipfile.is_zipfile(path) and magic != b"\x93NUMPY":
+        # np.load would try to unpickle anything else and say "allow_pickle=...": the wrong advice here.
+        raise MoeportError(f"{path} is not a readable .npz file (not a zip archive); save the inputs with "
+                           "np.savez(path, input_ids=...)")
+    try:
         with np.load(path, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise MoeportError(f"{path} is a single .npy array; save the inputs with np.savez(path, input_ids=...)")
@@ -118,6 +127,8 @@ def check_new_file(path: Path, force: bool) -> None:
         raise MoeportError(f"output {path} already exists; pass --force to overwrite it")
     if not path.parent.is_dir():
         raise MoeportError(f"output directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):  # say so before the run, not after computing the outputs
+        raise MoeportError(f"output directory {path.parent} is not writable")
 
 
 @contextlib.contextmanager
@@ -138,8 +149,10 @@ def atomic_path(path: Path, suffix: str = ""):
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray], force: bool = False) -> Path:
     """Write ``arrays`` to ``path`` atomically (np.savez through a file object, so no ``.npz`` is appended)."""
+    from moeport._fs import writing
+
     check_new_file(path, force)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with writing(path), atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     return path
 

@@ -108,14 +108,14 @@ class BenchReport:
 
 def _torch_model(checkpoint, model_metadata: dict[str, str], model: Path):
     """The checkpoint's PyTorch model, after checking it is the one ``model`` was exported from."""
-    import json
-
     from moeport.exporter import families
 
     loaded = families.load_checkpoint(checkpoint)
     raw = model_metadata.get("moeport.model_info")
     if raw is not None:
-        info = families.ModelInfo.from_dict(json.loads(raw))
+        from moeport.runtime.verify import parse_model_info  # checks the metadata is intact
+
+        info = parse_model_info(raw, model)
         if info.family != loaded.info.family or info.layers != loaded.info.layers:
             raise MoeportError(f"{model} was not exported from {checkpoint} (family or MoE layers differ)")
     return loaded.model

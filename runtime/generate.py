@@ -8,7 +8,6 @@ mask, as transformers' ``generate`` does.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -66,8 +65,9 @@ class GenerateResult:
 
 
 def _model_vocab(session) -> int | None:
-    info = session.get_modelmeta().custom_metadata_map.get("moeport.model_info")
-    return json.loads(info)["vocab_size"] if info else None
+    from moeport.runtime.run import vocab_size_from_metadata  # checks the metadata is intact
+
+    return vocab_size_from_metadata(session.get_modelmeta().custom_metadata_map)
 
 
 def generate(
@@ -87,13 +87,14 @@ def generate(
         raise UsageError("every prompt needs at least one token id")
     session = create_session(model, ep, fallback=fallback, threads=threads)
     inputs = {i.name: i for i in session.get_inputs()}
-    if "past_key_values.0.key" not in inputs:
-        raise MoeportError(f"{model} has no KV-cache inputs; export it with --task text-generation-with-past")
+    # The prompt first: a bad token id is the user's input, whatever the model (checked before onnxruntime).
     vocab = _model_vocab(session)
     for prompt in prompts:
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise MoeportError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    if "past_key_values.0.key" not in inputs:
+        raise MoeportError(f"{model} has no KV-cache inputs; export it with --task text-generation-with-past")
     past_names = [n for n in inputs if n.startswith("past_key_values.")]
     batch = len(prompts)
     longest = max(len(p) for p in prompts)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from moeport.errors import MoeportError
 from moeport.runtime._io import TensorSpec
 from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
 
@@ -26,15 +25,9 @@ METADATA_PREFIX = "moeport."
 
 def load_onnx(model: str | os.PathLike):
     """The ModelProto of ``model`` without external data; unreadable files are a user error."""
-    import onnx
+    from moeport._fs import load_model_proto
 
-    path = Path(model)
-    if not path.is_file():
-        raise MoeportError(f"model file not found: {path}")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and OSError alike mean "not an ONNX file"
-        raise MoeportError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from exc
+    return load_model_proto(model)  # also refuses external data outside the model's directory
 
 
 def value_spec(value) -> TensorSpec:
@@ -136,11 +129,13 @@ def inspect_model(model: str | os.PathLike, *, ep: str = "cpu", fallback: str | 
     count, size = parameter_stats(graph)
     histogram = dict(Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
                              for n in graph.node).most_common())
+    if placement:  # an unknown or missing provider is an error before the coverage work, not after it
+        provider, notes = resolve_with_warnings(ep, fallback)
     coverage = mobile_coverage(path, also_if_fixed=True)
     report = InspectReport(path, metadata, opset, proto.ir_version, proto.producer_name, histogram, count, size,
                            path.stat().st_size, inputs, outputs, coverage)
     if placement:
-        provider, report.warnings = resolve_with_warnings(ep, fallback)
+        report.warnings = notes
         raw_metadata = {METADATA_PREFIX + k: v for k, v in metadata.items()}
         report.placement = measure_placement(path, example_feeds(inputs, raw_metadata), provider)
     return report

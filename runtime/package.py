@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeport._fs import writing
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import TensorSpec, session_specs
 from moeport.runtime.inspect import METADATA_PREFIX, load_onnx, value_spec
@@ -205,14 +206,17 @@ def package_model(
     metadata = {p.key: p.value for p in proto.metadata_props}
 
     stem = model.stem
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    with writing(output):  # disk full / permission denied: one line, and the work dir goes away
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        stage = work / ".stage"
-        stage.mkdir()
-        staged = stage / f"{stem}.onnx"
-        onnx.save(proto, str(staged))
+        staged = work / ".stage" / f"{stem}.onnx"
+        with writing(output):
+            staged.parent.mkdir()
+            onnx.save(proto, str(staged))
+        stage = staged.parent
         coverage = mobile_coverage(staged)
-        _convert_to_ort(stage, work, spec.ort_platform)
+        with writing(output):  # the converter writes the .ort and the operator config itself
+            _convert_to_ort(stage, work, spec.ort_platform)
         onnx_file = work / f"{stem}.onnx"
         os.replace(staged, onnx_file)
         shutil.rmtree(stage)
@@ -252,12 +256,13 @@ def package_model(
             "check": check,
             "warnings": notes,
         }
-        (work / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
-        if output.exists():
-            # _prepare_destination allowed this (empty, or a previous bundle with --force). rename() cannot
-            # replace a non-empty directory, so there is a short window without a bundle, never a mixed one.
-            shutil.rmtree(output)
-        os.replace(work, output)
+        with writing(output):
+            (work / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
+            if output.exists():
+                # _prepare_destination allowed this (empty, or a previous bundle with --force). rename() cannot
+                # replace a non-empty directory: a short window without a bundle, never a mixed one.
+                shutil.rmtree(output)
+            os.replace(work, output)
     finally:
         if work.exists():
             shutil.rmtree(work)

@@ -9,7 +9,6 @@ onnxruntime sees them; the outputs go to an ``.npz`` written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -80,8 +79,10 @@ class RunResult:
 
 def vocab_size_from_metadata(metadata: dict[str, str]) -> int | None:
     """The vocabulary size moeport's export stored in ``moeport.model_info`` (None for other models)."""
+    from moeport.runtime.verify import parse_model_info
+
     raw = metadata.get("moeport.model_info")
-    return None if raw is None else int(json.loads(raw)["vocab_size"])
+    return None if raw is None else parse_model_info(raw, "the model").vocab_size
 
 
 def run_model(

@@ -103,6 +103,10 @@ def create_session(
     path = Path(model)
     if not path.is_file():
         raise MoeportError(f"model file not found: {path}")
+    if path.suffix != ".ort":  # ORT-format files are flatbuffers with no external data to check
+        from moeport._fs import load_model_proto
+
+        load_model_proto(path)  # refuses external data outside the model's directory before ORT reads it
     provider = ep if isinstance(ep, ExecutionProvider) else resolve_provider(ep, fallback)
     options = ort.SessionOptions()
     options.graph_optimization_level = {
@@ -125,6 +129,11 @@ def create_session(
     state = ort.capi.onnxruntime_pybind11_state
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-    except (state.InvalidProtobuf, state.InvalidGraph, state.Fail, state.NoSuchFile) as exc:
+    except (state.InvalidProtobuf, state.InvalidGraph, state.Fail, state.NoSuchFile, state.InvalidArgument,
+            state.NotImplemented) as exc:  # InvalidArgument/NotImplemented: a bad opset or a type ORT lacks
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoeportError(f"onnxruntime cannot load {path}: {first_line}") from exc
+    except UnicodeDecodeError as exc:
+        # A corrupted name in the graph: onnxruntime's error message quotes it and pybind11 cannot decode it.
+        raise MoeportError(f"onnxruntime cannot load {path}: it holds text that is not UTF-8 (a corrupted "
+                           "file?); re-export it") from exc

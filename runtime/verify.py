@@ -43,23 +43,27 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def read_metadata(model: str | os.PathLike) -> dict[str, str]:
     """The ``moeport.*`` metadata of an ONNX file (without loading its weights)."""
-    import onnx
+    from moeport._fs import load_model_proto
 
-    path = Path(model)
-    if not path.is_file():
-        raise MoeportError(f"model file not found: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError, plus OSError; all mean "not ONNX"
-        raise MoeportError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from exc
+    proto = load_model_proto(model)  # also refuses external data outside the model's directory
     return {p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
+def parse_model_info(raw: "str | bytes", model: str | os.PathLike) -> ModelInfo:
+    """The ``moeport.model_info`` metadata value of ``model`` as a ModelInfo; a damaged value is a user error."""
+    try:
+        return ModelInfo.from_dict(json.loads(raw))
+    # ValueError covers JSONDecodeError and UnicodeDecodeError (protobuf hands over bytes that are not UTF-8).
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise MoeportError(f"{model} has damaged moeport metadata (model_info: {type(exc).__name__}); "
+                           "re-export it with `moeport export`") from exc
 
 
 def model_info(model: str | os.PathLike) -> tuple[ModelInfo, dict[str, str]]:
     metadata = read_metadata(model)
     if "model_info" not in metadata:
         raise MoeportError(f"{model} has no moeport metadata (family, experts); export it with `moeport export`")
-    return ModelInfo.from_dict(json.loads(metadata["model_info"])), metadata
+    return parse_model_info(metadata["model_info"], model), metadata
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from moeport._fs import writing
 from moeport.errors import MoeportError
 from moeport.samples.checkpoint import save_checkpoint
 from moeport.samples.model import EnsembleConfig, EnsembleLM, LMConfig, MoEConfig, MoELM
@@ -111,9 +113,22 @@ def create_sample(name: str, directory: str | os.PathLike) -> Path:
             raise MoeportError(f"output directory {directory} is not empty; choose a new directory")
         if not (TRAINED_DIR / "model.safetensors").is_file():
             raise MoeportError(f"the shipped checkpoint is missing from {TRAINED_DIR}; reinstall moeport")
-        directory.mkdir(parents=True, exist_ok=True)
-        for file in ("config.json", "model.safetensors"):
-            shutil.copyfile(TRAINED_DIR / file, directory / file)
+        # Copied into a staging directory beside the destination and renamed, so a full disk never
+        # leaves a half-copied checkpoint.
+        with writing(directory):
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            with writing(directory):
+                for file in ("config.json", "model.safetensors"):
+                    shutil.copyfile(TRAINED_DIR / file, staging / file)
+                staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+                if directory.exists():
+                    directory.rmdir()
+                os.replace(staging, directory)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
         return directory
     model, config = build_sample(name)
     return save_checkpoint(model, config, directory)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from moeport._fs import writing
 from moeport.errors import MoeportError
 
 CONFIG_NAME = "config.json"
@@ -85,19 +86,18 @@ def save_checkpoint(model: nn.Module, config: dict, path: str | os.PathLike) -> 
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise MoeportError(f"output directory {path} is not empty; choose a new directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with writing(path):  # disk full / permission denied: one line, and the staging dir goes away
+        path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as exc:
-        raise MoeportError(f"cannot write to {path.parent}: {exc.strerror}") from exc
     try:
-        state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_NAME))
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-        if path.exists():
-            path.rmdir()
-        os.replace(staging, path)
+        with writing(path):
+            state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+            save_file(state, str(staging / WEIGHTS_NAME))
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+            if path.exists():
+                path.rmdir()
+            os.replace(staging, path)
     except BaseException:
         for child in staging.glob("*"):
             child.unlink()

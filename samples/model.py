@@ -31,6 +31,14 @@ from torch import nn
 ROUTER_KINDS = ("softmax_topk", "sigmoid_topk", "soft")
 
 
+def _check_sizes(config, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    for name in positive + non_negative:
+        value = getattr(config, name)
+        low = 1 if name in positive else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 @dataclass
 class MoEConfig:
     """The MoE feed-forward of every layer."""
@@ -44,6 +52,9 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        # A config is user input (config.json): wrong types and non-positive sizes are ValueErrors here,
+        # not ZeroDivisionErrors or negative-dimension errors from torch later.
+        _check_sizes(self, ("num_experts", "top_k", "intermediate_size"), ("num_shared_experts",))
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -69,6 +80,9 @@ class LMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"moe must be an object of MoE settings, got {type(self.moe).__name__}")
+        _check_sizes(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"), ())
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")
         if self.num_heads % self.num_kv_heads:
@@ -274,6 +288,8 @@ class EnsembleConfig:
     family: str = "moeport_ensemble"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.members, list) or not all(isinstance(m, (dict, LMConfig)) for m in self.members):
+            raise ValueError("members must be a list of member LM configs")
         self.members = [LMConfig(**m) if isinstance(m, dict) else m for m in self.members]
         if len(self.members) < 2:
             raise ValueError("an ensemble needs at least two members")

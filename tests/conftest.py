@@ -47,3 +47,8 @@ def exported(workdir, sample_checkpoint):
         return cache[key]
 
     return export
+
+
+def pytest_addoption(parser):
+    parser.addoption("--regen", action="store_true",
+                     help="rewrite generated docs (docs/errors.md) from the test cases instead of only checking them")
