@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import moeport
+from moeport._fs import writing
 from moeport.errors import MoeportError
 from moeport.exporter import families, strategies, tasks
 from moeport.exporter.families import LoadedModel, ModelInfo
@@ -145,6 +146,16 @@ def _trace(graph: tasks.TaskGraph, opset: int):
     model = program.model  # onnx_ir.Model
     import onnx_ir as ir
 
+    # Some models' code (fixed-length scans, Python ints taken from shapes) makes torch.export specialise
+    # an axis to the example's size; the graph would then fail on any other length.
+    for value in model.graph.inputs:
+        if value.name == "input_ids":
+            for axis, label in ((0, "batch"), (1, "sequence")):
+                if isinstance(value.shape[axis], int):
+                    raise MoeportError(
+                        f"this model's code fixes the {label} axis to {value.shape[axis]} while tracing, so the "
+                        f"graph would only run at that {label} size; moeport cannot export it with dynamic shapes")
+
     # Axes torch.export had to name itself (e.g. past_sequence + sequence) get the task's names.
     for value in model.graph.inputs:
         for axis, name in graph.input_dim_names.get(value.name, {}).items():
@@ -231,10 +242,12 @@ def export_model(
     _finish(model, loaded=loaded, strategy=chosen.name, task=task, opset=opset, with_routing=with_routing,
             source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    with writing(output):  # disk full / permission denied: one line, and the staging dir goes away
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     staged = staging / output.name
     try:
-        external = _save(model, staged)
+        with writing(output):
+            external = _save(model, staged)
         import onnx
 
         onnx.checker.check_model(str(staged), full_check=True)
@@ -250,11 +263,12 @@ def export_model(
                     "report it with the checkpoint's config.json"
                 )
         size = staged.stat().st_size
-        if external:
-            data = staging / f"{output.name}.data"
-            size += data.stat().st_size
-            os.replace(data, output.parent / data.name)
-        os.replace(staged, output)  # the model last: it is what points to the data
+        with writing(output):
+            if external:
+                data = staging / f"{output.name}.data"
+                size += data.stat().st_size
+                os.replace(data, output.parent / data.name)
+            os.replace(staged, output)  # the model last: it is what points to the data
     finally:
         for leftover in staging.glob("*"):
             leftover.unlink()

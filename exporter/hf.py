@@ -18,7 +18,9 @@ offline, never with ``trust_remote_code``; pickle weights only with ``trust_pick
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Callable
@@ -44,12 +46,27 @@ def _transformers():
     return transformers
 
 
-def _moeport_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+def _routing_arguments(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """``(hidden_states, top_k_index, top_k_weights)`` of one experts call, however the family passed them.
+
+    Families name the parameters their own way (``routing_weights``, ``router_scores`` ...) and may pass
+    them by keyword, so bind against the experts class's own forward signature (``@wraps`` keeps it).
+    """
+    forward = inspect.signature(type(module).forward)
+    bound = forward.bind(module, *args, **kwargs)
+    values = list(bound.arguments.values())[1:]  # drop self
+    if len(values) < 3:
+        raise RuntimeError(f"{type(module).__name__}.forward takes {len(values)} routing arguments, expected "
+                           "(hidden_states, top_k_index, top_k_weights)")
+    return tuple(values[:3])
+
+
+def _moeport_experts_forward(self, *args, **kwargs):
     """The experts implementation we register: run the strategy installed on this module."""
     dispatch = getattr(self, "_moeport_dispatch", None)
     if dispatch is None:
         raise RuntimeError("experts_implementation 'moeport' is only valid inside moeport's use_strategy")
-    return dispatch(hidden_states, top_k_index, top_k_weights)
+    return dispatch(*_routing_arguments(self, args, kwargs))
 
 
 def _register_implementation() -> None:
@@ -64,9 +81,17 @@ def is_experts_module(module: nn.Module) -> bool:
     return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and hasattr(module, "down_proj")
 
 
-def _layer_label(path: str) -> str:
-    numbers = re.findall(r"\.(\d+)\.", f".{path}.")
-    return ".".join(numbers) if numbers else path
+def _layer_labels(paths: list[str]) -> list[str]:
+    """Graph labels for experts modules: the layer numbers of each path (``model.layers.3.mlp.experts`` -> ``3``).
+
+    A family with more than one experts module per layer would get the same label twice (and duplicate
+    graph output names), so then every label becomes the path itself.
+    """
+    labels = []
+    for path in paths:
+        numbers = re.findall(r"\.(\d+)\.", f".{path}.")
+        labels.append(".".join(numbers) if numbers else path)
+    return labels if len(set(labels)) == len(labels) else list(paths)
 
 
 def experts_bank(module: nn.Module) -> ExpertBank:
@@ -114,9 +139,8 @@ def experts_sites(modules: list[nn.Module]) -> list[ExpertsSite]:
 def _capture_routing(experts: list[nn.Module], records: list):
     """Record (top_k_index, top_k_weights) of every experts call, in call order."""
 
-    def hook(_module, args, kwargs):
-        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        weight = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+    def hook(module, args, kwargs):
+        _, idx, weight = _routing_arguments(module, args, kwargs)
         records.append((idx, weight))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in experts]
@@ -125,6 +149,62 @@ def _capture_routing(experts: list[nn.Module], records: list):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _real_rope_frequencies(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """A complex rotary embedding's forward, real-valued: ``[batch, seq, rot_dim/2, 2]`` (cos, sin) * scaling.
+
+    Bound to the model's rotary module instance; equal to ``view_as_real(polar(1, freqs) * scaling)``.
+    """
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+
+
+def _real_apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_emb`` on (even, odd) channel pairs with real (cos, sin) ``freqs [batch, seq, rot/2, 2]``;
+    ``xq``/``xk`` ``[batch, heads, seq, rot]``. Same result as the complex product, without complex tensors."""
+    cos, sin = freqs[:, None, ..., 0], freqs[:, None, ..., 1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        real, imag = pairs[..., 0], pairs[..., 1]
+        return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+# Families whose rotary embedding computes in complex numbers (``torch.polar``/``view_as_complex``), which
+# the ONNX exporter cannot translate: model_type -> the modeling module whose rotary we run real-valued.
+COMPLEX_ROPE_MODULES = {"deepseek_v2": "transformers.models.deepseek_v2.modeling_deepseek_v2"}
+
+
+@contextlib.contextmanager
+def _real_valued_rope(model: nn.Module):
+    """While active, a complex-RoPE family runs the real-valued rotary above (the same numbers, exportable).
+
+    Both halves are swapped together: the rotary module's forward (per instance) and the module-level
+    ``apply_rotary_emb`` its attention calls, so nothing outside this forward sees a changed function.
+    """
+    module_name = COMPLEX_ROPE_MODULES.get(getattr(model.config, "model_type", ""))
+    if module_name is None:
+        yield
+        return
+    import importlib
+
+    from transformers.modeling_rope_utils import dynamic_rope_update
+
+    modeling = importlib.import_module(module_name)
+    rotaries = [m for m in model.modules() if type(m).__module__ == module_name and type(m).__name__.endswith("RotaryEmbedding")]
+    original_apply = modeling.apply_rotary_emb
+    for rotary in rotaries:
+        rotary.forward = dynamic_rope_update(_real_rope_frequencies).__get__(rotary)
+    modeling.apply_rotary_emb = _real_apply_rotary_emb
+    try:
+        yield
+    finally:
+        modeling.apply_rotary_emb = original_apply
+        for rotary in rotaries:
+            del rotary.forward
 
 
 class CausalLMAdapter(nn.Module):
@@ -144,7 +224,7 @@ class CausalLMAdapter(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         records: list = []
-        with _capture_routing(self.experts, records):
+        with _capture_routing(self.experts, records), _real_valued_rope(self.model):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits, [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
 
@@ -157,7 +237,7 @@ class CausalLMAdapter(nn.Module):
         for i in range(len(past_key_values) // 2):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
         records: list = []
-        with _capture_routing(self.experts, records):
+        with _capture_routing(self.experts, records), _real_valued_rope(self.model):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
@@ -182,33 +262,38 @@ def _describe(adapter: CausalLMAdapter, experts: list[nn.Module]) -> list[MoELay
     if len(routing) != len(experts):
         raise MoeportError(f"{type(adapter.model).__name__}: expected one experts call per MoE layer, "
                            f"saw {len(routing)} for {len(experts)} layers")
-    return [MoELayerInfo(_layer_label(path), int(module.num_experts), int(idx.shape[-1]), "hf")
-            for path, module, (idx, _) in zip(adapter.experts_paths, experts, routing)]
+    return [MoELayerInfo(label, int(module.num_experts), int(idx.shape[-1]), "hf")
+            for label, module, (idx, _) in zip(_layer_labels(adapter.experts_paths), experts, routing)]
+
+
+_ROUTER_NAME = re.compile(r"(^|\.)(gate|router)(\.|$)")
 
 
 def _router_logits_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Per layer, the gap between the k-th and (k+1)-th router logit of each token.
 
     Routers differ per family (softmax, sigmoid + correction bias, grouped top-k); the raw logit gap is
-    the common proxy for a near-tie. A family whose gate module is not found reports no ties (inf).
+    the common proxy for a near-tie. A family whose router module is not found reports no ties (inf).
     """
     adapter: CausalLMAdapter = loaded.model
     logits: dict[int, torch.Tensor] = {}
     handles = []
     for i, path in enumerate(adapter.experts_paths):
         parent = adapter.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else adapter.model
-        gate = getattr(parent, "gate", None) or getattr(parent, "router", None)
-        if isinstance(gate, nn.Module):
-            num_experts = adapter.experts[i].num_experts
+        experts = adapter.experts[i]
+        # The router is the first module named ``gate`` or ``router`` beside the experts (or inside such a
+        # module: ``gate.wg``) that outputs a float tensor [..., num_experts]; families nest it differently.
+        candidates = [m for name, m in parent.named_modules() if _ROUTER_NAME.search(name)]
 
-            def hook(_m, _args, out, i=i, num_experts=num_experts):
-                outs = out if isinstance(out, (tuple, list)) else (out,)
-                for tensor in outs:
-                    if torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.shape[-1] == num_experts:
-                        logits[i] = tensor.reshape(-1, num_experts)
-                        return
+        def hook(_m, _args, out, i=i, num_experts=experts.num_experts):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for tensor in outs:
+                if i not in logits and torch.is_tensor(tensor) and tensor.is_floating_point() \
+                        and tensor.shape[-1] == num_experts:
+                    logits[i] = tensor.reshape(-1, num_experts)
+                    return
 
-            handles.append(gate.register_forward_hook(hook))
+        handles += [m.register_forward_hook(hook) for m in candidates]
     try:
         with torch.no_grad():
             adapter(**{name: torch.from_numpy(a) for name, a in inputs.items()})
@@ -243,17 +328,44 @@ def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.M
                 f"{path} holds only pickle weights ({pickles[0]}); pickle can run code when loaded. Convert them "
                 "to safetensors, or pass --trust-pickle to load them with torch.load(weights_only=True)"
             )
+    from safetensors import SafetensorError
+
     transformers.utils.logging.disable_progress_bar()  # our output is one report, not loader bars
+    # transformers logs its own load report (missing / mismatched keys) as a table; we refuse such
+    # checkpoints below with one line instead, so keep its logger quiet while loading.
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         config._experts_implementation = "eager"
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        model, loading = transformers.AutoModelForCausalLM.from_pretrained(
             path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
             use_safetensors=not trust_pickle or _has_safetensors(path), attn_implementation="eager",
+            # Missing weights would be silently random-initialised, mismatched ones raise a RuntimeError
+            # that points at the logged table: get both back as data and refuse them below.
+            ignore_mismatched_sizes=True, output_loading_info=True,
         )
+    except SafetensorError as exc:
+        raise MoeportError(f"a *.safetensors file in {path} is not readable ({exc})") from exc
+    except pickle.UnpicklingError as exc:
+        # torch.load(weights_only=True) met a non-tensor object (possibly code). Its own message advises
+        # weights_only=False, which is exactly what must not be done with an untrusted file.
+        raise MoeportError(f"{path}: the pickle weights hold objects other than tensors, refused by "
+                           "torch.load(weights_only=True); convert them to safetensors from a trusted copy") from exc
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoeportError(f"transformers cannot load {path}: {first}") from exc
+    except (ZeroDivisionError, TypeError) as exc:
+        # Building the model from config.json failed on its values (a head size of 0, a string for a size).
+        raise MoeportError(f"{path / 'config.json'} does not describe a model transformers can build "
+                           f"({type(exc).__name__}: {exc}); check its sizes") from exc
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    problems = [f"missing weight {key!r}" for key in loading["missing_keys"]] + [
+        f"{key!r} has shape {tuple(got)}, the config needs {tuple(want)}" for key, got, want in loading["mismatched_keys"]]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MoeportError(f"the weights in {path} do not match its config.json: {problems[0]}{more}")
     return model.eval()
 
 

@@ -70,7 +70,7 @@ def test_verify_without_routing_reports_null(capsys, exported, sample_checkpoint
      "error: no config.json in {tmp}/empty: not a checkpoint directory"),
     ("unknown family", ["export", "{tmp}/unknown", "-o", "{tmp}/x.onnx"], 1,
      "error: {tmp}/unknown/config.json names no known model family (family='llama-dense'); "
-     "known families: moeport_lm, moeport_ensemble, transformers"),
+     "known families: moeport_lm, moeport_ensemble, transformers, switch_transformers"),
     ("config not JSON", ["export", "{tmp}/notjson", "-o", "{tmp}/x.onnx"], 1,
      "error: {tmp}/notjson/config.json is not valid JSON (Expecting property name enclosed in double quotes at line 1)"),
     ("shapes that do not parse", ["verify", "{tmp}/x.onnx", "--checkpoint", "{tmp}", "--shapes", "1x1,3by7"], 2,

@@ -108,6 +108,8 @@ def test_trained_sample_is_shipped_small_and_trained(tmp_path):
     perplexity = math.exp(F.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1)).item())
     # uniform guessing over 256 bytes is 256; a trained byte-level model on Python source is far below
     assert perplexity < 8, perplexity
-    # the load-balancing loss worked: every expert of every layer gets tokens
+    # the load-balancing loss worked: every expert of every layer gets at least a quarter of an even share
+    # (a collapsed router would make routing-agreement figures trivially perfect)
     for idx, _ in routing:
-        assert torch.bincount(idx.reshape(-1), minlength=8).min() > 0
+        even_share = idx.numel() / 8
+        assert torch.bincount(idx.reshape(-1), minlength=8).min() >= 0.25 * even_share

@@ -1,0 +1,276 @@
+"""Which transformers MoE families moeport exports, derived from the installed transformers.
+
+- ``interface_families()``: every causal-LM ``model_type`` whose modeling source decorates its experts with
+  ``@use_experts_implementation`` (read from the installed package, not a hand-kept list).
+- ``tiny_config(model_type, **variant)``: a tiny random config of that family (hidden 32, 2 layers, 8 experts,
+  vocab 128, 4 heads / 2 kv heads) for tests: generic sizes applied to the keys the family's config has,
+  then the family's row of ``OVERRIDES``, then the variant.
+- ``VARIANTS``: per family, the config options that change its MoE (top-k, normalised top-k weights,
+  grouped routing, shared experts, dense-then-MoE schedules, biases), each exported by the tests.
+- ``UNSUPPORTED``: families that do not export, with the reason measured on this transformers; the tests
+  check that each reason still holds, so the table cannot rot.
+- ``coverage_markdown()``: the README table; ``python -m moeport.exporter.hf_families`` prints it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+
+from moeport.errors import MoeportError
+from moeport.exporter.hf import _transformers
+
+DECORATOR = "@use_experts_implementation"
+
+# Tiny sizes, applied only to the keys a family's default config has (families name the same thing
+# differently: num_local_experts / num_experts / n_routed_experts / moe_num_experts ...).
+GENERIC = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "shared_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 128,
+    "num_local_experts": 8,
+    "num_experts": 8,
+    "n_routed_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_experts_per_token": 2,
+    "moe_topk": 2,
+    "moe_k": 2,
+    "top_k_experts": 2,
+    # Multi-head latent attention (DeepSeek-V2/V3, GLM-MoE-DSA ...).
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "qk_head_dim": 16,
+    "v_head_dim": 8,
+    "n_shared_experts": 1,
+    # Ungrouped routing and every layer MoE by default; the variants switch these on.
+    "n_group": 1,
+    "topk_group": 1,
+    "num_expert_group": 1,
+    "first_k_dense_replace": 0,
+    "num_dense_layers": 0,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    # Special token ids must exist in the tiny vocabulary (an out-of-range padding_idx fails at build).
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+# Multi-head latent attention expands keys to every head itself; eager attention's GQA repeat must not.
+LATENT_ATTENTION = {"num_key_value_heads": GENERIC["num_attention_heads"]}
+
+# Per family: what the generic sizes do not cover. One dict per model_type, nothing else.
+OVERRIDES: dict[str, dict] = {
+    "beam": {"mlp_layer_types": ["sparse", "sparse"]},
+    "ernie4_5_moe": {"moe_layer_start_index": 0, "moe_layer_end_index": 1},
+    "gemma4_text": {"enable_moe_block": True, "moe_intermediate_size": 32, "vocab_size_per_layer_input": 128,
+                    "hidden_size_per_layer_input": 8, "per_layer_config": {}},
+    "granitemoehybrid": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16,
+                         "layer_types": ["mamba", "attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "zaya": {"num_experts_per_tok": 1},
+}
+
+# Per family: the config options that change the MoE, each exported with parity by the tests. Options
+# that combine go into one variant (one export each on a 2-core test machine is what we can afford).
+_GROUPED_RAW_DENSE_FIRST = {"n_group": 4, "topk_group": 2, "norm_topk_prob": False, "first_k_dense_replace": 1,
+                            "num_hidden_layers": 3}
+VARIANTS: dict[str, dict[str, dict]] = {
+    "mixtral": {"top1": {"num_experts_per_tok": 1}, "top4": {"num_experts_per_tok": 4}},
+    # MoE on every second layer only (layer 1 of 0..2), normalised top-k weights.
+    "qwen2_moe": {"normalised_sparse_step_2": {"norm_topk_prob": True, "decoder_sparse_step": 2,
+                                               "num_hidden_layers": 3}},
+    "qwen3_moe": {"normalised_dense_first": {"norm_topk_prob": True, "mlp_only_layers": [0]}},
+    "olmoe": {"normalised_top4": {"norm_topk_prob": True, "num_experts_per_tok": 4}},
+    "deepseek_v2": {"group_limited_normalised_dense_first": {
+        "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
+        "routed_scaling_factor": 2.0, "first_k_dense_replace": 1, "num_hidden_layers": 3}},
+    "deepseek_v3": {"grouped_raw_dense_first": _GROUPED_RAW_DENSE_FIRST},
+    "gpt_oss": {"top1": {"num_experts_per_tok": 1}},
+    "granitemoe": {"top1": {"num_experts_per_tok": 1}},
+    "ernie4_5_moe": {"no_shared_dense_first": {"moe_num_shared_experts": 0, "moe_layer_start_index": 1,
+                                               "moe_layer_end_index": 2, "num_hidden_layers": 3}},
+    "glm4_moe": {"grouped_raw_dense_first": _GROUPED_RAW_DENSE_FIRST},
+    "hunyuan_v1_moe": {"top1": {"moe_topk": 1}},
+}
+
+# Exported with parity on every test run (GitHub issue 3); the other supported families under ``-m slow``.
+EVERY_RUN = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe",
+             "granitemoe", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe")
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Why a family does not export. ``stage``: ``multimodal`` (the model_type is a vision/audio-language
+    wrapper; its text model_type is the one to export), ``export`` (exporting the tiny model raises an
+    error containing ``match``) or ``unverified`` (no result either way in the time a test can take);
+    ``reason``: the table's words."""
+
+    stage: str
+    reason: str
+    match: str = ""
+
+
+# Families whose router logits the tie-margin hook (hf._router_logits_margins) cannot read, and why;
+# verify then cannot tell a near-tie from a bug for them. The tests check both ways.
+NO_TIE_MARGINS: dict[str, str] = {
+    "zaya": "its router scores E+1 classes (a skip expert) and ranks softmax + balancing biases",
+}
+
+# torch.export specialises the sequence axis to the example's 16 tokens inside these hybrid layers
+# (Mamba / linear-attention reference loops), so the graph accepts 16-token inputs only.
+_SPECIALISED = ("hybrid Mamba/linear-attention layers: the dynamo exporter fixes the sequence length to the "
+                "example's (16), so the graph rejects other lengths")
+_SPECIALISED_MATCH = "Expected: 16"
+_MULTIMODAL = "vision/audio-language wrapper; export its text model_type"
+# Families that do not export, and why (measured; tests/test_hf_families.py re-checks each reason).
+UNSUPPORTED: dict[str, Unsupported] = {
+    "dots3_note": Unsupported("multimodal", f"{_MULTIMODAL} `dots3_note_text`"),
+    "gemma4": Unsupported("multimodal", f"{_MULTIMODAL} `gemma4_text`"),
+    "qwen3_5_moe": Unsupported("multimodal", f"{_MULTIMODAL} `qwen3_5_moe_text`"),
+    "qwen4_exp": Unsupported("multimodal", f"{_MULTIMODAL} `qwen4_exp_text`"),
+    "bailing_hybrid": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
+    "jamba": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
+    "minimax": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
+    "qwen3_5_moe_text": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
+    "qwen3_next": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
+    "qwen4_exp_text": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
+    "granitemoehybrid": Unsupported("export", "hybrid Mamba layers: the exported chunked scan keeps a reshape sized "
+                                              "for the example's length, so onnxruntime fails on other lengths",
+                                    "Non-zero status code returned while running Reshape node"),
+    "kimi_linear": Unsupported("unverified", "the export of the tiny model did not finish within 240 s on a 2-core "
+                                             "CPU (KDA linear-attention reference path); not known to work"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One discovered family: its ``model_type``, the ``AutoModelForCausalLM`` class name, the modeling module."""
+
+    model_type: str
+    causal_lm: str
+    module: str
+
+    @property
+    def status(self) -> str:
+        if self.model_type in UNSUPPORTED:
+            return f"unsupported: {UNSUPPORTED[self.model_type].reason}"
+        return "supported" if self.model_type in EVERY_RUN else "supported (tested with `-m slow`)"
+
+    @property
+    def supported(self) -> bool:
+        return self.model_type not in UNSUPPORTED
+
+
+@functools.cache
+def interface_families() -> tuple[Family, ...]:
+    """Every causal-LM model_type of the installed transformers whose experts are on the experts interface.
+
+    Read from the modeling sources (no model module is imported): a family is in when its
+    ``modeling_<module>.py`` applies ``@use_experts_implementation``. Sorted by model_type.
+    """
+    _transformers()
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = []
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        module = model_type_to_module_name(model_type)
+        spec = importlib.util.find_spec(f"transformers.models.{module}.modeling_{module}")
+        if spec is None or spec.origin is None:
+            continue
+        with open(spec.origin, encoding="utf-8") as source:
+            if DECORATOR in source.read():
+                found.append(Family(model_type, class_name, module))
+    return tuple(sorted(found, key=lambda f: f.model_type))
+
+
+def get_family(model_type: str) -> Family:
+    for family in interface_families():
+        if family.model_type == model_type:
+            return family
+    raise MoeportError(f"{model_type!r} is not a transformers causal LM on the experts interface; "
+                       f"known: {', '.join(f.model_type for f in interface_families())}")
+
+
+def tiny_config(model_type: str, **variant):
+    """A tiny config of ``model_type``: generic sizes for the keys it has, its overrides, then ``variant``."""
+    get_family(model_type)
+    transformers = _transformers()
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+    # Passed to the constructor (not set afterwards) so derived fields (layer_types, ...) follow the sizes.
+    kwargs = {key: value for key, value in GENERIC.items() if key in defaults}
+    if "kv_lora_rank" in defaults:
+        kwargs.update(LATENT_ATTENTION)
+    # A misspelt option would become a silently ignored attribute; the config's own fields are the options.
+    unknown = sorted(set(OVERRIDES.get(model_type, {})) - set(defaults) | set(variant) - set(defaults))
+    if unknown:
+        raise MoeportError(f"{model_type} configs have no option {', '.join(unknown)}")
+    kwargs.update(OVERRIDES.get(model_type, {}))
+    kwargs.update(variant)
+    config = config_class(**kwargs)
+    config._experts_implementation = "eager"
+    config._attn_implementation = "eager"
+    return config
+
+
+def random_model(model_type: str, seed: int = 0, **variant):
+    """A random-weight ``AutoModelForCausalLM`` of ``tiny_config(model_type, **variant)``, in eval mode.
+
+    Some families initialise their router matrices to zero (every expert ties, so routing is arbitrary);
+    any weight matrix that initialises to a constant is redrawn from N(0, initializer_range) so the tiny
+    model routes like a trained one: by clear margins.
+    """
+    import torch
+
+    transformers = _transformers()
+    config = tiny_config(model_type, **variant)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and parameter.is_floating_point() and bool((parameter == parameter.flatten()[0]).all()):
+                parameter.normal_(0.0, std)
+    return model.eval()
+
+
+def variants(model_type: str) -> dict[str, dict]:
+    """``{"default": {}, name: options, ...}`` for one family."""
+    return {"default": {}, **VARIANTS.get(model_type, {})}
+
+
+def coverage_markdown() -> str:
+    """The README table: one row per discovered family (model_type, causal-LM class, status, variants)."""
+    transformers = _transformers()
+    lines = [
+        f"Discovered from transformers {transformers.__version__}: causal LMs whose experts use "
+        "`@use_experts_implementation` (`python -m moeport.exporter.hf_families` regenerates this table).",
+        "",
+        "| model_type | ForCausalLM class | status | variants exported |",
+        "|---|---|---|---|",
+    ]
+    for family in interface_families():
+        names = ", ".join(f"`{name}`" for name in VARIANTS.get(family.model_type, {})) if family.supported else ""
+        lines.append(f"| `{family.model_type}` | `{family.causal_lm}` | {family.status} | {names or '-'} |")
+    lines += ["", "Not on the interface, with its own adapter (`exporter/hf_switch.py`): `switch_transformers` "
+              "(`SwitchTransformersForConditionalGeneration`, encoder-decoder, top-1 with expert capacity)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(coverage_markdown(), end="")

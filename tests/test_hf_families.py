@@ -1,0 +1,193 @@
+"""Every transformers MoE family on the experts interface: tiny random checkpoint -> ONNX -> parity.
+
+The twelve families of issue 3 and their MoE config variants run on every test run (variants that only
+change top-k, and the other discovered families, are ``slow``: one export each, ~15-30 s on the 2-core
+test machine). Families recorded as unsupported are re-checked: the recorded reason must still hold.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("transformers")
+
+from moeport.exporter import families, hf_families  # noqa: E402
+from moeport.exporter.export import export_checkpoint  # noqa: E402
+from moeport.exporter.hf import CausalLMAdapter  # noqa: E402
+from moeport.runtime.verify import verify  # noqa: E402
+
+ISSUE_3 = list(hf_families.EVERY_RUN)
+DISCOVERED = [f.model_type for f in hf_families.interface_families()]
+OTHERS_SUPPORTED = [t for t in DISCOVERED if t not in ISSUE_3 and hf_families.get_family(t).supported]
+UNSUPPORTED = sorted(hf_families.UNSUPPORTED)
+# Variants that only change top-k run under -m slow: top-1 and top-4 are already exported by every run.
+SLOW_VARIANTS = {("mixtral", "top4"), ("gpt_oss", "top1"), ("granitemoe", "top1"), ("hunyuan_v1_moe", "top1")}
+VARIANT_CASES = [pytest.param(t, name, id=f"{t}-{name}", marks=[pytest.mark.slow] if (t, name) in SLOW_VARIANTS else [])
+                 for t in ISSUE_3 for name in hf_families.VARIANTS.get(t, {})]
+SHAPES = "1x1,2x9,3x33"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def hf_export(tmp_path_factory):
+    """hf_export(model_type, variant="default", validate=True) -> (ExportResult, checkpoint dir), cached."""
+    root = tmp_path_factory.mktemp("hf_families")
+    cache: dict = {}
+
+    def make(model_type: str, variant: str = "default", validate: bool = True):
+        key = (model_type, variant)
+        if key not in cache:
+            checkpoint = root / f"{model_type}.{variant}"
+            hf_families.random_model(model_type, **hf_families.variants(model_type)[variant]).save_pretrained(checkpoint)
+            result = export_checkpoint(checkpoint, root / f"{model_type}.{variant}.onnx", with_routing=True,
+                                       validate=validate)
+            cache[key] = (result, checkpoint)
+        return cache[key]
+
+    return make
+
+
+def assert_parity(model, checkpoint, shapes=SHAPES, paddings=(True, False)):
+    for left_padding in paddings:
+        report = verify(model, checkpoint, shapes=shapes, left_padding=left_padding)
+        assert report.passed, report.render()
+        assert report.max_abs_err <= 1e-4, report.render()
+        assert report.routing_agreement == 1.0, report.render()
+
+
+def check_family(hf_export, model_type):
+    result, checkpoint = hf_export(model_type)
+    assert result.validation is not None and result.validation.passed
+    assert result.strategy == "sorted"
+    assert_parity(result.output, checkpoint)
+    # The tie-margin hook found every layer's router (else verify could not tell ties from bugs).
+    loaded = families.load_checkpoint(checkpoint)
+    margins = families.routing_margins(loaded, families.random_inputs(loaded.info, 2, 5, seed=0))
+    found = all(np.isfinite(m).all() for m in margins)
+    assert found == (model_type not in hf_families.NO_TIE_MARGINS), f"{model_type}: router logits found: {found}"
+
+
+def test_discovery_is_derived_and_covers_issue_3():
+    import importlib.util
+
+    assert set(ISSUE_3) <= set(DISCOVERED)
+    for family in hf_families.interface_families():
+        origin = importlib.util.find_spec(f"transformers.models.{family.module}.modeling_{family.module}").origin
+        assert hf_families.DECORATOR in Path(origin).read_text(encoding="utf-8")
+    # Every recorded override, variant and unsupported entry names a discovered family (no stale rows).
+    for table in (hf_families.OVERRIDES, hf_families.VARIANTS, hf_families.UNSUPPORTED, hf_families.NO_TIE_MARGINS):
+        assert set(table) <= set(DISCOVERED)
+
+
+@pytest.mark.parametrize("model_type", [t for t in DISCOVERED if t not in hf_families.UNSUPPORTED
+                                        or hf_families.UNSUPPORTED[t].stage != "multimodal"])
+def test_every_discovered_family_has_a_tiny_model(model_type):
+    config = hf_families.tiny_config(model_type)
+    assert config.hidden_size <= 64 and config.vocab_size <= 256
+    adapter = CausalLMAdapter(hf_families.random_model(model_type))
+    assert adapter.experts, f"{model_type}: the tiny config builds no experts module"
+    assert all(m.num_experts >= 4 for m in adapter.experts)
+    assert sum(p.numel() for p in adapter.parameters()) < 5_000_000
+    import torch
+
+    with torch.no_grad():
+        logits, routing = adapter(torch.arange(6).reshape(2, 3) % config.vocab_size)
+    assert logits.shape[:2] == (2, 3) and len(routing) == len(adapter.experts)
+
+
+def test_unknown_family_or_option_is_a_one_line_user_error():
+    from moeport.errors import MoeportError
+
+    with pytest.raises(MoeportError, match="configs have no option norm_topk"):
+        hf_families.tiny_config("mixtral", norm_topk=True)
+    with pytest.raises(MoeportError, match="'llama' is not a transformers causal LM on the experts interface"):
+        hf_families.tiny_config("llama")
+
+
+@pytest.mark.parametrize("model_type", ISSUE_3)
+def test_issue_3_family_exports_with_parity(hf_export, model_type):
+    check_family(hf_export, model_type)
+
+
+@pytest.mark.parametrize("model_type,variant", VARIANT_CASES)
+def test_moe_variant_exports_with_parity(hf_export, model_type, variant):
+    options = hf_families.VARIANTS[model_type][variant]
+    config = hf_families.tiny_config(model_type, **options)
+    assert all(getattr(config, key) == value for key, value in options.items()), "variant option was ignored"
+    result, checkpoint = hf_export(model_type, variant, validate=False)
+    assert_parity(result.output, checkpoint, shapes="1x1,3x33", paddings=(True,))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", OTHERS_SUPPORTED)
+def test_other_family_exports_with_parity(hf_export, model_type):
+    check_family(hf_export, model_type)
+
+
+@pytest.mark.parametrize("model_type", [t for t in UNSUPPORTED if hf_families.UNSUPPORTED[t].stage == "multimodal"])
+def test_recorded_multimodal_status_still_holds(model_type):
+    import transformers
+
+    assert "text_config" in (transformers.CONFIG_MAPPING[model_type].sub_configs or {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", [t for t in UNSUPPORTED if hf_families.UNSUPPORTED[t].stage == "export"])
+def test_recorded_export_failure_still_holds(hf_export, model_type):
+    entry = hf_families.UNSUPPORTED[model_type]
+    with pytest.raises(Exception) as failure:
+        hf_export(model_type)
+    messages = [str(failure.value)] + [str(cause) for cause in _causes(failure.value)]
+    assert any(entry.match in message for message in messages), messages
+
+
+def _causes(exc: BaseException):
+    while (exc := exc.__cause__ or exc.__context__) is not None:
+        yield exc
+
+
+def test_switch_transformers_exports_with_parity(tmp_path):
+    """Encoder-decoder top-1 with a capacity small enough that 3x33 drops tokens (weight 0 in the routing)."""
+    import torch
+    import transformers
+
+    from moeport.exporter import hf_switch
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "switch"
+    transformers.SwitchTransformersForConditionalGeneration(hf_switch.tiny_config(expert_capacity=3)).save_pretrained(checkpoint)
+    result = export_checkpoint(checkpoint, tmp_path / "switch.onnx", with_routing=True, validate=False)
+    assert result.family == "switch_transformers" and result.strategy == "sorted"
+    assert [layer.label for layer in result.info.layers] == ["encoder.0", "encoder.1", "decoder.0", "decoder.1"]
+    loaded = families.load_checkpoint(checkpoint)
+    reference = families.reference_outputs(loaded, families.random_inputs(loaded.info, 3, 33, seed=2))
+    assert (reference["routing.encoder.0.weights"] == 0).any(), "expected capacity drops at 3x33"
+    assert_parity(result.output, checkpoint, shapes="1x1,3x33")
+
+
+def test_graph_uses_sorted_dispatch(hf_export):
+    result, _ = hf_export("mixtral")
+    model = onnx.load(str(result.output))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"TopK", "Slice", "CumSum", "MatMul"} <= ops
+    domains = {imp.domain for imp in model.opset_import} | {node.domain for node in model.graph.node}
+    assert "com.microsoft" not in domains and domains <= {"", "ai.onnx"}
+
+
+def test_readme_table_is_generated():
+    text = README.read_text(encoding="utf-8")
+    assert "## Hugging Face families" in text
+    section = text.split("## Hugging Face families", 1)[1]
+    assert hf_families.coverage_markdown() in section
+
+
+def test_module_entry_prints_the_table():
+    out = subprocess.run([sys.executable, "-m", "moeport.exporter.hf_families"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == hf_families.coverage_markdown()
