@@ -86,22 +86,27 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def overall(self) -> Comparison:
+        """Every shape's outputs and routing in one Comparison: its aggregates are the report's."""
+        return Comparison(outputs=[o for r in self.results for o in r.comparison.outputs],
+                          routing=[x for r in self.results for x in r.comparison.routing],
+                          missing=sorted({m for r in self.results for m in r.comparison.missing}))
+
+    @property
     def passed(self) -> bool:
-        return all(r.comparison.passed for r in self.results)
+        return self.overall.passed
 
     @property
     def max_abs_err(self) -> float:
-        return max(r.comparison.max_abs_err for r in self.results)
+        return self.overall.max_abs_err
 
     @property
     def routing_agreement(self) -> float | None:
-        values = [r.comparison.routing_agreement for r in self.results if r.comparison.routing_agreement is not None]
-        return min(values, default=None)
+        return self.overall.routing_agreement
 
     @property
     def argmax_agreement(self) -> float | None:
-        values = [r.comparison.argmax_agreement for r in self.results if r.comparison.argmax_agreement is not None]
-        return min(values, default=None)
+        return self.overall.argmax_agreement
 
     def to_dict(self) -> dict:
         return {
