@@ -131,3 +131,16 @@ def test_console_script_entry_point(tmp_path):
     """The installed `moeport` command runs (version) and keeps stdout clean."""
     result = subprocess.run([sys.executable, "-m", "moeport.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "0.1.0" in result.stdout
+
+
+def test_demo_exports_verifies_and_benches(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--sample", "switch", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["verify"]["passed"] is True and report["verify"]["routing_agreement"] == 1.0
+    shapes = [r["shape"] for r in report["bench"]["results"]]
+    assert shapes == ["1x1", "1x64"]
+    assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] > 0 for r in report["bench"]["results"])
+    # a second run reuses the checkpoint and replaces its own model
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--sample", "switch", "--json")
+    assert code == 0

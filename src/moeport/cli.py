@@ -166,6 +166,8 @@ def demo_cmd(workdir, sample, as_json):
         click.echo(f"exported: {result.output} ({result.size_bytes / 1e6:.2f} MB, strategy {result.strategy}, "
                    f"{result.seconds:.1f}s)")
         click.echo(report.verify.render())
+        if report.bench is not None:
+            click.echo(report.bench.render())
     sys.exit(0 if report.passed else 1)
 
 
