@@ -131,10 +131,11 @@ NO_TIE_MARGINS: dict[str, str] = {
 }
 
 # torch.export specialises the sequence axis to the example's 16 tokens inside these hybrid layers
-# (Mamba / linear-attention reference loops), so the graph accepts 16-token inputs only.
+# (Mamba / linear-attention reference loops), so the graph would accept 16-token inputs only; the exporter
+# notices the fixed axis right after tracing and refuses with a one-line error.
 _SPECIALISED = ("hybrid Mamba/linear-attention layers: the dynamo exporter fixes the sequence length to the "
                 "example's (16), so the graph rejects other lengths")
-_SPECIALISED_MATCH = "Expected: 16"
+_SPECIALISED_MATCH = "fixes the sequence axis to 16 while tracing"
 _MULTIMODAL = "vision/audio-language wrapper; export its text model_type"
 # Families that do not export, and why (measured; tests/test_hf_families.py re-checks each reason).
 UNSUPPORTED: dict[str, Unsupported] = {
