@@ -1,8 +1,9 @@
 """Issue 6 targets in one command: ``python benchmarks/run.py [--out DIR] [--quick]``.
 
 Everything runs in this process on the CPU provider with the same intra-op thread count (2 by default) for
-onnxruntime and PyTorch; backends alternate run by run and medians are compared, so machine noise hits
-both alike. Models are built from configs with seeded random weights (nothing is downloaded). Results are
+onnxruntime and PyTorch, each with its default threading; backends take turns in bursts of three runs
+(the first of each burst untimed, so no backend is timed while the other's idle threads still spin) and
+medians are compared, so machine noise hits both alike. Models are built from configs with seeded random weights (nothing is downloaded). Results are
 printed as a markdown table (figure, target, met?) and written to ``DIR/results.json``.
 
 Reference model: transformers Mixtral, vocab 1000, hidden 256, intermediate 512, 4 layers, 8 heads,
@@ -28,35 +29,23 @@ REFERENCE = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hi
                  num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048)
 
 
-def median_ms(fn, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
-
-
 def alternate(fns: dict, runs: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each callable, run in turn (a, b, c, a, b, c, ...) so noise is shared."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    """Median ms of each callable, the backends taking turns (moeport.runtime.bench.alternate: bursts of 3,
+    the first run of each burst untimed, every backend with its default threading)."""
+    from moeport.runtime.bench import alternate as take_turns
+
+    times = take_turns(fns, runs=runs, warmup=warmup)
     return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def median_ms(fn, runs: int, warmup: int = 3) -> float:
+    return alternate({"only": fn}, runs, warmup)["only"]
 
 
 def session(path, threads):
     from moeport.runtime.session import create_session
 
-    return create_session(path, "cpu", threads=threads, config={"session.intra_op.allow_spinning": "0"})
+    return create_session(path, "cpu", threads=threads)  # onnxruntime's default session options
 
 
 def reference_checkpoint(root: Path):

@@ -1,19 +1,21 @@
-"""The one data-dependent step of a sparse MoE as a torch custom op with a hand-written ONNX translation.
+"""The one data-dependent step of a sparse MoE as a pair of torch custom ops with hand-written ONNX translations.
 
-``torch.ops.moeport.segment_matmul(x, counts, weights) -> y``
+``torch.ops.moeport.segment_split(x, counts) -> [segment_0, ..., segment_{E-1}]``
 
-- ``x``: ``[S, in]`` rows already sorted by expert (S = tokens * k slots);
+- ``x``: ``[S, hidden]`` rows already sorted by expert (S = tokens * k slots);
 - ``counts``: ``[E]`` int64, how many consecutive rows of ``x`` belong to each expert, in expert order;
-- ``weights``: E tensors ``[in, out]`` -- one 2-D weight per expert, so quantizers see plain 2-D MatMul
-  initializers;
-- ``y``: ``[S, out]``, row r multiplied by the weight of the expert whose segment holds r.
+- ``segment_e``: ``[counts[e], hidden]``, the rows of expert ``e`` (possibly empty).
 
-Why a custom op: a segment's bounds depend on the routing, and tracing a per-expert loop bakes the
-example input's routing into the graph. Torch only sees the fake implementation (shape ``[S, out]``);
-the ONNX side is Slice-by-CumSum-bounds, MatMul, Concat per expert -- standard ops, and every expert
-works only on its own rows, so compute grows with k, not with the number of experts. Everything around
-it (sorting, gathering, the gate activation, biases, combining) stays ordinary traced torch code, so a
-model family's own gate function exports unchanged.
+``torch.ops.moeport.segment_concat(segments, rows_like) -> [S, out]``: the segments stacked back in order;
+``rows_like`` (any tensor with S rows) only tells torch the result has S rows again.
+
+Why custom ops: a segment's length depends on the routing, and tracing a per-expert loop over a Python
+split bakes the example input's routing into the graph. Torch sees each segment with an unbacked
+(data-dependent) row count, so the expert code between the two ops -- the family's own MatMuls, biases and
+gate function, one copy per expert -- is traced as ordinary torch. The ONNX side is one ``Split`` by the
+counts and one ``Concat``: standard ops, each expert works only on its own rows (compute grows with k,
+not with the number of experts), and each expert's intermediate activations stay small enough to stay in
+cache instead of making a round trip through one [S, 2*inter] tensor.
 """
 
 from __future__ import annotations
@@ -23,34 +25,51 @@ from typing import List
 import torch
 
 
-@torch.library.custom_op("moeport::segment_matmul", mutates_args=())
-def segment_matmul(x: torch.Tensor, counts: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
-    out = x.new_empty(x.shape[0], weights[0].shape[1])
-    start = 0
-    for count, weight in zip(counts.tolist(), weights):
-        out[start : start + count] = x[start : start + count] @ weight
-        start += count
-    return out
+@torch.library.custom_op("moeport::segment_split", mutates_args=())
+def segment_split(x: torch.Tensor, counts: torch.Tensor) -> List[torch.Tensor]:
+    # Custom ops may not return views of their inputs.
+    return [segment.clone() for segment in torch.split(x, counts.tolist())]
 
 
-@segment_matmul.register_fake
-def _segment_matmul_fake(x, counts, weights):
-    return x.new_empty(x.shape[0], weights[0].shape[1])
+@segment_split.register_fake
+def _segment_split_fake(x, counts):
+    ctx = torch.library.get_ctx()
+    return [x.new_empty(ctx.new_dynamic_size(), *x.shape[1:]) for _ in range(counts.shape[0])]
 
 
-def segment_matmul_onnx(x, counts, weights):
-    """onnxscript translation of ``moeport::segment_matmul`` (traced: the expert loop unrolls)."""
+@torch.library.custom_op("moeport::segment_concat", mutates_args=())
+def segment_concat(segments: List[torch.Tensor], rows_like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(segments)
+
+
+@segment_concat.register_fake
+def _segment_concat_fake(segments, rows_like):
+    return segments[0].new_empty(rows_like.shape[0], *segments[0].shape[1:])
+
+
+def segment_split_onnx(x, counts):
+    """onnxscript translation of ``moeport::segment_split``: one Split by the counts."""
     from onnxscript import opset18 as op
 
-    axis0 = op.Constant(value_ints=[0])
-    ends = op.CumSum(counts, op.Constant(value_int=0))
-    starts = op.Sub(ends, counts)
-    segments = []
-    for e, weight in enumerate(weights):
-        lo, hi = op.Constant(value_ints=[e]), op.Constant(value_ints=[e + 1])
-        rows = op.Slice(x, op.Slice(starts, lo, hi), op.Slice(ends, lo, hi), axis0)
-        segments.append(op.MatMul(rows, weight))
+    # torch.onnx needs num_outputs to know how many values the node has; ONNX forbids it next to the
+    # ``split`` input, so ``drop_split_num_outputs`` removes it from the finished graph.
+    return op.Split(x, counts, axis=0, num_outputs=counts.shape[0])
+
+
+def segment_concat_onnx(segments, rows_like):
+    from onnxscript import opset18 as op
+
     return op.Concat(*segments, axis=0)
 
 
-CUSTOM_TRANSLATIONS = {torch.ops.moeport.segment_matmul.default: segment_matmul_onnx}
+def drop_split_num_outputs(model) -> None:
+    """Remove ``num_outputs`` from Split nodes that also have a ``split`` input (an onnx_ir model, in place)."""
+    for node in model.graph.all_nodes():
+        if node.op_type == "Split" and node.domain == "" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            node.attributes.pop("num_outputs", None)
+
+
+CUSTOM_TRANSLATIONS = {
+    torch.ops.moeport.segment_split.default: segment_split_onnx,
+    torch.ops.moeport.segment_concat.default: segment_concat_onnx,
+}

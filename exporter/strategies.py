@@ -7,8 +7,8 @@ as buffers (so torch.export lifts them to named 2-D ONNX initializers) and insta
 dispatch ``(x [tokens, hidden], expert_idx [tokens, k] int64, expert_weight [tokens, k]) -> [tokens, hidden]``.
 
 - ``sorted``: sort the tokens*k slots by expert, one contiguous segment per expert (the
-  ``moeport::segment_matmul`` custom op), put the results back with the inverse permutation and sum
-  over k. Compute grows with k, not with the number of experts. The default for top-k routers.
+  ``moeport::segment_split`` / ``segment_concat`` custom ops around the per-expert FFNs), put the results
+  back with the inverse permutation and sum over k. Compute grows with k, not with the number of experts. The default for top-k routers.
 - ``gather``: gather each slot's expert weight matrices and multiply; cheapest for one or a few
   tokens, memory-bound for long prompts.
 - ``dense``: every expert on every token, weights scattered into a [tokens, E] matrix with zeros for
@@ -156,14 +156,12 @@ def sorted_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options)
     slot = torch.arange(num_slots, device=x.device)
     # Unique keys make the sort stable and identical on every runtime: slot s belongs to token s // k.
     order = torch.argsort(flat_expert * num_slots + slot)
-    sorted_expert = flat_expert[order]
     counts = F.one_hot(flat_expert, weights.num_experts).sum(0)
-    h = torch.ops.moeport.segment_matmul(x[order // k], counts, weights.per_expert("gate_up"))
-    if (bias := weights.bias("gate_up")) is not None:
-        h = h + bias[sorted_expert]
-    y = torch.ops.moeport.segment_matmul(weights.apply_gate(h), counts, weights.per_expert("down"))
-    if (bias := weights.bias("down")) is not None:
-        y = y + bias[sorted_expert]
+    sorted_x = x[order // k]
+    segments = torch.ops.moeport.segment_split(sorted_x, counts)
+    # Each expert runs on its own rows only; the family's gate function is traced once per expert.
+    y = torch.ops.moeport.segment_concat([_expert_ffn(weights, rows, e) for e, rows in enumerate(segments)],
+                                         sorted_x)
     y = y * expert_weight.reshape(-1)[order][:, None]
     # Back to slot order with the inverse permutation, then sum each token's k slots: no scatter-add,
     # which some providers (OpenVINO) refuse.

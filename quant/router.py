@@ -27,7 +27,7 @@ _SCORE_OPS = ("Softmax", "Sigmoid")
 _COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "MatMulInteger", "MatMulNBits", "QLinearMatMul"})
 # Quantizer-inserted ops a backward walk may look through when analysing an already quantized graph.
 _TRANSPARENT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"})
-_MAX_WALK = 12  # nodes walked back from an expert MatMul to its Slice (SwiGLU needs 5)
+_MAX_WALK = 12  # nodes walked back from an expert MatMul to its segment (SwiGLU needs 5)
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 
 
@@ -147,25 +147,44 @@ def find_routers(model: onnx.ModelProto) -> RouterPlan:
 
 
 def find_expert_matmuls(model: onnx.ModelProto) -> dict[tuple[str, int], list[onnx.NodeProto]]:
-    """Expert MatMuls grouped per layer and projection, in graph (= expert) order.
+    """Expert MatMuls grouped per layer and projection, in expert order.
 
-    The sorted dispatch gives every expert ``MatMul(Slice(rows, start_e, end_e), W_e)`` with a 2-D
-    ``W_e``; a later projection of the same expert reads that MatMul's result through elementwise ops
-    (``down(silu(gate) * up)``). The key is ``(rows, MatMuls crossed)``, found by walking back along
-    first inputs. Looks through Q/DQ/Cast, so it also works on quantized graphs. Groups of one MatMul
-    are not experts and are left out.
+    The sorted dispatch cuts the expert-sorted rows with one ``Split`` by routing-computed counts and
+    gives every expert ``MatMul(segment_e, W_e)`` with a 2-D ``W_e``; the capacity dispatch (and earlier
+    moeport graphs) use ``MatMul(Slice(rows, start_e, end_e), W_e)``. A later projection of the
+    same expert reads that MatMul's result through elementwise ops (``down(silu(gate) * up)``). The key
+    is ``(rows, MatMuls crossed)``, found by walking back along first inputs. Looks through Q/DQ/Cast,
+    so it also works on quantized graphs. Groups of one MatMul are not experts and are left out.
     """
     g = _Graph(model)
-    groups: dict[tuple[str, int], list[onnx.NodeProto]] = {}
-    for node in g.nodes:
-        if node.op_type not in ("MatMul", "MatMulInteger", "MatMulNBits") or len(node.input) < 2:
+    matmuls = ("MatMul", "MatMulInteger", "MatMulNBits")
+    groups: dict[tuple[str, int], list[tuple[int, int, onnx.NodeProto]]] = {}
+    for position, node in enumerate(g.nodes):
+        if node.op_type not in matmuls or len(node.input) < 2:
             continue
-        crossed, source = 0, g.source(node.input[0])
+        crossed, value = 0, node.input[0]
         for _ in range(_MAX_WALK):
-            if source is None or source.op_type == "Slice":
+            source = g.producer.get(value)
+            while source is not None and source.op_type in _TRANSPARENT_OPS:
+                value = source.input[0]
+                source = g.producer.get(value)
+            if source is None:
                 break
-            crossed += source.op_type in ("MatMul", "MatMulInteger", "MatMulNBits")
-            source = g.source(source.input[0]) if source.input else None
-        if source is not None and source.op_type == "Slice":
-            groups.setdefault((source.input[0], crossed), []).append(node)
-    return {key: nodes for key, nodes in groups.items() if len(nodes) > 1}
+            if source.op_type == "Slice":
+                groups.setdefault((source.input[0], crossed), []).append((position, position, node))
+                break
+            if _is_routed_split(g, source):
+                expert = list(source.output).index(value)
+                groups.setdefault((source.input[0], crossed), []).append((expert, position, node))
+                break
+            crossed += source.op_type in matmuls
+            if not source.input:
+                break
+            value = source.input[0]
+    return {key: [node for *_, node in sorted(members, key=lambda m: m[:2])]
+            for key, members in groups.items() if len(members) > 1}
+
+
+def _is_routed_split(g: _Graph, node: onnx.NodeProto) -> bool:
+    """A Split whose sizes are computed in the graph (the routing's per-expert counts), not constants."""
+    return node.op_type == "Split" and len(node.input) > 1 and bool(node.input[1]) and node.input[1] not in g.constants

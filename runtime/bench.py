@@ -1,19 +1,21 @@
 """``moeport bench``: latency of a model on onnxruntime, optionally against PyTorch eager.
 
 Each shape ``BATCHxSEQ`` feeds seeded ``input_ids [batch, seq] int64``. With a checkpoint, the PyTorch
-model runs on the same inputs in the same process with the same thread count; ORT and PyTorch runs
-alternate so that machine noise (other jobs, frequency changes) hits both alike, and the comparison
-uses medians. Peak memory is the largest resident set size (psutil) seen after any run of a shape, so it
+model runs on the same inputs in the same process with the same thread count; ORT and PyTorch take
+turns (``alternate``) so that machine noise (other jobs, frequency changes) hits both alike, and the
+comparison uses medians. Peak memory is the largest resident set size (psutil) seen after any run of a shape, so it
 includes whatever the process held before (the model weights of both backends).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -25,6 +27,43 @@ from moeport.runtime.run import example_feeds
 from moeport.runtime.verify import parse_shapes
 
 DEFAULT_SHAPES = "1x1,1x128,4x128"
+
+
+def alternate(backends: dict[str, Callable[[], object]], *, runs: int, warmup: int = 3, burst: int = 3,
+              after_run: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of ``runs`` timed calls of each backend, the backends taking turns in short bursts.
+
+    Every backend keeps its default threading: onnxruntime's and PyTorch's (OpenMP) worker threads both
+    busy-wait for a while after a run, so a run that follows the other backend's shares the cores with
+    its still-spinning threads. Each turn is therefore ``burst`` consecutive runs of one backend whose
+    first run is not timed -- the same rule for every backend -- and the turns rotate (a a a, b b b,
+    a a a, ...), so noise over time still hits all of them alike. ``after_run`` is called after every
+    run (e.g. to sample memory).
+    """
+    if burst < 2:
+        raise ValueError("burst must be at least 2 (its first run is not timed)")
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for fn in backends.values():
+        for _ in range(warmup):
+            fn()
+            if after_run is not None:
+                after_run()
+    while any(len(t) < runs for t in times.values()):
+        for name, fn in backends.items():
+            for i in range(burst):
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+                if after_run is not None:
+                    after_run()
+                if i and len(times[name]) < runs:
+                    times[name].append(elapsed)
+    return times
+
+
+def alternate_calls(*, runs: int, warmup: int = 3, burst: int = 3) -> int:
+    """How many calls ``alternate`` makes of each backend (for progress bars)."""
+    return warmup + math.ceil(runs / (burst - 1)) * burst
 
 
 def _ms_stats(seconds: list[float]) -> dict[str, float]:
@@ -154,11 +193,7 @@ def bench(
         _pyplot()  # fail before the measurements, not after
     model = Path(model)
     provider, notes = resolve_with_warnings(ep, fallback)
-    # onnxruntime's idle intra-op threads spin for a while after each run; when PyTorch runs right after,
-    # they hold the cores its threads need and PyTorch's time includes ORT's idling. So when both are
-    # timed, ORT's threads block instead of spinning.
-    spinning = {"session.intra_op.allow_spinning": "0"} if checkpoint is not None else {}
-    session = create_session(model, provider, threads=threads, config=spinning)
+    session = create_session(model, provider, threads=threads)
     input_specs, _ = session_specs(session)
     metadata = session.get_modelmeta().custom_metadata_map
     names = [s.name for s in input_specs]
@@ -171,30 +206,25 @@ def bench(
         torch.set_num_threads(threads)  # the same intra-op threads as the ORT session: a fair comparison
     process = psutil.Process()
     results = []
-    total = len(shapes) * (warmup + runs)
+    total = len(shapes) * (1 if checkpoint is None else 2) * alternate_calls(runs=runs, warmup=warmup)
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar, torch.no_grad():
         for i, (batch, seq) in enumerate(shapes):
             feeds = example_feeds(input_specs, metadata, batch, seq, seed=seed + i)
             if "attention_mask" in feeds:
                 feeds["attention_mask"] = np.ones_like(feeds["input_ids"])  # no padding
             torch_feeds = {name: torch.from_numpy(array) for name, array in feeds.items()}
-            ort_times, torch_times, peak = [], [], 0
-            for n in range(warmup + runs):
-                # Alternate the backends run by run so that noise over time is shared between them.
-                start = time.perf_counter()
-                session.run(None, feeds)
-                ort_time = time.perf_counter() - start
-                torch_time = None
-                if torch_model is not None:
-                    start = time.perf_counter()
-                    torch_model(**torch_feeds)
-                    torch_time = time.perf_counter() - start
+            peak = 0
+
+            def sample_memory() -> None:
+                nonlocal peak
                 peak = max(peak, process.memory_info().rss)
-                if n >= warmup:
-                    ort_times.append(ort_time)
-                    if torch_time is not None:
-                        torch_times.append(torch_time)
                 bar.update(1)
+
+            backends = {"ort": lambda: session.run(None, feeds)}
+            if torch_model is not None:
+                backends["torch"] = lambda: torch_model(**torch_feeds)
+            times = alternate(backends, runs=runs, warmup=warmup, after_run=sample_memory)
+            ort_times, torch_times = times["ort"], times.get("torch", [])
             efficiency = None
             if expert_efficiency:
                 from moeport.runtime.efficiency import expert_efficiency as measure

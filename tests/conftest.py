@@ -49,6 +49,33 @@ def exported(workdir, sample_checkpoint):
     return export
 
 
+@pytest.fixture(scope="session")
+def routed_segments():
+    """routed_segments(model) -> [outputs of each Split cut by a computed ``split`` input] for an onnx.ModelProto.
+
+    That is the sorted dispatch's footprint: the slots sorted by expert are cut into one segment per expert
+    by counts computed from the routing (not a constant), and every segment feeds a MatMul, so each expert
+    multiplies only its own rows. A dense or routing-frozen graph has no such Split.
+    """
+
+    def segments(model) -> list[int]:
+        graph = model.graph
+        constants = {init.name for init in graph.initializer}
+        constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+        consumers: dict[str, list[str]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node.op_type)
+        found = []
+        for node in graph.node:
+            if node.op_type == "Split" and len(node.input) > 1 and node.input[1] and node.input[1] not in constants:
+                assert all("MatMul" in consumers.get(out, []) for out in node.output), "a segment bypasses MatMul"
+                found.append(len(node.output))
+        return found
+
+    return segments
+
+
 def pytest_addoption(parser):
     parser.addoption("--regen", action="store_true",
                      help="rewrite generated docs (docs/errors.md) from the test cases instead of only checking them")

@@ -73,10 +73,13 @@ def test_auto_picks_sorted_for_topk_and_dense_for_soft(exported):
     assert soft.strategy == "dense" and "soft" in soft.strategy_reason
 
 
-def test_sorted_graph_is_sparse(exported):
-    """Sorted dispatch: one Slice-fed MatMul pair per expert, TopK sort and inverse-permutation gather."""
-    ops = op_types(exported("topk", with_routing=True).output)
-    assert {"TopK", "Slice", "CumSum", "Gather", "ScatterElements", "Concat"} <= ops
+def test_sorted_graph_is_sparse(exported, routed_segments):
+    """Sorted dispatch: TopK sort, one routed segment per expert feeding its MatMuls, inverse-permutation gather."""
+    result = exported("topk", with_routing=True)
+    ops = op_types(result.output)
+    assert {"TopK", "Split", "Gather", "ScatterElements", "Concat"} <= ops
+    info = result.info
+    assert routed_segments(onnx.load(str(result.output))) == [layer.num_experts for layer in info.layers]
     assert "ScatterND" not in ops  # combine without scatter-add (OpenVINO refuses reduction=add)
 
 

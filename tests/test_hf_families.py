@@ -171,11 +171,12 @@ def test_switch_transformers_exports_with_parity(tmp_path):
     assert_parity(result.output, checkpoint, shapes="1x1,3x33")
 
 
-def test_graph_uses_sorted_dispatch(hf_export):
+def test_graph_uses_sorted_dispatch(hf_export, routed_segments):
     result, _ = hf_export("mixtral")
     model = onnx.load(str(result.output))
     ops = {node.op_type for node in model.graph.node}
-    assert {"TopK", "Slice", "CumSum", "MatMul"} <= ops
+    assert {"TopK", "Split", "MatMul"} <= ops
+    assert routed_segments(model) == [layer.num_experts for layer in result.info.layers]
     domains = {imp.domain for imp in model.opset_import} | {node.domain for node in model.graph.node}
     assert "com.microsoft" not in domains and domains <= {"", "ai.onnx"}
 
