@@ -2,14 +2,15 @@
 
 Sources (``load_calibration``):
 
-- a text file (``.txt`` or anything not below): bytes -> token ids for a byte-level model (vocab 256);
-- a JSONL file (``.jsonl``): one JSON object per line, its ``"text"`` field, as bytes;
+- a text file (``.txt`` or anything not below): token ids from the checkpoint's tokenizer when it has one
+  (``TextEncoder``), else bytes for a byte-level model (vocab 256);
+- a JSONL file (``.jsonl``): one JSON object per line, its ``"text"`` field, encoded the same way;
 - a ``.npz`` file: one array per graph input, named as the input, ``[samples, seq]`` integer ids;
 - ``"random"``: seeded uniform token ids; only when asked for explicitly, with a warning (random bytes
   route unlike real text, so the activation ranges and per-expert coverage are not representative).
 
-Every sample is a dict ``{input name: array [1, seq] int64}`` -- one window per ``session.run``.
-Tokenizer-based text for non-byte-level checkpoints is not implemented yet (a user error says so).
+Every sample is a dict ``{input name: array [1, seq] int64}`` -- one window per ``session.run``; text
+windows also feed an all-ones ``attention_mask`` when the graph takes one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -41,12 +43,64 @@ class CalibrationSet:
         return int(sum(next(iter(s.values())).size for s in self.samples))
 
 
-def _windows(ids: np.ndarray, seq: int, count: int, input_name: str) -> list[dict[str, np.ndarray]]:
+@dataclass
+class TextEncoder:
+    """Text -> token ids ``[n] int64`` for one model: its checkpoint's tokenizer, or bytes (vocab 256)."""
+
+    name: str
+    encode: Callable[[bytes], np.ndarray]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def text_encoder(vocab_size: int | None, checkpoint: str | os.PathLike | None = None) -> TextEncoder | None:
+    """How text becomes ids for a model of ``vocab_size``: the tokenizer saved in ``checkpoint`` (offline,
+    no remote code) when there is one, else bytes when the vocabulary is 256; None when neither fits."""
+    if checkpoint is not None and any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            raise MoeportError(f"{checkpoint} has a tokenizer; reading it needs transformers: "
+                               "pip install 'moeport[hf]'") from exc
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise MoeportError(f"cannot load the tokenizer in {checkpoint}: {exc}") from exc
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise MoeportError(f"the tokenizer in {checkpoint} has {len(tokenizer)} tokens but the model's vocabulary "
+                               f"is {vocab_size}: they do not belong together")
+
+        def encode(data: bytes) -> np.ndarray:
+            return np.asarray(tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False),
+                              dtype=np.int64)
+
+        return TextEncoder(f"tokenizer of {checkpoint}", encode)
+    if vocab_size == BYTE_VOCAB:
+        return TextEncoder("bytes", lambda data: np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+    return None
+
+
+def text_feeds(ids: np.ndarray, input_names: list[str], source: str) -> dict[str, np.ndarray]:
+    """Feeds for token ids ``[batch, seq]``: ``input_ids`` plus an all-ones ``attention_mask`` if the graph has one."""
+    other = [n for n in input_names if n not in ("input_ids", "attention_mask")]
+    if "input_ids" not in input_names and len(input_names) == 1:
+        return {input_names[0]: ids}  # a graph with one differently named id input
+    if other or "input_ids" not in input_names:
+        raise MoeportError(f"{source} gives token ids only, but the model has inputs {input_names}; pass a .npz "
+                           "with one array per input")
+    feeds = {"input_ids": ids}
+    if "attention_mask" in input_names:
+        feeds["attention_mask"] = np.ones_like(ids)
+    return feeds
+
+
+def _windows(ids: np.ndarray, seq: int, count: int, input_names: list[str], source: str) -> list[dict[str, np.ndarray]]:
     """``count`` evenly spaced windows of ``seq`` ids from a 1-D stream (fewer if it is short)."""
     if ids.size < seq:
         seq = int(ids.size)
     starts = np.unique(np.linspace(0, ids.size - seq, num=max(count, 1)).astype(np.int64))
-    return [{input_name: ids[s:s + seq][None, :].astype(np.int64)} for s in starts[:count]]
+    return [text_feeds(ids[s:s + seq][None, :].astype(np.int64), input_names, source) for s in starts[:count]]
 
 
 def _text_bytes(path: Path) -> bytes:
@@ -99,8 +153,12 @@ def load_calibration(
     samples: int,
     seq: int = DEFAULT_SEQ,
     seed: int = 0,
+    encoder: TextEncoder | None = None,
 ) -> CalibrationSet:
-    """Read ``source`` (see the module docstring) into at most ``samples`` windows of ``seq`` tokens."""
+    """Read ``source`` (see the module docstring) into at most ``samples`` windows of ``seq`` tokens.
+
+    ``encoder`` turns text into ids (``text_encoder``); None means bytes for a byte-level model.
+    """
     if samples < 1:
         raise MoeportError(f"calibration samples must be at least 1, got {samples}")
     if str(source) == RANDOM:
@@ -115,23 +173,25 @@ def load_calibration(
         raise MoeportError(f"calibration file not found: {path}")
     if path.suffix == ".npz":
         return CalibrationSet(str(path), _from_npz(path, input_names, vocab_size, samples))
-    if len(input_names) != 1:
-        raise MoeportError(f"calibration text {path} gives one token stream, but the model has inputs "
-                           f"{input_names}; pass a .npz with one array per input")
-    if vocab_size is None:
-        raise MoeportError(f"calibration text {path} needs the model's vocabulary size, but the model has no moeport "
-                           "metadata; pass a .npz of token ids")
-    if vocab_size != BYTE_VOCAB:
-        raise MoeportError(f"calibration text {path} is read as bytes, which fits a byte-level model (vocabulary "
-                           f"{BYTE_VOCAB}) but this model's vocabulary is {vocab_size}; pass a .npz of token ids")
+    if encoder is None:
+        if vocab_size is None:
+            raise MoeportError(f"calibration text {path} needs the model's vocabulary size, but the model has no "
+                               "moeport metadata; pass a .npz of token ids")
+        encoder = text_encoder(vocab_size)
+        if encoder is None:
+            raise MoeportError(f"calibration text {path} needs a tokenizer: the model's vocabulary is {vocab_size} "
+                               "(not bytes); pass --checkpoint with the checkpoint's tokenizer, or a .npz of token ids")
     try:
         data = _text_bytes(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise MoeportError(f"cannot read calibration file {path}: {exc}") from exc
     if not data:
         raise MoeportError(f"calibration file {path} is empty")
-    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-    return CalibrationSet(str(path), _windows(ids, seq, samples, input_names[0]))
+    ids = encoder.encode(data)
+    if vocab_size is not None and ids.size and ids.max() >= vocab_size:
+        raise MoeportError(f"calibration text {path} encodes to ids up to {ids.max()}, outside the model's "
+                           f"vocabulary of {vocab_size}")
+    return CalibrationSet(f"{path} ({encoder.name})", _windows(ids, seq, samples, input_names, f"calibration text {path}"))
 
 
 class ProgressReader:

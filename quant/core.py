@@ -21,6 +21,7 @@ The output is written to a temporary file beside ``out`` and renamed into place 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import tempfile
@@ -463,6 +464,11 @@ def quantize(
         result_warnings.append("no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph")
     scheme = choose_scheme(target) if spec.kind in ("qdq_static", "dynamic") else None
 
+    @functools.cache
+    def encoder() -> calib.TextEncoder | None:
+        # The checkpoint's tokenizer when it has one (read once, and only when text is encoded).
+        return calib.text_encoder(vocab, checkpoint)
+
     data, calibration_info, overrides = None, None, {}
     if spec.needs_calibration:
         input_names = [i.name for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
@@ -478,7 +484,7 @@ def quantize(
                 raise MoeportError("int8 needs calibration data: pass --calibration FILE (text, .jsonl or .npz), "
                                    "or --random-calibration to accept random tokens")
         data = calib.load_calibration(source, input_names=input_names, vocab_size=vocab,
-                                      samples=calibration_samples)
+                                      samples=calibration_samples, encoder=encoder())
         result_warnings += data.warnings
         expert_inputs = _expert_inputs(proto, targeted)
         coverage, ranges = _coverage(model, plan, data, labels, expert_inputs)
@@ -531,20 +537,21 @@ def quantize(
         report.parity = qual.parity(out, Path(checkpoint), spec.min_routing_agreement, parity_shapes)
     if not perplexity:
         report.notes.append("perplexity not measured (skipped on request)")
-    elif vocab == calib.BYTE_VOCAB:
+    elif encoder() is not None:
         text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
         if text_path is None:
             report.notes.append("no perplexity: no held-out text (pass --heldout FILE)")
         elif not text_path.is_file():
             raise MoeportError(f"held-out text not found: {text_path}")
         else:
-            ppl = qual.heldout_quality(model, out, text_path.read_bytes(), [r.indices_output for r in plan.routers])
+            ids = encoder().encode(text_path.read_bytes())
+            ppl = qual.heldout_quality(model, out, ids, [r.indices_output for r in plan.routers])
             report.perplexity_before, report.perplexity_after, report.heldout_tokens, routing, top1 = ppl
             if labels and len(labels) == len(routing):
                 routing, top1 = dict(zip(labels, routing.values())), dict(zip(labels, top1.values()))
             report.heldout_routing, report.heldout_top1 = routing, top1
     else:
-        report.notes.append("no perplexity: only byte-level models (vocabulary 256) are scored on text")
+        report.notes.append("no perplexity: the model is not byte-level and --checkpoint gives no tokenizer")
     if latency_runs > 0:
         report.latency_before_ms = qual.latency_ms(model, vocab or 2, latency_runs)
         report.latency_after_ms = qual.latency_ms(out, vocab or 2, latency_runs)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from moeport.errors import MoeportError
+from moeport.quant.calibration import text_feeds
 from moeport.quant.router import find_routers
 
 PARITY_SHAPES = ((1, 1), (3, 7), (4, 128))
@@ -150,11 +152,12 @@ class RouterSession:
             path = Path(tmp) / model.name
             onnx.save(proto, str(path))
             self.session = create_session(path, "cpu")
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids ``[batch, seq]`` -> (logits ``[batch, seq, vocab]``, TopK indices ``[tokens, k]`` per router)."""
-        outputs = self.session.run(["logits", *self.index_names], {self.input_name: ids})
+        feeds = text_feeds(ids, self.input_names, "held-out text")
+        outputs = self.session.run(["logits", *self.index_names], feeds)
         return outputs[0], outputs[1:]
 
 
@@ -168,12 +171,14 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return float(-picked.sum()), int(target.size)
 
 
-def heldout_quality(before: Path, after: Path, text: bytes, routers_before: list[str] | None = None,
+def heldout_quality(before: Path, after: Path, ids: np.ndarray, routers_before: list[str] | None = None,
                     window: int = PPL_WINDOW, batch: int = PPL_BATCH):
     """(ppl before, ppl after, scored tokens, per-router agreement of the TopK sets after vs before, and of
-    the top-1 expert). ``text`` bytes are windows ``[batch, window]``; routers are matched by TopK output name."""
-    ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+    the top-1 expert). ``ids`` (the encoded text, ``[n]``) are cut into windows ``[batch, window]``; routers
+    are matched by TopK output name."""
     count = ids.size // window
+    if count == 0:
+        raise MoeportError(f"the held-out text has {ids.size} tokens, fewer than one window of {window}")
     windows = ids[:count * window].reshape(count, window)
     fp32 = RouterSession(before, routers_before)
     quant = RouterSession(after, fp32.index_names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -133,7 +134,7 @@ def test_console_script_entry_point(tmp_path):
     assert result.returncode == 0 and "0.1.0" in result.stdout
 
 
-def test_demo_exports_verifies_and_benches(capsys, tmp_path):
+def test_demo_exports_verifies_benches_and_quantizes(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--sample", "switch", "--json")
     assert code == 0
     report = json.loads(out)
@@ -141,6 +142,16 @@ def test_demo_exports_verifies_and_benches(capsys, tmp_path):
     shapes = [r["shape"] for r in report["bench"]["results"]]
     assert shapes == ["1x1", "1x64"]
     assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] > 0 for r in report["bench"]["results"])
+    int8, fp16 = report["quantized"]
+    assert (int8["mode"]["name"], fp16["mode"]["name"]) == ("int8", "fp16")
+    for q in (int8, fp16):
+        assert Path(q["output"]).is_file() and q["router"]["kept_float_nodes"] > 0
+        quality = q["quality"]
+        assert quality["size_ratio"] < 0.55 and quality["perplexity_after"] > 0 and quality["latency_after_ms"] > 0
+        assert quality["parity"]["routing_agreement"] is not None
+    assert int8["quality"]["size_ratio"] < 0.4 and int8["calibration"]["tokens"] > 0
+    assert fp16["quality"]["parity"]["routing_agreement"] >= 0.99
     # a second run reuses the checkpoint and replaces its own model
-    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--sample", "switch", "--json")
-    assert code == 0
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--sample", "switch", "--json",
+                           "--no-quantize")
+    assert code == 0 and json.loads(out)["quantized"] == []

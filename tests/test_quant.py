@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto
 
 from moeport.cli import main
@@ -318,8 +319,53 @@ def test_calibration_sources(tmp_path):
     text.write_bytes(TEXT)
     windows = load_calibration(text, input_names=["input_ids"], vocab_size=256, samples=5, seq=32).samples
     assert len(windows) == 5 and windows[-1]["input_ids"][0, -1] == TEXT[-1]  # evenly spaced, to the end
-    with pytest.raises(MoeportError, match="fits a byte-level model .* but this model's vocabulary is 32000"):
+    with pytest.raises(MoeportError, match="needs a tokenizer: the model's vocabulary is 32000 .not bytes.; pass "
+                                           "--checkpoint with the checkpoint's tokenizer, or a .npz of token ids"):
         load_calibration(text, input_names=["input_ids"], vocab_size=32000, samples=1)
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n', encoding="utf-8")
     with pytest.raises(MoeportError, match=r"bad.jsonl:1 has no string \"text\" field"):
         load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], vocab_size=256, samples=1)
+
+
+def _char_tokenizer(directory):
+    """A character-level fast tokenizer (printable ASCII + [UNK]) saved like a Hugging Face checkpoint's."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    vocab["[UNK]"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
+    """A transformers checkpoint with a tokenizer: calibration and perplexity text go through it, and the
+    graph's attention_mask is fed alongside the ids."""
+    transformers = pytest.importorskip("transformers")
+    from moeport.exporter.export import export_checkpoint
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=256)
+    checkpoint = tmp_path / "mixtral"
+    transformers.MixtralForCausalLM(config).eval().save_pretrained(checkpoint)
+    tokenizer = _char_tokenizer(checkpoint)
+    model = export_checkpoint(checkpoint, tmp_path / "m.onnx", with_routing=True).output
+    text = tmp_path / "calib.txt"
+    text.write_bytes(TEXT)
+    # Without the checkpoint there is no tokenizer, and a 128-token vocabulary is not bytes.
+    with pytest.raises(MoeportError, match="needs a tokenizer: the model's vocabulary is 128"):
+        quantize(model, tmp_path / "x.onnx", mode="int8", calibration=text, latency_runs=0, perplexity=False)
+    result = quantize(model, tmp_path / "q.onnx", mode="int8", calibration=text, calibration_samples=4,
+                      checkpoint=checkpoint, heldout=text, latency_runs=0)
+    calibration = result.calibration
+    assert calibration["source"] == f"{text} (tokenizer of {checkpoint})"
+    assert calibration["tokens"] == 4 * 128 and sum(calibration["coverage"][0]["counts"]) == 4 * 128 * 2
+    q = result.quality
+    expected_tokens = (len(tokenizer.encode(TEXT.decode(), add_special_tokens=False)) // 256) * 255
+    assert q.heldout_tokens == expected_tokens > 0 and q.perplexity_after > 1
+    assert q.parity is not None and q.parity.routing_agreement is not None

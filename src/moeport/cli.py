@@ -152,12 +152,14 @@ def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fall
 @click.option("--workdir", default="moeport-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the sample checkpoint and model go.")
 @click.option("--sample", default="trained", show_default=True, help="Which sample to use.")
+@click.option("--quantize/--no-quantize", default=True, show_default=True,
+              help="Also quantize the export to int8 and fp16 and report what each costs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
-def demo_cmd(workdir, sample, as_json):
-    """Export the bundled sample with routing outputs, verify parity, print the report."""
-    from moeport.demo import run_demo
+def demo_cmd(workdir, sample, quantize, as_json):
+    """Export the bundled sample with routing outputs, verify parity, bench, quantize; print the reports."""
+    from moeport.demo import DEMO_QUANT_MODES, run_demo
 
-    report = run_demo(workdir, sample)
+    report = run_demo(workdir, sample, quant_modes=DEMO_QUANT_MODES if quantize else ())
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -168,6 +170,8 @@ def demo_cmd(workdir, sample, as_json):
         click.echo(report.verify.render())
         if report.bench is not None:
             click.echo(report.bench.render())
+        for quantized in report.quantized:
+            click.echo(quantized.render())
     sys.exit(0 if report.passed else 1)
 
 
