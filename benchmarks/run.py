@@ -1,9 +1,9 @@
 """Issue 6 targets in one command: ``python benchmarks/run.py [--out DIR] [--quick]``.
 
 Everything runs in this process on the CPU provider with the same intra-op thread count (2 by default) for
-onnxruntime and PyTorch, each with its default threading; backends take turns in bursts of three runs
-(the first of each burst untimed, so no backend is timed while the other's idle threads still spin) and
-medians are compared, so machine noise hits both alike. Models are built from configs with seeded random weights (nothing is downloaded). Results are
+onnxruntime and PyTorch, each with its default threading; backends take turns, each turn settling untimed
+(>= 3 runs and 50 ms, so no backend is timed while the other's idle threads still spin) before 5 timed
+runs, and medians are compared, so machine noise hits both alike. Models are built from configs with seeded random weights (nothing is downloaded). Results are
 printed as a markdown table (figure, target, met?) and written to ``DIR/results.json``.
 
 Reference model: transformers Mixtral, vocab 1000, hidden 256, intermediate 512, 4 layers, 8 heads,
@@ -30,8 +30,8 @@ REFERENCE = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hi
 
 
 def alternate(fns: dict, runs: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each callable, the backends taking turns (moeport.runtime.bench.alternate: bursts of 3,
-    the first run of each burst untimed, every backend with its default threading)."""
+    """Median ms of each callable, the backends taking turns (moeport.runtime.bench.alternate: every backend
+    with its default threading, settled untimed at the start of each turn, then timed)."""
     from moeport.runtime.bench import alternate as take_turns
 
     times = take_turns(fns, runs=runs, warmup=warmup)
@@ -61,7 +61,7 @@ def logits_targets(root: Path, threads: int, runs: int, rows: list) -> None:
     from moeport.exporter.export import export_checkpoint
 
     checkpoint, model = reference_checkpoint(root)
-    ours = export_checkpoint(checkpoint, root / "mixtral.onnx", validate=True)
+    ours = export_checkpoint(checkpoint, root / "mixtral.onnx", validate=True, force=True)
     sess = session(ours.output, threads)
 
     # The export users get today: plain dynamo export with transformers' batched_mm experts.
@@ -117,7 +117,7 @@ def decode_target(root: Path, threads: int, rows: list, new_tokens: int = 32) ->
     from moeport.runtime.generate import generate
 
     checkpoint = root / "mixtral"
-    result = export_checkpoint(checkpoint, root / "mixtral-past.onnx", task="text-generation-with-past")
+    result = export_checkpoint(checkpoint, root / "mixtral-past.onnx", task="text-generation-with-past", force=True)
     model = transformers.MixtralForCausalLM.from_pretrained(checkpoint).eval()
     model.generation_config.eos_token_id = None
     prompt = [list(range(3, 19))]
@@ -150,7 +150,7 @@ def sparsity_target(root: Path, threads: int, runs: int, rows: list) -> None:
         cfg = LMConfig(hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=4,
                        moe=MoEConfig(num_experts=experts, top_k=2, intermediate_size=512))
         loaded = families.from_module("moeport_lm", MoELM(cfg).eval(), cfg.to_dict())
-        out = export_model(loaded, root / f"sample-e{experts}.onnx", validate=False)
+        out = export_model(loaded, root / f"sample-e{experts}.onnx", validate=False, force=True)
         sess = session(out.output, threads)
         feeds = {"input_ids": np.random.default_rng(0).integers(0, 256, (1, 512), dtype=np.int64)}
         latency[experts] = median_ms(lambda: sess.run(None, feeds), runs)
@@ -184,7 +184,7 @@ with torch.no_grad():
 params = sum(p.numel() for p in model.parameters())
 loaded = families.from_module("moeport_lm", model, cfg.to_dict())
 start = time.perf_counter()
-result = export_model(loaded, r"{root / 'big.onnx'}", validate=False)
+result = export_model(loaded, r"{root / 'big.onnx'}", validate=False, force=True)
 print(json.dumps(dict(params=params, seconds=time.perf_counter() - start, external=result.external_data,
                       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
 """

@@ -9,7 +9,6 @@ includes whatever the process held before (the model weights of both backends).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -29,19 +28,21 @@ from moeport.runtime.verify import parse_shapes
 DEFAULT_SHAPES = "1x1,1x128,4x128"
 
 
-def alternate(backends: dict[str, Callable[[], object]], *, runs: int, warmup: int = 3, burst: int = 3,
+def alternate(backends: dict[str, Callable[[], object]], *, runs: int, warmup: int = 3, per_turn: int = 5,
+              settle_runs: int = 3, settle_s: float = 0.05,
               after_run: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Seconds of ``runs`` timed calls of each backend, the backends taking turns in short bursts.
+    """Seconds of ``runs`` timed calls of each backend, the backends taking turns.
 
-    Every backend keeps its default threading: onnxruntime's and PyTorch's (OpenMP) worker threads both
-    busy-wait for a while after a run, so a run that follows the other backend's shares the cores with
-    its still-spinning threads. Each turn is therefore ``burst`` consecutive runs of one backend whose
-    first run is not timed -- the same rule for every backend -- and the turns rotate (a a a, b b b,
-    a a a, ...), so noise over time still hits all of them alike. ``after_run`` is called after every
-    run (e.g. to sample memory).
+    Every backend keeps its default threading. onnxruntime's and PyTorch's (OpenMP) worker threads both
+    busy-wait for a while after a run, and measured here a run that follows the other backend's is
+    slowed for several milliseconds (up to tens) while those threads still hold the cores. So each turn
+    first runs a backend untimed until it has settled (at least ``settle_runs`` calls and ``settle_s``
+    seconds), then times ``per_turn`` calls; the same rule for every backend. Turns rotate
+    (a, b, c, a, b, c, ...) so that noise over time still hits all of them alike. ``after_run`` is
+    called after every call (e.g. to sample memory).
     """
-    if burst < 2:
-        raise ValueError("burst must be at least 2 (its first run is not timed)")
+    if per_turn < 1 or settle_runs < 0:
+        raise ValueError("per_turn must be at least 1 and settle_runs at least 0")
     times: dict[str, list[float]] = {name: [] for name in backends}
     for fn in backends.values():
         for _ in range(warmup):
@@ -50,20 +51,21 @@ def alternate(backends: dict[str, Callable[[], object]], *, runs: int, warmup: i
                 after_run()
     while any(len(t) < runs for t in times.values()):
         for name, fn in backends.items():
-            for i in range(burst):
-                start = time.perf_counter()
+            if len(times[name]) >= runs:
+                continue
+            turn_start, settled = time.perf_counter(), 0
+            while settled < settle_runs or time.perf_counter() - turn_start < settle_s:
                 fn()
-                elapsed = time.perf_counter() - start
+                settled += 1
                 if after_run is not None:
                     after_run()
-                if i and len(times[name]) < runs:
-                    times[name].append(elapsed)
+            for _ in range(min(per_turn, runs - len(times[name]))):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+                if after_run is not None:
+                    after_run()
     return times
-
-
-def alternate_calls(*, runs: int, warmup: int = 3, burst: int = 3) -> int:
-    """How many calls ``alternate`` makes of each backend (for progress bars)."""
-    return warmup + math.ceil(runs / (burst - 1)) * burst
 
 
 def _ms_stats(seconds: list[float]) -> dict[str, float]:
@@ -206,7 +208,7 @@ def bench(
         torch.set_num_threads(threads)  # the same intra-op threads as the ORT session: a fair comparison
     process = psutil.Process()
     results = []
-    total = len(shapes) * (1 if checkpoint is None else 2) * alternate_calls(runs=runs, warmup=warmup)
+    total = len(shapes) * (1 if checkpoint is None else 2) * runs  # timed runs; settling runs are extra
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar, torch.no_grad():
         for i, (batch, seq) in enumerate(shapes):
             feeds = example_feeds(input_specs, metadata, batch, seq, seed=seed + i)
@@ -218,13 +220,13 @@ def bench(
             def sample_memory() -> None:
                 nonlocal peak
                 peak = max(peak, process.memory_info().rss)
-                bar.update(1)
 
             backends = {"ort": lambda: session.run(None, feeds)}
             if torch_model is not None:
                 backends["torch"] = lambda: torch_model(**torch_feeds)
             times = alternate(backends, runs=runs, warmup=warmup, after_run=sample_memory)
             ort_times, torch_times = times["ort"], times.get("torch", [])
+            bar.update(len(ort_times) + len(torch_times))
             efficiency = None
             if expert_efficiency:
                 from moeport.runtime.efficiency import expert_efficiency as measure
