@@ -267,7 +267,7 @@ def _sample_sites(moe_layers: list[nn.Module]) -> list[ExpertsSite]:
     for moe in moe_layers:
         def bank(moe=moe) -> ExpertBank:
             gate_up, down = moe.expert_weights()
-            return ExpertBank(gate_up, down, _silu_glu)
+            return ExpertBank(gate_up, down, _silu_glu, glu_act=torch.nn.functional.silu)
 
         def install(dispatch, moe=moe) -> None:
             moe.dispatch = lambda _moe, x, idx, weight: dispatch(x, idx, weight)

@@ -114,7 +114,18 @@ def experts_bank(module: nn.Module) -> ExpertBank:
     apply_gate = module._apply_gate if module.has_gate else module.act_fn
     return ExpertBank([w.detach().clone() for w in gate_up], [w.detach().clone() for w in down], apply_gate,
                       None if gate_up_bias is None else gate_up_bias.detach().clone(),
-                      None if down_bias is None else down_bias.detach().clone())
+                      None if down_bias is None else down_bias.detach().clone(),
+                      glu_act=module.act_fn if _uses_default_gate(module) else None)
+
+
+def _uses_default_gate(module: nn.Module) -> bool:
+    """The experts class keeps the interface's default gate: ``act_fn(gate) * up`` over ``[gate | up]`` halves."""
+    from transformers.integrations import moe
+
+    if not module.has_gate:
+        return False
+    gate = getattr(type(module), "_apply_gate", None)
+    return getattr(moe, "_default_apply_gate", object()) is gate
 
 
 def experts_sites(modules: list[nn.Module]) -> list[ExpertsSite]:

@@ -43,6 +43,9 @@ class ExpertBank:
     ``gate_up``: E tensors ``[hidden, G]`` (G = 2*inter for gated experts, in the family's own column
     order); ``down``: E tensors ``[inter, hidden]``; biases ``[E, G]`` / ``[E, hidden]`` or None;
     ``apply_gate``: ``[rows, G] -> [rows, inter]`` (GLU, plain activation, or a family's custom gate).
+    ``glu_act``: set when ``apply_gate(h)`` is exactly ``glu_act(h[:, :inter]) * h[:, inter:]`` (columns
+    ``[gate | up]``, the common SwiGLU layout); the per-expert strategies then keep gate and up as two
+    weights ``[hidden, inter]`` and run two MatMuls instead of one MatMul and a Split of its result.
     """
 
     gate_up: list[torch.Tensor]
@@ -50,6 +53,7 @@ class ExpertBank:
     apply_gate: Callable[[torch.Tensor], torch.Tensor]
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    glu_act: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def num_experts(self) -> int:
@@ -111,8 +115,9 @@ def get_strategy(name: str) -> DispatchStrategy:
 class _Weights:
     """Read access, at dispatch time, to the bank tensors attached to a site's module as buffers."""
 
-    def __init__(self, module: nn.Module, num_experts: int, apply_gate: Callable):
+    def __init__(self, module: nn.Module, num_experts: int, apply_gate: Callable, glu_act: Callable | None = None):
         self.module, self.num_experts, self.apply_gate = module, num_experts, apply_gate
+        self.glu_act = glu_act  # set when gate and up are separate buffers (see ExpertBank.glu_act)
 
     def per_expert(self, kind: str) -> list[torch.Tensor]:
         return [getattr(self.module, f"{_PREFIX}{kind}_{e}") for e in range(self.num_experts)]
@@ -124,25 +129,47 @@ class _Weights:
         return getattr(self.module, f"{_PREFIX}{kind}_bias", None)
 
 
+def _splits_glu(bank: ExpertBank, stacked: bool) -> bool:
+    return bank.glu_act is not None and not stacked
+
+
 def _bank_buffers(bank: ExpertBank, stacked: bool) -> dict[str, torch.Tensor]:
     if stacked:
         buffers = {f"{_PREFIX}gate_up": torch.stack(bank.gate_up), f"{_PREFIX}down": torch.stack(bank.down)}
+    elif _splits_glu(bank, stacked):
+        inter = bank.gate_up[0].shape[1] // 2
+        buffers = {f"{_PREFIX}gate_{e}": w[:, :inter].contiguous() for e, w in enumerate(bank.gate_up)}
+        buffers.update({f"{_PREFIX}up_{e}": w[:, inter:].contiguous() for e, w in enumerate(bank.gate_up)})
+        buffers.update({f"{_PREFIX}down_{e}": w.contiguous() for e, w in enumerate(bank.down)})
     else:
         buffers = {f"{_PREFIX}gate_up_{e}": w.contiguous() for e, w in enumerate(bank.gate_up)}
         buffers.update({f"{_PREFIX}down_{e}": w.contiguous() for e, w in enumerate(bank.down)})
     if bank.gate_up_bias is not None:
-        buffers[f"{_PREFIX}gate_up_bias"] = bank.gate_up_bias
+        if _splits_glu(bank, stacked):
+            inter = bank.gate_up_bias.shape[1] // 2
+            buffers[f"{_PREFIX}gate_bias"] = bank.gate_up_bias[:, :inter].contiguous()
+            buffers[f"{_PREFIX}up_bias"] = bank.gate_up_bias[:, inter:].contiguous()
+        else:
+            buffers[f"{_PREFIX}gate_up_bias"] = bank.gate_up_bias
     if bank.down_bias is not None:
         buffers[f"{_PREFIX}down_bias"] = bank.down_bias
     return buffers
 
 
+def _projection(weights: _Weights, x: torch.Tensor, kind: str, e: int) -> torch.Tensor:
+    h = x @ weights.per_expert(kind)[e]
+    if (bias := weights.bias(kind)) is not None:
+        h = h + bias[e]
+    return h
+
+
 def _expert_ffn(weights: _Weights, x: torch.Tensor, e: int) -> torch.Tensor:
     """Expert ``e`` on rows ``x [rows, hidden]`` with the per-expert 2-D weights."""
-    h = x @ weights.per_expert("gate_up")[e]
-    if (bias := weights.bias("gate_up")) is not None:
-        h = h + bias[e]
-    y = weights.apply_gate(h) @ weights.per_expert("down")[e]
+    if weights.glu_act is not None:
+        hidden = weights.glu_act(_projection(weights, x, "gate", e)) * _projection(weights, x, "up", e)
+    else:
+        hidden = weights.apply_gate(_projection(weights, x, "gate_up", e))
+    y = hidden @ weights.per_expert("down")[e]
     if (bias := weights.bias("down")) is not None:
         y = y + bias[e]
     return y
@@ -250,7 +277,8 @@ def use_strategy(
             for name, tensor in buffers.items():
                 site.module.register_buffer(name, tensor, persistent=False)
             patched.append((site, list(buffers)))
-            weights = _Weights(site.module, bank.num_experts, bank.apply_gate)
+            weights = _Weights(site.module, bank.num_experts, bank.apply_gate,
+                               bank.glu_act if _splits_glu(bank, strategy.stacked) else None)
             site.install(functools.partial(strategy.dispatch, weights, options=options))
         yield
     finally:

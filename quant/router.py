@@ -146,20 +146,23 @@ def find_routers(model: onnx.ModelProto) -> RouterPlan:
     return plan
 
 
-def find_expert_matmuls(model: onnx.ModelProto) -> dict[tuple[str, int], list[onnx.NodeProto]]:
+def find_expert_matmuls(model: onnx.ModelProto) -> dict[tuple[str, int, int], list[onnx.NodeProto]]:
     """Expert MatMuls grouped per layer and projection, in expert order.
 
     The sorted dispatch cuts the expert-sorted rows with one ``Split`` by routing-computed counts and
     gives every expert ``MatMul(segment_e, W_e)`` with a 2-D ``W_e``; the capacity dispatch (and earlier
-    moeport graphs) use ``MatMul(Slice(rows, start_e, end_e), W_e)``. A later projection of the
-    same expert reads that MatMul's result through elementwise ops (``down(silu(gate) * up)``). The key
-    is ``(rows, MatMuls crossed)``, found by walking back along first inputs. Looks through Q/DQ/Cast,
-    so it also works on quantized graphs. Groups of one MatMul are not experts and are left out.
+    moeport graphs) use ``MatMul(Slice(rows, start_e, end_e), W_e)``. A later projection of the same
+    expert reads that MatMul's result through elementwise ops (``down(silu(gate) * up)``). The key is
+    ``(rows, MatMuls crossed, j)``, found by walking back along first inputs; ``j`` numbers the MatMuls
+    of one expert at the same depth (SwiGLU experts' separate gate and up). Looks through Q/DQ/Cast, so
+    it also works on quantized graphs. Groups of one MatMul are not experts and are left out.
     """
     g = _Graph(model)
     matmuls = ("MatMul", "MatMulInteger", "MatMulNBits")
-    groups: dict[tuple[str, int], list[tuple[int, int, onnx.NodeProto]]] = {}
-    for position, node in enumerate(g.nodes):
+    # (rows, crossed) -> expert -> MatMuls in graph order
+    found: dict[tuple[str, int], dict[int, list[onnx.NodeProto]]] = {}
+    slice_position = {node.name: i for i, node in enumerate(g.nodes) if node.op_type == "Slice"}
+    for node in g.nodes:
         if node.op_type not in matmuls or len(node.input) < 2:
             continue
         crossed, value = 0, node.input[0]
@@ -170,19 +173,21 @@ def find_expert_matmuls(model: onnx.ModelProto) -> dict[tuple[str, int], list[on
                 source = g.producer.get(value)
             if source is None:
                 break
-            if source.op_type == "Slice":
-                groups.setdefault((source.input[0], crossed), []).append((position, position, node))
-                break
-            if _is_routed_split(g, source):
-                expert = list(source.output).index(value)
-                groups.setdefault((source.input[0], crossed), []).append((expert, position, node))
+            if source.op_type == "Slice" or _is_routed_split(g, source):
+                # One expert: its Slice node, or its output of the routed Split.
+                expert = slice_position[source.name] if source.op_type == "Slice" else list(source.output).index(value)
+                found.setdefault((source.input[0], crossed), {}).setdefault(expert, []).append(node)
                 break
             crossed += source.op_type in matmuls
             if not source.input:
                 break
             value = source.input[0]
-    return {key: [node for *_, node in sorted(members, key=lambda m: m[:2])]
-            for key, members in groups.items() if len(members) > 1}
+    groups: dict[tuple[str, int, int], list[onnx.NodeProto]] = {}
+    for (rows, crossed), experts in found.items():
+        for expert in sorted(experts):
+            for j, node in enumerate(experts[expert]):
+                groups.setdefault((rows, crossed, j), []).append(node)
+    return {key: nodes for key, nodes in groups.items() if len(nodes) > 1}
 
 
 def _is_routed_split(g: _Graph, node: onnx.NodeProto) -> bool:

@@ -1,7 +1,8 @@
 """How close the expert MatMuls of an exported MoE graph get to this machine's MatMul speed.
 
 Expert MatMuls are the ones whose weight is a per-expert initializer written by the exporter
-(``...moeport_gate_up_{e}`` ``[hidden, G]`` and ``...moeport_down_{e}`` ``[inter, hidden]``). Their FLOP rate
+(``...moeport_gate_up_{e}`` ``[hidden, G]``, or ``...moeport_gate_{e}`` and ``...moeport_up_{e}``
+``[hidden, inter]`` for SwiGLU experts, and ``...moeport_down_{e}`` ``[inter, hidden]``). Their FLOP rate
 is taken from an onnxruntime profile of one run: each layer does ``2 * tokens * k * (hidden * G + inter *
 hidden)`` FLOPs in them, whatever the routing. The reference is a plain onnxruntime MatMul graph of the same
 total size (``[tokens * k, hidden] @ [hidden, G]`` and ``[tokens * k, inter] @ [inter, hidden]``) timed on the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +23,7 @@ import numpy as np
 
 from moeport.runtime.session import create_session
 
-_EXPERT_WEIGHT = ("moeport_gate_up_", "moeport_down_")
+_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*)moeport_(?P<kind>gate_up|gate|up|down)_\d+$")
 
 
 @dataclass
@@ -38,7 +40,7 @@ class ExpertEfficiency:
 
 
 def _expert_matmuls(model_path: Path) -> dict[str, tuple[str, str, int, int]]:
-    """Node name -> (layer prefix, "gate_up"|"down", K, N) of every MatMul on a per-expert 2-D weight."""
+    """Node name -> (layer prefix, "gate_up"|"gate"|"up"|"down", K, N) of every MatMul on a per-expert 2-D weight."""
     import onnx
 
     proto = onnx.load(str(model_path), load_external_data=False)
@@ -47,11 +49,8 @@ def _expert_matmuls(model_path: Path) -> dict[str, tuple[str, str, int, int]]:
     for node in proto.graph.node:
         if node.op_type != "MatMul" or len(node.input) != 2 or len(dims.get(node.input[1], ())) != 2:
             continue
-        for kind in ("gate_up", "down"):
-            marker = f"moeport_{kind}_"
-            if marker in node.input[1]:
-                prefix = node.input[1].split(marker)[0]
-                found[node.name] = (prefix, kind, *dims[node.input[1]])
+        if match := _EXPERT_WEIGHT.match(node.input[1]):
+            found[node.name] = (match["prefix"], match["kind"], *dims[node.input[1]])
     return found
 
 
@@ -93,7 +92,7 @@ def expert_efficiency(model: str | os.PathLike, feeds: dict[str, np.ndarray], *,
         raise ValueError(f"{model} has no per-expert MatMul weights (was it exported by moeport with sorted, "
                          "dense or capacity dispatch?)")
     slots = int(np.prod(feeds["input_ids"].shape)) * top_k
-    # Every slot passes through one gate_up and one down MatMul per layer, whatever the routing.
+    # Every slot passes through one gate_up (or gate and up) and one down MatMul per layer, whatever the routing.
     weight_shapes = {(prefix, kind): (k, n) for prefix, kind, k, n in experts.values()}
     flops = sum(2 * slots * k * n for k, n in weight_shapes.values())
     with tempfile.TemporaryDirectory() as tmp:

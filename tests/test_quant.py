@@ -57,7 +57,7 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def _experts(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Every expert MatMul (found structurally: MatMul over a per-expert Slice of the sorted rows)."""
+    """Every expert MatMul (found structurally: MatMuls below a per-expert segment of the sorted rows)."""
     return [node for nodes in find_expert_matmuls(model).values() for node in nodes]
 
 
@@ -106,7 +106,7 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
     producers = _producers(model)
     inits = {i.name: i for i in model.graph.initializer}
     experts = _experts(model)
-    assert len(experts) == len(_experts(onnx.load(topk.output))) == 32  # 2 layers x 8 experts x 2 MatMuls
+    assert len(experts) == len(_experts(onnx.load(topk.output))) == 48  # 2 layers x 8 experts x 3 MatMuls (gate, up, down)
     assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in experts)  # int8 weights
     assert all(inits[producers[n.input[1]].input[0]].data_type == TensorProto.INT8 for n in experts)
     assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in experts)  # activations too
@@ -144,7 +144,7 @@ def test_int8_report(quantized):
 def test_int8_dynamic(quantized):
     result = quantized("int8-dynamic")
     experts = _experts(onnx.load(result.output))
-    assert len(experts) == 32 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert len(experts) == 48 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
     assert sum(result.router_kept_float.values()) == 12
     assert result.quality.parity.routing_agreement >= 0.9
 
@@ -156,7 +156,7 @@ def test_fp16_keeps_io_and_router_float32(quantized):
         assert value.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT64), value.name
     inits = {i.name: i for i in model.graph.initializer}
     experts = _experts(model)
-    assert len(experts) == 32 and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in experts)
+    assert len(experts) == 48 and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in experts)
     router = find_routers(model)
     gates = [n for n in model.graph.node if n.name in set(router.nodes) and n.op_type in ("Gemm", "MatMul")]
     producers = _producers(model)
@@ -174,10 +174,10 @@ def test_int4_matmulnbits_for_experts(quantized):
     result = quantized("int4", block_size=32)
     model = onnx.load(result.output)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 41  # 32 expert, 8 attention, 1 lm_head
+    assert len(nbits) == 57  # 48 expert, 8 attention, 1 lm_head
     assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "block_size"} == {32}
     experts = _experts(model)
-    assert len(experts) == 32 and all(n.op_type == "MatMulNBits" for n in experts)
+    assert len(experts) == 48 and all(n.op_type == "MatMulNBits" for n in experts)
     gates = [n for n in model.graph.node if n.name in set(find_routers(model).nodes) and n.op_type in ("Gemm", "MatMul")]
     assert len(gates) == 2  # the router gates stay float Gemm/MatMul
     assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
@@ -247,7 +247,7 @@ def test_starved_experts_warn(topk, tmp_path):
     producers = _producers(model)
     scales = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     expert_inputs = [producers[n.input[0]] for n in _experts(model)]
-    assert len(expert_inputs) == 32 and all(float(scales[dq.input[1]]) < 0.5 for dq in expert_inputs)
+    assert len(expert_inputs) == 48 and all(float(scales[dq.input[1]]) < 0.5 for dq in expert_inputs)
 
 
 @pytest.mark.parametrize(("make", "message"), [
