@@ -184,7 +184,8 @@ def sorted_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options)
     # Unique keys make the sort stable and identical on every runtime: slot s belongs to token s // k.
     order = torch.argsort(flat_expert * num_slots + slot)
     counts = F.one_hot(flat_expert, weights.num_experts).sum(0)
-    sorted_x = x[order // k]
+    # order >= 0, so truncating division is floor division: one Div instead of floor_divide's sign fix-ups.
+    sorted_x = x[torch.div(order, k, rounding_mode="trunc")]
     segments = torch.ops.moeport.segment_split(sorted_x, counts)
     # Each expert runs on its own rows only; the family's gate function is traced once per expert.
     y = torch.ops.moeport.segment_concat([_expert_ffn(weights, rows, e) for e, rows in enumerate(segments)],
