@@ -235,17 +235,23 @@ def _selection_margin(scores: torch.Tensor, top_k: int) -> np.ndarray:
     return (top[:, top_k - 1] - top[:, top_k]).numpy()
 
 
+def run_with_hooks(hooks: list[tuple[nn.Module, Callable]], run: Callable[[], object]) -> None:
+    """Call ``run()`` without autograd while each ``(module, hook)`` is a forward hook; the hooks are removed
+    afterwards, also when ``run`` raises. How the routing-margin functions read router outputs."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _sample_routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Capture each router's gate logits and rebuild the score its top-k selects on."""
     logits: list[torch.Tensor] = []
-    hooks = [moe.router.gate.register_forward_hook(lambda _m, _i, out: logits.append(out))
-             for moe in loaded.moe_layers]
-    try:
-        with torch.no_grad():
-            loaded.model(torch.from_numpy(inputs["input_ids"]))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_with_hooks([(moe.router.gate, lambda _m, _i, out: logits.append(out)) for moe in loaded.moe_layers],
+                   lambda: loaded.model(torch.from_numpy(inputs["input_ids"])))
     margins = []
     for moe, gate_logits in zip(loaded.moe_layers, logits):
         if moe.cfg.router == "sigmoid_topk":

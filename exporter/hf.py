@@ -288,7 +288,7 @@ def _router_logits_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -
     """
     adapter: CausalLMAdapter = loaded.model
     logits: dict[int, torch.Tensor] = {}
-    handles = []
+    hooks = []
     for i, path in enumerate(adapter.experts_paths):
         parent = adapter.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else adapter.model
         experts = adapter.experts[i]
@@ -304,13 +304,8 @@ def _router_logits_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -
                     logits[i] = tensor.reshape(-1, num_experts)
                     return
 
-        handles += [m.register_forward_hook(hook) for m in candidates]
-    try:
-        with torch.no_grad():
-            adapter(**{name: torch.from_numpy(a) for name, a in inputs.items()})
-    finally:
-        for handle in handles:
-            handle.remove()
+        hooks += [(m, hook) for m in candidates]
+    families.run_with_hooks(hooks, lambda: adapter(**{name: torch.from_numpy(a) for name, a in inputs.items()}))
     tokens = int(np.prod(inputs["input_ids"].shape))
     margins = []
     for i, layer in enumerate(loaded.info.layers):

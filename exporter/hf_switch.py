@@ -136,14 +136,9 @@ def _margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndar
     adapter: SwitchAdapter = loaded.model
     logits: list[torch.Tensor] = []
     routers = [m for m in adapter.model.modules() if type(m).__name__ == "SwitchTransformersTop1Router"]
-    handles = [r.register_forward_hook(lambda _m, _a, out: logits.append(out[2].reshape(-1, out[2].shape[-1])))
-               for r in routers]
-    try:
-        with torch.no_grad():
-            adapter(**{name: torch.from_numpy(a) for name, a in inputs.items()})
-    finally:
-        for handle in handles:
-            handle.remove()
+    families.run_with_hooks(
+        [(r, lambda _m, _a, out: logits.append(out[2].reshape(-1, out[2].shape[-1]))) for r in routers],
+        lambda: adapter(**{name: torch.from_numpy(a) for name, a in inputs.items()}))
     margins = []
     for layer_logits in logits:
         top = torch.topk(layer_logits.float(), 2, dim=-1).values
