@@ -12,7 +12,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,16 +208,10 @@ def heldout_quality(before: Path, after: Path, ids: np.ndarray, routers_before: 
 
 def latency_ms(model: Path, vocab_size: int, runs: int, shape=LATENCY_SHAPE) -> float:
     """Median wall time of ``runs`` CPU runs on seeded ids ``shape`` after two warm-up runs."""
+    from moeport.runtime.bench import time_runs
     from moeport.runtime.session import create_session
 
     session = create_session(model, "cpu")
     ids = np.random.default_rng(0).integers(0, vocab_size, size=shape, dtype=np.int64)
     feed = {session.get_inputs()[0].name: ids}
-    for _ in range(2):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_runs(lambda: session.run(None, feed), runs=runs, warmup=2)) * 1e3

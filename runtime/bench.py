@@ -28,6 +28,18 @@ from moeport.runtime.verify import parse_shapes
 DEFAULT_SHAPES = "1x1,1x128,4x128"
 
 
+def time_runs(fn: Callable[[], object], *, runs: int, warmup: int = 3) -> list[float]:
+    """Seconds of ``runs`` timed calls of ``fn`` after ``warmup`` untimed ones (one backend, nothing to alternate)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def alternate(backends: dict[str, Callable[[], object]], *, runs: int, warmup: int = 3, per_turn: int = 5,
               settle_runs: int = 3, settle_s: float = 0.05,
               after_run: Callable[[], None] | None = None) -> dict[str, list[float]]:

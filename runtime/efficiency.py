@@ -15,7 +15,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +57,8 @@ def _plain_matmul_rate(rows: int, shapes: list[tuple[int, int]], threads: int | 
     """GFLOP/s of [rows, K] @ [K, N] for the distinct (K, N) weight shapes, in one plain ONNX graph."""
     from onnx import TensorProto, helper, numpy_helper, save
 
+    from moeport.runtime.bench import time_runs
+
     nodes, inputs, outputs, inits = [], [], [], []
     rng = np.random.default_rng(0)
     for i, (k, n) in enumerate(shapes):
@@ -73,13 +74,7 @@ def _plain_matmul_rate(rows: int, shapes: list[tuple[int, int]], threads: int | 
         path = Path(tmp) / "plain.onnx"
         save(model, path)
         session = create_session(path, "cpu", threads=threads)
-        for _ in range(3):
-            session.run(None, feeds)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
+        times = time_runs(lambda: session.run(None, feeds), runs=runs, warmup=3)
     return flops / float(np.median(times)) / 1e9
 
 
