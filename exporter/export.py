@@ -34,7 +34,7 @@ import torch
 import moeport
 from moeport._fs import writing
 from moeport.errors import MoeportError
-from moeport.exporter import custom_ops, families, strategies, tasks
+from moeport.exporter import custom_ops, families, passes, strategies, tasks
 from moeport.exporter.families import LoadedModel, ModelInfo
 from moeport.samples.checkpoint import checkpoint_hash
 
@@ -147,6 +147,8 @@ def _trace(graph: tasks.TaskGraph, opset: int):
     import onnx_ir as ir
 
     custom_ops.drop_split_num_outputs(model)
+    passes.floor_attention_scores(model)
+    passes.reciprocal_sqrt_as_div(model)
 
     # Some models' code (fixed-length scans, Python ints taken from shapes) makes torch.export specialise
     # an axis to the example's size; the graph would then fail on any other length.

@@ -184,17 +184,19 @@ def sorted_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options)
     # Unique keys make the sort stable and identical on every runtime: slot s belongs to token s // k.
     order = torch.argsort(flat_expert * num_slots + slot)
     counts = F.one_hot(flat_expert, weights.num_experts).sum(0)
-    # order >= 0, so truncating division is floor division: one Div instead of floor_divide's sign fix-ups.
-    sorted_x = x[torch.div(order, k, rounding_mode="trunc")]
+    # The token of each sorted slot, looked up in the slot -> token table (slot s belongs to token s // k):
+    # a Gather, where ``order // k`` exports as a float Div with sign fix-ups (7 nodes).
+    token_of_slot = torch.arange(tokens, device=x.device)[:, None].expand(tokens, k).reshape(-1)
+    sorted_x = x.index_select(0, token_of_slot.index_select(0, order))
     segments = torch.ops.moeport.segment_split(sorted_x, counts)
     # Each expert runs on its own rows only; the family's gate function is traced once per expert.
     y = torch.ops.moeport.segment_concat([_expert_ffn(weights, rows, e) for e, rows in enumerate(segments)],
                                          sorted_x)
-    y = y * expert_weight.reshape(-1)[order][:, None]
+    y = y * expert_weight.reshape(-1).index_select(0, order)[:, None]
     # Back to slot order with the inverse permutation, then sum each token's k slots: no scatter-add,
     # which some providers (OpenVINO) refuse.
     inverse = torch.zeros_like(order).scatter(0, order, slot)
-    return y[inverse].reshape(tokens, k, hidden).sum(dim=1)
+    return y.index_select(0, inverse).reshape(tokens, k, hidden).sum(dim=1)
 
 
 def gather_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options):

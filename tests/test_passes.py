@@ -1,0 +1,108 @@
+"""Graph passes on the finished export: attention Softmax floor and RMSNorm as Div."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+from moeport.exporter import passes
+
+TINY = np.finfo(np.float32).tiny  # smallest normal float32
+
+
+def attention_and_router_graph() -> onnx.ModelProto:
+    """probs = Softmax(scores + mask) @ v (attention) next to Softmax(logits) -> TopK (a router)."""
+    b, h, s, d, experts = 2, 3, 16, 8, 6
+    inputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [b, h, s, s]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, s, s]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, [b, h, s, d]),
+              helper.make_tensor_value_info("logits", TensorProto.FLOAT, [s, experts])]
+    outputs = [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [b, h, s, s]),
+               helper.make_tensor_value_info("out", TensorProto.FLOAT, [b, h, s, d]),
+               helper.make_tensor_value_info("top", TensorProto.INT64, [s, 2])]
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [2])
+    nodes = [helper.make_node("Add", ["scores", "mask"], ["masked"], name="mask_add"),
+             helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="attn_softmax"),
+             helper.make_node("MatMul", ["probs", "v"], ["out"], name="attn_v"),
+             helper.make_node("Softmax", ["logits"], ["router_probs"], axis=-1, name="router_softmax"),
+             helper.make_node("TopK", ["router_probs", "k"], ["top_values", "top"], name="router_topk")]
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, initializer=[k])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def ort_session(model, optimized_path=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run(proto: onnx.ModelProto, feeds: dict) -> dict:
+    session = ort_session(proto.SerializeToString())
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def causal_feeds(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    mask = np.triu(np.full((16, 16), np.finfo(np.float32).min, np.float32), 1)[None, None]
+    return {"scores": (4 * rng.standard_normal((2, 3, 16, 16))).astype(np.float32), "mask": mask,
+            "v": rng.standard_normal((2, 3, 16, 8)).astype(np.float32),
+            "logits": rng.standard_normal((16, 6)).astype(np.float32)}
+
+
+def test_floor_touches_attention_softmax_only_and_removes_subnormals():
+    before = attention_and_router_graph()
+    model = ir.from_proto(before)
+    assert passes.floor_attention_scores(model) == 1
+    after = ir.to_proto(model)
+    onnx.checker.check_model(after, full_check=True)
+    producers = {out: node for node in after.graph.node for out in node.output}
+    softmaxes = {node.name: node for node in after.graph.node if node.op_type == "Softmax"}
+    assert producers[softmaxes["attn_softmax"].input[0]].op_type == "Max"
+    assert softmaxes["router_softmax"].input[0] == "logits"  # the router is left alone
+
+    feeds = causal_feeds()
+    plain, floored = run(before, feeds), run(after, feeds)
+    subnormal = lambda x: np.count_nonzero((x != 0) & (np.abs(x) < TINY))  # noqa: E731
+    # Same probabilities to float32 precision, and none of them subnormal (the product with V stays fast).
+    assert subnormal(floored["probs"]) == 0
+    np.testing.assert_allclose(floored["probs"], plain["probs"], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(floored["out"], plain["out"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(floored["top"], plain["top"])
+    # masked keys stay negligible: below exp(-60) of the row's largest probability
+    causal = np.triu(np.ones((16, 16), bool), 1)
+    assert floored["probs"][..., causal].max() <= np.exp(-60) * 1.01
+
+
+def test_floor_keeps_fully_masked_rows_as_they_were():
+    """A row with every key masked (left padding) gives the same result with and without the floor."""
+    before = attention_and_router_graph()
+    model = ir.from_proto(before)
+    passes.floor_attention_scores(model)
+    feeds = causal_feeds(1)
+    feeds["mask"] = feeds["mask"].copy()
+    feeds["mask"][..., 0, :] = np.finfo(np.float32).min  # query 0 sees nothing
+    np.testing.assert_allclose(run(ir.to_proto(model), feeds)["probs"], run(before, feeds)["probs"], atol=1e-7)
+
+
+def test_sample_export_has_no_reciprocal_and_onnxruntime_fuses_its_rmsnorms(exported, tmp_path):
+    result = exported("topk", with_routing=True)
+    model = onnx.load(str(result.output))
+    ops = [node.op_type for node in model.graph.node]
+    assert "Reciprocal" not in ops
+    norms = 2 * len(result.info.layers) + 1  # attention and MoE norm per block, final norm
+    assert ops.count("Sqrt") == norms
+    # every attention Softmax (one per block) is floored; routers feed TopK unchanged
+    producers = {out: node for node in model.graph.node for out in node.output}
+    floored = [n for n in model.graph.node if n.op_type == "Softmax" and producers[n.input[0]].op_type == "Max"]
+    assert len(floored) == len(result.info.layers)
+
+    optimized = tmp_path / "optimized.onnx"
+    ort_session(str(result.output), optimized)
+    fused = [n for n in onnx.load(str(optimized)).graph.node if n.op_type == "SimplifiedLayerNormalization"]
+    assert len(fused) == norms
