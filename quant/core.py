@@ -115,7 +115,8 @@ class QuantizeResult:
         lines = [f"quantized {self.input} -> {self.output} ({m.name}, target {self.target}, {self.seconds:.1f}s)"]
         if self.scheme is not None:
             s = self.scheme
-            lines.append(f"scheme: activations {s.activation_type}, weights {s.weight_type}, "
+            down = f", expert down-projection inputs {s.down_activation_type}" if s.down_activation_type else ""
+            lines.append(f"scheme: activations {s.activation_type}{down}, weights {s.weight_type}, "
                          f"{'per-channel' if s.per_channel else 'per-tensor'}"
                          f"{', reduce_range' if s.reduce_range else ''} ({s.reason})")
         lines.append("nodes quantized: " + ", ".join(f"{k} {v}" for k, v in self.quantized_nodes.items())
@@ -191,6 +192,20 @@ def _expert_inputs(model: onnx.ModelProto, weight_nodes: list[onnx.NodeProto]) -
     targeted = {n.name for n in weight_nodes}
     return {key: {e: node.input[0] for e, node in enumerate(nodes) if node.name in targeted}
             for key, nodes in find_expert_matmuls(model).items()}
+
+
+def _wide_down_inputs(overrides: dict, groups, quant_type: str) -> dict[str, list[dict]]:
+    """``overrides`` plus ``quant_type`` for every expert down-projection input (the MatMuls reached after
+    crossing one of the expert's own MatMuls: ``down(silu(gate) * up)``)."""
+    from onnxruntime.quantization import QuantType
+
+    widened = dict(overrides)
+    for (_rows, crossed, _j), experts in groups.items():
+        if crossed == 0:  # gate/up read the segment itself
+            continue
+        for name in experts.values():
+            widened[name] = [{**widened.get(name, [{}])[0], "quant_type": QuantType[quant_type]}]
+    return widened
 
 
 def _borrowed_ranges(ranges: dict[str, list], groups) -> dict[str, list[dict]]:
@@ -423,6 +438,7 @@ def quantize(
     checkpoint: str | os.PathLike | None = None,
     heldout: str | os.PathLike | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
     parity_shapes=qual.PARITY_SHAPES,
@@ -433,7 +449,9 @@ def quantize(
     ``calibration``: text/JSONL/.npz path (int8 only); None uses the bundled ``calibration.txt`` of the
     trained sample; ``random_calibration=True`` uses random ids (with a warning). ``heldout``: text for
     perplexity (default: the bundled ``heldout.txt``). ``checkpoint``: PyTorch reference for parity.
-    ``latency_runs=0`` skips the latency measurement, ``perplexity=False`` the held-out text pass.
+    ``down_activations`` (int8): auto|int8|int16, the width of the expert down-projection inputs
+    (auto: 16-bit where the target runs it, see ``IntScheme``). ``latency_runs=0`` skips the latency
+    measurement, ``perplexity=False`` the held-out text pass.
     """
     started = time.perf_counter()
     model, out = Path(model), Path(out)
@@ -465,6 +483,10 @@ def quantize(
     if not plan.routers:
         result_warnings.append("no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph")
     scheme = choose_scheme(target) if spec.kind in ("qdq_static", "dynamic") else None
+    if spec.kind == "qdq_static":
+        scheme = scheme.with_down_activations(down_activations, target)
+    elif down_activations != "auto":
+        raise MoeportError(f"--down-activations applies to int8 (static) only, not {spec.name}")
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:
@@ -491,6 +513,9 @@ def quantize(
         expert_inputs = _expert_inputs(proto, targeted)
         coverage, ranges = _coverage(model, plan, data, labels, expert_inputs)
         overrides = _borrowed_ranges(ranges, expert_inputs)
+        borrowed = len(overrides)
+        if scheme.down_activation_type is not None:
+            overrides = _wide_down_inputs(overrides, expert_inputs, scheme.down_activation_type)
         for cov in coverage:
             if cov.starved:
                 result_warnings.append(
@@ -498,9 +523,9 @@ def quantize(
                     f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens")
         calibration_info = {"source": data.source, "samples": len(data.samples), "tokens": data.tokens,
                             "coverage": [c.to_dict() for c in coverage],
-                            "borrowed_ranges": len(overrides)}
-        if overrides:
-            result_warnings.append(f"{len(overrides)} expert input tensors saw too few calibration tokens; they use "
+                            "borrowed_ranges": borrowed}
+        if borrowed:
+            result_warnings.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use "
                                    "their layer's activation range instead of their own")
     for message in result_warnings:
         warnings.warn(message, stacklevel=2)

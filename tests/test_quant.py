@@ -121,6 +121,31 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
     for node in experts:
         dq = producers[node.input[1]]
         assert list(inits[dq.input[1]].dims) == [inits[dq.input[0]].dims[1]]
+    # activations: 8-bit into gate/up, 16-bit into the down projections (the CPU default), weights all 8-bit
+    assert _activation_bits(model, experts) == {"gate_up": {TensorProto.UINT8}, "down": {TensorProto.UINT16}}
+    assert result.scheme.down_activation_type == "QUInt16" and "down-projection inputs QUInt16" in result.render()
+
+
+def _activation_bits(model, experts) -> dict[str, set[int]]:
+    """Zero-point types of the activations each kind of expert MatMul reads (down: weights named *down*)."""
+    producers, inits = _producers(model), {i.name: i for i in model.graph.initializer}
+    bits: dict[str, set[int]] = {"gate_up": set(), "down": set()}
+    for node in experts:
+        kind = "down" if "down" in producers[node.input[1]].input[0] else "gate_up"
+        bits[kind].add(inits[producers[node.input[0]].input[2]].data_type)
+    return bits
+
+
+@pytest.mark.parametrize(("options", "down"), [
+    (dict(down_activations="int8"), TensorProto.UINT8),
+    (dict(target="nnapi"), TensorProto.UINT8),  # no 16-bit activations on NNAPI: auto keeps 8
+])
+def test_int8_down_activations_option(quantized, options, down):
+    result = quantized("int8", **options)
+    model = onnx.load(result.output)
+    onnx.checker.check_model(model, full_check=True)
+    assert _activation_bits(model, _experts(model))["down"] == {down}
+    assert result.scheme.down_activation_type is None
 
 
 def test_int8_report(quantized):
@@ -273,6 +298,9 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int4", block_size=24), "block size must be a power of two >= 16, got 24"),
         (dict(mode="int8", calibration=tmp_path / "missing.txt"), "calibration file not found"),
         (dict(mode="int8", target="tpu"), "unknown target 'tpu'"),
+        (dict(mode="int8", target="nnapi", down_activations="int16"), "target nnapi cannot run 16-bit activations"),
+        (dict(mode="int8", down_activations="int4"), "unknown down-projection activation width 'int4'"),
+        (dict(mode="fp16", down_activations="int16"), "--down-activations applies to int8"),
     ]
     for options, message in cases:
         model = options.pop("model", topk.output)
