@@ -195,18 +195,43 @@ def test_fp16_keeps_io_and_router_float32(quantized):
     assert result.quality.size_ratio < 0.6
 
 
+def _block_sizes(nodes) -> set[int]:
+    return {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "block_size"}
+
+
 def test_int4_matmulnbits_for_experts(quantized):
     result = quantized("int4", block_size=32)
     model = onnx.load(result.output)
+    onnx.checker.check_model(model, full_check=True)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 57  # 48 expert, 8 attention, 1 lm_head
-    assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "block_size"} == {32}
     experts = _experts(model)
     assert len(experts) == 48 and all(n.op_type == "MatMulNBits" for n in experts)
+    # experts in blocks of --block-size, attention and lm_head in the finer dense blocks
+    assert _block_sizes(experts) == {32} and _block_sizes(n for n in nbits if n not in experts) == {16}
     gates = [n for n in model.graph.node if n.name in set(find_routers(model).nodes) and n.op_type in ("Gemm", "MatMul")]
     assert len(gates) == 2  # the router gates stay float Gemm/MatMul
-    assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    # the embedding table in int8: Gather of an int8 table, then DequantizeLinear
+    inits = {i.name: i for i in model.graph.initializer}
+    embedding = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                 and len(inits[n.input[0]].dims) == 2]
+    assert len(embedding) == 1 and inits[embedding[0].input[0]].data_type in (TensorProto.INT8, TensorProto.UINT8)
+    assert [c.op_type for c in model.graph.node if embedding[0].output[0] in c.input] == ["DequantizeLinear"]
+    assert "GatherBlockQuantized" not in {n.op_type for n in model.graph.node}
+    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 4-bit blocks of 16, "
+                                        "embedding int8 per tensor")
     assert result.quality.weights_ratio < 0.2
+
+
+def test_int4_layout_options(quantized):
+    result = quantized("int4", block_size=64, dense_block_size=32, embedding_bits=4)
+    model = onnx.load(result.output)
+    experts = _experts(model)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert _block_sizes(experts) == {64} and _block_sizes(n for n in nbits if n not in experts) == {32}
+    assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
+        "expert_block_size": 64, "dense_block_size": 32, "embedding_bits": 4}
 
 
 def test_every_registered_mode_is_exercised(quantized):
@@ -296,6 +321,8 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(model=tmp_path / "none.onnx", mode="int8"), "model file not found"),
         (dict(mode="fp16", calibration="x.txt"), "mode fp16 uses no calibration data"),
         (dict(mode="int4", block_size=24), "block size must be a power of two >= 16, got 24"),
+        (dict(mode="int4", dense_block_size=8), "dense block size must be a power of two >= 16, got 8"),
+        (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int8", calibration=tmp_path / "missing.txt"), "calibration file not found"),
         (dict(mode="int8", target="tpu"), "unknown target 'tpu'"),
         (dict(mode="int8", target="nnapi", down_activations="int16"), "target nnapi cannot run 16-bit activations"),

@@ -39,13 +39,19 @@ DOWN_ACTIVATIONS = ("auto", "int8", "int16")
 @click.option("--down-activations", default="auto", show_default=True, type=click.Choice(DOWN_ACTIVATIONS),
               help="int8: width of the expert down-projection inputs (auto: 16-bit on cpu/arm/qnn, which run "
                    "it; 8-bit elsewhere). Weights stay 8-bit.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per quantization block.")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="int4: expert weights per quantization block.")
+@click.option("--dense-block-size", type=int, default=16, show_default=True,
+              help="int4: weights per block for the MatMuls outside the experts (attention, lm_head).")
+@click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="int4: width of the embedding table.")
 @click.option("--no-perplexity", is_flag=True, help="Skip the held-out perplexity and routing pass.")
 @click.option("--latency-runs", type=int, default=10, show_default=True, help="CPU latency runs (0: skip).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
-                 checkpoint, heldout, down_activations, block_size, no_perplexity, latency_runs, force, as_json):
+                 checkpoint, heldout, down_activations, block_size, dense_block_size,
+                 embedding_bits, no_perplexity, latency_runs, force, as_json):
     """Quantize the exported ONNX file MODEL and report size, parity, perplexity and latency."""
     from moeport.quant import quantize
 
@@ -55,7 +61,9 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
         result = quantize(model, output, mode=mode, target=target, calibration=calibration,
                           calibration_samples=calibration_samples, random_calibration=random_calibration,
                           keep_router=keep_router, checkpoint=checkpoint, heldout=heldout, block_size=block_size,
-                          down_activations=down_activations, latency_runs=latency_runs, perplexity=not no_perplexity, force=force)
+                          dense_block_size=dense_block_size, embedding_bits=int(embedding_bits),
+                          down_activations=down_activations, latency_runs=latency_runs,
+                          perplexity=not no_perplexity, force=force)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         for message in result.warnings:
