@@ -42,7 +42,7 @@ from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant.modes import QuantMode, get_mode
 from moeport.quant.router import RouterPlan, find_expert_matmuls, find_routers
-from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, choose_scheme
+from moeport.quant.schemes import DEFAULT_MODE, FLOAT, TARGETS, IntScheme, choose_scheme
 
 METADATA_KEY = "moeport.quantization"
 DEFAULT_CALIBRATION_SAMPLES = 64
@@ -152,7 +152,9 @@ class QuantizeResult:
         lines = [f"quantized {self.input} -> {self.output} ({m.name}, target {self.target}, {self.seconds:.1f}s)"]
         if self.scheme is not None:
             s = self.scheme
-            down = f", expert down-projection inputs {s.down_activation_type}" if s.down_activation_type else ""
+            down = "" if s.down_activation_type is None else (
+                ", expert down-projection inputs float (their weights 8-bit blocks)" if s.down_activation_type == "float"
+                else f", expert down-projection inputs {s.down_activation_type}")
             lines.append(f"scheme: activations {s.activation_type}{down}, weights {s.weight_type}, "
                          f"{'per-channel' if s.per_channel else 'per-tensor'}"
                          f"{', reduce_range' if s.reduce_range else ''} ({s.reason})")
@@ -404,6 +406,25 @@ def _strip_debug_metadata(proto: onnx.ModelProto) -> int:
     return before - proto.ByteSize()
 
 
+def _nbits(proto: onnx.ModelProto, chosen: set[str], exclude: set[str], *, bits: int,
+           block_size: int) -> onnx.ModelProto:
+    """onnxruntime's MatMulNBitsQuantizer on the ``chosen`` MatMul/Gather nodes of ``proto`` (changed in place)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # nodes_to_include only adds to op_types_to_quantize, so everything not chosen is excluded.
+    skip = {n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gather")} - chosen
+    quantizer = MatMulNBitsQuantizer(
+        proto,
+        # Asymmetric blocks: on the trained sample's held-out text, int4 routing agreement 0.947 vs 0.943 for
+        # symmetric at 0.179 vs 0.174 of the fp32 size (BENCHMARKS.md).
+        bits=bits, block_size=block_size, is_symmetric=False, nodes_to_exclude=sorted(exclude | skip),
+        op_types_to_quantize=("MatMul", "Gather"),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
 def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, *, scheme, weight_nodes,
            exclude, data, layout, overrides) -> onnx.ModelProto:
     """Run the onnxruntime tool for ``mode.kind``; returns the quantized model (also in ``staged`` for QDQ)."""
@@ -430,12 +451,20 @@ def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, 
         # There is no dynamic Gemm kernel: targeted Gemms become MatMuls first.
         source_proto = copy.deepcopy(proto)
         _gemms_as_matmuls(source_proto, {n.name for n in weight_nodes if n.op_type == "Gemm"})
+        down = set()
+        if scheme.down_activation_type == FLOAT:
+            down = {n.name for (_rows, crossed, _j), nodes in find_expert_matmuls(source_proto).items()
+                    if crossed for n in nodes} & set(names)
         quantize_dynamic(
             source_proto, str(staged), op_types_to_quantize=["MatMul", "Gather"], per_channel=scheme.per_channel,
             reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
-            nodes_to_quantize=names, nodes_to_exclude=sorted(exclude),
+            nodes_to_quantize=sorted(set(names) - down), nodes_to_exclude=sorted(exclude),
         )
-        return onnx.load(str(staged))
+        quantized = onnx.load(str(staged))
+        if down:
+            # Float inputs, 8-bit weights: onnxruntime's block quantizer at 8 bits (MatMulNBits).
+            quantized = _nbits(quantized, down, exclude, bits=8, block_size=DEFAULT_BLOCK_SIZE)
+        return quantized
     if mode.kind == "fp16":
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -445,8 +474,6 @@ def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, 
         # checker need topological order.
         return _topological(converted)
     if mode.kind == "nbits":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
         source_proto = copy.deepcopy(proto)  # every step rewrites the graph in place
         _gemms_as_matmuls(source_proto, {n.name for n in weight_nodes if n.op_type == "Gemm"})
         experts = {n.name for nodes in find_expert_matmuls(source_proto).values() for n in nodes}
@@ -461,20 +488,8 @@ def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, 
         steps = ((matmuls - experts, layout.dense_block_size), (matmuls & experts, layout.expert_block_size),
                  (gathers, layout.expert_block_size))
         for chosen, block_size in steps:
-            if not chosen:
-                continue
-            # nodes_to_include only adds to op_types_to_quantize, so everything not chosen is excluded.
-            skip = {n.name for n in source_proto.graph.node if n.op_type in ("MatMul", "Gather")} - chosen
-            quantizer = MatMulNBitsQuantizer(
-                source_proto,
-                # Asymmetric blocks: on the trained sample's held-out text, routing agreement 0.947 vs 0.943
-                # for symmetric at 0.179 vs 0.174 of the fp32 size (BENCHMARKS.md).
-                bits=mode.bits, block_size=block_size, is_symmetric=False, nodes_to_exclude=sorted(exclude | skip),
-                op_types_to_quantize=("MatMul", "Gather"),
-                quant_axes=(("MatMul", 0), ("Gather", 1)),
-            )
-            quantizer.process()
-            source_proto = quantizer.model.model
+            if chosen:
+                source_proto = _nbits(source_proto, chosen, exclude, bits=mode.bits, block_size=block_size)
         return source_proto
     raise AssertionError(f"mode kind {mode.kind!r} has no implementation")  # registry validation prevents this
 
@@ -542,10 +557,10 @@ def quantize(
     if not plan.routers:
         result_warnings.append("no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph")
     scheme = choose_scheme(target) if spec.kind in ("qdq_static", "dynamic") else None
-    if spec.kind == "qdq_static":
-        scheme = scheme.with_down_activations(down_activations, target)
+    if scheme is not None:
+        scheme = scheme.with_down_activations(down_activations, target, spec.kind)
     elif down_activations != "auto":
-        raise MoeportError(f"--down-activations applies to int8 (static) only, not {spec.name}")
+        raise MoeportError(f"--down-activations applies to int8 and int8-dynamic, not {spec.name}")
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:
@@ -573,7 +588,7 @@ def quantize(
         coverage, ranges = _coverage(model, plan, data, labels, expert_inputs)
         overrides = _borrowed_ranges(ranges, expert_inputs)
         borrowed = len(overrides)
-        if scheme.down_activation_type is not None:
+        if scheme.down_activation_type is not None:  # static: a 16-bit type
             overrides = _wide_down_inputs(overrides, expert_inputs, scheme.down_activation_type)
         for cov in coverage:
             if cov.starved:

@@ -18,25 +18,28 @@ TARGETS = ("cpu", "cuda", "arm", "nnapi", "coreml", "qnn")
 # The mode each target gets when none is asked for: GPUs and Core ML run fp16 natively.
 DEFAULT_MODE = {"cpu": "int8", "arm": "int8", "nnapi": "int8", "qnn": "int8", "cuda": "fp16", "coreml": "fp16"}
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
-DOWN_ACTIVATIONS = ("auto", "int8", "int16")
+DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
+_KIND_NAME = {"qdq_static": "int8 (static)", "dynamic": "int8-dynamic"}
 
 
 # 16-bit activation type matching an 8-bit one's signedness (onnxruntime QuantType names).
 WIDE = {"QUInt8": "QUInt16", "QInt8": "QInt16"}
-# Targets whose runtimes execute 16-bit QDQ activations: onnxruntime's CPU provider (as dequantize ->
-# float MatMul) and QNN HTP (A16W8 natively). NNAPI, TensorRT and Core ML have no 16-bit activations.
-WIDE_DOWN_TARGETS = ("cpu", "arm", "qnn")
-
-
+FLOAT = "float"
+# Where the expert down-projection inputs may be kept wider than 8 bits, per int8 mode kind:
+# static QDQ at 16 bits runs on onnxruntime's CPU provider (dequantize -> float MatMul) and QNN HTP (A16W8);
+# dynamic int8 keeps them float with 8-bit block weights (MatMulNBits: CPU builds of onnxruntime).
+# NNAPI, TensorRT and Core ML have neither.
+WIDE_DOWN = {"qdq_static": ("int16", ("cpu", "arm", "qnn")), "dynamic": (FLOAT, ("cpu", "arm"))}
 @dataclass(frozen=True)
 class IntScheme:
     """8-bit scheme: types are onnxruntime QuantType names (QUInt8, QInt8).
 
-    ``down_activation_type``: the type of the expert down-projection inputs (``silu(gate) * up``), 16-bit
-    on targets that run it. Those products have the widest range of any activation in an MoE layer; at 8
-    bits per tensor they were the main source of changed expert choices downstream (trained sample,
-    held-out text: worst-layer routing agreement 0.975 with them at 8 bits, 0.984 at 16, 0.990 with the
-    down projections left in float). Weights stay 8-bit everywhere.
+    ``down_activation_type``: how the expert down-projection inputs (``silu(gate) * up``) are kept when not
+    at 8 bits: a 16-bit QuantType (static int8) or ``"float"`` (dynamic int8: float activations, 8-bit block
+    weights). Those products have the widest range of any activation in an MoE layer; at 8 bits per tensor
+    they were the main source of changed expert choices downstream (trained sample, held-out text,
+    worst-layer routing agreement: static 0.975 at 8 bits, 0.984 at 16, 0.990 with the down projections
+    left in float; dynamic 0.977 at 8 bits, 0.993 float). Weights stay 8-bit everywhere.
     """
 
     activation_type: str
@@ -47,20 +50,21 @@ class IntScheme:
     reason: str
     down_activation_type: str | None = None
 
-    @property
-    def down_type(self) -> str:
-        return self.down_activation_type or self.activation_type
-
-    def with_down_activations(self, bits: str, target: str) -> "IntScheme":
-        """``bits``: auto (16-bit where the target runs it), int8 or int16."""
-        if bits not in DOWN_ACTIVATIONS:
-            raise MoeportError(f"unknown down-projection activation width {bits!r}; choose one of "
+    def with_down_activations(self, width: str, target: str, kind: str) -> "IntScheme":
+        """``width``: auto (the widest the target runs for this int8 ``kind``), int8, int16 or float."""
+        if width not in DOWN_ACTIVATIONS:
+            raise MoeportError(f"unknown down-projection activation width {width!r}; choose one of "
                                f"{', '.join(DOWN_ACTIVATIONS)}")
-        if bits == "int16" and target not in WIDE_DOWN_TARGETS:
-            raise MoeportError(f"target {target} cannot run 16-bit activations; use --down-activations int8 "
-                               f"or auto (16-bit targets: {', '.join(WIDE_DOWN_TARGETS)})")
-        wide = bits == "int16" or (bits == "auto" and target in WIDE_DOWN_TARGETS)
-        return replace(self, down_activation_type=WIDE[self.activation_type] if wide else None)
+        wide, targets = WIDE_DOWN[kind]
+        if width not in ("auto", "int8", wide):
+            raise MoeportError(f"--down-activations {width} does not apply to {_KIND_NAME[kind]}; choose auto, int8 "
+                               f"or {wide}")
+        if width == wide and target not in targets:
+            raise MoeportError(f"target {target} cannot run {wide} down-projection inputs; use --down-activations "
+                               f"int8 or auto ({wide} targets: {', '.join(targets)})")
+        if width == "int8" or (width == "auto" and target not in targets):
+            return replace(self, down_activation_type=None)
+        return replace(self, down_activation_type=WIDE[self.activation_type] if wide == "int16" else FLOAT)
 
     def to_dict(self) -> dict:
         return asdict(self)

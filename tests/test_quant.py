@@ -16,6 +16,7 @@ from moeport.errors import MoeportError
 from moeport.quant import core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
 from moeport.quant.calibration import starvation_threshold
 from moeport.quant.modes import QuantMode
+from moeport.quant import schemes
 from moeport.quant.schemes import choose_scheme, cpu_flags
 
 TEXT = (b"def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 40)
@@ -168,10 +169,26 @@ def test_int8_report(quantized):
 
 def test_int8_dynamic(quantized):
     result = quantized("int8-dynamic")
-    experts = _experts(onnx.load(result.output))
-    assert len(experts) == 48 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
+    model = onnx.load(result.output)
+    onnx.checker.check_model(model, full_check=True)
+    groups = find_expert_matmuls(model)
+    gate_up = [n for (_, crossed, _), nodes in groups.items() if not crossed for n in nodes]
+    down = [n for (_, crossed, _), nodes in groups.items() if crossed for n in nodes]
+    assert len(gate_up) == 32 and {n.op_type for n in gate_up} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
+    # CPU default: the down projections read float inputs with 8-bit block weights
+    assert len(down) == 16 and {n.op_type for n in down} == {"MatMulNBits"}
+    assert {onnx.helper.get_attribute_value(a) for n in down for a in n.attribute if a.name == "bits"} == {8}
+    assert "expert down-projection inputs float" in result.render()
     assert sum(result.router_kept_float.values()) == 12
     assert result.quality.parity.routing_agreement >= 0.9
+    assert result.quality.weights_ratio < 0.3
+
+
+def test_int8_dynamic_down_activations_int8(quantized):
+    result = quantized("int8-dynamic", down_activations="int8")
+    experts = _experts(onnx.load(result.output))
+    assert len(experts) == 48 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert result.scheme.down_activation_type is None
 
 
 def test_fp16_keeps_io_and_router_float32(quantized):
@@ -245,6 +262,7 @@ def test_cli_choices_match_registries():
 
     assert cli_quant.MODES == tuple(m.name for m in modes())
     assert cli_quant.TARGETS == TARGETS
+    assert cli_quant.DOWN_ACTIVATIONS == schemes.DOWN_ACTIVATIONS
 
 
 def test_mode_registry_validates():
@@ -325,7 +343,9 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int8", calibration=tmp_path / "missing.txt"), "calibration file not found"),
         (dict(mode="int8", target="tpu"), "unknown target 'tpu'"),
-        (dict(mode="int8", target="nnapi", down_activations="int16"), "target nnapi cannot run 16-bit activations"),
+        (dict(mode="int8", target="nnapi", down_activations="int16"), "target nnapi cannot run int16 down-projection"),
+        (dict(mode="int8", down_activations="float"), "--down-activations float does not apply to int8 \\(static\\)"),
+        (dict(mode="int8-dynamic", down_activations="int16"), "--down-activations int16 does not apply to int8-dynamic"),
         (dict(mode="int8", down_activations="int4"), "unknown down-projection activation width 'int4'"),
         (dict(mode="fp16", down_activations="int16"), "--down-activations applies to int8"),
     ]

@@ -14,7 +14,7 @@ import click
 # tests/test_quant.py checks they equal the mode registry and moeport.quant.schemes.TARGETS.
 MODES = ("int8", "int8-dynamic", "fp16", "int4")
 TARGETS = ("cpu", "cuda", "arm", "nnapi", "coreml", "qnn")
-DOWN_ACTIVATIONS = ("auto", "int8", "int16")
+DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
 
 
 @click.command("quantize")
@@ -37,8 +37,8 @@ DOWN_ACTIVATIONS = ("auto", "int8", "int16")
 @click.option("--heldout", type=click.Path(), default=None,
               help="Held-out text for perplexity of byte-level models (default: the trained sample's heldout.txt).")
 @click.option("--down-activations", default="auto", show_default=True, type=click.Choice(DOWN_ACTIVATIONS),
-              help="int8: width of the expert down-projection inputs (auto: 16-bit on cpu/arm/qnn, which run "
-                   "it; 8-bit elsewhere). Weights stay 8-bit.")
+              help="int8 / int8-dynamic: how the expert down-projection inputs are kept (auto: int16 for int8 "
+                   "on cpu/arm/qnn, float for int8-dynamic on cpu/arm; int8 elsewhere). Weights stay 8-bit.")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="int4: expert weights per quantization block.")
 @click.option("--dense-block-size", type=int, default=16, show_default=True,
