@@ -181,6 +181,18 @@ def test_graph_uses_sorted_dispatch(hf_export, routed_segments):
     assert "com.microsoft" not in domains and domains <= {"", "ai.onnx"}
 
 
+def test_graph_passes_apply_to_transformers_attention(hf_export):
+    """transformers' eager attention and RMSNorm get the exporter's graph passes (exporter/passes.py)."""
+    result, _ = hf_export("mixtral")
+    model = onnx.load(str(result.output))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    softmaxes = [node for node in model.graph.node if node.op_type == "Softmax"]
+    attention = [node for node in softmaxes if producers[node.input[0]].op_type == "Max"]
+    assert len(attention) == len(result.info.layers)  # one floored attention Softmax per layer
+    assert len(softmaxes) - len(attention) == len(result.info.layers)  # the routers' Softmax, untouched
+    assert "Reciprocal" not in {node.op_type for node in model.graph.node}
+
+
 def test_readme_table_is_generated():
     text = README.read_text(encoding="utf-8")
     assert "## Hugging Face families" in text
