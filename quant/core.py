@@ -22,9 +22,11 @@ The output is written to a temporary file beside ``out`` and renamed into place 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+import logging
 import os
 import tempfile
 import time
@@ -406,6 +408,23 @@ def _strip_debug_metadata(proto: onnx.ModelProto) -> int:
     return before - proto.ByteSize()
 
 
+@contextlib.contextmanager
+def _without_log_message(fragment: str, logger_name: str = ""):
+    """Drop records containing ``fragment`` logged to ``logger_name`` (default: the root logger, which
+    onnxruntime's quantize_static logs through) while the block runs; the filter is removed afterwards."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return fragment not in record.getMessage()
+
+    logger, drop = logging.getLogger(logger_name), _Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _nbits(proto: onnx.ModelProto, chosen: set[str], exclude: set[str], *, bits: int,
            block_size: int) -> onnx.ModelProto:
     """onnxruntime's MatMulNBitsQuantizer on the ``chosen`` MatMul/Gather nodes of ``proto`` (changed in place)."""
@@ -421,7 +440,9 @@ def _nbits(proto: onnx.ModelProto, chosen: set[str], exclude: set[str], *, bits:
         op_types_to_quantize=("MatMul", "Gather"),
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    quantizer.process()
+    # Like quantize_static's 16-bit case: the quantizer raises the opset to 21 itself; the report notes it.
+    with _without_log_message("doesn't support int4 data type", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        quantizer.process()
     return quantizer.model.model
 
 
@@ -432,20 +453,24 @@ def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, 
 
     names = [n.name for n in weight_nodes]
     if mode.kind == "qdq_static":
-        quantize_static(
-            str(source), str(staged), calib.as_reader(data), quant_format=QuantFormat.QDQ,
-            # Only the targeted nodes' types: calibration covers every tensor of these types, and the
-            # attention Softmax input (-inf masked scores) would otherwise yield NaN zero points.
-            op_types_to_quantize=sorted({n.op_type for n in weight_nodes}), per_channel=scheme.per_channel,
-            reduce_range=scheme.reduce_range, activation_type=QuantType[scheme.activation_type],
-            weight_type=QuantType[scheme.weight_type], nodes_to_quantize=names, nodes_to_exclude=sorted(exclude),
-            calibrate_method=CalibrationMethod.MinMax,
-            # DedicatedQDQPair: a tensor read by both a quantized node and the router (the shared experts'
-            # Gemm and the gate read the same normed hidden states) gets its own Q/DQ per quantized
-            # consumer; without it the router would read the dequantized copy.
-            extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True,
-                           "TensorQuantOverrides": overrides, "DedicatedQDQPair": True},
-        )
+        # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
+        # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
+        # the report notes the new opset instead.
+        with _without_log_message("does not support 16-bit integer quantization natively"):
+            quantize_static(
+                str(source), str(staged), calib.as_reader(data), quant_format=QuantFormat.QDQ,
+                # Only the targeted nodes' types: calibration covers every tensor of these types, and the
+                # attention Softmax input (-inf masked scores) would otherwise yield NaN zero points.
+                op_types_to_quantize=sorted({n.op_type for n in weight_nodes}), per_channel=scheme.per_channel,
+                reduce_range=scheme.reduce_range, activation_type=QuantType[scheme.activation_type],
+                weight_type=QuantType[scheme.weight_type], nodes_to_quantize=names, nodes_to_exclude=sorted(exclude),
+                calibrate_method=CalibrationMethod.MinMax,
+                # DedicatedQDQPair: a tensor read by both a quantized node and the router (the shared experts'
+                # Gemm and the gate read the same normed hidden states) gets its own Q/DQ per quantized
+                # consumer; without it the router would read the dequantized copy.
+                extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True,
+                               "TensorQuantOverrides": overrides, "DedicatedQDQPair": True},
+            )
         return onnx.load(str(staged))
     if mode.kind == "dynamic":
         # There is no dynamic Gemm kernel: targeted Gemms become MatMuls first.
@@ -636,6 +661,9 @@ def quantize(
                                 qual.weight_bytes(quantized), _strip_debug_metadata(copy.deepcopy(proto)))
     if checkpoint is not None:
         report.parity = qual.parity(out, Path(checkpoint), spec.min_routing_agreement, parity_shapes)
+    opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import}.get("ai.onnx") for m in (proto, quantized)]
+    if opsets[0] != opsets[1]:
+        report.notes.append(f"opset {opsets[0]} -> {opsets[1]}: onnxruntime's quantizer needs it for the ops it wrote")
     if not perplexity:
         report.notes.append("perplexity not measured (skipped on request)")
     elif encoder() is not None:
