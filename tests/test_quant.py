@@ -186,6 +186,20 @@ def test_int8_dynamic(quantized):
     assert result.quality.weights_ratio < 0.3
 
 
+def test_int8_is_pre_processed_and_logs_no_onnxruntime_hints(topk, text_file, tmp_path, caplog):
+    """onnxruntime asks for pre-processing and warns about the opset-21 upgrade; quantize does the first
+    (shape inference) and reports the second, so neither reaches the log."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        result = quantize(topk.output, tmp_path / "q.onnx", mode="int8", calibration=text_file, latency_runs=0,
+                          perplexity=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "pre-processing" in m or "opset" in m], messages
+    assert "opset 20 -> 21" in result.render()
+    assert not list(tmp_path.glob("*prepared*")) and not list(tmp_path.glob(".q.onnx.*"))  # staging cleaned up
+
+
 def test_log_filter_is_removed_and_only_drops_its_message(caplog):
     import logging
 
