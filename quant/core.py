@@ -69,9 +69,9 @@ class NBitsLayout:
     Expert weights (most of an MoE's parameters) use ``expert_block_size``; the other MatMuls (attention,
     dense MLPs, lm_head: a small share of the parameters that every token goes through) the finer
     ``dense_block_size``; the embedding table is stored at ``embedding_bits`` (8: int8 per tensor, 4: 4-bit
-    blocks). Measured on the trained sample's held-out text (BENCHMARKS.md): all at 4 bits / block 32,
-    worst-layer routing agreement 0.947 at 0.181 of the fp32 size; embedding at 8 bits 0.951 / 0.183;
-    plus dense block 16: 0.958 / 0.187.
+    blocks). Measured on the trained sample's held-out text (first 64 windows of 128 bytes, BENCHMARKS.md):
+    all at 4 bits / block 32, worst-layer routing agreement 0.947 at 0.181 of the fp32 size; embedding at
+    8 bits 0.951 / 0.183; plus dense block 16: 0.958 / 0.187.
     """
 
     expert_block_size: int
@@ -155,7 +155,7 @@ class QuantizeResult:
         if self.scheme is not None:
             s = self.scheme
             down = "" if s.down_activation_type is None else (
-                ", expert down-projection inputs float (their weights 8-bit blocks)" if s.down_activation_type == "float"
+                ", expert down-projection inputs float (their weights 8-bit blocks)" if s.down_activation_type == FLOAT
                 else f", expert down-projection inputs {s.down_activation_type}")
             lines.append(f"scheme: activations {s.activation_type}{down}, weights {s.weight_type}, "
                          f"{'per-channel' if s.per_channel else 'per-tensor'}"
@@ -453,9 +453,6 @@ def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, 
 
     names = [n.name for n in weight_nodes]
     if mode.kind == "qdq_static":
-        # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
-        # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
-        # the report notes the new opset instead.
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         # onnxruntime's recommended pre-processing, ONNX shape inference part only: its symbolic shape
@@ -464,6 +461,9 @@ def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, 
         # routing agreement as without it.
         prepared = staged.with_name(f"prepared.{staged.name}")
         quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
+        # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
+        # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
+        # the report notes the new opset instead.
         with _without_log_message("does not support 16-bit integer quantization natively"):
             quantize_static(
                 str(prepared), str(staged), calib.as_reader(data), quant_format=QuantFormat.QDQ,
@@ -554,8 +554,9 @@ def quantize(
     trained sample; ``random_calibration=True`` uses random ids (with a warning). ``heldout``: text for
     perplexity (default: the bundled ``heldout.txt``). ``checkpoint``: PyTorch reference for parity.
     ``block_size``, ``dense_block_size``, ``embedding_bits`` (int4): see ``NBitsLayout``.
-    ``down_activations`` (int8): auto|int8|int16, the width of the expert down-projection inputs
-    (auto: 16-bit where the target runs it, see ``IntScheme``). ``latency_runs=0`` skips the latency
+    ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
+    inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
+    ``IntScheme``). ``latency_runs=0`` skips the latency
     measurement, ``perplexity=False`` the held-out text pass.
     """
     started = time.perf_counter()
