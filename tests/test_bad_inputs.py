@@ -26,6 +26,8 @@ import pytest
 
 from moeport.cli import main
 
+from tiny_hf import TINY_MIXTRAL, save_tiny_mixtral
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
 
@@ -159,28 +161,19 @@ def deny_mkdtemp(mp: pytest.MonkeyPatch, directory: Path) -> None:
     mp.setattr(tempfile, "mkdtemp", mkdtemp)
 
 
-TINY_MIXTRAL = {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
-                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 4,
-                "num_experts_per_tok": 2, "max_position_embeddings": 64}
 
 
 def pickle_checkpoint(d: Path) -> Path:
     path = d / "hf"
-    write(path / "config.json", json.dumps(TINY_MIXTRAL))
+    write(path / "config.json", json.dumps({"model_type": "mixtral", **TINY_MIXTRAL}))
     write(path / "pytorch_model.bin", b"not read: pickle is refused before any loading")
     return path
 
 
 def hf_ckpt(d: Path, edit: Callable[[dict], None] | None = None) -> Path:
     """A tiny transformers Mixtral checkpoint (config.json + model.safetensors), its weights edited."""
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-                                        num_experts_per_tok=2, max_position_embeddings=64)
-    transformers.MixtralForCausalLM(config).save_pretrained(d / "hf")
+    pytest.importorskip("transformers")
+    save_tiny_mixtral(d / "hf")
     if edit is not None:
         from safetensors.torch import load_file, save_file
 

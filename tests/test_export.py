@@ -13,6 +13,8 @@ from moeport.runtime.session import create_session
 from moeport.runtime.verify import verify
 from moeport.samples.catalog import list_samples
 
+from tiny_hf import save_tiny_mixtral
+
 SAMPLES = [s.name for s in list_samples()]
 MUST_SHOW_SHAPES = [(1, 1), (3, 7), (2, 64)]
 STANDARD_DOMAINS = {"", "ai.onnx"}
@@ -202,14 +204,8 @@ def test_export_with_external_data_is_deterministic_and_self_contained(workdir, 
 
 
 def test_transformers_export_is_deterministic(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-                                        num_experts_per_tok=2, max_position_embeddings=64)
-    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    pytest.importorskip("transformers")
+    save_tiny_mixtral(tmp_path / "ckpt")
     a = export_checkpoint(tmp_path / "ckpt", tmp_path / "a.onnx", validate=False)
     b = export_checkpoint(tmp_path / "ckpt", tmp_path / "b.onnx", validate=False)
     assert a.output.read_bytes() == b.output.read_bytes()

@@ -18,9 +18,8 @@ transformers = pytest.importorskip("transformers")
 from moeport.cli import main  # noqa: E402
 from moeport.errors import MoeportError  # noqa: E402
 from moeport.exporter import families  # noqa: E402
+from tiny_hf import TINY_MIXTRAL, save_tiny_mixtral  # noqa: E402
 
-TINY_MIXTRAL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
 
 
 class CreatesFile:
@@ -90,10 +89,7 @@ class EvilForCausalLM(MixtralForCausalLM):
 
 def test_auto_map_remote_code_is_never_imported(tmp_path):
     """A known model_type with an ``auto_map`` to code in the directory: the library class is used instead."""
-    directory = tmp_path / "hf"
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY_MIXTRAL))
-    model.save_pretrained(directory)
+    directory = save_tiny_mixtral(tmp_path / "hf")
     config = json.loads((directory / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}
     (directory / "config.json").write_text(json.dumps(config))
