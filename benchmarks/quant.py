@@ -2,10 +2,10 @@
 
 On the shipped trained sample (CPU provider): export with routing outputs, quantize to every mode, and
 measure for each the file size vs fp32, routing agreement with PyTorch fp32 on held-out text (``moeport
-verify --inputs``: every 128-byte window of ``heldout.txt``, 65,536 tokens, worst MoE layer), the perplexity change on
-held-out text (from the quantize report), and prefill latency at 1x256 against the fp32 model (the
-backends taking turns, ``moeport.runtime.bench.alternate``, medians). Prints a markdown table and writes
-``DIR/results.json``.
+verify --inputs``: every 128-byte window of ``heldout.txt``, 65,536 tokens, worst MoE layer), the
+perplexity change on held-out text (from the quantize report), and prefill latency at 1x256 against the
+fp32 model (the backends taking turns, ``moeport.runtime.bench.alternate``, medians). Prints a markdown
+table and writes ``DIR/results.json``.
 """
 
 from __future__ import annotations
