@@ -186,14 +186,17 @@ def test_int8_dynamic(quantized):
     assert result.quality.weights_ratio < 0.3
 
 
-def test_int8_is_pre_processed_and_logs_no_onnxruntime_hints(topk, text_file, tmp_path, caplog):
-    """onnxruntime asks for pre-processing and warns about the opset-21 upgrade; quantize does the first
-    (shape inference) and reports the second, so neither reaches the log."""
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "int4"])
+def test_quantizers_are_pre_processed_and_log_no_onnxruntime_hints(topk, text_file, tmp_path, caplog, mode):
+    """onnxruntime's quantize_static and quantize_dynamic ask for pre-processing, and 16-bit Q/DQ and n-bit
+    ops warn about the opset-21 upgrade; quantize does the first (shape inference) and reports the second,
+    so neither reaches the log."""
     import logging
 
+    calibration = {"calibration": text_file} if mode == "int8" else {}
     with caplog.at_level(logging.WARNING):
-        result = quantize(topk.output, tmp_path / "q.onnx", mode="int8", calibration=text_file, latency_runs=0,
-                          perplexity=False)
+        result = quantize(topk.output, tmp_path / "q.onnx", mode=mode, latency_runs=0, perplexity=False,
+                          **calibration)
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "pre-processing" in m or "opset" in m], messages
     assert "opset 20 -> 21" in result.render()
