@@ -74,7 +74,7 @@ def logits_targets(root: Path, threads: int, runs: int, rows: list) -> None:
 
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     plain_path = root / "plain_batched_mm.onnx"
-    torch.onnx.export(Logits(model), (ids, torch.ones_like(ids)), str(plain_path), dynamo=True, verbose=False,
+    torch.onnx.export(Logits(model).eval(), (ids, torch.ones_like(ids)), str(plain_path), dynamo=True, verbose=False,
                       dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
     plain = session(plain_path, threads)
 

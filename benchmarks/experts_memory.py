@@ -1,0 +1,104 @@
+"""Where the sparsity target's extra time goes: ``python benchmarks/experts_memory.py [--threads 2]``.
+
+The sparsity target (benchmarks/run.py) compares our sample with 64 and with 8 experts (top-2, hidden 256,
+expert intermediate 512, 2 layers) at 1x512. This script times only the expert part of one or two such
+layers, as the sorted dispatch exports it (rows split by expert with one Split, per expert
+``down(silu(x @ gate) * (x @ up))``, one Concat), on 1024 rows (512 tokens x top-2) split over the experts by a
+seeded multinomial draw, with onnxruntime's CPU provider (median of 40 runs). It also measures how fast this
+machine reads buffers of growing size (torch ``sum`` on the same thread count), because at 16 rows per expert
+the 64 experts' MatMuls read each fp32 weight for only 16 rows, so their time follows the bytes they read:
+64 experts x 3 x 512 KiB = 96 MiB per layer, 8 experts 12 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+HIDDEN, INTERMEDIATE, ROWS = 256, 512, 1024
+
+
+def expert_layers_model(num_experts: int, num_layers: int, rows_per_expert: list[int], seed: int = 0):
+    """ONNX graph x [ROWS, HIDDEN] -> y [ROWS, HIDDEN]: ``num_layers`` expert blocks applied in turn."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array(rows_per_expert, np.int64), "rows_per_expert")]
+    nodes = []
+    for layer in range(num_layers):
+        names = [f"x{layer}_e{e}" for e in range(num_experts)]
+        nodes.append(helper.make_node("Split", [f"x{layer}", "rows_per_expert"], names))
+        for e, rows in enumerate(names):
+            p = f"{layer}_{e}"
+            for kind, shape in (("gate", (HIDDEN, INTERMEDIATE)), ("up", (HIDDEN, INTERMEDIATE)),
+                                ("down", (INTERMEDIATE, HIDDEN))):
+                weight = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+                inits.append(numpy_helper.from_array(weight, f"{kind}{p}"))
+            nodes += [helper.make_node("MatMul", [rows, f"gate{p}"], [f"g{p}"]),
+                      helper.make_node("MatMul", [rows, f"up{p}"], [f"u{p}"]),
+                      helper.make_node("Sigmoid", [f"g{p}"], [f"sg{p}"]),
+                      helper.make_node("Mul", [f"g{p}", f"sg{p}"], [f"silu{p}"]),
+                      helper.make_node("Mul", [f"silu{p}", f"u{p}"], [f"h{p}"]),
+                      helper.make_node("MatMul", [f"h{p}", f"down{p}"], [f"y{p}"])]
+        nodes.append(helper.make_node("Concat", [f"y{layer}_{e}" for e in range(num_experts)], [f"x{layer + 1}"],
+                                      axis=0))
+    graph = helper.make_graph(nodes, "experts", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [ROWS, HIDDEN])],
+                              [helper.make_tensor_value_info(f"x{num_layers}", TensorProto.FLOAT, [ROWS, HIDDEN])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def median_ms(model, threads: int, runs: int = 40) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {"x0": np.random.default_rng(1).standard_normal((ROWS, HIDDEN)).astype(np.float32)}
+    for _ in range(10):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def read_bandwidth_gbs(mib: int, threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    buffer = torch.ones(mib * 2**20 // 4)
+    for _ in range(3):
+        buffer.sum()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    return mib / 1024 / float(np.median(times))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    print("| experts | layers | expert weights | expert part | per layer |\n|---|---|---|---|---|")
+    for experts in (8, 64):
+        rows = [int(r) for r in rng.multinomial(ROWS, [1 / experts] * experts)]
+        for layers in (1, 2):
+            ms = median_ms(expert_layers_model(experts, layers, rows), args.threads)
+            mib = experts * layers * 3 * HIDDEN * INTERMEDIATE * 4 / 2**20
+            print(f"| {experts} | {layers} | {mib:.0f} MiB | {ms:.2f} ms | {ms / layers:.2f} ms |")
+    print(f"\n| buffer | read rate, {args.threads} threads |\n|---|---|")
+    for mib in (16, 64, 128, 256, 512):
+        print(f"| {mib} MiB | {read_bandwidth_gbs(mib, args.threads):.1f} GiB/s |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
