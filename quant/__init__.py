@@ -8,11 +8,12 @@ Modes are registered in ``moeport.quant.modes``; routers are found by ``moeport.
 
 from moeport.quant.core import QuantizeResult, quantize
 from moeport.quant.modes import QuantMode, get_mode, modes, register_mode
-from moeport.quant.router import RouterPlan, find_expert_matmuls, find_routers
+from moeport.quant.router import ExpertGroup, RouterPlan, find_expert_matmuls, find_routers
 from moeport.quant.schemes import TARGETS, choose_scheme
 
 __all__ = [
     "TARGETS",
+    "ExpertGroup",
     "QuantMode",
     "QuantizeResult",
     "RouterPlan",

@@ -43,7 +43,7 @@ from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant.modes import QuantMode, get_mode
-from moeport.quant.router import RouterPlan, find_expert_matmuls, find_routers
+from moeport.quant.router import ExpertGroup, RouterPlan, find_expert_matmuls, find_routers
 from moeport.quant.schemes import DEFAULT_MODE, FLOAT, TARGETS, IntScheme, choose_scheme
 
 METADATA_KEY = "moeport.quantization"
@@ -229,7 +229,7 @@ def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodePr
 _NO = onnx.TensorProto()  # stands in for "not an initializer" (no dims)
 
 
-def _expert_inputs(model: onnx.ModelProto, weight_nodes: list[onnx.NodeProto]) -> dict[tuple, dict[int, str]]:
+def _expert_inputs(model: onnx.ModelProto, weight_nodes: list[onnx.NodeProto]) -> dict[ExpertGroup, dict[int, str]]:
     """Per expert group (``router.find_expert_matmuls``): {expert: activation tensor ``[tokens_e, K]`` its
     MatMul reads}, for the targeted MatMuls only."""
     targeted = {n.name for n in weight_nodes}
@@ -243,8 +243,8 @@ def _wide_down_inputs(overrides: dict, groups, quant_type: str) -> dict[str, lis
     from onnxruntime.quantization import QuantType
 
     widened = dict(overrides)
-    for (_rows, crossed, _j), experts in groups.items():
-        if crossed == 0:  # gate/up read the segment itself
+    for group, experts in groups.items():
+        if not group.is_down_projection:
             continue
         for name in experts.values():
             widened[name] = [{**widened.get(name, [{}])[0], "quant_type": QuantType[quant_type]}]
@@ -494,11 +494,11 @@ def _apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, 
         _gemms_as_matmuls(source_proto, {n.name for n in weight_nodes if n.op_type == "Gemm"})
         down = set()
         if scheme.down_activation_type == FLOAT:
-            down = {n.name for (_rows, crossed, _j), nodes in find_expert_matmuls(source_proto).items()
-                    if crossed for n in nodes} & set(names)
+            down = {n.name for group, nodes in find_expert_matmuls(source_proto).items()
+                    if group.is_down_projection for n in nodes} & set(names)
         quantize_dynamic(
-            str(_pre_processed(source_proto, staged)), str(staged), op_types_to_quantize=["MatMul", "Gather"], per_channel=scheme.per_channel,
-            reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
+            str(_pre_processed(source_proto, staged)), str(staged), op_types_to_quantize=["MatMul", "Gather"],
+            per_channel=scheme.per_channel, reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
             nodes_to_quantize=sorted(set(names) - down), nodes_to_exclude=sorted(exclude),
         )
         quantized = onnx.load(str(staged))

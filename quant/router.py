@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import onnx
 from onnx import TensorProto
@@ -146,15 +147,32 @@ def find_routers(model: onnx.ModelProto) -> RouterPlan:
     return plan
 
 
-def find_expert_matmuls(model: onnx.ModelProto) -> dict[tuple[str, int, int], list[onnx.NodeProto]]:
+class ExpertGroup(NamedTuple):
+    """Key of one group of expert MatMuls (one per expert, same projection, same layer).
+
+    ``rows``: the expert-sorted rows tensor the experts' segments are cut from; ``crossed``: how many of the
+    expert's own MatMuls lie between those rows and this MatMul (0: gate/up, 1: down); ``index``: numbers the
+    MatMuls of one expert at the same depth (SwiGLU experts' separate gate and up).
+    """
+
+    rows: str
+    crossed: int
+    index: int
+
+    @property
+    def is_down_projection(self) -> bool:
+        """The MatMul reads the expert's own hidden state (``down(silu(gate) * up)``), not its input rows."""
+        return self.crossed > 0
+
+
+def find_expert_matmuls(model: onnx.ModelProto) -> dict[ExpertGroup, list[onnx.NodeProto]]:
     """Expert MatMuls grouped per layer and projection, in expert order.
 
     The sorted dispatch cuts the expert-sorted rows with one ``Split`` by routing-computed counts and
     gives every expert ``MatMul(segment_e, W_e)`` with a 2-D ``W_e``; the capacity dispatch (and earlier
     moeport graphs) use ``MatMul(Slice(rows, start_e, end_e), W_e)``. A later projection of the same
-    expert reads that MatMul's result through elementwise ops (``down(silu(gate) * up)``). The key is
-    ``(rows, MatMuls crossed, j)``, found by walking back along first inputs; ``j`` numbers the MatMuls
-    of one expert at the same depth (SwiGLU experts' separate gate and up). Looks through Q/DQ/Cast, so
+    expert reads that MatMul's result through elementwise ops (``down(silu(gate) * up)``). The key is an
+    ``ExpertGroup``, found by walking back along first inputs. Looks through Q/DQ/Cast, so
     it also works on quantized graphs. Groups of one MatMul are not experts and are left out.
     """
     g = _Graph(model)
@@ -182,11 +200,11 @@ def find_expert_matmuls(model: onnx.ModelProto) -> dict[tuple[str, int, int], li
             if not source.input:
                 break
             value = source.input[0]
-    groups: dict[tuple[str, int, int], list[onnx.NodeProto]] = {}
+    groups: dict[ExpertGroup, list[onnx.NodeProto]] = {}
     for (rows, crossed), experts in found.items():
         for expert in sorted(experts):
             for j, node in enumerate(experts[expert]):
-                groups.setdefault((rows, crossed, j), []).append(node)
+                groups.setdefault(ExpertGroup(rows, crossed, j), []).append(node)
     return {key: nodes for key, nodes in groups.items() if len(nodes) > 1}
 
 

@@ -174,8 +174,8 @@ def test_int8_dynamic(quantized):
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     groups = find_expert_matmuls(model)
-    gate_up = [n for (_, crossed, _), nodes in groups.items() if not crossed for n in nodes]
-    down = [n for (_, crossed, _), nodes in groups.items() if crossed for n in nodes]
+    gate_up = [n for group, nodes in groups.items() if not group.is_down_projection for n in nodes]
+    down = [n for group, nodes in groups.items() if group.is_down_projection for n in nodes]
     assert len(gate_up) == 32 and {n.op_type for n in gate_up} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
     # CPU default: the down projections read float inputs with 8-bit block weights
     assert len(down) == 16 and {n.op_type for n in down} == {"MatMulNBits"}
