@@ -14,7 +14,6 @@ own fused MoE kernel (``com.microsoft.MoE``, a contrib op moeport does not emit)
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -75,35 +74,25 @@ def contrib_moe_model(num_experts: int, seed: int = 0):
 def median_ms(model, threads: int, runs: int = 40) -> float:
     import onnxruntime as ort
 
+    from moeport.runtime.bench import time_runs
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
              for i in session.get_inputs()}
-    for _ in range(10):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return float(np.median(time_runs(lambda: session.run(None, feeds), runs=runs, warmup=10))) * 1e3
 
 
 def read_bandwidth_gbs(mib: int, threads: int) -> float:
     import torch
 
+    from moeport.runtime.bench import time_runs
+
     torch.set_num_threads(threads)
     buffer = torch.ones(mib * 2**20 // 4)
-    for _ in range(3):
-        buffer.sum()
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        buffer.sum()
-        times.append(time.perf_counter() - start)
-    return mib / 1024 / float(np.median(times))
+    return mib / 1024 / float(np.median(time_runs(buffer.sum, runs=10, warmup=3)))
 
 
 def main(argv=None) -> int:
