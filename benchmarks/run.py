@@ -3,8 +3,9 @@
 Everything runs in this process on the CPU provider with the same intra-op thread count (2 by default) for
 onnxruntime and PyTorch, each with its default threading; backends take turns, each turn settling untimed
 (>= 3 runs and 50 ms, so no backend is timed while the other's idle threads still spin) before 5 timed
-runs, and medians are compared, so machine noise hits both alike. Models are built from configs with seeded random weights (nothing is downloaded). Results are
-printed as a markdown table (figure, target, met?) and written to ``DIR/results.json``.
+runs, and medians are compared, so machine noise hits both alike. Models are built from configs with
+seeded random weights (nothing is downloaded). Results are printed as a markdown table (figure, target,
+met?) and written to ``DIR/results.json``.
 
 Reference model: transformers Mixtral, vocab 1000, hidden 256, intermediate 512, 4 layers, 8 heads,
 4 KV heads, 8 experts, top-2. PyTorch baseline: the faster of transformers' ``eager`` and ``grouped_mm``

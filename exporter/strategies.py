@@ -8,7 +8,8 @@ dispatch ``(x [tokens, hidden], expert_idx [tokens, k] int64, expert_weight [tok
 
 - ``sorted``: sort the tokens*k slots by expert, one contiguous segment per expert (the
   ``moeport::segment_split`` / ``segment_concat`` custom ops around the per-expert FFNs), put the results
-  back with the inverse permutation and sum over k. Compute grows with k, not with the number of experts. The default for top-k routers.
+  back with the inverse permutation and sum over k. Compute grows with k, not with the number of experts.
+  The default for top-k routers.
 - ``gather``: gather each slot's expert weight matrices and multiply; cheapest for one or a few
   tokens, memory-bound for long prompts.
 - ``dense``: every expert on every token, weights scattered into a [tokens, E] matrix with zeros for

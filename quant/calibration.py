@@ -191,7 +191,8 @@ def load_calibration(
     if vocab_size is not None and ids.size and ids.max() >= vocab_size:
         raise MoeportError(f"calibration text {path} encodes to ids up to {ids.max()}, outside the model's "
                            f"vocabulary of {vocab_size}")
-    return CalibrationSet(f"{path} ({encoder.name})", _windows(ids, seq, samples, input_names, f"calibration text {path}"))
+    windows = _windows(ids, seq, samples, input_names, f"calibration text {path}")
+    return CalibrationSet(f"{path} ({encoder.name})", windows)
 
 
 class ProgressReader:
