@@ -69,6 +69,15 @@ GENERIC = {
     "tie_word_embeddings": False,
 }
 
+# A tiny model stays under this many parameters (the tests check it for every discovered family).
+TINY_PARAMETER_BOUND = 5_000_000
+
+# When the generic sizes still leave a family above the bound (a transformers release added a family, or a
+# size field, that GENERIC does not name yet: e.g. 5.24's `unpadded_vocab_size` and `swa_head_dim`), every
+# other integer field whose name ends in one of these is cut to the tiny value. Only as a fallback, so the
+# tiny models of families that already fit stay exactly as they were.
+SIZE_SUFFIXES = {"vocab_size": 128, "head_dim": 8, "intermediate_size": 32, "hidden_size": 32, "lora_rank": 16}
+
 # Multi-head latent attention expands keys to every head itself; eager attention's GQA repeat must not.
 LATENT_ATTENTION = {"num_key_value_heads": GENERIC["num_attention_heads"]}
 
@@ -208,7 +217,11 @@ def get_family(model_type: str) -> Family:
 
 
 def tiny_config(model_type: str, **variant):
-    """A tiny config of ``model_type``: generic sizes for the keys it has, its overrides, then ``variant``."""
+    """A tiny config of ``model_type``: generic sizes for the keys it has, its overrides, then ``variant``.
+
+    When that is still above ``TINY_PARAMETER_BOUND`` parameters, the family's other size fields are cut
+    too (``SIZE_SUFFIXES``), before its overrides and the variant, which always have the last word.
+    """
     get_family(model_type)
     transformers = _transformers()
     config_class = transformers.CONFIG_MAPPING[model_type]
@@ -221,12 +234,45 @@ def tiny_config(model_type: str, **variant):
     unknown = sorted(set(OVERRIDES.get(model_type, {})) - set(defaults) | set(variant) - set(defaults))
     if unknown:
         raise MoeportError(f"{model_type} configs have no option {', '.join(unknown)}")
-    kwargs.update(OVERRIDES.get(model_type, {}))
-    kwargs.update(variant)
+    explicit = {**OVERRIDES.get(model_type, {}), **variant}
+    key = f"{model_type}{sorted(variant.items())!r}"
+    if key not in _GENERIC_TOO_BIG:  # building on the meta device takes ~0.3 s; tests ask many times
+        _GENERIC_TOO_BIG[key] = parameter_count(_configured(config_class, {**kwargs, **explicit})) > TINY_PARAMETER_BOUND
+    if _GENERIC_TOO_BIG[key]:
+        kwargs.update(_size_fields(defaults, kwargs))
+    return _configured(config_class, {**kwargs, **explicit})
+
+
+_GENERIC_TOO_BIG: dict[str, bool] = {}
+
+
+def _configured(config_class, kwargs: dict):
     config = config_class(**kwargs)
     config._experts_implementation = "eager"
     config._attn_implementation = "eager"
     return config
+
+
+def _size_fields(defaults: dict, generic: dict) -> dict:
+    """The integer fields of ``defaults`` not in ``generic`` whose name ends in a ``SIZE_SUFFIXES`` key, cut."""
+    cut = {}
+    for key, value in defaults.items():
+        if key in generic or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        tiny = next((size for suffix, size in SIZE_SUFFIXES.items() if key.endswith(suffix)), None)
+        if tiny is not None and value > tiny:
+            cut[key] = tiny
+    return cut
+
+
+def parameter_count(config) -> int:
+    """Parameters of ``AutoModelForCausalLM.from_config(config)``, counted on the meta device (no memory)."""
+    import torch
+
+    transformers = _transformers()
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def random_model(model_type: str, seed: int = 0, **variant):

@@ -21,6 +21,7 @@ from moeport.exporter import families, hf_families  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.exporter.hf import CausalLMAdapter  # noqa: E402
 from moeport.runtime.verify import verify  # noqa: E402
+from locked import is_locked, locked_versions  # noqa: E402
 
 ISSUE_3 = list(hf_families.EVERY_RUN)
 DISCOVERED = [f.model_type for f in hf_families.interface_families()]
@@ -32,6 +33,20 @@ VARIANT_CASES = [pytest.param(t, name, id=f"{t}-{name}", marks=[pytest.mark.slow
                  for t in ISSUE_3 for name in hf_families.VARIANTS.get(t, {})]
 SHAPES = "1x1,2x9,3x33"
 README = Path(__file__).resolve().parents[1] / "README.md"
+# The README table is generated from the locked transformers (constraints.txt); its model_type column is the
+# record of which families that version has. A newer release's additions are reported, not failed on.
+RECORDED = {line.split("`")[1] for line in README.read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `")}
+
+
+def _report_if_new(model_type: str):
+    """Marks for a family the locked transformers does not have: an expected failure, named in the summary."""
+    if model_type in RECORDED:
+        return []
+    import transformers
+
+    return [pytest.mark.xfail(strict=False, reason=f"{model_type} is new in transformers {transformers.__version__} "
+                              f"(not in the README table for the locked {locked_versions()['transformers']})")]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +100,8 @@ def test_discovery_is_derived_and_covers_issue_3():
         assert set(table) <= set(DISCOVERED)
 
 
-@pytest.mark.parametrize("model_type", [t for t in DISCOVERED if t not in hf_families.UNSUPPORTED
+@pytest.mark.parametrize("model_type", [pytest.param(t, marks=_report_if_new(t)) for t in DISCOVERED
+                                        if t not in hf_families.UNSUPPORTED
                                         or hf_families.UNSUPPORTED[t].stage != "multimodal"])
 def test_every_discovered_family_has_a_tiny_model(model_type):
     config = hf_families.tiny_config(model_type)
@@ -93,7 +109,7 @@ def test_every_discovered_family_has_a_tiny_model(model_type):
     adapter = CausalLMAdapter(hf_families.random_model(model_type))
     assert adapter.experts, f"{model_type}: the tiny config builds no experts module"
     assert all(m.num_experts >= 4 for m in adapter.experts)
-    assert sum(p.numel() for p in adapter.parameters()) < 5_000_000
+    assert sum(p.numel() for p in adapter.parameters()) < hf_families.TINY_PARAMETER_BOUND
     import torch
 
     with torch.no_grad():
@@ -193,7 +209,24 @@ def test_graph_passes_apply_to_transformers_attention(hf_export):
     assert "Reciprocal" not in {node.op_type for node in model.graph.node}
 
 
+def test_tiny_config_cuts_size_fields_only_when_the_generic_sizes_are_too_big():
+    """transformers 5.24's inkling2 families name sizes GENERIC does not (a 200,058-row lm_head from
+    ``unpadded_vocab_size``); the fallback cuts those, and leaves families that already fit as they were."""
+    if "inkling2_text" not in DISCOVERED:
+        pytest.skip("transformers without inkling2_text (added in 5.24)")
+    config = hf_families.tiny_config("inkling2_text")
+    assert config.unpadded_vocab_size == 128 and config.swa_head_dim == 8
+    assert hf_families.parameter_count(config) < hf_families.TINY_PARAMETER_BOUND
+    # inkling_text fits with the generic sizes, so its own swa_head_dim is untouched.
+    assert hf_families.tiny_config("inkling_text").swa_head_dim == 128
+
+
 def test_readme_table_is_generated():
+    if not is_locked("transformers"):
+        import transformers
+
+        pytest.skip(f"the README table is for the locked transformers {locked_versions()['transformers']}, "
+                    f"this is {transformers.__version__}")
     text = README.read_text(encoding="utf-8")
     assert "## Hugging Face families" in text
     section = text.split("## Hugging Face families", 1)[1]
