@@ -154,6 +154,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "qwen4_exp": Unsupported("multimodal", f"{_MULTIMODAL} `qwen4_exp_text`"),
     "bailing_hybrid": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
     "jamba": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
+    "lara_mini": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),  # new in transformers 5.24
     "minimax": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
     "qwen3_5_moe_text": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
     "qwen3_next": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
