@@ -74,7 +74,7 @@ def contrib_moe_model(num_experts: int, seed: int = 0):
 def median_ms(model, threads: int, runs: int = 40) -> float:
     import onnxruntime as ort
 
-    from moeport.runtime.bench import time_runs
+    from moeport.runtime.timing import time_runs
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -88,7 +88,7 @@ def median_ms(model, threads: int, runs: int = 40) -> float:
 def read_bandwidth_gbs(mib: int, threads: int) -> float:
     import torch
 
-    from moeport.runtime.bench import time_runs
+    from moeport.runtime.timing import time_runs
 
     torch.set_num_threads(threads)
     buffer = torch.ones(mib * 2**20 // 4)

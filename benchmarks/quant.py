@@ -38,9 +38,9 @@ def main(argv=None) -> int:
 
     from moeport.exporter.export import export_checkpoint
     from moeport.quant import quantize
-    from moeport.runtime.bench import alternate
+    from moeport.runtime.timing import alternate
     from moeport.runtime.session import create_session
-    from moeport.runtime.verify import verify
+    from moeport.exporter.reference import verify_checkpoint as verify
     from moeport.samples.catalog import TRAINED_DIR
 
     root = args.out or Path(tempfile.mkdtemp(prefix="moeport-quant-bench-"))

@@ -33,7 +33,7 @@ REFERENCE = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hi
 def alternate(fns: dict, runs: int, warmup: int = 3) -> dict[str, float]:
     """Median ms of each callable, the backends taking turns (moeport.runtime.bench.alternate: every backend
     with its default threading, settled untimed at the start of each turn, then timed)."""
-    from moeport.runtime.bench import alternate as take_turns
+    from moeport.runtime.timing import alternate as take_turns
 
     times = take_turns(fns, runs=runs, warmup=warmup)
     return {name: float(np.median(t)) * 1e3 for name, t in times.items()}

@@ -23,19 +23,22 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 
 import moeport
-from moeport._fs import writing
+from moeport._fs import check_output_file, staged_file, writing
+from moeport._scoped import logger_level
+from moeport.contract import METADATA_KEYS, METADATA_PREFIX, ModelInfo
 from moeport.errors import MoeportError
 from moeport.exporter import custom_ops, families, passes, strategies, tasks
-from moeport.exporter.families import LoadedModel, ModelInfo
+from moeport.exporter.families import LoadedModel
+from moeport.runtime.session import create_session
 from moeport.samples.checkpoint import checkpoint_hash
 
 DEFAULT_OPSET = 20
@@ -44,7 +47,6 @@ MIN_OPSET, MAX_OPSET = 18, 23
 ORT_1_20_IR_VERSION = 10
 # Protobuf cannot hold more than 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-METADATA_PREFIX = "moeport."
 EXAMPLE_SHAPE = (2, 16)
 VALIDATION_SHAPES = ((1, 5), (3, 11))
 
@@ -103,19 +105,6 @@ def choose_strategy(info: ModelInfo, requested: str = "auto") -> tuple[strategie
     )
 
 
-def check_output_path(output: Path, force: bool) -> None:
-    """User errors for an output we must not or cannot write."""
-    if output.is_dir():
-        raise MoeportError(f"output {output} is a directory; give a file name such as {output / 'model.onnx'}")
-    if output.exists() and not force:
-        raise MoeportError(f"output {output} already exists; pass --force to overwrite it")
-    parent = output.parent
-    if not parent.is_dir():
-        raise MoeportError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise MoeportError(f"output directory {parent} is not writable")
-
-
 def _check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise MoeportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
@@ -126,8 +115,8 @@ def _trace(graph: tasks.TaskGraph, opset: int):
     # (``--json`` output must stay parseable).
     captured = io.StringIO()
     # torch.onnx logs a warning per missing torchvision op at first use; nothing to do with our model.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+    with logger_level("torch.onnx._internal.exporter._registration", logging.ERROR), \
+            contextlib.redirect_stdout(captured), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not actionable here
         # One Dim object shared by several inputs is the intent, not a conflict.
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
@@ -197,6 +186,7 @@ def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int,
     }
     if capacity_factor is not None:
         props["capacity_factor"] = repr(capacity_factor)
+    assert set(props) <= set(METADATA_KEYS), f"metadata keys outside the contract: {set(props) - set(METADATA_KEYS)}"
     model.metadata_props.update({METADATA_PREFIX + k: v for k, v in props.items()})
 
 
@@ -230,7 +220,7 @@ def export_model(
     started = time.perf_counter()
     output = Path(output)
     _check_opset(opset)
-    check_output_path(output, force)
+    check_output_file(output, force)
     if min(example_shape) < 2:
         # torch.export specialises a dimension whose example size is 0 or 1 to that constant.
         raise MoeportError(f"example shape must be at least 2x2 to keep batch and sequence dynamic, got {example_shape}")
@@ -246,19 +236,13 @@ def export_model(
     _finish(model, loaded=loaded, strategy=chosen.name, task=task, opset=opset, with_routing=with_routing,
             source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None)
 
-    with writing(output):  # disk full / permission denied: one line, and the staging dir goes away
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    staged = staging / output.name
-    try:
+    with staged_file(output) as staging:
+        staged = staging / output.name
         with writing(output):
             external = _save(model, staged)
-        import onnx
-
         onnx.checker.check_model(str(staged), full_check=True)
         validation, dropped = None, None
         if validate:
-            from moeport.runtime.session import create_session
-
             validation, dropped = graph.validate(create_session(staged, "cpu"), validation_shapes)
             if not validation.passed:
                 raise MoeportError(
@@ -266,17 +250,7 @@ def export_model(
                     f"agreement {validation.routing_agreement}); nothing was written. This is a moeport bug: please "
                     "report it with the checkpoint's config.json"
                 )
-        size = staged.stat().st_size
-        with writing(output):
-            if external:
-                data = staging / f"{output.name}.data"
-                size += data.stat().st_size
-                os.replace(data, output.parent / data.name)
-            os.replace(staged, output)  # the model last: it is what points to the data
-    finally:
-        for leftover in staging.glob("*"):
-            leftover.unlink()
-        staging.rmdir()
+        size = sum(path.stat().st_size for path in staging.iterdir())  # the model and its external data
 
     return ExportResult(
         output=output, family=loaded.info.family, strategy=chosen.name, strategy_reason=reason, opset=opset,

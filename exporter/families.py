@@ -21,57 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeport.contract import INPUT_IDS, LOGITS, TIE_MARGIN, ModelInfo, MoELayerInfo, random_inputs, routing_name
 from moeport.errors import MoeportError
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 from moeport.samples import checkpoint as ckpt
-
-
-@dataclass(frozen=True)
-class MoELayerInfo:
-    """One MoE layer as the exported graph names it (``routing.{label}.experts``)."""
-
-    label: str
-    num_experts: int
-    top_k: int
-    router: str
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    family: str
-    vocab_size: int
-    layers: tuple[MoELayerInfo, ...]
-    input_names: tuple[str, ...] = ("input_ids",)
-    model_type: str = ""  # the transformers model_type, for Hugging Face checkpoints
-
-    @property
-    def num_experts(self) -> int:
-        return max(layer.num_experts for layer in self.layers)
-
-    @property
-    def top_k(self) -> int:
-        return max(layer.top_k for layer in self.layers)
-
-    @property
-    def all_soft(self) -> bool:
-        """True when every layer weights all of its experts (dense soft MoE)."""
-        return all(layer.top_k == layer.num_experts for layer in self.layers)
-
-    def to_dict(self) -> dict:
-        return {
-            "family": self.family,
-            "vocab_size": self.vocab_size,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "layers": [vars(layer) for layer in self.layers],
-            "input_names": list(self.input_names),
-            "model_type": self.model_type,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelInfo":
-        return cls(data["family"], int(data["vocab_size"]), tuple(MoELayerInfo(**d) for d in data["layers"]),
-                   tuple(data.get("input_names", ("input_ids",))), data.get("model_type", ""))
+from moeport.samples.catalog import build_model
+from moeport.samples.model import EnsembleConfig, LMConfig
 
 
 @dataclass
@@ -165,47 +120,25 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Load
     return loaded
 
 
-def output_names(info: ModelInfo, with_routing: bool, extra_outputs: tuple[str, ...] = ()) -> list[str]:
-    """Graph output names: ``logits``, then per MoE layer ``routing.{label}.experts|weights|<extra>``."""
-    names = ["logits"]
-    if with_routing:
-        for layer in info.layers:
-            names += [f"routing.{layer.label}.{part}" for part in ("experts", "weights", *extra_outputs)]
-    return names
-
-
 def reference_outputs(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PyTorch eager outputs (reference dispatch) named as the exported graph names them."""
     with torch.no_grad():
         logits, routing = loaded.model(**{name: torch.from_numpy(a) for name, a in inputs.items()})
-    outputs = {"logits": logits.numpy()}
-    for layer, (idx, weight) in zip(loaded.info.layers, routing):
-        outputs[f"routing.{layer.label}.experts"] = idx.numpy()
-        outputs[f"routing.{layer.label}.weights"] = weight.numpy()
-    return outputs
+    return {LOGITS: logits.numpy(), **routing_arrays(loaded.info, routing)}
 
 
-# Two experts whose selection scores are closer than this are a tie: torch and onnxruntime may break it
-# differently (both correctly), and everything downstream of that token then differs.
-TIE_MARGIN = 1e-5
+def routing_arrays(info: ModelInfo, routing) -> dict[str, np.ndarray]:
+    """``routing.{label}.experts|weights`` arrays of the ``(expert_idx, expert_weight)`` pairs a model returns."""
+    arrays = {}
+    for layer, (idx, weight) in zip(info.layers, routing):
+        arrays[routing_name(layer.label, "experts")] = idx.numpy()
+        arrays[routing_name(layer.label, "weights")] = weight.numpy()
+    return arrays
 
 
 def routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Per MoE layer, per token ``[batch*seq]``: k-th minus (k+1)-th selection score (inf when k == E)."""
     return get_family(loaded.info.family).routing_margins(loaded, inputs)
-
-
-def random_inputs(info: ModelInfo, batch: int, seq: int, seed: int, left_padding: bool = False) -> dict[str, np.ndarray]:
-    """Seeded model inputs: ``input_ids [batch, seq]`` in ``[0, vocab)`` and, where the model takes it,
-    ``attention_mask`` (all ones, or with ``left_padding`` row r starting with min(r, seq - 1) pads)."""
-    inputs = {"input_ids": np.random.default_rng(seed).integers(0, info.vocab_size, size=(batch, seq), dtype=np.int64)}
-    if "attention_mask" in info.input_names:
-        mask = np.ones((batch, seq), dtype=np.int64)
-        if left_padding:
-            for row in range(batch):
-                mask[row, : min(row, seq - 1)] = 0
-        inputs["attention_mask"] = mask
-    return inputs
 
 
 def tie_free_inputs(loaded: LoadedModel, batch: int, seq: int, seed: int, tries: int = 50) -> dict[str, np.ndarray]:
@@ -214,13 +147,12 @@ def tie_free_inputs(loaded: LoadedModel, batch: int, seq: int, seed: int, tries:
         inputs = random_inputs(loaded.info, batch, seq, seed + 7919 * attempt)
         if all(m.size == 0 or m.min() > TIE_MARGIN for m in routing_margins(loaded, inputs)):
             return inputs
-    raise RuntimeError(f"no tie-free input of shape {batch}x{seq} in {tries} tries; the router scores are degenerate")
+    # The checkpoint's routers score (nearly) every expert the same: a property of the user's weights, not a bug.
+    raise MoeportError(f"no tie-free input of shape {batch}x{seq} in {tries} tries: the model's router scores are "
+                       f"degenerate (experts tie within {TIE_MARGIN}); check the checkpoint's router weights")
 
 
 def _sample_build(config: dict) -> nn.Module:
-    from moeport.samples.catalog import build_model
-    from moeport.samples.model import EnsembleConfig, LMConfig
-
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     cls = EnsembleConfig if config.get("family") == "moeport_ensemble" else LMConfig
     return build_model(cls(**config))
@@ -251,7 +183,7 @@ def _sample_routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) 
     """Capture each router's gate logits and rebuild the score its top-k selects on."""
     logits: list[torch.Tensor] = []
     run_with_hooks([(moe.router.gate, lambda _m, _i, out: logits.append(out)) for moe in loaded.moe_layers],
-                   lambda: loaded.model(torch.from_numpy(inputs["input_ids"])))
+                   lambda: loaded.model(torch.from_numpy(inputs[INPUT_IDS])))
     margins = []
     for moe, gate_logits in zip(loaded.moe_layers, logits):
         if moe.cfg.router == "sigmoid_topk":

@@ -22,9 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, output_names, past_names,
+                              present_names, random_inputs, routing_name)
 from moeport.errors import MoeportError
 from moeport.exporter import families, strategies
 from moeport.exporter.families import LoadedModel
+from moeport.runtime.compare import Comparator, Comparison
 from moeport.runtime.generate import decoder_feeds
 
 
@@ -94,9 +97,9 @@ class LogitsModule(nn.Module):
         self.strategy, self.options = strategy, options
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        inputs = {"input_ids": input_ids}
+        inputs = {INPUT_IDS: input_ids}
         if attention_mask is not None:
-            inputs["attention_mask"] = attention_mask
+            inputs[ATTENTION_MASK] = attention_mask
         logits, routing = self.model(**inputs)
         if not self.with_routing:
             return (logits,)
@@ -105,7 +108,6 @@ class LogitsModule(nn.Module):
 
 def _compare_runs(loaded, session, strategy, options, runs) -> tuple:
     """Compare onnxruntime with PyTorch (same strategy, eager) on each (inputs, reference fn) run."""
-    from moeport.runtime.compare import Comparator, Comparison
 
     comparator = Comparator(atol=families.get_family(loaded.info.family).tolerance)
     merged, dropped = Comparison(), 0
@@ -115,7 +117,7 @@ def _compare_runs(loaded, session, strategy, options, runs) -> tuple:
             reference = reference_fn(feeds)
             if strategy.compute_extras is not None:
                 for layer in loaded.info.layers:
-                    idx = torch.from_numpy(reference[f"routing.{layer.label}.experts"])
+                    idx = torch.from_numpy(reference[routing_name(layer.label, "experts")])
                     dropped += int(strategy.compute_extras(layer.num_experts, idx, options)["dropped"])
             actual = dict(zip(names, session.run(None, feeds)))
             result = comparator.compare(reference, actual, loaded.info.layers)
@@ -126,7 +128,7 @@ def _compare_runs(loaded, session, strategy, options, runs) -> tuple:
 
 
 def _build_logits(loaded, with_routing, strategy, options, example_shape, seed) -> TaskGraph:
-    example = families.random_inputs(loaded.info, *example_shape, seed=seed)
+    example = random_inputs(loaded.info, *example_shape, seed=seed)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
 
     def validate(session, shapes):
@@ -143,7 +145,7 @@ def _build_logits(loaded, with_routing, strategy, options, example_shape, seed) 
         args=tuple(torch.from_numpy(example[name]) for name in loaded.info.input_names),
         dynamic_shapes={name: {0: batch, 1: sequence} for name in loaded.info.input_names},
         input_names=list(loaded.info.input_names),
-        output_names=families.output_names(loaded.info, with_routing, strategy.extra_outputs),
+        output_names=output_names(loaded.info, with_routing, strategy.extra_outputs),
         validate=validate,
     )
 
@@ -183,58 +185,56 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
     shapes = adapter.cache_shapes()
     generator = torch.Generator().manual_seed(seed)
     past = [torch.randn(batch_size, heads, past_len, dim, generator=generator) for heads, dim in shapes]
-    input_ids = torch.from_numpy(families.random_inputs(loaded.info, batch_size, seq_len, seed)["input_ids"])
+    input_ids = torch.from_numpy(random_inputs(loaded.info, batch_size, seq_len, seed)[INPUT_IDS])
     mask = np.ones((batch_size, past_len + seq_len), dtype=np.int64)
     feeds = decoder_feeds(mask, input_ids.numpy(), [p.numpy() for p in past])
     batch, sequence, past_sequence = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past_sequence")
-    names = ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{part}" for i in range(len(shapes) // 2) for part in ("key", "value")]
-    outputs = ["logits"] + [f"present.{i}.{part}" for i in range(len(shapes) // 2) for part in ("key", "value")]
+    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + past_names(len(shapes) // 2)
+    outputs = [LOGITS] + present_names(len(shapes) // 2)
     if with_routing:
-        outputs += families.output_names(loaded.info, True, strategy.extra_outputs)[1:]
+        outputs += output_names(loaded.info, True, strategy.extra_outputs)[1:]
 
     def reference(feeds):
         tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
         past_in = [tensors[n] for n in names[3:]]
         with torch.no_grad():
-            logits, presents, routing = adapter.step(tensors["input_ids"], tensors["attention_mask"],
-                                                     tensors["position_ids"], past_in)
-        result = {"logits": logits.numpy()}
+            logits, presents, routing = adapter.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
+                                                     tensors[POSITION_IDS], past_in)
+        result = {LOGITS: logits.numpy()}
         result.update({name: p.numpy() for name, p in zip(outputs[1:], presents)})
-        for layer, (idx, weight) in zip(loaded.info.layers, routing):
-            result[f"routing.{layer.label}.experts"] = idx.numpy()
-            result[f"routing.{layer.label}.weights"] = weight.numpy()
+        result.update(families.routing_arrays(loaded.info, routing))
         return result
 
-    def validate(session, _shapes):
+    def validate(session, validation_shapes):
         def runs():
-            # Prefill with an empty past, left-padded second row; then one decode step on its presents.
-            prompt = families.tie_free_inputs(loaded, 2, 6, seed=1000)
-            mask = np.ones((2, 6), dtype=np.int64)
-            mask[1, :2] = 0
-            empty = [np.zeros((2, heads, 0, dim), dtype=np.float32) for heads, dim in shapes]
-            prefill = decoder_feeds(mask, prompt["input_ids"], empty)
-            yield prefill, reference
-            ref = reference(prefill)
-            next_ids = ref["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
-            mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-            yield decoder_feeds(mask, next_ids, [ref[n] for n in outputs[1:1 + len(shapes)]]), reference
+            # Per validation shape (batch x prompt length): prefill with an empty past, row r left-padded by
+            # min(r, length - 1) tokens; then one decode step on its presents.
+            for i, (rows, length) in enumerate(validation_shapes):
+                prompt = families.tie_free_inputs(loaded, rows, length, seed=1000 + i)
+                mask = random_inputs(loaded.info, rows, length, 0, left_padding=True)[ATTENTION_MASK]
+                empty = [np.zeros((rows, heads, 0, dim), dtype=np.float32) for heads, dim in shapes]
+                prefill = decoder_feeds(mask, prompt[INPUT_IDS], empty)
+                yield prefill, reference
+                ref = reference(prefill)
+                next_ids = ref[LOGITS][:, -1].argmax(-1)[:, None].astype(np.int64)
+                mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+                yield decoder_feeds(mask, next_ids, [ref[n] for n in outputs[1:1 + len(shapes)]]), reference
 
         return _compare_runs(loaded, session, strategy, options, runs)
 
     return TaskGraph(
         module=WithPastModule(loaded, with_routing, strategy, options).eval(),
-        args=(input_ids, torch.from_numpy(mask), torch.from_numpy(feeds["position_ids"]), past),
+        args=(input_ids, torch.from_numpy(mask), torch.from_numpy(feeds[POSITION_IDS]), past),
         dynamic_shapes={
-            "input_ids": {0: batch, 1: sequence},
-            "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},  # past_sequence + sequence
-            "position_ids": {0: batch, 1: sequence},
+            INPUT_IDS: {0: batch, 1: sequence},
+            ATTENTION_MASK: {0: batch, 1: torch.export.Dim.AUTO},  # past_sequence + sequence
+            POSITION_IDS: {0: batch, 1: sequence},
             "past_key_values": [{0: batch, 2: past_sequence} for _ in shapes],
         },
         input_names=names,
         output_names=outputs,
         validate=validate,
-        input_dim_names={"attention_mask": {1: "past_sequence + sequence"}},
+        input_dim_names={ATTENTION_MASK: {1: "past_sequence + sequence"}},
     )
 
 

@@ -23,7 +23,9 @@ from typing import Callable
 
 import numpy as np
 
+from moeport._fs import load_npz
 from moeport.errors import MoeportError
+from moeport.runtime.tokenizer import has_tokenizer, load_tokenizer
 
 BYTE_VOCAB = 256
 DEFAULT_SEQ = 128
@@ -51,31 +53,16 @@ class TextEncoder:
     encode: Callable[[bytes], np.ndarray]
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def text_encoder(vocab_size: int | None, checkpoint: str | os.PathLike | None = None) -> TextEncoder | None:
-    """How text becomes ids for a model of ``vocab_size``: the tokenizer saved in ``checkpoint`` (offline,
-    no remote code) when there is one, else bytes when the vocabulary is 256; None when neither fits."""
-    if checkpoint is not None and any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as exc:
-            raise MoeportError(f"{checkpoint} has a tokenizer; reading it needs transformers: "
-                               "pip install 'moeport[hf]'") from exc
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint), local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise MoeportError(f"cannot load the tokenizer in {checkpoint}: {exc}") from exc
-        if vocab_size is not None and len(tokenizer) > vocab_size:
-            raise MoeportError(f"the tokenizer in {checkpoint} has {len(tokenizer)} tokens but the model's vocabulary "
-                               f"is {vocab_size}: they do not belong together")
-
-        def encode(data: bytes) -> np.ndarray:
-            return np.asarray(tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False),
-                              dtype=np.int64)
-
-        return TextEncoder(f"tokenizer of {checkpoint}", encode)
+def text_encoder(vocab_size: int | None, directory: str | os.PathLike | None = None) -> TextEncoder | None:
+    """How text becomes ids for a model of ``vocab_size``: the ``tokenizer.json`` saved in ``directory`` (a
+    checkpoint or model folder) when there is a tokenizer, else bytes when the vocabulary is 256; None when
+    neither fits."""
+    if directory is not None and has_tokenizer(directory):
+        tokenizer = load_tokenizer(directory)
+        if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+            raise MoeportError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's "
+                               f"vocabulary is {vocab_size}: they do not belong together")
+        return TextEncoder(f"tokenizer of {directory}", tokenizer.encode_bytes)
     if vocab_size == BYTE_VOCAB:
         return TextEncoder("bytes", lambda data: np.frombuffer(data, dtype=np.uint8).astype(np.int64))
     return None
@@ -121,16 +108,12 @@ def _text_bytes(path: Path) -> bytes:
 
 
 def _from_npz(path: Path, input_names: list[str], vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise MoeportError(f"calibration file {path} is not a readable .npz archive ({exc})") from exc
-    with archive:
-        missing = [n for n in input_names if n not in archive.files]
-        if missing:
-            raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "
-                               f"{sorted(archive.files)}, the model needs {input_names}")
-        arrays = {n: archive[n] for n in input_names}
+    archive = load_npz(path, what="calibration")
+    missing = [n for n in input_names if n not in archive]
+    if missing:
+        raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "
+                           f"{sorted(archive)}, the model needs {input_names}")
+    arrays = {n: archive[n] for n in input_names}
     rows = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
     for name, array in arrays.items():
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):

@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -38,15 +37,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moeport._fs import writing
+from moeport._fs import check_output_file, staged_file, writing
+from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY, Reference, optional_model_info, read_metadata
 from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant.modes import QuantMode, get_mode
-from moeport.quant.router import ExpertGroup, RouterPlan, find_expert_matmuls, find_routers
+from moeport.quant.router import ExpertGroup, RouterPlan, _Graph, find_expert_matmuls, find_routers
 from moeport.quant.schemes import DEFAULT_MODE, FLOAT, TARGETS, IntScheme, choose_scheme
+from moeport.samples import TRAINED_DIR
 
-METADATA_KEY = "moeport.quantization"
+METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
+
+
+class QuantizeWarning(UserWarning):
+    """What quantize warns about (starved experts, no router found ...); every one is also in the result."""
+
 DEFAULT_CALIBRATION_SAMPLES = 64
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_DENSE_BLOCK_SIZE = 16
@@ -56,9 +62,7 @@ _ROUTER_QDQ_OPS = ("Softmax", "Sigmoid")  # quantized only with keep_router=Fals
 
 def bundled_text(name: str) -> Path | None:
     """``samples/trained/<name>`` (calibration.txt, heldout.txt) when the trained sample is installed."""
-    from moeport.samples.catalog import TRAINED_DIR
-
-    path = Path(TRAINED_DIR) / name
+    path = TRAINED_DIR / name
     return path if path.is_file() else None
 
 
@@ -195,7 +199,7 @@ class QuantizeResult:
                          f"{q.latency_after_ms:12.2f} {q.latency_after_ms / q.latency_before_ms:9.2f}x")
         if q.parity is not None:
             p = q.parity
-            lines.append(f"  parity vs PyTorch fp32 on {','.join(p.shapes)} (random ids): max abs err "
+            lines.append(f"  parity vs PyTorch fp32 on {','.join(p.shapes)} ({p.inputs}): max abs err "
                          f"{p.max_abs_err:.4g}, mean abs err {p.mean_abs_err:.4g}, argmax agreement "
                          f"{p.argmax_agreement:.4f}")
             if p.routing_agreement is not None:
@@ -307,13 +311,11 @@ def _coverage(model_path: Path, plan: RouterPlan, data: calib.CalibrationSet, la
 
 
 def _check_paths(model: Path, out: Path, force: bool) -> None:
-    from moeport.exporter.export import check_output_path
-
     if not model.is_file():
         raise MoeportError(f"model file not found: {model}")
     if out.resolve() == model.resolve():
         raise MoeportError(f"output {out} is the input model; choose another file name")
-    check_output_path(out, force)
+    check_output_file(out, force)
 
 
 def _stamp(proto: onnx.ModelProto, source: onnx.ModelProto, info: dict) -> None:
@@ -332,8 +334,6 @@ def float_router_nodes(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> count of router nodes in ``model`` that compute in float32: no float16 output and no
     input from a DequantizeLinear. Found again on the output because quantize_dynamic rewrites a Gemm gate
     as a (renamed, still float) MatMul and fp16 adds Casts at the router's edges."""
-    from moeport.quant.router import _Graph
-
     g = _Graph(model)
     names = set(find_routers(model).nodes)
     counts: Counter = Counter()
@@ -546,7 +546,8 @@ def quantize(
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
     random_calibration: bool = False,
     keep_router: bool = True,
-    checkpoint: str | os.PathLike | None = None,
+    reference: Reference | None = None,
+    tokenizer: str | os.PathLike | None = None,
     heldout: str | os.PathLike | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     dense_block_size: int = DEFAULT_DENSE_BLOCK_SIZE,
@@ -561,7 +562,9 @@ def quantize(
 
     ``calibration``: text/JSONL/.npz path (int8 only); None uses the bundled ``calibration.txt`` of the
     trained sample; ``random_calibration=True`` uses random ids (with a warning). ``heldout``: text for
-    perplexity (default: the bundled ``heldout.txt``). ``checkpoint``: PyTorch reference for parity.
+    perplexity (default: the bundled ``heldout.txt``). ``reference``: the model ``model`` was exported from,
+    for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
+    with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
     ``block_size``, ``dense_block_size``, ``embedding_bits`` (int4): see ``NBitsLayout``.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
@@ -581,12 +584,10 @@ def quantize(
         raise MoeportError(f"mode {spec.name} uses no calibration data; drop --calibration/--random-calibration")
     _check_paths(model, out, force)
 
-    from moeport.runtime.verify import parse_model_info, read_metadata
-
     metadata = read_metadata(model)  # also refuses external data outside the model's directory
-    info = parse_model_info(metadata["model_info"], model).to_dict() if "model_info" in metadata else None
-    vocab = info["vocab_size"] if info else None
-    labels = [layer["label"] for layer in info["layers"]] if info else None
+    info = optional_model_info(metadata, model)
+    vocab = info.vocab_size if info else None
+    labels = [layer.label for layer in info.layers] if info else None
     proto = onnx.load(str(model))
     plan = find_routers(proto)
     exclude = set(plan.nodes) if keep_router else set()
@@ -608,7 +609,7 @@ def quantize(
     @functools.cache
     def encoder() -> calib.TextEncoder | None:
         # The checkpoint's tokenizer when it has one (read once, and only when text is encoded).
-        return calib.text_encoder(vocab, checkpoint)
+        return calib.text_encoder(vocab, tokenizer)
 
     data, calibration_info, overrides = None, None, {}
     if spec.needs_calibration:
@@ -645,12 +646,10 @@ def quantize(
             result_warnings.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use "
                                    "their layer's activation range instead of their own")
     for message in result_warnings:
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, QuantizeWarning, stacklevel=2)
 
-    with writing(out):  # disk full / permission denied: one line, and the staging dir goes away
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staged = staging / out.name
-    try:
+    with staged_file(out) as staging:  # nothing is written when a step fails
+        staged = staging / out.name
         with writing(out):  # onnxruntime's quantizers write the staged file themselves
             quantized = _apply(spec, model, proto, staged, scheme=scheme, weight_nodes=targeted, exclude=exclude,
                                data=data, layout=layout, overrides=overrides)
@@ -661,12 +660,6 @@ def quantize(
         with writing(out):
             onnx.save(quantized, str(staged))
         onnx.checker.check_model(str(staged))
-        with writing(out):
-            os.replace(staged, out)
-    finally:
-        for leftover in staging.glob("*"):
-            leftover.unlink()
-        staging.rmdir()
 
     before_ops = Counter(n.op_type for n in proto.graph.node)
     after_ops = Counter(n.op_type for n in quantized.graph.node)
@@ -677,28 +670,32 @@ def quantize(
 
     report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(proto),
                                 qual.weight_bytes(quantized), _strip_debug_metadata(copy.deepcopy(proto)))
-    if checkpoint is not None:
-        report.parity = qual.parity(out, Path(checkpoint), spec.min_routing_agreement, parity_shapes)
+    text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
+    if text_path is not None and not text_path.is_file():
+        raise MoeportError(f"held-out text not found: {text_path}")
+    heldout_ids = None if text_path is None or encoder() is None else encoder().encode(text_path.read_bytes())
+    if reference is not None:
+        # On held-out text when there is some: routing is judged on data like the deployment's (random ids
+        # route unlike any text the model will see; they are the fallback).
+        windows = None if heldout_ids is None else qual.parity_windows(heldout_ids)
+        report.parity = qual.parity(out, reference, spec.min_routing_agreement, parity_shapes, windows)
     opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import}.get("ai.onnx") for m in (proto, quantized)]
     if opsets[0] != opsets[1]:
         report.notes.append(f"opset {opsets[0]} -> {opsets[1]}: onnxruntime's quantizer needs it for the ops it wrote")
     if not perplexity:
         report.notes.append("perplexity not measured (skipped on request)")
     elif encoder() is not None:
-        text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
-        if text_path is None:
+        if heldout_ids is None:
             report.notes.append("no perplexity: no held-out text (pass --heldout FILE)")
-        elif not text_path.is_file():
-            raise MoeportError(f"held-out text not found: {text_path}")
         else:
-            ids = encoder().encode(text_path.read_bytes())
-            ppl = qual.heldout_quality(model, out, ids, [r.indices_output for r in plan.routers])
+            ppl = qual.heldout_quality(model, out, heldout_ids, [r.indices_output for r in plan.routers])
             report.perplexity_before, report.perplexity_after, report.heldout_tokens, routing, top1 = ppl
             if labels and len(labels) == len(routing):
                 routing, top1 = dict(zip(labels, routing.values())), dict(zip(labels, top1.values()))
             report.heldout_routing, report.heldout_top1 = routing, top1
     else:
-        report.notes.append("no perplexity: the model is not byte-level and --checkpoint gives no tokenizer")
+        report.notes.append("no perplexity: the model is not byte-level and no tokenizer was given (--tokenizer DIR, "
+                            "or --checkpoint with the checkpoint's tokenizer)")
     if latency_runs > 0:
         report.latency_before_ms = qual.latency_ms(model, vocab or 2, latency_runs)
         report.latency_after_ms = qual.latency_ms(out, vocab or 2, latency_runs)

@@ -18,11 +18,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from moeport.contract import Reference
 from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
 from moeport.quant.router import find_routers
+from moeport.runtime.session import create_session
+from moeport.runtime.timing import time_runs
+from moeport.runtime.verify import verify
 
 PARITY_SHAPES = ((1, 1), (3, 7), (4, 128))
+# Parity on held-out text: this many windows of PARITY_WINDOW tokens (128: the trained sample's context).
+PARITY_WINDOWS, PARITY_WINDOW = 8, 128
 PPL_WINDOW = 256
 PPL_BATCH = 8
 LATENCY_SHAPE = (1, 128)
@@ -33,6 +39,7 @@ class Parity:
     """Quantized ONNX vs PyTorch fp32 (``moeport.runtime.verify``), merged over the shapes."""
 
     shapes: list[str]
+    inputs: str  # "held-out text" or "random ids"
     max_abs_err: float
     mean_abs_err: float  # logits
     argmax_agreement: float | None  # logits, over all tokens of all shapes
@@ -100,12 +107,21 @@ def weight_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
-def parity(model: Path, checkpoint: Path, min_routing_agreement: float, shapes=PARITY_SHAPES) -> Parity:
-    """verify() with no error tolerance (quantized outputs never meet fp32's); routing sets the pass."""
-    from moeport.runtime.verify import verify
+def parity_windows(ids: np.ndarray, count: int = PARITY_WINDOWS, window: int = PARITY_WINDOW) -> dict[str, np.ndarray]:
+    """Up to ``count`` evenly spaced windows ``[n, window]`` of encoded text ``ids [tokens]`` as ``input_ids``."""
+    window = min(window, ids.size)
+    starts = np.unique(np.linspace(0, ids.size - window, num=count).astype(np.int64))
+    return {"input_ids": np.stack([ids[s:s + window] for s in starts]).astype(np.int64)}
 
-    report = verify(model, checkpoint, shapes=list(shapes), atol=math.inf,
+
+def parity(model: Path, reference: Reference, min_routing_agreement: float, shapes=PARITY_SHAPES,
+           inputs: dict[str, np.ndarray] | None = None) -> Parity:
+    """verify() against ``reference`` (e.g. the PyTorch checkpoint) with no error tolerance (quantized outputs
+    never meet fp32's); routing sets the pass. ``inputs`` (e.g. ``parity_windows`` of held-out text) replace
+    the random ids at ``shapes``."""
+    report = verify(model, reference, shapes=list(shapes), atol=math.inf, inputs=inputs,
                     min_routing_agreement=min_routing_agreement)
+    shapes = [result.shape for result in report.results]
     agree: dict[str, list[float]] = {}
     for result in report.results:
         for r in result.comparison.routing:
@@ -118,6 +134,7 @@ def parity(model: Path, checkpoint: Path, min_routing_agreement: float, shapes=P
     mean_abs = sum(o.mean_abs * n for o, n in zip(logits, tokens)) / max(sum(tokens), 1)
     return Parity(
         shapes=[f"{b}x{s}" for b, s in shapes],
+        inputs="random ids" if inputs is None else "held-out text",
         max_abs_err=report.max_abs_err,
         mean_abs_err=mean_abs,
         argmax_agreement=None if not logits else
@@ -133,8 +150,6 @@ class RouterSession:
     """A session that also returns every router's TopK indices (added as graph outputs in a temp copy)."""
 
     def __init__(self, model: Path, index_names: list[str] | None = None, float_outputs: tuple[str, ...] = ()):
-        from moeport.runtime.session import create_session
-
         proto = onnx.load(str(model))
         if index_names is None:
             index_names = [r.indices_output for r in find_routers(proto).routers]
@@ -208,9 +223,6 @@ def heldout_quality(before: Path, after: Path, ids: np.ndarray, routers_before: 
 
 def latency_ms(model: Path, vocab_size: int, runs: int, shape=LATENCY_SHAPE) -> float:
     """Median wall time of ``runs`` CPU runs on seeded ids ``shape`` after two warm-up runs."""
-    from moeport.runtime.bench import time_runs
-    from moeport.runtime.session import create_session
-
     session = create_session(model, "cpu")
     ids = np.random.default_rng(0).integers(0, vocab_size, size=shape, dtype=np.int64)
     feed = {session.get_inputs()[0].name: ids}

@@ -1,4 +1,4 @@
-"""Helpers shared by run, bench, inspect and package: tensor specs, input checks, atomic writes.
+"""Helpers shared by run, bench, inspect and package: tensor specs, the input check, .npz output.
 
 A ``TensorSpec`` describes one graph input or output as onnxruntime reports it: ``shape`` holds an int
 for a fixed dim and a name (``"batch"``) or ``None`` for a dynamic one. Exported moeport models take
@@ -7,16 +7,13 @@ for a fixed dim and a name (``"batch"``) or ``None`` for a dynamic one. Exported
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moeport.errors import MoeportError
+from moeport._fs import check_output_file, staged_file, writing
+from moeport.errors import MoeportError, UsageError
 
 # onnxruntime type strings -> numpy dtypes (the ones an input check can meet).
 _ORT_TYPES = {
@@ -97,70 +94,16 @@ def check_inputs(feeds: dict[str, np.ndarray], specs: list[TensorSpec], vocab_si
                                f"[0, {vocab_size})")
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file by name (no pickles: an npz of tensors never needs them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MoeportError(f"inputs file not found: {path}")
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(6)
-    except OSError as exc:
-        raise MoeportError(f"cannot read inputs file {path}: {exc.strerror}") from exc
-    if not zipfile.is_zipfile(path) and magic != b"\x93NUMPY":
-        # np.load would try to unpickle anything else and say "allow_pickle=...": the wrong advice here.
-        raise MoeportError(f"{path} is not a readable .npz file (not a zip archive); save the inputs with "
-                           "np.savez(path, input_ids=...)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise MoeportError(f"{path} is a single .npy array; save the inputs with np.savez(path, input_ids=...)")
-            return {name: data[name] for name in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise MoeportError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
-
-
-def check_new_file(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise MoeportError(f"output {path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise MoeportError(f"output {path} already exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise MoeportError(f"output directory {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):  # say so before the run, not after computing the outputs
-        raise MoeportError(f"output directory {path.parent} is not writable")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = ""):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
-
-    A crash or an exception leaves ``path`` as it was (never half-written) and removes the temporary.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def save_npz(path: Path, arrays: dict[str, np.ndarray], force: bool = False) -> Path:
     """Write ``arrays`` to ``path`` atomically (np.savez through a file object, so no ``.npz`` is appended)."""
-    from moeport._fs import writing
-
-    check_new_file(path, force)
-    with writing(path), atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    check_output_file(path, force)
+    with staged_file(path) as staging, writing(path), open(staging / path.name, "wb") as handle:
         np.savez(handle, **arrays)
     return path
 
 
 def parse_fixed_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
     """``["input_ids=1x64"]`` -> ``{"input_ids": [1, 64]}``; anything else is a usage error."""
-    from moeport.errors import UsageError
-
     shapes = {}
     for item in items:
         name, sep, dims = item.partition("=")

@@ -1,7 +1,7 @@
 """``moeport bench``: latency of a model on onnxruntime, optionally against PyTorch eager.
 
-Each shape ``BATCHxSEQ`` feeds seeded ``input_ids [batch, seq] int64``. With a checkpoint, the PyTorch
-model runs on the same inputs in the same process with the same thread count; ORT and PyTorch take
+Each shape ``BATCHxSEQ`` feeds seeded ``input_ids [batch, seq] int64``. With a reference (the exporter's
+``CheckpointReference``; this module never imports torch), the PyTorch model runs on the same inputs in the same process with the same thread count; ORT and PyTorch take
 turns (``alternate``) so that machine noise (other jobs, frequency changes) hits both alike, and the
 comparison uses medians. Peak memory is the largest resident set size (psutil) seen after any run of a shape, so it
 includes whatever the process held before (the model weights of both backends).
@@ -9,75 +9,30 @@ includes whatever the process held before (the model weights of both backends).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+import psutil
+from tqdm import tqdm
+
+from moeport._fs import check_output_file, staged_file, writing
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, Reference, metadata_of_map, optional_model_info,
+                              vocab_size)
 from moeport.errors import MoeportError, UsageError
-from moeport.runtime._io import atomic_path, check_new_file, session_specs
+from moeport.runtime._io import session_specs
 from moeport.runtime.placement import resolve_with_warnings
-from moeport.runtime.session import create_session
 from moeport.runtime.run import example_feeds
-from moeport.runtime.verify import parse_shapes
+from moeport.runtime.session import create_session
+from moeport.runtime.timing import alternate
+from moeport.runtime.efficiency import expert_efficiency as measure_expert_efficiency
+from moeport.runtime.verify import check_reference, parse_shapes
 
 DEFAULT_SHAPES = "1x1,1x128,4x128"
-
-
-def time_runs(fn: Callable[[], object], *, runs: int, warmup: int = 3) -> list[float]:
-    """Seconds of ``runs`` timed calls of ``fn`` after ``warmup`` untimed ones (one backend, nothing to alternate)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def alternate(backends: dict[str, Callable[[], object]], *, runs: int, warmup: int = 3, per_turn: int = 5,
-              settle_runs: int = 3, settle_s: float = 0.05,
-              after_run: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Seconds of ``runs`` timed calls of each backend, the backends taking turns.
-
-    Every backend keeps its default threading. onnxruntime's and PyTorch's (OpenMP) worker threads both
-    busy-wait for a while after a run, and measured here a run that follows the other backend's is
-    slowed for several milliseconds (up to tens) while those threads still hold the cores. So each turn
-    first runs a backend untimed until it has settled (at least ``settle_runs`` calls and ``settle_s``
-    seconds), then times ``per_turn`` calls; the same rule for every backend. Turns rotate
-    (a, b, c, a, b, c, ...) so that noise over time still hits all of them alike. ``after_run`` is
-    called after every call (e.g. to sample memory).
-    """
-    if per_turn < 1 or settle_runs < 0:
-        raise ValueError("per_turn must be at least 1 and settle_runs at least 0")
-    times: dict[str, list[float]] = {name: [] for name in backends}
-    for fn in backends.values():
-        for _ in range(warmup):
-            fn()
-            if after_run is not None:
-                after_run()
-    while any(len(t) < runs for t in times.values()):
-        for name, fn in backends.items():
-            if len(times[name]) >= runs:
-                continue
-            turn_start, settled = time.perf_counter(), 0
-            while settled < settle_runs or time.perf_counter() - turn_start < settle_s:
-                fn()
-                settled += 1
-                if after_run is not None:
-                    after_run()
-            for _ in range(min(per_turn, runs - len(times[name]))):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-                if after_run is not None:
-                    after_run()
-    return times
 
 
 def _ms_stats(seconds: list[float]) -> dict[str, float]:
@@ -159,25 +114,10 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def _torch_model(checkpoint, model_metadata: dict[str, str], model: Path):
-    """The checkpoint's PyTorch model, after checking it is the one ``model`` was exported from."""
-    from moeport.exporter import families
-
-    loaded = families.load_checkpoint(checkpoint)
-    raw = model_metadata.get("moeport.model_info")
-    if raw is not None:
-        from moeport.runtime.verify import parse_model_info  # checks the metadata is intact
-
-        info = parse_model_info(raw, model)
-        if info.family != loaded.info.family or info.layers != loaded.info.layers:
-            raise MoeportError(f"{model} was not exported from {checkpoint} (family or MoE layers differ)")
-    return loaded.model
-
-
 def bench(
     model: str | os.PathLike,
     *,
-    checkpoint: str | os.PathLike | None = None,
+    reference: Reference | None = None,
     shapes: str | list[tuple[int, int]] = DEFAULT_SHAPES,
     ep: str = "cpu",
     fallback: str | None = None,
@@ -189,21 +129,18 @@ def bench(
     seed: int = 0,
     expert_efficiency: bool = False,
 ) -> BenchReport:
-    """Time ``model`` (and ``checkpoint`` in PyTorch eager) at each shape; see the module docstring."""
-    import psutil
-    import torch
-    from tqdm import tqdm
-
+    """Time ``model`` (and ``reference``, e.g. a checkpoint in PyTorch eager) at each shape; see the module
+    docstring. ``threads`` defaults to the machine's CPU count, for both backends."""
     if isinstance(shapes, str):
         shapes = parse_shapes(shapes)
     if runs < 1 or warmup < 0:
         raise UsageError(f"--runs must be at least 1 and --warmup at least 0 (got {runs} and {warmup})")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1 (got {threads})")
-    threads = threads or min(os.cpu_count() or 1, torch.get_num_threads())
+    threads = threads or os.cpu_count() or 1
     plot = None if plot is None else Path(plot)
     if plot is not None:
-        check_new_file(plot, force=True)
+        check_output_file(plot, force=True)
         _pyplot()  # fail before the measurements, not after
     model = Path(model)
     provider, notes = resolve_with_warnings(ep, fallback)
@@ -214,41 +151,40 @@ def bench(
     if names not in (["input_ids"], ["input_ids", "attention_mask"]):
         raise MoeportError(f"{model} takes inputs {names}; bench feeds input_ids (and attention_mask) only: "
                            "export with --task logits")
-    torch_model = None
-    if checkpoint is not None:
-        torch_model = _torch_model(checkpoint, metadata, model)
-        torch.set_num_threads(threads)  # the same intra-op threads as the ORT session: a fair comparison
+    if reference is not None:
+        info = optional_model_info(metadata_of_map(metadata), model)
+        if info is not None:
+            check_reference(model, info, reference)
     process = psutil.Process()
     results = []
-    total = len(shapes) * (1 if checkpoint is None else 2) * runs  # timed runs; settling runs are extra
-    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar, torch.no_grad():
+    total = len(shapes) * (1 if reference is None else 2) * runs  # timed runs; settling runs are extra
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar:
         for i, (batch, seq) in enumerate(shapes):
-            feeds = example_feeds(input_specs, metadata, batch, seq, seed=seed + i)
-            if "attention_mask" in feeds:
-                feeds["attention_mask"] = np.ones_like(feeds["input_ids"])  # no padding
-            torch_feeds = {name: torch.from_numpy(array) for name, array in feeds.items()}
+            feeds = example_feeds(input_specs, vocab_size(metadata, model), batch, seq, seed=seed + i)
+            if ATTENTION_MASK in feeds:
+                feeds[ATTENTION_MASK] = np.ones_like(feeds[INPUT_IDS])  # no padding
             peak = 0
 
             def sample_memory() -> None:
                 nonlocal peak
                 peak = max(peak, process.memory_info().rss)
 
-            backends = {"ort": lambda: session.run(None, feeds)}
-            if torch_model is not None:
-                backends["torch"] = lambda: torch_model(**torch_feeds)
-            times = alternate(backends, runs=runs, warmup=warmup, after_run=sample_memory)
+            with contextlib.ExitStack() as stack:
+                backends = {"ort": lambda: session.run(None, feeds)}
+                if reference is not None:
+                    # The same intra-op threads as the ORT session: a fair comparison.
+                    backends["torch"] = stack.enter_context(reference.timed_forward(feeds, threads))
+                times = alternate(backends, runs=runs, warmup=warmup, after_run=sample_memory)
             ort_times, torch_times = times["ort"], times.get("torch", [])
             bar.update(len(ort_times) + len(torch_times))
             efficiency = None
             if expert_efficiency:
-                from moeport.runtime.efficiency import expert_efficiency as measure
-
-                top_k = int(metadata.get("moeport.top_k", "0")) or 1
-                efficiency = measure(model, feeds, top_k=top_k, ep=provider.name, threads=threads,
+                top_k = int(metadata_of_map(metadata).get("top_k", "0")) or 1
+                efficiency = measure_expert_efficiency(model, feeds, top_k=top_k, ep=provider.name, threads=threads,
                                      runs=max(runs // 2, 3)).to_dict()
             results.append(ShapeBench((batch, seq), _ms_stats(ort_times),
                                       _ms_stats(torch_times) if torch_times else None, peak / 2**20, runs, efficiency))
-    report = BenchReport(model, None if checkpoint is None else Path(checkpoint), provider.name, threads, warmup,
+    report = BenchReport(model, None if reference is None else reference.source, provider.name, threads, warmup,
                          results, notes)
     if plot is not None:
         write_plot(report, plot)
@@ -286,9 +222,7 @@ def write_plot(report: BenchReport, path: Path) -> None:
         ax.set_title(f"{report.model.name}, {report.threads} threads")
         ax.legend()
         fig.tight_layout()
-        from moeport._fs import writing
-
-        with writing(path), atomic_path(path, suffix=path.suffix) as tmp:
-            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+        with staged_file(path) as staging, writing(path):
+            fig.savefig(staging / path.name, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)

@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from moeport.exporter.families import TIE_MARGIN, MoELayerInfo
+from moeport.contract import LOGITS, ROUTING_PARTS, TIE_MARGIN, MoELayerInfo, routing_name
 
 _REL_FLOOR = 1e-6  # denominators below this make relative error meaningless
 
@@ -133,7 +133,7 @@ class Comparator:
         rtol: float = 0.0,
         per_output: dict[str, Tolerance] | None = None,
         min_routing_agreement: float = 1.0,
-        logits_outputs: Iterable[str] = ("logits",),
+        logits_outputs: Iterable[str] = (LOGITS,),
     ):
         if atol < 0 or rtol < 0:
             raise ValueError("tolerances must be non-negative")
@@ -181,7 +181,7 @@ class Comparator:
         margins: np.ndarray | None = None,
     ) -> tuple[RoutingStats, OutputStats]:
         """Agreement and load for one layer, plus the weight error on tokens whose experts agree."""
-        experts, weights = f"routing.{layer.label}.experts", f"routing.{layer.label}.weights"
+        experts, weights = (routing_name(layer.label, part) for part in ROUTING_PARTS)
         soft = layer.top_k == layer.num_experts
         agree = routing_agreement(reference[experts], actual[experts], reference[weights], actual[weights], soft)
         stats = RoutingStats(
@@ -214,7 +214,7 @@ class Comparator:
         result = Comparison()
         layers = list(layers)
         routing_names = {
-            f"routing.{layer.label}.{part}" for layer in layers for part in ("experts", "weights")
+            routing_name(layer.label, part) for layer in layers for part in ROUTING_PARTS
         }
         for name, ref in reference.items():
             if name in routing_names:
@@ -224,7 +224,7 @@ class Comparator:
                 continue
             result.outputs.append(self.compare_tensor(name, ref, actual[name]))
         for layer in layers:
-            names = {f"routing.{layer.label}.experts", f"routing.{layer.label}.weights"}
+            names = {routing_name(layer.label, part) for part in ROUTING_PARTS}
             if names <= set(actual) and names <= set(reference):
                 routing, weight_stats = self.compare_routing(layer, reference, actual,
                                                              (margins or {}).get(layer.label))

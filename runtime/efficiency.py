@@ -11,7 +11,6 @@ same provider and threads. The fraction is expert rate / plain rate.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -20,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from moeport.runtime.profile import kernel_events
 from moeport.runtime.session import create_session
+from moeport.runtime.timing import time_runs
 
 _EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*)moeport_(?P<kind>gate_up|gate|up|down)_\d+$")
 
@@ -57,8 +58,6 @@ def _plain_matmul_rate(rows: int, shapes: list[tuple[int, int]], threads: int | 
     """GFLOP/s of [rows, K] @ [K, N] for the distinct (K, N) weight shapes, in one plain ONNX graph."""
     from onnx import TensorProto, helper, numpy_helper, save
 
-    from moeport.runtime.bench import time_runs
-
     nodes, inputs, outputs, inits = [], [], [], []
     rng = np.random.default_rng(0)
     for i, (k, n) in enumerate(shapes):
@@ -94,18 +93,10 @@ def expert_efficiency(model: str | os.PathLike, feeds: dict[str, np.ndarray], *,
         session = create_session(model, ep, threads=threads, profile_dir=tmp)
         for _ in range(runs):
             session.run(None, feeds)
-        profile = session.end_profiling()
-        with open(profile) as handle:
-            events = json.load(handle)
-    per_run: dict[int, float] = {}
-    run_index = -1
-    for event in events:
-        if event.get("cat") == "Session" and event.get("name") == "model_run":
-            run_index += 1
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        if event["name"].removesuffix("_kernel_time") in experts:
-            per_run[run_index] = per_run.get(run_index, 0.0) + event["dur"] / 1e6
+        per_run: dict[int, float] = {}
+        for event in kernel_events(session.end_profiling()):
+            if event.node in experts:
+                per_run[event.run] = per_run.get(event.run, 0.0) + event.seconds
     expert_seconds = float(np.median(list(per_run.values())))
     plain = _plain_matmul_rate(slots, sorted(set(weight_shapes.values())), threads, runs)
     rate = flops / expert_seconds / 1e9

@@ -15,10 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_name, past_names, present_for,
+                              vocab_size)
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime.session import create_session
+from moeport.runtime.tokenizer import load_tokenizer
 
 PAD_ID = 0
+
+
+def empty_past(session_inputs, batch: int) -> list[np.ndarray]:
+    """An empty KV cache for a with-past session: per ``past_key_values.*`` input, in the session's order,
+    ``[batch, kv_heads, 0, head_dim]`` float32 (kv_heads and head_dim are fixed dims of the graph)."""
+    return [np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+            for spec in session_inputs if spec.name.startswith("past_key_values.")]
 
 
 def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -27,10 +37,9 @@ def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray, past: list[
     Positions count only unmasked tokens (padded slots get 1, as in transformers)."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
     positions[attention_mask == 0] = 1
-    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-             "position_ids": positions[:, -input_ids.shape[1]:].astype(np.int64)}
-    for i in range(len(past) // 2):
-        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+    feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: attention_mask.astype(np.int64),
+             POSITION_IDS: positions[:, -input_ids.shape[1]:].astype(np.int64)}
+    feeds.update(zip(past_names(len(past) // 2), past))
     return feeds
 
 
@@ -64,12 +73,6 @@ class GenerateResult:
         return data
 
 
-def _model_vocab(session) -> int | None:
-    from moeport.runtime.run import vocab_size_from_metadata  # checks the metadata is intact
-
-    return vocab_size_from_metadata(session.get_modelmeta().custom_metadata_map)
-
-
 def generate(
     model: str | os.PathLike,
     prompts: list[list[int]],
@@ -88,14 +91,15 @@ def generate(
     session = create_session(model, ep, fallback=fallback, threads=threads)
     inputs = {i.name: i for i in session.get_inputs()}
     # The prompt first: a bad token id is the user's input, whatever the model (checked before onnxruntime).
-    vocab = _model_vocab(session)
+    vocab = vocab_size(session.get_modelmeta().custom_metadata_map, model)
     for prompt in prompts:
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise MoeportError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    if "past_key_values.0.key" not in inputs:
+    if past_name(0, "key") not in inputs:
         raise MoeportError(f"{model} has no KV-cache inputs; export it with --task text-generation-with-past")
-    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    past_inputs = [n for n in inputs if n.startswith("past_key_values.")]
+    present_outputs = [present_for(n) for n in past_inputs]
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
     input_ids = np.full((batch, longest), PAD_ID, dtype=np.int64)
@@ -103,37 +107,35 @@ def generate(
     for row, prompt in enumerate(prompts):
         input_ids[row, longest - len(prompt):] = prompt
         mask[row, longest - len(prompt):] = 1
-    past = [np.zeros((batch, inputs[n].shape[1], 0, inputs[n].shape[3]), dtype=np.float32) for n in past_names]
+    past = empty_past(session.get_inputs(), batch)
 
     new_tokens = np.zeros((batch, 0), dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
     started = time.perf_counter()
     for _ in range(max_new_tokens):
-        outputs = session.run(None, decoder_feeds(mask, input_ids, past))
-        next_ids = outputs[0][:, -1].argmax(-1)
+        # Presents by name, not position: routing outputs or a reordered graph must not become the cache.
+        logits, *past_next = session.run([LOGITS, *present_outputs], decoder_feeds(mask, input_ids, past))
+        next_ids = logits[:, -1].argmax(-1)
         if eos_token_id is not None:
             next_ids = np.where(finished, eos_token_id, next_ids)
             finished |= next_ids == eos_token_id
         new_tokens = np.concatenate([new_tokens, next_ids[:, None]], axis=1)
         if finished.all():
             break
-        past = outputs[1 : 1 + len(past_names)]
+        past = past_next
         input_ids = next_ids[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     seconds = time.perf_counter() - started
     return GenerateResult([row.tolist() for row in new_tokens], seconds)
 
 
-def generate_text(model: str | os.PathLike, checkpoint: str | os.PathLike, prompt: str, **options) -> GenerateResult:
-    """``generate`` with the tokenizer saved in ``checkpoint`` (offline): text in, text out."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:
-        raise MoeportError("--prompt needs transformers for the tokenizer: pip install 'moeport[hf]'") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise MoeportError(f"no usable tokenizer in {checkpoint}: use --prompt-ids instead") from exc
-    result = generate(model, [tokenizer.encode(prompt)], eos_token_id=tokenizer.eos_token_id, **options)
+def generate_text(model: str | os.PathLike, tokenizer_dir: str | os.PathLike, prompt: str, **options) -> GenerateResult:
+    """``generate`` with the ``tokenizer.json`` saved in ``tokenizer_dir`` (a checkpoint or model folder): text
+    in, text out. Generation stops at the folder's first end-of-sequence id."""
+    if not Path(tokenizer_dir).is_dir():
+        raise MoeportError(f"tokenizer directory not found: {tokenizer_dir}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+    result = generate(model, [tokenizer.encode(prompt)], eos_token_id=eos, **options)
     result.text = [tokenizer.decode(ids) for ids in result.token_ids]
     return result

@@ -17,18 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from moeport._fs import load_model_proto
+from moeport.contract import metadata_props, optional_model_info
 from moeport.runtime._io import TensorSpec
+from moeport.runtime.run import example_feeds
 from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
-
-METADATA_PREFIX = "moeport."
-
-
-def load_onnx(model: str | os.PathLike):
-    """The ModelProto of ``model`` without external data; unreadable files are a user error."""
-    from moeport._fs import load_model_proto
-
-    return load_model_proto(model)  # also refuses external data outside the model's directory
-
 
 def value_spec(value) -> TensorSpec:
     """A graph input/output ValueInfoProto as a TensorSpec (dims: int, dim_param name, or None)."""
@@ -115,14 +108,13 @@ class InspectReport:
 def inspect_model(model: str | os.PathLike, *, ep: str = "cpu", fallback: str | None = None,
                   placement: bool = True) -> InspectReport:
     """Describe ``model``; with ``placement`` also run it once on ``ep`` to see where its nodes land."""
-    from moeport.runtime.run import example_feeds
-
     path = Path(model)
-    proto = load_onnx(path)
+    proto = load_model_proto(path)  # also refuses external data outside the model's directory
     graph = proto.graph
     initializers = {i.name for i in graph.initializer}
-    metadata = {p.key.removeprefix(METADATA_PREFIX): p.value for p in proto.metadata_props
-                if p.key.startswith(METADATA_PREFIX)}
+    metadata = metadata_props(proto)
+    info = optional_model_info(metadata, path)
+    vocab = None if info is None else info.vocab_size
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     inputs = [value_spec(v) for v in graph.input if v.name not in initializers]
     outputs = [value_spec(v) for v in graph.output]
@@ -136,6 +128,5 @@ def inspect_model(model: str | os.PathLike, *, ep: str = "cpu", fallback: str | 
                            path.stat().st_size, inputs, outputs, coverage)
     if placement:
         report.warnings = notes
-        raw_metadata = {METADATA_PREFIX + k: v for k, v in metadata.items()}
-        report.placement = measure_placement(path, example_feeds(inputs, raw_metadata), provider)
+        report.placement = measure_placement(path, example_feeds(inputs, vocab), provider)
     return report

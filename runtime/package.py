@@ -26,17 +26,20 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from moeport._fs import writing
+from moeport._fs import load_model_proto, staged_directory, writing
+from moeport._scoped import logger_level
+from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import TensorSpec, session_specs
-from moeport.runtime.inspect import METADATA_PREFIX, load_onnx, value_spec
+from moeport.runtime.inspect import value_spec
 from moeport.runtime.placement import EpCoverage, mobile_coverage
+from moeport.runtime.run import example_feeds
+from moeport.runtime.session import create_session
 
 BUNDLE_FORMAT = "moeport-bundle/1"
 OPERATOR_CONFIG = "required_operators.config"
@@ -131,27 +134,18 @@ def _convert_to_ort(stage: Path, output_dir: Path, platform: str) -> str:
     printed = io.StringIO()
     # The converter prints progress and its config writer logs at INFO through a DEBUG-level logger of its
     # own; keep our stdout/stderr to our report, and put the logger back as it was afterwards.
-    config_log = logging.getLogger("ort_format_model.utils")
-    level = config_log.level
-    config_log.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(printed):
-            convert_onnx_models_to_ort(stage, output_dir=output_dir, optimization_styles=[OptimizationStyle.Fixed],
-                                       target_platform=platform)
-    finally:
-        config_log.setLevel(level)
+    with logger_level("ort_format_model.utils", logging.WARNING), contextlib.redirect_stdout(printed):
+        convert_onnx_models_to_ort(stage, output_dir=output_dir, optimization_styles=[OptimizationStyle.Fixed],
+                                   target_platform=platform)
     return printed.getvalue()
 
 
 def _compare_ort(onnx_file: Path, ort_file: Path, metadata: dict[str, str]) -> dict:
     """Max abs difference of each output between the .onnx and the .ort, on one seeded input."""
-    from moeport.runtime.run import example_feeds
-    from moeport.runtime.session import create_session
-
     reference = create_session(onnx_file, "cpu")
     packaged = create_session(ort_file, "cpu")
     inputs, outputs = session_specs(packaged)
-    feeds = example_feeds(inputs, metadata)
+    feeds = example_feeds(inputs, vocab_size(metadata, onnx_file))
     expected = reference.run(None, feeds)
     actual = packaged.run(None, feeds)
     diffs = {spec.name: float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)), initial=0.0))
@@ -192,7 +186,7 @@ def package_model(
     model, output = Path(model), Path(output)
     shapes = dict(shapes or {})
     _prepare_destination(output, force)
-    proto = load_onnx(model)
+    proto = load_model_proto(model)  # also refuses external data outside the model's directory
     onnx.load_external_data_for_model(proto, str(model.parent))  # no-op without external data
     proto = fix_shapes(proto, shapes)
     initializers = {i.name for i in proto.graph.initializer}
@@ -204,11 +198,10 @@ def package_model(
         notes.append(f"input {dynamic[0].name!r} keeps dynamic axes {dynamic[0].shape_text()}: NNAPI and CoreML "
                      f"take no node with a dynamic shape; pass --shape {dynamic[0].name}=1x64 (for example)")
     metadata = {p.key: p.value for p in proto.metadata_props}
+    ours = metadata_of_map(metadata)
 
     stem = model.stem
-    with writing(output):  # disk full / permission denied: one line, and the work dir goes away
-        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_directory(output, replace=True) as work:
         staged = work / ".stage" / f"{stem}.onnx"
         with writing(output):
             staged.parent.mkdir()
@@ -237,14 +230,13 @@ def package_model(
             "onnxruntime_version": ort.__version__,
             "source": str(model),
             "model": {
-                "family": metadata.get(METADATA_PREFIX + "family"),
-                "num_experts": metadata.get(METADATA_PREFIX + "num_experts"),
-                "top_k": metadata.get(METADATA_PREFIX + "top_k"),
-                "strategy": metadata.get(METADATA_PREFIX + "strategy"),
+                "family": ours.get("family"),
+                "num_experts": ours.get("num_experts"),
+                "top_k": ours.get("top_k"),
+                "strategy": ours.get("strategy"),
                 "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
                 "ir_version": proto.ir_version,
-                "metadata": {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items()
-                             if k.startswith(METADATA_PREFIX)},
+                "metadata": ours,
             },
             "fixed_shapes": shapes,
             "inputs": [s.to_dict() for s in inputs],
@@ -258,14 +250,7 @@ def package_model(
         }
         with writing(output):
             (work / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
-            if output.exists():
-                # _prepare_destination allowed this (empty, or a previous bundle with --force). rename() cannot
-                # replace a non-empty directory: a short window without a bundle, never a mixed one.
-                shutil.rmtree(output)
-            os.replace(work, output)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
+        # _prepare_destination allowed an existing output (empty, or a previous bundle with --force).
     return PackageResult(output, spec, output / ort_file.name, output / onnx_file.name, output / OPERATOR_CONFIG,
                          output / "bundle.json", shapes, inputs, outputs, coverage, check, operators, notes)
 

@@ -14,7 +14,6 @@ partitions we add the share of MatMul/Gemm FLOPs each provider would take (needs
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeport.runtime.profile import kernel_events
 from moeport.runtime.session import ExecutionProvider, create_session, resolve_provider
 
 def resolve_with_warnings(ep: str, fallback: str | None) -> tuple[ExecutionProvider, list[str]]:
@@ -79,15 +79,8 @@ class Placement:
 
 def placement_from_profile(profile_file: str | os.PathLike, requested: str) -> Placement:
     """Count the kernel events of an onnxruntime profile (Chrome trace JSON) per op type and provider."""
-    with open(profile_file) as handle:
-        events = json.load(handle)
-    seen: dict[str, tuple[str, str]] = {}
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        args = event.get("args", {})
-        # A node that ran several times (several runs, or a loop body) is one node.
-        seen[event["name"].removesuffix("_kernel_time")] = (args.get("op_name", "?"), args.get("provider", "?"))
+    # A node that ran several times (several runs, or a loop body) is one node.
+    seen = {event.node: (event.op_type, event.provider) for event in kernel_events(profile_file)}
     return Placement(dict(Counter(seen.values())), requested)
 
 

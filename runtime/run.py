@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moeport.runtime._io import TensorSpec, check_inputs, check_new_file, load_npz, save_npz, session_specs
+from moeport._fs import check_output_file, load_npz
+from moeport.contract import vocab_size
+from moeport.runtime._io import TensorSpec, check_inputs, save_npz, session_specs
 from moeport.runtime.placement import Placement, profiled_session, resolve_with_warnings, run_profiled
 
 
@@ -77,14 +79,6 @@ class RunResult:
         return "\n".join(lines)
 
 
-def vocab_size_from_metadata(metadata: dict[str, str]) -> int | None:
-    """The vocabulary size moeport's export stored in ``moeport.model_info`` (None for other models)."""
-    from moeport.runtime.verify import parse_model_info
-
-    raw = metadata.get("moeport.model_info")
-    return None if raw is None else parse_model_info(raw, "the model").vocab_size
-
-
 def run_model(
     model: str | os.PathLike,
     inputs: str | os.PathLike | dict[str, np.ndarray],
@@ -102,14 +96,14 @@ def run_model(
     model = Path(model)
     output = None if output is None else Path(output)
     if output is not None:
-        check_new_file(output, force)  # before the run: do not compute what cannot be written
+        check_output_file(output, force)  # before the run: do not compute what cannot be written
     feeds = load_npz(inputs) if not isinstance(inputs, dict) else dict(inputs)
     provider, notes = resolve_with_warnings(ep, fallback)
     with tempfile.TemporaryDirectory(prefix="moeport-profile-") as tmp:
         session = profiled_session(model, provider, threads=threads, profile_dir=tmp)
         input_specs, _ = session_specs(session)
         metadata = session.get_modelmeta().custom_metadata_map
-        check_inputs(feeds, input_specs, vocab_size_from_metadata(metadata))
+        check_inputs(feeds, input_specs, vocab_size(metadata, model))
         start = time.perf_counter()
         values, placement = run_profiled(session, feeds, provider.ort_name)
         seconds = time.perf_counter() - start
@@ -120,11 +114,12 @@ def run_model(
                      [OutputSummary.of(k, v) for k, v in arrays.items()], placement, seconds, output, notes, arrays)
 
 
-def example_feeds(specs: list[TensorSpec], metadata: dict[str, str], batch: int = 1, seq: int = 8,
+def example_feeds(specs: list[TensorSpec], vocab: int | None, batch: int = 1, seq: int = 8,
                   seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs for ``specs``: ``input_ids`` in the vocabulary, dynamic dims set to batch, seq, 1..."""
+    """Seeded inputs for ``specs``: integer inputs in ``[0, vocab)`` (``[0, 2)`` when the vocabulary is not
+    known), float inputs standard normal; dynamic dims set to batch, seq, then 1."""
     rng = np.random.default_rng(seed)
-    vocab = vocab_size_from_metadata(metadata) or 2
+    vocab = vocab or 2
     feeds = {}
     for spec in specs:
         defaults = iter((batch, seq))

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeport._fs import load_model_proto
 from moeport.errors import MoeportError
 
 
@@ -104,7 +105,6 @@ def create_session(
     if not path.is_file():
         raise MoeportError(f"model file not found: {path}")
     if path.suffix != ".ort":  # ORT-format files are flatbuffers with no external data to check
-        from moeport._fs import load_model_proto
 
         load_model_proto(path)  # refuses external data outside the model's directory before ORT reads it
     provider = ep if isinstance(ep, ExecutionProvider) else resolve_provider(ep, fallback)

@@ -1,13 +1,14 @@
-"""Parity of an exported model against its PyTorch checkpoint: what ``moeport verify`` runs.
+"""Parity of an exported model against the model it came from: what ``moeport verify`` runs.
 
-Both run on the same seeded ``input_ids`` at each requested ``(batch, seq)`` shape; every output the
-graph shares with the reference is compared by one ``Comparator`` (per-output stats, argmax agreement for
-logits, routing agreement and expert load per MoE layer when the model was exported ``--with-routing``).
+The reference is any ``contract.Reference`` (the exporter's ``CheckpointReference`` runs a PyTorch
+checkpoint; this module never imports torch). Both run on the same seeded ``input_ids`` at each requested
+``(batch, seq)`` shape; every output the graph shares with the reference is compared by one ``Comparator``
+(per-output stats, argmax agreement for logits, routing agreement and expert load per MoE layer when the
+model was exported ``--with-routing``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from moeport._fs import load_npz
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, POSITION_IDS, ModelInfo, Reference, model_info, random_inputs,
+                              routing_name)
 from moeport.errors import MoeportError, UsageError
-from moeport.exporter import families
-from moeport.exporter.families import ModelInfo
+from moeport.runtime._io import TensorSpec, check_inputs
 from moeport.runtime.compare import Comparator, Comparison
+from moeport.runtime.generate import decoder_feeds, empty_past
 from moeport.runtime.session import create_session
-from moeport.samples.checkpoint import checkpoint_hash
 
 DEFAULT_SHAPES = ((1, 1), (3, 7), (2, 64))
-METADATA_PREFIX = "moeport."
 _SHAPE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
@@ -39,31 +41,6 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             )
         shapes.append((int(match[1]), int(match[2])))
     return shapes
-
-
-def read_metadata(model: str | os.PathLike) -> dict[str, str]:
-    """The ``moeport.*`` metadata of an ONNX file (without loading its weights)."""
-    from moeport._fs import load_model_proto
-
-    proto = load_model_proto(model)  # also refuses external data outside the model's directory
-    return {p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)}
-
-
-def parse_model_info(raw: "str | bytes", model: str | os.PathLike) -> ModelInfo:
-    """The ``moeport.model_info`` metadata value of ``model`` as a ModelInfo; a damaged value is a user error."""
-    try:
-        return ModelInfo.from_dict(json.loads(raw))
-    # ValueError covers JSONDecodeError and UnicodeDecodeError (protobuf hands over bytes that are not UTF-8).
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise MoeportError(f"{model} has damaged moeport metadata (model_info: {type(exc).__name__}); "
-                           "re-export it with `moeport export`") from exc
-
-
-def model_info(model: str | os.PathLike) -> tuple[ModelInfo, dict[str, str]]:
-    metadata = read_metadata(model)
-    if "model_info" not in metadata:
-        raise MoeportError(f"{model} has no moeport metadata (family, experts); export it with `moeport export`")
-    return parse_model_info(metadata["model_info"], model), metadata
 
 
 @dataclass
@@ -149,30 +126,14 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _check_inputs(inputs: dict[str, np.ndarray], info: ModelInfo) -> None:
-    """User errors for given inputs, before PyTorch or onnxruntime see them."""
-    ids = inputs.get("input_ids")
-    if ids is None or ids.ndim != 2 or ids.dtype.kind not in "iu":
-        raise MoeportError("inputs need 'input_ids', an integer array [batch, seq]")
-    if ids.size and (ids.min() < 0 or ids.max() >= info.vocab_size):
-        raise MoeportError(f"input_ids hold token ids outside the vocabulary [0, {info.vocab_size})")
-    missing = [name for name in info.input_names if name not in inputs]
-    if missing:
-        raise MoeportError(f"inputs lack {missing[0]!r}; the model takes {', '.join(info.input_names)}")
-
-
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` file, integer ids as int64."""
-    try:
-        with np.load(path) as data:
-            return {k: (v.astype(np.int64) if v.dtype.kind in "iu" else v) for k, v in data.items()}
-    except (OSError, ValueError) as exc:
-        raise MoeportError(f"cannot read inputs from {path}: {exc}") from exc
+    return {k: (v.astype(np.int64) if v.dtype.kind in "iu" else v) for k, v in load_npz(path).items()}
 
 
 def verify(
     model: str | os.PathLike,
-    checkpoint: str | os.PathLike,
+    reference: Reference,
     *,
     shapes: list[tuple[int, int]] | str = DEFAULT_SHAPES,
     ep: str = "cpu",
@@ -185,7 +146,8 @@ def verify(
     left_padding: bool = False,
     inputs: dict[str, np.ndarray] | None = None,
 ) -> VerifyReport:
-    """Run ``model`` (onnxruntime) and ``checkpoint`` (PyTorch eager) on the same inputs and compare.
+    """Run ``model`` (onnxruntime) and ``reference`` (e.g. the exporter's ``CheckpointReference``: PyTorch
+    eager) on the same inputs and compare.
 
     Inputs are seeded random token ids at each of ``shapes``, or, with ``inputs``, the given arrays
     (``input_ids [batch, seq]`` int64 ...) as one run -- real text routes like the model was trained for.
@@ -193,36 +155,34 @@ def verify(
     if isinstance(shapes, str):
         shapes = parse_shapes(shapes)
     info, metadata = model_info(model)
-    loaded = families.load_checkpoint(checkpoint)
+    checkpoint = reference.source
     report_warnings = []
-    if loaded.info.family != info.family:
-        raise MoeportError(f"{model} was exported from a {info.family} model but {checkpoint} is {loaded.info.family}")
-    if loaded.info.layers != info.layers:
-        raise MoeportError(f"{model} and {checkpoint} have different MoE layers; was it exported from this checkpoint?")
-    if metadata.get("source_sha256") and metadata["source_sha256"] != checkpoint_hash(checkpoint):
+    check_reference(model, info, reference)
+    if metadata.get("source_sha256") and metadata["source_sha256"] != reference.source_sha256:
         report_warnings.append("the checkpoint's files differ from the ones this model was exported from")
-    spec = families.get_family(info.family)
-    comparator = Comparator(atol=spec.tolerance if atol is None else atol, rtol=rtol,
+    comparator = Comparator(atol=reference.tolerance if atol is None else atol, rtol=rtol,
                             min_routing_agreement=min_routing_agreement)
     session = create_session(model, ep, fallback=fallback, threads=threads)
     names = [o.name for o in session.get_outputs()]
     results = []
     runs = [inputs] if inputs is not None else [
-        families.random_inputs(info, batch, seq, seed=seed + i, left_padding=left_padding)
+        random_inputs(info, batch, seq, seed=seed + i, left_padding=left_padding)
         for i, (batch, seq) in enumerate(shapes)]
-    input_names = [i.name for i in session.get_inputs()]
-    for feeds in runs:
-        _check_inputs(feeds, info)
-        feeds = {name: feeds[name] for name in input_names}
-        batch, seq = feeds["input_ids"].shape
-        reference = families.reference_outputs(loaded, feeds)
-        margins = dict(zip((layer.label for layer in info.layers), families.routing_margins(loaded, feeds)))
+    for given in runs:
+        # The arrays the user gave (or the seeded ones), checked as the model's token inputs before the
+        # reference or onnxruntime see them.
+        check_inputs(given, [TensorSpec(name, "int64", ("batch", "sequence")) for name in info.input_names],
+                     info.vocab_size)
+        feeds = model_feeds(given, session.get_inputs())
+        batch, seq = feeds[INPUT_IDS].shape
+        expected = reference.outputs(feeds)
+        margins = dict(zip((layer.label for layer in info.layers), reference.margins(feeds)))
         actual = dict(zip(names, session.run(None, feeds)))
         dropped = {
-            layer.label: int(np.asarray(actual[f"routing.{layer.label}.dropped"]))
-            for layer in info.layers if f"routing.{layer.label}.dropped" in actual
+            layer.label: int(np.asarray(actual[routing_name(layer.label, "dropped")]))
+            for layer in info.layers if routing_name(layer.label, "dropped") in actual
         }
-        comparison = comparator.compare(reference, actual, info.layers, margins)
+        comparison = comparator.compare(expected, actual, info.layers, margins)
         results.append(ShapeResult((batch, seq), comparison, dropped))
         tied = sum(r.disagreements_at_ties for r in comparison.routing)
         if tied:
@@ -230,3 +190,24 @@ def verify(
                 f"at {batch}x{seq}, {tied} token(s) whose router scores nearly tie chose different experts; either "
                 "choice is correct and later tokens inherit the difference (try another --seed)")
     return VerifyReport(Path(model), Path(checkpoint), ep, metadata.get("strategy", "?"), results, report_warnings)
+
+
+def model_feeds(inputs: dict[str, np.ndarray], session_inputs) -> dict[str, np.ndarray]:
+    """The session's feeds for ``input_ids`` (+ ``attention_mask``) ``[batch, seq]``: those arrays for a logits
+    model; for a text-generation-with-past model, its prefill step (positions from the mask, empty past)."""
+    names = [spec.name for spec in session_inputs]
+    if POSITION_IDS not in names:
+        return {name: inputs[name] for name in names}
+    ids = inputs[INPUT_IDS]
+    mask = inputs.get(ATTENTION_MASK, np.ones_like(ids))
+    return decoder_feeds(mask, ids, empty_past(session_inputs, ids.shape[0]))
+
+
+def check_reference(model: str | os.PathLike, info: ModelInfo, reference: Reference) -> None:
+    """User errors when ``reference`` is not the model ``model`` (with ``info``) was exported from."""
+    if reference.info.family != info.family:
+        raise MoeportError(f"{model} was exported from a {info.family} model but {reference.source} is "
+                           f"{reference.info.family}")
+    if reference.info.layers != info.layers:
+        raise MoeportError(f"{model} and {reference.source} have different MoE layers; was it exported from this "
+                           "checkpoint?")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,12 +11,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moeport._fs import writing
+from moeport._fs import staged_directory, writing
 from moeport.errors import MoeportError
+from moeport.samples import TRAINED_DIR
 from moeport.samples.checkpoint import save_checkpoint
 from moeport.samples.model import EnsembleConfig, EnsembleLM, LMConfig, MoEConfig, MoELM
 
-TRAINED_DIR = Path(__file__).parent / "trained"
 
 
 @dataclass(frozen=True)
@@ -115,20 +114,9 @@ def create_sample(name: str, directory: str | os.PathLike) -> Path:
             raise MoeportError(f"the shipped checkpoint is missing from {TRAINED_DIR}; reinstall moeport")
         # Copied into a staging directory beside the destination and renamed, so a full disk never
         # leaves a half-copied checkpoint.
-        with writing(directory):
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            with writing(directory):
-                for file in ("config.json", "model.safetensors"):
-                    shutil.copyfile(TRAINED_DIR / file, staging / file)
-                staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-                if directory.exists():
-                    directory.rmdir()
-                os.replace(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+        with staged_directory(directory) as staging, writing(directory):
+            for file in ("config.json", "model.safetensors"):
+                shutil.copyfile(TRAINED_DIR / file, staging / file)
         return directory
     model, config = build_sample(name)
     return save_checkpoint(model, config, directory)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
-from moeport._fs import writing
+from moeport._fs import staged_directory, writing
 from moeport.errors import MoeportError
 
 CONFIG_NAME = "config.json"
@@ -86,23 +85,10 @@ def save_checkpoint(model: nn.Module, config: dict, path: str | os.PathLike) -> 
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise MoeportError(f"output directory {path} is not empty; choose a new directory")
-    with writing(path):  # disk full / permission denied: one line, and the staging dir goes away
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        with writing(path):
-            state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS_NAME))
-            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-            if path.exists():
-                path.rmdir()
-            os.replace(staging, path)
-    except BaseException:
-        for child in staging.glob("*"):
-            child.unlink()
-        staging.rmdir()
-        raise
+    with staged_directory(path) as staging, writing(path):
+        state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_NAME))
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 

@@ -477,7 +477,7 @@ CASES = [
       lambda d, a, mp: ["bench", str(model(d, a)), "--ep", "nope"], 1, "unknown execution provider 'nope'"),
     C("bench-wrong-checkpoint", "bench", "--checkpoint is not the one the model came from",
       lambda d, a, mp: ["bench", str(model(d, a)), "--checkpoint", str(other_ckpt(d, a)), "--shapes", "1x2"], 1,
-      "was not exported from"),
+      "have different MoE layers; was it exported from this checkpoint?"),
     C("bench-plot-enospc", "bench", "disk full while writing --plot", _bench_plot_enospc, 1,
       "no space left on device writing"),
     # inspect

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeport.exporter.families import MoELayerInfo
+from moeport.contract import MoELayerInfo
 from moeport.runtime.compare import Comparator, Tolerance, expert_load, routing_agreement
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
+from moeport import contract
 from moeport.exporter import families
 from moeport.exporter.export import export_checkpoint
 from moeport.exporter.strategies import strategy_names
 from moeport.runtime.session import create_session
-from moeport.runtime.verify import verify
+from moeport.exporter.reference import verify_checkpoint
 from moeport.samples.catalog import list_samples
 
 from tiny_hf import save_tiny_mixtral
@@ -28,7 +29,7 @@ def op_types(path) -> set[str]:
 def test_every_sample_exports_and_verifies(name, exported, sample_checkpoint):
     result = exported(name, with_routing=True)
     assert result.validation is not None and result.validation.passed
-    report = verify(result.output, sample_checkpoint(name), shapes=MUST_SHOW_SHAPES)
+    report = verify_checkpoint(result.output, sample_checkpoint(name), shapes=MUST_SHOW_SHAPES)
     assert report.passed, report.render()
     assert report.max_abs_err <= 1e-4
     assert report.routing_agreement == 1.0
@@ -92,7 +93,7 @@ STRATEGY_OPTIONS = {"capacity": {"capacity_factor": 4.0}}  # E/k = 8/2: nothing 
 def test_every_strategy_same_parity_on_topk(strategy, exported, sample_checkpoint):
     result = exported("topk", strategy=strategy, with_routing=True, **STRATEGY_OPTIONS.get(strategy, {}))
     assert result.strategy == strategy
-    report = verify(result.output, sample_checkpoint("topk"), shapes=MUST_SHOW_SHAPES)
+    report = verify_checkpoint(result.output, sample_checkpoint("topk"), shapes=MUST_SHOW_SHAPES)
     assert report.passed, report.render()
     assert report.max_abs_err <= 1e-4
     assert report.routing_agreement == 1.0
@@ -104,7 +105,7 @@ def test_capacity_drops_and_reports_when_factor_is_small(workdir, sample_checkpo
     result = export_checkpoint(sample_checkpoint("topk"), workdir / "cap-small.onnx", strategy="capacity",
                                capacity_factor=0.5, with_routing=True)
     assert result.dropped_slots > 0  # validated against the same dropping in PyTorch, and reported
-    report = verify(result.output, sample_checkpoint("topk"), shapes=[(2, 64)])
+    report = verify_checkpoint(result.output, sample_checkpoint("topk"), shapes=[(2, 64)])
     assert not report.passed  # dropping changes the answer; verify must say so
     assert sum(report.results[0].dropped.values()) > 0
 
@@ -116,7 +117,7 @@ def test_graph_does_not_freeze_the_example_routing(workdir, sample_checkpoint):
     second = export_checkpoint(checkpoint, workdir / "ex-b.onnx", with_routing=True, example_shape=(4, 33),
                                example_seed=2)
     loaded = families.load_checkpoint(checkpoint)
-    third = families.random_inputs(loaded.info, 3, 17, seed=99)
+    third = contract.random_inputs(loaded.info, 3, 17, seed=99)
     outputs = []
     for result in (first, second):
         session = create_session(result.output)
@@ -127,13 +128,13 @@ def test_graph_does_not_freeze_the_example_routing(workdir, sample_checkpoint):
     np.testing.assert_allclose(outputs[0][0], reference["logits"], atol=1e-4, rtol=0)
     # the third input routes differently from both example inputs in at least one token
     assert not np.array_equal(outputs[0][1][:6], families.reference_outputs(
-        loaded, families.random_inputs(loaded.info, 2, 3, seed=1))["routing.0.experts"])
+        loaded, contract.random_inputs(loaded.info, 2, 3, seed=1))["routing.0.experts"])
 
 
 def test_sorted_handles_expert_with_no_tokens(workdir, sample_checkpoint):
     """A single token leaves most experts empty: zero-row segments must work."""
     result = export_checkpoint(sample_checkpoint("switch"), workdir / "switch-1tok.onnx", with_routing=True)
-    report = verify(result.output, sample_checkpoint("switch"), shapes=[(1, 1), (1, 2)])
+    report = verify_checkpoint(result.output, sample_checkpoint("switch"), shapes=[(1, 1), (1, 2)])
     assert report.passed and report.routing_agreement == 1.0
 
 
@@ -169,14 +170,14 @@ def test_near_ties_are_avoided_in_validation_and_explained_by_verify(sample_chec
     Export validation must not pick such inputs; verify on them must name the tie, not hide it.
     """
     loaded = families.load_checkpoint(sample_checkpoint("topk"))
-    tied = families.random_inputs(loaded.info, 3, 11, 1001)
+    tied = contract.random_inputs(loaded.info, 3, 11, 1001)
     margins = families.routing_margins(loaded, tied)
-    assert margins[1].min() < families.TIE_MARGIN
+    assert margins[1].min() < contract.TIE_MARGIN
     chosen = families.tie_free_inputs(loaded, 3, 11, 1001)
-    assert all(m.min() > families.TIE_MARGIN for m in families.routing_margins(loaded, chosen))
+    assert all(m.min() > contract.TIE_MARGIN for m in families.routing_margins(loaded, chosen))
     result = exported("topk", strategy="gather", with_routing=True)
     assert result.validation.passed
-    report = verify(result.output, sample_checkpoint("topk"), shapes=[(3, 11)], seed=1001)
+    report = verify_checkpoint(result.output, sample_checkpoint("topk"), shapes=[(3, 11)], seed=1001)
     routing = report.results[0].comparison.routing[1]
     assert routing.near_ties >= 1
     if routing.agreement < 1.0:  # gather breaks this tie differently from torch on this machine

@@ -17,10 +17,11 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from moeport import contract  # noqa: E402
 from moeport.exporter import families, hf_families  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.exporter.hf import CausalLMAdapter  # noqa: E402
-from moeport.runtime.verify import verify  # noqa: E402
+from moeport.exporter.reference import verify_checkpoint  # noqa: E402
 from locked import is_locked, locked_versions  # noqa: E402
 
 ISSUE_3 = list(hf_families.EVERY_RUN)
@@ -70,7 +71,7 @@ def hf_export(tmp_path_factory):
 
 def assert_parity(model, checkpoint, shapes=SHAPES, paddings=(True, False)):
     for left_padding in paddings:
-        report = verify(model, checkpoint, shapes=shapes, left_padding=left_padding)
+        report = verify_checkpoint(model, checkpoint, shapes=shapes, left_padding=left_padding)
         assert report.passed, report.render()
         assert report.max_abs_err <= 1e-4, report.render()
         assert report.routing_agreement == 1.0, report.render()
@@ -83,7 +84,7 @@ def check_family(hf_export, model_type):
     assert_parity(result.output, checkpoint)
     # The tie-margin hook found every layer's router (else verify could not tell ties from bugs).
     loaded = families.load_checkpoint(checkpoint)
-    margins = families.routing_margins(loaded, families.random_inputs(loaded.info, 2, 5, seed=0))
+    margins = families.routing_margins(loaded, contract.random_inputs(loaded.info, 2, 5, seed=0))
     found = all(np.isfinite(m).all() for m in margins)
     assert found == (model_type not in hf_families.NO_TIE_MARGINS), f"{model_type}: router logits found: {found}"
 
@@ -182,7 +183,7 @@ def test_switch_transformers_exports_with_parity(tmp_path):
     assert result.family == "switch_transformers" and result.strategy == "sorted"
     assert [layer.label for layer in result.info.layers] == ["encoder.0", "encoder.1", "decoder.0", "decoder.1"]
     loaded = families.load_checkpoint(checkpoint)
-    reference = families.reference_outputs(loaded, families.random_inputs(loaded.info, 3, 33, seed=2))
+    reference = families.reference_outputs(loaded, contract.random_inputs(loaded.info, 3, 33, seed=2))
     assert (reference["routing.encoder.0.weights"] == 0).any(), "expected capacity drops at 3x33"
     assert_parity(result.output, checkpoint, shapes="1x1,3x33")
 

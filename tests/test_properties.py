@@ -135,8 +135,7 @@ ONNX_SIZE_HINT = 4096
 @settings(FUZZ, max_examples=1500)
 @given(data=st.data())
 def test_fuzz_onnx_loaders(small_model, tmp_path_factory, data):
-    from moeport.runtime.run import vocab_size_from_metadata
-    from moeport.runtime.verify import model_info
+    from moeport.contract import model_info, vocab_size
 
     original = (small_model / "m.onnx").read_bytes()
     edits = data.draw(mutations(len(original), ONNX_SIZE_HINT))
@@ -145,7 +144,7 @@ def test_fuzz_onnx_loaders(small_model, tmp_path_factory, data):
     try:
         model_info(path)
         session = create_session(path, "cpu")
-        vocab_size_from_metadata(session.get_modelmeta().custom_metadata_map)
+        vocab_size(session.get_modelmeta().custom_metadata_map)
     except MoeportError:
         pass
 

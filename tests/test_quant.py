@@ -13,6 +13,8 @@ from onnx import TensorProto
 
 from moeport.cli import main
 from moeport.errors import MoeportError
+from moeport.exporter.reference import CheckpointReference
+from tiny_hf import save_char_tokenizer
 from moeport.quant import core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
 from moeport.quant.calibration import starvation_threshold
 from moeport.quant.modes import QuantMode
@@ -46,7 +48,8 @@ def quantized(topk, sample_checkpoint, text_file, tmp_path_factory):
             if mode == "int8" and "calibration" not in options and "random_calibration" not in options:
                 options["calibration"] = text_file
             cache[key] = quantize(topk.output, out_dir / f"{mode}-{len(cache)}.onnx", mode=mode,
-                                  checkpoint=sample_checkpoint("topk"), heldout=text_file, latency_runs=2,
+                                  reference=CheckpointReference.load(sample_checkpoint("topk")), heldout=text_file,
+                                  latency_runs=2,
                                   parity_shapes=((2, 16),), **options)
         return cache[key]
 
@@ -287,13 +290,14 @@ def test_every_registered_mode_is_exercised(quantized):
         assert quantized(mode.name).output.is_file()
 
 
-def test_cli_choices_match_registries():
+def test_cli_choices_come_from_the_registries():
     from moeport import cli_quant
     from moeport.quant import TARGETS
 
-    assert cli_quant.MODES == tuple(m.name for m in modes())
-    assert cli_quant.TARGETS == TARGETS
-    assert cli_quant.DOWN_ACTIVATIONS == schemes.DOWN_ACTIVATIONS
+    choices = {p.name: p.type.choices for p in cli_quant.quantize_cmd.params if hasattr(p.type, "choices")}
+    assert choices["mode"] == tuple(m.name for m in modes())
+    assert choices["target"] == TARGETS
+    assert choices["down_activations"] == schemes.DOWN_ACTIVATIONS
 
 
 def test_mode_registry_validates():
@@ -433,20 +437,6 @@ def test_calibration_sources(tmp_path):
         load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], vocab_size=256, samples=1)
 
 
-def _char_tokenizer(directory):
-    """A character-level fast tokenizer (printable ASCII + [UNK]) saved like a Hugging Face checkpoint's."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
-    vocab["[UNK]"] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-    tokenizer.save_pretrained(directory)
-    return tokenizer
-
-
 def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
     """A transformers checkpoint with a tokenizer: calibration and perplexity text go through it, and the
     graph's attention_mask is fed alongside the ids."""
@@ -459,7 +449,7 @@ def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
                                         num_experts_per_tok=2, max_position_embeddings=256)
     checkpoint = tmp_path / "mixtral"
     transformers.MixtralForCausalLM(config).eval().save_pretrained(checkpoint)
-    tokenizer = _char_tokenizer(checkpoint)
+    tokenizer = save_char_tokenizer(checkpoint)
     model = export_checkpoint(checkpoint, tmp_path / "m.onnx", with_routing=True).output
     text = tmp_path / "calib.txt"
     text.write_bytes(TEXT)
@@ -467,7 +457,8 @@ def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
     with pytest.raises(MoeportError, match="needs a tokenizer: the model's vocabulary is 128"):
         quantize(model, tmp_path / "x.onnx", mode="int8", calibration=text, latency_runs=0, perplexity=False)
     result = quantize(model, tmp_path / "q.onnx", mode="int8", calibration=text, calibration_samples=4,
-                      checkpoint=checkpoint, heldout=text, latency_runs=0)
+                      reference=CheckpointReference.load(checkpoint), tokenizer=checkpoint, heldout=text,
+                      latency_runs=0)
     calibration = result.calibration
     assert calibration["source"] == f"{text} (tokenizer of {checkpoint})"
     assert calibration["tokens"] == 4 * 128 and sum(calibration["coverage"][0]["counts"]) == 4 * 128 * 2

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moeport.exporter.export import export_checkpoint
+from moeport.exporter.reference import CheckpointReference
 from moeport.quant import find_routers, quantize
 from moeport.samples.checkpoint import save_checkpoint
 from moeport.samples.model import LMConfig, MoEConfig, MoELM
@@ -32,7 +33,7 @@ def test_keep_router_beats_unprotected(wide, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # random calibration warns, on purpose here
             result = quantize(model, tmp_path / f"keep-{keep}.onnx", mode="int8", random_calibration=True,
-                              calibration_samples=16, keep_router=keep, checkpoint=checkpoint,
+                              calibration_samples=16, keep_router=keep, reference=CheckpointReference.load(checkpoint),
                               parity_shapes=((2, 64),), latency_runs=0, perplexity=False)
         agreement[keep] = result.quality.parity.routing_agreement
         quantized_ops = {n.name: n for n in onnx.load(result.output).graph.node}

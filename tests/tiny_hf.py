@@ -19,3 +19,21 @@ def save_tiny_mixtral(directory: Path) -> Path:
     torch.manual_seed(0)
     transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY_MIXTRAL)).save_pretrained(directory)
     return directory
+
+
+PRINTABLE_ASCII = "".join(chr(c) for c in range(32, 127))
+
+
+def save_char_tokenizer(directory: Path, characters: str = PRINTABLE_ASCII):
+    """A character-level fast tokenizer (one token per character of ``characters``, then ``[UNK]``) saved like
+    a Hugging Face checkpoint's (tokenizer.json + tokenizer_config.json); returns the transformers tokenizer."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {character: i for i, character in enumerate(characters)}
+    vocab["[UNK]"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer.save_pretrained(directory)
+    return tokenizer

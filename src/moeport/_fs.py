@@ -1,8 +1,11 @@
-"""File guards shared by every command: one-line errors for failed writes, and safe reading of ONNX files.
+"""File guards shared by every command: the one atomic writer, output checks, .npz reading, safe ONNX reading.
 
-``writing(target)`` turns an ``OSError`` raised while an output is written (disk full, permission denied,
-read-only file system) into a ``MoeportError`` naming the output; the callers write into a temporary
-beside the output and remove it on any exception, so the error leaves nothing behind.
+``staged_file(target)`` / ``staged_directory(target)``: the one way moeport writes an output. The caller
+writes into a staging directory beside the target; only when its block succeeds is the result renamed into
+place (a file and its companions such as external data, the target itself last; or a whole directory). Any
+exception removes the staging directory, so a failed or interrupted write leaves nothing behind and never a
+half-written target; an ``OSError`` (disk full, permission denied, read-only file system) becomes a one-line
+``MoeportError`` naming the target (``writing(target)`` does that conversion on its own).
 
 ``load_model_proto(path)`` parses an ONNX file *without* its external data and then checks every
 external-data location: an ONNX file is user input, and a location such as ``../../etc/passwd`` or an
@@ -14,8 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from moeport.errors import MoeportError
 
@@ -36,6 +45,89 @@ def writing(target: str | os.PathLike):
         yield
     except OSError as exc:
         raise write_error(target, exc) from exc
+
+
+def check_output_file(path: str | os.PathLike, force: bool) -> Path:
+    """User errors for an output file we must not or cannot write; returns it as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise MoeportError(f"output {path} is a directory; give a file name inside it")
+    if path.exists() and not force:
+        raise MoeportError(f"output {path} already exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise MoeportError(f"output directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):  # say so before the work, not after computing the outputs
+        raise MoeportError(f"output directory {path.parent} is not writable")
+    return path
+
+
+def _staging_beside(target: Path) -> Path:
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+@contextlib.contextmanager
+def staged_file(target: str | os.PathLike):
+    """Yield a staging directory beside the file ``target``; write ``staging / target.name`` there, with its
+    companions named ``target.name + suffix`` (e.g. its external data ``model.onnx.data``). On success the
+    companions are moved next to ``target``, then ``target`` itself (it is what points at them); anything
+    else in the staging directory is scratch and goes with it. On any exception nothing is moved."""
+    target = Path(target)
+    staging = _staging_beside(target)
+    try:
+        yield staging
+        with writing(target):
+            main = staging / target.name
+            for companion in sorted(staging.glob(f"{glob.escape(target.name)}?*")):
+                os.replace(companion, target.parent / companion.name)
+            os.replace(main, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike, replace: bool = False):
+    """Yield a staging directory beside the directory ``target``; on success it becomes ``target`` in one
+    rename. ``replace``: an existing ``target`` is removed first (rename cannot replace a non-empty
+    directory: a short window without it, never a mixed one); otherwise only an empty one may exist."""
+    target = Path(target)
+    staging = _staging_beside(target)
+    try:
+        yield staging
+        with writing(target):
+            staging.chmod(0o755)  # mkdtemp makes it private; an output is an ordinary directory
+            if target.exists() and replace:
+                shutil.rmtree(target)
+            elif target.exists():
+                target.rmdir()  # only an empty directory may be there; rename replaces that one
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_npz(path: str | os.PathLike, what: str = "inputs") -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file by name (no pickles: an npz of tensors never needs them); ``what`` names
+    the file in errors ("inputs", "calibration")."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoeportError(f"{what} file not found: {path}")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as exc:
+        raise MoeportError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    if not zipfile.is_zipfile(path) and magic != b"\x93NUMPY":
+        # np.load would try to unpickle anything else and say "allow_pickle=...": the wrong advice here.
+        raise MoeportError(f"{path} is not a readable .npz file (not a zip archive); save the {what} with "
+                           "np.savez(path, input_ids=...)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise MoeportError(f"{path} is a single .npy array; save the {what} with np.savez(path, input_ids=...)")
+            return {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise MoeportError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
 
 
 def _external_tensors(proto):

@@ -13,11 +13,16 @@ import traceback
 
 import click
 
-from moeport.errors import MoeportError
+from moeport import _lazy
+from moeport.cli_common import LazyChoice, echo_json
+from moeport.cli_quant import register as _register_quant
+from moeport.cli_runtime import register as _register_runtime
+from moeport.errors import MoeportError, UsageError
 
-
-def _echo_json(data: dict) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+_strategies = _lazy.LazyModule("moeport.exporter.strategies", "export")
+_tasks = _lazy.LazyModule("moeport.exporter.tasks", "export")
+_verify = _lazy.LazyModule("moeport.runtime.verify", "verify")
+_generate = _lazy.LazyModule("moeport.runtime.generate", "generate")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,9 +41,7 @@ def samples() -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Also print what each sample shows.")
 def samples_list(verbose: bool) -> None:
     """Print one sample name per line."""
-    from moeport.samples.catalog import list_samples
-
-    for sample in list_samples():
+    for sample in _lazy.catalog.list_samples():
         click.echo(f"{sample.name}\t{sample.description}" if verbose else sample.name)
 
 
@@ -47,18 +50,15 @@ def samples_list(verbose: bool) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 def samples_create(name: str, directory: str) -> None:
     """Write sample NAME as a checkpoint directory (config.json + model.safetensors)."""
-    from moeport.samples.catalog import create_sample
-
-    click.echo(create_sample(name, directory))
+    click.echo(_lazy.catalog.create_sample(name, directory))
 
 
 @cli.command("export")
 @click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="ONNX file to write.")
 @click.option("--strategy", default="auto", show_default=True,
-              type=click.Choice(["auto", "sorted", "gather", "dense", "capacity"]), help="MoE dispatch strategy.")
-@click.option("--task", default="logits", show_default=True,
-              type=click.Choice(["logits", "text-generation-with-past"]),
+              type=LazyChoice(lambda: ["auto", *_strategies.strategy_names()]), help="MoE dispatch strategy.")
+@click.option("--task", default="logits", show_default=True, type=LazyChoice(lambda: _tasks.task_names()),
               help="logits: one forward pass; text-generation-with-past: decoder with KV cache (transformers).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 18..23).")
 @click.option("--with-routing", is_flag=True, help="Add each MoE layer's selected experts and weights as outputs.")
@@ -72,13 +72,12 @@ def samples_create(name: str, directory: str) -> None:
 def export_cmd(checkpoint, output, strategy, task, opset, with_routing, capacity_factor, no_validate, force,
                trust_pickle, as_json):
     """Export the MoE checkpoint directory CHECKPOINT to ONNX."""
-    from moeport.exporter.export import DEFAULT_OPSET, export_checkpoint
-
-    result = export_checkpoint(checkpoint, output, strategy=strategy, task=task, opset=opset or DEFAULT_OPSET,
-                               with_routing=with_routing, capacity_factor=capacity_factor,
-                               validate=not no_validate, force=force, trust_pickle=trust_pickle)
+    result = _lazy.export.export_checkpoint(checkpoint, output, strategy=strategy, task=task,
+                                            opset=opset or _lazy.export.DEFAULT_OPSET,
+                                            with_routing=with_routing, capacity_factor=capacity_factor,
+                                            validate=not no_validate, force=force, trust_pickle=trust_pickle)
     if as_json:
-        _echo_json(result.to_dict())
+        echo_json(result.to_dict())
         return
     click.echo(f"exported {result.family} ({len(result.info.layers)} MoE layers, {result.info.num_experts} experts, "
                f"top-{result.info.top_k}) to {result.output} [{result.size_bytes / 1e6:.2f} MB, opset {result.opset}, "
@@ -109,11 +108,10 @@ def export_cmd(checkpoint, output, strategy, task, opset, with_routing, capacity
 def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_agreement, seed, left_padding,
                inputs_file, as_json):
     """Compare MODEL on onnxruntime with CHECKPOINT in PyTorch; exit 1 if they differ."""
-    from moeport.runtime.verify import load_inputs, parse_shapes, verify
-
-    report = verify(model, checkpoint, shapes=parse_shapes(shapes), ep=ep, fallback=fallback, atol=atol,
-                    rtol=rtol, min_routing_agreement=min_routing_agreement, seed=seed, left_padding=left_padding,
-                    inputs=None if inputs_file is None else load_inputs(inputs_file))
+    report = _lazy.reference.verify_checkpoint(
+        model, checkpoint, shapes=_verify.parse_shapes(shapes), ep=ep, fallback=fallback, atol=atol, rtol=rtol,
+        min_routing_agreement=min_routing_agreement, seed=seed, left_padding=left_padding,
+        inputs=None if inputs_file is None else _verify.load_inputs(inputs_file))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     sys.exit(0 if report.passed else 1)
 
@@ -129,20 +127,17 @@ def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_
 @click.option("--json", "as_json", is_flag=True, help="Print {token_ids, tokens_per_s} as JSON.")
 def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fallback, as_json):
     """Greedy-decode with a text-generation-with-past MODEL on onnxruntime, using its KV cache."""
-    from moeport.errors import UsageError
-    from moeport.runtime.generate import generate, generate_text, parse_prompt_ids
-
     if (prompt_ids is None) == (prompt is None):
         raise UsageError("give exactly one of --prompt-ids and --prompt")
     options = {"max_new_tokens": max_new_tokens, "ep": ep, "fallback": fallback}
     if prompt is not None:
         if checkpoint is None:
             raise UsageError("--prompt needs --checkpoint DIR with the tokenizer")
-        result = generate_text(model, checkpoint, prompt, **options)
+        result = _generate.generate_text(model, checkpoint, prompt, **options)
     else:
-        result = generate(model, [parse_prompt_ids(prompt_ids)], **options)
+        result = _generate.generate(model, [_generate.parse_prompt_ids(prompt_ids)], **options)
     if as_json:
-        _echo_json(result.to_dict())
+        echo_json(result.to_dict())
         return
     click.echo(result.text[0] if result.text else ",".join(map(str, result.token_ids[0])))
     click.echo(f"{len(result.token_ids[0])} tokens, {result.tokens_per_s:.1f} tokens/s", err=True)
@@ -157,11 +152,9 @@ def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fall
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 def demo_cmd(workdir, sample, quantize, as_json):
     """Export the bundled sample with routing outputs, verify parity, bench, quantize; print the reports."""
-    from moeport.demo import DEMO_QUANT_MODES, run_demo
-
-    report = run_demo(workdir, sample, quant_modes=DEMO_QUANT_MODES if quantize else ())
+    report = _lazy.demo.run_demo(workdir, sample, quant_modes=_lazy.demo.DEMO_QUANT_MODES if quantize else ())
     if as_json:
-        _echo_json(report.to_dict())
+        echo_json(report.to_dict())
     else:
         result = report.export
         click.echo(f"checkpoint: {report.checkpoint}")
@@ -175,11 +168,7 @@ def demo_cmd(workdir, sample, quantize, as_json):
     sys.exit(0 if report.passed else 1)
 
 
-from moeport.cli_runtime import register as _register_runtime
 _register_runtime(cli)
-
-
-from moeport.cli_quant import register as _register_quant
 _register_quant(cli)
 
 

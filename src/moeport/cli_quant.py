@@ -1,28 +1,29 @@
 """``moeport quantize``: one call to ``moeport.quant.quantize``, then the report as text or JSON.
 
-Registered on the main group by ``register(cli)`` (kept in its own file so cli.py stays small).
+Registered on the main group by ``register(cli)`` (kept in its own file so cli.py stays small). Needs no
+PyTorch, except ``--checkpoint`` (parity against the PyTorch checkpoint).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import click
 
-# Literal here so that `moeport --help` does not import onnx/onnxruntime through moeport.quant;
-# tests/test_quant.py checks they equal the mode registry and moeport.quant.schemes.TARGETS.
-MODES = ("int8", "int8-dynamic", "fp16", "int4")
-TARGETS = ("cpu", "cuda", "arm", "nnapi", "coreml", "qnn")
-DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
+from moeport import _lazy
+from moeport.cli_common import LazyChoice, echo_json, warn
+
+_quant = _lazy.LazyModule("moeport.quant", "quantize")
+_modes = _lazy.LazyModule("moeport.quant.modes", "quantize")
+_schemes = _lazy.LazyModule("moeport.quant.schemes", "quantize")
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Quantized ONNX file to write.")
-@click.option("--mode", default=None, type=click.Choice(MODES),
+@click.option("--mode", default=None, type=LazyChoice(lambda: [m.name for m in _modes.modes()]),
               help="Quantization mode (default: int8, or fp16 for --target cuda/coreml).")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(TARGETS),
+@click.option("--target", default="cpu", show_default=True, type=LazyChoice(lambda: list(_schemes.TARGETS)),
               help="Where the model will run: picks the int8 scheme (cpu: by this CPU's VNNI support).")
 @click.option("--calibration", type=click.Path(), default=None,
               help="int8: calibration text (bytes), .jsonl ({\"text\": ...} per line) or .npz of input arrays "
@@ -33,10 +34,14 @@ DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
 @click.option("--keep-router/--no-keep-router", default=True, show_default=True,
               help="Keep gate projection, Softmax/Sigmoid, TopK and weight normalisation in float32.")
 @click.option("--checkpoint", type=click.Path(), default=None,
-              help="PyTorch checkpoint the model came from: adds parity (errors, argmax, routing agreement).")
+              help="PyTorch checkpoint the model came from: adds parity (errors, argmax, routing agreement; needs "
+                   "PyTorch) and reads its tokenizer.")
+@click.option("--tokenizer", type=click.Path(), default=None,
+              help="Directory with the model's tokenizer.json for text calibration and perplexity (default: the "
+                   "--checkpoint's).")
 @click.option("--heldout", type=click.Path(), default=None,
               help="Held-out text for perplexity of byte-level models (default: the trained sample's heldout.txt).")
-@click.option("--down-activations", default="auto", show_default=True, type=click.Choice(DOWN_ACTIVATIONS),
+@click.option("--down-activations", default="auto", show_default=True, type=LazyChoice(lambda: list(_schemes.DOWN_ACTIVATIONS)),
               help="int8 / int8-dynamic: how the expert down-projection inputs are kept (auto: int16 for int8 "
                    "on cpu/arm/qnn, float for int8-dynamic on cpu/arm; int8 elsewhere). Weights stay 8-bit.")
 @click.option("--block-size", type=int, default=32, show_default=True,
@@ -50,24 +55,24 @@ DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
-                 checkpoint, heldout, down_activations, block_size, dense_block_size,
+                 checkpoint, tokenizer, heldout, down_activations, block_size, dense_block_size,
                  embedding_bits, no_perplexity, latency_runs, force, as_json):
     """Quantize the exported ONNX file MODEL and report size, parity, perplexity and latency."""
-    from moeport.quant import quantize
-
+    reference = None if checkpoint is None else _lazy.reference.CheckpointReference.load(checkpoint)
     with warnings.catch_warnings():
-        # The result lists every warning; print them once, from there, not twice.
-        warnings.simplefilter("ignore", UserWarning)
-        result = quantize(model, output, mode=mode, target=target, calibration=calibration,
+        # The result lists quantize's own warnings; print them once, from there. Other libraries' warnings
+        # (onnxruntime's ...) still show.
+        warnings.simplefilter("ignore", _quant.QuantizeWarning)
+        result = _quant.quantize(model, output, mode=mode, target=target, calibration=calibration,
                           calibration_samples=calibration_samples, random_calibration=random_calibration,
-                          keep_router=keep_router, checkpoint=checkpoint, heldout=heldout, block_size=block_size,
+                          keep_router=keep_router, reference=reference, tokenizer=tokenizer or checkpoint,
+                          heldout=heldout, block_size=block_size,
                           dense_block_size=dense_block_size, embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
                           perplexity=not no_perplexity, force=force)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
-        for message in result.warnings:
-            click.echo(f"warning: {message}", err=True)
+        echo_json(result.to_dict())
+        warn(result.warnings)
     else:
         click.echo(result.render())
 

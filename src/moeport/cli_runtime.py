@@ -1,28 +1,22 @@
 """Runtime commands of the ``moeport`` CLI: run, bench, inspect, package.
 
 Each command parses its options, calls one library function in ``moeport.runtime``, and prints that
-result's ``render()`` (or ``to_dict()`` with ``--json``). ``register(cli)`` adds them to the group.
+result's ``render()`` (or ``to_dict()`` with ``--json``). ``register(cli)`` adds them to the group. None of
+them needs PyTorch, except ``bench --checkpoint`` (the PyTorch side of the comparison).
 """
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from moeport import _lazy
+from moeport.cli_common import EP, FALLBACK, JSON, LazyChoice, echo_json, warn
 
-def _echo_json(data: dict) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _warn(messages: list[str]) -> None:
-    for message in messages:
-        click.echo(f"warning: {message}", err=True)
-
-
-_EP = click.option("--ep", default="cpu", show_default=True, help="Execution provider short name.")
-_FALLBACK = click.option("--fallback", default=None, help="Provider to use when --ep is not available (e.g. cpu).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+_run = _lazy.LazyModule("moeport.runtime.run", "run")
+_bench = _lazy.LazyModule("moeport.runtime.bench", "bench")
+_inspect = _lazy.LazyModule("moeport.runtime.inspect", "inspect")
+_package = _lazy.LazyModule("moeport.runtime.package", "package")
+_io = _lazy.LazyModule("moeport.runtime._io", "package")
 
 
 @click.command("run")
@@ -30,28 +24,27 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the result a
 @click.option("--inputs", required=True, type=click.Path(), help=".npz file with one array per model input.")
 @click.option("-o", "--output", type=click.Path(), default=None, help=".npz file to write the outputs to.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@_EP
-@_FALLBACK
+@EP
+@FALLBACK
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@_JSON
+@JSON
 def run_cmd(model, inputs, output, force, ep, fallback, threads, as_json):
     """Run MODEL once on the arrays in --inputs; report outputs and where each node ran."""
-    from moeport.runtime.run import run_model
-
-    result = run_model(model, inputs, output=output, force=force, ep=ep, fallback=fallback, threads=threads)
+    result = _run.run_model(model, inputs, output=output, force=force, ep=ep, fallback=fallback, threads=threads)
     if as_json:
-        _warn(result.warnings)
-        _echo_json(result.to_dict())
+        warn(result.warnings)
+        echo_json(result.to_dict())
     else:
         click.echo(result.render())
 
 
 @click.command("bench")
 @click.argument("model", type=click.Path())
-@click.option("--checkpoint", type=click.Path(), default=None, help="Also time this checkpoint in PyTorch eager.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Also time this checkpoint in PyTorch eager (needs PyTorch).")
 @click.option("--shapes", default="1x1,1x128,4x128", show_default=True, help="BATCHxSEQ list to time.")
-@_EP
-@_FALLBACK
+@EP
+@FALLBACK
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads for onnxruntime and PyTorch alike (default: all cores).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs per shape.")
@@ -60,58 +53,52 @@ def run_cmd(model, inputs, output, force, ep, fallback, threads, as_json):
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--expert-efficiency", is_flag=True,
               help="Also profile the expert MatMuls: their FLOP rate as a fraction of a plain MatMul's.")
-@_JSON
+@JSON
 def bench_cmd(model, checkpoint, shapes, ep, fallback, threads, warmup, runs, plot, no_progress, expert_efficiency,
               as_json):
     """Latency percentiles, tokens/s and peak memory of MODEL; with --checkpoint, against PyTorch."""
-    from moeport.runtime.bench import bench
-
-    report = bench(model, checkpoint=checkpoint, shapes=shapes, ep=ep, fallback=fallback, threads=threads,
-                   warmup=warmup, runs=runs, plot=plot, progress=not no_progress,
-                   expert_efficiency=expert_efficiency)
+    reference = None if checkpoint is None else _lazy.reference.CheckpointReference.load(checkpoint)
+    report = _bench.bench(model, reference=reference, shapes=shapes, ep=ep, fallback=fallback, threads=threads,
+                          warmup=warmup, runs=runs, plot=plot, progress=not no_progress,
+                          expert_efficiency=expert_efficiency)
     if as_json:
-        _warn(report.warnings)
-        _echo_json(report.to_dict())
+        warn(report.warnings)
+        echo_json(report.to_dict())
     else:
         click.echo(report.render())
 
 
 @click.command("inspect")
 @click.argument("model", type=click.Path())
-@_EP
-@_FALLBACK
+@EP
+@FALLBACK
 @click.option("--no-placement", is_flag=True, help="Skip the profiled run that measures node placement.")
-@_JSON
+@JSON
 def inspect_cmd(model, ep, fallback, no_placement, as_json):
     """Metadata, ops, parameters, dynamic axes and provider coverage of MODEL."""
-    from moeport.runtime.inspect import inspect_model
-
-    report = inspect_model(model, ep=ep, fallback=fallback, placement=not no_placement)
+    report = _inspect.inspect_model(model, ep=ep, fallback=fallback, placement=not no_placement)
     if as_json:
-        _warn(report.warnings)
-        _echo_json(report.to_dict())
+        warn(report.warnings)
+        echo_json(report.to_dict())
     else:
         click.echo(report.render())
 
 
 @click.command("package")
 @click.argument("model", type=click.Path())
-@click.option("--target", required=True, type=click.Choice(["android", "ios", "arm64-linux"]),
+@click.option("--target", required=True, type=LazyChoice(lambda: list(_package.TARGETS)),
               help="Device family the bundle is for.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--shape", "shape_items", multiple=True, metavar="NAME=D0xD1",
               help="Fix an input's shape, e.g. input_ids=1x64 (repeatable).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
-@_JSON
+@JSON
 def package_cmd(model, target, output, shape_items, force, as_json):
     """Convert MODEL to ORT format for TARGET with a reduced-build operator config and bundle.json."""
-    from moeport.runtime._io import parse_fixed_shapes
-    from moeport.runtime.package import package_model
-
-    result = package_model(model, target, output, shapes=parse_fixed_shapes(shape_items), force=force)
+    result = _package.package_model(model, target, output, shapes=_io.parse_fixed_shapes(shape_items), force=force)
     if as_json:
-        _warn(result.warnings)
-        _echo_json(result.to_dict())
+        warn(result.warnings)
+        echo_json(result.to_dict())
     else:
         click.echo(result.render())
 

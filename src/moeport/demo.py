@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeport.exporter.export import ExportResult, export_checkpoint
+from moeport.exporter.reference import CheckpointReference
 from moeport.quant.core import QuantizeResult, quantize
 from moeport.runtime.bench import BenchReport, bench
 from moeport.runtime.verify import DEFAULT_SHAPES, VerifyReport, verify
@@ -55,14 +56,15 @@ def run_demo(workdir: str | os.PathLike = "moeport-demo", sample: str = "trained
     model = workdir / f"{sample}.onnx"
     # The demo owns its work directory, so re-running it replaces its own model.
     exported = export_checkpoint(checkpoint, model, with_routing=True, force=True)
-    report = verify(model, checkpoint, shapes=shapes)
+    reference = CheckpointReference.load(checkpoint)
+    report = verify(model, reference, shapes=shapes)
     # A short timing against PyTorch eager, to show what the export buys; bench_shapes=None skips it.
-    timing = None if bench_shapes is None else bench(model, checkpoint=checkpoint, shapes=bench_shapes,
+    timing = None if bench_shapes is None else bench(model, reference=reference, shapes=bench_shapes,
                                                      warmup=2, runs=10)
     quantized = []
     for mode in quant_modes:
         # Calibration and perplexity use the text shipped with the trained sample (byte-level, like every
         # sample); parity and routing agreement are measured against the PyTorch checkpoint.
-        quantized.append(quantize(model, workdir / f"{sample}.{mode}.onnx", mode=mode, checkpoint=checkpoint,
-                                  latency_runs=10, force=True))
+        quantized.append(quantize(model, workdir / f"{sample}.{mode}.onnx", mode=mode, reference=reference,
+                                  tokenizer=checkpoint, latency_runs=10, force=True))
     return DemoReport(checkpoint, exported, report, timing, quantized)
