@@ -52,7 +52,7 @@ def segment_split_onnx(x, counts):
     from onnxscript import opset18 as op
 
     # torch.onnx needs num_outputs to know how many values the node has; ONNX forbids it next to the
-    # ``split`` input, so ``drop_split_num_outputs`` removes it from the finished graph.
+    # ``split`` input, so the ``DropSplitNumOutputs`` pass (exporter/passes.py) removes it from the finished graph.
     return op.Split(x, counts, axis=0, num_outputs=counts.shape[0])
 
 
@@ -60,13 +60,6 @@ def segment_concat_onnx(segments, rows_like):
     from onnxscript import opset18 as op
 
     return op.Concat(*segments, axis=0)
-
-
-def drop_split_num_outputs(model) -> None:
-    """Remove ``num_outputs`` from Split nodes that also have a ``split`` input (an onnx_ir model, in place)."""
-    for node in model.graph.all_nodes():
-        if node.op_type == "Split" and node.domain == "" and len(node.inputs) > 1 and node.inputs[1] is not None:
-            node.attributes.pop("num_outputs", None)
 
 
 CUSTOM_TRANSLATIONS = {

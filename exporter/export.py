@@ -36,8 +36,9 @@ from moeport._fs import check_output_file, staged_file, writing
 from moeport._scoped import logger_level
 from moeport.contract import METADATA_KEYS, METADATA_PREFIX, ModelInfo
 from moeport.errors import MoeportError
-from moeport.exporter import custom_ops, families, passes, strategies, tasks
+from moeport.exporter import families, passes, strategies, tasks
 from moeport.exporter.families import LoadedModel
+from moeport.runtime.compare import Comparison
 from moeport.runtime.session import create_session
 from moeport.samples.checkpoint import checkpoint_hash
 
@@ -66,9 +67,10 @@ class ExportResult:
     external_data: bool
     source_sha256: str
     seconds: float
-    validation: "object | None" = None  # runtime.compare.Comparison
+    validation: Comparison | None = None
     validation_shapes: list[tuple[int, int]] = field(default_factory=list)
     dropped_slots: int | None = None  # capacity strategy: slots dropped on the validation inputs
+    passes: list[dict] = field(default_factory=list)  # per graph pass: what it changed, or why nothing
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +92,7 @@ class ExportResult:
             "validation": None if self.validation is None else {
                 "shapes": [f"{b}x{s}" for b, s in self.validation_shapes], **self.validation.to_dict()},
             "dropped_slots": self.dropped_slots,
+            "passes": self.passes,
         }
 
 
@@ -135,10 +138,6 @@ def _trace(graph: tasks.TaskGraph, opset: int):
     model = program.model  # onnx_ir.Model
     import onnx_ir as ir
 
-    custom_ops.drop_split_num_outputs(model)
-    passes.floor_attention_scores(model)
-    passes.reciprocal_sqrt_as_div(model)
-
     # Some models' code (fixed-length scans, Python ints taken from shapes) makes torch.export specialise
     # an axis to the example's size; the graph would then fail on any other length.
     for value in model.graph.inputs:
@@ -167,11 +166,6 @@ def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int,
         # A bug in our translations, not a user error: keep the traceback.
         raise RuntimeError(f"export produced non-standard domains {custom} / {len(model.functions)} functions")
     model.producer_name, model.producer_version = "moeport", moeport.__version__
-    # torch.onnx annotates every node with its FX node, stack trace and module path: useful to debug the
-    # exporter, but it is a tenth to a third of a small model's file, names paths of the exporting machine,
-    # and quantizers drop it anyway.
-    for node in model.graph.all_nodes():
-        node.metadata_props.clear()
     info = loaded.info
     props = {
         "version": moeport.__version__,
@@ -233,6 +227,7 @@ def export_model(
 
     with strategies.use_strategy(loaded.sites, chosen, options):
         model = _trace(graph, opset)
+    pass_reports = passes.run_export_passes(model)
     _finish(model, loaded=loaded, strategy=chosen.name, task=task, opset=opset, with_routing=with_routing,
             source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None)
 
@@ -257,7 +252,7 @@ def export_model(
         ir_version=model.ir_version, info=loaded.info, with_routing=with_routing, output_names=graph.output_names,
         size_bytes=size, external_data=external, source_sha256=source_sha256,
         seconds=time.perf_counter() - started, validation=validation,
-        validation_shapes=list(validation_shapes) if validate else [], dropped_slots=dropped,
+        validation_shapes=list(validation_shapes) if validate else [], dropped_slots=dropped, passes=pass_reports,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper
 
 from moeport.exporter import passes
@@ -58,7 +59,9 @@ def causal_feeds(seed: int = 0) -> dict:
 def test_floor_touches_attention_softmax_only_and_removes_subnormals():
     before = attention_and_router_graph()
     model = ir.from_proto(before)
-    assert passes.floor_attention_scores(model) == 1
+    floor = passes.FloorAttentionScores()
+    result = floor(model)
+    assert result.modified and floor.changed == 1 and floor.reason is None
     after = ir.to_proto(model)
     onnx.checker.check_model(after, full_check=True)
     producers = {out: node for node in after.graph.node for out in node.output}
@@ -83,19 +86,50 @@ def test_floor_keeps_fully_masked_rows_as_they_were():
     """A row with every key masked (left padding) gives the same result with and without the floor."""
     before = attention_and_router_graph()
     model = ir.from_proto(before)
-    passes.floor_attention_scores(model)
+    passes.FloorAttentionScores()(model)
     feeds = causal_feeds(1)
     feeds["mask"] = feeds["mask"].copy()
     feeds["mask"][..., 0, :] = np.finfo(np.float32).min  # query 0 sees nothing
     np.testing.assert_allclose(run(ir.to_proto(model), feeds)["probs"], run(before, feeds)["probs"], atol=1e-7)
 
 
+def test_a_pass_with_nothing_to_do_says_why_and_leaves_the_graph_alone():
+    """The router-only part of the graph: no attention Softmax, no rsqrt, no routed Split, no node metadata."""
+    proto = attention_and_router_graph()
+    keep = {"router_softmax", "router_topk"}
+    kept = [node for node in proto.graph.node if node.name in keep]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    del proto.graph.output[:2]
+    model = ir.from_proto(proto)
+    before = ir.to_proto(model).SerializeToString()
+    chosen = passes.export_passes()
+    result = ir.passes.PassManager(chosen)(model)
+    assert not result.modified
+    assert all(p.changed == 0 and p.reason for p in chosen), [p.report() for p in chosen]
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_a_broken_post_condition_names_the_pass():
+    """``ensures`` is checked after the rewrite: a floor that inserted nothing before its Softmax is caught."""
+    class NoFloor(passes.FloorAttentionScores):
+        def rewrite(self, model):
+            return 1  # claims a change, inserts nothing
+
+    with pytest.raises(ir.passes.PostconditionError, match="NoFloor"):
+        NoFloor()(ir.from_proto(attention_and_router_graph()))
+
+
 def test_sample_export_has_no_reciprocal_and_onnxruntime_fuses_its_rmsnorms(exported, tmp_path):
     result = exported("topk", with_routing=True)
+    reports = {p["pass"]: p for p in result.passes}
+    norms = 2 * len(result.info.layers) + 1  # attention and MoE norm per block, final norm
+    assert reports["ReciprocalSqrtAsDiv"]["changed"] == norms
+    assert reports["FloorAttentionScores"]["changed"] == len(result.info.layers)
+    assert reports["DropSplitNumOutputs"]["changed"] == len(result.info.layers)
     model = onnx.load(str(result.output))
     ops = [node.op_type for node in model.graph.node]
     assert "Reciprocal" not in ops
-    norms = 2 * len(result.info.layers) + 1  # attention and MoE norm per block, final norm
     assert ops.count("Sqrt") == norms
     # every attention Softmax (one per block) is floored; routers feed TopK unchanged
     producers = {out: node for node in model.graph.node for out in node.output}
