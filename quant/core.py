@@ -555,7 +555,7 @@ def quantize(
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
-    parity_shapes=qual.PARITY_SHAPES,
+    parity_shapes: tuple[tuple[int, int], ...] | None = None,
     force: bool = False,
 ) -> QuantizeResult:
     """Quantize the ONNX file ``model`` into ``out`` and measure what it cost (see the module docstring).
@@ -568,7 +568,8 @@ def quantize(
     ``block_size``, ``dense_block_size``, ``embedding_bits`` (int4): see ``NBitsLayout``.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
-    ``IntScheme``). ``latency_runs=0`` skips the latency
+    ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
+    text, else ``quality.PARITY_SHAPES``). ``latency_runs=0`` skips the latency
     measurement, ``perplexity=False`` the held-out text pass.
     """
     started = time.perf_counter()
@@ -676,9 +677,11 @@ def quantize(
     heldout_ids = None if text_path is None or encoder() is None else encoder().encode(text_path.read_bytes())
     if reference is not None:
         # On held-out text when there is some: routing is judged on data like the deployment's (random ids
-        # route unlike any text the model will see; they are the fallback).
-        windows = None if heldout_ids is None else qual.parity_windows(heldout_ids)
-        report.parity = qual.parity(out, reference, spec.min_routing_agreement, parity_shapes, windows)
+        # route unlike any text the model will see). Random ids when there is no text, or at the
+        # parity_shapes the caller asked for.
+        on_text = parity_shapes is None and heldout_ids is not None
+        report.parity = qual.parity(out, reference, spec.min_routing_agreement, parity_shapes or qual.PARITY_SHAPES,
+                                    qual.parity_windows(heldout_ids) if on_text else None)
     opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import}.get("ai.onnx") for m in (proto, quantized)]
     if opsets[0] != opsets[1]:
         report.notes.append(f"opset {opsets[0]} -> {opsets[1]}: onnxruntime's quantizer needs it for the ops it wrote")

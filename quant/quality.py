@@ -107,18 +107,19 @@ def weight_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
-def parity_windows(ids: np.ndarray, count: int = PARITY_WINDOWS, window: int = PARITY_WINDOW) -> dict[str, np.ndarray]:
-    """Up to ``count`` evenly spaced windows ``[n, window]`` of encoded text ``ids [tokens]`` as ``input_ids``."""
+def parity_windows(ids: np.ndarray, count: int = PARITY_WINDOWS, window: int = PARITY_WINDOW) -> np.ndarray:
+    """Up to ``count`` evenly spaced windows ``[n, window]`` int64 of encoded text ``ids [tokens]``."""
     window = min(window, ids.size)
     starts = np.unique(np.linspace(0, ids.size - window, num=count).astype(np.int64))
-    return {"input_ids": np.stack([ids[s:s + window] for s in starts]).astype(np.int64)}
+    return np.stack([ids[s:s + window] for s in starts]).astype(np.int64)
 
 
 def parity(model: Path, reference: Reference, min_routing_agreement: float, shapes=PARITY_SHAPES,
-           inputs: dict[str, np.ndarray] | None = None) -> Parity:
+           text_ids: np.ndarray | None = None) -> Parity:
     """verify() against ``reference`` (e.g. the PyTorch checkpoint) with no error tolerance (quantized outputs
-    never meet fp32's); routing sets the pass. ``inputs`` (e.g. ``parity_windows`` of held-out text) replace
-    the random ids at ``shapes``."""
+    never meet fp32's); routing sets the pass. ``text_ids [n, seq]`` (e.g. ``parity_windows`` of held-out
+    text) replace the random ids at ``shapes``."""
+    inputs = None if text_ids is None else text_feeds(text_ids, list(reference.info.input_names), "held-out text")
     report = verify(model, reference, shapes=list(shapes), atol=math.inf, inputs=inputs,
                     min_routing_agreement=min_routing_agreement)
     shapes = [result.shape for result in report.results]
