@@ -46,7 +46,9 @@ class FamilySpec:
     name: str
     description: str
     matches: Callable[[dict], bool]  # config.json dict -> is this family
-    build: Callable[[dict], nn.Module]  # config dict -> randomly initialised model (raises ValueError)
+    # config dict -> randomly initialised model; a config it cannot build from raises ValueError or KeyError
+    # (a user error); anything else it raises is a bug and keeps its traceback
+    build: Callable[[dict], nn.Module]
     moe_layers: Callable[[nn.Module], list[nn.Module]]  # the MoE blocks, in model order
     describe: Callable[[nn.Module, list[nn.Module]], list[MoELayerInfo]]  # one per MoE block
     experts_sites: Callable[[list[nn.Module]], list[ExpertsSite]]  # one per MoE block
@@ -112,7 +114,7 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Load
         return spec.load(path, trust_pickle)
     try:
         model = spec.build(config)
-    except (TypeError, ValueError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:
         raise MoeportError(f"{path / ckpt.CONFIG_NAME} is not a valid {spec.name} config: {exc}") from exc
     ckpt.load_weights(path, model)
     loaded = from_module(spec.name, model, config)
@@ -155,7 +157,11 @@ def tie_free_inputs(loaded: LoadedModel, batch: int, seq: int, seed: int, tries:
 def _sample_build(config: dict) -> nn.Module:
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     cls = EnsembleConfig if config.get("family") == "moeport_ensemble" else LMConfig
-    return build_model(cls(**config))
+    try:
+        parsed = cls(**config)
+    except TypeError as exc:  # the dataclass's own message: an unknown or missing field of config.json
+        raise ValueError(str(exc)) from exc
+    return build_model(parsed)
 
 
 def _selection_margin(scores: torch.Tensor, top_k: int) -> np.ndarray:

@@ -90,12 +90,14 @@ class Comparison:
         values = [o.argmax_agreement for o in self.outputs if o.argmax_agreement is not None]
         return min(values, default=None)
 
+    def summary(self) -> dict:
+        """The verdict and its aggregates (what reports lead with)."""
+        return {"passed": self.passed, "max_abs_err": self.max_abs_err, "routing_agreement": self.routing_agreement,
+                "argmax_agreement": self.argmax_agreement}
+
     def to_dict(self) -> dict:
         return {
-            "passed": self.passed,
-            "max_abs_err": self.max_abs_err,
-            "routing_agreement": self.routing_agreement,
-            "argmax_agreement": self.argmax_agreement,
+            **self.summary(),
             "outputs": [o.to_dict() for o in self.outputs],
             "routing": [r.to_dict() for r in self.routing],
             "missing": self.missing,

@@ -87,10 +87,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {
-            "passed": self.passed,
-            "max_abs_err": self.max_abs_err,
-            "routing_agreement": self.routing_agreement,
-            "argmax_agreement": self.argmax_agreement,
+            **self.overall.summary(),
             "model": str(self.model),
             "checkpoint": str(self.checkpoint),
             "ep": self.ep,

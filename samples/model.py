@@ -31,6 +31,13 @@ from torch import nn
 ROUTER_KINDS = ("softmax_topk", "sigmoid_topk", "soft")
 
 
+def _check_numbers(config, positive: tuple[str, ...]) -> None:
+    for name in positive:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
 def _check_sizes(config, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
     for name in positive + non_negative:
         value = getattr(config, name)
@@ -55,6 +62,9 @@ class MoEConfig:
         # A config is user input (config.json): wrong types and non-positive sizes are ValueErrors here,
         # not ZeroDivisionErrors or negative-dimension errors from torch later.
         _check_sizes(self, ("num_experts", "top_k", "intermediate_size"), ("num_shared_experts",))
+        _check_numbers(self, ("routed_scaling_factor",))
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -83,6 +93,7 @@ class LMConfig:
         if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"moe must be an object of MoE settings, got {type(self.moe).__name__}")
         _check_sizes(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"), ())
+        _check_numbers(self, ("rope_theta", "rms_eps"))
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")
         if self.num_heads % self.num_kv_heads:
@@ -299,8 +310,10 @@ class EnsembleConfig:
         if self.combine not in ("fixed", "learned"):
             raise ValueError(f"combine must be 'fixed' or 'learned', got {self.combine!r}")
         if self.combine == "fixed":
-            if self.fixed_weights is None or len(self.fixed_weights) != len(self.members):
+            if not isinstance(self.fixed_weights, list) or len(self.fixed_weights) != len(self.members):
                 raise ValueError("combine='fixed' needs one fixed weight per member")
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.fixed_weights):
+                raise ValueError(f"fixed weights must be numbers, got {self.fixed_weights!r}")
 
     @property
     def vocab_size(self) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +157,17 @@ def test_demo_exports_verifies_benches_and_quantizes(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--sample", "switch", "--json",
                            "--no-quantize")
     assert code == 0 and json.loads(out)["quantized"] == []
+
+
+def test_ctrl_c_during_export_prints_one_line_and_leaves_nothing(tmp_path, sample_checkpoint):
+    """SIGINT while exporting (torch import, tracing or validation): 'error: aborted', no traceback, no file."""
+    out = tmp_path / "m.onnx"
+    process = subprocess.Popen([sys.executable, "-c", "from moeport.cli import main; main()", "export",
+                                str(sample_checkpoint("topk")), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: aborted", err
+    assert list(tmp_path.iterdir()) == []

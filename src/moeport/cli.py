@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("MOEPORT_DEBUG") == "1"
     try:
         code = cli.main(args=args, prog_name="moeport", standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # click turns Ctrl-C inside a command into Abort; one that lands outside click's own handler (while
+        # click unwinds, or in a library's cleanup) arrives as KeyboardInterrupt: the same one line.
         click.echo("error: aborted", err=True)
         code = 1
     except click.ClickException as exc:  # usage errors: bad option, missing argument, bad choice

@@ -17,6 +17,16 @@ def warn(messages: list[str]) -> None:
         click.echo(f"warning: {message}", err=True)
 
 
+def emit(result, as_json: bool) -> None:
+    """Print a library result: ``render()``, or with ``--json`` its ``to_dict()`` on stdout and its
+    ``warnings`` on stderr (so stdout stays one JSON document)."""
+    if as_json:
+        warn(result.warnings)
+        echo_json(result.to_dict())
+    else:
+        click.echo(result.render())
+
+
 class LazyChoice(click.Choice):
     """``click.Choice`` over a registry's names, read when click first needs them (help or parsing), not at
     start-up: the registries live in modules that import onnx, onnxruntime or torch."""

@@ -11,7 +11,7 @@ import warnings
 import click
 
 from moeport import _lazy
-from moeport.cli_common import LazyChoice, echo_json, warn
+from moeport.cli_common import LazyChoice, emit
 
 _quant = _lazy.LazyModule("moeport.quant", "quantize")
 _modes = _lazy.LazyModule("moeport.quant.modes", "quantize")
@@ -70,11 +70,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           dense_block_size=dense_block_size, embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
                           perplexity=not no_perplexity, force=force)
-    if as_json:
-        echo_json(result.to_dict())
-        warn(result.warnings)
-    else:
-        click.echo(result.render())
+    emit(result, as_json)
 
 
 def register(cli: click.Group) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from moeport import _lazy
-from moeport.cli_common import EP, FALLBACK, JSON, LazyChoice, echo_json, warn
+from moeport.cli_common import EP, FALLBACK, JSON, LazyChoice, emit
 
 _run = _lazy.LazyModule("moeport.runtime.run", "run")
 _bench = _lazy.LazyModule("moeport.runtime.bench", "bench")
@@ -31,11 +31,7 @@ _io = _lazy.LazyModule("moeport.runtime._io", "package")
 def run_cmd(model, inputs, output, force, ep, fallback, threads, as_json):
     """Run MODEL once on the arrays in --inputs; report outputs and where each node ran."""
     result = _run.run_model(model, inputs, output=output, force=force, ep=ep, fallback=fallback, threads=threads)
-    if as_json:
-        warn(result.warnings)
-        echo_json(result.to_dict())
-    else:
-        click.echo(result.render())
+    emit(result, as_json)
 
 
 @click.command("bench")
@@ -61,11 +57,7 @@ def bench_cmd(model, checkpoint, shapes, ep, fallback, threads, warmup, runs, pl
     report = _bench.bench(model, reference=reference, shapes=shapes, ep=ep, fallback=fallback, threads=threads,
                           warmup=warmup, runs=runs, plot=plot, progress=not no_progress,
                           expert_efficiency=expert_efficiency)
-    if as_json:
-        warn(report.warnings)
-        echo_json(report.to_dict())
-    else:
-        click.echo(report.render())
+    emit(report, as_json)
 
 
 @click.command("inspect")
@@ -77,11 +69,7 @@ def bench_cmd(model, checkpoint, shapes, ep, fallback, threads, warmup, runs, pl
 def inspect_cmd(model, ep, fallback, no_placement, as_json):
     """Metadata, ops, parameters, dynamic axes and provider coverage of MODEL."""
     report = _inspect.inspect_model(model, ep=ep, fallback=fallback, placement=not no_placement)
-    if as_json:
-        warn(report.warnings)
-        echo_json(report.to_dict())
-    else:
-        click.echo(report.render())
+    emit(report, as_json)
 
 
 @click.command("package")
@@ -96,11 +84,7 @@ def inspect_cmd(model, ep, fallback, no_placement, as_json):
 def package_cmd(model, target, output, shape_items, force, as_json):
     """Convert MODEL to ORT format for TARGET with a reduced-build operator config and bundle.json."""
     result = _package.package_model(model, target, output, shapes=_io.parse_fixed_shapes(shape_items), force=force)
-    if as_json:
-        warn(result.warnings)
-        echo_json(result.to_dict())
-    else:
-        click.echo(result.render())
+    emit(result, as_json)
 
 
 def register(cli: click.Group) -> None:
