@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +59,28 @@ class GenerateResult:
     token_ids: list[list[int]]  # the new tokens of each prompt
     seconds: float  # decode loop wall time, prefill included
     text: list[str] | None = None
+    step_seconds: list[float] = field(default_factory=list)  # per session.run: the prefill, then each decode step
 
     @property
     def tokens_per_s(self) -> float:
         return sum(len(t) for t in self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
 
+    @property
+    def prefill_seconds(self) -> float | None:
+        return self.step_seconds[0] if self.step_seconds else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens per second of the decode steps alone (one new token per row each), the prefill left out."""
+        decode = self.step_seconds[1:]
+        return len(decode) * len(self.token_ids) / sum(decode) if decode and sum(decode) > 0 else None
+
     def to_dict(self) -> dict:
         single = len(self.token_ids) == 1
         data = {"token_ids": self.token_ids[0] if single else self.token_ids,
-                "tokens_per_s": round(self.tokens_per_s, 2), "seconds": round(self.seconds, 4)}
+                "tokens_per_s": round(self.tokens_per_s, 2), "seconds": round(self.seconds, 4),
+                "prefill_ms": None if self.prefill_seconds is None else round(self.prefill_seconds * 1e3, 3),
+                "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 2)}
         if self.text is not None:
             data["text"] = self.text[0] if single else self.text
         return data
@@ -112,9 +125,12 @@ def generate(
     new_tokens = np.zeros((batch, 0), dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
     started = time.perf_counter()
+    steps = []
     for _ in range(max_new_tokens):
+        step_started = time.perf_counter()
         # Presents by name, not position: routing outputs or a reordered graph must not become the cache.
         logits, *past_next = session.run([LOGITS, *present_outputs], decoder_feeds(mask, input_ids, past))
+        steps.append(time.perf_counter() - step_started)
         next_ids = logits[:, -1].argmax(-1)
         if eos_token_id is not None:
             next_ids = np.where(finished, eos_token_id, next_ids)
@@ -126,7 +142,7 @@ def generate(
         input_ids = next_ids[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     seconds = time.perf_counter() - started
-    return GenerateResult([row.tolist() for row in new_tokens], seconds)
+    return GenerateResult([row.tolist() for row in new_tokens], seconds, step_seconds=steps)
 
 
 def generate_text(model: str | os.PathLike, tokenizer_dir: str | os.PathLike, prompt: str, **options) -> GenerateResult:

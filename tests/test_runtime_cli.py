@@ -179,7 +179,7 @@ def test_inspect_json(capsys, routed):
     assert set(coverage) == {"nnapi", "coreml", "coreml-neuralnetwork"}
     for c in coverage.values():
         assert 0 <= c["supported_nodes"] <= c["nodes"] and c["partitions"] == len(c["partition_sizes"])
-        assert "ai.onnx:TopK" in c["unsupported_ops"]  # no mobile EP takes TopK (PITFALLS.md)
+        assert "ai.onnx:TopK" in c["unsupported_ops"]  # NNAPI, CoreML and XNNPACK take no TopK: it falls back to CPU
         # Dynamic shapes keep most nodes off NNAPI/CoreML; fixing them would let more in.
         assert c["unsupported_due_to_dynamic_shape"] > 0
         assert c["if_shapes_fixed"]["supported_nodes"] > c["supported_nodes"]

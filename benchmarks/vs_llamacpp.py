@@ -1,0 +1,352 @@
+"""moeport against llama.cpp on a granite-3.0-1b-a400m-shaped MoE: decode speed, prefill, size and quality.
+
+Not part of CI (it needs ~21 GB of memory at 24 layers and llama-cpp-python). What it does, each stage
+skipped when its output is already in ``--out`` (so a long run can be resumed):
+
+1. ``build``: a random-weight ``GraniteMoeForCausalLM`` (seeded) with the dimensions of granite-3.0-1b-a400m
+   (hidden 1024, 16 heads, 8 KV heads, 32 experts top-8, expert intermediate 512, vocab 49155, tied
+   embeddings; ``--layers`` of them) saved with ``save_pretrained``, plus a sentencepiece tokenizer trained
+   on local text (Python standard-library sources), which llama.cpp's converter reads as ``tokenizer.model``.
+2. ``export`` / ``quantize``: ``moeport export --task text-generation-with-past``, then ``moeport.quant.quantize``
+   in every mode (int8 calibrated from an .npz of ``input_ids`` rows of training text).
+3. ``gguf``: llama.cpp's own converter (``vendor/llama.cpp/convert_hf_to_gguf.py`` of the llama-cpp-python
+   sdist, ``--llama-src``) to F32, then llama.cpp's quantizer (``llama_model_quantize``) to Q8_0 and Q4_0.
+4. ``time``: every system in its own process, ``--rounds`` rounds, systems alternating within a round; each
+   process loads its model, warms up, then times a prefill of ``--prompt`` tokens and ``--decode`` greedy
+   decode steps with ``--threads`` threads. Medians over rounds.
+5. ``quality``: next-token distributions on ``--positions`` positions of held-out text (files no tokenizer
+   or model saw): mean KL divergence from PyTorch fp32 and top-1 agreement, per system. (A random
+   tied-embedding model copies its input, so top-1 alone cannot tell systems apart.)
+
+Every child process reports its peak resident memory (``ru_maxrss``); export and quantize peaks are printed as
+multiples of the fp32 model's size. Results go to ``--out``/results.json and a markdown table on stdout.
+
+    python benchmarks/vs_llamacpp.py --out /tmp/vs --llama-src /path/llama_cpp_python-0.3.36 \
+        --llama-python /path/venv-llama/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+GRANITE_1B_A400M = dict(vocab_size=49155, hidden_size=1024, intermediate_size=512, num_attention_heads=16,
+                        num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=8, tie_word_embeddings=True,
+                        max_position_embeddings=4096, rope_theta=10000.0, embedding_multiplier=12.0,
+                        logits_scaling=6.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                        rms_norm_eps=1e-6)
+# moeport mode -> its file; llama.cpp type -> its file. "fp32" is the export itself.
+MOEPORT_MODES = ("fp32", "int8", "int8-dynamic", "int4")
+LLAMA_TYPES = {"F32": None, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values (LLAMA_FTYPE_MOSTLY_Q8_0 = 7, Q4_0 = 2)
+SAME_BITS = {"int4": "Q4_0", "int8": "Q8_0", "int8-dynamic": "Q8_0", "fp32": "F32"}
+SPM_VOCAB = 8000
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def stdlib_files() -> list[Path]:
+    """Python standard-library sources: every 10th is held out (never used for the tokenizer or calibration)."""
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def corpus(held_out: bool) -> str:
+    files = [f for i, f in enumerate(stdlib_files()) if (i % 10 == 0) == held_out]
+    return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+# --- workers: each runs in its own process and prints one JSON line -----------------------------------------
+
+def worker_build(out: Path, layers: int) -> dict:
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    text = out / "train.txt"
+    text.write_text(corpus(held_out=False), encoding="utf-8")
+    checkpoint = out / "checkpoint"
+    checkpoint.mkdir(exist_ok=True)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(checkpoint / "tokenizer"), vocab_size=SPM_VOCAB,
+                                   model_type="bpe", character_coverage=1.0, byte_fallback=True,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, input_sentence_size=2_000_000,
+                                   shuffle_input_sentence=True, minloglevel=2)
+    config = transformers.GraniteMoeConfig(num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                           **GRANITE_1B_A400M)
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeForCausalLM(config).eval()
+    model.save_pretrained(checkpoint)
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_prefix_space": True}))
+    params = sum(p.numel() for p in model.parameters())
+    return {"parameters": params, "checkpoint": str(checkpoint)}
+
+
+def _encode(out: Path, held_out: bool, count: int) -> np.ndarray:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "checkpoint" / "tokenizer.model"))
+    ids = np.asarray(sp.encode(corpus(held_out)[: 400 * count]), dtype=np.int64)
+    if ids.size < count:
+        raise SystemExit(f"only {ids.size} tokens of text, need {count}")
+    return ids[:count]
+
+
+def worker_export(out: Path) -> dict:
+    from moeport.exporter.export import export_checkpoint
+
+    target = out / "moeport" / "fp32.onnx"
+    target.parent.mkdir(exist_ok=True)
+    result = export_checkpoint(out / "checkpoint", target, task="text-generation-with-past", force=True)
+    return {"seconds": result.seconds, "size_bytes": result.size_bytes, "peak_rss": peak_rss_bytes()}
+
+
+def worker_quantize(out: Path, mode: str) -> dict:
+    from moeport.quant import quantize
+
+    options = {}
+    if mode == "int8":
+        calibration = out / "calibration.npz"
+        np.savez(calibration, input_ids=_encode(out, False, 32 * 128).reshape(32, 128))
+        options = {"calibration": calibration, "calibration_samples": 32}
+    result = quantize(out / "moeport" / "fp32.onnx", out / "moeport" / f"{mode}.onnx", mode=mode, latency_runs=0,
+                      perplexity=False, force=True, **options)
+    return {"seconds": result.seconds, "size_bytes": result.quality.size_after, "peak_rss": peak_rss_bytes(),
+            "router_kept_float": result.router_kept_float, "warnings": result.warnings}
+
+
+def worker_quantize_gguf(out: Path, kind: str) -> dict:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_TYPES[kind]
+    params.nthread = 2
+    source, target = out / "llama" / "F32.gguf", out / "llama" / f"{kind}.gguf"
+    started = time.perf_counter()
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if status != 0:
+        raise SystemExit(f"llama_model_quantize returned {status}")
+    return {"seconds": time.perf_counter() - started, "size_bytes": target.stat().st_size, "peak_rss": peak_rss_bytes()}
+
+
+def _moeport_session(path: Path, threads: int):
+    from moeport.runtime.session import create_session
+
+    return create_session(path, "cpu", threads=threads)
+
+
+def _moeport_step_runner(session):
+    """(prefill(ids [1, n]) -> logits [1, n, vocab], decode(next id) -> logits [1, 1, vocab]) over one session."""
+    from moeport.contract import LOGITS, present_for
+    from moeport.runtime.generate import decoder_feeds, empty_past
+
+    past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    presents = [present_for(name) for name in past_names]
+    state = {}
+
+    def step(ids: np.ndarray, past) -> np.ndarray:
+        mask = np.ones((1, state.get("length", 0) + ids.shape[1]), dtype=np.int64)
+        logits, *state["past"] = session.run([LOGITS, *presents], decoder_feeds(mask, ids, past))
+        state["length"] = mask.shape[1]
+        return logits
+
+    def prefill(ids: np.ndarray) -> np.ndarray:
+        state.clear()
+        return step(ids, empty_past(session.get_inputs(), 1))
+
+    def decode(token: int) -> np.ndarray:
+        return step(np.array([[token]], dtype=np.int64), state["past"])
+
+    return prefill, decode
+
+
+def _llama(path: Path, threads: int, logits_all: bool):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                           logits_all=logits_all, verbose=False)
+
+
+def _llama_runner(llm):
+    def prefill(ids: np.ndarray) -> np.ndarray:
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        return np.asarray(llm.scores[: llm.n_tokens])[None]
+
+    def decode(token: int) -> np.ndarray:
+        llm.eval([token])
+        return np.asarray(llm.scores[llm.n_tokens - 1])[None, None]
+
+    return prefill, decode
+
+
+def _runner(system: str, out: Path, threads: int, logits_all: bool = False):
+    family, variant = system.split(":")
+    if family == "moeport":
+        return _moeport_step_runner(_moeport_session(out / "moeport" / f"{variant}.onnx", threads))
+    return _llama_runner(_llama(out / "llama" / f"{variant}.gguf", threads, logits_all))
+
+
+def worker_time(out: Path, system: str, threads: int, prompt: int, decode_steps: int) -> dict:
+    prefill, decode = _runner(system, out, threads)
+    ids = _encode(out, True, prompt)[None]
+    # Warm-up: one prefill and a few decode steps (allocators, thread pools, caches).
+    logits = prefill(ids)
+    for _ in range(4):
+        logits = decode(int(logits[0, -1].argmax()))
+    started = time.perf_counter()
+    logits = prefill(ids)
+    prefill_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(decode_steps):
+        logits = decode(int(logits[0, -1].argmax()))
+    decode_s = time.perf_counter() - started
+    return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": decode_steps / decode_s, "peak_rss": peak_rss_bytes()}
+
+
+def worker_reference(out: Path, positions: int) -> dict:
+    """PyTorch fp32 next-token log-probabilities on held-out windows of 128 tokens (``reference.npy``)."""
+    import torch
+    import transformers
+
+    windows = _encode(out, True, positions).reshape(-1, 128)
+    model = transformers.GraniteMoeForCausalLM.from_pretrained(out / "checkpoint", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = torch.cat([model(torch.from_numpy(w[None])).logits[0] for w in windows])
+    np.save(out / "reference.npy", torch.log_softmax(logits, -1).numpy())
+    return {"positions": int(logits.shape[0]), "peak_rss": peak_rss_bytes()}
+
+
+def worker_quality(out: Path, system: str, threads: int, positions: int) -> dict:
+    prefill, _ = _runner(system, out, threads, logits_all=True)
+    windows = _encode(out, True, positions).reshape(-1, 128)
+    reference = np.load(out / "reference.npy")  # [positions, vocab] log-probabilities
+    logits = np.concatenate([prefill(w[None])[0] for w in windows]).astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    log_q = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    log_p = reference.astype(np.float64)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    return {"mean_kl": float(kl.mean()), "top1_agreement": float((log_p.argmax(-1) == log_q.argmax(-1)).mean()),
+            "positions": int(kl.size)}
+
+
+WORKERS = {"build": worker_build, "export": worker_export, "quantize": worker_quantize,
+           "quantize_gguf": worker_quantize_gguf, "time": worker_time, "reference": worker_reference,
+           "quality": worker_quality}
+
+
+# --- driver ---------------------------------------------------------------------------------------------------
+
+def run_worker(python: str, name: str, *args, env: dict | None = None) -> dict:
+    command = [python, __file__, "--worker", name, *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        raise SystemExit(f"worker {name} {args} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--positions", type=int, default=256, help="held-out positions for the KL (multiple of 128)")
+    parser.add_argument("--llama-src", type=Path, required=True, help="the unpacked llama-cpp-python sdist")
+    parser.add_argument("--llama-python", default=sys.executable, help="a Python with llama-cpp-python installed")
+    parser.add_argument("--modes", default=",".join(MOEPORT_MODES))
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        name, *rest = args.worker
+        converted = [Path(rest[0]), *[int(r) if r.isdigit() else r for r in rest[1:]]]
+        print(json.dumps(WORKERS[name](*converted)))
+        return 0
+
+    out, py, results = args.out, sys.executable, {}
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "results.json"
+    if saved.is_file():
+        results = json.loads(saved.read_text())
+
+    def stage(key: str, done: bool, fn):
+        if key not in results or not done:
+            results[key] = fn()
+            saved.write_text(json.dumps(results, indent=2))
+            print(f"{key}: {results[key]}", file=sys.stderr)
+        return results[key]
+
+    modes = args.modes.split(",")
+    stage("build", (out / "checkpoint" / "tokenizer.model").is_file(), lambda: run_worker(py, "build", out, args.layers))
+    fp32_bytes = sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))
+    stage("export", (out / "moeport" / "fp32.onnx").is_file(), lambda: run_worker(py, "export", out))
+    for mode in modes:
+        if mode != "fp32":
+            stage(f"quantize:{mode}", (out / "moeport" / f"{mode}.onnx").is_file(),
+                  lambda mode=mode: run_worker(py, "quantize", out, mode))
+    llama_dir = out / "llama"
+    llama_dir.mkdir(exist_ok=True)
+    converter = args.llama_src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    gguf_py = args.llama_src / "vendor" / "llama.cpp" / "gguf-py"
+
+    def convert() -> dict:
+        started = time.perf_counter()
+        done = subprocess.run([py, str(converter), str(out / "checkpoint"), "--outtype", "f32", "--outfile",
+                               str(llama_dir / "F32.gguf")], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(gguf_py), "NO_LOCAL_GGUF": ""})
+        if done.returncode != 0:
+            raise SystemExit(f"convert_hf_to_gguf failed:\n{done.stderr[-4000:]}")
+        return {"seconds": time.perf_counter() - started, "size_bytes": (llama_dir / "F32.gguf").stat().st_size}
+
+    stage("gguf:F32", (llama_dir / "F32.gguf").is_file(), convert)
+    for kind in ("Q8_0", "Q4_0"):
+        stage(f"gguf:{kind}", (llama_dir / f"{kind}.gguf").is_file(),
+              lambda kind=kind: run_worker(args.llama_python, "quantize_gguf", out, kind))
+
+    systems = [(f"moeport:{m}", py) for m in modes] + [(f"llama:{k}", args.llama_python) for k in LLAMA_TYPES]
+    timings: dict[str, list[dict]] = {name: [] for name, _ in systems}
+    for _ in range(args.rounds):
+        for name, python in systems:  # alternating: every round runs each system once, in turn
+            timings[name].append(run_worker(python, "time", out, name, args.threads, args.prompt, args.decode))
+    stage("reference", (out / "reference.npy").is_file(), lambda: run_worker(py, "reference", out, args.positions))
+    quality = {name: run_worker(python, "quality", out, name, args.threads, args.positions) for name, python in systems}
+    sizes = {f"moeport:{m}": results["export" if m == "fp32" else f"quantize:{m}"]["size_bytes"] for m in modes}
+    sizes.update({f"llama:{k}": (llama_dir / f"{k}.gguf").stat().st_size for k in LLAMA_TYPES})
+    table = {name: {"prefill_ms": statistics.median(t["prefill_ms"] for t in timings[name]),
+                    "decode_tokens_per_s": statistics.median(t["decode_tokens_per_s"] for t in timings[name]),
+                    "size_bytes": sizes[name], **quality[name]} for name, _ in systems}
+    results["table"] = table
+    results["memory"] = {"fp32_checkpoint_bytes": fp32_bytes,
+                         **{key: round(value["peak_rss"] / fp32_bytes, 2) for key, value in results.items()
+                            if isinstance(value, dict) and "peak_rss" in value and key.startswith(("export", "quantize:"))}}
+    results["settings"] = vars(args) | {"out": str(out), "llama_src": str(args.llama_src), "worker": None}
+    saved.write_text(json.dumps(results, indent=2, default=str))
+
+    fp32 = table["moeport:fp32"]["decode_tokens_per_s"]
+    print(f"| system | prefill {args.prompt} tokens (ms) | decode tokens/s | x moeport fp32 | x llama.cpp same bits "
+          f"| size (GB) | mean KL vs PyTorch fp32 | top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in table.items():
+        family, variant = name.split(":")
+        peer = table.get(f"llama:{SAME_BITS[variant]}") if family == "moeport" else None
+        vs_peer = f"{row['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}" if peer else "-"
+        print(f"| {name} | {row['prefill_ms']:.0f} | {row['decode_tokens_per_s']:.1f} | "
+              f"{row['decode_tokens_per_s'] / fp32:.2f} | {vs_peer} | {row['size_bytes'] / 1e9:.2f} | "
+              f"{row['mean_kl']:.4f} | {row['top1_agreement']:.3f} |")
+    print(f"peak memory / fp32 checkpoint size: {results['memory']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
