@@ -1,0 +1,197 @@
+"""The exporter's one way to change a model and change it back (exporter/patching.py), and what uses it.
+
+The Patcher on tiny in-process objects: reverse-order restore, a failing patch in the middle, an exception
+or KeyboardInterrupt in the block, attributes shared by several sites, restore failures.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from moeport.exporter.patching import Patch, Patcher
+
+
+class Logged:
+    """A plain object that records every attribute write and delete, to see the order of restores."""
+
+    def __init__(self, log: list, **attributes):
+        object.__setattr__(self, "log", log)
+        for name, value in attributes.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        self.log.append(("set", name, value))
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self.log.append(("del", name))
+        object.__delattr__(self, name)
+
+
+class Guarded:
+    """``locked`` refuses every write; deleting ``stuck`` fails: real failures for the patcher to meet."""
+
+    @property
+    def locked(self):
+        return "as built"
+
+    @locked.setter
+    def locked(self, value):
+        raise ValueError(f"locked refuses {value!r}")
+
+    def __delattr__(self, name):
+        if name == "stuck":
+            raise RuntimeError("stuck cannot be deleted")
+        object.__delattr__(self, name)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return self.proj(x) * self.scale
+
+
+def test_restores_every_attribute_last_applied_first():
+    log: list = []
+    first, second = Logged(log), Logged(log, z=0)
+    modeling = types.ModuleType("tiny_modeling")
+    modeling.rotate = original_rotate = lambda x: x
+    patches = [Patch(first, "x", 1), Patch(second, "y", 2), Patch(second, "z", 3), Patch(modeling, "rotate", abs)]
+    with Patcher(patches):
+        assert (first.x, second.y, second.z, modeling.rotate) == (1, 2, 3, abs)
+        del log[:]
+    assert log == [("set", "z", 0), ("del", "y"), ("del", "x")]  # modeling.rotate, not Logged, went first
+    assert vars(first) == {"log": log} and vars(second) == {"log": log, "z": 0}
+    assert modeling.rotate is original_rotate
+
+
+def test_module_attributes_buffers_and_forward_come_back():
+    module = Tiny()
+    x = torch.randn(2, 4)
+    expected = module(x)
+    before = dict(vars(module)), dict(module._buffers), set(module._non_persistent_buffers_set)
+    replacement = torch.zeros(4)
+    with Patcher([Patch(module, "forward", lambda x: x), Patch(module, "extra", torch.ones(3), buffer=True),
+                  Patch(module, "scale", replacement, buffer=True)]):
+        assert torch.equal(module(x), x)
+        assert module.extra.shape == (3,) and module.scale is replacement
+        assert {"extra", "scale"} <= module._non_persistent_buffers_set  # neither is in the state dict
+        assert "scale" not in module.state_dict()
+    assert (dict(vars(module)), dict(module._buffers), set(module._non_persistent_buffers_set)) == before
+    assert "forward" not in vars(module) and "scale" in module.state_dict()  # persistent again
+    assert torch.equal(module(x), expected)
+
+
+def test_a_failing_patch_restores_only_those_before_it_and_raises_the_original_error():
+    log: list = []
+    first, second, guarded = Logged(log), Logged(log, y="kept"), Guarded()
+    patcher = Patcher([Patch(first, "x", 1), Patch(second, "y", 2), Patch(guarded, "locked", "new"),
+                       Patch(first, "never", 4)])
+    with pytest.raises(ValueError) as failure:
+        with patcher:
+            pytest.fail("the block must not run when a patch fails")
+    assert type(failure.value) is ValueError and str(failure.value) == "locked refuses 'new'"
+    assert not getattr(failure.value, "__notes__", [])  # nothing else went wrong, so nothing was added
+    assert log == [("set", "x", 1), ("set", "y", 2), ("set", "y", "kept"), ("del", "x")]
+    assert vars(first) == {"log": log} and second.y == "kept" and guarded.locked == "as built"
+
+
+def test_a_failing_patch_in_a_later_apply_restores_what_the_patcher_applied():
+    module = Tiny()
+    taken = Logged([])
+    with pytest.raises(KeyError) as failure:
+        with Patcher([Patch(module, "extra", torch.ones(1), buffer=True)]) as patcher:
+            patcher.apply(Patch(taken, "x", 1))
+            # ``proj`` is a submodule: register_buffer refuses the name.
+            patcher.apply(Patch(module, "proj", torch.ones(1), buffer=True))
+    assert failure.value.args == ("attribute 'proj' already exists",)
+    assert "extra" not in module._buffers and "x" not in vars(taken)
+    assert isinstance(module.proj, nn.Linear)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom in the block"), KeyboardInterrupt()])
+def test_an_exception_in_the_block_restores_and_propagates_unchanged(error):
+    module, log = Tiny(), []
+    target = Logged(log)
+    with pytest.raises(type(error)) as failure:
+        with Patcher([Patch(target, "x", 1), Patch(module, "forward", lambda x: x)]):
+            raise error
+    assert failure.value is error
+    assert vars(target) == {"log": log} and "forward" not in vars(module)
+
+
+@pytest.mark.parametrize("order", ["as_declared", "reversed"])
+def test_sites_sharing_a_config_restore_it_whatever_their_order(order):
+    """transformers layers share one config object: every experts site patches the same attribute of it."""
+    config = types.SimpleNamespace(experts_implementation="eager", hidden=32)
+    layers = [nn.Module(), nn.Module()]
+    sites = [[Patch(config, "experts_implementation", "moeport"), Patch(layer, "dispatch", i),
+              Patch(config, f"seen_by_{i}", True)] for i, layer in enumerate(layers)]
+    if order == "reversed":
+        sites.reverse()
+    with Patcher() as patcher:
+        for site in sites:
+            patcher.apply(*site)
+        assert config.experts_implementation == "moeport"
+        assert config.seen_by_0 and config.seen_by_1
+    assert vars(config) == {"experts_implementation": "eager", "hidden": 32}
+    assert all("dispatch" not in vars(layer) for layer in layers)
+
+
+def test_nested_patchers_of_one_attribute_restore_each_level():
+    config = types.SimpleNamespace(implementation="eager")
+    with Patcher([Patch(config, "implementation", "outer")]):
+        with Patcher([Patch(config, "implementation", "inner"), Patch(config, "implementation", "again")]):
+            assert config.implementation == "again"
+        assert config.implementation == "outer"
+    assert vars(config) == {"implementation": "eager"}
+
+
+def test_a_property_patch_is_set_back_through_the_property():
+    """A transformers config's ``_experts_implementation`` is a property over an internal field."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1)
+    config._experts_implementation = "eager"
+    before = dict(vars(config))
+    with Patcher([Patch(config, "_experts_implementation", "moeport")]):
+        assert config._experts_implementation == "moeport"
+    assert vars(config) == before
+
+
+def test_restore_failures_are_reported_never_dropped():
+    log: list = []
+    target, guarded = Logged(log), Guarded()
+    # The block raised: its exception propagates, the restore failure is a note on it, the rest is restored.
+    error = LookupError("the real problem")
+    with pytest.raises(LookupError) as failure:
+        with Patcher([Patch(target, "x", 1), Patch(guarded, "stuck", 2), Patch(target, "y", 3)]):
+            raise error
+    assert failure.value is error
+    assert failure.value.__notes__ == ["restoring Patch(Guarded.stuck, attribute) failed: RuntimeError: stuck "
+                                       "cannot be deleted"]
+    assert vars(target) == {"log": log}
+    # No exception in the block: the restore failure itself is raised, after the others were restored.
+    guarded = Guarded()
+    with pytest.raises(RuntimeError, match="^stuck cannot be deleted$"):
+        with Patcher([Patch(guarded, "stuck", 2), Patch(target, "x", 1)]):
+            pass
+    assert vars(target) == {"log": log}
+
+
+def test_apply_outside_the_block_and_bad_buffers_are_refused():
+    module = Tiny()
+    with pytest.raises(RuntimeError, match="needs an active patcher"):
+        Patcher().apply(Patch(module, "x", 1))
+    with pytest.raises(TypeError, match="a buffer patch needs a tensor, got str"):
+        with Patcher([Patch(module, "extra", "not a tensor", buffer=True)]):
+            pass
+    assert "x" not in vars(module) and "extra" not in module._buffers
