@@ -12,6 +12,7 @@ with ``tokens = batch * seq``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,22 +268,20 @@ def _silu_glu(h: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def _sample_bank(moe: nn.Module) -> ExpertBank:
+    gate_up, down = moe.expert_weights()
+    return ExpertBank(gate_up, down, _silu_glu, glu_act=torch.nn.functional.silu)
+
+
+def _sample_dispatch(dispatch: Callable) -> Callable:
+    """A strategy's ``dispatch(x, idx, weight)`` as the sample MoE calls its ``dispatch`` attribute:
+    ``self.dispatch(self, x, idx, weight)`` (a plain attribute, so it gets the module explicitly)."""
+    return lambda _moe, x, idx, weight: dispatch(x, idx, weight)
+
+
 def _sample_sites(moe_layers: list[nn.Module]) -> list[ExpertsSite]:
     """The sample MoE runs its experts through its ``dispatch`` attribute."""
-    sites = []
-    for moe in moe_layers:
-        def bank(moe=moe) -> ExpertBank:
-            gate_up, down = moe.expert_weights()
-            return ExpertBank(gate_up, down, _silu_glu, glu_act=torch.nn.functional.silu)
-
-        def install(dispatch, moe=moe) -> None:
-            moe.dispatch = lambda _moe, x, idx, weight: dispatch(x, idx, weight)
-
-        def restore(moe=moe, original=moe.dispatch) -> None:
-            moe.dispatch = original
-
-        sites.append(ExpertsSite(moe, bank, install, restore))
-    return sites
+    return [ExpertsSite(moe, functools.partial(_sample_bank, moe), "dispatch", _sample_dispatch) for moe in moe_layers]
 
 
 def _sample_describe(model: nn.Module, moe_layers: list[nn.Module]) -> list[MoELayerInfo]:

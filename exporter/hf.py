@@ -18,6 +18,7 @@ offline, never with ``trust_remote_code``; pickle weights only with ``trust_pick
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import pickle
@@ -32,6 +33,7 @@ from torch import nn
 from moeport.errors import MoeportError
 from moeport.exporter import families
 from moeport.exporter.families import FamilySpec, LoadedModel, MoELayerInfo, register_family
+from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 
 IMPLEMENTATION = "moeport"
@@ -129,21 +131,12 @@ def _uses_default_gate(module: nn.Module) -> bool:
 
 
 def experts_sites(modules: list[nn.Module]) -> list[ExpertsSite]:
-    """One site per experts module: install = point its config at our implementation."""
+    """One site per experts module: the dispatch goes to its ``_moeport_dispatch``, and its config names our
+    implementation (layers share one config object; the patcher restores it once, as it was)."""
     _register_implementation()
-    sites = []
-    for module in modules:
-        def install(dispatch: Callable, module=module) -> None:
-            module._moeport_previous_implementation = module.config._experts_implementation
-            module._moeport_dispatch = dispatch
-            module.config._experts_implementation = IMPLEMENTATION
-
-        def restore(module=module) -> None:
-            module.config._experts_implementation = module._moeport_previous_implementation
-            del module._moeport_dispatch, module._moeport_previous_implementation
-
-        sites.append(ExpertsSite(module, lambda module=module: experts_bank(module), install, restore))
-    return sites
+    return [ExpertsSite(module, functools.partial(experts_bank, module), "_moeport_dispatch",
+                        patches=(Patch(module.config, "_experts_implementation", IMPLEMENTATION),))
+            for module in modules]
 
 
 @contextlib.contextmanager

@@ -13,9 +13,11 @@ the model, which we report as weight 0 on the argmax expert, so dispatch and ref
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,20 +113,18 @@ def _bank(experts: nn.Module) -> ExpertBank:
                       [m.wo.weight.detach().T.clone() for m in members], members[0].act)
 
 
+def _experts_forward(dispatch: Callable) -> Callable:
+    """A strategy's ``dispatch(x, idx, weight)`` as the experts module's forward (an instance attribute):
+    ``forward(hidden_states, selected_experts [tokens, 1, E], routing_weights [tokens, 1])``."""
+
+    def forward(hidden_states, selected_experts, routing_weights):
+        return dispatch(hidden_states, *_routing(selected_experts, routing_weights))
+
+    return forward
+
+
 def _sites(modules: list[nn.Module]) -> list[ExpertsSite]:
-    sites = []
-    for module in modules:
-        def install(dispatch, module=module) -> None:
-            def forward(hidden_states, selected_experts, routing_weights):
-                return dispatch(hidden_states, *_routing(selected_experts, routing_weights))
-
-            module.forward = forward  # instance attribute: restore deletes it, the class forward returns
-
-        def restore(module=module) -> None:
-            del module.forward
-
-        sites.append(ExpertsSite(module, lambda module=module: _bank(module), install, restore))
-    return sites
+    return [ExpertsSite(module, functools.partial(_bank, module), "forward", _experts_forward) for module in modules]
 
 
 def _describe(adapter: SwitchAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:

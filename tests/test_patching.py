@@ -1,7 +1,9 @@
 """The exporter's one way to change a model and change it back (exporter/patching.py), and what uses it.
 
 The Patcher on tiny in-process objects: reverse-order restore, a failing patch in the middle, an exception
-or KeyboardInterrupt in the block, attributes shared by several sites, restore failures.
+or KeyboardInterrupt in the block, attributes shared by several sites, restore failures. Then the
+exporter's use of it on a sample: after an export, a site failing midway, an error in the block, the model
+object is exactly as it was.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from moeport.exporter import families, strategies
+from moeport.exporter.export import export_checkpoint
 from moeport.exporter.patching import Patch, Patcher
+from moeport.samples import model as sample_model
 
 
 class Logged:
@@ -195,3 +200,93 @@ def test_apply_outside_the_block_and_bad_buffers_are_refused():
         with Patcher([Patch(module, "extra", "not a tensor", buffer=True)]):
             pass
     assert "x" not in vars(module) and "extra" not in module._buffers
+
+
+# --- the exporter's use of it, on real models -------------------------------------------------------------
+
+
+def module_state(model: nn.Module) -> dict:
+    """Per submodule: its instance attributes (hook dicts by content), parameters, buffers, persistence."""
+    state = {}
+    for path, module in model.named_modules():
+        attributes = {name: dict(value) if isinstance(value, dict) else value for name, value in vars(module).items()
+                      if name not in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")}
+        state[path] = (attributes, dict(module._parameters), dict(module._buffers),
+                       set(module._non_persistent_buffers_set), list(module._modules))
+    return state
+
+
+def same(a, b) -> bool:
+    """Equal values; tensors (and what holds them) must be the very same objects."""
+    if a is b:
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and type(a) is type(b):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert list(after) == list(before), "submodules changed"
+    for path, (attrs, params, buffers, non_persistent, children) in before.items():
+        attrs_now, params_now, buffers_now, non_persistent_now, children_now = after[path]
+        assert list(attrs_now) == list(attrs), f"{path or 'model'}: instance attributes changed"
+        for name, value in attrs.items():
+            assert same(value, attrs_now[name]), f"{path or 'model'}.{name}: {value!r} -> {attrs_now[name]!r}"
+        assert params_now.keys() == params.keys() and all(params_now[k] is params[k] for k in params), path
+        assert buffers_now.keys() == buffers.keys() and all(buffers_now[k] is buffers[k] for k in buffers), path
+        assert (non_persistent_now, children_now) == (non_persistent, children), path
+
+
+def functions_of(module: types.ModuleType) -> dict:
+    return {name: value for name, value in vars(module).items() if callable(value)}
+
+
+@pytest.fixture
+def loaded_by_export(monkeypatch):
+    """Runs the real ``families.load_checkpoint`` for ``export_checkpoint`` and keeps what it returned, with
+    the model's state right after loading (before the export touched it)."""
+    seen: list = []
+    load = families.load_checkpoint
+
+    def load_and_record(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        seen.append((loaded, module_state(loaded.model), dict(vars(loaded.model.config))))
+        return loaded
+
+    monkeypatch.setattr(families, "load_checkpoint", load_and_record)
+    return seen
+
+
+def test_sample_export_leaves_the_model_as_it_was(tmp_path, sample_checkpoint, loaded_by_export):
+    functions = functions_of(sample_model)
+    export_checkpoint(sample_checkpoint("topk"), tmp_path / "topk.onnx")
+    (loaded, state, config), = loaded_by_export
+    assert_same_state(state, module_state(loaded.model))
+    assert dict(vars(loaded.model.config)) == config
+    assert all(moe.dispatch is sample_model.reference_dispatch for moe in loaded.moe_layers)
+    assert functions_of(sample_model) == functions
+
+
+def test_a_site_failing_midway_restores_the_sites_before_it(sample_checkpoint):
+    loaded = families.load_checkpoint(sample_checkpoint("topk"))
+    second = loaded.moe_layers[1]
+    second.moeport_gate_0 = "taken"  # the name of the first buffer the second site attaches
+    state = module_state(loaded.model)
+    with pytest.raises(KeyError) as failure:
+        with strategies.use_strategy(loaded.sites, strategies.get_strategy("sorted")):
+            pytest.fail("the block must not run when a site fails")
+    assert failure.value.args == ("attribute 'moeport_gate_0' already exists",)
+    assert_same_state(state, module_state(loaded.model))
+    assert second.moeport_gate_0 == "taken"
+
+
+def test_an_error_while_a_strategy_is_installed_restores_the_model(sample_checkpoint):
+    loaded = families.load_checkpoint(sample_checkpoint("topk"))
+    state = module_state(loaded.model)
+    with pytest.raises(KeyboardInterrupt):
+        with strategies.use_strategy(loaded.sites, strategies.get_strategy("gather")):
+            assert all(moe.dispatch is not sample_model.reference_dispatch for moe in loaded.moe_layers)
+            raise KeyboardInterrupt
+    assert_same_state(state, module_state(loaded.model))
