@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moeport.errors import MoeportError
+from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 from moeport.samples import checkpoint as ckpt
 
@@ -85,6 +86,10 @@ class LoadedModel:
     config: dict = field(default_factory=dict)
 
 
+def _no_patches(model: nn.Module) -> list[Patch]:
+    return []
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How to recognise, build and describe one family of checkpoints."""
@@ -103,6 +108,9 @@ class FamilySpec:
     # (checkpoint dir, trust_pickle) -> LoadedModel, for families with their own loader; default:
     # build from config.json, then load model.safetensors strictly.
     load: Callable[[Path, bool], "LoadedModel"] | None = None
+    # model -> patches (attribute, value) that make its code traceable, applied with the dispatch strategy
+    # for the whole export (tracing and validation) and restored after it; none by default.
+    export_patches: Callable[[nn.Module], list[Patch]] = _no_patches
 
 
 _FAMILIES: dict[str, FamilySpec] = {}
@@ -111,7 +119,7 @@ _FAMILIES: dict[str, FamilySpec] = {}
 def register_family(spec: FamilySpec) -> FamilySpec:
     if spec.name in _FAMILIES:
         raise ValueError(f"model family {spec.name!r} is already registered")
-    for attr in ("matches", "build", "moe_layers", "describe", "experts_sites", "routing_margins"):
+    for attr in ("matches", "build", "moe_layers", "describe", "experts_sites", "routing_margins", "export_patches"):
         if not callable(getattr(spec, attr)):
             raise TypeError(f"family {spec.name!r}: {attr} must be callable")
     _FAMILIES[spec.name] = spec
@@ -189,6 +197,11 @@ def reference_outputs(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> dic
 # Two experts whose selection scores are closer than this are a tie: torch and onnxruntime may break it
 # differently (both correctly), and everything downstream of that token then differs.
 TIE_MARGIN = 1e-5
+
+
+def export_patches(loaded: LoadedModel) -> list[Patch]:
+    """The patches ``loaded``'s family applies while exporting it (``FamilySpec.export_patches``)."""
+    return get_family(loaded.info.family).export_patches(loaded.model)
 
 
 def routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -27,7 +27,7 @@ import contextlib
 import functools
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -295,11 +295,12 @@ def _site_patches(site: ExpertsSite, strategy: DispatchStrategy, options: Strate
 
 @contextlib.contextmanager
 def use_strategy(
-    sites: list[ExpertsSite], strategy: DispatchStrategy, options: StrategyOptions = StrategyOptions()
+    sites: list[ExpertsSite], strategy: DispatchStrategy, options: StrategyOptions = StrategyOptions(),
+    patches: Iterable[Patch] = (),
 ) -> Iterator[None]:
-    """Attach every site's expert weights and install ``strategy``; on exit, also on an error, the model is
-    restored as it was (``patching.Patcher``)."""
-    with Patcher() as patcher:
+    """Apply ``patches`` (the family's export patches), then attach every site's expert weights and install
+    ``strategy``; on exit, also on an error, the model is restored as it was (``patching.Patcher``)."""
+    with Patcher(patches) as patcher:
         for site in sites:
             patcher.apply(*_site_patches(site, strategy, options))
         yield

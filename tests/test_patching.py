@@ -2,20 +2,22 @@
 
 The Patcher on tiny in-process objects: reverse-order restore, a failing patch in the middle, an exception
 or KeyboardInterrupt in the block, attributes shared by several sites, restore failures. Then the
-exporter's use of it on a sample: after an export, a site failing midway, an error in the block, the model
-object is exactly as it was.
+exporter's use of it: after exporting a sample or DeepSeek-V2 (complex rotary), a site failing midway, an
+error in the block, the model object, its config and the modeling module's functions are exactly as they were.
 """
 
 from __future__ import annotations
 
+import importlib
 import types
 
 import pytest
 import torch
 from torch import nn
 
-from moeport.exporter import families, strategies
+from moeport.exporter import families, hf, hf_families, strategies
 from moeport.exporter.export import export_checkpoint
+from moeport.exporter.hf import CausalLMAdapter
 from moeport.exporter.patching import Patch, Patcher
 from moeport.samples import model as sample_model
 
@@ -290,3 +292,34 @@ def test_an_error_while_a_strategy_is_installed_restores_the_model(sample_checkp
             assert all(moe.dispatch is not sample_model.reference_dispatch for moe in loaded.moe_layers)
             raise KeyboardInterrupt
     assert_same_state(state, module_state(loaded.model))
+
+
+def test_complex_rope_export_leaves_model_and_modeling_module_as_they_were(tmp_path, loaded_by_export):
+    pytest.importorskip("transformers")
+    modeling = importlib.import_module(hf.COMPLEX_ROPE_MODULES["deepseek_v2"])
+    functions = functions_of(modeling)
+    hf_families.random_model("deepseek_v2").save_pretrained(tmp_path / "ckpt")
+    result = export_checkpoint(tmp_path / "ckpt", tmp_path / "deepseek_v2.onnx")
+    assert result.validation.passed  # traced and validated with the real-valued rotary
+    (loaded, state, config), = loaded_by_export
+    assert_same_state(state, module_state(loaded.model))
+    assert dict(vars(loaded.model.config)) == config
+    assert functions_of(modeling) == functions
+
+
+def test_complex_rope_patch_is_for_the_exported_model_only():
+    """While one DeepSeek-V2 model is exported, another one in the process computes exactly as before."""
+    pytest.importorskip("transformers")
+    exported = families.from_module("transformers", CausalLMAdapter(hf_families.random_model("deepseek_v2")))
+    other = hf_families.random_model("deepseek_v2", seed=1)
+    inputs = families.random_inputs(exported.info, 2, 5, seed=0)
+    ids = torch.from_numpy(inputs["input_ids"])
+    with torch.no_grad():
+        other_before = other(input_ids=ids, use_cache=False).logits
+        reference = families.reference_outputs(exported, inputs)
+        with strategies.use_strategy(exported.sites, strategies.get_strategy("sorted"),
+                                     patches=families.export_patches(exported)):
+            real_valued = families.reference_outputs(exported, inputs)
+            other_during = other(input_ids=ids, use_cache=False).logits
+    assert torch.equal(other_during, other_before)
+    assert abs(real_valued["logits"] - reference["logits"]).max() < 1e-5
