@@ -2,8 +2,9 @@
 
 The Patcher on tiny in-process objects: reverse-order restore, a failing patch in the middle, an exception
 or KeyboardInterrupt in the block, attributes shared by several sites, restore failures. Then the
-exporter's use of it: after exporting a sample or DeepSeek-V2 (complex rotary), a site failing midway, an
-error in the block, the model object, its config and the modeling module's functions are exactly as they were.
+exporter's use of it: after exporting a sample, DeepSeek-V2 (complex rotary) or Switch Transformers, a site
+failing midway, an error in the block, the model object, its config and the modeling module's functions are
+exactly as they were.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from moeport.exporter import families, hf, hf_families, strategies
-from moeport.exporter.export import export_checkpoint
+from moeport.exporter import families, hf, hf_families, hf_switch, strategies
+from moeport.exporter.export import export_checkpoint, export_model
 from moeport.exporter.hf import CausalLMAdapter
 from moeport.exporter.patching import Patch, Patcher
 from moeport.samples import model as sample_model
@@ -323,3 +324,17 @@ def test_complex_rope_patch_is_for_the_exported_model_only():
             other_during = other(input_ids=ids, use_cache=False).logits
     assert torch.equal(other_during, other_before)
     assert abs(real_valued["logits"] - reference["logits"]).max() < 1e-5
+
+
+def test_switch_transformers_export_leaves_the_callers_model_unmodified(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(hf_switch.tiny_config()).eval()
+    state, config = module_state(model), dict(vars(model.config))
+    adapter = hf_switch.SwitchAdapter(model)
+    assert_same_state(state, module_state(model))  # wrapping it changes nothing
+    loaded = families.from_module("switch_transformers", adapter, model.config.to_dict())
+    result = export_model(loaded, tmp_path / "switch.onnx")
+    assert result.validation.passed
+    assert_same_state(state, module_state(model))
+    assert dict(vars(model.config)) == config
