@@ -137,12 +137,14 @@ class Patcher:
     def restore(self, exc: BaseException | None = None) -> None:
         """Put back every patched attribute, last applied first; the patcher then holds nothing.
 
-        Every attribute is attempted even if one fails. Failures are raised (the first, with the others as
-        notes) unless ``exc``, the exception already propagating, is given: then they become its notes, so
-        the original error is the one reported.
+        Every attribute is attempted even if one fails or a KeyboardInterrupt arrives. Failures are raised
+        (the first, with the others as notes) unless ``exc``, the exception already propagating, is given:
+        then they become its notes, so the original error is the one reported. An interrupt met while
+        restoring is raised once all is restored, whatever else is propagating.
         """
         failures: list[str] = []
         first: BaseException | None = None
+        interrupt: BaseException | None = None
         while self._saved:
             saved = self._saved.pop()
             try:
@@ -150,8 +152,14 @@ class Patcher:
             except Exception as failure:  # keep restoring the others; reported below, never dropped
                 failures.append(f"restoring {saved.patch!r} failed: {type(failure).__name__}: {failure}")
                 first = first or failure
+            except BaseException as stop:  # KeyboardInterrupt, SystemExit: finish restoring, then stop
+                interrupt = interrupt or stop
         self._keys.clear()
         self._active = False
+        if interrupt is not None:
+            for note in failures:
+                interrupt.add_note(note)
+            raise interrupt
         if first is None:
             return
         if exc is not None:

@@ -195,6 +195,19 @@ def test_restore_failures_are_reported_never_dropped():
     assert vars(target) == {"log": log}
 
 
+def test_an_interrupt_while_restoring_still_restores_the_rest():
+    class Interrupting:
+        def __delattr__(self, name):
+            raise KeyboardInterrupt
+
+    log: list = []
+    target = Logged(log)
+    with pytest.raises(KeyboardInterrupt):
+        with Patcher([Patch(target, "x", 1), Patch(Interrupting(), "stuck", 2), Patch(target, "y", 3)]):
+            raise LookupError("interrupted while restoring after this")
+    assert vars(target) == {"log": log} and log[-2:] == [("del", "y"), ("del", "x")]
+
+
 def test_apply_outside_the_block_and_bad_buffers_are_refused():
     module = Tiny()
     with pytest.raises(RuntimeError, match="needs an active patcher"):
