@@ -225,7 +225,7 @@ def export_model(
     options = strategies.StrategyOptions(capacity_factor=capacity_factor)
     graph = export_task.build(loaded, with_routing, chosen, options, example_shape, example_seed)
 
-    with strategies.use_strategy(loaded.sites, chosen, options):
+    with strategies.use_strategy(loaded.sites, chosen, options, families.export_patches(loaded)):
         model = _trace(graph, opset)
     pass_reports = passes.run_export_passes(model)
     _finish(model, loaded=loaded, strategy=chosen.name, task=task, opset=opset, with_routing=with_routing,

@@ -12,6 +12,7 @@ with ``tokens = batch * seq``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 
 from moeport.contract import INPUT_IDS, LOGITS, TIE_MARGIN, ModelInfo, MoELayerInfo, random_inputs, routing_name
 from moeport.errors import MoeportError
+from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 from moeport.samples import checkpoint as ckpt
 from moeport.samples.catalog import build_model
@@ -37,6 +39,10 @@ class LoadedModel:
     info: ModelInfo
     source: Path | None = None
     config: dict = field(default_factory=dict)
+
+
+def _no_patches(model: nn.Module) -> list[Patch]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class FamilySpec:
     # (checkpoint dir, trust_pickle) -> LoadedModel, for families with their own loader; default:
     # build from config.json, then load model.safetensors strictly.
     load: Callable[[Path, bool], "LoadedModel"] | None = None
+    # model -> patches (attribute, value) that make its code traceable, applied with the dispatch strategy
+    # for the whole export (tracing and validation) and restored after it; none by default.
+    export_patches: Callable[[nn.Module], list[Patch]] = _no_patches
 
 
 _FAMILIES: dict[str, FamilySpec] = {}
@@ -67,7 +76,7 @@ _FAMILIES: dict[str, FamilySpec] = {}
 def register_family(spec: FamilySpec) -> FamilySpec:
     if spec.name in _FAMILIES:
         raise ValueError(f"model family {spec.name!r} is already registered")
-    for attr in ("matches", "build", "moe_layers", "describe", "experts_sites", "routing_margins"):
+    for attr in ("matches", "build", "moe_layers", "describe", "experts_sites", "routing_margins", "export_patches"):
         if not callable(getattr(spec, attr)):
             raise TypeError(f"family {spec.name!r}: {attr} must be callable")
     _FAMILIES[spec.name] = spec
@@ -138,6 +147,11 @@ def routing_arrays(info: ModelInfo, routing) -> dict[str, np.ndarray]:
     return arrays
 
 
+def export_patches(loaded: LoadedModel) -> list[Patch]:
+    """The patches ``loaded``'s family applies while exporting it (``FamilySpec.export_patches``)."""
+    return get_family(loaded.info.family).export_patches(loaded.model)
+
+
 def routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Per MoE layer, per token ``[batch*seq]``: k-th minus (k+1)-th selection score (inf when k == E)."""
     return get_family(loaded.info.family).routing_margins(loaded, inputs)
@@ -205,22 +219,20 @@ def _silu_glu(h: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def _sample_bank(moe: nn.Module) -> ExpertBank:
+    gate_up, down = moe.expert_weights()
+    return ExpertBank(gate_up, down, _silu_glu, glu_act=torch.nn.functional.silu)
+
+
+def _sample_dispatch(dispatch: Callable) -> Callable:
+    """A strategy's ``dispatch(x, idx, weight)`` as the sample MoE calls its ``dispatch`` attribute:
+    ``self.dispatch(self, x, idx, weight)`` (a plain attribute, so it gets the module explicitly)."""
+    return lambda _moe, x, idx, weight: dispatch(x, idx, weight)
+
+
 def _sample_sites(moe_layers: list[nn.Module]) -> list[ExpertsSite]:
     """The sample MoE runs its experts through its ``dispatch`` attribute."""
-    sites = []
-    for moe in moe_layers:
-        def bank(moe=moe) -> ExpertBank:
-            gate_up, down = moe.expert_weights()
-            return ExpertBank(gate_up, down, _silu_glu, glu_act=torch.nn.functional.silu)
-
-        def install(dispatch, moe=moe) -> None:
-            moe.dispatch = lambda _moe, x, idx, weight: dispatch(x, idx, weight)
-
-        def restore(moe=moe, original=moe.dispatch) -> None:
-            moe.dispatch = original
-
-        sites.append(ExpertsSite(moe, bank, install, restore))
-    return sites
+    return [ExpertsSite(moe, functools.partial(_sample_bank, moe), "dispatch", _sample_dispatch) for moe in moe_layers]
 
 
 def _sample_describe(model: nn.Module, moe_layers: list[nn.Module]) -> list[MoELayerInfo]:

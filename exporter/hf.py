@@ -18,6 +18,8 @@ offline, never with ``trust_remote_code``; pickle weights only with ``trust_pick
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import inspect
 import os
 import pickle
@@ -32,6 +34,7 @@ from torch import nn
 from moeport.errors import MoeportError
 from moeport.exporter import families
 from moeport.exporter.families import FamilySpec, LoadedModel, MoELayerInfo, register_family
+from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 
 IMPLEMENTATION = "moeport"
@@ -129,21 +132,12 @@ def _uses_default_gate(module: nn.Module) -> bool:
 
 
 def experts_sites(modules: list[nn.Module]) -> list[ExpertsSite]:
-    """One site per experts module: install = point its config at our implementation."""
+    """One site per experts module: the dispatch goes to its ``_moeport_dispatch``, and its config names our
+    implementation (layers share one config object; the patcher restores it once, as it was)."""
     _register_implementation()
-    sites = []
-    for module in modules:
-        def install(dispatch: Callable, module=module) -> None:
-            module._moeport_previous_implementation = module.config._experts_implementation
-            module._moeport_dispatch = dispatch
-            module.config._experts_implementation = IMPLEMENTATION
-
-        def restore(module=module) -> None:
-            module.config._experts_implementation = module._moeport_previous_implementation
-            del module._moeport_dispatch, module._moeport_previous_implementation
-
-        sites.append(ExpertsSite(module, lambda module=module: experts_bank(module), install, restore))
-    return sites
+    return [ExpertsSite(module, functools.partial(experts_bank, module), "_moeport_dispatch",
+                        patches=(Patch(module.config, "_experts_implementation", IMPLEMENTATION),))
+            for module in modules]
 
 
 @contextlib.contextmanager
@@ -189,33 +183,43 @@ def _real_apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tens
 COMPLEX_ROPE_MODULES = {"deepseek_v2": "transformers.models.deepseek_v2.modeling_deepseek_v2"}
 
 
-@contextlib.contextmanager
-def _real_valued_rope(model: nn.Module):
-    """While active, a complex-RoPE family runs the real-valued rotary above (the same numbers, exportable).
+def _rotary_for(original: Callable) -> Callable:
+    """``apply_rotary_emb`` that takes the real (cos, sin) frequencies of ``_real_rope_frequencies`` and hands
+    complex ones to ``original``: while it replaces the modeling module's function, any other model of the
+    family in the process still gets the complex rotary it always had."""
 
-    Both halves are swapped together: the rotary module's forward (per instance) and the module-level
-    ``apply_rotary_emb`` its attention calls, so nothing outside this forward sees a changed function.
+    def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tensor):
+        if freqs.is_complex():
+            return original(xq, xk, freqs)
+        return _real_apply_rotary_emb(xq, xk, freqs)
+
+    return apply_rotary_emb
+
+
+def _real_rope_patches(model: nn.Module) -> list[Patch]:
+    """For a complex-RoPE family, the patches that run its rotary real-valued (the same numbers, exportable).
+
+    Each rotary module of this model gets a real-valued ``forward`` of its own (an instance attribute). The
+    attention layers call the modeling module's ``apply_rotary_emb`` by its global name, which only a
+    module-level patch reaches: it is set once for the export (not per forward) and hands complex
+    frequencies, those of every model not being exported, to the original.
     """
     module_name = COMPLEX_ROPE_MODULES.get(getattr(model.config, "model_type", ""))
     if module_name is None:
-        yield
-        return
-    import importlib
-
+        return []
     from transformers.modeling_rope_utils import dynamic_rope_update
 
     modeling = importlib.import_module(module_name)
-    rotaries = [m for m in model.modules() if type(m).__module__ == module_name and type(m).__name__.endswith("RotaryEmbedding")]
-    original_apply = modeling.apply_rotary_emb
-    for rotary in rotaries:
-        rotary.forward = dynamic_rope_update(_real_rope_frequencies).__get__(rotary)
-    modeling.apply_rotary_emb = _real_apply_rotary_emb
-    try:
-        yield
-    finally:
-        modeling.apply_rotary_emb = original_apply
-        for rotary in rotaries:
-            del rotary.forward
+    real_frequencies = dynamic_rope_update(_real_rope_frequencies)
+    rotaries = [m for m in model.modules()
+                if type(m).__module__ == module_name and type(m).__name__.endswith("RotaryEmbedding")]
+    return [*(Patch(rotary, "forward", real_frequencies.__get__(rotary)) for rotary in rotaries),
+            Patch(modeling, "apply_rotary_emb", _rotary_for(modeling.apply_rotary_emb))]
+
+
+def export_patches(adapter: nn.Module) -> list[Patch]:
+    """What a transformers model needs patched while it is exported: the complex-RoPE families' rotary."""
+    return _real_rope_patches(adapter.model)
 
 
 class CausalLMAdapter(nn.Module):
@@ -235,7 +239,7 @@ class CausalLMAdapter(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         records: list = []
-        with _capture_routing(self.experts, records), _real_valued_rope(self.model):
+        with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits, [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
 
@@ -248,7 +252,7 @@ class CausalLMAdapter(nn.Module):
         for i in range(len(past_key_values) // 2):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
         records: list = []
-        with _capture_routing(self.experts, records), _real_valued_rope(self.model):
+        with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
@@ -417,4 +421,5 @@ SPEC = register_family(FamilySpec(
     routing_margins=_router_logits_margins,
     input_names=("input_ids", "attention_mask"),
     load=load,
+    export_patches=export_patches,
 ))

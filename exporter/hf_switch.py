@@ -13,9 +13,11 @@ the model, which we report as weight 0 on the argmax expert, so dispatch and ref
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from moeport.errors import MoeportError
 from moeport.exporter import families
 from moeport.exporter.families import FamilySpec, LoadedModel, MoELayerInfo, register_family
 from moeport.exporter.hf import _has_safetensors, _transformers
+from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 
 MODEL_TYPE = "switch_transformers"
@@ -44,9 +47,13 @@ def _routing(selected: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tenso
 
 def _router_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``SwitchTransformersTop1Router.forward`` in eval mode, without its ``self.classifier.to(dtype)``:
-    moving a module inside forward swaps its parameters, which torch.export refuses. Same outputs:
-    (one-hot dispatch [batch, seq, E] masked by capacity, top-1 probability [batch, seq, 1], logits)."""
-    router_logits = self.classifier(hidden_states.to(self.classifier.weight.dtype))
+    moving a module inside forward swaps its parameters, which torch.export refuses, and would change the
+    caller's model. The classifier's weights are cast as tensors instead (a no-op when they already have the
+    router's dtype). Same outputs: (one-hot dispatch [batch, seq, E] masked by capacity, top-1 probability
+    [batch, seq, 1], logits)."""
+    classifier = self.classifier
+    bias = None if classifier.bias is None else classifier.bias.to(self.dtype)
+    router_logits = nn.functional.linear(hidden_states.to(self.dtype), classifier.weight.to(self.dtype), bias)
     router_probs = nn.functional.softmax(router_logits, dim=-1, dtype=self.dtype).to(hidden_states.dtype)
     expert_index = nn.functional.one_hot(torch.argmax(router_probs, dim=-1), num_classes=self.num_experts)
     # Capacity is per sequence: a token past its expert's capacity gets an all-zero row (dropped).
@@ -64,10 +71,6 @@ class SwitchAdapter(nn.Module):
         named = [(name, m) for name, m in model.named_modules() if _is_experts(m)]
         self.experts = [m for _, m in named]
         self.labels = [_label(name) for name, _ in named]
-        for module in model.modules():
-            if type(module).__name__ == "SwitchTransformersTop1Router":
-                module.classifier.to(module.dtype)  # once here, instead of on every forward
-                module.forward = _router_forward.__get__(module)
         # transformers 5 keeps it in the generation config; T5-style models start the decoder with the pad id.
         start = getattr(model.config, "decoder_start_token_id", None)
         if start is None:
@@ -111,20 +114,28 @@ def _bank(experts: nn.Module) -> ExpertBank:
                       [m.wo.weight.detach().T.clone() for m in members], members[0].act)
 
 
+def _experts_forward(dispatch: Callable) -> Callable:
+    """A strategy's ``dispatch(x, idx, weight)`` as the experts module's forward (an instance attribute):
+    ``forward(hidden_states, selected_experts [tokens, 1, E], routing_weights [tokens, 1])``."""
+
+    def forward(hidden_states, selected_experts, routing_weights):
+        return dispatch(hidden_states, *_routing(selected_experts, routing_weights))
+
+    return forward
+
+
 def _sites(modules: list[nn.Module]) -> list[ExpertsSite]:
-    sites = []
-    for module in modules:
-        def install(dispatch, module=module) -> None:
-            def forward(hidden_states, selected_experts, routing_weights):
-                return dispatch(hidden_states, *_routing(selected_experts, routing_weights))
+    return [ExpertsSite(module, functools.partial(_bank, module), "forward", _experts_forward) for module in modules]
 
-            module.forward = forward  # instance attribute: restore deletes it, the class forward returns
 
-        def restore(module=module) -> None:
-            del module.forward
+def _is_router(module: nn.Module) -> bool:
+    return type(module).__name__ == "SwitchTransformersTop1Router"
 
-        sites.append(ExpertsSite(module, lambda module=module: _bank(module), install, restore))
-    return sites
+
+def export_patches(adapter: SwitchAdapter) -> list[Patch]:
+    """Every router runs ``_router_forward`` (an instance ``forward``) while the model is exported."""
+    return [Patch(module, "forward", _router_forward.__get__(module)) for module in adapter.model.modules()
+            if _is_router(module)]
 
 
 def _describe(adapter: SwitchAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:
@@ -135,7 +146,7 @@ def _margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndar
     """Per sparse layer, the gap between the best and second router logit (top-1: the only tie that matters)."""
     adapter: SwitchAdapter = loaded.model
     logits: list[torch.Tensor] = []
-    routers = [m for m in adapter.model.modules() if type(m).__name__ == "SwitchTransformersTop1Router"]
+    routers = [m for m in adapter.model.modules() if _is_router(m)]
     families.run_with_hooks(
         [(r, lambda _m, _a, out: logits.append(out[2].reshape(-1, out[2].shape[-1]))) for r in routers],
         lambda: adapter(**{name: torch.from_numpy(a) for name, a in inputs.items()}))
@@ -195,4 +206,5 @@ SPEC = register_family(FamilySpec(
     routing_margins=_margins,
     input_names=("input_ids", "attention_mask"),
     load=load,
+    export_patches=export_patches,
 ))

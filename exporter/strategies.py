@@ -1,10 +1,12 @@
 """Dispatch strategies: how the experts of an MoE layer become ONNX. One registry, checked at registration.
 
-A model family describes each MoE layer's experts as an ``ExpertsSite``: the module holding them, an
-``ExpertBank`` (per-expert weights in ``x @ W`` layout, optional biases, the family's own gate function)
-and how to swap the function that runs them. ``use_strategy`` attaches the bank's weights to the module
-as buffers (so torch.export lifts them to named 2-D ONNX initializers) and installs the strategy's
-dispatch ``(x [tokens, hidden], expert_idx [tokens, k] int64, expert_weight [tokens, k]) -> [tokens, hidden]``.
+A model family describes each MoE layer's experts as an ``ExpertsSite``, as data: the module holding them,
+an ``ExpertBank`` (per-expert weights in ``x @ W`` layout, optional biases, the family's own gate function),
+which attribute of the module runs them, and any other attribute that must change while a strategy runs.
+``use_strategy`` attaches the bank's weights to the module as buffers (so torch.export lifts them to named
+2-D ONNX initializers) and sets that attribute to the strategy's dispatch
+``(x [tokens, hidden], expert_idx [tokens, k] int64, expert_weight [tokens, k]) -> [tokens, hidden]``, all
+through one ``patching.Patcher``, which puts the model back as it was on exit.
 
 - ``sorted``: sort the tokens*k slots by expert, one contiguous segment per expert (the
   ``moeport::segment_split`` / ``segment_concat`` custom ops around the per-expert FFNs), put the results
@@ -25,7 +27,7 @@ import contextlib
 import functools
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ from torch import nn
 
 from moeport.errors import MoeportError
 from moeport.exporter import custom_ops
+from moeport.exporter.patching import Patch, Patcher
 
 _PREFIX = "moeport_"
 
@@ -61,14 +64,24 @@ class ExpertBank:
         return len(self.gate_up)
 
 
+Dispatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, idx, weight) -> out
+
+
+def _as_is(dispatch: Dispatch) -> Callable:
+    return dispatch
+
+
 @dataclass
 class ExpertsSite:
-    """Where a family runs one layer's experts, and how to swap the function that runs them."""
+    """Where a family runs one layer's experts, as data: while a strategy is active, ``module.<attribute>``
+    is ``call(dispatch)`` and every patch in ``patches`` holds."""
 
     module: nn.Module  # buffers are attached here; initializer names follow its path in the model
     bank: Callable[[], ExpertBank]
-    install: Callable[[Callable[..., torch.Tensor]], None]  # dispatch(x, idx, weight) -> out
-    restore: Callable[[], None]
+    attribute: str  # the attribute of ``module`` that runs the experts
+    # dispatch(x, idx, weight) -> the callable ``attribute`` holds, in the family's own call signature
+    call: Callable[[Dispatch], Callable] = _as_is
+    patches: tuple[Patch, ...] = ()  # other attributes set while a strategy is active (a config switch)
 
 
 @dataclass(frozen=True)
@@ -267,30 +280,30 @@ register_strategy(DispatchStrategy("capacity", "static [E, C, hidden] buffer wit
                                    compute_extras=capacity_extras))
 
 
+def _site_patches(site: ExpertsSite, strategy: DispatchStrategy, options: StrategyOptions) -> list[Patch]:
+    """The patches that run ``site``'s experts with ``strategy``: the bank's weights as buffers of the site's
+    module, the dispatch on its attribute, then the site's own patches."""
+    with torch.no_grad():  # export-time copies of the weights, not trainable parameters
+        bank = site.bank()
+        buffers = _bank_buffers(bank, strategy.stacked)
+    weights = _Weights(site.module, bank.num_experts, bank.apply_gate,
+                       bank.glu_act if _splits_glu(bank, strategy.stacked) else None)
+    dispatch = functools.partial(strategy.dispatch, weights, options=options)
+    return [*(Patch(site.module, name, tensor, buffer=True) for name, tensor in buffers.items()),
+            Patch(site.module, site.attribute, site.call(dispatch)), *site.patches]
+
+
 @contextlib.contextmanager
 def use_strategy(
-    sites: list[ExpertsSite], strategy: DispatchStrategy, options: StrategyOptions = StrategyOptions()
+    sites: list[ExpertsSite], strategy: DispatchStrategy, options: StrategyOptions = StrategyOptions(),
+    patches: Iterable[Patch] = (),
 ) -> Iterator[None]:
-    """Attach every site's expert weights and install ``strategy``; restore both on exit."""
-    patched: list[tuple[ExpertsSite, list[str]]] = []
-    try:
+    """Apply ``patches`` (the family's export patches), then attach every site's expert weights and install
+    ``strategy``; on exit, also on an error, the model is restored as it was (``patching.Patcher``)."""
+    with Patcher(patches) as patcher:
         for site in sites:
-            with torch.no_grad():  # export-time copies of the weights, not trainable parameters
-                bank = site.bank()
-                buffers = _bank_buffers(bank, strategy.stacked)
-            for name, tensor in buffers.items():
-                site.module.register_buffer(name, tensor, persistent=False)
-            patched.append((site, list(buffers)))
-            weights = _Weights(site.module, bank.num_experts, bank.apply_gate,
-                               bank.glu_act if _splits_glu(bank, strategy.stacked) else None)
-            site.install(functools.partial(strategy.dispatch, weights, options=options))
+            patcher.apply(*_site_patches(site, strategy, options))
         yield
-    finally:
-        # Last in, first out: sites may share state (transformers layers share one config object).
-        for site, names in reversed(patched):
-            site.restore()
-            for name in names:
-                delattr(site.module, name)
 
 
 def translation_table() -> dict:

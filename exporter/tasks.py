@@ -112,7 +112,7 @@ def _compare_runs(loaded, session, strategy, options, runs) -> tuple:
     comparator = Comparator(atol=families.get_family(loaded.info.family).tolerance)
     merged, dropped = Comparison(), 0
     names = [o.name for o in session.get_outputs()]
-    with strategies.use_strategy(loaded.sites, strategy, options):
+    with strategies.use_strategy(loaded.sites, strategy, options, families.export_patches(loaded)):
         for feeds, reference_fn in runs():
             reference = reference_fn(feeds)
             if strategy.compute_extras is not None:
