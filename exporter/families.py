@@ -12,7 +12,6 @@ with ``tokens = batch * seq``.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeport.contract import INPUT_IDS, LOGITS, TIE_MARGIN, ModelInfo, MoELayerInfo, random_inputs, routing_name
+from moeport.contract import LOGITS, TIE_MARGIN, ModelInfo, MoELayerInfo, random_inputs, routing_name
 from moeport.errors import MoeportError
 from moeport.exporter.patching import Patch
-from moeport.exporter.strategies import ExpertBank, ExpertsSite
+from moeport.exporter.strategies import ExpertsSite
 from moeport.samples import checkpoint as ckpt
-from moeport.samples.catalog import build_model
-from moeport.samples.model import EnsembleConfig, LMConfig
 
 
 @dataclass
@@ -168,17 +165,8 @@ def tie_free_inputs(loaded: LoadedModel, batch: int, seq: int, seed: int, tries:
                        f"degenerate (experts tie within {TIE_MARGIN}); check the checkpoint's router weights")
 
 
-def _sample_build(config: dict) -> nn.Module:
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    cls = EnsembleConfig if config.get("family") == "moeport_ensemble" else LMConfig
-    try:
-        parsed = cls(**config)
-    except TypeError as exc:  # the dataclass's own message: an unknown or missing field of config.json
-        raise ValueError(str(exc)) from exc
-    return build_model(parsed)
-
-
-def _selection_margin(scores: torch.Tensor, top_k: int) -> np.ndarray:
+def selection_margin(scores: torch.Tensor, top_k: int) -> np.ndarray:
+    """Per token: the k-th minus the (k+1)-th of ``scores [tokens, E]`` (a soft layer: top-1 minus top-2)."""
     if top_k >= scores.shape[-1]:
         # Soft layers select every expert; what can tie is the top expert that routing agreement compares.
         top = torch.topk(scores, min(2, scores.shape[-1]), dim=-1).values
@@ -197,71 +185,3 @@ def run_with_hooks(hooks: list[tuple[nn.Module, Callable]], run: Callable[[], ob
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _sample_routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Capture each router's gate logits and rebuild the score its top-k selects on."""
-    logits: list[torch.Tensor] = []
-    run_with_hooks([(moe.router.gate, lambda _m, _i, out: logits.append(out)) for moe in loaded.moe_layers],
-                   lambda: loaded.model(torch.from_numpy(inputs[INPUT_IDS])))
-    margins = []
-    for moe, gate_logits in zip(loaded.moe_layers, logits):
-        if moe.cfg.router == "sigmoid_topk":
-            scores = torch.sigmoid(gate_logits) + moe.router.score_correction_bias
-        else:
-            scores = torch.softmax(gate_logits, dim=-1)
-        margins.append(_selection_margin(scores, moe.cfg.top_k))
-    return margins
-
-
-def _silu_glu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
-
-def _sample_bank(moe: nn.Module) -> ExpertBank:
-    gate_up, down = moe.expert_weights()
-    return ExpertBank(gate_up, down, _silu_glu, glu_act=torch.nn.functional.silu)
-
-
-def _sample_dispatch(dispatch: Callable) -> Callable:
-    """A strategy's ``dispatch(x, idx, weight)`` as the sample MoE calls its ``dispatch`` attribute:
-    ``self.dispatch(self, x, idx, weight)`` (a plain attribute, so it gets the module explicitly)."""
-    return lambda _moe, x, idx, weight: dispatch(x, idx, weight)
-
-
-def _sample_sites(moe_layers: list[nn.Module]) -> list[ExpertsSite]:
-    """The sample MoE runs its experts through its ``dispatch`` attribute."""
-    return [ExpertsSite(moe, functools.partial(_sample_bank, moe), "dispatch", _sample_dispatch) for moe in moe_layers]
-
-
-def _sample_describe(model: nn.Module, moe_layers: list[nn.Module]) -> list[MoELayerInfo]:
-    if hasattr(model, "members"):
-        labels = [f"m{j}.{i}" for j, member in enumerate(model.members) for i in range(len(member.layers))]
-    else:
-        labels = [str(i) for i in range(len(model.layers))]
-    return [MoELayerInfo(label, moe.cfg.num_experts, moe.cfg.top_k, moe.cfg.router)
-            for label, moe in zip(labels, moe_layers)]
-
-
-register_family(FamilySpec(
-    name="moeport_lm",
-    description="moeport sample decoder LM (samples/model.py)",
-    matches=lambda c: c.get("family") == "moeport_lm",
-    build=_sample_build,
-    moe_layers=lambda m: m.moe_layers(),
-    describe=_sample_describe,
-    experts_sites=_sample_sites,
-    routing_margins=_sample_routing_margins,
-))
-register_family(FamilySpec(
-    name="moeport_ensemble",
-    description="ensemble of moeport sample LMs mixed by fixed or learned weights",
-    matches=lambda c: c.get("family") == "moeport_ensemble",
-    build=_sample_build,
-    moe_layers=lambda m: m.moe_layers(),
-    describe=_sample_describe,
-    experts_sites=_sample_sites,
-    routing_margins=_sample_routing_margins,
-))
-

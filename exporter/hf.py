@@ -33,12 +33,61 @@ from torch import nn
 
 from moeport.errors import MoeportError
 from moeport.exporter import families
-from moeport.exporter.families import FamilySpec, LoadedModel, MoELayerInfo, register_family
+from moeport.contract import MoELayerInfo
+from moeport.exporter.families import FamilySpec, LoadedModel, register_family
 from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 
 IMPLEMENTATION = "moeport"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers without progress bars and below-error logs while loading, as it was afterwards.
+
+    Our output is one report, not loader bars; and transformers logs its own load report (missing / mismatched
+    keys) as a table, where we refuse such checkpoints with one line instead.
+    """
+    logging = _transformers().utils.logging
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_error(path: Path, exc: Exception) -> MoeportError:
+    """The one-line user error for a checkpoint transformers could not read (its first line of explanation)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return MoeportError(f"transformers cannot load {path}: {first}")
+
+
+# Config fields that are sizes or counts by their name: a string or a negative number there is a config no model
+# can be built from (transformers would fail later with a ZeroDivisionError or TypeError deep in its code).
+_SIZE_FIELD_SUFFIXES = ("_size", "_heads", "_layers", "_dim", "_experts", "_experts_per_tok")
+
+
+def check_sizes(config: dict, where: Path) -> None:
+    """User errors for sizes no model can be built with, before transformers divides by them."""
+    problem = None
+    for key, value in config.items():
+        if key.endswith(_SIZE_FIELD_SUFFIXES) and (
+                isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)):
+            problem = f"{key} is {value!r}"
+            break
+    hidden, heads, kv_heads = (config.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if problem is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        if not config.get("head_dim") and hidden // heads == 0:
+            problem = f"hidden_size {hidden} < num_attention_heads {heads} (head size 0)"
+        elif isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
+            problem = f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+    if problem is not None:
+        raise MoeportError(f"{where} does not describe a model transformers can build ({problem}); check its sizes")
 
 
 def _transformers():
@@ -340,21 +389,22 @@ def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.M
             )
     from safetensors import SafetensorError
 
-    transformers.utils.logging.disable_progress_bar()  # our output is one report, not loader bars
-    # transformers logs its own load report (missing / mismatched keys) as a table; we refuse such
-    # checkpoints below with one line instead, so keep its logger quiet while loading.
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        config._experts_implementation = "eager"
-        model, loading = transformers.AutoModelForCausalLM.from_pretrained(
-            path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
-            use_safetensors=not trust_pickle or _has_safetensors(path), attn_implementation="eager",
-            # Missing weights would be silently random-initialised, mismatched ones raise a RuntimeError
-            # that points at the logged table: get both back as data and refuse them below.
-            ignore_mismatched_sizes=True, output_loading_info=True,
-        )
+        with quiet_loading():
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise load_error(path, exc) from exc
+    check_sizes(config.to_dict(), path / "config.json")
+    config._experts_implementation = "eager"
+    try:
+        with quiet_loading():
+            model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+                path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                use_safetensors=not trust_pickle or _has_safetensors(path), attn_implementation="eager",
+                # Missing weights would be silently random-initialised, mismatched ones raise a RuntimeError
+                # that points at the logged table: get both back as data and refuse them below.
+                ignore_mismatched_sizes=True, output_loading_info=True,
+            )
     except SafetensorError as exc:
         raise MoeportError(f"a *.safetensors file in {path} is not readable ({exc})") from exc
     except pickle.UnpicklingError as exc:
@@ -363,14 +413,7 @@ def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.M
         raise MoeportError(f"{path}: the pickle weights hold objects other than tensors, refused by "
                            "torch.load(weights_only=True); convert them to safetensors from a trusted copy") from exc
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoeportError(f"transformers cannot load {path}: {first}") from exc
-    except (ZeroDivisionError, TypeError) as exc:
-        # Building the model from config.json failed on its values (a head size of 0, a string for a size).
-        raise MoeportError(f"{path / 'config.json'} does not describe a model transformers can build "
-                           f"({type(exc).__name__}: {exc}); check its sizes") from exc
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
+        raise load_error(path, exc) from exc
     problems = [f"missing weight {key!r}" for key in loading["missing_keys"]] + [
         f"{key!r} has shape {tuple(got)}, the config needs {tuple(want)}" for key, got, want in loading["mismatched_keys"]]
     if problems:

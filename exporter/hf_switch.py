@@ -25,8 +25,9 @@ from torch import nn
 
 from moeport.errors import MoeportError
 from moeport.exporter import families
-from moeport.exporter.families import FamilySpec, LoadedModel, MoELayerInfo, register_family
-from moeport.exporter.hf import _has_safetensors, _transformers
+from moeport.contract import MoELayerInfo
+from moeport.exporter.families import FamilySpec, LoadedModel, register_family
+from moeport.exporter.hf import _has_safetensors, _transformers, load_error, quiet_loading
 from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
 
@@ -157,15 +158,6 @@ def _margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndar
     return margins
 
 
-def tiny_config(**overrides):
-    """A tiny Switch Transformers config (d_model 32, 2+2 layers all sparse, 8 experts, vocab 128) for tests."""
-    transformers = _transformers()
-    options = dict(vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-                   num_experts=8, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=32)
-    return transformers.SwitchTransformersConfig(**{**options, **overrides})
-
-
 def _build(config: dict) -> nn.Module:
     transformers = _transformers()
     cfg = transformers.AutoConfig.for_model(**config)
@@ -179,14 +171,13 @@ def load(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:
     path = Path(path)
     if not _has_safetensors(path) and not trust_pickle:
         raise MoeportError(f"no *.safetensors weights in {path} (pickle weights need --trust-pickle)")
-    transformers.utils.logging.disable_progress_bar()
     try:
-        model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, dtype=torch.float32, attn_implementation="eager",
-            use_safetensors=_has_safetensors(path))
+        with quiet_loading():
+            model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False, dtype=torch.float32, attn_implementation="eager",
+                use_safetensors=_has_safetensors(path))
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoeportError(f"transformers cannot load {path}: {first}") from exc
+        raise load_error(path, exc) from exc
     adapter = SwitchAdapter(model.eval())
     if not adapter.experts:
         raise MoeportError(f"{path}: this Switch Transformers config has no sparse layers")

@@ -18,7 +18,9 @@ import pytest
 pytest.importorskip("transformers")
 
 from moeport import contract  # noqa: E402
-from moeport.exporter import families, hf_families  # noqa: E402
+from moeport.exporter import families  # noqa: E402
+import hf_families  # noqa: E402  (tests/, on sys.path)
+from tiny_hf import tiny_switch_config  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.exporter.hf import CausalLMAdapter  # noqa: E402
 from moeport.exporter.reference import verify_checkpoint  # noqa: E402
@@ -174,11 +176,9 @@ def test_switch_transformers_exports_with_parity(tmp_path):
     import torch
     import transformers
 
-    from moeport.exporter import hf_switch
-
     torch.manual_seed(0)
     checkpoint = tmp_path / "switch"
-    transformers.SwitchTransformersForConditionalGeneration(hf_switch.tiny_config(expert_capacity=3)).save_pretrained(checkpoint)
+    transformers.SwitchTransformersForConditionalGeneration(tiny_switch_config(expert_capacity=3)).save_pretrained(checkpoint)
     result = export_checkpoint(checkpoint, tmp_path / "switch.onnx", with_routing=True, validate=False)
     assert result.family == "switch_transformers" and result.strategy == "sorted"
     assert [layer.label for layer in result.info.layers] == ["encoder.0", "encoder.1", "decoder.0", "decoder.1"]
@@ -235,6 +235,6 @@ def test_readme_table_is_generated():
 
 
 def test_module_entry_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "moeport.exporter.hf_families"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(Path(hf_families.__file__))], capture_output=True, text=True,
                          check=True).stdout
     assert out == hf_families.coverage_markdown()

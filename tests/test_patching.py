@@ -16,11 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from moeport.exporter import families, hf, hf_families, hf_switch, strategies
+from moeport.exporter import families, hf, hf_switch, strategies
 from moeport.exporter.export import export_checkpoint, export_model
 from moeport.exporter.hf import CausalLMAdapter
 from moeport.exporter.patching import Patch, Patcher
 from moeport.samples import model as sample_model
+import hf_families  # noqa: E402  (tests/, on sys.path)
+from tiny_hf import save_tiny_mixtral, tiny_switch_config  # noqa: E402
 
 
 class Logged:
@@ -342,7 +344,7 @@ def test_complex_rope_patch_is_for_the_exported_model_only():
 def test_switch_transformers_export_leaves_the_callers_model_unmodified(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.SwitchTransformersForConditionalGeneration(hf_switch.tiny_config()).eval()
+    model = transformers.SwitchTransformersForConditionalGeneration(tiny_switch_config()).eval()
     state, config = module_state(model), dict(vars(model.config))
     adapter = hf_switch.SwitchAdapter(model)
     assert_same_state(state, module_state(model))  # wrapping it changes nothing
@@ -351,3 +353,18 @@ def test_switch_transformers_export_leaves_the_callers_model_unmodified(tmp_path
     assert result.validation.passed
     assert_same_state(state, module_state(model))
     assert dict(vars(model.config)) == config
+
+
+def test_loading_a_transformers_checkpoint_leaves_its_logging_settings_as_they_were(tmp_path):
+    """moeport quiets transformers' progress bars and logs only while it loads a checkpoint."""
+    from transformers.utils import logging
+
+    checkpoint = save_tiny_mixtral(tmp_path / "mixtral")
+    logging.enable_progress_bar()
+    logging.set_verbosity_info()
+    try:
+        families.load_checkpoint(checkpoint)
+        assert logging.is_progress_bar_enabled() and logging.get_verbosity() == logging.INFO
+    finally:
+        logging.disable_progress_bar()
+        logging.set_verbosity_warning()

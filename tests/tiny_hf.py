@@ -37,3 +37,13 @@ def save_char_tokenizer(directory: Path, characters: str = PRINTABLE_ASCII):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+def tiny_switch_config(**overrides):
+    """A tiny Switch Transformers config (d_model 32, 2+2 layers all sparse, 8 experts, vocab 128)."""
+    import transformers
+
+    options = dict(vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   num_experts=8, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=32)
+    return transformers.SwitchTransformersConfig(**{**options, **overrides})

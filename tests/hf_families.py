@@ -1,4 +1,5 @@
-"""Which transformers MoE families moeport exports, derived from the installed transformers.
+"""Test support: which transformers MoE families moeport exports, derived from the installed transformers, and
+the tiny random models the tests export them from (not part of the library: nothing in moeport imports it).
 
 - ``interface_families()``: every causal-LM ``model_type`` whose modeling source decorates its experts with
   ``@use_experts_implementation`` (read from the installed package, not a hand-kept list).
@@ -9,7 +10,7 @@
   grouped routing, shared experts, dense-then-MoE schedules, biases), each exported by the tests.
 - ``UNSUPPORTED``: families that do not export, with the reason measured on this transformers; the tests
   check that each reason still holds, so the table cannot rot.
-- ``coverage_markdown()``: the README table; ``python -m moeport.exporter.hf_families`` prints it.
+- ``coverage_markdown()``: the README table; ``python tests/hf_families.py`` prints it.
 """
 
 from __future__ import annotations
@@ -307,7 +308,7 @@ def coverage_markdown() -> str:
     transformers = _transformers()
     lines = [
         f"Discovered from transformers {transformers.__version__}: causal LMs whose experts use "
-        "`@use_experts_implementation` (`python -m moeport.exporter.hf_families` regenerates this table).",
+        "`@use_experts_implementation` (`python tests/hf_families.py` regenerates this table).",
         "",
         "| model_type | ForCausalLM class | status | variants exported |",
         "|---|---|---|---|",
