@@ -7,7 +7,9 @@ newest_env() {
     . "$1/bin/activate"
     python -m pip install --quiet --upgrade pip
     pip install --quiet torch==2.13.0
-    pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+    # Eager upgrades would replace torch too (with PyPI's CUDA build); every other package goes to its newest.
+    echo "torch==2.13.0" > "$1/torch-cpu.txt"
+    pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" -c "$1/torch-cpu.txt"
 }
 
 # The installed packages as constraints lines (NAME==VERSION), torch's local build label dropped.
