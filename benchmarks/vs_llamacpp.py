@@ -180,11 +180,12 @@ def _llama_runner(llm):
     def prefill(ids: np.ndarray) -> np.ndarray:
         llm.reset()
         llm.eval(ids[0].tolist())
-        return np.asarray(llm.scores[: llm.n_tokens])[None]
+        # A copy: llm.scores is the context's buffer, rewritten by the next evaluation.
+        return np.array(llm.scores[: llm.n_tokens])[None]
 
     def decode(token: int) -> np.ndarray:
         llm.eval([token])
-        return np.asarray(llm.scores[llm.n_tokens - 1])[None, None]
+        return np.array(llm.scores[llm.n_tokens - 1])[None, None]
 
     return prefill, decode
 
@@ -255,6 +256,12 @@ def run_worker(python: str, name: str, *args, env: dict | None = None) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:  # a child process: one stage, its result as one JSON line
+        name, *rest = argv[1:]
+        converted = [Path(rest[0]), *[int(r) if r.isdigit() else r for r in rest[1:]]]
+        print(json.dumps(WORKERS[name](*converted)))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=24)
@@ -266,13 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-src", type=Path, required=True, help="the unpacked llama-cpp-python sdist")
     parser.add_argument("--llama-python", default=sys.executable, help="a Python with llama-cpp-python installed")
     parser.add_argument("--modes", default=",".join(MOEPORT_MODES))
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        name, *rest = args.worker
-        converted = [Path(rest[0]), *[int(r) if r.isdigit() else r for r in rest[1:]]]
-        print(json.dumps(WORKERS[name](*converted)))
-        return 0
 
     out, py, results = args.out, sys.executable, {}
     out.mkdir(parents=True, exist_ok=True)
@@ -330,7 +331,7 @@ def main(argv=None) -> int:
     results["memory"] = {"fp32_checkpoint_bytes": fp32_bytes,
                          **{key: round(value["peak_rss"] / fp32_bytes, 2) for key, value in results.items()
                             if isinstance(value, dict) and "peak_rss" in value and key.startswith(("export", "quantize:"))}}
-    results["settings"] = vars(args) | {"out": str(out), "llama_src": str(args.llama_src), "worker": None}
+    results["settings"] = vars(args) | {"out": str(out), "llama_src": str(args.llama_src)}
     saved.write_text(json.dumps(results, indent=2, default=str))
 
     fp32 = table["moeport:fp32"]["decode_tokens_per_s"]
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
         vs_peer = f"{row['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}" if peer else "-"
         print(f"| {name} | {row['prefill_ms']:.0f} | {row['decode_tokens_per_s']:.1f} | "
               f"{row['decode_tokens_per_s'] / fp32:.2f} | {vs_peer} | {row['size_bytes'] / 1e9:.2f} | "
-              f"{row['mean_kl']:.4f} | {row['top1_agreement']:.3f} |")
+              f"{row['mean_kl']:.3g} | {row['top1_agreement']:.3f} |")
     print(f"peak memory / fp32 checkpoint size: {results['memory']}")
     return 0
 
