@@ -677,7 +677,7 @@ def quantize(
     if reference is not None:
         # On held-out text when there is some: routing is judged on data like the deployment's (random ids
         # route unlike any text the model will see; they are the fallback).
-        windows = None if heldout_ids is None else qual.parity_windows(heldout_ids)
+        windows = None if heldout_ids is None else qual.parity_windows(heldout_ids, list(reference.info.input_names))
         report.parity = qual.parity(out, reference, spec.min_routing_agreement, parity_shapes, windows)
     opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import}.get("ai.onnx") for m in (proto, quantized)]
     if opsets[0] != opsets[1]:

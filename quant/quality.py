@@ -107,11 +107,13 @@ def weight_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
-def parity_windows(ids: np.ndarray, count: int = PARITY_WINDOWS, window: int = PARITY_WINDOW) -> dict[str, np.ndarray]:
-    """Up to ``count`` evenly spaced windows ``[n, window]`` of encoded text ``ids [tokens]`` as ``input_ids``."""
+def parity_windows(ids: np.ndarray, input_names: list[str], count: int = PARITY_WINDOWS,
+                   window: int = PARITY_WINDOW) -> dict[str, np.ndarray]:
+    """Up to ``count`` evenly spaced windows ``[n, window]`` of encoded text ``ids [tokens]`` as the model's
+    feeds: ``input_ids``, plus an all-ones ``attention_mask`` when ``input_names`` has one."""
     window = min(window, ids.size)
     starts = np.unique(np.linspace(0, ids.size - window, num=count).astype(np.int64))
-    return {"input_ids": np.stack([ids[s:s + window] for s in starts]).astype(np.int64)}
+    return text_feeds(np.stack([ids[s:s + window] for s in starts]).astype(np.int64), input_names, "held-out text")
 
 
 def parity(model: Path, reference: Reference, min_routing_agreement: float, shapes=PARITY_SHAPES,
