@@ -6,8 +6,9 @@ and a quality report (size, parity with PyTorch, perplexity, routing agreement, 
 Modes are registered in ``moeport.quant.modes``; routers are found by ``moeport.quant.router.find_routers``.
 """
 
-from moeport.quant.core import QuantizeResult, QuantizeWarning, quantize
+from moeport.quant.core import quantize
 from moeport.quant.modes import QuantMode, get_mode, modes, register_mode
+from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.router import ExpertGroup, RouterPlan, find_expert_matmuls, find_routers
 from moeport.quant.schemes import TARGETS, choose_scheme
 

@@ -211,3 +211,21 @@ def find_expert_matmuls(model: onnx.ModelProto) -> dict[ExpertGroup, list[onnx.N
 def _is_routed_split(g: _Graph, node: onnx.NodeProto) -> bool:
     """A Split whose sizes are computed in the graph (the routing's per-expert counts), not constants."""
     return node.op_type == "Split" and len(node.input) > 1 and bool(node.input[1]) and node.input[1] not in g.constants
+
+
+def float_router_nodes(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count of router nodes in ``model`` that compute in float32: no float16 output and no
+    input from a DequantizeLinear. Found again on the output because quantize_dynamic rewrites a Gemm gate
+    as a (renamed, still float) MatMul and fp16 adds Casts at the router's edges."""
+    g = _Graph(model)
+    names = set(find_routers(model).nodes)
+    counts: Counter = Counter()
+    for node in g.nodes:
+        if node.name not in names:
+            continue
+        outputs_fp32 = all(g.elem_type.get(o) != onnx.TensorProto.FLOAT16 for o in node.output if o)
+        dequantized = any(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear"
+                          for i in node.input)
+        if outputs_fp32 and not dequantized and node.op_type != "Cast":  # Casts are counted on their own
+            counts[node.op_type] += 1
+    return dict(sorted(counts.items()))

@@ -15,7 +15,7 @@ from moeport.cli import main
 from moeport.errors import MoeportError
 from moeport.exporter.reference import CheckpointReference
 from tiny_hf import save_char_tokenizer
-from moeport.quant import core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
+from moeport.quant import apply, core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
 from moeport.quant.calibration import starvation_threshold
 from moeport.quant.modes import QuantMode
 from moeport.quant import schemes
@@ -211,7 +211,7 @@ def test_log_filter_is_removed_and_only_drops_its_message(caplog):
 
     root = logging.getLogger()
     filters = list(root.filters)
-    with caplog.at_level(logging.WARNING), core._without_log_message("natively"):
+    with caplog.at_level(logging.WARNING), apply.without_log_message("natively"):
         logging.warning("does not support 16-bit integer quantization natively")
         logging.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
