@@ -1,19 +1,28 @@
-"""The per-mode application steps: onnxruntime's quantizers on the chosen nodes."""
+"""The apply steps: how each kind of quantization mode runs onnxruntime's tools on the chosen nodes.
+
+An ``ApplyStep`` is a function ``run(job: QuantJob) -> onnx.ModelProto`` plus what the pipeline must know
+about it (does it calibrate, does it take an 8-bit ``IntScheme`` and how far the expert down-projection
+inputs may be widened, does it use the int4 ``NBitsLayout``, what it quantizes in an unprotected router, does
+it skip Gemm). A ``QuantMode`` (``moeport.quant.modes``) carries its step; the built-in steps are
+``QDQ_STATIC`` (int8), ``DYNAMIC`` (int8-dynamic), ``FP16`` and ``NBITS`` (int4).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
 from moeport.quant import calibration as calib
-from moeport.quant.modes import QuantMode
 from moeport.quant.passes import gemms_as_matmuls, topological
 from moeport.quant.router import find_expert_matmuls
-from moeport.quant.schemes import FLOAT
+from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
 
 DEFAULT_BLOCK_SIZE = 32
 
@@ -71,76 +80,156 @@ def _pre_processed(model: Path | onnx.ModelProto, staged: Path) -> Path:
     return prepared
 
 
-def apply(mode: QuantMode, source: Path, proto: onnx.ModelProto, staged: Path, *, scheme, weight_nodes,
-           exclude, data, layout, overrides) -> onnx.ModelProto:
-    """Run the onnxruntime tool for ``mode.kind``; returns the quantized model (also in ``staged`` for QDQ)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+@dataclass
+class QuantJob:
+    """What an apply step gets: the fp32 model (``source`` file, ``proto`` in memory), where to write
+    (``staged``), the nodes to quantize (``targets``) and to leave alone (``exclude``: the routers), and the
+    mode's settings (``bits``, ``scheme`` for 8-bit steps, ``layout`` for int4, ``calibration`` and its
+    ``overrides`` (onnxruntime TensorQuantOverrides) for static quantization)."""
 
-    names = [n.name for n in weight_nodes]
-    if mode.kind == "qdq_static":
-        prepared = _pre_processed(source, staged)
-        # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
-        # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
-        # the report notes the new opset instead.
-        with without_log_message("does not support 16-bit integer quantization natively"):
-            quantize_static(
-                str(prepared), str(staged), calib.as_reader(data), quant_format=QuantFormat.QDQ,
-                # Only the targeted nodes' types: calibration covers every tensor of these types, and the
-                # attention Softmax input (-inf masked scores) would otherwise yield NaN zero points.
-                op_types_to_quantize=sorted({n.op_type for n in weight_nodes}), per_channel=scheme.per_channel,
-                reduce_range=scheme.reduce_range, activation_type=QuantType[scheme.activation_type],
-                weight_type=QuantType[scheme.weight_type], nodes_to_quantize=names, nodes_to_exclude=sorted(exclude),
-                calibrate_method=CalibrationMethod.MinMax,
-                # DedicatedQDQPair: a tensor read by both a quantized node and the router (the shared experts'
-                # Gemm and the gate read the same normed hidden states) gets its own Q/DQ per quantized
-                # consumer; without it the router would read the dequantized copy.
-                extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True,
-                               "TensorQuantOverrides": overrides, "DedicatedQDQPair": True},
-            )
-        return onnx.load(str(staged))
-    if mode.kind == "dynamic":
-        # There is no dynamic Gemm kernel: targeted Gemms become MatMuls first.
-        source_proto = copy.deepcopy(proto)
-        gemms_as_matmuls(source_proto, {n.name for n in weight_nodes if n.op_type == "Gemm"})
-        down = set()
-        if scheme.down_activation_type == FLOAT:
-            down = {n.name for group, nodes in find_expert_matmuls(source_proto).items()
-                    if group.is_down_projection for n in nodes} & set(names)
-        quantize_dynamic(
-            str(_pre_processed(source_proto, staged)), str(staged), op_types_to_quantize=["MatMul", "Gather"],
-            per_channel=scheme.per_channel, reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
-            nodes_to_quantize=sorted(set(names) - down), nodes_to_exclude=sorted(exclude),
+    source: Path
+    proto: onnx.ModelProto
+    staged: Path
+    targets: list[onnx.NodeProto]
+    exclude: set[str]
+    bits: int
+    scheme: IntScheme | None = None
+    layout: NBitsLayout | None = None
+    calibration: calib.CalibrationSet | None = None
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.targets]
+
+    def names_of(self, op_type: str) -> set[str]:
+        return {n.name for n in self.targets if n.op_type == op_type}
+
+
+_STEP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ApplyStep:
+    """How one kind of mode quantizes: ``run(job)`` returns the quantized model.
+
+    ``calibrated``: the step runs calibration samples through the model (``job.calibration`` is set).
+    ``down``: the step takes an 8-bit ``IntScheme`` (``job.scheme``) and how far it may widen the expert
+    down-projection inputs; None for steps without one. ``layout``: the step uses ``job.layout``.
+    ``unprotected_ops``: router op types it also quantizes when the router is not protected (QDQ puts Q/DQ on
+    Softmax/Sigmoid like onnxruntime's defaults).
+    """
+
+    name: str
+    run: Callable[[QuantJob], onnx.ModelProto]
+    calibrated: bool = False
+    down: WideDown | None = None
+    layout: bool = False
+    unprotected_ops: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not _STEP_NAME.match(self.name):
+            raise ValueError(f"apply step names are lower-case identifiers: {self.name!r}")
+        if not callable(self.run):
+            raise ValueError(f"apply step {self.name!r}: run must be a function of a QuantJob")
+
+
+def _without_gemms(job: QuantJob) -> onnx.ModelProto:
+    """A copy of the source with the targeted Gemms as MatMuls (the copy is changed by the steps that follow)."""
+    proto = copy.deepcopy(job.proto)
+    gemms_as_matmuls(proto, job.names_of("Gemm"))
+    return proto
+
+
+def run_qdq_static(job: QuantJob) -> onnx.ModelProto:
+    """``quantize_static`` in QDQ format: per-channel weights, MinMax-calibrated activations."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    scheme = job.scheme
+    prepared = _pre_processed(job.source, job.staged)
+    # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
+    # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
+    # the report notes the new opset instead.
+    with without_log_message("does not support 16-bit integer quantization natively"):
+        quantize_static(
+            str(prepared), str(job.staged), calib.as_reader(job.calibration), quant_format=QuantFormat.QDQ,
+            # Only the targeted nodes' types: calibration covers every tensor of these types, and the
+            # attention Softmax input (-inf masked scores) would otherwise yield NaN zero points.
+            op_types_to_quantize=sorted({n.op_type for n in job.targets}), per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range, activation_type=QuantType[scheme.activation_type],
+            weight_type=QuantType[scheme.weight_type], nodes_to_quantize=job.names,
+            nodes_to_exclude=sorted(job.exclude), calibrate_method=CalibrationMethod.MinMax,
+            # DedicatedQDQPair: a tensor read by both a quantized node and the router (the shared experts'
+            # Gemm and the gate read the same normed hidden states) gets its own Q/DQ per quantized
+            # consumer; without it the router would read the dequantized copy.
+            extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True,
+                           "TensorQuantOverrides": job.overrides, "DedicatedQDQPair": True},
         )
-        quantized = onnx.load(str(staged))
-        if down:
-            # Float inputs, 8-bit weights: onnxruntime's block quantizer at 8 bits (MatMulNBits).
-            quantized = _nbits(quantized, down, exclude, bits=8, block_size=DEFAULT_BLOCK_SIZE)
-        return quantized
-    if mode.kind == "fp16":
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    return onnx.load(str(job.staged))
 
-        converted = convert_float_to_float16(copy.deepcopy(proto), keep_io_types=True,
-                                             op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=sorted(exclude))
-        # The converter appends the Casts it adds for initializers after their consumers; ORT and the
-        # checker need topological order.
-        return topological(converted)
-    if mode.kind == "nbits":
-        source_proto = copy.deepcopy(proto)  # every step rewrites the graph in place
-        gemms_as_matmuls(source_proto, {n.name for n in weight_nodes if n.op_type == "Gemm"})
-        experts = {n.name for nodes in find_expert_matmuls(source_proto).values() for n in nodes}
-        gathers = {n.name for n in weight_nodes if n.op_type == "Gather"}
-        matmuls = set(names) - gathers
-        if layout.embedding_bits == 8 and gathers:
-            # onnxruntime's n-bit quantizer packs Gather at 4 bits only; quantize_dynamic stores the table in
-            # 8 bits (int8 table, Gather, DequantizeLinear of the gathered rows).
-            quantize_dynamic(str(_pre_processed(source_proto, staged)), str(staged),
-                             op_types_to_quantize=["Gather"], nodes_to_quantize=sorted(gathers),
-                             weight_type=QuantType.QInt8)
-            source_proto, gathers = onnx.load(str(staged)), set()
-        steps = ((matmuls - experts, layout.dense_block_size), (matmuls & experts, layout.expert_block_size),
-                 (gathers, layout.expert_block_size))
-        for chosen, block_size in steps:
-            if chosen:
-                source_proto = _nbits(source_proto, chosen, exclude, bits=mode.bits, block_size=block_size)
-        return source_proto
-    raise AssertionError(f"mode kind {mode.kind!r} has no implementation")  # registry validation prevents this
+
+def run_dynamic(job: QuantJob) -> onnx.ModelProto:
+    """``quantize_dynamic``: int8 weights, activations quantized per run; down projections optionally float
+    with 8-bit block weights (``MatMulNBits``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scheme = job.scheme
+    source = _without_gemms(job)  # there is no dynamic Gemm kernel
+    down = set()
+    if scheme.down_activation_type == FLOAT:
+        down = {n.name for group, nodes in find_expert_matmuls(source).items()
+                if group.is_down_projection for n in nodes} & set(job.names)
+    quantize_dynamic(
+        str(_pre_processed(source, job.staged)), str(job.staged), op_types_to_quantize=["MatMul", "Gather"],
+        per_channel=scheme.per_channel, reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
+        nodes_to_quantize=sorted(set(job.names) - down), nodes_to_exclude=sorted(job.exclude),
+    )
+    quantized = onnx.load(str(job.staged))
+    if down:
+        # Float inputs, 8-bit weights: onnxruntime's block quantizer at 8 bits (MatMulNBits).
+        quantized = _nbits(quantized, down, job.exclude, bits=8, block_size=DEFAULT_BLOCK_SIZE)
+    return quantized
+
+
+def run_fp16(job: QuantJob) -> onnx.ModelProto:
+    """``onnxruntime.transformers.float16``: float16 weights and compute, float32 graph inputs and outputs."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    converted = convert_float_to_float16(copy.deepcopy(job.proto), keep_io_types=True,
+                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                         node_block_list=sorted(job.exclude))
+    # The converter appends the Casts it adds for initializers after their consumers; ORT and the
+    # checker need topological order.
+    return topological(converted)
+
+
+def run_nbits(job: QuantJob) -> onnx.ModelProto:
+    """``MatMulNBitsQuantizer`` at ``job.bits``: experts and the other MatMuls in their blocks (``NBitsLayout``),
+    the embedding in 8 bits (``quantize_dynamic``) or 4-bit blocks (GatherBlockQuantized)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    layout = job.layout
+    source = _without_gemms(job)  # the n-bit quantizer skips Gemm
+    experts = {n.name for nodes in find_expert_matmuls(source).values() for n in nodes}
+    gathers = job.names_of("Gather")
+    matmuls = set(job.names) - gathers
+    if layout.embedding_bits == 8 and gathers:
+        # onnxruntime's n-bit quantizer packs Gather at 4 bits only; quantize_dynamic stores the table in
+        # 8 bits (int8 table, Gather, DequantizeLinear of the gathered rows).
+        quantize_dynamic(str(_pre_processed(source, job.staged)), str(job.staged),
+                         op_types_to_quantize=["Gather"], nodes_to_quantize=sorted(gathers),
+                         weight_type=QuantType.QInt8)
+        source, gathers = onnx.load(str(job.staged)), set()
+    blocks = ((matmuls - experts, layout.dense_block_size), (matmuls & experts, layout.expert_block_size),
+              (gathers, layout.expert_block_size))
+    for chosen, block_size in blocks:
+        if chosen:
+            source = _nbits(source, chosen, job.exclude, bits=job.bits, block_size=block_size)
+    return source
+
+
+QDQ_STATIC = ApplyStep("qdq_static", run_qdq_static, calibrated=True, down=STATIC_DOWN,
+                       unprotected_ops=("Softmax", "Sigmoid"))
+DYNAMIC = ApplyStep("dynamic", run_dynamic, down=DYNAMIC_DOWN)
+FP16 = ApplyStep("fp16", run_fp16)
+NBITS = ApplyStep("nbits", run_nbits, layout=True)

@@ -38,18 +38,17 @@ from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant import ranges
-from moeport.quant.apply import DEFAULT_BLOCK_SIZE, apply
-from moeport.quant.modes import get_mode
+from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
+from moeport.quant.modes import get_mode, modes
 from moeport.quant.passes import stamp, strip_debug_metadata
-from moeport.quant.result import NBitsLayout, QuantizeResult, QuantizeWarning
+from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.router import find_routers, float_router_nodes
-from moeport.quant.schemes import DEFAULT_MODE, TARGETS, choose_scheme
+from moeport.quant.schemes import DEFAULT_MODE, TARGETS, NBitsLayout, choose_scheme
 from moeport.samples import TRAINED_DIR
 
 DEFAULT_CALIBRATION_SAMPLES = 64
 DEFAULT_DENSE_BLOCK_SIZE = 16
 DEFAULT_LATENCY_RUNS = 10
-_ROUTER_QDQ_OPS = ("Softmax", "Sigmoid")  # quantized only with keep_router=False
 
 
 def bundled_text(name: str) -> Path | None:
@@ -123,8 +122,9 @@ def quantize(
     if target not in TARGETS:
         raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     spec = get_mode(mode or DEFAULT_MODE[target])
+    step = spec.step
     layout = None
-    if spec.kind == "nbits":
+    if step.layout:
         layout = NBitsLayout(block_size, dense_block_size, embedding_bits)
         layout.validate()
     if not spec.needs_calibration and (calibration is not None or random_calibration):
@@ -139,19 +139,20 @@ def quantize(
     plan = find_routers(proto)
     exclude = set(plan.nodes) if keep_router else set()
     targeted = _weight_nodes(proto, exclude)
-    if not keep_router and spec.kind == "qdq_static":
-        # Unprotected means "as onnxruntime's defaults would do": Softmax/Sigmoid get Q/DQ too (Softmax on
-        # a fixed [0, 1] grid), which is what makes TopK see ties.
+    if not keep_router:
+        # Unprotected means "as onnxruntime's defaults would do": QDQ puts Q/DQ on Softmax/Sigmoid too (Softmax
+        # on a fixed [0, 1] grid), which is what makes TopK see ties.
         router_nodes = set(plan.nodes)
-        targeted += [n for n in proto.graph.node if n.name in router_nodes and n.op_type in _ROUTER_QDQ_OPS]
+        targeted += [n for n in proto.graph.node if n.name in router_nodes and n.op_type in step.unprotected_ops]
     result_warnings: list[str] = []
     if not plan.routers:
         result_warnings.append("no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph")
-    scheme = choose_scheme(target) if spec.kind in ("qdq_static", "dynamic") else None
-    if scheme is not None:
-        scheme = scheme.with_down_activations(down_activations, target, spec.kind)
+    scheme = None
+    if step.down is not None:  # an 8-bit step
+        scheme = choose_scheme(target).with_down_activations(down_activations, target, step.down)
     elif down_activations != "auto":
-        raise MoeportError(f"--down-activations applies to int8 and int8-dynamic, not {spec.name}")
+        takers = " and ".join(m.name for m in modes() if m.step.down is not None)
+        raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:
@@ -198,8 +199,8 @@ def quantize(
     with staged_file(out) as staging:  # nothing is written when a step fails
         staged = staging / out.name
         with writing(out):  # onnxruntime's quantizers write the staged file themselves
-            quantized = apply(spec, model, proto, staged, scheme=scheme, weight_nodes=targeted, exclude=exclude,
-                               data=data, layout=layout, overrides=overrides)
+            quantized = step.run(QuantJob(model, proto, staged, targeted, exclude, spec.bits, scheme=scheme,
+                                          layout=layout, calibration=data, overrides=overrides))
         stamp(quantized, proto, {"mode": spec.name, "target": target, "keep_router": keep_router,
                                   "scheme": None if scheme is None else scheme.to_dict(),
                                   "nbits_layout": None if layout is None else layout.to_dict()})

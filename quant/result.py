@@ -1,56 +1,22 @@
-"""What ``quantize`` returns: the result and its report (``to_dict``, ``render``), and the int4 layout.
+"""What ``quantize`` returns: the result and its report (``to_dict``, ``render``).
 
 ``QuantizeResult`` holds what was quantized, how many router nodes stayed float, calibration coverage and the
-quality report; ``NBitsLayout`` the int4 block sizes and embedding width; ``QuantizeWarning`` the category of
-everything ``quantize`` warns about.
+quality report; ``QuantizeWarning`` is the category of everything ``quantize`` warns about.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeport.errors import MoeportError
 from moeport.quant import quality as qual
 from moeport.quant.modes import QuantMode
 from moeport.quant.router import RouterPlan
-from moeport.quant.schemes import FLOAT, IntScheme
+from moeport.quant.schemes import FLOAT, IntScheme, NBitsLayout
 
 
 class QuantizeWarning(UserWarning):
     """What quantize warns about (starved experts, no router found ...); every one is also in the result."""
-
-
-@dataclass(frozen=True)
-class NBitsLayout:
-    """int4: block sizes and the embedding's width.
-
-    Expert weights (most of an MoE's parameters) use ``expert_block_size``; the other MatMuls (attention,
-    dense MLPs, lm_head: a small share of the parameters that every token goes through) the finer
-    ``dense_block_size``; the embedding table is stored at ``embedding_bits`` (8: int8 per tensor, 4: 4-bit
-    blocks). Measured on the trained sample's held-out text (first 64 windows of 128 bytes, BENCHMARKS.md):
-    all at 4 bits / block 32, worst-layer routing agreement 0.947 at 0.181 of the fp32 size; embedding at
-    8 bits 0.951 / 0.183; plus dense block 16: 0.958 / 0.187.
-    """
-
-    expert_block_size: int
-    dense_block_size: int
-    embedding_bits: int
-
-    def validate(self) -> None:
-        for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size)):
-            if size < 16 or size & (size - 1):
-                raise MoeportError(f"{label} must be a power of two >= 16, got {size}")
-        if self.embedding_bits not in (4, 8):
-            raise MoeportError(f"embedding bits must be 4 or 8, got {self.embedding_bits}")
-
-    def describe(self) -> str:
-        embedding = "int8 per tensor" if self.embedding_bits == 8 else f"4-bit blocks of {self.expert_block_size}"
-        return (f"expert weights 4-bit blocks of {self.expert_block_size}, other MatMuls 4-bit blocks of "
-                f"{self.dense_block_size}, embedding {embedding}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 
@@ -17,9 +18,13 @@ from moeport.exporter.reference import CheckpointReference
 from tiny_hf import save_char_tokenizer
 from moeport.quant import apply, core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
 from moeport.quant.calibration import starvation_threshold
+from moeport.quant.apply import ApplyStep
 from moeport.quant.modes import QuantMode
 from moeport.quant import schemes
 from moeport.quant.schemes import choose_scheme, cpu_flags
+
+# The module, not the function ``moeport.quant.modes`` that the package exports under the same name.
+modes_module = importlib.import_module("moeport.quant.modes")
 
 TEXT = (b"def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 40)
 
@@ -309,6 +314,30 @@ def test_mode_registry_validates():
         register_mode(QuantMode("int8-x", "dynamic", "", True, 0.3, 0.9, 0.1))
     with pytest.raises(MoeportError, match="unknown quantization mode 'int9'; choose one of int8, int8-dynamic"):
         get_mode("int9")
+
+
+def test_a_new_mode_is_one_registration(topk, tmp_path, monkeypatch):
+    """A mode carries its apply step: reusing a registered step takes its kind's name; nothing else changes."""
+    monkeypatch.setattr(modes_module, "_MODES", dict(modes_module._MODES))
+    mode = register_mode(QuantMode("int8-blocks", "nbits", "8-bit block weights", False, 0.35, 0.95, 0.05, bits=8))
+    assert mode.step is get_mode("int4").step and get_mode("int8-blocks") is mode
+    result = quantize(topk.output, tmp_path / "b.onnx", mode="int8-blocks", latency_runs=0, perplexity=False)
+    nbits = [n for n in onnx.load(result.output).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 57 and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {8}
+    assert result.to_dict()["mode"]["kind"] == "nbits"
+
+
+def test_mode_registry_validates_steps(monkeypatch):
+    monkeypatch.setattr(modes_module, "_MODES", dict(modes_module._MODES))
+    with pytest.raises(ValueError, match=r"kind must be one of \('qdq_static', 'dynamic', 'fp16', 'nbits'\)"):
+        register_mode(QuantMode("int3", "magic", "", False, 0.1, 0.9, 0.1))
+    with pytest.raises(ValueError, match="kind 'nbits' must name its step 'fp16'"):
+        register_mode(QuantMode("int3", "nbits", "", False, 0.1, 0.9, 0.1, step=get_mode("fp16").step))
+    with pytest.raises(ValueError, match="kind 'nbits' already names another registered step"):
+        register_mode(QuantMode("int3", "nbits", "", False, 0.1, 0.9, 0.1, step=ApplyStep("nbits", lambda job: None)))
+    with pytest.raises(ValueError, match="run must be a function"):
+        ApplyStep("nbits2", None)
+    assert "int3" not in [m.name for m in modes()]
 
 
 def test_schemes_follow_cpu_and_target(tmp_path):
