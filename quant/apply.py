@@ -10,7 +10,6 @@ it skip Gemm). A ``QuantMode`` (``moeport.quant.modes``) carries its step; the b
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import re
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from typing import Callable
 import onnx
 
 from moeport.quant import calibration as calib
-from moeport.quant.passes import gemms_as_matmuls, topological
 from moeport.quant.router import find_expert_matmuls
 from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
 
@@ -82,7 +80,8 @@ def _pre_processed(model: Path | onnx.ModelProto, staged: Path) -> Path:
 
 @dataclass
 class QuantJob:
-    """What an apply step gets: the fp32 model (``source`` file, ``proto`` in memory), where to write
+    """What an apply step gets: the fp32 model (``source`` file; ``proto``: prepared by the pipeline's passes,
+    the step may change it), where to write
     (``staged``), the nodes to quantize (``targets``) and to leave alone (``exclude``: the routers), and the
     mode's settings (``bits``, ``scheme`` for 8-bit steps, ``layout`` for int4, ``calibration`` and its
     ``overrides`` (onnxruntime TensorQuantOverrides) for static quantization)."""
@@ -117,7 +116,8 @@ class ApplyStep:
     ``down``: the step takes an 8-bit ``IntScheme`` (``job.scheme``) and how far it may widen the expert
     down-projection inputs; None for steps without one. ``layout``: the step uses ``job.layout``.
     ``unprotected_ops``: router op types it also quantizes when the router is not protected (QDQ puts Q/DQ on
-    Softmax/Sigmoid like onnxruntime's defaults).
+    Softmax/Sigmoid like onnxruntime's defaults). ``gemms_as_matmuls``: the tool skips Gemm, so the pipeline
+    rewrites the targeted Gemms as MatMul before it runs (``passes.GemmAsMatMulPass``).
     """
 
     name: str
@@ -126,6 +126,7 @@ class ApplyStep:
     down: WideDown | None = None
     layout: bool = False
     unprotected_ops: tuple[str, ...] = ()
+    gemms_as_matmuls: bool = False
 
     def __post_init__(self):
         if not _STEP_NAME.match(self.name):
@@ -134,19 +135,12 @@ class ApplyStep:
             raise ValueError(f"apply step {self.name!r}: run must be a function of a QuantJob")
 
 
-def _without_gemms(job: QuantJob) -> onnx.ModelProto:
-    """A copy of the source with the targeted Gemms as MatMuls (the copy is changed by the steps that follow)."""
-    proto = copy.deepcopy(job.proto)
-    gemms_as_matmuls(proto, job.names_of("Gemm"))
-    return proto
-
-
 def run_qdq_static(job: QuantJob) -> onnx.ModelProto:
     """``quantize_static`` in QDQ format: per-channel weights, MinMax-calibrated activations."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     scheme = job.scheme
-    prepared = _pre_processed(job.source, job.staged)
+    prepared = _pre_processed(job.proto, job.staged)
     # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
     # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
     # the report notes the new opset instead.
@@ -174,7 +168,7 @@ def run_dynamic(job: QuantJob) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     scheme = job.scheme
-    source = _without_gemms(job)  # there is no dynamic Gemm kernel
+    source = job.proto
     down = set()
     if scheme.down_activation_type == FLOAT:
         down = {n.name for group, nodes in find_expert_matmuls(source).items()
@@ -195,12 +189,10 @@ def run_fp16(job: QuantJob) -> onnx.ModelProto:
     """``onnxruntime.transformers.float16``: float16 weights and compute, float32 graph inputs and outputs."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    converted = convert_float_to_float16(copy.deepcopy(job.proto), keep_io_types=True,
-                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-                                         node_block_list=sorted(job.exclude))
-    # The converter appends the Casts it adds for initializers after their consumers; ORT and the
-    # checker need topological order.
-    return topological(converted)
+    # The converter appends the Casts it adds for initializers after their consumers; quantize() puts the
+    # nodes back in topological order (ORT and the checker need it).
+    return convert_float_to_float16(job.proto, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                    node_block_list=sorted(job.exclude))
 
 
 def run_nbits(job: QuantJob) -> onnx.ModelProto:
@@ -209,7 +201,7 @@ def run_nbits(job: QuantJob) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     layout = job.layout
-    source = _without_gemms(job)  # the n-bit quantizer skips Gemm
+    source = job.proto
     experts = {n.name for nodes in find_expert_matmuls(source).values() for n in nodes}
     gathers = job.names_of("Gather")
     matmuls = set(job.names) - gathers
@@ -230,6 +222,6 @@ def run_nbits(job: QuantJob) -> onnx.ModelProto:
 
 QDQ_STATIC = ApplyStep("qdq_static", run_qdq_static, calibrated=True, down=STATIC_DOWN,
                        unprotected_ops=("Softmax", "Sigmoid"))
-DYNAMIC = ApplyStep("dynamic", run_dynamic, down=DYNAMIC_DOWN)
+DYNAMIC = ApplyStep("dynamic", run_dynamic, down=DYNAMIC_DOWN, gemms_as_matmuls=True)  # no dynamic Gemm kernel
 FP16 = ApplyStep("fp16", run_fp16)
-NBITS = ApplyStep("nbits", run_nbits, layout=True)
+NBITS = ApplyStep("nbits", run_nbits, layout=True, gemms_as_matmuls=True)

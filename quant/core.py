@@ -22,7 +22,6 @@ The output is written to a temporary file beside ``out`` and renamed into place 
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import time
@@ -31,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
 from moeport._fs import check_output_file, staged_file, writing
 from moeport.contract import Reference, optional_model_info, read_metadata
@@ -40,7 +40,8 @@ from moeport.quant import quality as qual
 from moeport.quant import ranges
 from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
 from moeport.quant.modes import get_mode, modes
-from moeport.quant.passes import stamp, strip_debug_metadata
+from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, TOPOLOGICAL_SORT, GemmAsMatMulPass,
+                                  StampQuantizationPass, node_metadata_bytes, run_passes, serialize)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.router import find_routers, float_router_nodes
 from moeport.quant.schemes import DEFAULT_MODE, TARGETS, NBitsLayout, choose_scheme
@@ -196,15 +197,23 @@ def quantize(
     for message in result_warnings:
         warnings.warn(message, QuantizeWarning, stacklevel=2)
 
+    prepared = ir.from_proto(proto)
+    passes = [CLEAR_METADATA]
+    if step.gemms_as_matmuls:
+        passes += [GemmAsMatMulPass({n.name for n in targeted if n.op_type == "Gemm"}), REMOVE_UNUSED]
+    pass_records = run_passes(prepared, passes)
     with staged_file(out) as staging:  # nothing is written when a step fails
         staged = staging / out.name
         with writing(out):  # onnxruntime's quantizers write the staged file themselves
-            quantized = step.run(QuantJob(model, proto, staged, targeted, exclude, spec.bits, scheme=scheme,
-                                          layout=layout, calibration=data, overrides=overrides))
-        stamp(quantized, proto, {"mode": spec.name, "target": target, "keep_router": keep_router,
-                                  "scheme": None if scheme is None else scheme.to_dict(),
-                                  "nbits_layout": None if layout is None else layout.to_dict()})
-        strip_debug_metadata(quantized)
+            quantized = ir.from_proto(step.run(QuantJob(model, ir.to_proto(prepared), staged, targeted, exclude,
+                                                        spec.bits, scheme=scheme, layout=layout, calibration=data,
+                                                        overrides=overrides)))
+        info = {"mode": spec.name, "target": target, "keep_router": keep_router,
+                "scheme": None if scheme is None else scheme.to_dict(),
+                "nbits_layout": None if layout is None else layout.to_dict()}
+        source_metadata = {p.key: p.value for p in proto.metadata_props}
+        pass_records += run_passes(quantized, [StampQuantizationPass(source_metadata, info), TOPOLOGICAL_SORT])
+        quantized = serialize(quantized)
         with writing(out):
             onnx.save(quantized, str(staged))
         onnx.checker.check_model(str(staged))
@@ -217,7 +226,7 @@ def quantize(
     output_ops = {op: after_ops[op] - before_ops[op] for op in quant_ops if after_ops[op] - before_ops[op]}
 
     report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(proto),
-                                qual.weight_bytes(quantized), strip_debug_metadata(copy.deepcopy(proto)))
+                                qual.weight_bytes(quantized), node_metadata_bytes(proto))
     text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
     if text_path is not None and not text_path.is_file():
         raise MoeportError(f"held-out text not found: {text_path}")
@@ -253,4 +262,5 @@ def quantize(
         router_kept_float=float_kept, quantized_nodes=dict(Counter(n.op_type for n in targeted)),
         output_ops=output_ops, casts_added=after_ops["Cast"] - before_ops["Cast"], calibration=calibration_info,
         quality=report, seconds=time.perf_counter() - started, warnings=result_warnings, layout=layout,
+        passes=pass_records,
     )

@@ -1,84 +1,192 @@
-"""Graph surgery around onnxruntime's quantizers: Gemm as MatMul, debug metadata, topological order, stamping."""
+"""Graph rewrites around onnxruntime's quantizers, as ``onnx_ir`` passes.
+
+Every pass here is an in-place ``onnx_ir`` pass whose ``call`` returns ``Rewritten(model, modified, note)``:
+``note`` says what it changed or, when ``modified`` is False, why it changed nothing. ``run_passes`` runs a
+list of them in order and returns one ``PassRecord`` per pass (the quantize report lists them); a pass that
+raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
+
+- ``GemmAsMatMulPass(names)``: the named plain ``Gemm`` nodes with a constant B as ``MatMul`` [+ ``Add``];
+- ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
+- ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's
+  per-node provenance, and doc strings; the model's own metadata stays);
+- ``REMOVE_UNUSED``: onnx_ir's ``RemoveUnusedNodesPass`` (e.g. the ``[N, K]`` originals of transposed weights);
+- ``TOPOLOGICAL_SORT``: onnx_ir's ``TopologicalSortPass`` (onnxruntime and the checker need node order).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import ClearMetadataAndDocStringPass, RemoveUnusedNodesPass, TopologicalSortPass
 
 from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
 
 
-def stamp(proto: onnx.ModelProto, source: onnx.ModelProto, info: dict) -> None:
-    """Carry the source's moeport metadata over (verify needs it) and record how it was quantized."""
-    have = {p.key for p in proto.metadata_props}
-    for prop in source.metadata_props:
-        if prop.key not in have:
-            proto.metadata_props.add(key=prop.key, value=prop.value)
-    for prop in list(proto.metadata_props):
-        if prop.key == METADATA_KEY:
-            proto.metadata_props.remove(prop)
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(info, sort_keys=True))
+@dataclass
+class Rewritten(ir.passes.PassResult):
+    """A pass result that says what changed, or why nothing did."""
+
+    note: str = ""
 
 
-def gemms_as_matmuls(proto: onnx.ModelProto, names: set[str]) -> int:
-    """Rewrite the named ``Gemm(A, B[, C])`` with a constant B as ``MatMul(A, B')`` [+ ``Add(C)``], in place.
+@dataclass(frozen=True)
+class PassRecord:
+    """One pass as it ran: its name, whether it changed the model, and its note."""
+
+    name: str
+    modified: bool
+    note: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class QuantPass(ir.passes.InPlacePass):
+    """Base of the passes here: ``call`` returns ``Rewritten``; ``name`` is how reports call the pass."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+class Explained(QuantPass):
+    """A stock onnx_ir pass with the notes it does not give: ``changed`` when it modified the model,
+    ``unchanged`` (why nothing was to do) when it did not."""
+
+    def __init__(self, stock: ir.passes.PassBase, changed: str, unchanged: str):
+        super().__init__()
+        self.stock, self.changed, self.unchanged = stock, changed, unchanged
+
+    @property
+    def name(self) -> str:
+        return type(self.stock).__name__
+
+    def call(self, model: ir.Model) -> Rewritten:
+        result = self.stock(model)
+        return Rewritten(result.model, result.modified, self.changed if result.modified else self.unchanged)
+
+
+CLEAR_METADATA = Explained(ClearMetadataAndDocStringPass(), "dropped node and graph metadata and doc strings",
+                           "no node or graph carried metadata or a doc string")
+REMOVE_UNUSED = Explained(RemoveUnusedNodesPass(), "removed nodes and initializers nothing reads",
+                          "every node and initializer is used")
+TOPOLOGICAL_SORT = Explained(TopologicalSortPass(), "put the nodes in topological order",
+                             "the nodes were already in topological order")
+
+
+class GemmAsMatMulPass(QuantPass):
+    """Rewrite the named ``Gemm(A, B[, C])`` with a constant B as ``MatMul(A, B')`` [+ ``Add(C)``].
 
     Why: MatMulNBitsQuantizer and quantize_dynamic skip Gemm, and torch exports a 2-D ``nn.Linear`` (shared
-    experts, routers) as Gemm. Only the plain form (alpha = beta = 1, transA = 0) is rewritten; B is
-    stored transposed when transB = 1, so the MatMul weight is ``[K, N]``. Returns how many were rewritten.
+    experts, routers) as Gemm. Only the plain form (alpha = beta = 1, transA = 0, B an initializer) is
+    rewritten; B ``[N, K]`` is stored transposed when transB = 1, so the MatMul weight is ``[K, N]``. The
+    MatMul keeps the Gemm's name (the quantizers are told node names); the old B is left for
+    ``REMOVE_UNUSED``. The note lists Gemms left alone and why.
     """
-    inits = {i.name: i for i in proto.graph.initializer}
-    rewritten = 0
-    nodes = []
+
+    def __init__(self, names: set[str]):
+        super().__init__()
+        self.names = frozenset(names)
+
+    @staticmethod
+    def _why_not(node: ir.Node) -> str | None:
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return "alpha or beta is not 1"
+        if attrs.get("transA", 0):
+            return "transA is set"
+        if node.inputs[1] is None or node.inputs[1].const_value is None:
+            return "B is not an initializer"
+        return None
+
+    def call(self, model: ir.Model) -> Rewritten:
+        graph = model.graph
+        rewritten, left = 0, []
+        for node in [n for n in graph if n.op_type == "Gemm" and n.name in self.names]:
+            reason = self._why_not(node)
+            if reason is not None:
+                left.append(f"{node.name} ({reason})")
+                continue
+            x, weight = node.inputs[0], node.inputs[1]
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if node.attributes.get("transB") is not None and node.attributes["transB"].value:
+                transposed = np.ascontiguousarray(weight.const_value.numpy().T)
+                weight = ir.Value(name=f"{weight.name}_kn", shape=ir.Shape(transposed.shape),
+                                  type=ir.TensorType(weight.dtype), const_value=ir.tensor(transposed))
+                graph.register_initializer(weight)
+            new_nodes = [ir.node("MatMul", [x, weight], name=node.name)]
+            if bias is not None:
+                new_nodes.append(ir.node("Add", [new_nodes[0].outputs[0], bias], name=f"{node.name}_bias"))
+            ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]],
+                                                    [new_nodes[-1].outputs[0]])
+            rewritten += 1
+        if rewritten:
+            note = f"rewrote {rewritten} Gemm as MatMul"
+        elif not self.names:
+            note = "no Gemm among the nodes to quantize"
+        else:
+            note = "no named Gemm in the plain form"
+        if left:
+            note += "; left as Gemm: " + ", ".join(left)
+        return Rewritten(model, bool(rewritten), note)
+
+
+class StampQuantizationPass(QuantPass):
+    """Carry the source's metadata over (verify needs the ``moeport.*`` keys; some quantizers drop them) and
+    record how the model was quantized under ``moeport.quantization`` (JSON of ``info``, the last key)."""
+
+    def __init__(self, source_metadata: dict[str, str], info: dict):
+        super().__init__()
+        self.source_metadata, self.info = source_metadata, info
+
+    def call(self, model: ir.Model) -> Rewritten:
+        props = model.metadata_props
+        carried = [key for key in self.source_metadata if key not in props and key != METADATA_KEY]
+        props.update({key: self.source_metadata[key] for key in carried})
+        props.pop(METADATA_KEY, None)  # a re-quantized file: the new record replaces the old, last in the list
+        props[METADATA_KEY] = json.dumps(self.info, sort_keys=True)
+        return Rewritten(model, True, f"carried {len(carried)} metadata keys over; recorded the quantization")
+
+
+def run_passes(model: ir.Model, passes: list[QuantPass]) -> list[PassRecord]:
+    """Run ``passes`` on ``model`` in order (in place); one record per pass."""
+    records = []
+    for quant_pass in passes:
+        try:
+            result = quant_pass(model)
+        except Exception as exc:  # a bug in a pass: re-raised, naming it (the traceback is kept)
+            raise ir.passes.PassError(f"quantize pass {quant_pass.name} failed") from exc
+        records.append(PassRecord(quant_pass.name, result.modified, result.note))
+    return records
+
+
+def serialize(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a ModelProto with the quantization record last among the metadata, where moeport has always
+    written it (onnx_ir serializes metadata sorted by key)."""
+    proto = ir.to_proto(model)
+    props = [(p.key, p.value) for p in proto.metadata_props]
+    props.sort(key=lambda kv: kv[0] == METADATA_KEY)  # stable: the others keep their order
+    del proto.metadata_props[:]
+    for key, value in props:
+        proto.metadata_props.add(key=key, value=value)
+    return proto
+
+
+def node_metadata_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of per-node metadata and doc strings in ``proto`` (what ``CLEAR_METADATA`` drops): torch.onnx
+    annotates every node with its FX node and stack trace, a third of a small exported file."""
+    total = 0
     for node in proto.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
-        if node.op_type != "Gemm" or node.name not in names or not plain or node.input[1] not in inits:
-            nodes.append(node)
-            continue
-        weight = node.input[1]
-        if attrs.get("transB", 0):
-            array = np.ascontiguousarray(onnx.numpy_helper.to_array(inits[weight]).T)
-            weight = f"{weight}_kn"
-            proto.graph.initializer.append(onnx.numpy_helper.from_array(array, weight))
-        product = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}_matmul"
-        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
-        if product != node.output[0]:
-            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]],
-                                               name=f"{node.name}_bias"))
-        rewritten += 1
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    used = {i for n in proto.graph.node for i in n.input}
-    for init in [i for i in proto.graph.initializer if i.name not in used]:
-        proto.graph.initializer.remove(init)  # the [N, K] originals of transposed weights
-    return rewritten
-
-
-def topological(proto: onnx.ModelProto) -> onnx.ModelProto:
-    import onnx_ir as ir
-    from onnx_ir.passes.common import TopologicalSortPass
-
-    model = ir.from_proto(proto)
-    TopologicalSortPass()(model)
-    return ir.to_proto(model)
-
-
-def strip_debug_metadata(proto: onnx.ModelProto) -> int:
-    """Drop torch.onnx's per-node provenance (stack traces, FX node text); returns the bytes saved.
-
-    It is a third of a small exported file and nothing reads it at run time.
-    """
-    before = proto.ByteSize()
-    for node in proto.graph.node:
-        keep = [(p.key, p.value) for p in node.metadata_props
-                if not (p.key.startswith("pkg.torch.") or p.key == "namespace")]
-        if len(keep) != len(node.metadata_props):
-            node.ClearField("metadata_props")
-            for key, value in keep:
-                node.metadata_props.add(key=key, value=value)
-    return before - proto.ByteSize()
+        if node.metadata_props or node.doc_string:
+            bare = onnx.NodeProto()
+            bare.CopyFrom(node)
+            bare.ClearField("metadata_props")
+            bare.ClearField("doc_string")
+            total += node.ByteSize() - bare.ByteSize()
+    return total

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moeport.quant import quality as qual
 from moeport.quant.modes import QuantMode
+from moeport.quant.passes import PassRecord
 from moeport.quant.router import RouterPlan
 from moeport.quant.schemes import FLOAT, IntScheme, NBitsLayout
 
@@ -39,6 +40,7 @@ class QuantizeResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     layout: NBitsLayout | None = None
+    passes: list[PassRecord] = field(default_factory=list)  # the graph rewrites around the quantizer
 
     def targets_met(self) -> dict[str, bool | None]:
         """Each of the mode's targets: True/False, None when not measured."""
@@ -69,6 +71,7 @@ class QuantizeResult:
             "quality": self.quality.to_dict(),
             "targets_met": self.targets_met(),
             "seconds": round(self.seconds, 2),
+            "passes": [p.to_dict() for p in self.passes],
             "warnings": self.warnings,
         }
 
@@ -87,6 +90,7 @@ class QuantizeResult:
                          f"{', reduce_range' if s.reduce_range else ''} ({s.reason})")
         if self.layout is not None:
             lines.append(f"layout: {self.layout.describe()}")
+        lines.append("graph passes: " + "; ".join(f"{p.name}: {p.note}" for p in self.passes))
         lines.append("nodes quantized: " + ", ".join(f"{k} {v}" for k, v in self.quantized_nodes.items())
                      + "; output ops: " + ", ".join(f"{k} {v}" for k, v in self.output_ops.items()))
         if self.keep_router:

@@ -276,6 +276,10 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert "GatherBlockQuantized" not in {n.op_type for n in model.graph.node}
     assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 4-bit blocks of 16, "
                                         "embedding int8 per tensor")
+    # the graph passes around the quantizer, each with what it did or why it did nothing
+    assert [p.name for p in result.passes] == ["ClearMetadataAndDocStringPass", "GemmAsMatMulPass",
+                                               "RemoveUnusedNodesPass", "StampQuantizationPass", "TopologicalSortPass"]
+    assert all(p.note for p in result.passes) and "graph passes: ClearMetadataAndDocStringPass" in result.render()
     assert result.quality.weights_ratio < 0.2
 
 
