@@ -19,7 +19,7 @@ from typing import Callable
 import onnx
 
 from moeport.quant import calibration as calib
-from moeport.quant.router import find_expert_matmuls
+from moeport.runtime.moe_graph import find_expert_matmuls
 from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
 
 DEFAULT_BLOCK_SIZE = 32

@@ -43,7 +43,7 @@ from moeport.quant.modes import get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, TOPOLOGICAL_SORT, GemmAsMatMulPass,
                                   StampQuantizationPass, node_metadata_bytes, run_passes, serialize)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
-from moeport.quant.router import find_routers, float_router_nodes
+from moeport.runtime.moe_graph import find_routers, float_router_nodes
 from moeport.quant.schemes import DEFAULT_MODE, TARGETS, NBitsLayout, choose_scheme
 from moeport.samples import TRAINED_DIR
 

@@ -21,7 +21,7 @@ import onnx
 from moeport.contract import Reference
 from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
-from moeport.quant.router import find_routers
+from moeport.runtime.moe_graph import find_routers
 from moeport.runtime.session import create_session
 from moeport.runtime.timing import time_runs
 from moeport.runtime.verify import verify

@@ -15,7 +15,7 @@ import onnx
 
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
-from moeport.quant.router import ExpertGroup, RouterPlan, find_expert_matmuls
+from moeport.runtime.moe_graph import ExpertGroup, RouterPlan, find_expert_matmuls
 
 
 def expert_inputs(model: onnx.ModelProto, weight_nodes: list[onnx.NodeProto]) -> dict[ExpertGroup, dict[int, str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from moeport.quant import quality as qual
 from moeport.quant.modes import QuantMode
 from moeport.quant.passes import PassRecord
-from moeport.quant.router import RouterPlan
+from moeport.runtime.moe_graph import RouterPlan
 from moeport.quant.schemes import FLOAT, IntScheme, NBitsLayout
 
 

@@ -16,12 +16,13 @@ from moeport.cli import main
 from moeport.errors import MoeportError
 from moeport.exporter.reference import CheckpointReference
 from tiny_hf import save_char_tokenizer
-from moeport.quant import apply, core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
+from moeport.quant import apply, core, get_mode, modes, quantize, register_mode
 from moeport.quant.calibration import starvation_threshold
 from moeport.quant.apply import ApplyStep
 from moeport.quant.modes import QuantMode
 from moeport.quant import schemes
 from moeport.quant.schemes import choose_scheme, cpu_flags
+from moeport.runtime.moe_graph import find_expert_matmuls, find_routers
 
 # The module, not the function ``moeport.quant.modes`` that the package exports under the same name.
 modes_module = importlib.import_module("moeport.quant.modes")

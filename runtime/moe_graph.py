@@ -1,0 +1,372 @@
+"""The MoE structure of an ONNX graph, from the graph alone (no torch, no weights): routers and expert MatMuls.
+
+Shared by quantization (keep routers float, treat experts and their down projections apart) and the runtime's
+expert-efficiency measurement, so both see the same experts. Works on exported fp32 graphs and on quantized
+ones (it looks through QuantizeLinear/DequantizeLinear/Cast and knows the quantized MatMul ops).
+
+Routers (``find_routers``): ``gate (MatMul|Gemm with a constant weight) [-> Add bias] -> Softmax|Sigmoid
+[-> Add correction bias] -> TopK``. Its protected set is those nodes plus every node downstream of them
+whose dynamic inputs all come from the router and whose outputs are float (the top-k weight
+normalisation: ReduceSum/Div, GatherElements of sigmoid scores, scaling Mul, the Reshape feeding the
+dispatch). The walk stops at integer tensors (expert ids go on into the dispatch's sort keys, which no
+quantizer touches) and at any node that also reads a non-router tensor (the expert MatMuls, the
+weighted combine), so the dispatch itself stays quantizable. Tensors computed from constants and shapes
+alone (``Shape`` -> ``Gather`` -> ``Concat`` ...) count as constants throughout.
+
+Why keep routers in float (PITFALLS.md): quantizing Softmax to a fixed [0, 1] uint8 grid creates ties
+that TopK breaks toward the lowest index; with 64 experts, top-8 only ~75% of tokens keep their expert
+set.
+
+Experts (``find_expert_matmuls``, ``expert_layers``): see ``find_expert_matmuls``.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+_GATE_OPS = ("MatMul", "Gemm")
+_SCORE_OPS = ("Softmax", "Sigmoid")
+# Ops the closure never crosses: they do the experts' compute, not the routing arithmetic.
+_COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "MatMulInteger", "MatMulNBits", "QLinearMatMul"})
+# Quantizer-inserted ops a backward walk may look through when analysing an already quantized graph.
+_TRANSPARENT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"})
+_MAX_WALK = 12  # nodes walked from an expert MatMul to its segment or its routing weight (SwiGLU needs 5)
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+# The MatMuls that may carry an expert's weight, float or quantized.
+_EXPERT_OPS = frozenset({"MatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul"})
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+
+
+@dataclass
+class Router:
+    """One router: its gate, score and TopK nodes (names) and the TopK outputs (values, indices)."""
+
+    gate: str
+    score: str
+    topk: str
+    scores_output: str  # tensor TopK ranks: [tokens, E] float
+    indices_output: str  # TopK indices: [tokens, k] int64
+
+
+@dataclass
+class RouterPlan:
+    """Every router of a graph and the node names to keep in float32."""
+
+    routers: list[Router] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # graph order
+    op_types: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"routers": len(self.routers), "nodes": len(self.nodes), "op_types": self.op_types}
+
+
+class _Graph:
+    """Producer/consumer maps of a graph, with constants marked: initializers, Constant outputs, and whatever is
+    computed from constants and shapes alone (``Shape``/``Size`` outputs, shape arithmetic on them, a
+    ConstantOfShape of it, a Cast or DequantizeLinear of an initializer)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.model = model
+        self.nodes = list(graph.node)
+        self.producer = {out: node for node in self.nodes for out in node.output if out}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.constants = set(self.initializers)
+        changed = True
+        while changed:  # one pass for a topologically sorted graph; the second confirms it
+            changed = False
+            for node in self.nodes:
+                if node.output[0] in self.constants:
+                    continue
+                inputs = [i for i in node.input if i]
+                if node.op_type in _SHAPE_OPS or (inputs and all(i in self.constants for i in inputs)) or \
+                        (node.op_type == "Constant"):
+                    self.constants.update(o for o in node.output if o)
+                    changed = True
+
+    @functools.cached_property
+    def elem_type(self) -> dict[str, int]:
+        """Tensor name -> ONNX element type, from shape inference (only what it could infer)."""
+        graph = self.model.graph
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False, data_prop=False).graph
+            values = list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+        except onnx.shape_inference.InferenceError:
+            # Without types the float test below falls back to "unknown = float": the plan only grows.
+            values = list(graph.value_info) + list(graph.output) + list(graph.input)
+        return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+
+    def source(self, name: str, transparent: bool = True) -> onnx.NodeProto | None:
+        """The node producing ``name``, looking through Q/DQ/Cast when ``transparent``."""
+        node = self.producer.get(name)
+        while transparent and node is not None and node.op_type in _TRANSPARENT_OPS:
+            node = self.producer.get(node.input[0])
+        return node
+
+    def dynamic_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [name for name in node.input if name and name not in self.constants]
+
+    def is_float(self, name: str) -> bool:
+        return self.elem_type.get(name, TensorProto.FLOAT) in _FLOAT_TYPES
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of a constant held in the graph (an initializer with its data, a Constant node); None
+        when it is not one or its data is not loaded."""
+        init = self.initializers.get(name)
+        if init is not None:
+            if init.data_location == TensorProto.EXTERNAL or (not init.raw_data and not _typed_data(init)):
+                return None
+            return numpy_helper.to_array(init)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+
+def _typed_data(tensor: onnx.TensorProto) -> bool:
+    return any(len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
+                                                  "uint64_data", "string_data"))
+
+
+def _match_router(g: _Graph, topk: onnx.NodeProto) -> tuple[Router, list[str]] | None:
+    """The router ending at ``topk``, with the names of its chain nodes; None when it is not one."""
+    chain = [topk.name]
+    node = g.source(topk.input[0])
+    if node is not None and node.op_type == "Add" and any(i in g.constants for i in node.input):
+        chain.append(node.name)  # score + correction bias (DeepSeek-style selection)
+        node = g.source(next(i for i in node.input if i not in g.constants))
+    if node is None or node.op_type not in _SCORE_OPS:
+        return None
+    score = node
+    chain.append(score.name)
+    node = g.source(score.input[0])
+    if node is not None and node.op_type == "Add" and any(i in g.constants for i in node.input):
+        chain.append(node.name)  # gate bias of a MatMul + Add projection
+        node = g.source(next(i for i in node.input if i not in g.constants))
+    if node is None or node.op_type not in _GATE_OPS or len(node.input) < 2:
+        return None
+    weight = node.input[1]
+    weight_node = g.producer.get(weight)
+    if weight not in g.constants and not (weight_node is not None and weight_node.op_type in _TRANSPARENT_OPS):
+        return None  # an activation x activation product (attention), not a gate projection
+    chain.append(node.name)
+    return Router(node.name, score.name, topk.name, topk.input[0], topk.output[1]), chain
+
+
+def find_routers(model: onnx.ModelProto) -> RouterPlan:
+    """Every router in ``model`` and the nodes to keep in float32 (see the module docstring)."""
+    return _plan(_Graph(model))
+
+
+def _plan(g: _Graph) -> RouterPlan:
+    plan = RouterPlan()
+    protected: set[str] = set()
+    for node in g.nodes:
+        if node.op_type == "TopK":
+            match = _match_router(g, node)
+            if match is not None:
+                plan.routers.append(match[0])
+                protected.update(match[1])
+    # Tensors produced by the router: outputs of protected nodes, plus chain intermediates.
+    produced = {out for node in g.nodes if node.name in protected for out in node.output}
+    changed = True
+    while changed:  # graphs are topologically sorted, so this settles in one or two passes
+        changed = False
+        for node in g.nodes:
+            if node.name in protected or node.op_type in _COMPUTE_OPS:
+                continue
+            inputs = g.dynamic_inputs(node)
+            if inputs and all(i in produced for i in inputs) and all(g.is_float(o) for o in node.output if o):
+                protected.add(node.name)
+                produced.update(o for o in node.output if o)
+                changed = True
+    plan.nodes = [node.name for node in g.nodes if node.name in protected]
+    plan.op_types = dict(sorted(Counter(node.op_type for node in g.nodes if node.name in protected).items()))
+    return plan
+
+
+class ExpertGroup(NamedTuple):
+    """Key of one group of expert MatMuls (one per expert, same projection, same layer).
+
+    ``rows``: the tensor that identifies the layer's dispatch -- the expert-sorted rows the experts' segments
+    are cut from (sorted, capacity), or the routing weights ``[tokens, E]`` that scale each expert's output
+    (dense); ``crossed``: how many of the expert's own MatMuls lie between its input and this MatMul (0:
+    gate/up, 1: down); ``index``: numbers the MatMuls of one expert at the same depth (SwiGLU experts'
+    separate gate and up).
+    """
+
+    rows: str
+    crossed: int
+    index: int
+
+    @property
+    def is_down_projection(self) -> bool:
+        """The MatMul reads the expert's own hidden state (``down(silu(gate) * up)``), not its input rows."""
+        return self.crossed > 0
+
+
+def find_expert_matmuls(model: onnx.ModelProto) -> dict[ExpertGroup, list[onnx.NodeProto]]:
+    """Expert MatMuls grouped per layer and projection, in expert order.
+
+    An expert MatMul has a constant weight (an initializer, or a DequantizeLinear/Cast of one, or a
+    quantized op's packed weight) and is tied to one expert by the dispatch:
+
+    - sorted: the expert-sorted rows are cut with one ``Split`` by routing-computed counts, and expert e runs
+      ``MatMul(segment_e, W_e)``;
+    - capacity (and earlier moeport graphs): ``MatMul(Slice(rows, start_e, end_e), W_e)``, a Slice of rows
+      (axis 0; a Slice along another axis, such as gpt-oss's interleaved gate/up, is part of the expert);
+    - dense: every expert reads all tokens and its output is scaled by column e of the router's weights
+      ``[tokens, E]`` (``Mul(y_e, Slice(weights, e, e + 1))``).
+
+    A later projection of the same expert reads that MatMul's result through elementwise ops (``down(silu(gate)
+    * up)``). Segments are found by walking back along first inputs, dense columns by walking forward.
+    Looks through Q/DQ/Cast, so it also works on quantized graphs. Groups of one MatMul are not experts and
+    are left out.
+    """
+    g = _Graph(model)
+    # (rows, crossed) -> expert -> MatMuls in graph order
+    found: dict[tuple[str, int], dict[int, list[onnx.NodeProto]]] = {}
+    slice_position = {node.name: i for i, node in enumerate(g.nodes) if node.op_type == "Slice"}
+    unplaced = []
+    for node in g.nodes:
+        if node.op_type not in _EXPERT_OPS or len(node.input) < 2 or node.input[1] not in g.constants:
+            continue
+        segment = _segment_of(g, node, slice_position)
+        if segment is None:
+            unplaced.append(node)
+        else:
+            rows, crossed, expert = segment
+            found.setdefault((rows, crossed), {}).setdefault(expert, []).append(node)
+    protected = set(_plan(g).nodes) if unplaced else set()
+    columns = _dense_columns(g, protected) if unplaced else {}
+    if columns:
+        dense: dict[str, list[tuple[int, int, onnx.NodeProto]]] = {}  # rows -> (MatMuls after, expert, node)
+        for node in unplaced:
+            placed = _column_of(g, node, columns, protected)
+            if placed is not None:
+                rows, after, expert = placed
+                dense.setdefault(rows, []).append((after, expert, node))
+        for rows, members in dense.items():
+            depth = max(after for after, _, _ in members)  # the down projection has no expert MatMul after it
+            for after, expert, node in members:
+                found.setdefault((rows, depth - after), {}).setdefault(expert, []).append(node)
+    groups: dict[ExpertGroup, list[onnx.NodeProto]] = {}
+    for (rows, crossed), experts in found.items():
+        for expert in sorted(experts):
+            for j, node in enumerate(experts[expert]):
+                groups.setdefault(ExpertGroup(rows, crossed, j), []).append(node)
+    return {key: nodes for key, nodes in groups.items() if len(nodes) > 1}
+
+
+def expert_layers(model: onnx.ModelProto) -> list[dict[ExpertGroup, list[onnx.NodeProto]]]:
+    """``find_expert_matmuls`` per MoE layer (the groups that share ``rows``), layers in graph order -- which is
+    model order: an exported graph computes layer i before layer i + 1."""
+    position = {node.name: i for i, node in enumerate(model.graph.node)}
+    layers: dict[str, dict[ExpertGroup, list[onnx.NodeProto]]] = {}
+    groups = find_expert_matmuls(model)
+    for group in sorted(groups, key=lambda key: min(position[n.name] for n in groups[key])):
+        layers.setdefault(group.rows, {})[group] = groups[group]
+    return list(layers.values())
+
+
+def _segment_of(g: _Graph, node: onnx.NodeProto, slice_position: dict[str, int]) -> tuple[str, int, int] | None:
+    """(rows, crossed, expert) of an expert MatMul of the sorted or capacity dispatch, walking back along first
+    inputs; None when no segment is within reach."""
+    crossed, value = 0, node.input[0]
+    for _ in range(_MAX_WALK):
+        source = g.producer.get(value)
+        while source is not None and source.op_type in _TRANSPARENT_OPS:
+            value = source.input[0]
+            source = g.producer.get(value)
+        if source is None:
+            return None
+        if _is_routed_split(g, source):
+            return source.input[0], crossed, list(source.output).index(value)
+        if _is_row_slice(g, source):
+            return source.input[0], crossed, slice_position[source.name]
+        crossed += source.op_type in _EXPERT_OPS
+        if not source.input:
+            return None
+        value = source.input[0]
+    return None
+
+
+def _is_routed_split(g: _Graph, node: onnx.NodeProto) -> bool:
+    """A Split whose sizes are computed in the graph (the routing's per-expert counts), not constants."""
+    return node.op_type == "Split" and len(node.input) > 1 and bool(node.input[1]) and node.input[1] not in g.constants
+
+
+def _is_row_slice(g: _Graph, node: onnx.NodeProto) -> bool:
+    """A Slice of rows (axis 0), or of axes the graph does not say."""
+    if node.op_type != "Slice":
+        return False
+    axes = g.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    return axes is None or axes.reshape(-1).tolist() == [0]
+
+
+def _dense_columns(g: _Graph, protected: set[str]) -> dict[str, tuple[str, int]]:
+    """Output of each router-computed ``Slice`` of a router-computed tensor -> (that tensor, its column's order
+    among that tensor's Slices): the dense dispatch's per-expert weights ``[tokens, 1]``. ``protected``: the
+    routers' nodes."""
+    produced = {o for node in g.nodes if node.name in protected for o in node.output}
+    columns: dict[str, tuple[str, int]] = {}
+    count: Counter = Counter()
+    for node in g.nodes:
+        if node.op_type == "Slice" and node.name in protected and node.input[0] in produced:
+            columns[node.output[0]] = (node.input[0], count[node.input[0]])
+            count[node.input[0]] += 1
+    return columns
+
+
+def _column_of(g: _Graph, node: onnx.NodeProto, columns: dict[str, tuple[str, int]],
+               protected: set[str]) -> tuple[str, int, int] | None:
+    """(rows, expert MatMuls after this one, expert) of a dense expert MatMul: walking forward through at most
+    one more of the expert's MatMuls to the ``Mul`` by its routing-weight column; None when there is none.
+    The walk never enters a router (``protected``): a MatMul before the MoE layer reaches the columns that way."""
+    frontier, seen = [(node.output[0], 0)], set()
+    for _ in range(_MAX_WALK):
+        reached = []
+        for value, after in frontier:
+            for consumer in g.consumers.get(value, []):
+                if consumer.name in seen or consumer.name in protected:
+                    continue
+                seen.add(consumer.name)
+                column = next((columns[i] for i in consumer.input if i in columns), None)
+                if consumer.op_type == "Mul" and column is not None:
+                    return column[0], after, column[1]
+                crossed = after + (consumer.op_type in _EXPERT_OPS)
+                if crossed <= 1:  # an expert has two levels of MatMuls; further on is the next layer
+                    reached += [(out, crossed) for out in consumer.output if out]
+        frontier = reached
+    return None
+
+
+def float_router_nodes(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count of router nodes in ``model`` that compute in float32: no float16 output and no
+    input from a DequantizeLinear. Found again on the output because quantize_dynamic rewrites a Gemm gate
+    as a (renamed, still float) MatMul and fp16 adds Casts at the router's edges."""
+    g = _Graph(model)
+    names = set(_plan(g).nodes)
+    counts: Counter = Counter()
+    for node in g.nodes:
+        if node.name not in names:
+            continue
+        outputs_fp32 = all(g.elem_type.get(o) != onnx.TensorProto.FLOAT16 for o in node.output if o)
+        dequantized = any(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear"
+                          for i in node.input)
+        if outputs_fp32 and not dequantized and node.op_type != "Cast":  # Casts are counted on their own
+            counts[node.op_type] += 1
+    return dict(sorted(counts.items()))
