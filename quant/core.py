@@ -1,6 +1,9 @@
 """``quantize(model, out, mode=...)``: what ``moeport quantize`` runs.
 
-The work is done by onnxruntime's tools, chosen by the mode's kind:
+A pipeline: read the fp32 model's graph and find its routers and the nodes to quantize (``_read``); run the
+calibration samples through it when the mode calibrates (``_calibrate``); write the quantized model
+(``_write``: passes that prepare the graph, the mode's apply step, passes that finish it, the checker); measure
+what it cost (``_measure``). The apply steps (``moeport.quant.apply``) are onnxruntime's tools:
 
 - ``qdq_static`` (int8): ``quantize_static`` in QDQ format, per-channel weights, MinMax calibration;
 - ``dynamic`` (int8-dynamic): ``quantize_dynamic`` (weights int8, activations quantized per run);
@@ -14,11 +17,12 @@ Which nodes: the weight-carrying ones -- MatMul/Gemm whose second input is a 2-D
 per-expert weights, e.g. gate_up ``[hidden, 2*inter]`` and down ``[inter, hidden]``, attention
 projections, lm_head) and Gather over an initializer (the embedding ``[vocab, hidden]``).
 Activation x activation MatMuls (attention scores) stay float. With ``keep_router`` (the default) the
-nodes of ``router.find_routers`` are excluded from every tool, so the gate projection, Softmax/Sigmoid,
+nodes of ``moeport.runtime.moe_graph.find_routers`` are excluded from every tool, so the gate projection, Softmax/Sigmoid,
 TopK and weight normalisation stay float32.
 
 The output is written to a temporary file beside ``out`` and renamed into place once it loads.
 """
+
 
 from __future__ import annotations
 
@@ -27,35 +31,133 @@ import os
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from moeport._fs import check_output_file, staged_file, writing
-from moeport.contract import Reference, optional_model_info, read_metadata
+from moeport.contract import ModelInfo, Reference, optional_model_info, read_metadata
 from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant import ranges
 from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
-from moeport.quant.modes import get_mode, modes
-from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, TOPOLOGICAL_SORT, GemmAsMatMulPass,
+from moeport.quant.modes import QuantMode, get_mode, modes
+from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, TOPOLOGICAL_SORT, GemmAsMatMulPass, PassRecord,
                                   StampQuantizationPass, node_metadata_bytes, run_passes, serialize)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
-from moeport.runtime.moe_graph import find_routers, float_router_nodes
-from moeport.quant.schemes import DEFAULT_MODE, TARGETS, NBitsLayout, choose_scheme
+from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, NBitsLayout, choose_scheme
+from moeport.runtime.moe_graph import RouterPlan, find_routers, float_router_nodes
 from moeport.samples import TRAINED_DIR
 
 DEFAULT_CALIBRATION_SAMPLES = 64
 DEFAULT_DENSE_BLOCK_SIZE = 16
 DEFAULT_LATENCY_RUNS = 10
+# What quantization adds to a graph (the report counts them).
+_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul",
+              "MatMulNBits", "GatherBlockQuantized", "Cast")
 
 
 def bundled_text(name: str) -> Path | None:
     """``samples/trained/<name>`` (calibration.txt, heldout.txt) when the trained sample is installed."""
     path = TRAINED_DIR / name
     return path if path.is_file() else None
+
+
+@dataclass
+class _Settings:
+    """The user's choices, checked: the mode, its 8-bit scheme or int4 layout, whether routers stay float."""
+
+    mode: QuantMode
+    target: str
+    keep_router: bool
+    scheme: IntScheme | None
+    layout: NBitsLayout | None
+
+    def to_dict(self) -> dict:
+        """What the output's ``moeport.quantization`` metadata records."""
+        return {"mode": self.mode.name, "target": self.target, "keep_router": self.keep_router,
+                "scheme": None if self.scheme is None else self.scheme.to_dict(),
+                "nbits_layout": None if self.layout is None else self.layout.to_dict()}
+
+
+@dataclass
+class _Source:
+    """The fp32 model as the pipeline sees it: the file, its graph, metadata, routers and the nodes to quantize."""
+
+    path: Path
+    proto: onnx.ModelProto  # the graph
+    metadata: dict[str, str]  # every metadata_props entry, prefixes kept
+    info: ModelInfo | None  # None: not a moeport export
+    plan: RouterPlan
+    targets: list[onnx.NodeProto]
+    exclude: set[str]  # node names no tool may touch (the routers, with keep_router)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str] | None:
+        return None if self.info is None else [layer.label for layer in self.info.layers]
+
+    @property
+    def vocab(self) -> int | None:
+        return None if self.info is None else self.info.vocab_size
+
+
+@dataclass
+class _Calibrated:
+    """The calibration samples, what they covered, and the range overrides they lead to."""
+
+    data: calib.CalibrationSet
+    report: dict  # QuantizeResult.calibration
+    overrides: dict  # onnxruntime TensorQuantOverrides
+    warnings: list[str]
+
+
+def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
+              calibration, random_calibration: bool) -> _Settings:
+    if target not in TARGETS:
+        raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    spec = get_mode(mode or DEFAULT_MODE[target])
+    step = spec.step
+    if step.layout:
+        layout.validate()
+    if not spec.needs_calibration and (calibration is not None or random_calibration):
+        raise MoeportError(f"mode {spec.name} uses no calibration data; drop --calibration/--random-calibration")
+    scheme = None
+    if step.down is not None:  # an 8-bit step
+        scheme = choose_scheme(target).with_down_activations(down_activations, target, step.down)
+    elif down_activations != "auto":
+        takers = " and ".join(m.name for m in modes() if m.step.down is not None)
+        raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
+    return _Settings(spec, target, keep_router, scheme, layout if step.layout else None)
+
+
+def _check_paths(model: Path, out: Path, force: bool) -> None:
+    if not model.is_file():
+        raise MoeportError(f"model file not found: {model}")
+    if out.resolve() == model.resolve():
+        raise MoeportError(f"output {out} is the input model; choose another file name")
+    check_output_file(out, force)
+
+
+def _read(model: Path, settings: _Settings) -> _Source:
+    """The model's graph and metadata, its routers, and the nodes to quantize."""
+    metadata = read_metadata(model)  # also refuses external data outside the model's directory
+    graph = onnx.load(str(model))
+    plan = find_routers(graph)
+    exclude = set(plan.nodes) if settings.keep_router else set()
+    targets = _weight_nodes(graph, exclude)
+    if not settings.keep_router:
+        # Unprotected means "as onnxruntime's defaults would do": QDQ puts Q/DQ on Softmax/Sigmoid too (Softmax
+        # on a fixed [0, 1] grid), which is what makes TopK see ties.
+        router_nodes = set(plan.nodes)
+        targets += [n for n in graph.graph.node
+                    if n.name in router_nodes and n.op_type in settings.mode.step.unprotected_ops]
+    found = [] if plan.routers else ["no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph"]
+    return _Source(model, graph, {p.key: p.value for p in graph.metadata_props},
+                   optional_model_info(metadata, model), plan, targets, exclude, found)
 
 
 def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
@@ -75,12 +177,112 @@ def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodePr
 _NO = onnx.TensorProto()  # stands in for "not an initializer" (no dims)
 
 
-def _check_paths(model: Path, out: Path, force: bool) -> None:
-    if not model.is_file():
-        raise MoeportError(f"model file not found: {model}")
-    if out.resolve() == model.resolve():
-        raise MoeportError(f"output {out} is the input model; choose another file name")
-    check_output_file(out, force)
+def _calibration_source(calibration, random_calibration: bool):
+    if random_calibration:
+        if calibration is not None:
+            raise MoeportError("give either --calibration or --random-calibration, not both")
+        return calib.RANDOM
+    if calibration is not None:
+        return calibration
+    source = bundled_text("calibration.txt")
+    if source is None:
+        raise MoeportError("int8 needs calibration data: pass --calibration FILE (text, .jsonl or .npz), "
+                           "or --random-calibration to accept random tokens")
+    return source
+
+
+def _calibrate(source: _Source, settings: _Settings, calibration, random_calibration: bool, samples: int,
+               encoder: calib.TextEncoder | None) -> _Calibrated:
+    """Load the calibration samples, run them through the fp32 model (coverage per expert, observed ranges) and
+    derive the range overrides: borrowed ranges for starved experts, 16-bit down-projection inputs."""
+    graph = source.proto.graph
+    initializers = {x.name for x in graph.initializer}
+    input_names = [i.name for i in graph.input if i.name not in initializers]
+    data = calib.load_calibration(_calibration_source(calibration, random_calibration), input_names=input_names,
+                                  vocab_size=source.vocab, samples=samples, encoder=encoder)
+    found = list(data.warnings)
+    expert_inputs = ranges.expert_inputs(source.proto, source.targets)
+    coverage, observed = ranges.coverage(source.path, source.plan, data, source.labels, expert_inputs)
+    overrides = ranges.borrowed_ranges(observed, expert_inputs)
+    borrowed = len(overrides)
+    if settings.scheme.down_activation_type is not None:  # static: a 16-bit type
+        overrides = ranges.wide_down_inputs(overrides, expert_inputs, settings.scheme.down_activation_type)
+    for cov in coverage:
+        if cov.starved:
+            found.append(f"experts {cov.starved} of layer {cov.label} got under 10% of an even share of the "
+                         f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens")
+    if borrowed:
+        found.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use their layer's "
+                     "activation range instead of their own")
+    report = {"source": data.source, "samples": len(data.samples), "tokens": data.tokens,
+              "coverage": [c.to_dict() for c in coverage], "borrowed_ranges": borrowed}
+    return _Calibrated(data, report, overrides, found)
+
+
+def _write(source: _Source, out: Path, settings: _Settings,
+           calibrated: _Calibrated | None) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Prepare the graph (passes), run the mode's apply step, finish the result (passes) and check it; written
+    to a staging directory and moved to ``out`` only when every step succeeded."""
+    step = settings.mode.step
+    prepared = ir.from_proto(source.proto)
+    passes = [CLEAR_METADATA]
+    if step.gemms_as_matmuls:
+        passes += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"}), REMOVE_UNUSED]
+    records = run_passes(prepared, passes)
+    with staged_file(out) as staging:  # nothing is written when a step fails
+        staged = staging / out.name
+        job = QuantJob(source.path, ir.to_proto(prepared), staged, source.targets, source.exclude,
+                       settings.mode.bits, scheme=settings.scheme, layout=settings.layout,
+                       calibration=None if calibrated is None else calibrated.data,
+                       overrides={} if calibrated is None else calibrated.overrides)
+        with writing(out):  # onnxruntime's quantizers write the staged file themselves
+            quantized = ir.from_proto(step.run(job))
+        records += run_passes(quantized, [StampQuantizationPass(source.metadata, settings.to_dict()),
+                                          TOPOLOGICAL_SORT])
+        quantized = serialize(quantized)
+        with writing(out):
+            onnx.save(quantized, str(staged))
+        onnx.checker.check_model(str(staged))
+    return quantized, records
+
+
+def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _Settings, *,
+             reference: Reference | None, encoder, heldout, perplexity: bool, latency_runs: int,
+             parity_shapes) -> qual.QualityReport:
+    """Size, parity with ``reference``, perplexity and routing on held-out text, latency: before vs after."""
+    model, graph, spec = source.path, source.proto, settings.mode
+    report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(graph),
+                                qual.weight_bytes(quantized), node_metadata_bytes(graph))
+    text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
+    if text_path is not None and not text_path.is_file():
+        raise MoeportError(f"held-out text not found: {text_path}")
+    heldout_ids = None if text_path is None or encoder() is None else encoder().encode(text_path.read_bytes())
+    if reference is not None:
+        # On held-out text when there is some: routing is judged on data like the deployment's (random ids
+        # route unlike any text the model will see; they are the fallback).
+        windows = None if heldout_ids is None else qual.parity_windows(heldout_ids, list(reference.info.input_names))
+        report.parity = qual.parity(out, reference, spec.min_routing_agreement, parity_shapes, windows)
+    opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import}.get("ai.onnx") for m in (graph, quantized)]
+    if opsets[0] != opsets[1]:
+        report.notes.append(f"opset {opsets[0]} -> {opsets[1]}: onnxruntime's quantizer needs it for the ops it wrote")
+    if not perplexity:
+        report.notes.append("perplexity not measured (skipped on request)")
+    elif encoder() is None:
+        report.notes.append("no perplexity: the model is not byte-level and no tokenizer was given (--tokenizer DIR, "
+                            "or --checkpoint with the checkpoint's tokenizer)")
+    elif heldout_ids is None:
+        report.notes.append("no perplexity: no held-out text (pass --heldout FILE)")
+    else:
+        ppl = qual.heldout_quality(model, out, heldout_ids, [r.indices_output for r in source.plan.routers])
+        report.perplexity_before, report.perplexity_after, report.heldout_tokens, routing, top1 = ppl
+        labels = source.labels
+        if labels and len(labels) == len(routing):
+            routing, top1 = dict(zip(labels, routing.values())), dict(zip(labels, top1.values()))
+        report.heldout_routing, report.heldout_top1 = routing, top1
+    if latency_runs > 0:
+        report.latency_before_ms = qual.latency_ms(model, source.vocab or 2, latency_runs)
+        report.latency_after_ms = qual.latency_ms(out, source.vocab or 2, latency_runs)
+    return report
 
 
 def quantize(
@@ -120,147 +322,31 @@ def quantize(
     """
     started = time.perf_counter()
     model, out = Path(model), Path(out)
-    if target not in TARGETS:
-        raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    spec = get_mode(mode or DEFAULT_MODE[target])
-    step = spec.step
-    layout = None
-    if step.layout:
-        layout = NBitsLayout(block_size, dense_block_size, embedding_bits)
-        layout.validate()
-    if not spec.needs_calibration and (calibration is not None or random_calibration):
-        raise MoeportError(f"mode {spec.name} uses no calibration data; drop --calibration/--random-calibration")
+    settings = _settings(mode, target, keep_router, down_activations,
+                         NBitsLayout(block_size, dense_block_size, embedding_bits), calibration, random_calibration)
     _check_paths(model, out, force)
-
-    metadata = read_metadata(model)  # also refuses external data outside the model's directory
-    info = optional_model_info(metadata, model)
-    vocab = info.vocab_size if info else None
-    labels = [layer.label for layer in info.layers] if info else None
-    proto = onnx.load(str(model))
-    plan = find_routers(proto)
-    exclude = set(plan.nodes) if keep_router else set()
-    targeted = _weight_nodes(proto, exclude)
-    if not keep_router:
-        # Unprotected means "as onnxruntime's defaults would do": QDQ puts Q/DQ on Softmax/Sigmoid too (Softmax
-        # on a fixed [0, 1] grid), which is what makes TopK see ties.
-        router_nodes = set(plan.nodes)
-        targeted += [n for n in proto.graph.node if n.name in router_nodes and n.op_type in step.unprotected_ops]
-    result_warnings: list[str] = []
-    if not plan.routers:
-        result_warnings.append("no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph")
-    scheme = None
-    if step.down is not None:  # an 8-bit step
-        scheme = choose_scheme(target).with_down_activations(down_activations, target, step.down)
-    elif down_activations != "auto":
-        takers = " and ".join(m.name for m in modes() if m.step.down is not None)
-        raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
+    source = _read(model, settings)
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:
         # The checkpoint's tokenizer when it has one (read once, and only when text is encoded).
-        return calib.text_encoder(vocab, tokenizer)
+        return calib.text_encoder(source.vocab, tokenizer)
 
-    data, calibration_info, overrides = None, None, {}
-    if spec.needs_calibration:
-        input_names = [i.name for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
-        if random_calibration:
-            if calibration is not None:
-                raise MoeportError("give either --calibration or --random-calibration, not both")
-            source = calib.RANDOM
-        elif calibration is not None:
-            source = calibration
-        else:
-            source = bundled_text("calibration.txt")
-            if source is None:
-                raise MoeportError("int8 needs calibration data: pass --calibration FILE (text, .jsonl or .npz), "
-                                   "or --random-calibration to accept random tokens")
-        data = calib.load_calibration(source, input_names=input_names, vocab_size=vocab,
-                                      samples=calibration_samples, encoder=encoder())
-        result_warnings += data.warnings
-        expert_inputs = ranges.expert_inputs(proto, targeted)
-        coverage, observed = ranges.coverage(model, plan, data, labels, expert_inputs)
-        overrides = ranges.borrowed_ranges(observed, expert_inputs)
-        borrowed = len(overrides)
-        if scheme.down_activation_type is not None:  # static: a 16-bit type
-            overrides = ranges.wide_down_inputs(overrides, expert_inputs, scheme.down_activation_type)
-        for cov in coverage:
-            if cov.starved:
-                result_warnings.append(
-                    f"experts {cov.starved} of layer {cov.label} got under 10% of an even share of the "
-                    f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens")
-        calibration_info = {"source": data.source, "samples": len(data.samples), "tokens": data.tokens,
-                            "coverage": [c.to_dict() for c in coverage],
-                            "borrowed_ranges": borrowed}
-        if borrowed:
-            result_warnings.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use "
-                                   "their layer's activation range instead of their own")
-    for message in result_warnings:
+    calibrated = None
+    if settings.mode.needs_calibration:
+        calibrated = _calibrate(source, settings, calibration, random_calibration, calibration_samples, encoder())
+    found = source.warnings + ([] if calibrated is None else calibrated.warnings)
+    for message in found:
         warnings.warn(message, QuantizeWarning, stacklevel=2)
-
-    prepared = ir.from_proto(proto)
-    passes = [CLEAR_METADATA]
-    if step.gemms_as_matmuls:
-        passes += [GemmAsMatMulPass({n.name for n in targeted if n.op_type == "Gemm"}), REMOVE_UNUSED]
-    pass_records = run_passes(prepared, passes)
-    with staged_file(out) as staging:  # nothing is written when a step fails
-        staged = staging / out.name
-        with writing(out):  # onnxruntime's quantizers write the staged file themselves
-            quantized = ir.from_proto(step.run(QuantJob(model, ir.to_proto(prepared), staged, targeted, exclude,
-                                                        spec.bits, scheme=scheme, layout=layout, calibration=data,
-                                                        overrides=overrides)))
-        info = {"mode": spec.name, "target": target, "keep_router": keep_router,
-                "scheme": None if scheme is None else scheme.to_dict(),
-                "nbits_layout": None if layout is None else layout.to_dict()}
-        source_metadata = {p.key: p.value for p in proto.metadata_props}
-        pass_records += run_passes(quantized, [StampQuantizationPass(source_metadata, info), TOPOLOGICAL_SORT])
-        quantized = serialize(quantized)
-        with writing(out):
-            onnx.save(quantized, str(staged))
-        onnx.checker.check_model(str(staged))
-
-    before_ops = Counter(n.op_type for n in proto.graph.node)
-    after_ops = Counter(n.op_type for n in quantized.graph.node)
-    float_kept = float_router_nodes(quantized) if keep_router else {}
-    quant_ops = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                 "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized", "Cast")
-    output_ops = {op: after_ops[op] - before_ops[op] for op in quant_ops if after_ops[op] - before_ops[op]}
-
-    report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(proto),
-                                qual.weight_bytes(quantized), node_metadata_bytes(proto))
-    text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
-    if text_path is not None and not text_path.is_file():
-        raise MoeportError(f"held-out text not found: {text_path}")
-    heldout_ids = None if text_path is None or encoder() is None else encoder().encode(text_path.read_bytes())
-    if reference is not None:
-        # On held-out text when there is some: routing is judged on data like the deployment's (random ids
-        # route unlike any text the model will see; they are the fallback).
-        windows = None if heldout_ids is None else qual.parity_windows(heldout_ids, list(reference.info.input_names))
-        report.parity = qual.parity(out, reference, spec.min_routing_agreement, parity_shapes, windows)
-    opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import}.get("ai.onnx") for m in (proto, quantized)]
-    if opsets[0] != opsets[1]:
-        report.notes.append(f"opset {opsets[0]} -> {opsets[1]}: onnxruntime's quantizer needs it for the ops it wrote")
-    if not perplexity:
-        report.notes.append("perplexity not measured (skipped on request)")
-    elif encoder() is not None:
-        if heldout_ids is None:
-            report.notes.append("no perplexity: no held-out text (pass --heldout FILE)")
-        else:
-            ppl = qual.heldout_quality(model, out, heldout_ids, [r.indices_output for r in plan.routers])
-            report.perplexity_before, report.perplexity_after, report.heldout_tokens, routing, top1 = ppl
-            if labels and len(labels) == len(routing):
-                routing, top1 = dict(zip(labels, routing.values())), dict(zip(labels, top1.values()))
-            report.heldout_routing, report.heldout_top1 = routing, top1
-    else:
-        report.notes.append("no perplexity: the model is not byte-level and no tokenizer was given (--tokenizer DIR, "
-                            "or --checkpoint with the checkpoint's tokenizer)")
-    if latency_runs > 0:
-        report.latency_before_ms = qual.latency_ms(model, vocab or 2, latency_runs)
-        report.latency_after_ms = qual.latency_ms(out, vocab or 2, latency_runs)
-
+    quantized, passes = _write(source, out, settings, calibrated)
+    report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
+                      perplexity=perplexity, latency_runs=latency_runs, parity_shapes=parity_shapes)
+    before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     return QuantizeResult(
-        input=model, output=out, mode=spec, target=target, scheme=scheme, keep_router=keep_router, router=plan,
-        router_kept_float=float_kept, quantized_nodes=dict(Counter(n.op_type for n in targeted)),
-        output_ops=output_ops, casts_added=after_ops["Cast"] - before_ops["Cast"], calibration=calibration_info,
-        quality=report, seconds=time.perf_counter() - started, warnings=result_warnings, layout=layout,
-        passes=pass_records,
+        input=model, output=out, mode=settings.mode, target=target, scheme=settings.scheme, keep_router=keep_router,
+        router=source.plan, router_kept_float=float_router_nodes(quantized) if keep_router else {},
+        quantized_nodes=dict(Counter(n.op_type for n in source.targets)),
+        output_ops={op: after[op] - before[op] for op in _QUANT_OPS if after[op] != before[op]},
+        casts_added=after["Cast"] - before["Cast"], calibration=None if calibrated is None else calibrated.report,
+        quality=report, seconds=time.perf_counter() - started, warnings=found, layout=settings.layout, passes=passes,
     )
