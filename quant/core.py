@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -38,18 +39,20 @@ import onnx
 import onnx_ir as ir
 
 from moeport._fs import check_output_file, staged_file, writing
-from moeport.contract import ModelInfo, Reference, optional_model_info, read_metadata
+from moeport.contract import ModelInfo, Reference, metadata_props, optional_model_info
 from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant import ranges
 from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
-from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, TOPOLOGICAL_SORT, GemmAsMatMulPass, PassRecord,
-                                  StampQuantizationPass, node_metadata_bytes, run_passes, serialize)
+from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
+                                  InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, StampQuantizationPass, node_metadata_bytes,
+                                  run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, NBitsLayout, choose_scheme
-from moeport.runtime.moe_graph import RouterPlan, find_routers, float_router_nodes
+from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
+                                      load_graph)
 from moeport.samples import TRAINED_DIR
 
 DEFAULT_CALIBRATION_SAMPLES = 64
@@ -88,13 +91,19 @@ class _Source:
     """The fp32 model as the pipeline sees it: the file, its graph, metadata, routers and the nodes to quantize."""
 
     path: Path
-    proto: onnx.ModelProto  # the graph
+    proto: onnx.ModelProto  # the graph, without its weights (moe_graph.load_graph)
     metadata: dict[str, str]  # every metadata_props entry, prefixes kept
     info: ModelInfo | None  # None: not a moeport export
     plan: RouterPlan
+    experts: dict[ExpertGroup, list[onnx.NodeProto]]
     targets: list[onnx.NodeProto]
     exclude: set[str]  # node names no tool may touch (the routers, with keep_router)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def external(self) -> bool:
+        """The weights are in external data files (then the output's are too)."""
+        return any(init.data_location == onnx.TensorProto.EXTERNAL for init in self.proto.graph.initializer)
 
     @property
     def labels(self) -> list[str] | None:
@@ -143,9 +152,8 @@ def _check_paths(model: Path, out: Path, force: bool) -> None:
 
 
 def _read(model: Path, settings: _Settings) -> _Source:
-    """The model's graph and metadata, its routers, and the nodes to quantize."""
-    metadata = read_metadata(model)  # also refuses external data outside the model's directory
-    graph = onnx.load(str(model))
+    """The model's graph (weights stay on disk) and metadata, its routers and experts, and the nodes to quantize."""
+    graph = load_graph(model)  # also refuses external data outside the model's directory
     plan = find_routers(graph)
     exclude = set(plan.nodes) if settings.keep_router else set()
     targets = _weight_nodes(graph, exclude)
@@ -157,7 +165,8 @@ def _read(model: Path, settings: _Settings) -> _Source:
                     if n.name in router_nodes and n.op_type in settings.mode.step.unprotected_ops]
     found = [] if plan.routers else ["no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph"]
     return _Source(model, graph, {p.key: p.value for p in graph.metadata_props},
-                   optional_model_info(metadata, model), plan, targets, exclude, found)
+                   optional_model_info(metadata_props(graph), model), plan, find_expert_matmuls(graph), targets,
+                   exclude, found)
 
 
 def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
@@ -201,7 +210,7 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
     data = calib.load_calibration(_calibration_source(calibration, random_calibration), input_names=input_names,
                                   vocab_size=source.vocab, samples=samples, encoder=encoder)
     found = list(data.warnings)
-    expert_inputs = ranges.expert_inputs(source.proto, source.targets)
+    expert_inputs = ranges.expert_inputs(source.experts, source.targets)
     coverage, observed = ranges.coverage(source.path, source.plan, data, source.labels, expert_inputs)
     overrides = ranges.borrowed_ranges(observed, expert_inputs)
     borrowed = len(overrides)
@@ -221,29 +230,37 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
 
 def _write(source: _Source, out: Path, settings: _Settings,
            calibrated: _Calibrated | None) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """Prepare the graph (passes), run the mode's apply step, finish the result (passes) and check it; written
-    to a staging directory and moved to ``out`` only when every step succeeded."""
+    """Prepare the graph (passes), run the mode's apply step, finish the result (passes) and check it. Files all
+    the way, weights in external data (never a protobuf over 2 GB, never two copies of the model in memory);
+    the output has external data when the input had. Written to a staging directory and moved to ``out`` only
+    when every step succeeded. Returns the output's graph (without weights) and what the passes did."""
     step = settings.mode.step
-    prepared = ir.from_proto(source.proto)
-    passes = [CLEAR_METADATA]
+    prepare = [InlineSmallTensorsPass(), CLEAR_METADATA]
     if step.gemms_as_matmuls:
-        passes += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"}), REMOVE_UNUSED]
-    records = run_passes(prepared, passes)
-    with staged_file(out) as staging:  # nothing is written when a step fails
-        staged = staging / out.name
-        job = QuantJob(source.path, ir.to_proto(prepared), staged, source.targets, source.exclude,
-                       settings.mode.bits, scheme=settings.scheme, layout=settings.layout,
-                       calibration=None if calibrated is None else calibrated.data,
-                       overrides={} if calibrated is None else calibrated.overrides)
-        with writing(out):  # onnxruntime's quantizers write the staged file themselves
-            quantized = ir.from_proto(step.run(job))
-        records += run_passes(quantized, [StampQuantizationPass(source.metadata, settings.to_dict()),
-                                          TOPOLOGICAL_SORT])
-        quantized = serialize(quantized)
-        with writing(out):
-            onnx.save(quantized, str(staged))
-        onnx.checker.check_model(str(staged))
-    return quantized, records
+        prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"}), REMOVE_UNUSED]
+    prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
+    finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
+    expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}
+    down_names = {n.name for group, nodes in source.experts.items() if group.is_down_projection for n in nodes}
+    with staged_file(out) as staging, writing(out), \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.work.", dir=out.parent) as work:
+        # writing(out): onnxruntime's tools write files too; a full disk is a user error about ``out``.
+        prepared, quantized, staged = Path(work) / "prepared.onnx", Path(work) / "quantized.onnx", staging / out.name
+        model = ir.load(source.path)  # external weights are read when written, one tensor at a time
+        records = run_passes(model, prepare)
+        save_model(model, prepared, external_data=True)
+        del model
+        step.run(QuantJob(prepared, quantized, source.targets, source.exclude, expert_names, down_names,
+                          settings.mode.bits, scheme=settings.scheme, layout=settings.layout,
+                          calibration=None if calibrated is None else calibrated.data,
+                          overrides={} if calibrated is None else calibrated.overrides))
+        model = ir.load(quantized)
+        records += run_passes(model, finish)
+        save_model(model, staged, external_data=source.external)
+        del model
+        onnx.checker.check_model(str(staged))  # the path: a model over 2 GB cannot be checked in memory
+        written = load_graph(staged)
+    return written, records
 
 
 def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _Settings, *,

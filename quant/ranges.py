@@ -15,15 +15,16 @@ import onnx
 
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
-from moeport.runtime.moe_graph import ExpertGroup, RouterPlan, find_expert_matmuls
+from moeport.runtime.moe_graph import ExpertGroup, RouterPlan
 
 
-def expert_inputs(model: onnx.ModelProto, weight_nodes: list[onnx.NodeProto]) -> dict[ExpertGroup, dict[int, str]]:
-    """Per expert group (``router.find_expert_matmuls``): {expert: activation tensor ``[tokens_e, K]`` its
-    MatMul reads}, for the targeted MatMuls only."""
+def expert_inputs(groups: dict[ExpertGroup, list[onnx.NodeProto]],
+                  weight_nodes: list[onnx.NodeProto]) -> dict[ExpertGroup, dict[int, str]]:
+    """Per expert group (``moeport.runtime.moe_graph.find_expert_matmuls``): {expert: activation tensor
+    ``[tokens_e, K]`` its MatMul reads}, for the targeted MatMuls only."""
     targeted = {n.name for n in weight_nodes}
     return {key: {e: node.input[0] for e, node in enumerate(nodes) if node.name in targeted}
-            for key, nodes in find_expert_matmuls(model).items()}
+            for key, nodes in groups.items()}
 
 
 def wide_down_inputs(overrides: dict, groups, quant_type: str) -> dict[str, list[dict]]:
@@ -70,12 +71,7 @@ def coverage(model_path: Path, plan: RouterPlan, data: calib.CalibrationSet, lab
         return [], {}
     session = qual.RouterSession(model_path, [r.indices_output for r in plan.routers], tensors)
     ranges = {name: [np.inf, -np.inf, 0] for name in tensors}
-    proto = onnx.load(str(model_path), load_external_data=False)
-    shapes = {}
-    for value in onnx.shape_inference.infer_shapes(proto).graph.value_info:
-        dims = value.type.tensor_type.shape.dim
-        shapes[value.name] = dims[-1].dim_value if dims else 0
-    num_experts = [shapes.get(r.scores_output, 0) for r in plan.routers]
+    num_experts = [r.num_experts or 0 for r in plan.routers]
     outputs = []
     for sample in data.samples:  # one pass: TopK ids first, then the expert inputs
         runs = session.session.run([*session.index_names, *tensors], sample)

@@ -22,13 +22,17 @@ Experts (``find_expert_matmuls``, ``expert_layers``): see ``find_expert_matmuls`
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
+
+from moeport._fs import load_model_proto
 
 _GATE_OPS = ("MatMul", "Gemm")
 _SCORE_OPS = ("Softmax", "Sigmoid")
@@ -38,6 +42,10 @@ _COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "MatMulInteger", "MatMulNBit
 _TRANSPARENT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"})
 _MAX_WALK = 12  # nodes walked from an expert MatMul to its segment or its routing weight (SwiGLU needs 5)
 _SHAPE_OPS = frozenset({"Shape", "Size"})
+# Initializers up to this size keep their data in a graph loaded without weights (onnx_ir's shape inference
+# keeps 1000 bytes for the same reason).
+_SMALL_TENSOR_BYTES = 1024
+_FOUR_BIT_TYPES = frozenset({TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1})
 # The MatMuls that may carry an expert's weight, float or quantized.
 _EXPERT_OPS = frozenset({"MatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul"})
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
@@ -52,6 +60,7 @@ class Router:
     topk: str
     scores_output: str  # tensor TopK ranks: [tokens, E] float
     indices_output: str  # TopK indices: [tokens, k] int64
+    num_experts: int | None = None  # E, where shape inference knows the scores' last axis
 
 
 @dataclass
@@ -96,16 +105,26 @@ class _Graph:
                     changed = True
 
     @functools.cached_property
-    def elem_type(self) -> dict[str, int]:
-        """Tensor name -> ONNX element type, from shape inference (only what it could infer)."""
-        graph = self.model.graph
+    def _inferred(self) -> list[onnx.ValueInfoProto]:
+        """Shape inference on the graph without its weights (a protobuf over 2 GB cannot be inferred, and
+        weights add nothing to it)."""
         try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False, data_prop=False).graph
-            values = list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+            inferred = onnx.shape_inference.infer_shapes(weightless(self.model), strict_mode=False, data_prop=False)
+            graph = inferred.graph
         except onnx.shape_inference.InferenceError:
             # Without types the float test below falls back to "unknown = float": the plan only grows.
-            values = list(graph.value_info) + list(graph.output) + list(graph.input)
-        return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+            graph = self.model.graph
+        return [v for v in (*graph.value_info, *graph.output, *graph.input) if v.type.HasField("tensor_type")]
+
+    @functools.cached_property
+    def elem_type(self) -> dict[str, int]:
+        """Tensor name -> ONNX element type, where shape inference could tell."""
+        return {v.name: v.type.tensor_type.elem_type for v in self._inferred}
+
+    def last_dim(self, name: str) -> int | None:
+        """The size of the last axis of ``name`` when shape inference knows it."""
+        dims = next((v.type.tensor_type.shape.dim for v in self._inferred if v.name == name), None)
+        return dims[-1].dim_value or None if dims else None
 
     def source(self, name: str, transparent: bool = True) -> onnx.NodeProto | None:
         """The node producing ``name``, looking through Q/DQ/Cast when ``transparent``."""
@@ -136,6 +155,51 @@ class _Graph:
         return None
 
 
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The graph of the ONNX file ``path`` without its weights: what every analysis here needs, at any model size.
+
+    Initializers keep name, type and dims; their data only when small (shapes, axes, biases: shape inference
+    and ``_Graph.value`` read those), loaded from external data where they live there. External-data locations
+    are checked before anything is read (``moeport._fs.load_model_proto``).
+    """
+    return weightless(load_model_proto(path, inline_up_to=_SMALL_TENSOR_BYTES))
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over ``_SMALL_TENSOR_BYTES`` carry name, type, dims and data
+    location only (no data, in the proto or outside it); nodes, I/O, value info, functions and metadata are
+    copied."""
+    skeleton = onnx.ModelProto()
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(skeleton, field_name, getattr(model, field_name))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.metadata_props.extend(model.metadata_props)
+    skeleton.functions.extend(model.functions)
+    graph, source = skeleton.graph, model.graph
+    graph.name = source.name
+    for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field_name).extend(getattr(source, field_name))
+    for init in source.initializer:
+        if tensor_nbytes(init) <= _SMALL_TENSOR_BYTES:
+            graph.initializer.append(init)
+        else:
+            # Where the data lives is kept (an external model's output is written with external data too).
+            graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims,
+                                  data_location=init.data_location)
+    return skeleton
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of ``tensor``'s data from its type and dims (whether the data is loaded, external or stripped);
+    4-bit types pack two values a byte."""
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _FOUR_BIT_TYPES:
+        return (count + 1) // 2
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return tensor.ByteSize()
+    return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def _typed_data(tensor: onnx.TensorProto) -> bool:
     return any(len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
                                                   "uint64_data", "string_data"))
@@ -163,7 +227,7 @@ def _match_router(g: _Graph, topk: onnx.NodeProto) -> tuple[Router, list[str]] |
     if weight not in g.constants and not (weight_node is not None and weight_node.op_type in _TRANSPARENT_OPS):
         return None  # an activation x activation product (attention), not a gate projection
     chain.append(node.name)
-    return Router(node.name, score.name, topk.name, topk.input[0], topk.output[1]), chain
+    return Router(node.name, score.name, topk.name, topk.input[0], topk.output[1], g.last_dim(topk.input[0])), chain
 
 
 def find_routers(model: onnx.ModelProto) -> RouterPlan:

@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, TOPOLOGICAL_SORT, GemmAsMatMulPass,
-                                  QuantPass, StampQuantizationPass, node_metadata_bytes, run_passes, serialize)
+from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
+                                  GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass, QuantPass,
+                                  StampQuantizationPass, node_metadata_bytes, run_passes, save_model, serialize)
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((5, 8)).astype(np.float32)
@@ -30,8 +31,10 @@ def _model(nodes, initializers, width: int = 8) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
-def _outputs(proto: onnx.ModelProto) -> list[np.ndarray]:
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": X})
+def _outputs(model: onnx.ModelProto | str) -> list[np.ndarray]:
+    """Run a model (in memory, or a file with its external data) on ``X``."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, {"x": X})
 
 
 def _ops(proto: onnx.ModelProto) -> dict[str, int]:
@@ -139,3 +142,53 @@ def test_a_failing_pass_is_named():
 
     with pytest.raises(ir.passes.PassError, match="quantize pass Broken failed"):
         run_passes(ir.from_proto(_gemms()), [TOPOLOGICAL_SORT, Broken()])
+
+
+def _reshaping() -> onnx.ModelProto:
+    """x [n, 8] -> MatMul w [8, 12] -> Reshape to [-1, 4] (shape from an initializer) -> Relu -> Reshape back."""
+    shapes = [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for v, n in (([-1, 4], "s1"), ([-1, 12], "s2"))]
+    return _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="m"),
+                   helper.make_node("Reshape", ["h", "s1"], ["r"], name="r1"),
+                   helper.make_node("Relu", ["r"], ["a"], name="relu"),
+                   helper.make_node("Reshape", ["a", "s2"], ["y"], name="r2")], [_weights(8, 12, name="w"), *shapes],
+                  width=12)
+
+
+def test_inline_small_tensors_reads_them_from_external_data(tmp_path):
+    before = _reshaping()
+    expected = _outputs(before)[0]
+    onnx.save(before, str(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0, location="m.onnx.data")
+    model = ir.load(tmp_path / "m.onnx")
+    records = run_passes(model, [InlineSmallTensorsPass(limit=64)])
+    external = {v.name for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    assert external == {"w"} and records[0].note == "read 2 tensors of at most 64 bytes in from external data"
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    after = onnx.load(str(tmp_path / "out.onnx"))
+    assert _ops(after) == _ops(before) == {"MatMul": 1, "Reshape": 2, "Relu": 1}
+    np.testing.assert_allclose(_outputs(str(tmp_path / "out.onnx"))[0], expected, rtol=1e-6)
+    again = run_passes(ir.from_proto(_reshaping()), [InlineSmallTensorsPass(limit=64)])
+    assert not again[0].modified and again[0].note == "no tensor of at most 64 bytes is stored in external data"
+
+
+def test_shape_inference_records_types_and_the_pre_processing_mark():
+    before = _reshaping()
+    after, records = _apply(before, [SHAPE_INFERENCE, MarkPreProcessedPass()])
+    assert _ops(after) == _ops(before)
+    typed = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in after.graph.value_info}
+    assert typed["h"][1:] == [12] and typed["r"][1:] == [4] and not before.graph.value_info
+    assert [r.modified for r in records] == [True, True]
+    assert {p.key: p.value for p in after.metadata_props}.get("onnx.quant.pre_process") == "onnxruntime.quant"
+    _, again = _apply(after, [SHAPE_INFERENCE, MarkPreProcessedPass()])
+    assert [(r.modified, r.note) for r in again] == [
+        (False, "shape inference added nothing (or failed; onnx_ir logs why)"), (False, "already marked as pre-processed")]
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_save_model_writes_external_data_or_one_file(tmp_path, external):
+    source, before = tmp_path / "src.onnx", _reshaping()
+    expected = _outputs(before)[0]
+    onnx.save(before, str(source), save_as_external_data=True, size_threshold=0, location="src.onnx.data")
+    save_model(ir.load(source), tmp_path / "out.onnx", external_data=external)
+    assert (tmp_path / "out.onnx.data").exists() is external
+    np.testing.assert_allclose(_outputs(str(tmp_path / "out.onnx"))[0], expected, rtol=1e-6)
+
