@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import onnx
+import onnx_ir as ir
 
 from moeport.quant import calibration as calib
+from moeport.quant.passes import SplicePass, run_passes
 from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
+from moeport.runtime.moe_graph import tensor_nbytes
 
 DEFAULT_BLOCK_SIZE = 32
+# Weights handed to onnxruntime's dynamic quantizer at once (it holds three copies of them, see _on_part).
+PART_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -118,6 +124,71 @@ def write_external(proto: onnx.ModelProto, path: Path) -> None:
                     location=f"{path.name}.data", size_threshold=1024, convert_attribute=False)
 
 
+def _part_of(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto | None:
+    """A model holding only the nodes ``names`` of ``proto`` (a graph loaded without its external data), the
+    initializers they read (still pointing at their external data), their other inputs as graph inputs and
+    what they produce as outputs, typed from the graph's value info; None when a type is not known."""
+    graph = proto.graph
+    nodes = [node for node in graph.node if node.name in names]
+    initializers = {init.name: init for init in graph.initializer}
+    types = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output) if v.type.HasField("tensor_type")}
+    produced = [out for node in nodes for out in node.output if out]
+    read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
+    inputs = [name for name in read if name not in produced and name not in initializers]
+    if any(name not in types for name in (*inputs, *produced)):
+        return None
+    part = onnx.helper.make_graph(nodes, "part", [types[n] for n in inputs], [types[n] for n in produced],
+                                  [initializers[n] for n in read if n in initializers])
+    model = onnx.helper.make_model(part, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    model.metadata_props.extend(proto.metadata_props)  # the pre-processed mark among them
+    return model
+
+
+def _parts(proto: onnx.ModelProto, names: set[str], budget: int) -> list[set[str]]:
+    """The nodes ``names`` of ``proto`` in parts of at most ``budget`` bytes of weights (a single node may be
+    more), graph order; all named readers of one activation share a part (onnxruntime quantizes an
+    activation once for all its readers, under names derived from the activation's)."""
+    initializers = {init.name: tensor_nbytes(init) for init in proto.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}  # activation -> the named nodes reading it
+    for node in proto.graph.node:
+        if node.name in names:
+            activation = next((i for i in node.input if i and i not in initializers), node.name)
+            readers.setdefault(activation, []).append(node)
+    parts: list[set[str]] = []
+    size = budget
+    for nodes in readers.values():
+        weight = sum(initializers.get(i, 0) for node in nodes for i in node.input)
+        if size + weight > budget:
+            parts.append(set())
+            size = 0
+        parts[-1].update(node.name for node in nodes)
+        size += weight
+    return parts
+
+
+def _on_part(source: Path, names: set[str], tool: Callable[[Path, Path], None], label: str) -> Path:
+    """Run ``tool(model file, output file)`` on the part of the model file ``source`` made of the nodes
+    ``names`` and splice its output in; returns the spliced model file beside ``source``.
+
+    Why: onnxruntime's dynamic quantizer copies the model it is given twice over in memory (a deep copy and
+    a reload for shape inference), three times its weights at once; given the embedding alone, that is three
+    times the embedding. No weight is copied on disk either: the part and the spliced model point at the
+    external data files beside them. Falls back to the whole model when the part's I/O types are unknown.
+    """
+    part = _part_of(onnx.load(str(source), load_external_data=False), names)
+    if part is None:
+        whole = source.with_name(f"{label}.onnx")
+        tool(source, whole)
+        return whole
+    part_path, quantized, spliced = (source.with_name(f"{label}.{kind}.onnx") for kind in ("part", "quantized", "model"))
+    onnx.save(part, str(part_path))
+    tool(part_path, quantized)
+    model = ir.load(source)
+    run_passes(model, [SplicePass(names, ir.load(quantized))])
+    ir.save(model, spliced)  # in the same directory, external tensors keep pointing at their files
+    return spliced
+
+
 def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], exclude: set[str]) -> None:
     """onnxruntime's MatMulNBitsQuantizer on the model file ``source``, once per ``(MatMul/Gather names, bits,
     block size)`` of ``blocks`` (one load, one write), into ``output``."""
@@ -176,12 +247,19 @@ def run_dynamic(job: QuantJob) -> None:
     scheme = job.scheme
     down = job.down & job.names if scheme.down_activation_type == FLOAT else set()
     first = job.scratch("dynamic.onnx") if down else job.output
-    quantize_dynamic(
-        str(job.source), str(first), op_types_to_quantize=["MatMul", "Gather"], per_channel=scheme.per_channel,
-        reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
-        nodes_to_quantize=sorted(job.names - down), nodes_to_exclude=sorted(job.exclude),
-        use_external_data_format=True,
-    )
+
+    def dynamic(names: set[str]) -> Callable[[Path, Path], None]:
+        return lambda model, output: quantize_dynamic(
+            str(model), str(output), op_types_to_quantize=["MatMul", "Gather"], per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
+            nodes_to_quantize=sorted(names), nodes_to_exclude=sorted(job.exclude), use_external_data_format=True)
+
+    # In parts: the dynamic quantizer holds three copies of what it is given (see _on_part).
+    model = job.source
+    for i, part in enumerate(_parts(onnx.load(str(job.source), load_external_data=False), job.names - down,
+                                    PART_BYTES)):
+        model = _on_part(model, part, dynamic(part), f"dynamic{i}")
+    os.replace(model, first)  # the same directory: its external data stays where the file points
     if down:
         _nbits(first, job.output, [(down, 8, DEFAULT_BLOCK_SIZE)], job.exclude)
 
@@ -208,11 +286,12 @@ def run_nbits(job: QuantJob) -> None:
     matmuls = job.names - gathers
     if layout.embedding_bits == 8 and gathers:
         # onnxruntime's n-bit quantizer packs Gather at 4 bits only; quantize_dynamic stores the table in
-        # 8 bits (int8 table, Gather, DequantizeLinear of the gathered rows).
-        source = job.scratch("embedding.onnx")
-        quantize_dynamic(str(job.source), str(source), op_types_to_quantize=["Gather"],
-                         nodes_to_quantize=sorted(gathers), weight_type=QuantType.QInt8, use_external_data_format=True)
-        gathers = set()
+        # 8 bits (int8 table, Gather, DequantizeLinear of the gathered rows), given the Gathers alone.
+        def embedding(model: Path, output: Path) -> None:
+            quantize_dynamic(str(model), str(output), op_types_to_quantize=["Gather"], nodes_to_quantize=sorted(gathers),
+                             weight_type=QuantType.QInt8, use_external_data_format=True)
+
+        source, gathers = _on_part(job.source, gathers, embedding, "embedding"), set()
     blocks = [(matmuls - job.experts, job.bits, layout.dense_block_size),
               (matmuls & job.experts, job.bits, layout.expert_block_size),
               (gathers, job.bits, layout.expert_block_size)]

@@ -204,6 +204,48 @@ class StampQuantizationPass(QuantPass):
         return Rewritten(model, True, f"carried {len(carried)} metadata keys over; recorded the quantization")
 
 
+class SplicePass(QuantPass):
+    """Replace the nodes ``names`` with the graph of ``replacement``: its graph inputs are the model's values of
+    the same names, its outputs take the place of the model's values of the same names, its initializers
+    join the model's (tensors that live in external data keep pointing there), and initializers only the
+    replaced nodes read are dropped. Opset imports are merged (the higher version wins)."""
+
+    def __init__(self, names: set[str], replacement: ir.Model):
+        super().__init__()
+        self.names, self.replacement = frozenset(names), replacement
+
+    def call(self, model: ir.Model) -> Rewritten:
+        graph, part = model.graph, self.replacement.graph
+        old = [node for node in graph if node.name in self.names]
+        if len(old) != len(self.names):
+            raise ValueError(f"nodes to replace not in the graph: {sorted(self.names - {n.name for n in old})}")
+        values = {v.name: v for v in (*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs))}
+        inputs = {v: values[v.name] for v in part.inputs}
+        outputs = {values[v.name]: v for v in part.outputs}
+        read = {v for node in old for v in node.inputs if v is not None and v.is_initializer()}
+        new = list(part)
+        part.outputs.clear()
+        for node in new:
+            part.remove(node)
+            for index, value in enumerate(node.inputs):
+                if value in inputs:
+                    node.replace_input_with(index, inputs[value])
+        for name in list(part.initializers):
+            graph.register_initializer(part.initializers.pop(name))
+        graph.insert_before(old[0], new)
+        for before, after in outputs.items():
+            name = before.name
+            before.replace_all_uses_with(after, replace_graph_outputs=True)
+            after.name = name
+        graph.remove(old, safe=True)
+        for value in read:
+            if not value.uses() and not value.is_graph_output():
+                del graph.initializers[value.name]
+        for domain, version in self.replacement.opset_imports.items():
+            model.opset_imports[domain] = max(model.opset_imports.get(domain, version), version)
+        return Rewritten(model, True, f"replaced {len(old)} nodes with {len(new)}")
+
+
 def run_passes(model: ir.Model, passes: list[QuantPass]) -> list[PassRecord]:
     """Run ``passes`` on ``model`` in order (in place); one record per pass."""
     records = []

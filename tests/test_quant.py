@@ -332,6 +332,22 @@ def test_models_with_external_data_stream_through_every_mode(topk, topk_external
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int4"])
+def test_quantizing_in_parts_changes_nothing(topk, tmp_path, monkeypatch, mode):
+    """The dynamic quantizer is given the model in parts (int4: the embedding alone) and the results are
+    spliced back: the same graph and outputs as in one piece."""
+    options = dict(mode=mode, latency_runs=0, perplexity=False)
+    whole = quantize(topk.output, tmp_path / "whole.onnx", **options)
+    monkeypatch.setattr(apply, "PART_BYTES", 1)  # one part per activation and its readers
+    parts = quantize(topk.output, tmp_path / "parts.onnx", **options)
+    assert parts.output_ops == whole.output_ops and parts.quality.weights_after == whole.quality.weights_after
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 20), dtype=np.int64)
+    got, want = (ort.InferenceSession(str(r.output), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+                 for r in (parts, whole))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_every_registered_mode_is_exercised(quantized):
     for mode in modes():
         assert quantized(mode.name).output.is_file()
