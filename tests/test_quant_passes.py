@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
                                   GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass, QuantPass,
-                                  StampQuantizationPass, node_metadata_bytes, run_passes, save_model, serialize)
+                                  SplicePass, StampQuantizationPass, node_metadata_bytes, run_passes, save_model, serialize)
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((5, 8)).astype(np.float32)
@@ -191,4 +191,27 @@ def test_save_model_writes_external_data_or_one_file(tmp_path, external):
     save_model(ir.load(source), tmp_path / "out.onnx", external_data=external)
     assert (tmp_path / "out.onnx.data").exists() is external
     np.testing.assert_allclose(_outputs(str(tmp_path / "out.onnx"))[0], expected, rtol=1e-6)
+
+
+def test_splice_replaces_nodes_with_a_graph():
+    weights = _weights(8, 8, name="w")
+    before = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="m"),
+                     helper.make_node("Relu", ["h"], ["y"], name="r")], [weights])
+    # the same product another way: MatMul by a copy of w, plus zero; reads x, writes h
+    copy = numpy_helper.from_array(numpy_helper.to_array(weights), "w2")
+    zero = numpy_helper.from_array(np.zeros(8, np.float32), "zero")
+    part = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w2"], ["p"], name="m2"), helper.make_node("Add", ["p", "zero"], ["h"], name="a")],
+        "part", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", 8])], [copy, zero]),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    after, records = _apply(before, [SplicePass({"m"}, ir.from_proto(part))])
+    onnx.checker.check_model(after, full_check=True)
+    assert _ops(before) == {"MatMul": 1, "Relu": 1} and _ops(after) == {"MatMul": 1, "Add": 1, "Relu": 1}
+    assert [n.name for n in after.graph.node] == ["m2", "a", "r"]
+    assert sorted(i.name for i in after.graph.initializer) == ["w2", "zero"]  # w was read by m alone
+    assert {o.domain: o.version for o in after.opset_import}["com.microsoft"] == 1
+    assert records[0].note == "replaced 1 nodes with 2"
+    with pytest.raises(ir.passes.PassError):
+        run_passes(ir.from_proto(before), [SplicePass({"missing"}, ir.from_proto(part))])
 
