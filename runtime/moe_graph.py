@@ -4,14 +4,21 @@ Shared by quantization (keep routers float, treat experts and their down project
 expert-efficiency measurement, so both see the same experts. Works on exported fp32 graphs and on quantized
 ones (it looks through QuantizeLinear/DequantizeLinear/Cast and knows the quantized MatMul ops).
 
-Routers (``find_routers``): ``gate (MatMul|Gemm with a constant weight) [-> Add bias] -> Softmax|Sigmoid
-[-> Add correction bias] -> TopK``. Its protected set is those nodes plus every node downstream of them
-whose dynamic inputs all come from the router and whose outputs are float (the top-k weight
-normalisation: ReduceSum/Div, GatherElements of sigmoid scores, scaling Mul, the Reshape feeding the
-dispatch). The walk stops at integer tensors (expert ids go on into the dispatch's sort keys, which no
-quantizer touches) and at any node that also reads a non-router tensor (the expert MatMuls, the
-weighted combine), so the dispatch itself stays quantizable. Tensors computed from constants and shapes
-alone (``Shape`` -> ``Gather`` -> ``Concat`` ...) count as constants throughout.
+Routers (``find_routers``): a router is a node that selects experts -- TopK over float scores, or ArgMax --
+whose scores come from a gate projection (MatMul/Gemm with a constant weight) through anything but another
+projection, within ``_MAX_ROUTER_NODES`` nodes. That covers the shapes of every supported family:
+``gate -> Softmax -> TopK`` (Mixtral, Qwen, OLMoE ...), ``gate -> Sigmoid [+ correction bias] -> TopK``,
+``gate -> TopK -> Softmax`` over the picked logits (GraniteMoE, gpt-oss), grouped top-k (DeepSeek-V3, GLM-4:
+a TopK over group scores masks the scores of a final TopK) and phimoe's sparsemixer (two ArgMax, the second
+over the scores with the first pick masked). A selection inside another's chain (a group pick, a first pick)
+belongs to that router; a TopK over integers (the sorted dispatch's argsort) is no router. Its protected set
+is the chain from gate to selection plus every node downstream whose dynamic inputs all come from the router
+and whose outputs are float or boolean masks (the top-k weight normalisation: Softmax of picked logits,
+ReduceSum/Div, GatherElements of sigmoid scores, scaling Mul, the Reshape feeding the dispatch). The walk
+stops at integer tensors (expert ids go on into the dispatch's sort keys, which no quantizer touches) and at
+any node that also reads a non-router tensor (the expert MatMuls, the weighted combine), so the dispatch
+itself stays quantizable. Tensors computed from constants and shapes alone (``Shape`` -> ``Gather`` ->
+``Concat`` ...) count as constants throughout.
 
 Why keep routers in float (PITFALLS.md): quantizing Softmax to a fixed [0, 1] uint8 grid creates ties
 that TopK breaks toward the lowest index; with 64 experts, top-8 only ~75% of tokens keep their expert
@@ -34,13 +41,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moeport._fs import load_model_proto
 
-_GATE_OPS = ("MatMul", "Gemm")
 _SCORE_OPS = ("Softmax", "Sigmoid")
 # Ops the closure never crosses: they do the experts' compute, not the routing arithmetic.
 _COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "MatMulInteger", "MatMulNBits", "QLinearMatMul"})
 # Quantizer-inserted ops a backward walk may look through when analysing an already quantized graph.
 _TRANSPARENT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"})
 _MAX_WALK = 12  # nodes walked from an expert MatMul to its segment or its routing weight (SwiGLU needs 5)
+# The ops that pick experts, and how many nodes may lie between a gate and its pick (grouped top-k needs ~15).
+_SELECTION_OPS = frozenset({"TopK", "ArgMax"})
+_MAX_ROUTER_NODES = 64
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 # Initializers up to this size keep their data in a graph loaded without weights (onnx_ir's shape inference
 # keeps 1000 bytes for the same reason).
@@ -53,13 +62,14 @@ _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BF
 
 @dataclass
 class Router:
-    """One router: its gate, score and TopK nodes (names) and the TopK outputs (values, indices)."""
+    """One router: its gate projection, its Softmax/Sigmoid ("" when it ranks raw logits and normalises
+    nothing), the node that selects the experts (TopK, or the last ArgMax of a sparsemixer) and their tensors."""
 
     gate: str
     score: str
-    topk: str
-    scores_output: str  # tensor TopK ranks: [tokens, E] float
-    indices_output: str  # TopK indices: [tokens, k] int64
+    selection: str
+    scores_output: str  # the tensor the selection ranks: [tokens, E] float
+    indices_output: str  # the selected experts: [tokens, k] int64
     num_experts: int | None = None  # E, where shape inference knows the scores' last axis
 
 
@@ -139,6 +149,9 @@ class _Graph:
     def is_float(self, name: str) -> bool:
         return self.elem_type.get(name, TensorProto.FLOAT) in _FLOAT_TYPES
 
+    def is_float_or_mask(self, name: str) -> bool:
+        return self.is_float(name) or self.elem_type.get(name) == TensorProto.BOOL
+
     def value(self, name: str) -> np.ndarray | None:
         """The value of a constant held in the graph (an initializer with its data, a Constant node); None
         when it is not one or its data is not loaded."""
@@ -205,29 +218,69 @@ def _typed_data(tensor: onnx.TensorProto) -> bool:
                                                   "uint64_data", "string_data"))
 
 
-def _match_router(g: _Graph, topk: onnx.NodeProto) -> tuple[Router, list[str]] | None:
-    """The router ending at ``topk``, with the names of its chain nodes; None when it is not one."""
-    chain = [topk.name]
-    node = g.source(topk.input[0])
-    if node is not None and node.op_type == "Add" and any(i in g.constants for i in node.input):
-        chain.append(node.name)  # score + correction bias (DeepSeek-style selection)
-        node = g.source(next(i for i in node.input if i not in g.constants))
-    if node is None or node.op_type not in _SCORE_OPS:
-        return None
-    score = node
-    chain.append(score.name)
-    node = g.source(score.input[0])
-    if node is not None and node.op_type == "Add" and any(i in g.constants for i in node.input):
-        chain.append(node.name)  # gate bias of a MatMul + Add projection
-        node = g.source(next(i for i in node.input if i not in g.constants))
-    if node is None or node.op_type not in _GATE_OPS or len(node.input) < 2:
-        return None
-    weight = node.input[1]
-    weight_node = g.producer.get(weight)
-    if weight not in g.constants and not (weight_node is not None and weight_node.op_type in _TRANSPARENT_OPS):
-        return None  # an activation x activation product (attention), not a gate projection
-    chain.append(node.name)
-    return Router(node.name, score.name, topk.name, topk.input[0], topk.output[1], g.last_dim(topk.input[0])), chain
+def _selection_region(g: _Graph, select: onnx.NodeProto) -> tuple[list[onnx.NodeProto], set[str]] | None:
+    """The gate projections a selection's scores come from and every node between them and the selection
+    (walking back from its scores through anything but a projection; constants and shape arithmetic are not
+    walked); None when the scores are not a router's: not float, not from a projection with a constant
+    weight, also from an activation x activation product or a graph input, or farther than
+    ``_MAX_ROUTER_NODES``."""
+    if not g.is_float(select.input[0]):
+        return None  # a sort of integer keys (the sorted dispatch's argsort), not a choice among scores
+    gates: list[onnx.NodeProto] = []
+    region: set[str] = set()
+    pending = [select.input[0]]
+    while pending:
+        value = pending.pop()
+        node = g.producer.get(value)
+        if node is None:
+            return None  # straight from a graph input
+        if node.name in region or node in gates:
+            continue
+        if node.op_type in _COMPUTE_OPS:
+            weight = node.input[3] if node.op_type == "QLinearMatMul" else node.input[1]
+            if weight not in g.constants:
+                return None  # attention-like: scores of activations against activations
+            gates.append(node)
+            continue
+        region.add(node.name)
+        if len(region) > _MAX_ROUTER_NODES:
+            return None
+        pending += g.dynamic_inputs(node)
+    return (gates, region) if gates else None
+
+
+def _indices_of(g: _Graph, select: onnx.NodeProto, chain: set[str]) -> str:
+    """The selected experts ``[tokens, k]``: TopK's indices; for ArgMax selections (phimoe's sparsemixer picks
+    top-2 as two ArgMax, the second over scores with the first masked), the Concat of the chain's ArgMax
+    outputs when there is one."""
+    if select.op_type == "TopK":
+        return select.output[1]
+    argmax = {node.output[0] for node in g.nodes if node.op_type == "ArgMax" and (node.name in chain or node is select)}
+    for consumer in g.consumers.get(select.output[0], []):
+        if consumer.op_type == "Concat" and all(i in argmax for i in consumer.input):
+            return consumer.output[0]
+    return select.output[0]
+
+
+def _routers(g: _Graph) -> list[tuple[Router, set[str]]]:
+    """Every router of the graph with the names of its chain (gate to selection)."""
+    candidates = {}
+    for node in g.nodes:
+        if node.op_type in _SELECTION_OPS:
+            found = _selection_region(g, node)
+            if found is not None:
+                candidates[node.name] = (node, *found)
+    # A selection inside another's region picks groups for it (grouped top-k) or is the first pick of a
+    # sparsemixer: part of that router, not one of its own.
+    inner = set().union(*(region for _, _, region in candidates.values())) if candidates else set()
+    routers = []
+    for name, (select, gates, region) in candidates.items():
+        if name in inner:
+            continue
+        chain = region | {select.name} | {gate.name for gate in gates}
+        routers.append((Router(gates[0].name, "", select.name, select.input[0], _indices_of(g, select, chain),
+                               g.last_dim(select.input[0])), chain))
+    return routers
 
 
 def find_routers(model: onnx.ModelProto) -> RouterPlan:
@@ -238,12 +291,10 @@ def find_routers(model: onnx.ModelProto) -> RouterPlan:
 def _plan(g: _Graph) -> RouterPlan:
     plan = RouterPlan()
     protected: set[str] = set()
-    for node in g.nodes:
-        if node.op_type == "TopK":
-            match = _match_router(g, node)
-            if match is not None:
-                plan.routers.append(match[0])
-                protected.update(match[1])
+    found = _routers(g)
+    for router, chain in found:
+        plan.routers.append(router)
+        protected.update(chain)
     # Tensors produced by the router: outputs of protected nodes, plus chain intermediates.
     produced = {out for node in g.nodes if node.name in protected for out in node.output}
     changed = True
@@ -253,13 +304,30 @@ def _plan(g: _Graph) -> RouterPlan:
             if node.name in protected or node.op_type in _COMPUTE_OPS:
                 continue
             inputs = g.dynamic_inputs(node)
-            if inputs and all(i in produced for i in inputs) and all(g.is_float(o) for o in node.output if o):
+            if inputs and all(i in produced for i in inputs) and all(g.is_float_or_mask(o) for o in node.output if o):
                 protected.add(node.name)
                 produced.update(o for o in node.output if o)
                 changed = True
+    # Each router's score op: the first Softmax/Sigmoid of its chain, or after the selection (TopK over raw
+    # logits, then Softmax over the k picked).
+    for router, chain in found:
+        closure = chain | _downstream(g, chain, protected)
+        router.score = next((n.name for n in g.nodes if n.name in closure and n.op_type in _SCORE_OPS), "")
     plan.nodes = [node.name for node in g.nodes if node.name in protected]
     plan.op_types = dict(sorted(Counter(node.op_type for node in g.nodes if node.name in protected).items()))
     return plan
+
+
+def _downstream(g: _Graph, chain: set[str], protected: set[str]) -> set[str]:
+    """The protected nodes reached from ``chain``'s outputs through protected nodes (one router's closure)."""
+    reached: set[str] = set()
+    pending = [o for node in g.nodes if node.name in chain for o in node.output if o]
+    while pending:
+        for consumer in g.consumers.get(pending.pop(), []):
+            if consumer.name in protected and consumer.name not in chain and consumer.name not in reached:
+                reached.add(consumer.name)
+                pending += [o for o in consumer.output if o]
+    return reached
 
 
 class ExpertGroup(NamedTuple):
