@@ -84,7 +84,8 @@ def build(path: Path, size_mb: float, hidden: int, inter: int, experts: int, top
     weights.add("embed", vocab, hidden)
     nodes.append(helper.make_node("Gather", ["embed", "input_ids"], ["embedded"], name="embed"))
     x = "x0"
-    nodes.append(helper.make_node("Reshape", ["embedded", _const(nodes, "flat_shape", [-1, hidden])], [x], name="flatten"))
+    flat = _const(nodes, "flat_shape", [-1, hidden])
+    nodes.append(helper.make_node("Reshape", ["embedded", flat], [x], name="flatten"))
     for layer in range(layers):
         p = f"l{layer}."
         gate = weights.add(p + "router", experts, hidden)
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes.split(","):
         out = root / f"model.{mode}.onnx"
-        child = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), mode], capture_output=True, text=True)
+        child = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), mode], capture_output=True,
+                               text=True)
         if child.returncode != 0:
             rows.append({"mode": mode, "error": child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "?"})
         else:

@@ -180,7 +180,8 @@ def _on_part(source: Path, names: set[str], tool: Callable[[Path, Path], None], 
         whole = source.with_name(f"{label}.onnx")
         tool(source, whole)
         return whole
-    part_path, quantized, spliced = (source.with_name(f"{label}.{kind}.onnx") for kind in ("part", "quantized", "model"))
+    part_path, quantized, spliced = (source.with_name(f"{label}.{kind}.onnx")
+                                     for kind in ("part", "quantized", "model"))
     onnx.save(part, str(part_path))
     tool(part_path, quantized)
     model = ir.load(source)
@@ -288,8 +289,9 @@ def run_nbits(job: QuantJob) -> None:
         # onnxruntime's n-bit quantizer packs Gather at 4 bits only; quantize_dynamic stores the table in
         # 8 bits (int8 table, Gather, DequantizeLinear of the gathered rows), given the Gathers alone.
         def embedding(model: Path, output: Path) -> None:
-            quantize_dynamic(str(model), str(output), op_types_to_quantize=["Gather"], nodes_to_quantize=sorted(gathers),
-                             weight_type=QuantType.QInt8, use_external_data_format=True)
+            quantize_dynamic(str(model), str(output), op_types_to_quantize=["Gather"],
+                             nodes_to_quantize=sorted(gathers), weight_type=QuantType.QInt8,
+                             use_external_data_format=True)
 
         source, gathers = _on_part(job.source, gathers, embedding, "embedding"), set()
     blocks = [(matmuls - job.experts, job.bits, layout.dense_block_size),

@@ -17,10 +17,12 @@ Which nodes: the weight-carrying ones -- MatMul/Gemm whose second input is a 2-D
 per-expert weights, e.g. gate_up ``[hidden, 2*inter]`` and down ``[inter, hidden]``, attention
 projections, lm_head) and Gather over an initializer (the embedding ``[vocab, hidden]``).
 Activation x activation MatMuls (attention scores) stay float. With ``keep_router`` (the default) the
-nodes of ``moeport.runtime.moe_graph.find_routers`` are excluded from every tool, so the gate projection, Softmax/Sigmoid,
-TopK and weight normalisation stay float32.
+nodes of ``moeport.runtime.moe_graph.find_routers`` are excluded from every tool, so the gate projection,
+Softmax/Sigmoid, TopK and weight normalisation stay float32.
 
-The output is written to a temporary file beside ``out`` and renamed into place once it loads.
+Models of any size: the graph is read without its weights, every step hands the next a file whose weights
+are in external data, and the output keeps its weights in ``<out>.data`` when the input had external data.
+The output is written to a staging directory beside ``out`` and moved into place once it passes the checker.
 """
 
 
@@ -47,8 +49,8 @@ from moeport.quant import ranges
 from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
-                                  InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, StampQuantizationPass, node_metadata_bytes,
-                                  run_passes, save_model)
+                                  InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, StampQuantizationPass,
+                                  node_metadata_bytes, run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, NBitsLayout, choose_scheme
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
@@ -163,7 +165,8 @@ def _read(model: Path, settings: _Settings) -> _Source:
         router_nodes = set(plan.nodes)
         targets += [n for n in graph.graph.node
                     if n.name in router_nodes and n.op_type in settings.mode.step.unprotected_ops]
-    found = [] if plan.routers else ["no MoE router (gate -> Softmax/Sigmoid -> TopK) found in the graph"]
+    found = [] if plan.routers else ["no MoE router (a TopK or ArgMax over scores from a gate projection) found in "
+                                     "the graph"]
     return _Source(model, graph, {p.key: p.value for p in graph.metadata_props},
                    optional_model_info(metadata_props(graph), model), plan, find_expert_matmuls(graph), targets,
                    exclude, found)

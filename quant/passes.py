@@ -107,7 +107,8 @@ class InlineSmallTensorsPass(QuantPass):
         for value in small:
             value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
         if small:
-            return Rewritten(model, True, f"read {len(small)} tensors of at most {self.limit} bytes in from external data")
+            return Rewritten(model, True,
+                             f"read {len(small)} tensors of at most {self.limit} bytes in from external data")
         return Rewritten(model, False, f"no tensor of at most {self.limit} bytes is stored in external data")
 
 
@@ -219,7 +220,8 @@ class SplicePass(QuantPass):
         old = [node for node in graph if node.name in self.names]
         if len(old) != len(self.names):
             raise ValueError(f"nodes to replace not in the graph: {sorted(self.names - {n.name for n in old})}")
-        values = {v.name: v for v in (*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs))}
+        values = {v.name: v for v in (*graph.inputs, *graph.initializers.values())}
+        values.update((o.name, o) for node in graph for o in node.outputs)
         inputs = {v: values[v.name] for v in part.inputs}
         outputs = {values[v.name]: v for v in part.outputs}
         read = {v for node in old for v in node.inputs if v is not None and v.is_initializer()}

@@ -310,7 +310,8 @@ def topk_external(topk, tmp_path_factory):
 def test_models_with_external_data_stream_through_every_mode(topk, topk_external, text_file, tmp_path, mode):
     """Weights in external data (any model over 2 GB): the output keeps its weights in ``<out>.data``, passes
     the checker by path, and computes what the quantized in-memory model computes."""
-    options = dict(mode=mode, latency_runs=0, perplexity=False, **({"calibration": text_file} if mode == "int8" else {}))
+    options = dict(mode=mode, latency_runs=0, perplexity=False)
+    options.update({"calibration": text_file} if mode == "int8" else {})
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     inline = quantize(topk.output, tmp_path / "a" / "q.onnx", **options)
     external = quantize(topk_external, tmp_path / "b" / "q.onnx", **options)

@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
                                   GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass, QuantPass,
-                                  SplicePass, StampQuantizationPass, node_metadata_bytes, run_passes, save_model, serialize)
+                                  SplicePass, StampQuantizationPass, node_metadata_bytes, run_passes, save_model,
+                                  serialize)
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((5, 8)).astype(np.float32)
@@ -78,7 +79,8 @@ def test_gemm_as_matmul_rewrites_the_named_plain_gemms():
 
 
 def test_gemm_as_matmul_keeps_a_graph_output_name():
-    before = _model([helper.make_node("Gemm", ["x", "w"], ["y"], name="g", transB=1)], [_weights(4, 8, name="w")], width=4)
+    before = _model([helper.make_node("Gemm", ["x", "w"], ["y"], name="g", transB=1)], [_weights(4, 8, name="w")],
+                    width=4)
     after, _ = _apply(before, [GemmAsMatMulPass({"g"}), REMOVE_UNUSED])
     assert _ops(after) == {"MatMul": 1} and [o.name for o in after.graph.output] == ["y"]
 
@@ -180,7 +182,8 @@ def test_shape_inference_records_types_and_the_pre_processing_mark():
     assert {p.key: p.value for p in after.metadata_props}.get("onnx.quant.pre_process") == "onnxruntime.quant"
     _, again = _apply(after, [SHAPE_INFERENCE, MarkPreProcessedPass()])
     assert [(r.modified, r.note) for r in again] == [
-        (False, "shape inference added nothing (or failed; onnx_ir logs why)"), (False, "already marked as pre-processed")]
+        (False, "shape inference added nothing (or failed; onnx_ir logs why)"),
+        (False, "already marked as pre-processed")]
 
 
 @pytest.mark.parametrize("external", [True, False])
@@ -201,7 +204,8 @@ def test_splice_replaces_nodes_with_a_graph():
     copy = numpy_helper.from_array(numpy_helper.to_array(weights), "w2")
     zero = numpy_helper.from_array(np.zeros(8, np.float32), "zero")
     part = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w2"], ["p"], name="m2"), helper.make_node("Add", ["p", "zero"], ["h"], name="a")],
+        [helper.make_node("MatMul", ["x", "w2"], ["p"], name="m2"),
+         helper.make_node("Add", ["p", "zero"], ["h"], name="a")],
         "part", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
         [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", 8])], [copy, zero]),
         opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
