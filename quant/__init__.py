@@ -3,24 +3,20 @@
 ``quantize(model, out, mode="int8"|"int8-dynamic"|"fp16"|"int4", ...)`` -> ``QuantizeResult`` (``to_dict()``,
 ``render()``): what was quantized, how many router nodes stayed float, calibration coverage per expert,
 and a quality report (size, parity with PyTorch, perplexity, routing agreement, latency).
-Modes are registered in ``moeport.quant.modes``; routers are found by ``moeport.quant.router.find_routers``.
+Modes are registered in ``moeport.quant.modes``; routers and experts are found by ``moeport.runtime.moe_graph``.
 """
 
-from moeport.quant.core import QuantizeResult, QuantizeWarning, quantize
+from moeport.quant.core import quantize
 from moeport.quant.modes import QuantMode, get_mode, modes, register_mode
-from moeport.quant.router import ExpertGroup, RouterPlan, find_expert_matmuls, find_routers
+from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, choose_scheme
 
 __all__ = [
     "TARGETS",
-    "ExpertGroup",
     "QuantMode",
     "QuantizeResult",
     "QuantizeWarning",
-    "RouterPlan",
     "choose_scheme",
-    "find_expert_matmuls",
-    "find_routers",
     "get_mode",
     "modes",
     "quantize",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import onnx
 from moeport.contract import Reference
 from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
-from moeport.quant.router import find_routers
+from moeport.runtime.moe_graph import find_routers, load_graph, tensor_nbytes
 from moeport.runtime.session import create_session
 from moeport.runtime.timing import time_runs
 from moeport.runtime.verify import verify
@@ -100,11 +99,8 @@ def model_size(path: str | os.PathLike) -> int:
 
 
 def weight_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of the initializers' data (raw or typed fields) of an in-memory model."""
-    total = 0
-    for init in proto.graph.initializer:
-        total += len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
-    return total
+    """Bytes of the initializers' data, from their types and dims (the graph may be loaded without weights)."""
+    return sum(tensor_nbytes(init) for init in proto.graph.initializer)
 
 
 def parity_windows(ids: np.ndarray, count: int = PARITY_WINDOWS, window: int = PARITY_WINDOW) -> np.ndarray:
@@ -148,25 +144,18 @@ def parity(model: Path, reference: Reference, min_routing_agreement: float, shap
 
 
 class RouterSession:
-    """A session that also returns every router's TopK indices (added as graph outputs in a temp copy)."""
+    """A CPU session that also returns every router's TopK indices and the ``float_outputs`` tensors (added as
+    outputs to the graph it hands onnxruntime; the weights are read from the model's own files)."""
 
     def __init__(self, model: Path, index_names: list[str] | None = None, float_outputs: tuple[str, ...] = ()):
-        proto = onnx.load(str(model))
+        graph = load_graph(model)
         if index_names is None:
-            index_names = [r.indices_output for r in find_routers(proto).routers]
-        produced = {o for node in proto.graph.node for o in node.output}
+            index_names = [r.indices_output for r in find_routers(graph).routers]
+        produced = {o for node in graph.graph.node for o in node.output}
         self.index_names = [n for n in index_names if n in produced]
-        present = {o.name for o in proto.graph.output}
-        for name in self.index_names:
-            if name not in present:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-        for name in float_outputs:
-            if name not in present:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        with tempfile.TemporaryDirectory(prefix="moeport-quant-") as tmp:
-            path = Path(tmp) / model.name
-            onnx.save(proto, str(path))
-            self.session = create_session(path, "cpu")
+        extra = {name: onnx.TensorProto.INT64 for name in self.index_names}
+        extra.update({name: onnx.TensorProto.FLOAT for name in float_outputs})
+        self.session = create_session(model, "cpu", extra_outputs=extra)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -179,9 +179,8 @@ def bench(
             bar.update(len(ort_times) + len(torch_times))
             efficiency = None
             if expert_efficiency:
-                top_k = int(metadata_of_map(metadata).get("top_k", "0")) or 1
-                efficiency = measure_expert_efficiency(model, feeds, top_k=top_k, ep=provider.name, threads=threads,
-                                     runs=max(runs // 2, 3)).to_dict()
+                efficiency = measure_expert_efficiency(model, feeds, ep=provider.name, threads=threads,
+                                                       runs=max(runs // 2, 3)).to_dict()
             results.append(ShapeBench((batch, seq), _ms_stats(ort_times),
                                       _ms_stats(torch_times) if torch_times else None, peak / 2**20, runs, efficiency))
     report = BenchReport(model, None if reference is None else reference.source, provider.name, threads, warmup,

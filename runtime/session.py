@@ -15,6 +15,9 @@ from pathlib import Path
 from moeport._fs import load_model_proto
 from moeport.errors import MoeportError
 
+# Tensors up to this size are read into a graph handed to onnxruntime in memory (see create_session).
+_INLINE_BYTES = 1024
+
 
 @dataclass(frozen=True)
 class ExecutionProvider:
@@ -93,20 +96,35 @@ def create_session(
     optimization: str = "all",
     profile_dir: str | os.PathLike | None = None,
     config: dict[str, str] | None = None,
+    extra_outputs: dict[str, int] | None = None,
 ):
     """Open ``model`` with onnxruntime on provider ``ep`` (a short name, or an already resolved provider).
 
     ``optimization``: all|extended|basic|disabled. ``profile_dir``: record an onnxruntime profile there
     (the placement report reads it). ``config``: session config entries (``add_session_config_entry``).
+    ``extra_outputs``: intermediate tensors to return as well, name -> ONNX element type (after the graph's
+    own outputs); the weights are still read from the model's files, not copied.
     """
+    import onnx
     import onnxruntime as ort
 
     path = Path(model)
     if not path.is_file():
         raise MoeportError(f"model file not found: {path}")
+    if extra_outputs and path.suffix == ".ort":
+        raise ValueError("extra_outputs needs an ONNX file; an .ort file cannot gain outputs")
+    source: str | bytes = str(path)
     if path.suffix != ".ort":  # ORT-format files are flatbuffers with no external data to check
-
-        load_model_proto(path)  # refuses external data outside the model's directory before ORT reads it
+        # Refuses external data outside the model's directory before ORT reads it. Small tensors are read in:
+        # onnxruntime infers shapes from constant inputs before it resolves external data for a graph handed
+        # over in memory.
+        proto = load_model_proto(path, inline_up_to=_INLINE_BYTES if extra_outputs else 0)
+        if extra_outputs:
+            present = {o.name for o in proto.graph.output}
+            proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, elem_type, None)
+                                      for name, elem_type in extra_outputs.items() if name not in present)
+            source = proto.SerializeToString()  # the graph; its external data stays where it is, found here:
+            config = {**(config or {}), "session.model_external_initializers_file_folder_path": str(path.parent)}
     provider = ep if isinstance(ep, ExecutionProvider) else resolve_provider(ep, fallback)
     options = ort.SessionOptions()
     options.graph_optimization_level = {
@@ -128,7 +146,7 @@ def create_session(
         chosen.append(("CPUExecutionProvider", {}))
     state = ort.capi.onnxruntime_pybind11_state
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        return ort.InferenceSession(source, sess_options=options, providers=chosen)
     except (state.InvalidProtobuf, state.InvalidGraph, state.Fail, state.NoSuchFile, state.InvalidArgument,
             state.NotImplemented) as exc:  # InvalidArgument/NotImplemented: a bad opset or a type ORT lacks
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from moeport.exporter import hf_families
 from moeport.exporter.export import export_checkpoint
 from moeport.samples.catalog import create_sample
 
@@ -61,6 +62,27 @@ def exported(workdir, sample_checkpoint):
         return cache[key]
 
     return export
+
+
+@pytest.fixture(scope="session")
+def hf_export(tmp_path_factory):
+    """hf_export(model_type, variant="default", validate=True) -> (ExportResult, checkpoint dir) of a tiny random
+    transformers checkpoint, cached for the session: the family tests and the quantization tests share them
+    (the first caller's ``validate`` decides; the family tests need the validated export)."""
+    root = tmp_path_factory.mktemp("hf_families")
+    cache: dict = {}
+
+    def make(model_type: str, variant: str = "default", validate: bool = True):
+        key = (model_type, variant)
+        if key not in cache:
+            checkpoint = root / f"{model_type}.{variant}"
+            hf_families.random_model(model_type, **hf_families.variants(model_type)[variant]).save_pretrained(checkpoint)
+            result = export_checkpoint(checkpoint, root / f"{model_type}.{variant}.onnx", with_routing=True,
+                                       validate=validate)
+            cache[key] = (result, checkpoint)
+        return cache[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")

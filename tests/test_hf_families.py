@@ -52,25 +52,6 @@ def _report_if_new(model_type: str):
                               f"(not in the README table for the locked {locked_versions()['transformers']})")]
 
 
-@pytest.fixture(scope="module")
-def hf_export(tmp_path_factory):
-    """hf_export(model_type, variant="default", validate=True) -> (ExportResult, checkpoint dir), cached."""
-    root = tmp_path_factory.mktemp("hf_families")
-    cache: dict = {}
-
-    def make(model_type: str, variant: str = "default", validate: bool = True):
-        key = (model_type, variant)
-        if key not in cache:
-            checkpoint = root / f"{model_type}.{variant}"
-            hf_families.random_model(model_type, **hf_families.variants(model_type)[variant]).save_pretrained(checkpoint)
-            result = export_checkpoint(checkpoint, root / f"{model_type}.{variant}.onnx", with_routing=True,
-                                       validate=validate)
-            cache[key] = (result, checkpoint)
-        return cache[key]
-
-    return make
-
-
 def assert_parity(model, checkpoint, shapes=SHAPES, paddings=(True, False)):
     for left_padding in paddings:
         report = verify_checkpoint(model, checkpoint, shapes=shapes, left_padding=left_padding)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto
@@ -15,11 +17,16 @@ from moeport.cli import main
 from moeport.errors import MoeportError
 from moeport.exporter.reference import CheckpointReference
 from tiny_hf import save_char_tokenizer
-from moeport.quant import core, find_expert_matmuls, find_routers, get_mode, modes, quantize, register_mode
+from moeport.quant import apply, core, get_mode, modes, quantize, register_mode
 from moeport.quant.calibration import starvation_threshold
+from moeport.quant.apply import ApplyStep
 from moeport.quant.modes import QuantMode
 from moeport.quant import schemes
 from moeport.quant.schemes import choose_scheme, cpu_flags
+from moeport.runtime.moe_graph import find_expert_matmuls, find_routers
+
+# The module, not the function ``moeport.quant.modes`` that the package exports under the same name.
+modes_module = importlib.import_module("moeport.quant.modes")
 
 TEXT = (b"def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 40)
 
@@ -211,7 +218,7 @@ def test_log_filter_is_removed_and_only_drops_its_message(caplog):
 
     root = logging.getLogger()
     filters = list(root.filters)
-    with caplog.at_level(logging.WARNING), core._without_log_message("natively"):
+    with caplog.at_level(logging.WARNING), apply.without_log_message("natively"):
         logging.warning("does not support 16-bit integer quantization natively")
         logging.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
@@ -271,6 +278,11 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert "GatherBlockQuantized" not in {n.op_type for n in model.graph.node}
     assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 4-bit blocks of 16, "
                                         "embedding int8 per tensor")
+    # the graph passes around the quantizer, each with what it did or why it did nothing
+    assert [p.name for p in result.passes] == [
+        "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "GemmAsMatMulPass", "RemoveUnusedNodesPass",
+        "ShapeInferencePass", "MarkPreProcessedPass", "StampQuantizationPass", "TopologicalSortPass"]
+    assert all(p.note for p in result.passes) and "graph passes: InlineSmallTensorsPass" in result.render()
     assert result.quality.weights_ratio < 0.2
 
 
@@ -283,6 +295,59 @@ def test_int4_layout_options(quantized):
     assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
         "expert_block_size": 64, "dense_block_size": 32, "embedding_bits": 4}
+
+
+def _assert_same_outputs(model, expected_model, tolerance: float) -> None:
+    """Both ONNX files give the same outputs (within ``tolerance``) on seeded ids [2, 24]."""
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 24), dtype=np.int64)
+    got, want = (ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+                 for m in (model, expected_model))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.fixture(scope="module")
+def topk_external(topk, tmp_path_factory):
+    """The topk export re-saved with every tensor in external data (``model.onnx.data``), as a big model is."""
+    path = tmp_path_factory.mktemp("external") / "model.onnx"
+    onnx.save(onnx.load(topk.output), str(path), save_as_external_data=True, size_threshold=0,
+              location="model.onnx.data")
+    return path
+
+
+@pytest.mark.parametrize("mode", [m.name for m in modes()])
+def test_models_with_external_data_stream_through_every_mode(topk, topk_external, text_file, tmp_path, mode):
+    """Weights in external data (any model over 2 GB): the output keeps its weights in ``<out>.data``, passes
+    the checker by path, and computes what the quantized in-memory model computes."""
+    options = dict(mode=mode, latency_runs=0, perplexity=False)
+    options.update({"calibration": text_file} if mode == "int8" else {})
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    inline = quantize(topk.output, tmp_path / "a" / "q.onnx", **options)
+    external = quantize(topk_external, tmp_path / "b" / "q.onnx", **options)
+    out = external.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]  # no scratch left behind
+    assert sorted(p.name for p in inline.output.parent.iterdir()) == ["q.onnx"]  # a one-file input stays one file
+    # full_check infers shapes too; onnxruntime's float16 converter leaves value_info types that inference
+    # disagrees with (as it did before the output had external data; onnxruntime runs the file).
+    onnx.checker.check_model(str(out), full_check=mode != "fp16")
+    # most weight bytes are in the data file (tensors up to 1 KiB, such as this tiny model's scales, stay inline)
+    assert (tmp_path / "b" / "q.onnx.data").stat().st_size > 0.5 * external.quality.weights_after
+    assert external.quantized_nodes == inline.quantized_nodes and external.output_ops == inline.output_ops
+    assert external.router_kept_float == inline.router_kept_float
+    assert external.quality.weights_after == inline.quality.weights_after
+    _assert_same_outputs(external.output, inline.output, tolerance=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int4"])
+def test_quantizing_in_parts_changes_nothing(topk, tmp_path, monkeypatch, mode):
+    """The dynamic quantizer is given the model in parts (int4: the embedding alone) and the results are
+    spliced back: the same graph and outputs as in one piece."""
+    options = dict(mode=mode, latency_runs=0, perplexity=False)
+    whole = quantize(topk.output, tmp_path / "whole.onnx", **options)
+    monkeypatch.setattr(apply, "PART_BYTES", 1)  # one part per activation and its readers
+    parts = quantize(topk.output, tmp_path / "parts.onnx", **options)
+    assert parts.output_ops == whole.output_ops and parts.quality.weights_after == whole.quality.weights_after
+    _assert_same_outputs(parts.output, whole.output, tolerance=0.0)
 
 
 def test_every_registered_mode_is_exercised(quantized):
@@ -309,6 +374,30 @@ def test_mode_registry_validates():
         register_mode(QuantMode("int8-x", "dynamic", "", True, 0.3, 0.9, 0.1))
     with pytest.raises(MoeportError, match="unknown quantization mode 'int9'; choose one of int8, int8-dynamic"):
         get_mode("int9")
+
+
+def test_a_new_mode_is_one_registration(topk, tmp_path, monkeypatch):
+    """A mode carries its apply step: reusing a registered step takes its kind's name; nothing else changes."""
+    monkeypatch.setattr(modes_module, "_MODES", dict(modes_module._MODES))
+    mode = register_mode(QuantMode("int8-blocks", "nbits", "8-bit block weights", False, 0.35, 0.95, 0.05, bits=8))
+    assert mode.step is get_mode("int4").step and get_mode("int8-blocks") is mode
+    result = quantize(topk.output, tmp_path / "b.onnx", mode="int8-blocks", latency_runs=0, perplexity=False)
+    nbits = [n for n in onnx.load(result.output).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 57 and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {8}
+    assert result.to_dict()["mode"]["kind"] == "nbits"
+
+
+def test_mode_registry_validates_steps(monkeypatch):
+    monkeypatch.setattr(modes_module, "_MODES", dict(modes_module._MODES))
+    with pytest.raises(ValueError, match=r"kind must be one of \('qdq_static', 'dynamic', 'fp16', 'nbits'\)"):
+        register_mode(QuantMode("int3", "magic", "", False, 0.1, 0.9, 0.1))
+    with pytest.raises(ValueError, match="kind 'nbits' must name its step 'fp16'"):
+        register_mode(QuantMode("int3", "nbits", "", False, 0.1, 0.9, 0.1, step=get_mode("fp16").step))
+    with pytest.raises(ValueError, match="kind 'nbits' already names another registered step"):
+        register_mode(QuantMode("int3", "nbits", "", False, 0.1, 0.9, 0.1, step=ApplyStep("nbits", lambda job: None)))
+    with pytest.raises(ValueError, match="run must be a function"):
+        ApplyStep("nbits2", None)
+    assert "int3" not in [m.name for m in modes()]
 
 
 def test_schemes_follow_cpu_and_target(tmp_path):

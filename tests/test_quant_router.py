@@ -10,7 +10,8 @@ import torch
 
 from moeport.exporter.export import export_checkpoint
 from moeport.exporter.reference import CheckpointReference
-from moeport.quant import find_routers, quantize
+from moeport.quant import quantize
+from moeport.runtime.moe_graph import find_routers
 from moeport.samples.checkpoint import save_checkpoint
 from moeport.samples.model import LMConfig, MoEConfig, MoELM
 

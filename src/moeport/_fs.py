@@ -182,10 +182,15 @@ def check_external_data(proto, path: str | os.PathLike) -> None:
                                "next to the model")
 
 
-def load_model_proto(path: str | os.PathLike):
-    """The ModelProto of the ONNX file ``path`` without external data, its external data locations checked."""
+def load_model_proto(path: str | os.PathLike, inline_up_to: int = 0):
+    """The ModelProto of the ONNX file ``path`` without external data, its external data locations checked.
+
+    ``inline_up_to``: initializers stored outside whose data is at most this many bytes are read in (shapes,
+    axes: what shape inference needs the values of); larger ones stay on disk.
+    """
     import onnx
     from google.protobuf.message import DecodeError
+    from onnx.external_data_helper import load_external_data_for_tensor
 
     path = Path(path)
     if not path.is_file():
@@ -196,4 +201,13 @@ def load_model_proto(path: str | os.PathLike):
         # DecodeError: bytes that are not a ModelProto (a truncated download, or not an ONNX file at all).
         raise MoeportError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from exc
     check_external_data(proto, path)
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL and _external_length(init) <= inline_up_to:
+            load_external_data_for_tensor(init, str(path.parent))
     return proto
+
+
+def _external_length(tensor) -> int:
+    """The byte length an external tensor records (its ``length`` entry; without one, the whole file)."""
+    length = next((e.value for e in tensor.external_data if e.key == "length"), None)
+    return int(length) if length is not None and length.isdigit() else 1 << 62

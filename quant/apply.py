@@ -1,0 +1,308 @@
+"""The apply steps: how each kind of quantization mode runs onnxruntime's tools on the chosen nodes.
+
+An ``ApplyStep`` is a function ``run(job: QuantJob)`` that reads the prepared fp32 model file ``job.source``
+and writes the quantized one to ``job.output`` (weights in ``<output>.data`` beside it), plus what the pipeline
+must know about it (does it calibrate, does it take an 8-bit ``IntScheme`` and how far the expert
+down-projection inputs may be widened, does it use the int4 ``NBitsLayout``, what it quantizes in an
+unprotected router, does it skip Gemm). A ``QuantMode`` (``moeport.quant.modes``) carries its step; the
+built-in steps are ``QDQ_STATIC`` (int8), ``DYNAMIC`` (int8-dynamic), ``FP16`` and ``NBITS`` (int4).
+
+Files in, files out, always with external data: a model over protobuf's 2 GB cannot be handed over in memory,
+and onnxruntime's tools take ``use_external_data_format`` for that. Each tool still loads the weights it
+quantizes into memory; nothing here keeps a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+
+from moeport.quant import calibration as calib
+from moeport.quant.passes import SplicePass, run_passes
+from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
+from moeport.runtime.moe_graph import tensor_nbytes
+
+DEFAULT_BLOCK_SIZE = 32
+# Weights handed to onnxruntime's dynamic quantizer at once (it holds three copies of them, see _on_part).
+PART_BYTES = 256 * 2**20
+
+
+@dataclass
+class QuantJob:
+    """What an apply step gets.
+
+    ``source``: the prepared fp32 model file (graph passes applied, shapes inferred, weights in
+    ``<source>.data``); ``output``: the file to write; scratch files go beside ``source`` (``scratch``).
+    ``targets``: the nodes to quantize; ``exclude``: node names to leave alone (the routers); ``experts``: the
+    expert MatMul names, and ``down``: those of the down projections (``moeport.runtime.moe_graph``).
+    ``bits``: the mode's weight width; ``scheme`` (8-bit steps), ``layout`` (int4), ``calibration`` and its
+    ``overrides`` (onnxruntime TensorQuantOverrides; static quantization).
+    """
+
+    source: Path
+    output: Path
+    targets: list[onnx.NodeProto]
+    exclude: set[str]
+    experts: set[str]
+    down: set[str]
+    bits: int
+    scheme: IntScheme | None = None
+    layout: NBitsLayout | None = None
+    calibration: calib.CalibrationSet | None = None
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> set[str]:
+        return {n.name for n in self.targets}
+
+    def names_of(self, op_type: str) -> set[str]:
+        return {n.name for n in self.targets if n.op_type == op_type}
+
+    def scratch(self, name: str) -> Path:
+        return self.source.with_name(name)
+
+
+_STEP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ApplyStep:
+    """How one kind of mode quantizes: ``run(job)`` writes ``job.output``.
+
+    ``calibrated``: the step runs calibration samples through the model (``job.calibration`` is set).
+    ``down``: the step takes an 8-bit ``IntScheme`` (``job.scheme``) and how far it may widen the expert
+    down-projection inputs; None for steps without one. ``layout``: the step uses ``job.layout``.
+    ``unprotected_ops``: router op types it also quantizes when the router is not protected (QDQ puts Q/DQ on
+    Softmax/Sigmoid like onnxruntime's defaults). ``gemms_as_matmuls``: the tool skips Gemm, so the pipeline
+    rewrites the targeted Gemms as MatMul before it runs (``passes.GemmAsMatMulPass``).
+    """
+
+    name: str
+    run: Callable[[QuantJob], None]
+    calibrated: bool = False
+    down: WideDown | None = None
+    layout: bool = False
+    unprotected_ops: tuple[str, ...] = ()
+    gemms_as_matmuls: bool = False
+
+    def __post_init__(self):
+        if not _STEP_NAME.match(self.name):
+            raise ValueError(f"apply step names are lower-case identifiers: {self.name!r}")
+        if not callable(self.run):
+            raise ValueError(f"apply step {self.name!r}: run must be a function of a QuantJob")
+
+
+@contextlib.contextmanager
+def without_log_message(fragment: str, logger_name: str = ""):
+    """Drop records containing ``fragment`` logged to ``logger_name`` (default: the root logger, which
+    onnxruntime's quantize_static logs through) while the block runs; the filter is removed afterwards."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return fragment not in record.getMessage()
+
+    logger, drop = logging.getLogger(logger_name), _Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def write_external(proto: onnx.ModelProto, path: Path) -> None:
+    """Save a model held in memory to ``path``, its tensors over 1 KiB in ``<path>.data`` (what onnxruntime's
+    ``use_external_data_format`` writes)."""
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024, convert_attribute=False)
+
+
+def _part_of(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto | None:
+    """A model holding only the nodes ``names`` of ``proto`` (a graph loaded without its external data), the
+    initializers they read (still pointing at their external data), their other inputs as graph inputs and
+    what they produce as outputs, typed from the graph's value info; None when a type is not known."""
+    graph = proto.graph
+    nodes = [node for node in graph.node if node.name in names]
+    initializers = {init.name: init for init in graph.initializer}
+    types = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output) if v.type.HasField("tensor_type")}
+    produced = [out for node in nodes for out in node.output if out]
+    read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
+    inputs = [name for name in read if name not in produced and name not in initializers]
+    if any(name not in types for name in (*inputs, *produced)):
+        return None
+    part = onnx.helper.make_graph(nodes, "part", [types[n] for n in inputs], [types[n] for n in produced],
+                                  [initializers[n] for n in read if n in initializers])
+    model = onnx.helper.make_model(part, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    model.metadata_props.extend(proto.metadata_props)  # the pre-processed mark among them
+    return model
+
+
+def _parts(proto: onnx.ModelProto, names: set[str], budget: int) -> list[set[str]]:
+    """The nodes ``names`` of ``proto`` in parts of at most ``budget`` bytes of weights (a single node may be
+    more), graph order; all named readers of one activation share a part (onnxruntime quantizes an
+    activation once for all its readers, under names derived from the activation's)."""
+    initializers = {init.name: tensor_nbytes(init) for init in proto.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}  # activation -> the named nodes reading it
+    for node in proto.graph.node:
+        if node.name in names:
+            activation = next((i for i in node.input if i and i not in initializers), node.name)
+            readers.setdefault(activation, []).append(node)
+    parts: list[set[str]] = []
+    size = budget
+    for nodes in readers.values():
+        weight = sum(initializers.get(i, 0) for node in nodes for i in node.input)
+        if size + weight > budget:
+            parts.append(set())
+            size = 0
+        parts[-1].update(node.name for node in nodes)
+        size += weight
+    return parts
+
+
+def _on_part(source: Path, names: set[str], tool: Callable[[Path, Path], None], label: str) -> Path:
+    """Run ``tool(model file, output file)`` on the part of the model file ``source`` made of the nodes
+    ``names`` and splice its output in; returns the spliced model file beside ``source``.
+
+    Why: onnxruntime's dynamic quantizer copies the model it is given twice over in memory (a deep copy and
+    a reload for shape inference), three times its weights at once; given the embedding alone, that is three
+    times the embedding. No weight is copied on disk either: the part and the spliced model point at the
+    external data files beside them. Falls back to the whole model when the part's I/O types are unknown.
+    """
+    part = _part_of(onnx.load(str(source), load_external_data=False), names)
+    if part is None:
+        whole = source.with_name(f"{label}.onnx")
+        tool(source, whole)
+        return whole
+    part_path, quantized, spliced = (source.with_name(f"{label}.{kind}.onnx")
+                                     for kind in ("part", "quantized", "model"))
+    onnx.save(part, str(part_path))
+    tool(part_path, quantized)
+    model = ir.load(source)
+    run_passes(model, [SplicePass(names, ir.load(quantized))])
+    ir.save(model, spliced)  # in the same directory, external tensors keep pointing at their files
+    return spliced
+
+
+def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], exclude: set[str]) -> None:
+    """onnxruntime's MatMulNBitsQuantizer on the model file ``source``, once per ``(MatMul/Gather names, bits,
+    block size)`` of ``blocks`` (one load, one write), into ``output``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = onnx.load(str(source))
+    for chosen, bits, block_size in blocks:
+        # nodes_to_include only adds to op_types_to_quantize, so everything not chosen is excluded.
+        skip = {n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gather")} - chosen
+        quantizer = MatMulNBitsQuantizer(
+            proto,
+            # Asymmetric blocks: on the trained sample's held-out text, int4 routing agreement 0.947 vs 0.943 for
+            # symmetric at 0.179 vs 0.174 of the fp32 size (BENCHMARKS.md).
+            bits=bits, block_size=block_size, is_symmetric=False, nodes_to_exclude=sorted(exclude | skip),
+            op_types_to_quantize=("MatMul", "Gather"),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
+        # Like quantize_static's 16-bit case: the quantizer raises the opset to 21 itself; the report notes it.
+        with without_log_message("doesn't support int4 data type", "onnxruntime.quantization.matmul_nbits_quantizer"):
+            quantizer.process()
+        proto = quantizer.model.model
+    write_external(proto, output)
+
+
+def run_qdq_static(job: QuantJob) -> None:
+    """``quantize_static`` in QDQ format: per-channel weights, MinMax-calibrated activations."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    scheme = job.scheme
+    # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
+    # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
+    # the report notes the new opset instead.
+    with without_log_message("does not support 16-bit integer quantization natively"):
+        quantize_static(
+            str(job.source), str(job.output), calib.as_reader(job.calibration), quant_format=QuantFormat.QDQ,
+            # Only the targeted nodes' types: calibration covers every tensor of these types, and the
+            # attention Softmax input (-inf masked scores) would otherwise yield NaN zero points.
+            op_types_to_quantize=sorted({n.op_type for n in job.targets}), per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range, activation_type=QuantType[scheme.activation_type],
+            weight_type=QuantType[scheme.weight_type], nodes_to_quantize=sorted(job.names),
+            nodes_to_exclude=sorted(job.exclude), calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=True,
+            # DedicatedQDQPair: a tensor read by both a quantized node and the router (the shared experts'
+            # Gemm and the gate read the same normed hidden states) gets its own Q/DQ per quantized
+            # consumer; without it the router would read the dequantized copy.
+            extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True,
+                           "TensorQuantOverrides": job.overrides, "DedicatedQDQPair": True},
+        )
+
+
+def run_dynamic(job: QuantJob) -> None:
+    """``quantize_dynamic``: int8 weights, activations quantized per run; with a float down-projection scheme,
+    the expert down projections keep float inputs and get 8-bit block weights (``MatMulNBits``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scheme = job.scheme
+    down = job.down & job.names if scheme.down_activation_type == FLOAT else set()
+    first = job.scratch("dynamic.onnx") if down else job.output
+
+    def dynamic(names: set[str]) -> Callable[[Path, Path], None]:
+        return lambda model, output: quantize_dynamic(
+            str(model), str(output), op_types_to_quantize=["MatMul", "Gather"], per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range, weight_type=QuantType[scheme.weight_type],
+            nodes_to_quantize=sorted(names), nodes_to_exclude=sorted(job.exclude), use_external_data_format=True)
+
+    # In parts: the dynamic quantizer holds three copies of what it is given (see _on_part).
+    model = job.source
+    for i, part in enumerate(_parts(onnx.load(str(job.source), load_external_data=False), job.names - down,
+                                    PART_BYTES)):
+        model = _on_part(model, part, dynamic(part), f"dynamic{i}")
+    os.replace(model, first)  # the same directory: its external data stays where the file points
+    if down:
+        _nbits(first, job.output, [(down, 8, DEFAULT_BLOCK_SIZE)], job.exclude)
+
+
+def run_fp16(job: QuantJob) -> None:
+    """``onnxruntime.transformers.float16``: float16 weights and compute, float32 graph inputs and outputs."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    # The prepared file carries its inferred shapes already (shape inference in memory would fail past 2 GB).
+    # The converter appends the Casts it adds for initializers after their consumers; quantize() puts the
+    # nodes back in topological order (onnxruntime and the checker need it).
+    write_external(convert_float_to_float16(str(job.source), keep_io_types=True, disable_shape_infer=True,
+                                            op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                            node_block_list=sorted(job.exclude)), job.output)
+
+
+def run_nbits(job: QuantJob) -> None:
+    """``MatMulNBitsQuantizer`` at ``job.bits``: experts and the other MatMuls in their blocks (``NBitsLayout``),
+    the embedding in 8 bits (``quantize_dynamic``) or 4-bit blocks (GatherBlockQuantized)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    layout, source = job.layout, job.source
+    gathers = job.names_of("Gather")
+    matmuls = job.names - gathers
+    if layout.embedding_bits == 8 and gathers:
+        # onnxruntime's n-bit quantizer packs Gather at 4 bits only; quantize_dynamic stores the table in
+        # 8 bits (int8 table, Gather, DequantizeLinear of the gathered rows), given the Gathers alone.
+        def embedding(model: Path, output: Path) -> None:
+            quantize_dynamic(str(model), str(output), op_types_to_quantize=["Gather"],
+                             nodes_to_quantize=sorted(gathers), weight_type=QuantType.QInt8,
+                             use_external_data_format=True)
+
+        source, gathers = _on_part(job.source, gathers, embedding, "embedding"), set()
+    blocks = [(matmuls - job.experts, job.bits, layout.dense_block_size),
+              (matmuls & job.experts, job.bits, layout.expert_block_size),
+              (gathers, job.bits, layout.expert_block_size)]
+    _nbits(source, job.output, [block for block in blocks if block[0]], job.exclude)
+
+
+QDQ_STATIC = ApplyStep("qdq_static", run_qdq_static, calibrated=True, down=STATIC_DOWN,
+                       unprotected_ops=("Softmax", "Sigmoid"))
+# quantize_dynamic has no Gemm kernel, MatMulNBitsQuantizer skips Gemm: both get the Gemms as MatMuls.
+DYNAMIC = ApplyStep("dynamic", run_dynamic, down=DYNAMIC_DOWN, gemms_as_matmuls=True)
+FP16 = ApplyStep("fp16", run_fp16)
+NBITS = ApplyStep("nbits", run_nbits, layout=True, gemms_as_matmuls=True)

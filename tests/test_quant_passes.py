@@ -1,0 +1,221 @@
+"""moeport.quant.passes: each graph rewrite on a small seeded model -- the outputs stay equal, the graph
+changes exactly as intended, and a pass that does nothing says why."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
+                                  GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass, QuantPass,
+                                  SplicePass, StampQuantizationPass, node_metadata_bytes, run_passes, save_model,
+                                  serialize)
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((5, 8)).astype(np.float32)
+
+
+def _weights(*shape: int, name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+
+
+def _model(nodes, initializers, width: int = 8) -> onnx.ModelProto:
+    """x [n, 8] -> ``nodes`` -> y [n, width]."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _outputs(model: onnx.ModelProto | str) -> list[np.ndarray]:
+    """Run a model (in memory, or a file with its external data) on ``X``."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, {"x": X})
+
+
+def _ops(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _apply(proto: onnx.ModelProto, passes: list[QuantPass]):
+    model = ir.from_proto(proto)
+    records = run_passes(model, passes)
+    after = serialize(model)
+    np.testing.assert_allclose(_outputs(after)[0], _outputs(proto)[0], rtol=1e-5, atol=1e-5)
+    return after, records
+
+
+def _gemms() -> onnx.ModelProto:
+    """x [n, 8] -> g1 (transB, bias) -> g2 (no bias) -> g3 (alpha 2) -> g4 -> y [n, 4]."""
+    return _model([
+        helper.make_node("Gemm", ["x", "w1", "c1"], ["h1"], name="g1", transB=1),
+        helper.make_node("Gemm", ["h1", "w2"], ["h2"], name="g2"),
+        helper.make_node("Gemm", ["h2", "w3"], ["h3"], name="g3", alpha=2.0),
+        helper.make_node("Gemm", ["h3", "w4"], ["y"], name="g4"),
+    ], [_weights(16, 8, name="w1"), _weights(16, name="c1"), _weights(16, 4, name="w2"), _weights(4, 4, name="w3"),
+        _weights(4, 4, name="w4")], width=4)
+
+
+def test_gemm_as_matmul_rewrites_the_named_plain_gemms():
+    before = _gemms()
+    after, records = _apply(before, [GemmAsMatMulPass({"g1", "g2", "g3"}), REMOVE_UNUSED])
+    onnx.checker.check_model(after, full_check=True)
+    assert _ops(before) == {"Gemm": 4}
+    assert _ops(after) == {"MatMul": 2, "Add": 1, "Gemm": 2}  # g1 -> MatMul + Add, g2 -> MatMul; g3, g4 stay
+    nodes = {n.name: n for n in after.graph.node}
+    assert nodes["g1"].op_type == "MatMul" and nodes["g2"].op_type == "MatMul" and nodes["g3"].op_type == "Gemm"
+    inits = {i.name: list(i.dims) for i in after.graph.initializer}
+    assert inits == {"w1_kn": [8, 16], "c1": [16], "w2": [16, 4], "w3": [4, 4], "w4": [4, 4]}  # w1 [16, 8] is gone
+    assert [(r.name, r.modified) for r in records] == [("GemmAsMatMulPass", True), ("RemoveUnusedNodesPass", True)]
+    assert records[0].note == "rewrote 2 Gemm as MatMul; left as Gemm: g3 (alpha or beta is not 1)"
+
+
+def test_gemm_as_matmul_keeps_a_graph_output_name():
+    before = _model([helper.make_node("Gemm", ["x", "w"], ["y"], name="g", transB=1)], [_weights(4, 8, name="w")],
+                    width=4)
+    after, _ = _apply(before, [GemmAsMatMulPass({"g"}), REMOVE_UNUSED])
+    assert _ops(after) == {"MatMul": 1} and [o.name for o in after.graph.output] == ["y"]
+
+
+@pytest.mark.parametrize(("names", "note"), [(set(), "no Gemm among the nodes to quantize"),
+                                             ({"g3"}, "no named Gemm in the plain form; left as Gemm: g3 (alpha or "
+                                                      "beta is not 1)")])
+def test_gemm_as_matmul_says_why_it_did_nothing(names, note):
+    before = _gemms()
+    after, records = _apply(before, [GemmAsMatMulPass(names), REMOVE_UNUSED])
+    assert _ops(after) == _ops(before) == {"Gemm": 4}
+    assert [(r.modified, r.note) for r in records] == [(False, note), (False, "every node and initializer is used")]
+
+
+def test_clear_metadata_drops_node_metadata_and_doc_strings():
+    before = _model([helper.make_node("Relu", ["x"], ["y"], name="r", doc_string="from torch")], [])
+    before.graph.node[0].metadata_props.add(key="pkg.torch.onnx.stack_trace", value="File model.py, line 1" * 20)
+    assert node_metadata_bytes(before) > 400
+    after, records = _apply(before, [CLEAR_METADATA])
+    assert _ops(after) == _ops(before) == {"Relu": 1}
+    assert node_metadata_bytes(after) == 0 and not after.graph.node[0].doc_string
+    assert records[0].modified and records[0].note == "dropped node and graph metadata and doc strings"
+    _, again = _apply(after, [CLEAR_METADATA])
+    assert not again[0].modified and again[0].note == "no node or graph carried metadata or a doc string"
+
+
+def test_remove_unused_drops_dead_nodes():
+    before = _model([helper.make_node("Relu", ["x"], ["y"], name="r"),
+                     helper.make_node("MatMul", ["x", "w"], ["dead"], name="m")], [_weights(8, 4, name="w")])
+    after, records = _apply(before, [REMOVE_UNUSED])
+    assert _ops(before) == {"Relu": 1, "MatMul": 1} and _ops(after) == {"Relu": 1}
+    assert not after.graph.initializer and records[0].modified
+
+
+def test_topological_sort_orders_nodes():
+    before = _model([helper.make_node("Neg", ["h"], ["y"], name="second"),
+                     helper.make_node("Relu", ["x"], ["h"], name="first")], [])
+    after, records = _apply(before, [TOPOLOGICAL_SORT])
+    assert [n.name for n in after.graph.node] == ["first", "second"] and _ops(after) == _ops(before)
+    assert records[0].modified and records[0].note == "put the nodes in topological order"
+    onnx.checker.check_model(after, full_check=True)
+    _, again = _apply(after, [TOPOLOGICAL_SORT])
+    assert not again[0].modified and again[0].note == "the nodes were already in topological order"
+
+
+def test_stamp_carries_metadata_and_records_the_quantization_last():
+    before = _model([helper.make_node("Relu", ["x"], ["y"], name="r")], [])
+    source = {"moeport.family": "moeport_lm", "moeport.with_routing": "true", "other.tool": "x"}
+    after, records = _apply(before, [StampQuantizationPass(source, {"mode": "int8"})])
+    assert _ops(after) == {"Relu": 1}
+    props = [(p.key, p.value) for p in after.metadata_props]
+    assert dict(props) == {**source, METADATA_KEY: '{"mode": "int8"}'}
+    assert props[-1][0] == METADATA_KEY and json.loads(props[-1][1]) == {"mode": "int8"}
+    assert records[0].note == "carried 3 metadata keys over; recorded the quantization"
+
+
+def test_a_failing_pass_is_named():
+    class Broken(QuantPass):
+        def call(self, model):
+            raise RuntimeError("boom")
+
+    with pytest.raises(ir.passes.PassError, match="quantize pass Broken failed"):
+        run_passes(ir.from_proto(_gemms()), [TOPOLOGICAL_SORT, Broken()])
+
+
+def _reshaping() -> onnx.ModelProto:
+    """x [n, 8] -> MatMul w [8, 12] -> Reshape to [-1, 4] (shape from an initializer) -> Relu -> Reshape back."""
+    shapes = [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for v, n in (([-1, 4], "s1"), ([-1, 12], "s2"))]
+    return _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="m"),
+                   helper.make_node("Reshape", ["h", "s1"], ["r"], name="r1"),
+                   helper.make_node("Relu", ["r"], ["a"], name="relu"),
+                   helper.make_node("Reshape", ["a", "s2"], ["y"], name="r2")], [_weights(8, 12, name="w"), *shapes],
+                  width=12)
+
+
+def test_inline_small_tensors_reads_them_from_external_data(tmp_path):
+    before = _reshaping()
+    expected = _outputs(before)[0]
+    onnx.save(before, str(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0, location="m.onnx.data")
+    model = ir.load(tmp_path / "m.onnx")
+    records = run_passes(model, [InlineSmallTensorsPass(limit=64)])
+    external = {v.name for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    assert external == {"w"} and records[0].note == "read 2 tensors of at most 64 bytes in from external data"
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    after = onnx.load(str(tmp_path / "out.onnx"))
+    assert _ops(after) == _ops(before) == {"MatMul": 1, "Reshape": 2, "Relu": 1}
+    np.testing.assert_allclose(_outputs(str(tmp_path / "out.onnx"))[0], expected, rtol=1e-6)
+    again = run_passes(ir.from_proto(_reshaping()), [InlineSmallTensorsPass(limit=64)])
+    assert not again[0].modified and again[0].note == "no tensor of at most 64 bytes is stored in external data"
+
+
+def test_shape_inference_records_types_and_the_pre_processing_mark():
+    before = _reshaping()
+    after, records = _apply(before, [SHAPE_INFERENCE, MarkPreProcessedPass()])
+    assert _ops(after) == _ops(before)
+    typed = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in after.graph.value_info}
+    assert typed["h"][1:] == [12] and typed["r"][1:] == [4] and not before.graph.value_info
+    assert [r.modified for r in records] == [True, True]
+    assert {p.key: p.value for p in after.metadata_props}.get("onnx.quant.pre_process") == "onnxruntime.quant"
+    _, again = _apply(after, [SHAPE_INFERENCE, MarkPreProcessedPass()])
+    assert [(r.modified, r.note) for r in again] == [
+        (False, "shape inference added nothing (or failed; onnx_ir logs why)"),
+        (False, "already marked as pre-processed")]
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_save_model_writes_external_data_or_one_file(tmp_path, external):
+    source, before = tmp_path / "src.onnx", _reshaping()
+    expected = _outputs(before)[0]
+    onnx.save(before, str(source), save_as_external_data=True, size_threshold=0, location="src.onnx.data")
+    save_model(ir.load(source), tmp_path / "out.onnx", external_data=external)
+    assert (tmp_path / "out.onnx.data").exists() is external
+    np.testing.assert_allclose(_outputs(str(tmp_path / "out.onnx"))[0], expected, rtol=1e-6)
+
+
+def test_splice_replaces_nodes_with_a_graph():
+    weights = _weights(8, 8, name="w")
+    before = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="m"),
+                     helper.make_node("Relu", ["h"], ["y"], name="r")], [weights])
+    # the same product another way: MatMul by a copy of w, plus zero; reads x, writes h
+    copy = numpy_helper.from_array(numpy_helper.to_array(weights), "w2")
+    zero = numpy_helper.from_array(np.zeros(8, np.float32), "zero")
+    part = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w2"], ["p"], name="m2"),
+         helper.make_node("Add", ["p", "zero"], ["h"], name="a")],
+        "part", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", 8])], [copy, zero]),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    after, records = _apply(before, [SplicePass({"m"}, ir.from_proto(part))])
+    onnx.checker.check_model(after, full_check=True)
+    assert _ops(before) == {"MatMul": 1, "Relu": 1} and _ops(after) == {"MatMul": 1, "Add": 1, "Relu": 1}
+    assert [n.name for n in after.graph.node] == ["m2", "a", "r"]
+    assert sorted(i.name for i in after.graph.initializer) == ["w2", "zero"]  # w was read by m alone
+    assert {o.domain: o.version for o in after.opset_import}["com.microsoft"] == 1
+    assert records[0].note == "replaced 1 nodes with 2"
+    with pytest.raises(ir.passes.PassError):
+        run_passes(ir.from_proto(before), [SplicePass({"missing"}, ir.from_proto(part))])
+
