@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from moeport.exporter import hf_families
 from moeport.exporter.export import export_checkpoint
 from moeport.samples.catalog import create_sample
+
+import hf_families  # tests/hf_families.py
 
 
 @pytest.fixture(scope="session", autouse=True)

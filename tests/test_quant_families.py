@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from moeport.exporter import hf_families  # noqa: E402
+import hf_families  # noqa: E402  (tests/, on sys.path)
 from moeport.quant import quantize  # noqa: E402
 from moeport.runtime.moe_graph import expert_layers, find_routers, float_router_nodes  # noqa: E402
 
