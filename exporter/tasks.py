@@ -8,7 +8,12 @@
   ``attention_mask [batch, past_sequence + sequence]``, ``position_ids [batch, sequence]``,
   ``past_key_values.{i}.key|value [batch, kv_heads, past_sequence, head_dim]`` -> ``logits``,
   ``present.{i}.key|value [batch, kv_heads, past_sequence + sequence, head_dim]``. Prefill feeds an empty
-  past (``past_sequence = 0``). transformers models only.
+  past (``past_sequence = 0``); the past's kv_heads and head_dim axes are left free (contract
+  ``PAST_KV_HEADS_AXIS``) so that a runtime building that empty past from its own reading of config.json
+  cannot trip over them. ``uniform_kv=True`` (what deployable folders use) stores every value cache with its
+  key's head size, zero-padded (multi-head latent attention has value heads narrower than key heads; the
+  runtime that allocates presents itself, onnxruntime-genai, gives values the key's shape). transformers
+  models only.
 
 One registry, like the others; a task says why it does not apply to a model instead of failing later.
 """
@@ -22,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, output_names, past_names,
-                              present_names, random_inputs, routing_name)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_HEAD_SIZE_AXIS, PAST_KV_HEADS_AXIS,
+                              POSITION_IDS, output_names, past_names, present_names, random_inputs, routing_name)
 from moeport.errors import MoeportError
 from moeport.exporter import families, strategies
 from moeport.exporter.families import LoadedModel
@@ -49,7 +54,7 @@ class Task:
     name: str
     description: str
     unsupported_reason: Callable[[LoadedModel], str | None]
-    build: Callable[..., TaskGraph]  # (loaded, with_routing, strategy, options, example_shape, seed)
+    build: Callable[..., TaskGraph]  # (loaded, with_routing, strategy, options, example_shape, seed, **task options)
 
 
 _TASKS: dict[str, Task] = {}
@@ -153,19 +158,40 @@ def _build_logits(loaded, with_routing, strategy, options, example_shape, seed) 
 register_task(Task("logits", "one forward pass: input_ids -> logits", lambda loaded: None, _build_logits))
 
 
+def _uniform_cache(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The cache shapes with every value given its key's (kv_heads, head_dim) (``shapes``: key, value per layer)."""
+    return [shapes[i - i % 2] for i in range(len(shapes))]
+
+
 class WithPastModule(nn.Module):
     """Decoder step with a KV cache. forward(input_ids, attention_mask, position_ids, past_key_values)
-    -> (logits, present.0.key, present.0.value, ..., then routing outputs if asked)."""
+    -> (logits, present.0.key, present.0.value, ..., then routing outputs if asked).
 
-    def __init__(self, loaded: LoadedModel, with_routing: bool, strategy, options):
+    ``value_dims``: per layer, the value head size the model computes with, when the cache stores values
+    zero-padded to the key's head size (``uniform_kv``); None stores them as the model makes them.
+    """
+
+    def __init__(self, loaded: LoadedModel, with_routing: bool, strategy, options, value_dims: list[int] | None = None):
         super().__init__()
         self.adapter = loaded.model  # exporter.hf.CausalLMAdapter
         self.layers = loaded.info.layers
         self.with_routing = with_routing
         self.strategy, self.options = strategy, options
+        self.value_dims = value_dims
+
+    def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
+        """``adapter.step`` on the stored cache layout: padded values are cut to the model's size going in and
+        padded with zeros coming out."""
+        if self.value_dims is None:
+            return self.adapter.step(input_ids, attention_mask, position_ids, past_key_values)
+        past = [t[..., :self.value_dims[i // 2]] if i % 2 else t for i, t in enumerate(past_key_values)]
+        logits, presents, routing = self.adapter.step(input_ids, attention_mask, position_ids, past)
+        padded = [torch.nn.functional.pad(t, (0, presents[i - 1].shape[-1] - t.shape[-1])) if i % 2 else t
+                  for i, t in enumerate(presents)]
+        return logits, padded, routing
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
-        logits, presents, routing = self.adapter.step(input_ids, attention_mask, position_ids, past_key_values)
+        logits, presents, routing = self.step(input_ids, attention_mask, position_ids, past_key_values)
         outputs = [logits, *presents]
         if self.with_routing:
             outputs += _routing_outputs(self.layers, routing, self.strategy, self.options)
@@ -178,11 +204,16 @@ def _with_past_unsupported(loaded: LoadedModel) -> str | None:
     return None
 
 
-def _build_with_past(loaded, with_routing, strategy, options, example_shape, seed) -> TaskGraph:
+def _build_with_past(loaded, with_routing, strategy, options, example_shape, seed, uniform_kv: bool = False) -> TaskGraph:
     adapter = loaded.model
     batch_size, seq_len = example_shape
     past_len = 3  # >= 2 so that torch.export keeps the past length symbolic
     shapes = adapter.cache_shapes()
+    value_dims = None
+    if uniform_kv and _uniform_cache(shapes) != shapes:
+        value_dims = [dim for _, dim in shapes[1::2]]
+        shapes = _uniform_cache(shapes)
+    module = WithPastModule(loaded, with_routing, strategy, options, value_dims).eval()
     generator = torch.Generator().manual_seed(seed)
     past = [torch.randn(batch_size, heads, past_len, dim, generator=generator) for heads, dim in shapes]
     input_ids = torch.from_numpy(random_inputs(loaded.info, batch_size, seq_len, seed)[INPUT_IDS])
@@ -198,8 +229,8 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
         tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
         past_in = [tensors[n] for n in names[3:]]
         with torch.no_grad():
-            logits, presents, routing = adapter.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
-                                                     tensors[POSITION_IDS], past_in)
+            logits, presents, routing = module.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
+                                                    tensors[POSITION_IDS], past_in)
         result = {LOGITS: logits.numpy()}
         result.update({name: p.numpy() for name, p in zip(outputs[1:], presents)})
         result.update(families.routing_arrays(loaded.info, routing))
@@ -222,8 +253,9 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
 
         return _compare_runs(loaded, session, strategy, options, runs)
 
+    free_axes = {1: PAST_KV_HEADS_AXIS, 3: PAST_HEAD_SIZE_AXIS}
     return TaskGraph(
-        module=WithPastModule(loaded, with_routing, strategy, options).eval(),
+        module=module,
         args=(input_ids, torch.from_numpy(mask), torch.from_numpy(feeds[POSITION_IDS]), past),
         dynamic_shapes={
             INPUT_IDS: {0: batch, 1: sequence},
@@ -234,7 +266,7 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
         input_names=names,
         output_names=outputs,
         validate=validate,
-        input_dim_names={ATTENTION_MASK: {1: "past_sequence + sequence"}},
+        input_dim_names={ATTENTION_MASK: {1: "past_sequence + sequence"}, **{name: free_axes for name in names[3:]}},
     )
 
 
