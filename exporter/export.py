@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from moeport.contract import METADATA_KEYS, METADATA_PREFIX, ModelInfo
 from moeport.errors import MoeportError
 from moeport.exporter import custom_ops, families, passes, strategies, tasks
 from moeport.exporter.families import LoadedModel
+from moeport.runtime import layouts
 from moeport.runtime.session import create_session
 from moeport.samples.checkpoint import checkpoint_hash
 
@@ -69,10 +71,12 @@ class ExportResult:
     validation: "object | None" = None  # runtime.compare.Comparison
     validation_shapes: list[tuple[int, int]] = field(default_factory=list)
     dropped_slots: int | None = None  # capacity strategy: slots dropped on the validation inputs
+    layout: str | None = None  # the runtime folder layout ``output`` is (runtime.layouts), None for one file
 
     def to_dict(self) -> dict:
         return {
             "output": str(self.output),
+            "layout": self.layout,
             "family": self.family,
             "strategy": self.strategy,
             "strategy_reason": self.strategy_reason,
@@ -215,8 +219,10 @@ def export_model(
     validation_shapes: tuple[tuple[int, int], ...] = VALIDATION_SHAPES,
     source_sha256: str = "",
     force: bool = False,
+    uniform_kv: bool = False,
 ) -> ExportResult:
-    """Export an already loaded model (see ``export_checkpoint``)."""
+    """Export an already loaded model (see ``export_checkpoint``). ``uniform_kv``: text-generation-with-past
+    only, every value cache stored with its key's head size (see ``tasks``)."""
     started = time.perf_counter()
     output = Path(output)
     _check_opset(opset)
@@ -229,7 +235,8 @@ def export_model(
     export_task = tasks.get_task(task, loaded)
     chosen, reason = choose_strategy(loaded.info, strategy)
     options = strategies.StrategyOptions(capacity_factor=capacity_factor)
-    graph = export_task.build(loaded, with_routing, chosen, options, example_shape, example_seed)
+    task_options = {"uniform_kv": True} if uniform_kv else {}
+    graph = export_task.build(loaded, with_routing, chosen, options, example_shape, example_seed, **task_options)
 
     with strategies.use_strategy(loaded.sites, chosen, options):
         model = _trace(graph, opset)
@@ -262,13 +269,27 @@ def export_model(
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, trust_pickle: bool = False,
-                      **options) -> ExportResult:
+                      layout: str | None = None, **options) -> ExportResult:
     """Export the checkpoint directory ``checkpoint`` to the ONNX file ``output``.
 
     ``trust_pickle``: allow pickle weights (Hugging Face ``*.bin``), loaded with ``weights_only=True``.
+    ``layout`` (``runtime.layouts``: genai, transformers.js, optimum): ``output`` is a folder that runtime
+    loads as it is (model, configs, the checkpoint's tokenizer); needs ``task="text-generation-with-past"``.
     Options: ``strategy`` (auto|sorted|gather|dense|capacity), ``task`` (logits|text-generation-with-past),
     ``opset``, ``with_routing``,
     ``capacity_factor``, ``example_shape``, ``example_seed``, ``validate``, ``force``.
     """
+    if layout is not None:
+        # Everything that can be said about the folder before the minutes of tracing.
+        layouts.check_export(layout, checkpoint, output, options.get("task", "logits"), options.get("force", False))
     loaded = families.load_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), **options)
+    if layout is None:
+        return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), **options)
+    output = Path(output)
+    with writing(output), tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
+        result = export_model(loaded, Path(scratch) / layouts.MODEL_FILE, source_sha256=checkpoint_hash(checkpoint),
+                              uniform_kv=True, **{**options, "force": False})
+        layouts.write_folder(layout, result.output, checkpoint, output, force=options.get("force", False))
+    result.output, result.layout = output, layout
+    result.size_bytes = sum(path.stat().st_size for path in output.rglob("*.onnx*"))
+    return result
