@@ -244,7 +244,10 @@ class CausalLMAdapter(nn.Module):
         presents [key_0, value_0, key_1, ...] each [batch, kv_heads, past + seq, head_dim], routing)."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.config)
+        # Full-length layers for every attention type: a sliding-window layer crops the cache with a Python
+        # comparison on its length, which torch.export turns into a guard (past_sequence < window) that fails
+        # the export. Sliding layers still see only their window: the attention mask applies it.
+        cache = DynamicCache()
         for i in range(len(past_key_values) // 2):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
         records: list = []
