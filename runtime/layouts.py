@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +51,8 @@ TOKENIZER_EXTRAS = ("special_tokens_map.json", "tokenizer.model", "vocab.json", 
 # tokenizer_class values only transformers 5 knows -> the class every reader of tokenizer.json accepts.
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 TRANSFORMERS5_TOKENIZER_CLASSES = ("TokenizersBackend",)
+# Variant file suffixes by quantization mode for runtimes that take any file name (``model_int4.onnx``).
+MODE_SUFFIXES = {mode: f"_{mode}" for mode in ("int4", "int8", "int8-dynamic", "fp16")}
 DEFAULT_CONTEXT_LENGTH = 4096  # genai's context_length when config.json names no max_position_embeddings
 
 
@@ -83,7 +85,6 @@ class Layout:
     marker: tuple[str, str]
     files: Callable[["Layout", FolderSource, bool], dict[str, dict]]
     runtime: str = ""  # the package that loads it, for messages
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     def model_file(self, stem: str = "model") -> str:
         return f"{self.model_dir}/{stem}.onnx" if self.model_dir else f"{stem}.onnx"
@@ -486,7 +487,7 @@ register_layout(Layout(
     name="genai",
     description="onnxruntime-genai: model.onnx + genai_config.json (type decoder, Concat KV cache)",
     model_dir="",
-    variant_suffixes={"int4": "_int4", "int8": "_int8", "int8-dynamic": "_int8-dynamic", "fp16": "_fp16"},
+    variant_suffixes=MODE_SUFFIXES,
     native_model_types=frozenset(),
     generic_model_type="decoder",
     marker=(GENAI_CONFIG, ""),
@@ -509,7 +510,7 @@ register_layout(Layout(
     name="optimum",
     description="Optimum ORTModelForCausalLM: model.onnx + config.json that transformers 4 reads",
     model_dir="",
-    variant_suffixes={"int4": "_int4", "int8": "_int8", "int8-dynamic": "_int8-dynamic", "fp16": "_fp16"},
+    variant_suffixes=MODE_SUFFIXES,
     # transformers 4.57 (which optimum-onnx needs) knows these; a family only transformers 5 knows runs as llama.
     native_model_types=frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe",
                                   "gpt_oss"}),
