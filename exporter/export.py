@@ -35,7 +35,7 @@ import torch
 import moeport
 from moeport._fs import check_output_file, staged_file, writing
 from moeport._scoped import logger_level
-from moeport.contract import METADATA_KEYS, METADATA_PREFIX, ModelInfo
+from moeport.contract import KV_CACHE_CONCAT, METADATA_KEYS, METADATA_PREFIX, ModelInfo
 from moeport.errors import MoeportError
 from moeport.exporter import custom_ops, families, passes, strategies, tasks
 from moeport.exporter.families import LoadedModel
@@ -163,7 +163,7 @@ def _trace(graph: tasks.TaskGraph, opset: int):
 
 
 def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int, with_routing: bool,
-            source_sha256: str, capacity_factor: float | None) -> None:
+            source_sha256: str, capacity_factor: float | None, kv_cache: str | None = None) -> None:
     """Stamp metadata and the IR version; refuse anything outside the standard domain."""
     model.ir_version = min(model.ir_version, ORT_1_20_IR_VERSION if opset <= 22 else 11)
     custom = sorted(d for d in model.opset_imports if d not in ("", "ai.onnx"))
@@ -190,6 +190,8 @@ def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int,
     }
     if capacity_factor is not None:
         props["capacity_factor"] = repr(capacity_factor)
+    if kv_cache is not None:
+        props["kv_cache"] = kv_cache
     assert set(props) <= set(METADATA_KEYS), f"metadata keys outside the contract: {set(props) - set(METADATA_KEYS)}"
     model.metadata_props.update({METADATA_PREFIX + k: v for k, v in props.items()})
 
@@ -220,9 +222,11 @@ def export_model(
     source_sha256: str = "",
     force: bool = False,
     uniform_kv: bool = False,
+    kv_cache: str | None = None,
 ) -> ExportResult:
-    """Export an already loaded model (see ``export_checkpoint``). ``uniform_kv``: text-generation-with-past
-    only, every value cache stored with its key's head size (see ``tasks``)."""
+    """Export an already loaded model (see ``export_checkpoint``). text-generation-with-past only: ``uniform_kv``
+    stores every value cache with its key's head size, ``kv_cache`` (concat|shared) how the cache is kept
+    (contract ``KV_CACHES``; default concat)."""
     started = time.perf_counter()
     output = Path(output)
     _check_opset(opset)
@@ -236,12 +240,17 @@ def export_model(
     chosen, reason = choose_strategy(loaded.info, strategy)
     options = strategies.StrategyOptions(capacity_factor=capacity_factor)
     task_options = {"uniform_kv": True} if uniform_kv else {}
+    if kv_cache is not None or task == tasks.WITH_PAST:
+        if task != tasks.WITH_PAST:
+            raise MoeportError(f"--kv-cache applies to --task {tasks.WITH_PAST}")
+        task_options["kv_cache"] = kv_cache = kv_cache or KV_CACHE_CONCAT
     graph = export_task.build(loaded, with_routing, chosen, options, example_shape, example_seed, **task_options)
 
     with strategies.use_strategy(loaded.sites, chosen, options):
         model = _trace(graph, opset)
     _finish(model, loaded=loaded, strategy=chosen.name, task=task, opset=opset, with_routing=with_routing,
-            source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None)
+            source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None,
+            kv_cache=kv_cache)
 
     with staged_file(output) as staging:
         staged = staging / output.name
@@ -281,7 +290,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     """
     if layout is not None:
         # Everything that can be said about the folder before the minutes of tracing.
-        layouts.check_export(layout, checkpoint, output, options.get("task", "logits"), options.get("force", False))
+        layouts.check_export(layout, checkpoint, output, options.get("task", "logits"), options.get("force", False),
+                             options.get("kv_cache"))
     loaded = families.load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     if layout is None:
         return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), **options)

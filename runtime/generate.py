@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_name, past_names, present_for,
-                              vocab_size)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, LOGITS, POSITION_IDS, metadata_of_map,
+                              past_name, past_names, present_for, vocab_size)
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime.layouts import model_and_tokenizer
 from moeport.runtime.session import create_session
@@ -26,9 +26,10 @@ from moeport.runtime.tokenizer import load_tokenizer
 PAD_ID = 0
 
 
-def empty_past(session_inputs, batch: int, session_outputs=()) -> list[np.ndarray]:
+def empty_past(session_inputs, batch: int, session_outputs=(), capacity: int = 0) -> list[np.ndarray]:
     """An empty KV cache for a with-past session: per ``past_key_values.*`` input, in the session's order,
-    ``[batch, kv_heads, 0, head_dim]`` float32. The past's kv_heads and head_dim axes are free in the graph
+    ``[batch, kv_heads, capacity, head_dim]`` float32 zeros (``capacity``: 0 for a Concat cache, the buffer length
+    for a shared one, contract ``KV_CACHE_SHARED``). The past's kv_heads and head_dim axes are free in the graph
     (contract ``PAST_KV_HEADS_AXIS``); their sizes are read from the matching present output, or from the past
     input where it fixes them (files exported before they were freed)."""
     presents = {spec.name: spec.shape for spec in session_outputs}
@@ -39,7 +40,7 @@ def empty_past(session_inputs, batch: int, session_outputs=()) -> list[np.ndarra
                 return shape[axis]
         return 0  # unknown: an empty past adds nothing to the cache whatever its other sizes
 
-    return [np.zeros((batch, size(spec, 1), 0, size(spec, 3)), dtype=np.float32)
+    return [np.zeros((batch, size(spec, 1), capacity, size(spec, 3)), dtype=np.float32)
             for spec in session_inputs if spec.name.startswith("past_key_values.")]
 
 
@@ -115,7 +116,8 @@ def generate(
     session = create_session(model, ep, fallback=fallback, threads=threads)
     inputs = {i.name: i for i in session.get_inputs()}
     # The prompt first: a bad token id is the user's input, whatever the model (checked before onnxruntime).
-    vocab = vocab_size(session.get_modelmeta().custom_metadata_map, model)
+    props = session.get_modelmeta().custom_metadata_map
+    vocab = vocab_size(props, model)
     for prompt in prompts:
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
@@ -131,7 +133,9 @@ def generate(
     for row, prompt in enumerate(prompts):
         input_ids[row, longest - len(prompt):] = prompt
         mask[row, longest - len(prompt):] = 1
-    past = empty_past(session.get_inputs(), batch, session.get_outputs())
+    # A shared cache is one buffer per tensor, long enough for the prompt and every new token.
+    shared = metadata_of_map(props).get("kv_cache") == KV_CACHE_SHARED
+    past = empty_past(session.get_inputs(), batch, session.get_outputs(), longest + max_new_tokens if shared else 0)
 
     new_tokens = np.zeros((batch, 0), dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)

@@ -4,7 +4,7 @@ A text-generation-with-past export (``exporter.tasks``) plus what its runtime re
 
 | layout | model file | beside it | quantized variants |
 |---|---|---|---|
-| ``genai`` (onnxruntime-genai) | ``model.onnx`` | ``genai_config.json`` (``type: "decoder"``, KV name patterns, head_size, num_key_value_heads, ``past_present_share_buffer: false``), config.json, generation_config.json, tokenizer | ``model_<mode>.onnx`` (load one with ``og.Config.overlay``, see ``genai_overlay``) |
+| ``genai`` (onnxruntime-genai) | ``model.onnx`` | ``genai_config.json`` (``type: "decoder"``, KV name patterns, head_size, num_key_value_heads, ``past_present_share_buffer``: false for the Concat cache, true for ``--kv-cache shared``), config.json, generation_config.json, tokenizer | ``model_<mode>.onnx`` (load one with ``og.Config.overlay``, see ``genai_overlay``) |
 | ``transformers.js`` | ``onnx/model.onnx`` | config.json (with ``transformers.js_config``), generation_config.json, tokenizer | ``onnx/model_<dtype suffix>.onnx``: ``_q4`` int4, ``_int8`` int8, ``_quantized`` int8-dynamic, ``_fp16`` fp16 |
 | ``optimum`` (``ORTModelForCausalLM``) | ``model.onnx`` | config.json, generation_config.json, tokenizer | ``model_<mode>.onnx`` (``file_name=``) |
 
@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Callable
 
 from moeport._fs import load_model_proto, staged_directory, writing
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KV_PARTS, optional_model_info,
-                              metadata_props, past_name, past_name_pattern, present_name, present_name_pattern)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_CONCAT, KV_CACHE_SHARED, KV_PARTS, LOGITS,
+                              POSITION_IDS, metadata_props, optional_model_info, past_name, past_name_pattern,
+                              present_name, present_name_pattern)
 from moeport.errors import MoeportError
 from moeport.runtime.tokenizer import TOKENIZER_JSON, load_tokenizer
 
@@ -67,6 +68,7 @@ class FolderSource:
     kv_heads: int
     head_size: int
     model_file: str  # relative to the folder, posix separators
+    kv_cache: str  # contract KV_CACHES: concat, or shared (one buffer for past and present)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class Layout:
     """One runtime's folder. ``model_dir``: where model files go ("" = the folder itself); ``variant_suffixes``:
     quantization mode -> suffix of the model file's stem; ``marker``: (file, JSON key or "") whose presence
     identifies a folder of this layout; ``files``: the layout's own JSON files and config.json changes,
-    ``(FolderSource, external data) -> {relative path: JSON object}``."""
+    ``(FolderSource, external data) -> {relative path: JSON object}``; ``kv_caches``: the cache kinds (contract
+    ``KV_CACHES``) the runtime can drive."""
 
     name: str
     description: str
@@ -85,6 +88,12 @@ class Layout:
     marker: tuple[str, str]
     files: Callable[["Layout", FolderSource, bool], dict[str, dict]]
     runtime: str = ""  # the package that loads it, for messages
+    kv_caches: tuple[str, ...] = (KV_CACHE_CONCAT,)
+
+    def check_kv_cache(self, kv_cache: str) -> None:
+        if kv_cache not in self.kv_caches:
+            raise MoeportError(f"{self.runtime or self.name} cannot drive a {kv_cache} KV cache; the {self.name} "
+                               f"layout takes --kv-cache {' or '.join(self.kv_caches)}")
 
     def model_file(self, stem: str = "model") -> str:
         return f"{self.model_dir}/{stem}.onnx" if self.model_dir else f"{stem}.onnx"
@@ -153,8 +162,9 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _graph_cache(model: Path) -> tuple[int, int, int, int]:
-    """(vocab size, cache layers, kv_heads, head_size) of a with-past graph, from its present outputs."""
+def _graph_cache(model: Path) -> tuple[int, int, int, int, str]:
+    """(vocab size, cache layers, kv_heads, head_size, kv cache kind) of a with-past graph, from its present
+    outputs and metadata."""
     proto = load_model_proto(model)
     inputs = {value.name for value in proto.graph.input}
     if past_name(0, "key") not in inputs or POSITION_IDS not in inputs:
@@ -168,11 +178,12 @@ def _graph_cache(model: Path) -> tuple[int, int, int, int]:
         raise MoeportError(f"{model}: its KV cache tensors differ in shape ({sorted(map(str, shapes))}); export the "
                            "folder with `moeport export --layout`, which stores one cache shape")
     kv_heads, head_size = next(iter(shapes))
-    info = optional_model_info(metadata_props(proto), model)
+    metadata = metadata_props(proto)
+    info = optional_model_info(metadata, model)
     vocab = info.vocab_size if info else outputs.get(LOGITS, [None] * 3)[-1]
     if not vocab:
         raise MoeportError(f"{model} names no vocabulary size (no moeport metadata, no fixed logits axis)")
-    return int(vocab), layers, int(kv_heads), int(head_size)
+    return int(vocab), layers, int(kv_heads), int(head_size), metadata.get("kv_cache", KV_CACHE_CONCAT)
 
 
 def _check_tokenizer(checkpoint: Path, vocab_size: int | None = None) -> None:
@@ -186,12 +197,13 @@ def _check_tokenizer(checkpoint: Path, vocab_size: int | None = None) -> None:
 
 
 def check_export(layout: str, checkpoint: str | os.PathLike, output: str | os.PathLike, task: str,
-                 force: bool = False) -> Layout:
-    """User errors of ``moeport export --layout`` that need no export to find: the task, the checkpoint's
-    config and tokenizer, the model type, the output folder."""
+                 force: bool = False, kv_cache: str | None = None) -> Layout:
+    """User errors of ``moeport export --layout`` that need no export to find: the task, the KV cache kind, the
+    checkpoint's config and tokenizer, the model type, the output folder."""
     spec = get_layout(layout)
     if task != WITH_PAST_TASK:
         raise MoeportError(f"--layout writes a runtime folder around a KV-cache decoder; add --task {WITH_PAST_TASK}")
+    spec.check_kv_cache(kv_cache or KV_CACHE_CONCAT)
     checkpoint = Path(checkpoint)
     if (checkpoint / CONFIG).is_file():  # a missing config.json is the exporter's error to give
         config = _read_json(checkpoint / CONFIG, "re-save the checkpoint")
@@ -284,7 +296,8 @@ def write_folder(layout: str, model: str | os.PathLike, checkpoint: str | os.Pat
     config = _read_json(checkpoint / CONFIG, "re-save the checkpoint") if (checkpoint / CONFIG).is_file() else None
     if config is None:
         raise MoeportError(f"no {CONFIG} in {checkpoint}")
-    vocab, layers, kv_heads, head_size = _graph_cache(model)
+    vocab, layers, kv_heads, head_size, kv_cache = _graph_cache(model)
+    spec.check_kv_cache(kv_cache)
     _check_tokenizer(checkpoint, vocab)
     if config.get("vocab_size") not in (None, vocab):
         raise MoeportError(f"{checkpoint / CONFIG} says vocab_size {config['vocab_size']} but {model} has {vocab}; "
@@ -292,7 +305,7 @@ def write_folder(layout: str, model: str | os.PathLike, checkpoint: str | os.Pat
     spec.model_type(str(config.get("model_type", "")))
     _check_output(output, force)
     source = FolderSource(config, _generation_config(checkpoint, config), vocab, layers, kv_heads, head_size,
-                          spec.model_file())
+                          spec.model_file(), kv_cache)
     with staged_directory(output, replace=force) as staging:
         external = _place_model(model, staging / spec.model_file(), external_data)
         files = {CONFIG: {**config, "model_type": spec.model_type(str(config.get("model_type", "")))},
@@ -362,17 +375,22 @@ def open_folder(directory: str | os.PathLike) -> Folder:
     folder = Folder(spec, directory)
     if not folder.model.is_file():
         raise MoeportError(f"{directory} is a {spec.name} folder but its model file {spec.model_file()} is missing")
-    vocab, layers, kv_heads, head_size = _graph_cache(folder.model)
+    vocab, layers, kv_heads, head_size, kv_cache = _graph_cache(folder.model)
     config = _read_json(directory / CONFIG, "re-export the folder")
     if config.get("vocab_size") not in (None, vocab):
         raise MoeportError(f"{directory / CONFIG} does not match {folder.model}: vocab_size {config['vocab_size']} "
                            f"vs the model's {vocab}; re-export the folder")
     if spec.marker[0] == GENAI_CONFIG:
-        decoder = _read_json(directory / GENAI_CONFIG, "re-export the folder").get("model", {}).get("decoder", {})
-        for key, value in (("num_hidden_layers", layers), ("num_key_value_heads", kv_heads), ("head_size", head_size)):
-            if decoder.get(key) != value:
-                raise MoeportError(f"{directory / GENAI_CONFIG} does not match {folder.model}: decoder.{key} is "
-                                   f"{decoder.get(key)}, the model's is {value}; re-export the folder")
+        genai = _read_json(directory / GENAI_CONFIG, "re-export the folder")
+        decoder = genai.get("model", {}).get("decoder", {})
+        share = genai.get("search", {}).get("past_present_share_buffer", False)
+        for key, value, found in (("decoder.num_hidden_layers", layers, decoder.get("num_hidden_layers")),
+                                  ("decoder.num_key_value_heads", kv_heads, decoder.get("num_key_value_heads")),
+                                  ("decoder.head_size", head_size, decoder.get("head_size")),
+                                  ("search.past_present_share_buffer", kv_cache == KV_CACHE_SHARED, share)):
+            if found != value:
+                raise MoeportError(f"{directory / GENAI_CONFIG} does not match {folder.model}: {key} is {found}, the "
+                                   f"model's is {value}; re-export the folder")
     if not (directory / TOKENIZER_JSON).is_file():
         raise MoeportError(f"{directory} has no {TOKENIZER_JSON}; re-export the folder from a checkpoint with its "
                            "tokenizer")
@@ -460,9 +478,10 @@ def _genai_files(spec: Layout, source: FolderSource, external: bool) -> dict[str
         "early_stopping": True,
         "no_repeat_ngram_size": 0,
         "diversity_penalty": 0.0,
-        # The graph concatenates past and new keys into a fresh present each step (a Concat cache), so genai
-        # must hand over separate past and present buffers.
-        "past_present_share_buffer": False,
+        # A Concat cache makes a fresh present each step, so genai must hand over separate past and present
+        # tensors; a shared cache writes into its past buffer (max_length long), which genai then binds as the
+        # present too.
+        "past_present_share_buffer": source.kv_cache == KV_CACHE_SHARED,
     }
     return {GENAI_CONFIG: {"model": model, "search": search}}
 
@@ -493,6 +512,7 @@ register_layout(Layout(
     marker=(GENAI_CONFIG, ""),
     files=_genai_files,
     runtime="onnxruntime-genai",
+    kv_caches=(KV_CACHE_CONCAT, KV_CACHE_SHARED),
 ))
 register_layout(Layout(
     name="transformers.js",

@@ -64,11 +64,22 @@ def exported(workdir, sample_checkpoint):
 
 @pytest.fixture(scope="session")
 def deployed(workdir):
-    """deployed(model_type) -> Deployed: a tiny random checkpoint of that family (exporter.hf_families) with a
-    BPE tokenizer, exported once per session with ``--task text-generation-with-past --layout genai``."""
+    """deployed(model_type, kv_cache="concat") -> Deployed: a tiny random checkpoint of that family
+    (exporter.hf_families) with a BPE tokenizer, exported once per session with ``--task
+    text-generation-with-past --layout genai`` (and ``--kv-cache``, sharing the checkpoint)."""
     made: dict[str, Deployed] = {}
 
-    def make(model_type: str) -> Deployed:
+    def make(model_type: str, kv_cache: str = "concat") -> Deployed:
+        if kv_cache != "concat":
+            key = f"{model_type}-{kv_cache}"
+            if key not in made:
+                source = make(model_type)
+                folder = source.folder.parent / f"genai-{kv_cache}"
+                result = export_checkpoint(source.checkpoint, folder, task="text-generation-with-past",
+                                           layout="genai", kv_cache=kv_cache)
+                assert result.validation.passed, result.validation.to_dict()
+                made[key] = Deployed(source.checkpoint, folder, source.model, source.tokenizer)
+            return made[key]
         if model_type not in made:
             from moeport.exporter import hf_families
 

@@ -463,6 +463,12 @@ CASES = [
       "has 128 tokens but the model's vocabulary is 64"),
     C("export-layout-output-not-empty", "export", "--layout: output directory holds other files",
       _layout_output_not_empty, 1, "is not empty; pass --force"),
+    C("export-layout-shared-cache", "export", "--kv-cache shared for a runtime that cannot drive it",
+      lambda d, a, mp: _layout_export(ckpt(d, a), d)[:-1] + ["transformers.js", "--kv-cache", "shared"], 1,
+      "transformers.js cannot drive a shared KV cache"),
+    C("export-kv-cache-logits", "export", "--kv-cache for the logits task",
+      lambda d, a, mp: _export(ckpt(d, a), d, "--kv-cache", "shared", "--no-validate"), 1,
+      "--kv-cache applies to --task text-generation-with-past"),
     # verify
     C("verify-model-missing", "verify", "model path does not exist",
       lambda d, a, mp: ["verify", str(d / "nope.onnx"), "--checkpoint", str(ckpt(d, a))], 1, "model file not found"),

@@ -192,6 +192,23 @@ def test_genai_loads_and_runs_quantized_variants(quantized_genai, mode):
         assert tokens == genai_greedy(quantized_genai, PROMPTS)[1]
 
 
+def test_genai_shared_kv_cache_matches_transformers(deployed, capsys, tmp_path):
+    """--kv-cache shared: one fixed-length buffer for past and present, written in place (genai's
+    past_present_share_buffer); same tokens as transformers, in genai and in moeport generate."""
+    source = deployed("gpt_oss", "shared")  # sliding-window layers too: the mask applies the window
+    genai = json.loads((source.folder / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        _, expected = transformers_greedy(source, prompts)
+        assert genai_greedy(source.folder, prompts)[1] == expected, len(prompts)
+    with pytest.raises(SystemExit):
+        main(["generate", str(source.folder), "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW_TOKENS), "--json"])
+    tokens = json.loads(capsys.readouterr().out)["token_ids"]
+    assert until_eos([tokens], source.tokenizer.eos_token_id) == transformers_greedy(source, [PROMPTS[0]])[1]
+    with pytest.raises(layouts.MoeportError, match="transformers.js cannot drive a shared KV cache"):
+        write_folder("transformers.js", source.onnx, source.checkpoint, tmp_path / "tjs")
+
+
 # -- transformers.js (Node) ----------------------------------------------------------------------------
 
 

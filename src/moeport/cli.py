@@ -64,6 +64,9 @@ def samples_create(name: str, directory: str) -> None:
               help="logits: one forward pass; text-generation-with-past: decoder with KV cache (transformers).")
 @click.option("--layout", default=None, type=LazyChoice(lambda: _layouts.layout_names()),
               help="Write a folder this runtime loads as it is (needs --task text-generation-with-past).")
+@click.option("--kv-cache", default=None, type=click.Choice(["concat", "shared"]),
+              help="text-generation-with-past: concat (default) appends to the past; shared writes into one "
+                   "fixed-length buffer that past and present share (onnxruntime-genai's past_present_share_buffer).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 18..23).")
 @click.option("--with-routing", is_flag=True, help="Add each MoE layer's selected experts and weights as outputs.")
 @click.option("--capacity-factor", type=float, default=None,
@@ -73,10 +76,11 @@ def samples_create(name: str, directory: str) -> None:
 @click.option("--trust-pickle", is_flag=True,
               help="Allow pickle weights (*.bin); loaded with torch.load(weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_cmd(checkpoint, output, strategy, task, layout, opset, with_routing, capacity_factor, no_validate, force,
-               trust_pickle, as_json):
+def export_cmd(checkpoint, output, strategy, task, layout, kv_cache, opset, with_routing, capacity_factor, no_validate,
+               force, trust_pickle, as_json):
     """Export the MoE checkpoint directory CHECKPOINT to ONNX."""
     result = _lazy.export.export_checkpoint(checkpoint, output, strategy=strategy, task=task, layout=layout,
+                                            kv_cache=kv_cache,
                                             opset=opset or _lazy.export.DEFAULT_OPSET,
                                             with_routing=with_routing, capacity_factor=capacity_factor,
                                             validate=not no_validate, force=force, trust_pickle=trust_pickle)

@@ -34,7 +34,7 @@ from moeport.errors import MoeportError
 METADATA_PREFIX = "moeport."
 # The keys export writes (without the prefix); quantize adds QUANTIZATION_KEY.
 METADATA_KEYS = ("version", "family", "source_sha256", "num_experts", "top_k", "strategy", "task", "with_routing",
-                 "model_info", "capacity_factor")
+                 "model_info", "capacity_factor", "kv_cache")
 QUANTIZATION_KEY = "quantization"
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -85,6 +85,14 @@ def present_names(num_layers: int) -> list[str]:
 # not trip over them. An empty past adds nothing to the cache; once past_sequence > 0 the graph's own presents
 # (``[batch, kv_heads, past_sequence, head_size]``) are fed back.
 PAST_KV_HEADS_AXIS, PAST_HEAD_SIZE_AXIS = "past_kv_heads", "past_head_size"
+
+# How a with-past graph keeps its cache (metadata ``kv_cache``). ``concat``: each present is the past with the new
+# tokens appended (``[batch, kv_heads, past_sequence + sequence, head_dim]``). ``shared``: past and present are one
+# buffer of a fixed length (``[batch, kv_heads, max_sequence, head_dim]``) that the step writes its tokens into at
+# columns ``attention_mask.shape[1] - sequence ..`` and hands back, so a runtime can bind both to the same memory
+# (onnxruntime-genai's ``past_present_share_buffer``); the attention mask covers only the columns written so far.
+KV_CACHE_CONCAT, KV_CACHE_SHARED = "concat", "shared"
+KV_CACHES = (KV_CACHE_CONCAT, KV_CACHE_SHARED)
 
 
 def present_for(past: str) -> str:
