@@ -76,7 +76,7 @@ class Layout:
     """One runtime's folder. ``model_dir``: where model files go ("" = the folder itself); ``variant_suffixes``:
     quantization mode -> suffix of the model file's stem; ``marker``: (file, JSON key or "") whose presence
     identifies a folder of this layout; ``files``: the layout's own JSON files and config.json changes,
-    ``(FolderSource, external data) -> {relative path: JSON object}``; ``kv_caches``: the cache kinds (contract
+    ``(Layout, FolderSource, external data) -> {relative path: JSON object}``; ``kv_caches``: the cache kinds (contract
     ``KV_CACHES``) the runtime can drive."""
 
     name: str
@@ -376,6 +376,8 @@ def open_folder(directory: str | os.PathLike) -> Folder:
     if not folder.model.is_file():
         raise MoeportError(f"{directory} is a {spec.name} folder but its model file {spec.model_file()} is missing")
     vocab, layers, kv_heads, head_size, kv_cache = _graph_cache(folder.model)
+    if not (directory / CONFIG).is_file():
+        raise MoeportError(f"{directory} is a {spec.name} folder without {CONFIG}; re-export the folder")
     config = _read_json(directory / CONFIG, "re-export the folder")
     if config.get("vocab_size") not in (None, vocab):
         raise MoeportError(f"{directory / CONFIG} does not match {folder.model}: vocab_size {config['vocab_size']} "
