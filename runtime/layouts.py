@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from moeport._fs import load_model_proto, staged_directory, writing
+from moeport._fs import load_model_proto, staged_directory
 from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_CONCAT, KV_CACHE_SHARED, KV_PARTS, LOGITS,
                               POSITION_IDS, metadata_props, optional_model_info, past_name, past_name_pattern,
                               present_name, present_name_pattern)

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from moeport.cli import main
 from moeport.runtime import layouts
 from moeport.runtime.layouts import Layout, get_layout, open_folder, register_layout, write_folder
 from tiny_hf import DEPLOYED
+from venvs import venv_python
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = list(DEPLOYED)
@@ -271,18 +271,9 @@ def test_transformers_js_quantized_variants(deployed, tmp_path):
 
 
 def _optimum_python() -> str:
-    configured = os.environ.get("MOEPORT_OPTIMUM_PYTHON")
-    if configured:
-        return configured
-    venv = ROOT / ".venv-optimum"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        # The CPU build of torch first (an unpinned torch from PyPI is a multi-GB CUDA build).
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "torch==2.13.0"], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"optimum-onnx[onnxruntime]=={OPTIMUM_ONNX}"],
-                       check=True)
-    return str(python)
+    # The CPU build of torch first (an unpinned torch from PyPI is a multi-GB CUDA build).
+    return venv_python("MOEPORT_OPTIMUM_PYTHON", ROOT / ".venv-optimum", ["torch==2.13.0"],
+                       [f"optimum-onnx[onnxruntime]=={OPTIMUM_ONNX}"])
 
 
 @pytest.mark.optimum
