@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,11 +35,12 @@ import torch
 import moeport
 from moeport._fs import check_output_file, staged_file, writing
 from moeport._scoped import logger_level
-from moeport.contract import METADATA_KEYS, METADATA_PREFIX, ModelInfo
+from moeport.contract import KV_CACHE_CONCAT, METADATA_KEYS, METADATA_PREFIX, ModelInfo
 from moeport.errors import MoeportError
 from moeport.exporter import families, passes, strategies, tasks
 from moeport.exporter.families import LoadedModel
 from moeport.runtime.compare import Comparison
+from moeport.runtime import layouts
 from moeport.runtime.session import create_session
 from moeport.samples.checkpoint import checkpoint_hash
 
@@ -71,10 +73,12 @@ class ExportResult:
     validation_shapes: list[tuple[int, int]] = field(default_factory=list)
     dropped_slots: int | None = None  # capacity strategy: slots dropped on the validation inputs
     passes: list[dict] = field(default_factory=list)  # per graph pass: what it changed, or why nothing
+    layout: str | None = None  # the runtime folder layout ``output`` is (runtime.layouts), None for one file
 
     def to_dict(self) -> dict:
         return {
             "output": str(self.output),
+            "layout": self.layout,
             "family": self.family,
             "strategy": self.strategy,
             "strategy_reason": self.strategy_reason,
@@ -158,7 +162,7 @@ def _trace(graph: tasks.TaskGraph, opset: int):
 
 
 def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int, with_routing: bool,
-            source_sha256: str, capacity_factor: float | None) -> None:
+            source_sha256: str, capacity_factor: float | None, kv_cache: str | None = None) -> None:
     """Stamp metadata and the IR version; refuse anything outside the standard domain."""
     model.ir_version = min(model.ir_version, ORT_1_20_IR_VERSION if opset <= 22 else 11)
     custom = sorted(d for d in model.opset_imports if d not in ("", "ai.onnx"))
@@ -180,6 +184,8 @@ def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int,
     }
     if capacity_factor is not None:
         props["capacity_factor"] = repr(capacity_factor)
+    if kv_cache is not None:
+        props["kv_cache"] = kv_cache
     assert set(props) <= set(METADATA_KEYS), f"metadata keys outside the contract: {set(props) - set(METADATA_KEYS)}"
     model.metadata_props.update({METADATA_PREFIX + k: v for k, v in props.items()})
 
@@ -209,8 +215,12 @@ def export_model(
     validation_shapes: tuple[tuple[int, int], ...] = VALIDATION_SHAPES,
     source_sha256: str = "",
     force: bool = False,
+    uniform_kv: bool = False,
+    kv_cache: str | None = None,
 ) -> ExportResult:
-    """Export an already loaded model (see ``export_checkpoint``)."""
+    """Export an already loaded model (see ``export_checkpoint``). text-generation-with-past only: ``uniform_kv``
+    stores every value cache with its key's head size, ``kv_cache`` (concat|shared) how the cache is kept
+    (contract ``KV_CACHES``; default concat)."""
     started = time.perf_counter()
     output = Path(output)
     _check_opset(opset)
@@ -223,13 +233,19 @@ def export_model(
     export_task = tasks.get_task(task, loaded)
     chosen, reason = choose_strategy(loaded.info, strategy)
     options = strategies.StrategyOptions(capacity_factor=capacity_factor)
-    graph = export_task.build(loaded, with_routing, chosen, options, example_shape, example_seed)
+    task_options = {"uniform_kv": True} if uniform_kv else {}
+    if kv_cache is not None or task == tasks.WITH_PAST:
+        if task != tasks.WITH_PAST:
+            raise MoeportError(f"--kv-cache applies to --task {tasks.WITH_PAST}")
+        task_options["kv_cache"] = kv_cache = kv_cache or KV_CACHE_CONCAT
+    graph = export_task.build(loaded, with_routing, chosen, options, example_shape, example_seed, **task_options)
 
     with strategies.use_strategy(loaded.sites, chosen, options, families.export_patches(loaded)):
         model = _trace(graph, opset)
     pass_reports = passes.run_export_passes(model)
     _finish(model, loaded=loaded, strategy=chosen.name, task=task, opset=opset, with_routing=with_routing,
-            source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None)
+            source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None,
+            kv_cache=kv_cache)
 
     with staged_file(output) as staging:
         staged = staging / output.name
@@ -257,13 +273,28 @@ def export_model(
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, trust_pickle: bool = False,
-                      **options) -> ExportResult:
+                      layout: str | None = None, **options) -> ExportResult:
     """Export the checkpoint directory ``checkpoint`` to the ONNX file ``output``.
 
     ``trust_pickle``: allow pickle weights (Hugging Face ``*.bin``), loaded with ``weights_only=True``.
+    ``layout`` (``runtime.layouts``: genai, transformers.js, optimum): ``output`` is a folder that runtime
+    loads as it is (model, configs, the checkpoint's tokenizer); needs ``task="text-generation-with-past"``.
     Options: ``strategy`` (auto|sorted|gather|dense|capacity), ``task`` (logits|text-generation-with-past),
     ``opset``, ``with_routing``,
     ``capacity_factor``, ``example_shape``, ``example_seed``, ``validate``, ``force``.
     """
+    if layout is not None:
+        # Everything that can be said about the folder before the minutes of tracing.
+        layouts.check_export(layout, checkpoint, output, options.get("task", "logits"), options.get("force", False),
+                             options.get("kv_cache"))
     loaded = families.load_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), **options)
+    if layout is None:
+        return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), **options)
+    output = Path(output)
+    with writing(output), tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
+        result = export_model(loaded, Path(scratch) / layouts.MODEL_FILE, source_sha256=checkpoint_hash(checkpoint),
+                              uniform_kv=True, **{**options, "force": False})
+        layouts.write_folder(layout, result.output, checkpoint, output, force=options.get("force", False))
+    result.output, result.layout = output, layout
+    result.size_bytes = sum(path.stat().st_size for path in output.rglob("*.onnx*"))
+    return result

@@ -292,14 +292,28 @@ class CausalLMAdapter(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits, [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
 
-    def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
+    def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor],
+             shared_buffer: bool = False):
         """One decoder step with a KV cache (see ``exporter.tasks``): returns (logits [batch, seq, vocab],
-        presents [key_0, value_0, key_1, ...] each [batch, kv_heads, past + seq, head_dim], routing)."""
-        from transformers import DynamicCache
+        presents [key_0, value_0, key_1, ...] each [batch, kv_heads, past + seq, head_dim], routing).
 
-        cache = DynamicCache(config=self.config)
-        for i in range(len(past_key_values) // 2):
-            cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+        ``shared_buffer``: the past tensors are fixed-length buffers ``[batch, kv_heads, max_seq, head_dim]``
+        holding ``attention_mask.shape[1] - seq`` tokens; the new ones are written after them and the presents
+        are the whole buffers (contract ``KV_CACHE_SHARED``)."""
+        from transformers import Cache, DynamicCache
+
+        if shared_buffer:
+            past_length = attention_mask.shape[1] - input_ids.shape[1]
+            layer = _buffer_layer_class()
+            cache = Cache(layers=[layer(past_key_values[2 * i], past_key_values[2 * i + 1], past_length)
+                                  for i in range(len(past_key_values) // 2)])
+        else:
+            # Full-length layers for every attention type: a sliding-window layer crops the cache with a Python
+            # comparison on its length, which torch.export turns into a guard (past_sequence < window) that fails
+            # the export. Sliding layers still see only their window: the attention mask applies it.
+            cache = DynamicCache()
+            for i in range(len(past_key_values) // 2):
+                cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
         records: list = []
         with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -316,6 +330,38 @@ class CausalLMAdapter(nn.Module):
 
     def moe_layers(self) -> list[nn.Module]:
         return self.experts
+
+
+@functools.cache
+def _buffer_layer_class():
+    """A transformers cache layer over a fixed-length buffer (``CausalLMAdapter.step(shared_buffer=True)``),
+    defined on first use: transformers is imported only for Hugging Face checkpoints."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """Keys and values ``[batch, kv_heads, max_seq, head_dim]`` holding ``past_length`` tokens; ``update``
+        writes the new ones at ``past_length ..`` (index_copy: ONNX ScatterND, in place when a runtime binds the
+        output to the input's memory) and attends over the columns written so far."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, past_length):
+            super().__init__()
+            self.keys, self.values, self.past_length = keys, values, past_length
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            positions = torch.arange(key_states.shape[-2], device=key_states.device) + self.past_length
+            self.keys = self.keys.index_copy(2, positions, key_states)
+            self.values = self.values.index_copy(2, positions, value_states)
+            total = self.past_length + key_states.shape[-2]
+            return self.keys[:, :, :total], self.values[:, :, :total]
+
+        def get_seq_length(self):
+            return self.past_length
+
+        def get_mask_sizes(self, query_length):
+            return self.past_length + query_length, 0
+
+    return BufferLayer
 
 
 def _describe(adapter: CausalLMAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:

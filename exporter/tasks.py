@@ -8,7 +8,13 @@
   ``attention_mask [batch, past_sequence + sequence]``, ``position_ids [batch, sequence]``,
   ``past_key_values.{i}.key|value [batch, kv_heads, past_sequence, head_dim]`` -> ``logits``,
   ``present.{i}.key|value [batch, kv_heads, past_sequence + sequence, head_dim]``. Prefill feeds an empty
-  past (``past_sequence = 0``). transformers models only.
+  past (``past_sequence = 0``); the past's kv_heads and head_dim axes are left free (contract
+  ``PAST_KV_HEADS_AXIS``) so that a runtime building that empty past from its own reading of config.json
+  cannot trip over them. ``uniform_kv=True`` (what deployable folders use) stores every value cache with its
+  key's head size, zero-padded (multi-head latent attention has value heads narrower than key heads; the
+  runtime that allocates presents itself, onnxruntime-genai, gives values the key's shape).
+  ``kv_cache="shared"``: past and present are one fixed-length buffer written in place (contract
+  ``KV_CACHE_SHARED``; onnxruntime-genai's ``past_present_share_buffer``). transformers models only.
 
 One registry, like the others; a task says why it does not apply to a model instead of failing later.
 """
@@ -22,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, output_names, past_names,
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_CONCAT, KV_CACHE_SHARED, KV_CACHES, LOGITS,
+                              PAST_HEAD_SIZE_AXIS, PAST_KV_HEADS_AXIS, POSITION_IDS, output_names, past_names,
                               present_names, random_inputs, routing_name)
 from moeport.errors import MoeportError
 from moeport.exporter import families, strategies
@@ -49,7 +56,7 @@ class Task:
     name: str
     description: str
     unsupported_reason: Callable[[LoadedModel], str | None]
-    build: Callable[..., TaskGraph]  # (loaded, with_routing, strategy, options, example_shape, seed)
+    build: Callable[..., TaskGraph]  # (loaded, with_routing, strategy, options, example_shape, seed, **task options)
 
 
 _TASKS: dict[str, Task] = {}
@@ -153,19 +160,45 @@ def _build_logits(loaded, with_routing, strategy, options, example_shape, seed) 
 register_task(Task("logits", "one forward pass: input_ids -> logits", lambda loaded: None, _build_logits))
 
 
+def _uniform_cache(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The cache shapes with every value given its key's (kv_heads, head_dim) (``shapes``: key, value per layer)."""
+    return [shapes[i - i % 2] for i in range(len(shapes))]
+
+
 class WithPastModule(nn.Module):
     """Decoder step with a KV cache. forward(input_ids, attention_mask, position_ids, past_key_values)
-    -> (logits, present.0.key, present.0.value, ..., then routing outputs if asked)."""
+    -> (logits, present.0.key, present.0.value, ..., then routing outputs if asked).
 
-    def __init__(self, loaded: LoadedModel, with_routing: bool, strategy, options):
+    ``value_dims``: per layer, the value head size the model computes with, when the cache stores values
+    zero-padded to the key's head size (``uniform_kv``); None stores them as the model makes them.
+    """
+
+    def __init__(self, loaded: LoadedModel, with_routing: bool, strategy, options, value_dims: list[int] | None = None,
+                 shared: bool = False):
         super().__init__()
         self.adapter = loaded.model  # exporter.hf.CausalLMAdapter
         self.layers = loaded.info.layers
         self.with_routing = with_routing
         self.strategy, self.options = strategy, options
+        self.value_dims = value_dims
+        self.shared = shared  # contract KV_CACHE_SHARED: the pasts are fixed-length buffers
+
+    def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor],
+             shared: bool | None = None):
+        """``adapter.step`` on the stored cache layout: padded values are cut to the model's size going in and
+        padded with zeros coming out. ``shared`` (default: the module's) treats the pasts as buffers."""
+        shared = self.shared if shared is None else shared
+        if self.value_dims is None:
+            return self.adapter.step(input_ids, attention_mask, position_ids, past_key_values, shared_buffer=shared)
+        past = [t[..., :self.value_dims[i // 2]] if i % 2 else t for i, t in enumerate(past_key_values)]
+        logits, presents, routing = self.adapter.step(input_ids, attention_mask, position_ids, past,
+                                                      shared_buffer=shared)
+        padded = [torch.nn.functional.pad(t, (0, presents[i - 1].shape[-1] - t.shape[-1])) if i % 2 else t
+                  for i, t in enumerate(presents)]
+        return logits, padded, routing
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
-        logits, presents, routing = self.adapter.step(input_ids, attention_mask, position_ids, past_key_values)
+        logits, presents, routing = self.step(input_ids, attention_mask, position_ids, past_key_values)
         outputs = [logits, *presents]
         if self.with_routing:
             outputs += _routing_outputs(self.layers, routing, self.strategy, self.options)
@@ -178,32 +211,58 @@ def _with_past_unsupported(loaded: LoadedModel) -> str | None:
     return None
 
 
-def _build_with_past(loaded, with_routing, strategy, options, example_shape, seed) -> TaskGraph:
+def _build_with_past(loaded, with_routing, strategy, options, example_shape, seed, uniform_kv: bool = False,
+                     kv_cache: str = KV_CACHE_CONCAT) -> TaskGraph:
+    if kv_cache not in KV_CACHES:
+        raise MoeportError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+    shared = kv_cache == KV_CACHE_SHARED
     adapter = loaded.model
     batch_size, seq_len = example_shape
     past_len = 3  # >= 2 so that torch.export keeps the past length symbolic
+    room = seq_len + 2 if shared else 0  # a buffer longer than past + new tokens
     shapes = adapter.cache_shapes()
+    value_dims = None
+    if uniform_kv and _uniform_cache(shapes) != shapes:
+        value_dims = [dim for _, dim in shapes[1::2]]
+        shapes = _uniform_cache(shapes)
+    module = WithPastModule(loaded, with_routing, strategy, options, value_dims, shared).eval()
     generator = torch.Generator().manual_seed(seed)
-    past = [torch.randn(batch_size, heads, past_len, dim, generator=generator) for heads, dim in shapes]
+    past = [torch.randn(batch_size, heads, past_len + room, dim, generator=generator) for heads, dim in shapes]
     input_ids = torch.from_numpy(random_inputs(loaded.info, batch_size, seq_len, seed)[INPUT_IDS])
     mask = np.ones((batch_size, past_len + seq_len), dtype=np.int64)
     feeds = decoder_feeds(mask, input_ids.numpy(), [p.numpy() for p in past])
-    batch, sequence, past_sequence = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past_sequence")
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    cache_axis = torch.export.Dim("max_sequence" if shared else "past_sequence")
     names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + past_names(len(shapes) // 2)
     outputs = [LOGITS] + present_names(len(shapes) // 2)
     if with_routing:
         outputs += output_names(loaded.info, True, strategy.extra_outputs)[1:]
 
     def reference(feeds):
+        """PyTorch's outputs for ``feeds``; a shared cache is checked against the Concat cache's step on the
+        columns written so far (its logits and routing: its presents are the buffers, compared by their effect on
+        the next step's logits)."""
         tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
         past_in = [tensors[n] for n in names[3:]]
+        if shared:
+            written = feeds[ATTENTION_MASK].shape[1] - feeds[INPUT_IDS].shape[1]
+            past_in = [t[:, :, :written] for t in past_in]
         with torch.no_grad():
-            logits, presents, routing = adapter.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
-                                                     tensors[POSITION_IDS], past_in)
+            logits, presents, routing = module.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
+                                                    tensors[POSITION_IDS], past_in, shared=False)
         result = {LOGITS: logits.numpy()}
         result.update({name: p.numpy() for name, p in zip(outputs[1:], presents)})
         result.update(families.routing_arrays(loaded.info, routing))
-        return result
+        return {k: v for k, v in result.items() if not (shared and k.startswith("present."))}, presents
+
+    def cache(arrays: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarray]:
+        """The past feeds holding ``arrays`` (Concat layout): as they are, or written into zeroed buffers."""
+        if not shared:
+            return arrays
+        buffers = [np.zeros((rows, heads, capacity, dim), dtype=np.float32) for heads, dim in shapes]
+        for buffer, array in zip(buffers, arrays):
+            buffer[:, :, :array.shape[2]] = array
+        return buffers
 
     def validate(session, validation_shapes):
         def runs():
@@ -213,30 +272,33 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
                 prompt = families.tie_free_inputs(loaded, rows, length, seed=1000 + i)
                 mask = random_inputs(loaded.info, rows, length, 0, left_padding=True)[ATTENTION_MASK]
                 empty = [np.zeros((rows, heads, 0, dim), dtype=np.float32) for heads, dim in shapes]
-                prefill = decoder_feeds(mask, prompt[INPUT_IDS], empty)
-                yield prefill, reference
-                ref = reference(prefill)
+                prefill = decoder_feeds(mask, prompt[INPUT_IDS], cache(empty, rows, length + 3))
+                yield prefill, lambda feeds: reference(feeds)[0]
+                ref, presents = reference(prefill)
                 next_ids = ref[LOGITS][:, -1].argmax(-1)[:, None].astype(np.int64)
                 mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-                yield decoder_feeds(mask, next_ids, [ref[n] for n in outputs[1:1 + len(shapes)]]), reference
+                step = cache([p.numpy() for p in presents], rows, length + 3)
+                yield decoder_feeds(mask, next_ids, step), lambda feeds: reference(feeds)[0]
 
         return _compare_runs(loaded, session, strategy, options, runs)
 
+    free_axes = {1: PAST_KV_HEADS_AXIS, 3: PAST_HEAD_SIZE_AXIS}
     return TaskGraph(
-        module=WithPastModule(loaded, with_routing, strategy, options).eval(),
+        module=module,
         args=(input_ids, torch.from_numpy(mask), torch.from_numpy(feeds[POSITION_IDS]), past),
         dynamic_shapes={
             INPUT_IDS: {0: batch, 1: sequence},
             ATTENTION_MASK: {0: batch, 1: torch.export.Dim.AUTO},  # past_sequence + sequence
             POSITION_IDS: {0: batch, 1: sequence},
-            "past_key_values": [{0: batch, 2: past_sequence} for _ in shapes],
+            "past_key_values": [{0: batch, 2: cache_axis} for _ in shapes],
         },
         input_names=names,
         output_names=outputs,
         validate=validate,
-        input_dim_names={ATTENTION_MASK: {1: "past_sequence + sequence"}},
+        input_dim_names={ATTENTION_MASK: {1: "past_sequence + sequence"}, **{name: free_axes for name in names[3:]}},
     )
 
 
-register_task(Task("text-generation-with-past", "decoder step with KV cache (prefill and decode)",
-                   _with_past_unsupported, _build_with_past))
+WITH_PAST = "text-generation-with-past"
+register_task(Task(WITH_PAST, "decoder step with KV cache (prefill and decode)", _with_past_unsupported,
+                   _build_with_past))

@@ -215,5 +215,5 @@ def latency_ms(model: Path, vocab_size: int, runs: int, shape=LATENCY_SHAPE) -> 
     """Median wall time of ``runs`` CPU runs on seeded ids ``shape`` after two warm-up runs."""
     session = create_session(model, "cpu")
     ids = np.random.default_rng(0).integers(0, vocab_size, size=shape, dtype=np.int64)
-    feed = {session.get_inputs()[0].name: ids}
+    feed = text_feeds(ids, [i.name for i in session.get_inputs()], "latency ids")
     return statistics.median(time_runs(lambda: session.run(None, feed), runs=runs, warmup=2)) * 1e3

@@ -1,4 +1,5 @@
-"""Greedy decoding on onnxruntime with a ``text-generation-with-past`` graph: what ``moeport generate`` runs.
+"""Greedy decoding on onnxruntime with a ``text-generation-with-past`` graph (a file or a model folder of
+``runtime.layouts``): what ``moeport generate`` runs.
 
 The prompt is run once (prefill, empty past); every new token is then one decode step that feeds back
 the ``present.*`` tensors as ``past_key_values.*`` -- the prompt is never recomputed. Prompts of
@@ -15,19 +16,31 @@ from pathlib import Path
 
 import numpy as np
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_name, past_names, present_for,
-                              vocab_size)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, LOGITS, POSITION_IDS, metadata_of_map,
+                              past_name, past_names, present_for, vocab_size)
 from moeport.errors import MoeportError, UsageError
+from moeport.runtime.layouts import model_and_tokenizer
 from moeport.runtime.session import create_session
 from moeport.runtime.tokenizer import load_tokenizer
 
 PAD_ID = 0
 
 
-def empty_past(session_inputs, batch: int) -> list[np.ndarray]:
+def empty_past(session_inputs, batch: int, session_outputs=(), capacity: int = 0) -> list[np.ndarray]:
     """An empty KV cache for a with-past session: per ``past_key_values.*`` input, in the session's order,
-    ``[batch, kv_heads, 0, head_dim]`` float32 (kv_heads and head_dim are fixed dims of the graph)."""
-    return [np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+    ``[batch, kv_heads, capacity, head_dim]`` float32 zeros (``capacity``: 0 for a Concat cache, the buffer length
+    for a shared one, contract ``KV_CACHE_SHARED``). The past's kv_heads and head_dim axes are free in the graph
+    (contract ``PAST_KV_HEADS_AXIS``); their sizes are read from the matching present output, or from the past
+    input where it fixes them (files exported before they were freed)."""
+    presents = {spec.name: spec.shape for spec in session_outputs}
+
+    def size(spec, axis: int) -> int:
+        for shape in (presents.get(present_for(spec.name)), spec.shape):
+            if shape is not None and isinstance(shape[axis], int):
+                return shape[axis]
+        return 0  # unknown: an empty past adds nothing to the cache whatever its other sizes
+
+    return [np.zeros((batch, size(spec, 1), capacity, size(spec, 3)), dtype=np.float32)
             for spec in session_inputs if spec.name.startswith("past_key_values.")]
 
 
@@ -41,6 +54,15 @@ def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray, past: list[
              POSITION_IDS: positions[:, -input_ids.shape[1]:].astype(np.int64)}
     feeds.update(zip(past_names(len(past) // 2), past))
     return feeds
+
+
+def prefill_feeds(ids: np.ndarray, input_names: list[str]) -> dict[str, np.ndarray]:
+    """The prefill step of a with-past graph for unpadded ids ``[batch, seq]``, knowing only its input names:
+    every past input empty as ``[batch, 0, 0, 0]`` (its kv_heads and head_dim axes are free in the graph and an
+    empty past adds nothing to the cache)."""
+    past = [np.zeros((ids.shape[0], 0, 0, 0), dtype=np.float32)
+            for name in input_names if name.startswith("past_key_values.")]
+    return decoder_feeds(np.ones_like(ids), ids, past)
 
 
 def parse_prompt_ids(text: str) -> list[int]:
@@ -96,7 +118,10 @@ def generate(
     threads: int | None = None,
     eos_token_id: int | None = None,
 ) -> GenerateResult:
-    """Greedy-decode ``max_new_tokens`` after each prompt (stops a row early only at ``eos_token_id``)."""
+    """Greedy-decode ``max_new_tokens`` after each prompt (stops a row early only at ``eos_token_id``).
+
+    ``model``: an ONNX file or a model folder (``runtime.layouts``: its model file)."""
+    model = model_and_tokenizer(model)[0]
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -104,7 +129,8 @@ def generate(
     session = create_session(model, ep, fallback=fallback, threads=threads)
     inputs = {i.name: i for i in session.get_inputs()}
     # The prompt first: a bad token id is the user's input, whatever the model (checked before onnxruntime).
-    vocab = vocab_size(session.get_modelmeta().custom_metadata_map, model)
+    props = session.get_modelmeta().custom_metadata_map
+    vocab = vocab_size(props, model)
     for prompt in prompts:
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
@@ -120,7 +146,9 @@ def generate(
     for row, prompt in enumerate(prompts):
         input_ids[row, longest - len(prompt):] = prompt
         mask[row, longest - len(prompt):] = 1
-    past = empty_past(session.get_inputs(), batch)
+    # A shared cache is one buffer per tensor, long enough for the prompt and every new token.
+    shared = metadata_of_map(props).get("kv_cache") == KV_CACHE_SHARED
+    past = empty_past(session.get_inputs(), batch, session.get_outputs(), longest + max_new_tokens if shared else 0)
 
     new_tokens = np.zeros((batch, 0), dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
@@ -145,9 +173,15 @@ def generate(
     return GenerateResult([row.tolist() for row in new_tokens], seconds, step_seconds=steps)
 
 
-def generate_text(model: str | os.PathLike, tokenizer_dir: str | os.PathLike, prompt: str, **options) -> GenerateResult:
-    """``generate`` with the ``tokenizer.json`` saved in ``tokenizer_dir`` (a checkpoint or model folder): text
-    in, text out. Generation stops at the folder's first end-of-sequence id."""
+def generate_text(model: str | os.PathLike, prompt: str, tokenizer_dir: str | os.PathLike | None = None,
+                  **options) -> GenerateResult:
+    """``generate`` with the ``tokenizer.json`` saved in ``tokenizer_dir`` (a checkpoint or model folder; by
+    default the model folder's own, ``model`` being a folder or a file inside one): text in, text out.
+    Generation stops at the tokenizer folder's first end-of-sequence id."""
+    model, own = model_and_tokenizer(model)
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else own
+    if tokenizer_dir is None:
+        raise UsageError("--prompt needs a tokenizer: give a model folder, or --checkpoint DIR with the tokenizer")
     if not Path(tokenizer_dir).is_dir():
         raise MoeportError(f"tokenizer directory not found: {tokenizer_dir}")
     tokenizer = load_tokenizer(tokenizer_dir)

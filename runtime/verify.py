@@ -170,7 +170,7 @@ def verify(
         # reference or onnxruntime see them.
         check_inputs(given, [TensorSpec(name, "int64", ("batch", "sequence")) for name in info.input_names],
                      info.vocab_size)
-        feeds = model_feeds(given, session.get_inputs())
+        feeds = model_feeds(given, session.get_inputs(), session.get_outputs())
         batch, seq = feeds[INPUT_IDS].shape
         expected = reference.outputs(feeds)
         margins = dict(zip((layer.label for layer in info.layers), reference.margins(feeds)))
@@ -189,7 +189,7 @@ def verify(
     return VerifyReport(Path(model), Path(checkpoint), ep, metadata.get("strategy", "?"), results, report_warnings)
 
 
-def model_feeds(inputs: dict[str, np.ndarray], session_inputs) -> dict[str, np.ndarray]:
+def model_feeds(inputs: dict[str, np.ndarray], session_inputs, session_outputs=()) -> dict[str, np.ndarray]:
     """The session's feeds for ``input_ids`` (+ ``attention_mask``) ``[batch, seq]``: those arrays for a logits
     model; for a text-generation-with-past model, its prefill step (positions from the mask, empty past)."""
     names = [spec.name for spec in session_inputs]
@@ -197,7 +197,7 @@ def model_feeds(inputs: dict[str, np.ndarray], session_inputs) -> dict[str, np.n
         return {name: inputs[name] for name in names}
     ids = inputs[INPUT_IDS]
     mask = inputs.get(ATTENTION_MASK, np.ones_like(ids))
-    return decoder_feeds(mask, ids, empty_past(session_inputs, ids.shape[0]))
+    return decoder_feeds(mask, ids, empty_past(session_inputs, ids.shape[0], session_outputs))
 
 
 def check_reference(model: str | os.PathLike, info: ModelInfo, reference: Reference) -> None:

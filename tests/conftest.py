@@ -6,12 +6,25 @@ exporting the same thing again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from moeport.exporter.export import export_checkpoint
 from moeport.samples.catalog import create_sample
+from tiny_hf import DEPLOYED, save_bpe_tokenizer
+
+@dataclass(frozen=True)
+class Deployed:
+    checkpoint: Path  # config.json, model.safetensors, generation_config.json, tokenizer (save_pretrained)
+    folder: Path  # `moeport export --layout genai` of it
+    model: object  # the transformers model (eval mode)
+    tokenizer: object  # its transformers tokenizer
+
+    @property
+    def onnx(self) -> Path:
+        return self.folder / "model.onnx"
 
 import hf_families  # tests/hf_families.py
 
@@ -82,6 +95,40 @@ def hf_export(tmp_path_factory):
                                        validate=validate)
             cache[key] = (result, checkpoint)
         return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def deployed(workdir):
+    """deployed(model_type, kv_cache="concat") -> Deployed: a tiny random checkpoint of that family
+    (tests/hf_families.py) with a BPE tokenizer, exported once per session with ``--task
+    text-generation-with-past --layout genai`` (and ``--kv-cache``, sharing the checkpoint)."""
+    made: dict[str, Deployed] = {}
+
+    def make(model_type: str, kv_cache: str = "concat") -> Deployed:
+        if kv_cache != "concat":
+            key = f"{model_type}-{kv_cache}"
+            if key not in made:
+                source = make(model_type)
+                folder = source.folder.parent / f"genai-{kv_cache}"
+                result = export_checkpoint(source.checkpoint, folder, task="text-generation-with-past",
+                                           layout="genai", kv_cache=kv_cache)
+                assert result.validation.passed, result.validation.to_dict()
+                made[key] = Deployed(source.checkpoint, folder, source.model, source.tokenizer)
+            return made[key]
+        if model_type not in made:
+            options, bos = DEPLOYED[model_type]
+            variant = hf_families.VARIANTS.get(model_type, {}).get(options.get("variant"), {})
+            root = workdir / "deployed" / model_type
+            model = hf_families.random_model(model_type, **variant)
+            model.save_pretrained(root / "checkpoint")
+            tokenizer = save_bpe_tokenizer(root / "checkpoint", vocab_size=model.config.vocab_size, bos=bos)
+            result = export_checkpoint(root / "checkpoint", root / "genai", task="text-generation-with-past",
+                                       layout="genai")
+            assert result.validation.passed, result.validation.to_dict()
+            made[model_type] = Deployed(root / "checkpoint", root / "genai", model, tokenizer)
+        return made[model_type]
 
     return make
 

@@ -36,6 +36,7 @@ class Artifacts:
     checkpoint: Path  # sample "topk"
     other_checkpoint: Path  # sample "switch": different MoE layers
     model: Path  # "topk" exported with default options
+    folder: Path  # a tiny Mixtral exported with --layout genai (conftest ``deployed``)
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,50 @@ def _generate(model_path: Path, *extra: str) -> list[str]:
     return ["generate", str(model_path), *extra]
 
 
+def folder(d: Path, art: Artifacts, edit: Callable[[Path], None] | None = None) -> Path:
+    """A copy of the genai model folder, changed by ``edit``."""
+    path = Path(shutil.copytree(art.folder, d / "folder"))
+    if edit is not None:
+        edit(path)
+    return path
+
+
+def _edit_json(name: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        data = json.loads((path / name).read_text())
+        change(data)
+        (path / name).write_text(json.dumps(data))
+
+    return edit
+
+
+def _layout_export(checkpoint: Path, d: Path, *extra: str) -> list[str]:
+    return ["export", str(checkpoint), "-o", str(d / "out"), "--task", "text-generation-with-past", "--layout",
+            "genai", *extra]
+
+
+def _hf_ckpt_with_big_tokenizer(d: Path) -> Path:
+    """The tiny Mixtral (64 tokens) with a 128-token tokenizer saved beside it: they do not belong together."""
+    from tiny_hf import save_bpe_tokenizer
+
+    path = hf_ckpt(d)
+    save_bpe_tokenizer(path, vocab_size=128)
+    return path
+
+
+def _layout_output_not_empty(d, art, mp):
+    write(d / "out" / "notes.txt", "mine")
+    checkpoint = ckpt(d, art)
+    shutil.copyfile(art.folder / "tokenizer.json", checkpoint / "tokenizer.json")  # a checkpoint fit for a folder
+    return _layout_export(checkpoint, d)
+
+
+def _quantize_variant_exists(d, art, mp):
+    path = folder(d, art)
+    write(path / "model_fp16.onnx", "an earlier variant")
+    return ["quantize", str(path), "--mode", "fp16", "--no-perplexity", "--latency-runs", "0"]
+
+
 C = Case
 CASES = [
     # samples create
@@ -406,6 +451,24 @@ CASES = [
       lambda d, a, mp: _export(ckpt(d, a), d, "--opset", "5"), 1, "opset 5 is not supported"),
     C("export-bad-strategy", "export", "unknown --strategy",
       lambda d, a, mp: _export(ckpt(d, a), d, "--strategy", "nope"), 2, "Invalid value for '--strategy'"),
+    C("export-layout-unknown", "export", "unknown --layout",
+      lambda d, a, mp: _layout_export(ckpt(d, a), d)[:-1] + ["nope"], 2, "Invalid value for '--layout'"),
+    C("export-layout-logits-task", "export", "--layout without --task text-generation-with-past",
+      lambda d, a, mp: ["export", str(ckpt(d, a)), "-o", str(d / "out"), "--layout", "genai"], 1,
+      "add --task text-generation-with-past"),
+    C("export-layout-no-tokenizer", "export", "--layout: the checkpoint has no tokenizer",
+      lambda d, a, mp: _layout_export(hf_ckpt(d), d), 1, "has no tokenizer.json: a runtime folder needs"),
+    C("export-layout-tokenizer-too-big", "export", "--layout: the checkpoint's tokenizer has more tokens than its model",
+      lambda d, a, mp: _layout_export(_hf_ckpt_with_big_tokenizer(d), d), 1,
+      "has 128 tokens but the model's vocabulary is 64"),
+    C("export-layout-output-not-empty", "export", "--layout: output directory holds other files",
+      _layout_output_not_empty, 1, "is not empty; pass --force"),
+    C("export-layout-shared-cache", "export", "--kv-cache shared for a runtime that cannot drive it",
+      lambda d, a, mp: _layout_export(ckpt(d, a), d)[:-1] + ["transformers.js", "--kv-cache", "shared"], 1,
+      "transformers.js cannot drive a shared KV cache"),
+    C("export-kv-cache-logits", "export", "--kv-cache for the logits task",
+      lambda d, a, mp: _export(ckpt(d, a), d, "--kv-cache", "shared", "--no-validate"), 1,
+      "--kv-cache applies to --task text-generation-with-past"),
     # verify
     C("verify-model-missing", "verify", "model path does not exist",
       lambda d, a, mp: ["verify", str(d / "nope.onnx"), "--checkpoint", str(ckpt(d, a))], 1, "model file not found"),
@@ -540,6 +603,16 @@ CASES = [
                                  model_path=no_metadata_model(d / "m.onnx")), 1, "needs the model's vocabulary size"),
     C("quantize-enospc", "quantize", "disk full while writing the model", _quantize_enospc, 1,
       "no space left on device writing"),
+    C("quantize-file-no-output", "quantize", "a model file without -o",
+      lambda d, a, mp: ["quantize", str(model(d, a)), "--mode", "fp16"], 2, "give -o FILE"),
+    C("quantize-folder-with-output", "quantize", "a model folder with -o",
+      lambda d, a, mp: ["quantize", str(folder(d, a)), "-o", str(d / "q.onnx"), "--mode", "fp16"], 2,
+      "-o is not taken with a model folder"),
+    C("quantize-folder-model-missing", "quantize", "model folder whose model file is missing",
+      lambda d, a, mp: ["quantize", str(folder(d, a, lambda p: (p / "model.onnx").unlink())), "--mode", "fp16"], 1,
+      "is a genai folder but its model file model.onnx is missing"),
+    C("quantize-folder-variant-exists", "quantize", "model folder that already has the variant, no --force",
+      _quantize_variant_exists, 1, "already exists; pass --force"),
     # generate
     C("generate-model-missing", "generate", "model path does not exist",
       lambda d, a, mp: _generate(d / "nope.onnx", "--prompt-ids", "1,2"), 1, "model file not found"),
@@ -558,6 +631,25 @@ CASES = [
     C("generate-zero-tokens", "generate", "--max-new-tokens 0",
       lambda d, a, mp: _generate(model(d, a), "--prompt-ids", "1,2", "--max-new-tokens", "0"), 2,
       "--max-new-tokens must be at least 1"),
+    C("generate-prompt-no-tokenizer", "generate", "--prompt for a model file outside a model folder, no --checkpoint",
+      lambda d, a, mp: _generate(Path(shutil.copyfile(a.folder / "model.onnx", d / "m.onnx")), "--prompt", "hi"), 2,
+      "--prompt needs a tokenizer"),
+    C("generate-not-a-folder", "generate", "a directory that is no model folder",
+      lambda d, a, mp: _generate(write(d / "dir" / "notes.txt", "x").parent, "--prompt", "hi"), 1,
+      "is not a model folder"),
+    C("generate-folder-model-missing", "generate", "model folder whose model file is missing",
+      lambda d, a, mp: _generate(folder(d, a, lambda p: (p / "model.onnx").unlink()), "--prompt", "hi"), 1,
+      "is a genai folder but its model file model.onnx is missing"),
+    C("generate-folder-no-tokenizer", "generate", "model folder without tokenizer.json",
+      lambda d, a, mp: _generate(folder(d, a, lambda p: (p / "tokenizer.json").unlink()), "--prompt", "hi"), 1,
+      "has no tokenizer.json"),
+    C("generate-folder-genai-config", "generate", "model folder whose genai_config.json does not fit the model",
+      lambda d, a, mp: _generate(folder(d, a, _edit_json("genai_config.json",
+                                                         lambda c: c["model"]["decoder"].update(head_size=64))),
+                                 "--prompt", "hi"), 1, "decoder.head_size is 64, the model's is 8"),
+    C("generate-folder-config-vocab", "generate", "model folder whose config.json names another vocabulary",
+      lambda d, a, mp: _generate(folder(d, a, _edit_json("config.json", lambda c: c.update(vocab_size=99))),
+                                 "--prompt", "hi"), 1, "does not match"),
 ]
 
 
@@ -606,8 +698,9 @@ def run_case(case: Case, root: Path, artifacts: Artifacts, capsys) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def artifacts(sample_checkpoint, exported) -> Artifacts:
-    return Artifacts(sample_checkpoint("topk"), sample_checkpoint("switch"), exported("topk").output)
+def artifacts(sample_checkpoint, exported, deployed) -> Artifacts:
+    return Artifacts(sample_checkpoint("topk"), sample_checkpoint("switch"), exported("topk").output,
+                     deployed("mixtral").folder)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

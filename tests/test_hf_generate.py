@@ -15,41 +15,19 @@ from moeport.cli import main  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.runtime.generate import generate  # noqa: E402
 
-COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
-CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=8,
-                                                  num_experts_per_tok=2),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=32,
-                                                     num_experts=8, num_experts_per_tok=2, head_dim=8,
-                                                     norm_topk_prob=True, decoder_sparse_step=1),
-    "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        # MLA: one key/value head per attention head
-        **{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
-        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, norm_topk_prob=True,
-        routed_scaling_factor=2.0),
-}
+# The families test_layouts.py also deploys (conftest's session-wide ``deployed`` exports each once).
+MODEL_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3")
 PROMPT = [5, 17, 99, 3, 42, 8]
 PADDED = [[7, 8, 9], [1, 2, 3, 4, 5, 6]]
 
 
 @pytest.fixture(scope="module")
-def with_past(tmp_path_factory):
+def with_past(deployed):
     """model_type -> (checkpoint dir, with-past ONNX path, eager transformers model)."""
-    made = {}
 
     def make(model_type):
-        if model_type not in made:
-            root = tmp_path_factory.mktemp(model_type)
-            torch.manual_seed(0)
-            config = CONFIGS[model_type]()
-            model = transformers.AutoModelForCausalLM.from_config(config).eval()
-            model.save_pretrained(root / "ckpt")
-            result = export_checkpoint(root / "ckpt", root / "past.onnx", task="text-generation-with-past")
-            assert result.validation.passed, result.validation.to_dict()
-            made[model_type] = (root / "ckpt", result.output, model)
-        return made[model_type]
+        source = deployed(model_type)
+        return source.checkpoint, source.onnx, source.model
 
     return make
 
@@ -62,14 +40,17 @@ def transformers_generate(model, prompts: list[list[int]], new_tokens: int = 32)
     # these configs), which is not greedy decoding.
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                                            eos_token_id=None)
-    model.generation_config.eos_token_id = None  # else generate() merges the model's EOS back in
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, generation_config=config)
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # else generate()
+    try:                                                                                       # merges it back in
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, generation_config=config)
+    finally:
+        model.generation_config.eos_token_id = eos  # the model is shared by the session's other tests
     assert out.shape[1] == longest + new_tokens
     return out[:, longest:].tolist()
 
 
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_greedy_tokens_match_transformers(with_past, model_type):
     _, model_path, model = with_past(model_type)
     single = generate(model_path, [PROMPT], max_new_tokens=32)
@@ -79,7 +60,7 @@ def test_greedy_tokens_match_transformers(with_past, model_type):
     assert padded.token_ids == transformers_generate(model, PADDED)
 
 
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_with_past_graph_io_and_sparse_dispatch(with_past, model_type, routed_segments):
     _, model_path, model = with_past(model_type)
     graph = onnx.load(str(model_path))
@@ -92,13 +73,17 @@ def test_with_past_graph_io_and_sparse_dispatch(with_past, model_type, routed_se
     assert outputs == ["logits"] + [f"present.{i}.{p}" for i in range(layers) for p in ("key", "value")]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
     assert dims["attention_mask"] == ["batch", "past_sequence + sequence"]
-    assert dims["past_key_values.0.key"][0] == "batch" and dims["past_key_values.0.key"][2] == "past_sequence"
+    assert dims["past_key_values.0.key"] == ["batch", "past_kv_heads", "past_sequence", "past_head_size"]
+    # The presents fix what the past leaves free: one (kv_heads, head_dim) for every tensor (values padded).
+    cache = {(o.type.tensor_type.shape.dim[1].dim_value, o.type.tensor_type.shape.dim[3].dim_value)
+             for o in graph.graph.output if o.name.startswith("present.")}
+    assert len(cache) == 1 and min(next(iter(cache))) > 0, cache
     ops = [n.op_type for n in graph.graph.node]
     # sparse: per MoE layer one sort (TopK) of the slots and one routed segment per expert feeding its
     # MatMuls; an all-experts fallback would have no routed Split.
     moe_layers = sum(1 for m in model.modules() if hasattr(m, "is_transposed") and hasattr(m, "has_gate"))
     assert ops.count("TopK") >= 2 * moe_layers  # the router's top-k and the slot sort
-    assert routed_segments(graph) == [8] * moe_layers  # every CONFIGS model has 8 routed experts
+    assert routed_segments(graph) == [8] * moe_layers  # every deployed tiny model has 8 routed experts
     assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)
 
 
@@ -117,7 +102,6 @@ def test_generate_cli_json(with_past, capsys):
     (["--prompt-ids", "1,x"], "error: cannot parse --prompt-ids '1,x': expected comma-separated token ids, e.g. 1,2,3"),
     (["--prompt-ids", "1,500"], "error: prompt token id 500 is outside the model's vocabulary [0, 128)"),
     ([], "error: give exactly one of --prompt-ids and --prompt"),
-    (["--prompt", "hi"], "error: --prompt needs --checkpoint DIR with the tokenizer"),
 ])
 def test_generate_cli_errors(with_past, capsys, args, message):
     _, model_path, _ = with_past("mixtral")
@@ -146,15 +130,15 @@ def test_with_past_task_refused_for_sample_family(sample_checkpoint, tmp_path):
 
 def test_prefill_and_decode_match_logits_of_full_forward(with_past):
     """Decoding token by token with the cache gives the logits of one full forward pass."""
-    from moeport.runtime.generate import decoder_feeds
+    from moeport.runtime.generate import decoder_feeds, empty_past
     from moeport.runtime.session import create_session
 
     _, model_path, model = with_past("qwen3_moe")
     session = create_session(model_path)
     names = [o.name for o in session.get_outputs()]
     ids = np.array([PROMPT], dtype=np.int64)
-    heads = {i.name: i.shape for i in session.get_inputs()}
-    past = [np.zeros((1, heads[n][1], 0, heads[n][3]), np.float32) for n in heads if n.startswith("past_")]
+    past = empty_past(session.get_inputs(), 1, session.get_outputs())
+    assert past[0].shape == (1, model.config.num_key_value_heads, 0, 8)  # sized from the present outputs
     prefill = dict(zip(names, session.run(None, decoder_feeds(np.ones((1, 4), np.int64), ids[:, :4], past))))
     step = dict(zip(names, session.run(None, decoder_feeds(
         np.ones((1, 5), np.int64), ids[:, 4:5], [prefill[n] for n in names[1:]]))))

@@ -8,9 +8,7 @@ built once at `.venv-openvino` (pip install onnxruntime-openvino numpy).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import pytest
 from moeport.exporter import families
 from moeport.runtime.compare import Comparator
 from moeport.samples.catalog import list_samples
+from venvs import venv_python
 
 SAMPLES = [s.name for s in list_samples()]
 SHAPES = [(1, 1), (3, 7), (2, 64)]
@@ -43,15 +42,7 @@ def test_reference_evaluator_runs_the_tiny_sample(exported, sample_checkpoint):
 
 
 def _openvino_python() -> str:
-    configured = os.environ.get("MOEPORT_OPENVINO_PYTHON")
-    if configured:
-        return configured
-    venv = ROOT / ".venv-openvino"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "onnxruntime-openvino", "numpy"], check=True)
-    return str(python)
+    return venv_python("MOEPORT_OPENVINO_PYTHON", ROOT / ".venv-openvino", ["onnxruntime-openvino", "numpy"])
 
 
 @pytest.mark.openvino

@@ -47,3 +47,44 @@ def tiny_switch_config(**overrides):
                    num_experts=8, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1,
                    relative_attention_num_buckets=8, relative_attention_max_distance=32)
     return transformers.SwitchTransformersConfig(**{**options, **overrides})
+
+
+# Families exported as runtime folders (tests/test_layouts.py, test_hf_generate.py): the config variant of
+# tests/hf_families.py and whether the tokenizer adds a BOS (Llama-style) or not (Qwen-style).
+DEPLOYED = {
+    "mixtral": ({}, True),
+    "qwen3_moe": ({}, False),
+    "qwen2_moe": ({}, False),
+    "olmoe": ({}, True),
+    "deepseek_v3": ({"variant": "grouped_raw_dense_first"}, True),
+    "granitemoe": ({}, False),
+    "gpt_oss": ({}, False),
+}
+
+
+# The text the test BPE tokenizer is trained on; prompts made of its characters encode without unknown bytes.
+BPE_TEXT = ("the quick brown fox jumps over the lazy dog. mixture of experts models route every token to a few "
+            "experts, and the experts compute in parallel. hello world! small tests of bpe merges: 0123456789, "
+            "tokens, prompts, answers? yes; no.")
+
+
+def save_bpe_tokenizer(directory: Path, vocab_size: int = 128, bos: bool = True):
+    """A byte-level BPE fast tokenizer (GPT-2 style, the kind every runtime's tokenizer reads) trained on
+    ``BPE_TEXT`` to ``vocab_size`` tokens, saved like a Hugging Face checkpoint's with transformers'
+    ``save_pretrained``. Ids 0, 1, 2 are ``<pad>``, ``<s>``, ``</s>`` (the tiny configs' pad, bos and eos);
+    with ``bos`` every encoding starts with ``<s>`` (Llama/Mixtral style), else none does (Qwen style).
+    Returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=[],
+                                  show_progress=False)
+    backend.train_from_iterator([BPE_TEXT], trainer)
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer

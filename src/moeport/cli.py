@@ -23,6 +23,7 @@ _strategies = _lazy.LazyModule("moeport.exporter.strategies", "export")
 _tasks = _lazy.LazyModule("moeport.exporter.tasks", "export")
 _verify = _lazy.LazyModule("moeport.runtime.verify", "verify")
 _generate = _lazy.LazyModule("moeport.runtime.generate", "generate")
+_layouts = _lazy.LazyModule("moeport.runtime.layouts", "layouts")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,11 +56,17 @@ def samples_create(name: str, directory: str) -> None:
 
 @cli.command("export")
 @click.argument("checkpoint", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="ONNX file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="ONNX file to write (with --layout: the folder).")
 @click.option("--strategy", default="auto", show_default=True,
               type=LazyChoice(lambda: ["auto", *_strategies.strategy_names()]), help="MoE dispatch strategy.")
 @click.option("--task", default="logits", show_default=True, type=LazyChoice(lambda: _tasks.task_names()),
               help="logits: one forward pass; text-generation-with-past: decoder with KV cache (transformers).")
+@click.option("--layout", default=None, type=LazyChoice(lambda: _layouts.layout_names()),
+              help="Write a folder this runtime loads as it is (needs --task text-generation-with-past).")
+@click.option("--kv-cache", default=None, type=click.Choice(["concat", "shared"]),
+              help="text-generation-with-past: concat (default) appends to the past; shared writes into one "
+                   "fixed-length buffer that past and present share (onnxruntime-genai's past_present_share_buffer).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 18..23).")
 @click.option("--with-routing", is_flag=True, help="Add each MoE layer's selected experts and weights as outputs.")
 @click.option("--capacity-factor", type=float, default=None,
@@ -69,10 +76,11 @@ def samples_create(name: str, directory: str) -> None:
 @click.option("--trust-pickle", is_flag=True,
               help="Allow pickle weights (*.bin); loaded with torch.load(weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_cmd(checkpoint, output, strategy, task, opset, with_routing, capacity_factor, no_validate, force,
-               trust_pickle, as_json):
+def export_cmd(checkpoint, output, strategy, task, layout, kv_cache, opset, with_routing, capacity_factor, no_validate,
+               force, trust_pickle, as_json):
     """Export the MoE checkpoint directory CHECKPOINT to ONNX."""
-    result = _lazy.export.export_checkpoint(checkpoint, output, strategy=strategy, task=task,
+    result = _lazy.export.export_checkpoint(checkpoint, output, strategy=strategy, task=task, layout=layout,
+                                            kv_cache=kv_cache,
                                             opset=opset or _lazy.export.DEFAULT_OPSET,
                                             with_routing=with_routing, capacity_factor=capacity_factor,
                                             validate=not no_validate, force=force, trust_pickle=trust_pickle)
@@ -82,6 +90,8 @@ def export_cmd(checkpoint, output, strategy, task, opset, with_routing, capacity
     click.echo(f"exported {result.family} ({len(result.info.layers)} MoE layers, {result.info.num_experts} experts, "
                f"top-{result.info.top_k}) to {result.output} [{result.size_bytes / 1e6:.2f} MB, opset {result.opset}, "
                f"IR {result.ir_version}] in {result.seconds:.1f}s")
+    if result.layout is not None:
+        click.echo(f"layout: {result.layout} folder")
     click.echo(f"strategy: {result.strategy} ({result.strategy_reason})")
     if result.validation is not None:
         shapes = ", ".join(f"{b}x{s}" for b, s in result.validation_shapes)
@@ -117,23 +127,23 @@ def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_
 
 
 @cli.command("generate")
-@click.argument("model", type=click.Path())
+@click.argument("model", metavar="MODEL_OR_DIR", type=click.Path())
 @click.option("--prompt-ids", default=None, help="Comma-separated prompt token ids, e.g. 1,2,3.")
-@click.option("--prompt", default=None, help="Prompt text (needs --checkpoint with a tokenizer).")
-@click.option("--checkpoint", default=None, type=click.Path(), help="Checkpoint directory holding the tokenizer.")
+@click.option("--prompt", default=None, help="Prompt text (a model folder's tokenizer, or --checkpoint's).")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="Directory holding the tokenizer (default: the model folder's).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--ep", default="cpu", show_default=True, help="Execution provider short name.")
 @click.option("--fallback", default=None, help="Provider to use when --ep is not available (e.g. cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print {token_ids, tokens_per_s} as JSON.")
 def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fallback, as_json):
-    """Greedy-decode with a text-generation-with-past MODEL on onnxruntime, using its KV cache."""
+    """Greedy-decode with a text-generation-with-past model (an ONNX file or a model folder) on onnxruntime,
+    using its KV cache."""
     if (prompt_ids is None) == (prompt is None):
         raise UsageError("give exactly one of --prompt-ids and --prompt")
     options = {"max_new_tokens": max_new_tokens, "ep": ep, "fallback": fallback}
     if prompt is not None:
-        if checkpoint is None:
-            raise UsageError("--prompt needs --checkpoint DIR with the tokenizer")
-        result = _generate.generate_text(model, checkpoint, prompt, **options)
+        result = _generate.generate_text(model, prompt, checkpoint, **options)
     else:
         result = _generate.generate(model, [_generate.parse_prompt_ids(prompt_ids)], **options)
     if as_json:

@@ -6,21 +6,26 @@ PyTorch, except ``--checkpoint`` (parity against the PyTorch checkpoint).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import click
 
 from moeport import _lazy
 from moeport.cli_common import LazyChoice, emit
+from moeport.errors import UsageError
 
 _quant = _lazy.LazyModule("moeport.quant", "quantize")
 _modes = _lazy.LazyModule("moeport.quant.modes", "quantize")
 _schemes = _lazy.LazyModule("moeport.quant.schemes", "quantize")
+_layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 
 
 @click.command("quantize")
-@click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Quantized ONNX file to write.")
+@click.argument("model", metavar="MODEL_OR_DIR", type=click.Path())
+@click.option("-o", "--output", default=None, type=click.Path(),
+              help="Quantized ONNX file to write (not for a model folder: the variant goes into it, named as its "
+                   "runtime expects).")
 @click.option("--mode", default=None, type=LazyChoice(lambda: [m.name for m in _modes.modes()]),
               help="Quantization mode (default: int8, or fp16 for --target cuda/coreml).")
 @click.option("--target", default="cpu", show_default=True, type=LazyChoice(lambda: list(_schemes.TARGETS)),
@@ -57,7 +62,17 @@ _schemes = _lazy.LazyModule("moeport.quant.schemes", "quantize")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
                  checkpoint, tokenizer, heldout, down_activations, block_size, dense_block_size,
                  embedding_bits, no_perplexity, latency_runs, force, as_json):
-    """Quantize the exported ONNX file MODEL and report size, parity, perplexity and latency."""
+    """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
+    report size, parity, perplexity and latency."""
+    if os.path.isdir(model):
+        if output is not None:
+            raise UsageError("-o is not taken with a model folder: the variant is written into it, under the name "
+                             "its runtime looks for")
+        mode = mode or _schemes.DEFAULT_MODE[target]
+        model, output, own_tokenizer = _layouts.variant_target(model, mode)
+        tokenizer = tokenizer or checkpoint or own_tokenizer
+    elif output is None:
+        raise UsageError("give -o FILE for the quantized model (or a model folder instead of a file)")
     reference = None if checkpoint is None else _lazy.reference.CheckpointReference.load(checkpoint)
     with warnings.catch_warnings():
         # The result lists quantize's own warnings; print them once, from there. Other libraries' warnings

@@ -5,7 +5,8 @@ it share one definition:
 
 - graph I/O names: ``input_ids``, ``attention_mask``, ``position_ids``, ``logits``, the KV cache
   ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value`` (``[batch, kv_heads, past_sequence, head_dim]``
-  -> ``[batch, kv_heads, past_sequence + sequence, head_dim]``), and per MoE layer ``routing.{label}.{part}``
+  -> ``[batch, kv_heads, past_sequence + sequence, head_dim]``; the past's kv_heads and head_dim axes are free
+  in the graph, see ``PAST_KV_HEADS_AXIS``), and per MoE layer ``routing.{label}.{part}``
   (``experts [batch*sequence, k] int64``, ``weights [batch*sequence, k] float32``, strategy extras such as
   ``dropped``, an int64 scalar);
 - ``metadata_props`` under ``moeport.``: ``version``, ``family``, ``source_sha256``, ``num_experts``,
@@ -33,7 +34,7 @@ from moeport.errors import MoeportError
 METADATA_PREFIX = "moeport."
 # The keys export writes (without the prefix); quantize adds QUANTIZATION_KEY.
 METADATA_KEYS = ("version", "family", "source_sha256", "num_experts", "top_k", "strategy", "task", "with_routing",
-                 "model_info", "capacity_factor")
+                 "model_info", "capacity_factor", "kv_cache")
 QUANTIZATION_KEY = "quantization"
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -60,12 +61,38 @@ def present_name(layer: int, part: str) -> str:
     return f"present.{layer}.{part}"
 
 
+def past_name_pattern(part: str) -> str:
+    """``past_key_values.%d.{part}``: the past input names as a printf pattern (how onnxruntime-genai's config
+    names them, the layer number standing for ``%d``)."""
+    return past_name(0, part).replace(".0.", ".%d.")
+
+
+def present_name_pattern(part: str) -> str:
+    """``present.%d.{part}``: the present output names as a printf pattern (see ``past_name_pattern``)."""
+    return present_name(0, part).replace(".0.", ".%d.")
+
+
 def past_names(num_layers: int) -> list[str]:
     return [past_name(i, part) for i in range(num_layers) for part in KV_PARTS]
 
 
 def present_names(num_layers: int) -> list[str]:
     return [present_name(i, part) for i in range(num_layers) for part in KV_PARTS]
+
+
+# The free axes of a past input besides batch and past_sequence: a runtime that builds the first, empty past from
+# its own reading of config.json (Optimum takes num_attention_heads for model types outside its own list) must
+# not trip over them. An empty past adds nothing to the cache; once past_sequence > 0 the graph's own presents
+# (``[batch, kv_heads, past_sequence, head_size]``) are fed back.
+PAST_KV_HEADS_AXIS, PAST_HEAD_SIZE_AXIS = "past_kv_heads", "past_head_size"
+
+# How a with-past graph keeps its cache (metadata ``kv_cache``). ``concat``: each present is the past with the new
+# tokens appended (``[batch, kv_heads, past_sequence + sequence, head_dim]``). ``shared``: past and present are one
+# buffer of a fixed length (``[batch, kv_heads, max_sequence, head_dim]``) that the step writes its tokens into at
+# columns ``attention_mask.shape[1] - sequence ..`` and hands back, so a runtime can bind both to the same memory
+# (onnxruntime-genai's ``past_present_share_buffer``); the attention mask covers only the columns written so far.
+KV_CACHE_CONCAT, KV_CACHE_SHARED = "concat", "shared"
+KV_CACHES = (KV_CACHE_CONCAT, KV_CACHE_SHARED)
 
 
 def present_for(past: str) -> str:
