@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from moeport._fs import load_model_proto, staged_directory
+from moeport._fs import check_output_directory, load_model_proto, staged_directory
 from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_CONCAT, KV_CACHE_SHARED, KV_PARTS, LOGITS,
                               POSITION_IDS, metadata_props, optional_model_info, past_name, past_name_pattern,
                               present_name, present_name_pattern)
@@ -214,17 +214,8 @@ def check_export(layout: str, checkpoint: str | os.PathLike, output: str | os.Pa
 
 
 def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise MoeportError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()):
-        if not force:
-            raise MoeportError(f"output directory {output} is not empty; pass --force to replace it")
-        if detect(output) is None:
-            # --force replaces a previous model folder, never an arbitrary directory.
-            raise MoeportError(f"output directory {output} is not empty and is no model folder; refusing to "
-                               "replace it even with --force")
-    if not output.parent.is_dir():
-        raise MoeportError(f"output directory {output.parent} does not exist")
+    # --force replaces a previous model folder, never an arbitrary directory.
+    check_output_directory(output, force, lambda path: detect(path) is not None, "is no model folder")
 
 
 # -- writing a folder -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeport._fs import load_model_proto, staged_directory, writing
+from moeport._fs import check_output_directory, load_model_proto, staged_directory, writing
 from moeport._scoped import logger_level
 from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
@@ -155,17 +155,8 @@ def _compare_ort(onnx_file: Path, ort_file: Path, metadata: dict[str, str]) -> d
 
 
 def _prepare_destination(output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise MoeportError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()):
-        if not force:
-            raise MoeportError(f"output directory {output} is not empty; pass --force to replace it")
-        if not (output / "bundle.json").is_file():
-            # --force replaces a previous bundle, never an arbitrary directory.
-            raise MoeportError(f"output directory {output} is not empty and holds no bundle.json; "
-                               "refusing to replace it even with --force")
-    if not output.parent.is_dir():
-        raise MoeportError(f"output directory {output.parent} does not exist")
+    # --force replaces a previous bundle, never an arbitrary directory.
+    check_output_directory(output, force, lambda path: (path / "bundle.json").is_file(), "holds no bundle.json")
 
 
 def package_model(

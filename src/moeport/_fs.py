@@ -61,6 +61,24 @@ def check_output_file(path: str | os.PathLike, force: bool) -> Path:
     return path
 
 
+def check_output_directory(path: str | os.PathLike, force: bool, is_ours, not_ours: str) -> Path:
+    """User errors for an output directory: it may be absent or empty; with ``force`` it may also hold a previous
+    output of ours (``is_ours(path)``), never an arbitrary directory (``not_ours`` says what it lacks, e.g.
+    "holds no bundle.json"). Returns it as a Path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MoeportError(f"output {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise MoeportError(f"output directory {path} is not empty; pass --force to replace it")
+        if not is_ours(path):
+            raise MoeportError(f"output directory {path} is not empty and {not_ours}; refusing to replace it even "
+                               "with --force")
+    if not path.parent.is_dir():
+        raise MoeportError(f"output directory {path.parent} does not exist")
+    return path
+
+
 def _staging_beside(target: Path) -> Path:
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
