@@ -1,9 +1,10 @@
 """How numbers are laid out: the 8-bit scheme per deployment target and, for x86 CPUs, per CPU feature
 (``IntScheme``, ``choose_scheme``), and the int4 block layout (``NBitsLayout``).
 
-Why this exists (PITFALLS.md): on x86 without VNNI, onnxruntime's fused u8s8 kernels accumulate pairs in
-int16 (``vpmaddubsw``) and saturate; measured top-k expert agreement fell to 80% on a toy MoE. Either
-``reduce_range`` (7-bit weights) or u8u8 avoids it. With AVX512-VNNI / AVX-VNNI the int32 dot product
+Why this exists: on x86 without VNNI, onnxruntime's fused u8s8 kernels accumulate pairs in int16
+(``vpmaddubsw``) and saturate. Measured on an AMD EPYC with AVX2 and no VNNI (onnxruntime 1.32, graph
+optimisations on): top-k expert agreement 80.2% and relative error 18.5% on a toy MoE, against 96.7% / 2.9%
+with optimisations off. ``reduce_range`` (7-bit weights; 96.4% / 3.2%) or u8u8 avoids it. With AVX512-VNNI / AVX-VNNI the int32 dot product
 has no such limit, so full-range u8s8 is right.
 """
 
