@@ -25,6 +25,7 @@ from typing import Callable
 import onnx
 import onnx_ir as ir
 
+from moeport._scoped import logger_level
 from moeport.quant import calibration as calib
 from moeport.quant.passes import SplicePass, run_passes
 from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
@@ -190,6 +191,9 @@ def _on_part(source: Path, names: set[str], tool: Callable[[Path, Path], None], 
     return spliced
 
 
+_NBITS_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
+
+
 def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], exclude: set[str]) -> None:
     """onnxruntime's MatMulNBitsQuantizer on the model file ``source``, once per ``(MatMul/Gather names, bits,
     block size)`` of ``blocks`` (one load, one write), into ``output``."""
@@ -208,7 +212,10 @@ def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], 
             quant_axes=(("MatMul", 0), ("Gather", 1)),
         )
         # Like quantize_static's 16-bit case: the quantizer raises the opset to 21 itself; the report notes it.
-        with without_log_message("doesn't support int4 data type", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        # Its module calls logging.basicConfig(level=INFO) on import, so where nothing configured logging first
+        # (a runtime-only install) it printed a line per node; its INFO records are kept out for this call only.
+        with without_log_message("doesn't support int4 data type", _NBITS_LOGGER), \
+                logger_level(_NBITS_LOGGER, logging.WARNING):
             quantizer.process()
         proto = quantizer.model.model
     write_external(proto, output)
