@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from moeport import _lazy
 from moeport.cli import main
 
 
@@ -171,3 +172,29 @@ def test_ctrl_c_during_export_prints_one_line_and_leaves_nothing(tmp_path, sampl
     assert process.returncode == 1, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: aborted", err
     assert list(tmp_path.iterdir()) == []
+
+
+def _raise_wrapped_interrupt(*args, **kwargs):
+    """What torch.onnx does when Ctrl-C lands while torch._dynamo is half imported: a library error from it."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        try:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+        except AttributeError as inner:
+            raise RuntimeError("Failed to export the model with torch.export") from inner
+
+
+def test_ctrl_c_wrapped_by_a_library_is_still_aborted(capsys, monkeypatch, sample_checkpoint, tmp_path):
+    monkeypatch.setattr(_lazy.export, "export_checkpoint", _raise_wrapped_interrupt)
+    code, _, err = run_cli(capsys, "export", str(sample_checkpoint("topk")), "-o", str(tmp_path / "m.onnx"))
+    assert code == 1 and err.strip() == "error: aborted"
+
+
+def test_a_bug_without_an_interrupt_keeps_its_traceback(monkeypatch, sample_checkpoint, tmp_path):
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_lazy.export, "export_checkpoint", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["export", str(sample_checkpoint("topk")), "-o", str(tmp_path / "m.onnx")])

@@ -182,6 +182,21 @@ _register_runtime(cli)
 _register_quant(cli)
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is anywhere in the exception's cause/context chain."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        pending += [current.__cause__, current.__context__]
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -201,6 +216,17 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         code = exc.exit_code
+    except Exception as exc:
+        # A Ctrl-C that lands inside a library's import or error handler can come back wrapped: torch.onnx
+        # caught the KeyboardInterrupt raised while torch._dynamo was half imported, failed in its own `except`
+        # clause, and raised TorchExportError from that. The user asked to stop, so it is still "aborted";
+        # any other exception is a bug and keeps its traceback.
+        if not _caused_by_interrupt(exc):
+            raise
+        if debug:
+            traceback.print_exc()
+        click.echo("error: aborted", err=True)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 
