@@ -24,6 +24,7 @@ import inspect
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,8 +33,9 @@ import torch
 from torch import nn
 
 from moeport.errors import MoeportError
-from moeport.exporter import families
-from moeport.contract import MoELayerInfo
+from moeport.exporter import families, hf_mixers
+from moeport.contract import (STATE_KINDS, MoELayerInfo, past_name, present_name, state_past_name,
+                              state_present_name)
 from moeport.exporter.families import FamilySpec, LoadedModel, register_family
 from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
@@ -267,8 +269,22 @@ def _real_rope_patches(model: nn.Module) -> list[Patch]:
 
 
 def export_patches(adapter: nn.Module) -> list[Patch]:
-    """What a transformers model needs patched while it is exported: the complex-RoPE families' rotary."""
-    return _real_rope_patches(adapter.model)
+    """What a transformers model needs patched while it is exported: the complex-RoPE families' rotary, and the
+    token mixers of hybrid families (linear attention, Mamba) in a form whose sequence length stays dynamic."""
+    return _real_rope_patches(adapter.model) + hf_mixers.mixer_patches(adapter.model)
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    """One cache tensor of a with-past graph: its input and output names, the model layer it belongs to, its part
+    (``key``, ``value`` or a ``contract.STATE_KINDS`` kind) and its shape after the batch axis, ``None`` at the
+    axis that grows by each step's tokens (a KV cache's sequence; a recurrent state has a fixed shape)."""
+
+    past: str
+    present: str
+    layer: int
+    part: str
+    shape: tuple[int | None, ...]
 
 
 class CausalLMAdapter(nn.Module):
@@ -285,6 +301,7 @@ class CausalLMAdapter(nn.Module):
         self.config = model.config
         self.experts = [m for m in model.modules() if is_experts_module(m)]
         self.experts_paths = [name for name, m in model.named_modules() if is_experts_module(m)]
+        self._cache_layout: list[CacheTensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         records: list = []
@@ -292,27 +309,53 @@ class CausalLMAdapter(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits, [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
 
-    def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
-        """One decoder step with a KV cache (see ``exporter.tasks``): returns (logits [batch, seq, vocab],
-        presents [key_0, value_0, key_1, ...] each [batch, kv_heads, past + seq, head_dim], routing)."""
+    def step(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+        """One decoder step with a cache (see ``exporter.tasks``). ``past``: one tensor per ``cache_layout()``
+        entry, in its order (a KV cache ``[batch, kv_heads, past_sequence, head_dim]``, a recurrent state of its
+        fixed shape). Returns (logits [batch, seq, vocab], presents in the same order -- KV caches
+        ``[batch, kv_heads, past_sequence + seq, head_dim]``, the states after the step's tokens --, routing)."""
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+        layout = self.cache_layout()
         cache = DynamicCache(config=self.config)
-        for i in range(len(past_key_values) // 2):
-            cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+        # A sliding-window layer keeps the whole past here, as the graph's KV inputs and outputs grow by the
+        # step's tokens (a cropped one would cut the past axis at the window, a length the trace cannot know);
+        # the sliding-window mask still limits what each token sees.
+        cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+        given = {(entry.layer, entry.part): tensor for entry, tensor in zip(layout, past)}
+        for entry in layout:
+            if entry.part == "key":
+                cache.update(given[entry.layer, "key"], given[entry.layer, "value"], entry.layer)
+            elif entry.part in STATE_KINDS:
+                hf_mixers.seed_state(cache, entry.layer, entry.part, given[entry.layer, entry.part])
         records: list = []
         with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        presents = [hf_mixers.state_of(cache, entry.layer, entry.part) if entry.part in STATE_KINDS
+                    else getattr(cache.layers[entry.layer], f"{entry.part}s") for entry in layout]
         routing = [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
         return out.logits, presents, routing
 
-    def cache_shapes(self) -> list[tuple[int, int]]:
-        """(kv_heads, head_dim) of every cache tensor, key then value per layer, from a probe forward."""
-        with torch.no_grad():
-            out = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
-        return [(t.shape[1], t.shape[3]) for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    def cache_layout(self) -> list["CacheTensor"]:
+        """The cache tensors of one decoder step, layer by layer (key and value of an attention layer, then the
+        states of a linear-attention / Mamba layer), read from one probe forward the first time it is asked."""
+        if self._cache_layout is None:
+            with torch.no_grad():
+                out = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+            kinds = hf_mixers.recurrent_kinds(self.model)
+            layout = []
+            for i, layer in enumerate(out.past_key_values.layers):
+                if getattr(layer, "keys", None) is not None:
+                    layout += [CacheTensor(past_name(i, part), present_name(i, part), i, part,
+                                           (tensor.shape[1], None, tensor.shape[3]))
+                               for part, tensor in (("key", layer.keys), ("value", layer.values))]
+                layout += [CacheTensor(state_past_name(i, kind), state_present_name(i, kind), i, kind,
+                                       tuple(tensor.shape[1:]))
+                           for kind, tensor in hf_mixers.layer_states(layer, kinds.get(i, "recurrent"))]
+            self._cache_layout = layout
+        return self._cache_layout
 
     def moe_layers(self) -> list[nn.Module]:
         return self.experts

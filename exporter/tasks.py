@@ -7,8 +7,10 @@
   names of the Optimum / transformers.js convention: ``input_ids [batch, sequence]``,
   ``attention_mask [batch, past_sequence + sequence]``, ``position_ids [batch, sequence]``,
   ``past_key_values.{i}.key|value [batch, kv_heads, past_sequence, head_dim]`` -> ``logits``,
-  ``present.{i}.key|value [batch, kv_heads, past_sequence + sequence, head_dim]``. Prefill feeds an empty
-  past (``past_sequence = 0``). transformers models only.
+  ``present.{i}.key|value [batch, kv_heads, past_sequence + sequence, head_dim]``; a hybrid model's
+  linear-attention / Mamba layers carry their recurrent states instead, ``past_{kind}.{i}`` -> ``present_{kind}.{i}``
+  of a fixed shape (``contract.STATE_KINDS``). Prefill feeds an empty past (``past_sequence = 0``, zero states).
+  transformers models only.
 
 One registry, like the others; a task says why it does not apply to a model instead of failing later.
 """
@@ -22,8 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, output_names, past_names,
-                              present_names, random_inputs, routing_name)
+from moeport.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, output_names, random_inputs, routing_name
 from moeport.errors import MoeportError
 from moeport.exporter import families, strategies
 from moeport.exporter.families import LoadedModel
@@ -154,8 +155,8 @@ register_task(Task("logits", "one forward pass: input_ids -> logits", lambda loa
 
 
 class WithPastModule(nn.Module):
-    """Decoder step with a KV cache. forward(input_ids, attention_mask, position_ids, past_key_values)
-    -> (logits, present.0.key, present.0.value, ..., then routing outputs if asked)."""
+    """Decoder step with a cache. forward(input_ids, attention_mask, position_ids, past_key_values: one tensor per
+    ``adapter.cache_layout()`` entry) -> (logits, the presents in that order, then routing outputs if asked)."""
 
     def __init__(self, loaded: LoadedModel, with_routing: bool, strategy, options):
         super().__init__()
@@ -182,43 +183,45 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
     adapter = loaded.model
     batch_size, seq_len = example_shape
     past_len = 3  # >= 2 so that torch.export keeps the past length symbolic
-    shapes = adapter.cache_shapes()
+    layout = adapter.cache_layout()
     generator = torch.Generator().manual_seed(seed)
-    past = [torch.randn(batch_size, heads, past_len, dim, generator=generator) for heads, dim in shapes]
+    past = [torch.randn(batch_size, *(past_len if d is None else d for d in entry.shape), generator=generator)
+            for entry in layout]
     input_ids = torch.from_numpy(random_inputs(loaded.info, batch_size, seq_len, seed)[INPUT_IDS])
     mask = np.ones((batch_size, past_len + seq_len), dtype=np.int64)
-    feeds = decoder_feeds(mask, input_ids.numpy(), [p.numpy() for p in past])
+    feeds = decoder_feeds(mask, input_ids.numpy(), {entry.past: p.numpy() for entry, p in zip(layout, past)})
     batch, sequence, past_sequence = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past_sequence")
-    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + past_names(len(shapes) // 2)
-    outputs = [LOGITS] + present_names(len(shapes) // 2)
+    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + [entry.past for entry in layout]
+    outputs = [LOGITS] + [entry.present for entry in layout]
     if with_routing:
         outputs += output_names(loaded.info, True, strategy.extra_outputs)[1:]
 
     def reference(feeds):
         tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
-        past_in = [tensors[n] for n in names[3:]]
+        past_in = [tensors[entry.past] for entry in layout]
         with torch.no_grad():
             logits, presents, routing = adapter.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
                                                      tensors[POSITION_IDS], past_in)
         result = {LOGITS: logits.numpy()}
-        result.update({name: p.numpy() for name, p in zip(outputs[1:], presents)})
+        result.update({entry.present: p.numpy() for entry, p in zip(layout, presents)})
         result.update(families.routing_arrays(loaded.info, routing))
         return result
 
     def validate(session, validation_shapes):
         def runs():
-            # Per validation shape (batch x prompt length): prefill with an empty past, row r left-padded by
-            # min(r, length - 1) tokens; then one decode step on its presents.
+            # Per validation shape (batch x prompt length): prefill with an empty past (zero states), row r
+            # left-padded by min(r, length - 1) tokens; then one decode step on its presents.
             for i, (rows, length) in enumerate(validation_shapes):
                 prompt = families.tie_free_inputs(loaded, rows, length, seed=1000 + i)
                 mask = random_inputs(loaded.info, rows, length, 0, left_padding=True)[ATTENTION_MASK]
-                empty = [np.zeros((rows, heads, 0, dim), dtype=np.float32) for heads, dim in shapes]
+                empty = {entry.past: np.zeros((rows, *(0 if d is None else d for d in entry.shape)), dtype=np.float32)
+                         for entry in layout}
                 prefill = decoder_feeds(mask, prompt[INPUT_IDS], empty)
                 yield prefill, reference
                 ref = reference(prefill)
                 next_ids = ref[LOGITS][:, -1].argmax(-1)[:, None].astype(np.int64)
                 mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-                yield decoder_feeds(mask, next_ids, [ref[n] for n in outputs[1:1 + len(shapes)]]), reference
+                yield decoder_feeds(mask, next_ids, {entry.past: ref[entry.present] for entry in layout}), reference
 
         return _compare_runs(loaded, session, strategy, options, runs)
 
@@ -229,7 +232,9 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
             INPUT_IDS: {0: batch, 1: sequence},
             ATTENTION_MASK: {0: batch, 1: torch.export.Dim.AUTO},  # past_sequence + sequence
             POSITION_IDS: {0: batch, 1: sequence},
-            "past_key_values": [{0: batch, 2: past_sequence} for _ in shapes],
+            # A KV cache grows along its past axis; a recurrent state has a fixed shape after the batch.
+            "past_key_values": [{0: batch, **({1 + entry.shape.index(None): past_sequence} if None in entry.shape else {})}
+                                for entry in layout],
         },
         input_names=names,
         output_names=outputs,

@@ -1,7 +1,8 @@
 """Greedy decoding on onnxruntime with a ``text-generation-with-past`` graph: what ``moeport generate`` runs.
 
 The prompt is run once (prefill, empty past); every new token is then one decode step that feeds back
-the ``present.*`` tensors as ``past_key_values.*`` -- the prompt is never recomputed. Prompts of
+the ``present.*`` tensors as ``past_key_values.*`` (and a hybrid model's ``present_{kind}.*`` recurrent states as
+``past_{kind}.*``) -- the prompt is never recomputed. Prompts of
 different lengths are left-padded; ``attention_mask`` marks the padding and ``position_ids`` follow the
 mask, as transformers' ``generate`` does.
 """
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_name, past_names, present_for,
-                              vocab_size)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, is_cache_input, past_names,
+                              present_for, vocab_size)
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime.session import create_session
 from moeport.runtime.tokenizer import load_tokenizer
@@ -24,22 +26,27 @@ from moeport.runtime.tokenizer import load_tokenizer
 PAD_ID = 0
 
 
-def empty_past(session_inputs, batch: int) -> list[np.ndarray]:
-    """An empty KV cache for a with-past session: per ``past_key_values.*`` input, in the session's order,
-    ``[batch, kv_heads, 0, head_dim]`` float32 (kv_heads and head_dim are fixed dims of the graph)."""
-    return [np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
-            for spec in session_inputs if spec.name.startswith("past_key_values.")]
+def empty_past(session_inputs, batch: int) -> dict[str, np.ndarray]:
+    """The cache before the prompt, per cache input of a with-past session (``contract.is_cache_input``), in the
+    session's order: float32 zeros of the input's shape with ``batch`` rows and every other symbolic axis 0 --
+    ``[batch, kv_heads, 0, head_dim]`` for a KV cache, the fixed shape of a recurrent state (all zeros, as
+    transformers starts it)."""
+    return {spec.name: np.zeros([batch] + [dim if isinstance(dim, int) else 0 for dim in spec.shape[1:]],
+                                dtype=np.float32)
+            for spec in session_inputs if is_cache_input(spec.name)}
 
 
-def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray,
+                  past: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds of one with-past step. ``attention_mask [batch, past + seq]`` covers past and new tokens;
-    ``input_ids [batch, seq]``; ``past`` = [key_0, value_0, key_1, ...] each ``[batch, kv_heads, past, head_dim]``.
-    Positions count only unmasked tokens (padded slots get 1, as in transformers)."""
+    ``input_ids [batch, seq]``; ``past``: the cache inputs by name, or a KV cache alone as the list
+    [key_0, value_0, key_1, ...] each ``[batch, kv_heads, past, head_dim]``. Positions count only unmasked tokens
+    (padded slots get 1, as in transformers)."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
     positions[attention_mask == 0] = 1
     feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: attention_mask.astype(np.int64),
              POSITION_IDS: positions[:, -input_ids.shape[1]:].astype(np.int64)}
-    feeds.update(zip(past_names(len(past) // 2), past))
+    feeds.update(past.items() if isinstance(past, Mapping) else zip(past_names(len(past) // 2), past))
     return feeds
 
 
@@ -109,9 +116,9 @@ def generate(
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise MoeportError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    if past_name(0, "key") not in inputs:
+    past_inputs = [n for n in inputs if is_cache_input(n)]
+    if not past_inputs:
         raise MoeportError(f"{model} has no KV-cache inputs; export it with --task text-generation-with-past")
-    past_inputs = [n for n in inputs if n.startswith("past_key_values.")]
     present_outputs = [present_for(n) for n in past_inputs]
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -138,7 +145,7 @@ def generate(
         new_tokens = np.concatenate([new_tokens, next_ids[:, None]], axis=1)
         if finished.all():
             break
-        past = past_next
+        past = dict(zip(past_inputs, past_next))
         input_ids = next_ids[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     seconds = time.perf_counter() - started

@@ -82,6 +82,13 @@ SIZE_SUFFIXES = {"vocab_size": 128, "head_dim": 8, "intermediate_size": 32, "hid
 # Multi-head latent attention expands keys to every head itself; eager attention's GQA repeat must not.
 LATENT_ATTENTION = {"num_key_value_heads": GENERIC["num_attention_heads"]}
 
+# Hybrid families: small linear-attention heads (their defaults, 16-32 heads of 128x128 states, would dominate the
+# tiny model) and a linear-attention layer beside an attention layer, so that a with-past graph carries both kinds
+# of cache (transformers' cache also needs one attention layer to count the past).
+_GATED_DELTANET = {"linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+                   "linear_num_value_heads": 4}
+_LINEAR_THEN_ATTENTION = {"layer_types": ["linear_attention", "full_attention"]}
+
 # Per family: what the generic sizes do not cover. One dict per model_type, nothing else.
 OVERRIDES: dict[str, dict] = {
     "beam": {"mlp_layer_types": ["sparse", "sparse"]},
@@ -90,7 +97,10 @@ OVERRIDES: dict[str, dict] = {
                     "hidden_size_per_layer_input": 8, "per_layer_config": {}},
     "granitemoehybrid": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16,
                          "layer_types": ["mamba", "attention"]},
+    "lara_mini": _GATED_DELTANET,  # its tiny layers: linear attention, sliding-window attention
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "qwen3_5_moe_text": {**_GATED_DELTANET, **_LINEAR_THEN_ATTENTION},
+    "qwen3_next": {**_GATED_DELTANET, **_LINEAR_THEN_ATTENTION},
     "zaya": {"num_experts_per_tok": 1},
 }
 
@@ -116,6 +126,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "glm4_moe": {"grouped_raw_dense_first": _GROUPED_RAW_DENSE_FIRST},
     "hunyuan_v1_moe": {"top1": {"moe_topk": 1}},
 }
+
+# Hybrid families (issue 16): token mixers other than attention, exported through exporter/hf_mixers.py; their
+# with-past graphs carry recurrent states (tests/test_hf_hybrid.py).
+HYBRID = ("lara_mini", "qwen3_5_moe_text", "qwen3_next")
 
 # Exported with parity on every test run (GitHub issue 3); the other supported families under ``-m slow``.
 EVERY_RUN = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe",
@@ -155,10 +169,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "qwen4_exp": Unsupported("multimodal", f"{_MULTIMODAL} `qwen4_exp_text`"),
     "bailing_hybrid": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
     "jamba": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "lara_mini": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),  # new in transformers 5.24
     "minimax": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "qwen3_5_moe_text": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "qwen3_next": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
     "qwen4_exp_text": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
     "granitemoehybrid": Unsupported("export", "hybrid Mamba layers: the exported chunked scan keeps a reshape sized "
                                               "for the example's length, so onnxruntime fails on other lengths",

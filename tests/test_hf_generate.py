@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from moeport.cli import main  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.runtime.generate import generate  # noqa: E402
+from tiny_hf import PADDED, PROMPT, transformers_generate  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
@@ -30,8 +31,6 @@ CONFIGS = {
         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, norm_topk_prob=True,
         routed_scaling_factor=2.0),
 }
-PROMPT = [5, 17, 99, 3, 42, 8]
-PADDED = [[7, 8, 9], [1, 2, 3, 4, 5, 6]]
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +51,6 @@ def with_past(tmp_path_factory):
         return made[model_type]
 
     return make
-
-
-def transformers_generate(model, prompts: list[list[int]], new_tokens: int = 32) -> list[list[int]]:
-    longest = max(map(len, prompts))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    # Plain greedy with no end-of-sequence token: min_new_tokens would instead *suppress* EOS (id 2 in
-    # these configs), which is not greedy decoding.
-    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                                           eos_token_id=None)
-    model.generation_config.eos_token_id = None  # else generate() merges the model's EOS back in
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, generation_config=config)
-    assert out.shape[1] == longest + new_tokens
-    return out[:, longest:].tolist()
 
 
 @pytest.mark.parametrize("model_type", list(CONFIGS))

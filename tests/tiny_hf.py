@@ -47,3 +47,26 @@ def tiny_switch_config(**overrides):
                    num_experts=8, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1,
                    relative_attention_num_buckets=8, relative_attention_max_distance=32)
     return transformers.SwitchTransformersConfig(**{**options, **overrides})
+
+
+PROMPT = [5, 17, 99, 3, 42, 8]
+PADDED = [[7, 8, 9], [1, 2, 3, 4, 5, 6]]
+
+
+def transformers_generate(model, prompts: list[list[int]], new_tokens: int = 32) -> list[list[int]]:
+    """transformers' greedy ``generate`` of ``new_tokens`` after each prompt (left-padded with 0), no EOS stop."""
+    import torch
+    import transformers
+
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    # Plain greedy with no end-of-sequence token: min_new_tokens would instead *suppress* EOS (id 2 in
+    # these configs), which is not greedy decoding.
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                           eos_token_id=None)
+    model.generation_config.eos_token_id = None  # else generate() merges the model's EOS back in
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, generation_config=config)
+    assert out.shape[1] == longest + new_tokens
+    return out[:, longest:].tolist()
