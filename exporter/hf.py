@@ -302,6 +302,7 @@ class CausalLMAdapter(nn.Module):
         self.experts = [m for m in model.modules() if is_experts_module(m)]
         self.experts_paths = [name for name, m in model.named_modules() if is_experts_module(m)]
         self._cache_layout: list[CacheTensor] | None = None
+        self._cache_class = None  # the model's own cache class, found by cache_layout()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         records: list = []
@@ -314,11 +315,11 @@ class CausalLMAdapter(nn.Module):
         entry, in its order (a KV cache ``[batch, kv_heads, past_sequence, head_dim]``, a recurrent state of its
         fixed shape). Returns (logits [batch, seq, vocab], presents in the same order -- KV caches
         ``[batch, kv_heads, past_sequence + seq, head_dim]``, the states after the step's tokens --, routing)."""
-        from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
         layout = self.cache_layout()
-        cache = DynamicCache(config=self.config)
+        stores = hf_mixers.state_stores(self.model)
+        cache = self._new_cache()
         # A sliding-window layer keeps the whole past here, as the graph's KV inputs and outputs grow by the
         # step's tokens (a cropped one would cut the past axis at the window, a length the trace cannot know);
         # the sliding-window mask still limits what each token sees.
@@ -328,32 +329,45 @@ class CausalLMAdapter(nn.Module):
             if entry.part == "key":
                 cache.update(given[entry.layer, "key"], given[entry.layer, "value"], entry.layer)
             elif entry.part in STATE_KINDS:
-                hf_mixers.seed_state(cache, entry.layer, entry.part, given[entry.layer, entry.part])
+                stores[entry.layer].seed(cache, entry.layer, entry.part, given[entry.layer, entry.part])
         records: list = []
         with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
-        presents = [hf_mixers.state_of(cache, entry.layer, entry.part) if entry.part in STATE_KINDS
+        presents = [stores[entry.layer].get(cache, entry.layer, entry.part) if entry.part in STATE_KINDS
                     else getattr(cache.layers[entry.layer], f"{entry.part}s") for entry in layout]
         routing = [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
         return out.logits, presents, routing
+
+    def _new_cache(self):
+        """An empty cache of the class the model makes for itself (transformers' ``DynamicCache`` laid out by the
+        config; MiniMax's own)."""
+        cache_class = self._cache_class
+        if "config" in inspect.signature(cache_class).parameters:
+            return cache_class(config=self.config)
+        return cache_class()
 
     def cache_layout(self) -> list["CacheTensor"]:
         """The cache tensors of one decoder step, layer by layer (key and value of an attention layer, then the
         states of a linear-attention / Mamba layer), read from one probe forward the first time it is asked."""
         if self._cache_layout is None:
             with torch.no_grad():
-                out = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
-            kinds = hf_mixers.recurrent_kinds(self.model)
+                probe = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values
+            self._cache_class = type(probe)
+            stores = hf_mixers.state_stores(self.model)
             layout = []
-            for i, layer in enumerate(out.past_key_values.layers):
+            for i in range(len(probe)):
+                layer = probe.layers[i] if i < len(probe.layers) else None
                 if getattr(layer, "keys", None) is not None:
                     layout += [CacheTensor(past_name(i, part), present_name(i, part), i, part,
                                            (tensor.shape[1], None, tensor.shape[3]))
                                for part, tensor in (("key", layer.keys), ("value", layer.values))]
-                layout += [CacheTensor(state_past_name(i, kind), state_present_name(i, kind), i, kind,
-                                       tuple(tensor.shape[1:]))
-                           for kind, tensor in hf_mixers.layer_states(layer, kinds.get(i, "recurrent"))]
+                if i in stores:
+                    layout += [CacheTensor(state_past_name(i, kind), state_present_name(i, kind), i, kind,
+                                           tuple(tensor.shape[1:])) for kind, tensor in stores[i].found(probe, i)]
+                elif any(t is not None for t in getattr(layer, "conv_states", {}).values()):
+                    raise MoeportError(f"{type(self.model).__name__}: layer {i} keeps a recurrent state that moeport "
+                                       "cannot carry between steps yet; export it with --task logits")
             self._cache_layout = layout
         return self._cache_layout
 
