@@ -431,6 +431,53 @@ def _has_safetensors(path: Path) -> bool:
     return any(path.glob("*.safetensors"))
 
 
+def _text_config(config):
+    """The language model's config of a multimodal wrapper config (a ``text_config`` among its sub-configs, of a
+    model_type that has its own causal LM), else None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if "text_config" not in (getattr(config, "sub_configs", None) or {}):
+        return None
+    text = config.get_text_config(decoder=True)
+    return text if text is not config and text.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+
+
+def _language_model(config, path: Path):
+    """``(config, key_mapping)`` to load the causal LM of the checkpoint in ``path`` from.
+
+    A multimodal wrapper checkpoint (Qwen3.5-MoE, Gemma 4 ... ``*ForConditionalGeneration``) keeps its language
+    model's weights under a prefix of its own (``model.language_model.``) beside the vision / audio towers. Its
+    language model is loaded alone, text-only: its text config, and the prefix found from the weight names
+    themselves (the one under which the text model's own weights all are) mapped onto the text model's. The
+    towers' weights are left unread. Any other checkpoint: its own config and no mapping.
+    """
+    text = _text_config(config)
+    if text is None:
+        return config, None
+    # The wrapper ties its output embedding by its own flag (its checkpoint then has no lm_head); the language
+    # model loaded alone must do as the wrapper did.
+    text.tie_word_embeddings = getattr(config, "tie_word_embeddings", text.tie_word_embeddings)
+    transformers = _transformers()
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MoeportError(f"{path} is a multimodal {config.model_type} checkpoint with pickle weights only; convert "
+                           "them to safetensors to export its language model")
+    stored: set[str] = set()
+    for file in files:
+        with safe_open(file, "pt") as weights:
+            stored.update(weights.keys())
+    with torch.device("meta"):
+        wanted = transformers.AutoModelForCausalLM.from_config(text)
+    base = wanted.base_model_prefix + "."
+    names = [name[len(base):] for name in wanted.state_dict() if name.startswith(base)]
+    # Every prefix under which the first weight of the text model is stored, ranked by how many of its weights it holds.
+    prefixes = {key[:-len(names[0])] for key in stored if key.endswith(names[0])}
+    prefix = max(prefixes, key=lambda p: (sum(p + name in stored for name in names), p == base), default=base)
+    return text, None if prefix == base else {f"^{re.escape(prefix)}": base}
+
+
 def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
     """Load a transformers causal LM from a local directory: offline, no remote code, float32, eager."""
     transformers = _transformers()
@@ -451,12 +498,14 @@ def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.M
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise load_error(path, exc) from exc
+    config, key_mapping = _language_model(config, path)
     check_sizes(config.to_dict(), path / "config.json")
     config._experts_implementation = "eager"
     try:
         with quiet_loading():
             model, loading = transformers.AutoModelForCausalLM.from_pretrained(
-                path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                path, config=config, key_mapping=key_mapping, local_files_only=True, trust_remote_code=False,
+                dtype=torch.float32,
                 use_safetensors=not trust_pickle or _has_safetensors(path), attn_implementation="eager",
                 # Missing weights would be silently random-initialised, mismatched ones raise a RuntimeError
                 # that points at the logged table: get both back as data and refuse them below.
@@ -495,7 +544,9 @@ def _matches(config: dict) -> bool:
         transformers = _transformers()
     except MoeportError:
         return True  # say "install transformers" rather than "unknown family"
-    return config["model_type"] in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    causal_lms = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    text = config.get("text_config")
+    return config["model_type"] in causal_lms or (isinstance(text, dict) and text.get("model_type") in causal_lms)
 
 
 def load(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:

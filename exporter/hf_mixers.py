@@ -354,6 +354,21 @@ def _mamba_forward(self, hidden_states, cache=None, attention_mask=None, **kwarg
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# LFM2's gated short convolution: the convolution alone, no recurrence.
+
+
+def _short_conv_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """LFM2's gated short convolution: ``hidden_states [batch, seq, hidden]`` -> ``[batch, seq, hidden]``; with a
+    cache, reads and stores the layer's convolution state."""
+    hidden_states = mask_padding(hidden_states, attention_mask)
+    b, c, x = self.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)
+    conv_state, _ = cached_states(cache, self.layer_idx)
+    out, conv_state = causal_conv(b * x, conv_state, self.conv.weight.squeeze(1), self.conv.bias, None)
+    store_states(cache, self.layer_idx, conv=conv_state)
+    return self.out_proj((c * out).transpose(-1, -2).contiguous())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # MiniMax's lightning attention: linear attention whose state decays by a fixed rate per head.
 
 
@@ -401,11 +416,13 @@ MIXERS: dict[str, Mixer] = {
     "Qwen3NextGatedDeltaNet": Mixer(_GDN_FUSED),
     "Qwen3_5MoeGatedDeltaNet": Mixer(_GDN_SPLIT),
     "LaraMiniGatedDeltaNet": Mixer(_GDN_SPLIT),
+    "Qwen4ExpTextGatedDeltaNet": Mixer(_GDN_SPLIT),
     "KimiLinearDeltaAttention": Mixer(_kimi_delta_attention(lambda self, h: self.g_b_proj(self.g_a_proj(h)))),
     "BailingHybridDeltaAttention": Mixer(_kimi_delta_attention(lambda self, h: self.g_proj(h))),
     "GraniteMoeHybridMambaLayer": Mixer(_mamba2_forward, LayerStates(recurrent="ssm")),
     "JambaMambaMixer": Mixer(_mamba_forward, LayerStates(recurrent="ssm")),
     "MiniMaxLightningAttention": Mixer(_lightning_forward, ListStates()),
+    "Lfm2MoeShortConv": Mixer(_short_conv_forward),
 }
 
 

@@ -84,16 +84,26 @@ def test_the_tiny_models_recurrence_matters(model_type, monkeypatch):
     parity (with the default initializer range some tiny models' recurrence stays below it)."""
     model = hf_families.random_model(model_type)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
-    scan = hf_mixers.scan_tokens
+    scan, scanned = hf_mixers.scan_tokens, []
+
+    def without_output(*args):
+        scanned.append(True)
+        state, out = scan(*args)
+        return state, out * 0
+
     with torch.no_grad(), Patcher(hf_mixers.mixer_patches(model)):
         logits = model(input_ids=ids).logits
-        monkeypatch.setattr(hf_mixers, "scan_tokens", lambda *args: (lambda s, out: (s, out * 0))(*scan(*args)))
+        monkeypatch.setattr(hf_mixers, "scan_tokens", without_output)
         without = model(input_ids=ids).logits
+    if not scanned:
+        pytest.skip(f"{model_type}'s mixer has no recurrence (a convolution only)")
     assert (logits - without).abs().max() > 1000 * families.get_family("transformers").tolerance
 
 
 def test_every_registered_mixer_is_in_a_tested_hybrid_family():
-    found = {type(m).__name__ for t in hf_families.HYBRID for m in hf_families.random_model(t).modules()}
+    # qwen4_exp_text: its Gated DeltaNet layers export, its indexed attention does not (hf_families.UNSUPPORTED)
+    tested = (*hf_families.HYBRID, "qwen4_exp_text")
+    found = {type(m).__name__ for t in tested for m in hf_families.random_model(t).modules()}
     assert set(hf_mixers.MIXERS) <= found
     for model_type in hf_families.HYBRID:
         assert hf_mixers.mixer_patches(hf_families.random_model(model_type)), f"{model_type}: no mixer to patch"
