@@ -1,12 +1,12 @@
-"""Hybrid MoE families: linear-attention / Mamba token mixers beside attention (exporter/hf_mixers.py).
+"""Hybrid MoE families: linear-attention, Mamba or short-convolution token mixers beside attention
+(exporter/hf_mixers.py), and multimodal wrappers' language models with past.
 
 Each family's tiny random checkpoint exports with dynamic batch and sequence; the with-past graph carries the
-mixers' recurrent states (``past_conv.{i}``, ``past_recurrent.{i}`` / ``past_ssm.{i}``) beside the attention layers'
-KV cache, and greedy decoding on onnxruntime gives transformers' ``generate`` tokens. Logits parity at 1x1, 2x9 and
-3x33 (left padding too) with routing agreement 1.0 is checked for every supported family by
-tests/test_hf_families.py; the families here are also checked by it. One export per family and task on a 2-core
-machine: all but ``EVERY_RUN`` are ``slow``.
-"""
+mixers' states (``past_conv.{i}``, ``past_recurrent.{i}`` / ``past_ssm.{i}``) beside the attention layers' KV cache,
+and greedy decoding on onnxruntime gives transformers' ``generate`` tokens (32, one prompt and a left-padded
+batch). Logits parity at 1x1, 2x9 and 3x33 (left padding too) with routing agreement 1.0 is checked for every
+supported family by tests/test_hf_families.py, these included. One export per family and task on a 2-core
+machine: all but ``EVERY_RUN`` are ``slow``."""
 
 from __future__ import annotations
 
@@ -28,8 +28,13 @@ from moeport.runtime.session import create_session  # noqa: E402
 from test_hf_families import assert_parity  # noqa: E402
 from tiny_hf import PADDED, PROMPT, transformers_generate  # noqa: E402
 
-EVERY_RUN = ("qwen3_5_moe_text",)
-CASES = [pytest.param(t, marks=[] if t in EVERY_RUN else [pytest.mark.slow]) for t in hf_families.HYBRID]
+# The default run exports two: a Gated DeltaNet model with past (the most common hybrid on devices) and a Mamba2
+# model's logits (another recurrence); the rest under -m slow (one export each, 15-50 s on a 2-core machine).
+EVERY_RUN = {"text-generation-with-past": "qwen3_5_moe_text", "logits": "granitemoehybrid"}
+# With past: every hybrid, and multimodal wrappers (their language model's cache, the wrapper's own generate).
+WITH_PAST = (*hf_families.HYBRID, "qwen3_5_moe", "gemma4")
+CASES = [pytest.param(t, marks=[] if t == EVERY_RUN["text-generation-with-past"] else [pytest.mark.slow])
+         for t in WITH_PAST]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +58,9 @@ def hybrid(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("model_type", [t for t in EVERY_RUN])
-def test_hybrid_logits_parity(hybrid, model_type):
-    """The every-run representative (the others: tests/test_hf_families.py under -m slow)."""
-    result, checkpoint, _ = hybrid(model_type, "logits")
+def test_hybrid_logits_parity(hybrid):
+    """The every-run representative (every hybrid: tests/test_hf_families.py under -m slow)."""
+    result, checkpoint, _ = hybrid(EVERY_RUN["logits"], "logits")
     assert result.strategy == "sorted"
     assert_parity(result.output, checkpoint)
 
@@ -71,14 +75,17 @@ def test_hybrid_with_past_generates_like_transformers(hybrid, model_type):
     assert [name for name in inputs if contract.is_cache_input(name)] == [entry.past for entry in layout]
     assert {contract.present_for(entry.past) for entry in layout} <= outputs
     states = [entry for entry in layout if entry.part in contract.STATE_KINDS]
-    assert states and any(entry.part == "key" for entry in layout), "a hybrid's cache has states and KV"
+    assert any(entry.part == "key" for entry in layout)
+    if (hf_families.text_model_type(model_type) or model_type) in hf_families.HYBRID:
+        assert states, "a hybrid's cache has recurrent states beside the KV cache"
     for entry in states:  # fixed shape after a symbolic batch axis
         assert inputs[entry.past][0] == "batch" and inputs[entry.past][1:] == list(entry.shape)
     for prompts in ([PROMPT], PADDED):
         assert generate(result.output, prompts, max_new_tokens=32).token_ids == transformers_generate(model, prompts)
 
 
-@pytest.mark.parametrize("model_type", hf_families.HYBRID)
+@pytest.mark.parametrize("model_type", [pytest.param(t, marks=[] if t in EVERY_RUN.values() else [pytest.mark.slow])
+                                        for t in hf_families.HYBRID])
 def test_the_tiny_models_recurrence_matters(model_type, monkeypatch):
     """The recurrence's share of the tiny model's logits is far above the parity tolerance, so a wrong scan fails
     parity (with the default initializer range some tiny models' recurrence stays below it)."""
@@ -185,7 +192,7 @@ def test_empty_past_gives_zero_states_and_empty_kv():
 
 def test_with_past_graph_refuses_a_state_of_the_wrong_shape(hybrid):
     """A recurrent state's shape is fixed in the graph: onnxruntime rejects another one before running."""
-    result, _, _ = hybrid(EVERY_RUN[0], "text-generation-with-past")
+    result, _, _ = hybrid(EVERY_RUN["text-generation-with-past"], "text-generation-with-past")
     session = create_session(result.output)
     past = empty_past(session.get_inputs(), 1)
     name = next(n for n in past if n.startswith("past_recurrent."))
