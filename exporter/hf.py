@@ -368,6 +368,9 @@ class CausalLMAdapter(nn.Module):
                 elif any(t is not None for t in getattr(layer, "conv_states", {}).values()):
                     raise MoeportError(f"{type(self.model).__name__}: layer {i} keeps a recurrent state that moeport "
                                        "cannot carry between steps yet; export it with --task logits")
+                if torch.is_tensor(getattr(layer, "indexer_keys", None)):
+                    raise MoeportError(f"{type(self.model).__name__}: layer {i} keeps an indexer key cache that "
+                                       "moeport cannot carry between steps yet; export it with --task logits")
             self._cache_layout = layout
         return self._cache_layout
 

@@ -1,28 +1,35 @@
-"""Token mixers of hybrid transformers families (linear attention, Mamba), rewritten so they export.
+"""Token mixers of hybrid transformers families (linear attention, Mamba, short convolutions), rewritten to export.
 
 transformers' reference code for these mixers loops in Python over the tokens, or over chunks of the example's
-length, so ``torch.export`` fixes the sequence axis to the example's size. Here every mixer is two pieces whose
-length follows the input:
+length, so ``torch.export`` fixes the sequence axis to the example's size. Here every mixer is built from two
+pieces whose length follows the input:
 
 - ``causal_conv``: the short depthwise causal convolution, its left context the layer's convolution state
   (zeros without a cache);
 - ``scan_tokens``: the recurrence over the tokens, a ``torch.scan`` while exporting (an ONNX ``Scan`` whose trip
   count is the sequence length), a plain loop over the same step in eager PyTorch.
 
-The same arithmetic as transformers' recurrent (decode) path, so the exported graph agrees with transformers'
-chunked prefill to float32 rounding. Each rewritten forward is installed on its module instance as a ``Patch``
-of ``forward`` (``mixer_patches``), applied for the export and restored after it; the modeling modules' own
-functions are never replaced.
+The arithmetic is transformers' recurrent (decode) path, so the exported graph agrees with transformers' chunked
+prefill to float32 rounding. Mixers: Gated DeltaNet (Qwen3-Next, Qwen3.5-MoE, Qwen4-Exp, Lara-Mini), Kimi Delta
+Attention (Kimi-Linear, Bailing-Hybrid), Mamba2 (Granite-4.0-H), Mamba (Jamba), lightning attention (MiniMax),
+LFM2's gated short convolution; and Qwen4-Exp's QSA indexer (the key selection of its attention layers, without
+its per-query loop). Each is listed in ``MIXERS`` by transformers class name and installed on every module
+instance of that class as a ``Patch`` of ``forward`` (``mixer_patches``), applied for the export and restored
+after it; the modeling modules' own functions are never replaced.
 
-States, as the with-past task carries them (``[batch, ...]``, the layout of transformers' cache):
+States, as the with-past task carries them (``[batch, ...]``, the layout of transformers' cache; the graph's
+names are ``contract.state_past_name``):
 
 - convolution: ``[batch, channels, kernel]``, the last ``kernel`` inputs of the convolution;
-- gated delta rule (Gated DeltaNet, Kimi Delta Attention): ``[batch, value_heads, key_head_dim, value_head_dim]``;
+- delta rule (Gated DeltaNet, Kimi Delta Attention) and lightning attention: ``[batch, heads, key_dim,
+  value_dim]``;
 - Mamba2 SSM: ``[batch, heads, head_dim, state_size]``; Mamba SSM: ``[batch, intermediate, state_size]``.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -62,7 +69,8 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor | None, weight: torch.Tenso
     return _activation(activation)(out), full[..., -kernel:]
 
 
-def scan_tokens(step: Callable, state: torch.Tensor, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_tokens(step: Callable, state: torch.Tensor,
+                sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``step(state, *token slices) -> (state, out)`` over axis 1 of every ``[batch, seq, ...]`` tensor in
     ``sequences``. Returns (final state, outputs ``[batch, seq, ...]``).
 
@@ -235,8 +243,9 @@ class ListStates:
 
 
 def _gdn_projections_fused(self, hidden_states):
-    """Qwen3-Next: ``in_proj_qkvz`` and ``in_proj_ba`` interleave the heads; the module's own reordering splits them.
-    Returns (mixed q|k|v ``[batch, seq, conv_dim]``, z ``[batch, seq, v_heads, dv]``, b, a ``[batch, seq, v_heads]``)."""
+    """Qwen3-Next: ``in_proj_qkvz`` and ``in_proj_ba`` interleave the heads; the module's own reordering splits
+    them. Returns (mixed q|k|v ``[batch, seq, conv_dim]``, z ``[batch, seq, v_heads, dv]``, b, a ``[batch, seq,
+    v_heads]``)."""
     query, key, value, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
                                                                    self.in_proj_ba(hidden_states))
     mixed = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value)], dim=-1)
@@ -398,6 +407,54 @@ def _lightning_forward(self, hidden_states, position_embeddings=None, attention_
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Qwen4-Exp's QSA indexer (beside its Gated DeltaNet): which keys each query of an attention layer may see.
+
+
+def _qsa_indexer_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    """Qwen4-Exp's QSA token selection without loops: ``[batch, 1, seq, keys]`` bool, True where a query may attend.
+
+    Per query the reference groups its visible keys, in order, into blocks of ``compress_ratio``, scores each
+    complete block's pooled key against the query and keeps the ``budget / ratio`` best blocks and the incomplete
+    tail; it loops over rows and queries with ``nonzero()``. Under the causal mask of these layers a query sees a
+    prefix (in key order) of what its row's last query sees, so the blocks are the same for every query of a row:
+    they are pooled once per row, scored by every query at once, and each query picks among the blocks complete
+    within its own prefix (the others score -inf; ``budget / ratio`` extra slots that are never complete let the
+    top-k run with a fixed k even when a query has fewer blocks).
+    """
+    modeling = sys.modules[type(self).__module__]
+    batch, seq, _ = hidden_states.shape
+    ratio, dim = self.compress_ratio, self.index_head_dim
+    full_cos, full_sin = position_embeddings
+    query, raw_keys = torch.split(self.index_qk_proj(hidden_states),
+                                  [self.index_n_heads * dim, self.index_kv_heads * dim], dim=-1)
+    query = self.q_layernorm(query.reshape(batch, seq, -1, dim))
+    query = modeling.apply_rotary_pos_emb(query, cos=full_cos[:, -seq:], sin=full_sin[:, -seq:], unsqueeze_dim=2)
+    raw_keys = raw_keys.reshape(batch, seq, -1, dim).squeeze(2)
+    if cache is not None:
+        raw_keys = cache.update_indexer(raw_keys, self.layer_idx)
+    visible = (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)[:, 0]  # [b, q, k]
+    keys = visible.shape[-1]
+    row = visible[:, -1]  # what the row's last query sees [b, k]
+    rank = row.long().cumsum(-1) - 1  # a visible key's place among them
+    complete = visible.long().sum(-1) // ratio  # complete blocks in each query's prefix [b, q]
+    slots = keys // ratio + self.block_topk
+    block = torch.where(row, rank // ratio, slots - 1)  # invisible keys: a slot that is never complete
+    member = (block.unsqueeze(-1) == torch.arange(slots, device=block.device)) & row.unsqueeze(-1)  # [b, k, slots]
+    pooled = self.k_layernorm((member.float().transpose(1, 2) @ raw_keys.float() / ratio).to(raw_keys.dtype))
+    first = member & (rank % ratio == 0).unsqueeze(-1)  # each block's first key
+    start = (first.long() * torch.arange(keys, device=block.device).unsqueeze(-1)).sum(1)  # [b, slots]
+    cos, sin = (t.gather(1, start.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in (full_cos, full_sin))
+    block_keys = modeling.apply_rotary_pos_emb(pooled.unsqueeze(2), cos=cos, sin=sin, unsqueeze_dim=2).squeeze(2)
+    scores = torch.relu(torch.einsum("bqhd,bsd->bqhs", query.float(), block_keys.float())).sum(2) / math.sqrt(dim)
+    valid = torch.arange(slots, device=block.device) < complete.unsqueeze(-1)  # [b, q, slots]
+    best = scores.masked_fill(~valid, float("-inf")).topk(self.block_topk, dim=-1).indices
+    chosen = torch.zeros_like(valid).scatter(-1, best, True) & valid
+    in_chosen = chosen.gather(-1, block.unsqueeze(1).expand(-1, seq, -1))  # [b, q, k]
+    tail = rank.unsqueeze(1) >= (complete * ratio).unsqueeze(-1)
+    return (visible & (in_chosen | tail)).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The registry: transformers mixer class name -> its export forward and what its states are called.
 
 
@@ -408,7 +465,7 @@ class Mixer:
     ``contract.STATE_KINDS`` kind each)."""
 
     forward: Callable
-    states: LayerStates | ListStates = LayerStates()
+    states: LayerStates | ListStates | None = LayerStates()
 
 
 _GDN_FUSED, _GDN_SPLIT = _gated_delta_net(_gdn_projections_fused), _gated_delta_net(_gdn_projections_split)
@@ -423,6 +480,8 @@ MIXERS: dict[str, Mixer] = {
     "JambaMambaMixer": Mixer(_mamba_forward, LayerStates(recurrent="ssm")),
     "MiniMaxLightningAttention": Mixer(_lightning_forward, ListStates()),
     "Lfm2MoeShortConv": Mixer(_short_conv_forward),
+    # Not a token mixer: the key selection of Qwen4-Exp's attention layers; no state of its own.
+    "Qwen4ExpTextQSAIndexer": Mixer(_qsa_indexer_forward, states=None),
 }
 
 
@@ -432,7 +491,8 @@ def mixer_of(module: nn.Module) -> Mixer | None:
 
 def state_stores(model: nn.Module) -> dict[int, LayerStates | ListStates]:
     """Layer index -> where that layer's mixer keeps its states, for the registered mixers of ``model``."""
-    return {module.layer_idx: mixer.states for module in model.modules() if (mixer := mixer_of(module)) is not None}
+    return {module.layer_idx: mixer.states for module in model.modules()
+            if (mixer := mixer_of(module)) is not None and mixer.states is not None}
 
 
 def mixer_patches(model: nn.Module) -> list[Patch]:

@@ -233,8 +233,8 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
             ATTENTION_MASK: {0: batch, 1: torch.export.Dim.AUTO},  # past_sequence + sequence
             POSITION_IDS: {0: batch, 1: sequence},
             # A KV cache grows along its past axis; a recurrent state has a fixed shape after the batch.
-            "past_key_values": [{0: batch, **({1 + entry.shape.index(None): past_sequence} if None in entry.shape else {})}
-                                for entry in layout],
+            "past_key_values": [{0: batch, **({1 + entry.shape.index(None): past_sequence}
+                                              if None in entry.shape else {})} for entry in layout],
         },
         input_names=names,
         output_names=outputs,

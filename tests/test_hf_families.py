@@ -189,6 +189,20 @@ def test_recorded_export_failure_still_holds(hf_export, model_type):
     assert any(entry.match in message for message in messages), messages
 
 
+LIMIT_CASES = [pytest.param(t, i, id=f"{t}-{i}") for t in DISCOVERED for i in range(len(hf_families.limits(t)))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,index", LIMIT_CASES)
+def test_recorded_limit_still_holds(tmp_path, model_type, index):
+    limit = hf_families.limits(model_type)[index]
+    hf_families.random_model(model_type, **limit.options).save_pretrained(tmp_path / "checkpoint")
+    with pytest.raises(Exception) as failure:
+        export_checkpoint(tmp_path / "checkpoint", tmp_path / "model.onnx", task=limit.task)
+    messages = [str(failure.value)] + [str(cause) for cause in _causes(failure.value)]
+    assert any(limit.match in message for message in messages), messages
+
+
 def _causes(exc: BaseException):
     while (exc := exc.__cause__ or exc.__context__) is not None:
         yield exc

@@ -31,8 +31,10 @@ from tiny_hf import PADDED, PROMPT, transformers_generate  # noqa: E402
 # The default run exports two: a Gated DeltaNet model with past (the most common hybrid on devices) and a Mamba2
 # model's logits (another recurrence); the rest under -m slow (one export each, 15-50 s on a 2-core machine).
 EVERY_RUN = {"text-generation-with-past": "qwen3_5_moe_text", "logits": "granitemoehybrid"}
-# With past: every hybrid, and multimodal wrappers (their language model's cache, the wrapper's own generate).
-WITH_PAST = (*hf_families.HYBRID, "qwen3_5_moe", "gemma4")
+# With past: every hybrid that has it (hf_families.LIMITS), and multimodal wrappers (their language model's cache,
+# the wrapper's own generate).
+WITH_PAST = [t for t in (*hf_families.HYBRID, "qwen3_5_moe", "gemma4")
+             if not any(limit.task == "text-generation-with-past" for limit in hf_families.limits(t))]
 CASES = [pytest.param(t, marks=[] if t == EVERY_RUN["text-generation-with-past"] else [pytest.mark.slow])
          for t in WITH_PAST]
 
@@ -108,9 +110,7 @@ def test_the_tiny_models_recurrence_matters(model_type, monkeypatch):
 
 
 def test_every_registered_mixer_is_in_a_tested_hybrid_family():
-    # qwen4_exp_text: its Gated DeltaNet layers export, its indexed attention does not (hf_families.UNSUPPORTED)
-    tested = (*hf_families.HYBRID, "qwen4_exp_text")
-    found = {type(m).__name__ for t in tested for m in hf_families.random_model(t).modules()}
+    found = {type(m).__name__ for t in hf_families.HYBRID for m in hf_families.random_model(t).modules()}
     assert set(hf_mixers.MIXERS) <= found
     for model_type in hf_families.HYBRID:
         assert hf_mixers.mixer_patches(hf_families.random_model(model_type)), f"{model_type}: no mixer to patch"
