@@ -34,7 +34,7 @@ from torch import nn
 
 from moeport.errors import MoeportError
 from moeport.exporter import families, hf_mixers
-from moeport.contract import (STATE_KINDS, MoELayerInfo, past_name, present_name, state_past_name,
+from moeport.contract import (INDEXER_KEY, STATE_KINDS, MoELayerInfo, past_name, present_name, state_past_name,
                               state_present_name)
 from moeport.exporter.families import FamilySpec, LoadedModel, register_family
 from moeport.exporter.patching import Patch
@@ -277,8 +277,9 @@ def export_patches(adapter: nn.Module) -> list[Patch]:
 @dataclass(frozen=True)
 class CacheTensor:
     """One cache tensor of a with-past graph: its input and output names, the model layer it belongs to, its part
-    (``key``, ``value`` or a ``contract.STATE_KINDS`` kind) and its shape after the batch axis, ``None`` at the
-    axis that grows by each step's tokens (a KV cache's sequence; a recurrent state has a fixed shape)."""
+    (``key``, ``value``, ``contract.INDEXER_KEY`` or a ``contract.STATE_KINDS`` kind) and its shape after the batch
+    axis, ``None`` at the axis that grows by each step's tokens (a KV cache's sequence; a recurrent state has a
+    fixed shape)."""
 
     past: str
     present: str
@@ -303,6 +304,7 @@ class CausalLMAdapter(nn.Module):
         self.experts_paths = [name for name, m in model.named_modules() if is_experts_module(m)]
         self._cache_layout: list[CacheTensor] | None = None
         self._cache_class = None  # the model's own cache class, found by cache_layout()
+        self._position_history: tuple[int, int] | None = None  # (layer, position dims) of indexed positions
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         records: list = []
@@ -328,8 +330,17 @@ class CausalLMAdapter(nn.Module):
         for entry in layout:
             if entry.part == "key":
                 cache.update(given[entry.layer, "key"], given[entry.layer, "value"], entry.layer)
+            elif entry.part == INDEXER_KEY:
+                cache.layers[entry.layer].update_indexer(given[entry.layer, entry.part])
             elif entry.part in STATE_KINDS:
                 stores[entry.layer].seed(cache, entry.layer, entry.part, given[entry.layer, entry.part])
+        if self._position_history is not None:
+            # The indexer ropes every cached key at its own position, which the model keeps beside the cache: the
+            # past positions, as the mask gives them (what generate fed: unmasked tokens counted, padding at 1).
+            layer, dims = self._position_history
+            past_positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            past_positions = past_positions[:, :attention_mask.shape[1] - input_ids.shape[1]]
+            cache.layers[layer].indexer_position_ids = past_positions.unsqueeze(0).expand(dims, -1, -1)
         records: list = []
         with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -348,8 +359,9 @@ class CausalLMAdapter(nn.Module):
         return cache_class()
 
     def cache_layout(self) -> list["CacheTensor"]:
-        """The cache tensors of one decoder step, layer by layer (key and value of an attention layer, then the
-        states of a linear-attention / Mamba layer), read from one probe forward the first time it is asked."""
+        """The cache tensors of one decoder step, layer by layer (key and value of an attention layer and its
+        indexer's keys, or the states of a linear-attention / Mamba / convolution layer), read from one probe forward
+        the first time it is asked. A layer state that no registered mixer carries is a user error."""
         if self._cache_layout is None:
             with torch.no_grad():
                 probe = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values
@@ -368,9 +380,13 @@ class CausalLMAdapter(nn.Module):
                 elif any(t is not None for t in getattr(layer, "conv_states", {}).values()):
                     raise MoeportError(f"{type(self.model).__name__}: layer {i} keeps a recurrent state that moeport "
                                        "cannot carry between steps yet; export it with --task logits")
-                if torch.is_tensor(getattr(layer, "indexer_keys", None)):
-                    raise MoeportError(f"{type(self.model).__name__}: layer {i} keeps an indexer key cache that "
-                                       "moeport cannot carry between steps yet; export it with --task logits")
+                indexer_keys = getattr(layer, "indexer_keys", None)
+                if torch.is_tensor(indexer_keys):
+                    layout.append(CacheTensor(past_name(i, INDEXER_KEY), present_name(i, INDEXER_KEY), i, INDEXER_KEY,
+                                              (None, indexer_keys.shape[-1])))
+                positions = getattr(layer, "indexer_position_ids", None)
+                if torch.is_tensor(positions) and self._position_history is None:
+                    self._position_history = (i, positions.shape[0])
             self._cache_layout = layout
         return self._cache_layout
 

@@ -419,7 +419,8 @@ def _qsa_indexer_forward(self, hidden_states, position_embeddings, attention_mas
     prefix (in key order) of what its row's last query sees, so the blocks are the same for every query of a row:
     they are pooled once per row, scored by every query at once, and each query picks among the blocks complete
     within its own prefix (the others score -inf; ``budget / ratio`` extra slots that are never complete let the
-    top-k run with a fixed k even when a query has fewer blocks).
+    top-k run with a fixed k even when a query has fewer blocks). Blocks that score exactly the same (a zero query)
+    are a tie the reference's top-k breaks in no defined order; onnxruntime's TopK keeps the first.
     """
     modeling = sys.modules[type(self).__module__]
     batch, seq, _ = hidden_states.shape

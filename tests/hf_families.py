@@ -112,12 +112,13 @@ OVERRIDES: dict[str, dict] = {
     "minimax": _HYBRID,  # its tiny layers: attention, lightning attention
     "qwen3_5_moe_text": {**_GATED_DELTANET, **_LINEAR_THEN_ATTENTION},
     "qwen3_next": {**_GATED_DELTANET, **_LINEAR_THEN_ATTENTION},
-    # A Gated DeltaNet layer, then an attention layer with its QSA indexer (as Qwen4-Exp configs have it); 8 index
-    # heads, as with 2 a block's relu-summed score is exactly 0 for about a quarter of the blocks, and the
-    # reference's top-k breaks those ties its own way.
+    # A Gated DeltaNet layer, then an attention layer with its QSA indexer (as Qwen4-Exp configs have it). The
+    # indexer's block scores must not tie, as the reference's top-k (torch on CPU) breaks ties in no defined order:
+    # 16 index heads (with 2, a block's relu-summed score is exactly 0 for about a quarter of the blocks), and no
+    # padding token (its embedding row would be zero, and so would the query of a generated padding token).
     "qwen4_exp_text": {**_GATED_DELTANET, "layer_types": ["linear_attention", "indexed_attention"],
-                       "indexer_n_heads": 8, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 4,
-                       "indexer_compress_ratio": 2},
+                       "indexer_n_heads": 16, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 4,
+                       "indexer_compress_ratio": 2, "pad_token_id": None},
     "zaya": {"num_experts_per_tok": 1},
 }
 
@@ -194,8 +195,6 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
               "`cummax`, which has no ONNX translation", {"ple_layer_ids": [1], "eos_token_id": 2,
                                                          "ngram_vocab_size_base": 256, "split_ngram_parts": 1},
               "logits", "aten.cummax"),
-        Limit("no `text-generation-with-past` yet: its QSA indexer keeps a key cache (and the past positions) that "
-              "the graph does not carry", {}, "text-generation-with-past", "keeps an indexer key cache"),
     ),
 }
 

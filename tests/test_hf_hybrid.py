@@ -23,6 +23,7 @@ from moeport.exporter import families, hf_mixers, strategies  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.exporter.hf import CausalLMAdapter  # noqa: E402
 from moeport.exporter.patching import Patcher  # noqa: E402
+from moeport.errors import MoeportError  # noqa: E402
 from moeport.runtime.generate import decoder_feeds, empty_past, generate  # noqa: E402
 from moeport.runtime.session import create_session  # noqa: E402
 from test_hf_families import assert_parity  # noqa: E402
@@ -33,7 +34,7 @@ from tiny_hf import PADDED, PROMPT, transformers_generate  # noqa: E402
 EVERY_RUN = {"text-generation-with-past": "qwen3_5_moe_text", "logits": "granitemoehybrid"}
 # With past: every hybrid that has it (hf_families.LIMITS), and multimodal wrappers (their language model's cache,
 # the wrapper's own generate).
-WITH_PAST = [t for t in (*hf_families.HYBRID, "qwen3_5_moe", "gemma4")
+WITH_PAST = [t for t in (*hf_families.HYBRID, "qwen3_5_moe", "qwen4_exp", "gemma4")
              if not any(limit.task == "text-generation-with-past" for limit in hf_families.limits(t))]
 CASES = [pytest.param(t, marks=[] if t == EVERY_RUN["text-generation-with-past"] else [pytest.mark.slow])
          for t in WITH_PAST]
@@ -199,3 +200,13 @@ def test_with_past_graph_refuses_a_state_of_the_wrong_shape(hybrid):
     past[name] = np.zeros((1, *np.array(past[name].shape[1:]) + 1), dtype=np.float32)
     with pytest.raises(Exception, match="dimension|Got invalid dimensions"):
         session.run(None, decoder_feeds(np.ones((1, 2), np.int64), np.array([[1, 2]]), past))
+
+
+def test_a_state_no_mixer_carries_is_refused_in_one_line(monkeypatch):
+    """A layer whose state moeport does not know how to carry refuses the with-past task instead of exporting a
+    graph that forgets it."""
+    monkeypatch.delitem(hf_mixers.MIXERS, "Lfm2MoeShortConv")
+    adapter = CausalLMAdapter(hf_families.random_model("lfm2_moe"))
+    with pytest.raises(MoeportError, match="Lfm2MoeForCausalLM: layer 0 keeps a recurrent state that moeport cannot "
+                                           "carry between steps yet; export it with --task logits"):
+        adapter.cache_layout()

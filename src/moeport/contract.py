@@ -41,6 +41,9 @@ QUANTIZATION_KEY = "quantization"
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 ROUTING_PARTS = ("experts", "weights")
 KV_PARTS = ("key", "value")
+# An attention layer with a token indexer (Qwen4-Exp's QSA) also caches the indexer's keys:
+# ``past_key_values.{i}.indexer_key [batch, past_sequence, index_head_dim]`` -> ``present.{i}.indexer_key``.
+INDEXER_KEY = "indexer_key"
 
 # Two experts whose selection scores are closer than this are a tie: torch and onnxruntime may break it
 # differently (both correctly), and everything downstream of that token then differs.
@@ -53,7 +56,7 @@ def routing_name(label: str, part: str) -> str:
 
 
 def past_name(layer: int, part: str) -> str:
-    """``past_key_values.{layer}.{part}``, ``part`` in ``KV_PARTS``: a KV-cache input."""
+    """``past_key_values.{layer}.{part}``, ``part`` in ``KV_PARTS`` or ``INDEXER_KEY``: a KV-cache input."""
     return f"past_key_values.{layer}.{part}"
 
 
