@@ -34,7 +34,7 @@ from tiny_hf import PADDED, PROMPT, transformers_generate  # noqa: E402
 EVERY_RUN = {"text-generation-with-past": "qwen3_5_moe_text", "logits": "granitemoehybrid"}
 # With past: every hybrid that has it (hf_families.LIMITS), and multimodal wrappers (their language model's cache,
 # the wrapper's own generate).
-WITH_PAST = [t for t in (*hf_families.HYBRID, "qwen3_5_moe", "qwen4_exp", "gemma4")
+WITH_PAST = [t for t in (*hf_families.HYBRID, "qwen3_5_moe", "qwen4_exp", "gemma4", "dots3_note")
              if not any(limit.task == "text-generation-with-past" for limit in hf_families.limits(t))]
 CASES = [pytest.param(t, marks=[] if t == EVERY_RUN["text-generation-with-past"] else [pytest.mark.slow])
          for t in WITH_PAST]
@@ -90,8 +90,9 @@ def test_hybrid_with_past_generates_like_transformers(hybrid, model_type):
 @pytest.mark.parametrize("model_type", [pytest.param(t, marks=[] if t in EVERY_RUN.values() else [pytest.mark.slow])
                                         for t in hf_families.HYBRID])
 def test_the_tiny_models_recurrence_matters(model_type, monkeypatch):
-    """The recurrence's share of the tiny model's logits is far above the parity tolerance, so a wrong scan fails
-    parity (with the default initializer range some tiny models' recurrence stays below it)."""
+    """The recurrence's share of the tiny model's logits is far above the parity tolerance, so a scan wrong by more
+    than a percent of it fails parity (with the default initializer range some tiny models' share stays below the
+    tolerance)."""
     model = hf_families.random_model(model_type)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
     scan, scanned = hf_mixers.scan_tokens, []
@@ -107,7 +108,7 @@ def test_the_tiny_models_recurrence_matters(model_type, monkeypatch):
         without = model(input_ids=ids).logits
     if not scanned:
         pytest.skip(f"{model_type}'s mixer has no recurrence (a convolution only)")
-    assert (logits - without).abs().max() > 1000 * families.get_family("transformers").tolerance
+    assert (logits - without).abs().max() > 100 * families.get_family("transformers").tolerance
 
 
 def test_every_registered_mixer_is_in_a_tested_hybrid_family():
