@@ -127,18 +127,21 @@ def _trace(graph: tasks.TaskGraph, opset: int):
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not actionable here
         # One Dim object shared by several inputs is the intent, not a conflict.
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
-        program = torch.onnx.export(
-            graph.module,
-            graph.args,
-            dynamo=True,
-            input_names=graph.input_names,
-            output_names=graph.output_names,
-            opset_version=opset,
-            dynamic_shapes=graph.dynamic_shapes,
-            custom_translation_table=strategies.translation_table(),
-            optimize=True,
-            verbose=False,
-        )
+        # Without autograd: the exporter's passes otherwise take a scan (hybrid mixers' recurrence over the tokens)
+        # whose inputs need gradients through its training path, which fails on the symbolic batch size.
+        with torch.no_grad():
+            program = torch.onnx.export(
+                graph.module,
+                graph.args,
+                dynamo=True,
+                input_names=graph.input_names,
+                output_names=graph.output_names,
+                opset_version=opset,
+                dynamic_shapes=graph.dynamic_shapes,
+                custom_translation_table=strategies.translation_table(),
+                optimize=True,
+                verbose=False,
+            )
     model = program.model  # onnx_ir.Model
     import onnx_ir as ir
 

@@ -24,6 +24,7 @@ import inspect
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,8 +33,9 @@ import torch
 from torch import nn
 
 from moeport.errors import MoeportError
-from moeport.exporter import families
-from moeport.contract import MoELayerInfo
+from moeport.exporter import families, hf_mixers
+from moeport.contract import (INDEXER_KEY, STATE_KINDS, MoELayerInfo, past_name, present_name, state_past_name,
+                              state_present_name)
 from moeport.exporter.families import FamilySpec, LoadedModel, register_family
 from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
@@ -267,8 +269,23 @@ def _real_rope_patches(model: nn.Module) -> list[Patch]:
 
 
 def export_patches(adapter: nn.Module) -> list[Patch]:
-    """What a transformers model needs patched while it is exported: the complex-RoPE families' rotary."""
-    return _real_rope_patches(adapter.model)
+    """What a transformers model needs patched while it is exported: the complex-RoPE families' rotary, and the
+    token mixers of hybrid families (linear attention, Mamba) in a form whose sequence length stays dynamic."""
+    return _real_rope_patches(adapter.model) + hf_mixers.mixer_patches(adapter.model)
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    """One cache tensor of a with-past graph: its input and output names, the model layer it belongs to, its part
+    (``key``, ``value``, ``contract.INDEXER_KEY`` or a ``contract.STATE_KINDS`` kind) and its shape after the batch
+    axis, ``None`` at the axis that grows by each step's tokens (a KV cache's sequence; a recurrent state has a
+    fixed shape)."""
+
+    past: str
+    present: str
+    layer: int
+    part: str
+    shape: tuple[int | None, ...]
 
 
 class CausalLMAdapter(nn.Module):
@@ -285,6 +302,9 @@ class CausalLMAdapter(nn.Module):
         self.config = model.config
         self.experts = [m for m in model.modules() if is_experts_module(m)]
         self.experts_paths = [name for name, m in model.named_modules() if is_experts_module(m)]
+        self._cache_layout: list[CacheTensor] | None = None
+        self._cache_class = None  # the model's own cache class, found by cache_layout()
+        self._position_history: tuple[int, int] | None = None  # (layer, position dims) of indexed positions
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         records: list = []
@@ -292,41 +312,91 @@ class CausalLMAdapter(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits, [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
 
-    def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor],
-             shared_buffer: bool = False):
-        """One decoder step with a KV cache (see ``exporter.tasks``): returns (logits [batch, seq, vocab],
-        presents [key_0, value_0, key_1, ...] each [batch, kv_heads, past + seq, head_dim], routing).
+    def step(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor], shared_buffer: bool = False):
+        """One decoder step with a cache (see ``exporter.tasks``). ``past``: one tensor per ``cache_layout()``
+        entry, in its order (a KV cache ``[batch, kv_heads, past_sequence, head_dim]``, a recurrent state of its
+        fixed shape). Returns (logits [batch, seq, vocab], presents in the same order -- KV caches
+        ``[batch, kv_heads, past_sequence + seq, head_dim]``, the states after the step's tokens --, routing).
 
-        ``shared_buffer``: the past tensors are fixed-length buffers ``[batch, kv_heads, max_seq, head_dim]``
+        ``shared_buffer``: the KV tensors are fixed-length buffers ``[batch, kv_heads, max_seq, head_dim]``
         holding ``attention_mask.shape[1] - seq`` tokens; the new ones are written after them and the presents
         are the whole buffers (contract ``KV_CACHE_SHARED``)."""
-        from transformers import Cache, DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        if shared_buffer:
-            past_length = attention_mask.shape[1] - input_ids.shape[1]
-            layer = _buffer_layer_class()
-            cache = Cache(layers=[layer(past_key_values[2 * i], past_key_values[2 * i + 1], past_length)
-                                  for i in range(len(past_key_values) // 2)])
-        else:
-            # Full-length layers for every attention type: a sliding-window layer crops the cache with a Python
-            # comparison on its length, which torch.export turns into a guard (past_sequence < window) that fails
-            # the export. Sliding layers still see only their window: the attention mask applies it.
-            cache = DynamicCache()
-            for i in range(len(past_key_values) // 2):
-                cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+        layout = self.cache_layout()
+        stores = hf_mixers.state_stores(self.model)
+        cache = self._new_cache()
+        # A sliding-window layer keeps the whole past here, as the graph's KV inputs and outputs grow by the
+        # step's tokens (a cropped one would cut the past axis at the window, a length the trace cannot know);
+        # the sliding-window mask still limits what each token sees.
+        cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+        given = {(entry.layer, entry.part): tensor for entry, tensor in zip(layout, past)}
+        past_length = attention_mask.shape[1] - input_ids.shape[1]
+        for entry in layout:
+            if entry.part == "key" and shared_buffer:
+                cache.layers[entry.layer] = _buffer_layer_class()(given[entry.layer, "key"],
+                                                                  given[entry.layer, "value"], past_length)
+            elif entry.part == "key":
+                cache.update(given[entry.layer, "key"], given[entry.layer, "value"], entry.layer)
+            elif entry.part == INDEXER_KEY:
+                cache.layers[entry.layer].update_indexer(given[entry.layer, entry.part])
+            elif entry.part in STATE_KINDS:
+                stores[entry.layer].seed(cache, entry.layer, entry.part, given[entry.layer, entry.part])
+        if self._position_history is not None:
+            # The indexer ropes every cached key at its own position, which the model keeps beside the cache: the
+            # past positions, as the mask gives them (what generate fed: unmasked tokens counted, padding at 1).
+            layer, dims = self._position_history
+            past_positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            past_positions = past_positions[:, :past_length]
+            cache.layers[layer].indexer_position_ids = past_positions.unsqueeze(0).expand(dims, -1, -1)
         records: list = []
         with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        presents = [stores[entry.layer].get(cache, entry.layer, entry.part) if entry.part in STATE_KINDS
+                    else getattr(cache.layers[entry.layer], f"{entry.part}s") for entry in layout]
         routing = [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
         return out.logits, presents, routing
 
-    def cache_shapes(self) -> list[tuple[int, int]]:
-        """(kv_heads, head_dim) of every cache tensor, key then value per layer, from a probe forward."""
-        with torch.no_grad():
-            out = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
-        return [(t.shape[1], t.shape[3]) for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    def _new_cache(self):
+        """An empty cache of the class the model makes for itself (transformers' ``DynamicCache`` laid out by the
+        config; MiniMax's own)."""
+        cache_class = self._cache_class
+        if "config" in inspect.signature(cache_class).parameters:
+            return cache_class(config=self.config)
+        return cache_class()
+
+    def cache_layout(self) -> list["CacheTensor"]:
+        """The cache tensors of one decoder step, layer by layer (key and value of an attention layer and its
+        indexer's keys, or the states of a linear-attention / Mamba / convolution layer), read from one probe forward
+        the first time it is asked. A layer state that no registered mixer carries is a user error."""
+        if self._cache_layout is None:
+            with torch.no_grad():
+                probe = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values
+            self._cache_class = type(probe)
+            stores = hf_mixers.state_stores(self.model)
+            layout = []
+            for i in range(len(probe)):
+                layer = probe.layers[i] if i < len(probe.layers) else None
+                if getattr(layer, "keys", None) is not None:
+                    layout += [CacheTensor(past_name(i, part), present_name(i, part), i, part,
+                                           (tensor.shape[1], None, tensor.shape[3]))
+                               for part, tensor in (("key", layer.keys), ("value", layer.values))]
+                if i in stores:
+                    layout += [CacheTensor(state_past_name(i, kind), state_present_name(i, kind), i, kind,
+                                           tuple(tensor.shape[1:])) for kind, tensor in stores[i].found(probe, i)]
+                elif any(t is not None for t in getattr(layer, "conv_states", {}).values()):
+                    raise MoeportError(f"{type(self.model).__name__}: layer {i} keeps a recurrent state that moeport "
+                                       "cannot carry between steps yet; export it with --task logits")
+                indexer_keys = getattr(layer, "indexer_keys", None)
+                if torch.is_tensor(indexer_keys):
+                    layout.append(CacheTensor(past_name(i, INDEXER_KEY), present_name(i, INDEXER_KEY), i, INDEXER_KEY,
+                                              (None, indexer_keys.shape[-1])))
+                positions = getattr(layer, "indexer_position_ids", None)
+                if torch.is_tensor(positions) and self._position_history is None:
+                    self._position_history = (i, positions.shape[0])
+            self._cache_layout = layout
+        return self._cache_layout
 
     def moe_layers(self) -> list[nn.Module]:
         return self.experts
@@ -420,6 +490,53 @@ def _has_safetensors(path: Path) -> bool:
     return any(path.glob("*.safetensors"))
 
 
+def _text_config(config):
+    """The language model's config of a multimodal wrapper config (a ``text_config`` among its sub-configs, of a
+    model_type that has its own causal LM), else None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if "text_config" not in (getattr(config, "sub_configs", None) or {}):
+        return None
+    text = config.get_text_config(decoder=True)
+    return text if text is not config and text.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+
+
+def _language_model(config, path: Path):
+    """``(config, key_mapping)`` to load the causal LM of the checkpoint in ``path`` from.
+
+    A multimodal wrapper checkpoint (Qwen3.5-MoE, Gemma 4 ... ``*ForConditionalGeneration``) keeps its language
+    model's weights under a prefix of its own (``model.language_model.``) beside the vision / audio towers. Its
+    language model is loaded alone, text-only: its text config, and the prefix found from the weight names
+    themselves (the one under which the text model's own weights all are) mapped onto the text model's. The
+    towers' weights are left unread. Any other checkpoint: its own config and no mapping.
+    """
+    text = _text_config(config)
+    if text is None:
+        return config, None
+    # The wrapper ties its output embedding by its own flag (its checkpoint then has no lm_head); the language
+    # model loaded alone must do as the wrapper did.
+    text.tie_word_embeddings = getattr(config, "tie_word_embeddings", text.tie_word_embeddings)
+    transformers = _transformers()
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MoeportError(f"{path} is a multimodal {config.model_type} checkpoint with pickle weights only; convert "
+                           "them to safetensors to export its language model")
+    stored: set[str] = set()
+    for file in files:
+        with safe_open(file, "pt") as weights:
+            stored.update(weights.keys())
+    with torch.device("meta"):
+        wanted = transformers.AutoModelForCausalLM.from_config(text)
+    base = wanted.base_model_prefix + "."
+    names = [name[len(base):] for name in wanted.state_dict() if name.startswith(base)]
+    # Every prefix under which the first weight of the text model is stored, ranked by how many of its weights it holds.
+    prefixes = {key[:-len(names[0])] for key in stored if key.endswith(names[0])}
+    prefix = max(prefixes, key=lambda p: (sum(p + name in stored for name in names), p == base), default=base)
+    return text, None if prefix == base else {f"^{re.escape(prefix)}": base}
+
+
 def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
     """Load a transformers causal LM from a local directory: offline, no remote code, float32, eager."""
     transformers = _transformers()
@@ -440,12 +557,14 @@ def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.M
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise load_error(path, exc) from exc
+    config, key_mapping = _language_model(config, path)
     check_sizes(config.to_dict(), path / "config.json")
     config._experts_implementation = "eager"
     try:
         with quiet_loading():
             model, loading = transformers.AutoModelForCausalLM.from_pretrained(
-                path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                path, config=config, key_mapping=key_mapping, local_files_only=True, trust_remote_code=False,
+                dtype=torch.float32,
                 use_safetensors=not trust_pickle or _has_safetensors(path), attn_implementation="eager",
                 # Missing weights would be silently random-initialised, mismatched ones raise a RuntimeError
                 # that points at the logged table: get both back as data and refuse them below.
@@ -484,7 +603,9 @@ def _matches(config: dict) -> bool:
         transformers = _transformers()
     except MoeportError:
         return True  # say "install transformers" rather than "unknown family"
-    return config["model_type"] in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    causal_lms = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    text = config.get("text_config")
+    return config["model_type"] in causal_lms or (isinstance(text, dict) and text.get("model_type") in causal_lms)
 
 
 def load(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:

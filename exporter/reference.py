@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeport.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, model_info, past_names, present_names
+from moeport.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, model_info
 from moeport.exporter import families
 from moeport.runtime.verify import VerifyReport, verify
 from moeport.samples.checkpoint import checkpoint_hash
@@ -24,8 +24,8 @@ class CheckpointReference:
 
     ``outputs(feeds)`` takes the feeds of either task: ``input_ids [batch, seq]`` (+ ``attention_mask``) for
     ``logits`` models, or a decoder step (``input_ids``, ``attention_mask [batch, past + seq]``,
-    ``position_ids``, ``past_key_values.{i}.key|value``) for ``text-generation-with-past`` models, which
-    also returns ``present.{i}.key|value``.
+    ``position_ids``, the cache inputs ``past_key_values.{i}.key|value`` / ``past_{kind}.{i}``) for
+    ``text-generation-with-past`` models, which also returns the presents.
     """
 
     def __init__(self, loaded: families.LoadedModel, source: Path, source_sha256: str):
@@ -44,12 +44,11 @@ class CheckpointReference:
         if POSITION_IDS not in feeds:
             return families.reference_outputs(self.loaded, feeds)
         tensors = {name: torch.from_numpy(array) for name, array in feeds.items()}
-        layers = sum(name.startswith("past_key_values.") for name in feeds) // 2
-        past = [tensors[name] for name in past_names(layers)]
+        layout = self.loaded.model.cache_layout()
         with torch.no_grad():
             logits, presents, routing = self.loaded.model.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
-                                                               tensors[POSITION_IDS], past)
-        return {LOGITS: logits.numpy(), **dict(zip(present_names(len(presents) // 2), (p.numpy() for p in presents))),
+                                                               tensors[POSITION_IDS], [tensors[e.past] for e in layout])
+        return {LOGITS: logits.numpy(), **{entry.present: p.numpy() for entry, p in zip(layout, presents)},
                 **families.routing_arrays(self.info, routing)}
 
     def margins(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -7,13 +7,14 @@
   names of the Optimum / transformers.js convention: ``input_ids [batch, sequence]``,
   ``attention_mask [batch, past_sequence + sequence]``, ``position_ids [batch, sequence]``,
   ``past_key_values.{i}.key|value [batch, kv_heads, past_sequence, head_dim]`` -> ``logits``,
-  ``present.{i}.key|value [batch, kv_heads, past_sequence + sequence, head_dim]``. Prefill feeds an empty
-  past (``past_sequence = 0``); the past's kv_heads and head_dim axes are left free (contract
-  ``PAST_KV_HEADS_AXIS``) so that a runtime building that empty past from its own reading of config.json
-  cannot trip over them. ``uniform_kv=True`` (what deployable folders use) stores every value cache with its
-  key's head size, zero-padded (multi-head latent attention has value heads narrower than key heads; the
-  runtime that allocates presents itself, onnxruntime-genai, gives values the key's shape).
-  ``kv_cache="shared"``: past and present are one fixed-length buffer written in place (contract
+  ``present.{i}.key|value [batch, kv_heads, past_sequence + sequence, head_dim]``; a hybrid model's
+  linear-attention / Mamba layers carry their recurrent states instead, ``past_{kind}.{i}`` -> ``present_{kind}.{i}``
+  of a fixed shape (``contract.STATE_KINDS``). Prefill feeds an empty past (``past_sequence = 0``, zero states);
+  the past's kv_heads and head_dim axes are left free (contract ``PAST_KV_HEADS_AXIS``) so that a runtime building
+  that empty past from its own reading of config.json cannot trip over them. ``uniform_kv=True`` (what deployable
+  folders use) stores every value cache with its key's head size, zero-padded (multi-head latent attention has
+  value heads narrower than key heads; the runtime that allocates presents itself, onnxruntime-genai, gives values
+  the key's shape). ``kv_cache="shared"``: past and present are one fixed-length buffer written in place (contract
   ``KV_CACHE_SHARED``; onnxruntime-genai's ``past_present_share_buffer``). transformers models only.
 
 One registry, like the others; a task says why it does not apply to a model instead of failing later.
@@ -21,6 +22,7 @@ One registry, like the others; a task says why it does not apply to a model inst
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_CONCAT, KV_CACHE_SHARED, KV_CACHES, LOGITS,
-                              PAST_HEAD_SIZE_AXIS, PAST_KV_HEADS_AXIS, POSITION_IDS, output_names, past_names,
-                              present_names, random_inputs, routing_name)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, INDEXER_KEY, KV_CACHE_CONCAT, KV_CACHE_SHARED, KV_CACHES,
+                              KV_PARTS, LOGITS, PAST_HEAD_SIZE_AXIS, PAST_KV_HEADS_AXIS, POSITION_IDS, output_names,
+                              random_inputs, routing_name)
 from moeport.errors import MoeportError
 from moeport.exporter import families, strategies
 from moeport.exporter.families import LoadedModel
@@ -160,42 +162,44 @@ def _build_logits(loaded, with_routing, strategy, options, example_shape, seed) 
 register_task(Task("logits", "one forward pass: input_ids -> logits", lambda loaded: None, _build_logits))
 
 
-def _uniform_cache(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The cache shapes with every value given its key's (kv_heads, head_dim) (``shapes``: key, value per layer)."""
-    return [shapes[i - i % 2] for i in range(len(shapes))]
+def _uniform_layout(layout: list) -> list:
+    """The cache layout with every value given its key's shape (``uniform_kv``)."""
+    keys = {entry.layer: entry.shape for entry in layout if entry.part == "key"}
+    return [dataclasses.replace(entry, shape=keys[entry.layer]) if entry.part == "value" else entry
+            for entry in layout]
 
 
 class WithPastModule(nn.Module):
-    """Decoder step with a KV cache. forward(input_ids, attention_mask, position_ids, past_key_values)
-    -> (logits, present.0.key, present.0.value, ..., then routing outputs if asked).
+    """Decoder step with a cache. forward(input_ids, attention_mask, position_ids, past_key_values: one tensor per
+    ``layout`` entry) -> (logits, the presents in that order, then routing outputs if asked).
 
-    ``value_dims``: per layer, the value head size the model computes with, when the cache stores values
-    zero-padded to the key's head size (``uniform_kv``); None stores them as the model makes them.
+    ``layout``: the stored cache layout (``adapter.cache_layout()``, or ``_uniform_layout`` of it); where it stores
+    a value wider than the model computes it, the value is cut to the model's size going in and zero-padded
+    coming out. ``shared``: the KV tensors are fixed-length buffers (contract ``KV_CACHE_SHARED``).
     """
 
-    def __init__(self, loaded: LoadedModel, with_routing: bool, strategy, options, value_dims: list[int] | None = None,
-                 shared: bool = False):
+    def __init__(self, loaded: LoadedModel, with_routing: bool, strategy, options, layout: list, shared: bool = False):
         super().__init__()
         self.adapter = loaded.model  # exporter.hf.CausalLMAdapter
         self.layers = loaded.info.layers
         self.with_routing = with_routing
         self.strategy, self.options = strategy, options
-        self.value_dims = value_dims
-        self.shared = shared  # contract KV_CACHE_SHARED: the pasts are fixed-length buffers
+        model_widths = {(e.layer, e.part): e.shape[-1] for e in self.adapter.cache_layout()}
+        # (stored width, model width) of each entry stored wider than the model computes it
+        self.padded = [(e.shape[-1], model_widths[e.layer, e.part]) for e in layout]
+        self.shared = shared
 
     def step(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor],
              shared: bool | None = None):
-        """``adapter.step`` on the stored cache layout: padded values are cut to the model's size going in and
-        padded with zeros coming out. ``shared`` (default: the module's) treats the pasts as buffers."""
+        """``adapter.step`` on the stored cache layout. ``shared`` (default: the module's) treats the KV tensors
+        as buffers."""
         shared = self.shared if shared is None else shared
-        if self.value_dims is None:
-            return self.adapter.step(input_ids, attention_mask, position_ids, past_key_values, shared_buffer=shared)
-        past = [t[..., :self.value_dims[i // 2]] if i % 2 else t for i, t in enumerate(past_key_values)]
+        past = [t[..., :model] if stored != model else t for t, (stored, model) in zip(past_key_values, self.padded)]
         logits, presents, routing = self.adapter.step(input_ids, attention_mask, position_ids, past,
                                                       shared_buffer=shared)
-        padded = [torch.nn.functional.pad(t, (0, presents[i - 1].shape[-1] - t.shape[-1])) if i % 2 else t
-                  for i, t in enumerate(presents)]
-        return logits, padded, routing
+        presents = [torch.nn.functional.pad(t, (0, stored - model)) if stored != model else t
+                    for t, (stored, model) in zip(presents, self.padded)]
+        return logits, presents, routing
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
         logits, presents, routing = self.step(input_ids, attention_mask, position_ids, past_key_values)
@@ -217,71 +221,84 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
         raise MoeportError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
     shared = kv_cache == KV_CACHE_SHARED
     adapter = loaded.model
+    layout = adapter.cache_layout()
+    if shared and any(entry.part == INDEXER_KEY for entry in layout):
+        raise MoeportError(f"{loaded.info.model_type}: --kv-cache {KV_CACHE_SHARED} does not cover its indexer's key "
+                           f"cache; export it with --kv-cache {KV_CACHE_CONCAT}")
+    if uniform_kv:
+        layout = _uniform_layout(layout)
     batch_size, seq_len = example_shape
     past_len = 3  # >= 2 so that torch.export keeps the past length symbolic
     room = seq_len + 2 if shared else 0  # a buffer longer than past + new tokens
-    shapes = adapter.cache_shapes()
-    value_dims = None
-    if uniform_kv and _uniform_cache(shapes) != shapes:
-        value_dims = [dim for _, dim in shapes[1::2]]
-        shapes = _uniform_cache(shapes)
-    module = WithPastModule(loaded, with_routing, strategy, options, value_dims, shared).eval()
+    module = WithPastModule(loaded, with_routing, strategy, options, layout, shared).eval()
+
+    def is_buffer(entry) -> bool:
+        return shared and entry.part in KV_PARTS
+
+    def shape(entry, rows: int, length: int) -> tuple[int, ...]:
+        """An entry's full shape with ``rows`` rows and ``length`` at its growing axis, if any."""
+        return (rows, *(length if d is None else d for d in entry.shape))
+
     generator = torch.Generator().manual_seed(seed)
-    past = [torch.randn(batch_size, heads, past_len + room, dim, generator=generator) for heads, dim in shapes]
+    past = [torch.randn(shape(entry, batch_size, past_len + (room if is_buffer(entry) else 0)), generator=generator)
+            for entry in layout]
     input_ids = torch.from_numpy(random_inputs(loaded.info, batch_size, seq_len, seed)[INPUT_IDS])
     mask = np.ones((batch_size, past_len + seq_len), dtype=np.int64)
-    feeds = decoder_feeds(mask, input_ids.numpy(), [p.numpy() for p in past])
+    feeds = decoder_feeds(mask, input_ids.numpy(), {entry.past: p.numpy() for entry, p in zip(layout, past)})
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     cache_axis = torch.export.Dim("max_sequence" if shared else "past_sequence")
-    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + past_names(len(shapes) // 2)
-    outputs = [LOGITS] + present_names(len(shapes) // 2)
+    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + [entry.past for entry in layout]
+    outputs = [LOGITS] + [entry.present for entry in layout]
     if with_routing:
         outputs += output_names(loaded.info, True, strategy.extra_outputs)[1:]
 
     def reference(feeds):
-        """PyTorch's outputs for ``feeds``; a shared cache is checked against the Concat cache's step on the
-        columns written so far (its logits and routing: its presents are the buffers, compared by their effect on
-        the next step's logits)."""
+        """PyTorch's outputs for ``feeds`` and its presents in layout order; a shared cache is checked against
+        the Concat cache's step on the columns written so far (its logits, states and routing: its KV presents are
+        the buffers, compared by their effect on the next step's logits)."""
         tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
-        past_in = [tensors[n] for n in names[3:]]
-        if shared:
-            written = feeds[ATTENTION_MASK].shape[1] - feeds[INPUT_IDS].shape[1]
-            past_in = [t[:, :, :written] for t in past_in]
+        written = feeds[ATTENTION_MASK].shape[1] - feeds[INPUT_IDS].shape[1]
+        past_in = [tensors[entry.past][:, :, :written] if is_buffer(entry) else tensors[entry.past]
+                   for entry in layout]
         with torch.no_grad():
             logits, presents, routing = module.step(tensors[INPUT_IDS], tensors[ATTENTION_MASK],
                                                     tensors[POSITION_IDS], past_in, shared=False)
         result = {LOGITS: logits.numpy()}
-        result.update({name: p.numpy() for name, p in zip(outputs[1:], presents)})
+        result.update({entry.present: p.numpy() for entry, p in zip(layout, presents) if not is_buffer(entry)})
         result.update(families.routing_arrays(loaded.info, routing))
-        return {k: v for k, v in result.items() if not (shared and k.startswith("present."))}, presents
+        return result, [p.numpy() for p in presents]
 
-    def cache(arrays: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarray]:
-        """The past feeds holding ``arrays`` (Concat layout): as they are, or written into zeroed buffers."""
-        if not shared:
-            return arrays
-        buffers = [np.zeros((rows, heads, capacity, dim), dtype=np.float32) for heads, dim in shapes]
-        for buffer, array in zip(buffers, arrays):
-            buffer[:, :, :array.shape[2]] = array
-        return buffers
+    def cache(arrays: list[np.ndarray], capacity: int) -> dict[str, np.ndarray]:
+        """The past feeds holding ``arrays`` (layout order, Concat KV): KV written into zeroed buffers of
+        ``capacity`` columns when the cache is shared, the rest as they are."""
+        feeds = {}
+        for entry, array in zip(layout, arrays):
+            if is_buffer(entry):
+                buffer = np.zeros(shape(entry, array.shape[0], capacity), dtype=np.float32)
+                buffer[:, :, :array.shape[2]] = array
+                array = buffer
+            feeds[entry.past] = array
+        return feeds
 
     def validate(session, validation_shapes):
         def runs():
-            # Per validation shape (batch x prompt length): prefill with an empty past, row r left-padded by
-            # min(r, length - 1) tokens; then one decode step on its presents.
+            # Per validation shape (batch x prompt length): prefill with an empty past (zero states), row r
+            # left-padded by min(r, length - 1) tokens; then one decode step on its presents.
             for i, (rows, length) in enumerate(validation_shapes):
                 prompt = families.tie_free_inputs(loaded, rows, length, seed=1000 + i)
                 mask = random_inputs(loaded.info, rows, length, 0, left_padding=True)[ATTENTION_MASK]
-                empty = [np.zeros((rows, heads, 0, dim), dtype=np.float32) for heads, dim in shapes]
-                prefill = decoder_feeds(mask, prompt[INPUT_IDS], cache(empty, rows, length + 3))
+                empty = [np.zeros(shape(entry, rows, 0), dtype=np.float32) for entry in layout]
+                prefill = decoder_feeds(mask, prompt[INPUT_IDS], cache(empty, length + 3))
                 yield prefill, lambda feeds: reference(feeds)[0]
                 ref, presents = reference(prefill)
                 next_ids = ref[LOGITS][:, -1].argmax(-1)[:, None].astype(np.int64)
                 mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-                step = cache([p.numpy() for p in presents], rows, length + 3)
-                yield decoder_feeds(mask, next_ids, step), lambda feeds: reference(feeds)[0]
+                yield decoder_feeds(mask, next_ids, cache(presents, length + 3)), lambda feeds: reference(feeds)[0]
 
         return _compare_runs(loaded, session, strategy, options, runs)
 
+    # A KV cache grows along its past axis (or is a buffer of max_sequence columns) and leaves its kv_heads and
+    # head_dim axes free; a recurrent state has a fixed shape after the batch.
     free_axes = {1: PAST_KV_HEADS_AXIS, 3: PAST_HEAD_SIZE_AXIS}
     return TaskGraph(
         module=module,
@@ -290,12 +307,14 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
             INPUT_IDS: {0: batch, 1: sequence},
             ATTENTION_MASK: {0: batch, 1: torch.export.Dim.AUTO},  # past_sequence + sequence
             POSITION_IDS: {0: batch, 1: sequence},
-            "past_key_values": [{0: batch, 2: cache_axis} for _ in shapes],
+            "past_key_values": [{0: batch, **({1 + entry.shape.index(None): cache_axis}
+                                              if None in entry.shape else {})} for entry in layout],
         },
         input_names=names,
         output_names=outputs,
         validate=validate,
-        input_dim_names={ATTENTION_MASK: {1: "past_sequence + sequence"}, **{name: free_axes for name in names[3:]}},
+        input_dim_names={ATTENTION_MASK: {1: "past_sequence + sequence"},
+                         **{entry.past: free_axes for entry in layout if entry.part in KV_PARTS}},
     )
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from moeport._fs import load_npz
-from moeport.contract import POSITION_IDS, past_name
+from moeport.contract import POSITION_IDS, is_cache_input
 from moeport.errors import MoeportError
 from moeport.runtime.generate import prefill_feeds
 from moeport.runtime.tokenizer import has_tokenizer, load_tokenizer
@@ -73,7 +73,7 @@ def text_encoder(vocab_size: int | None, directory: str | os.PathLike | None = N
 def text_feeds(ids: np.ndarray, input_names: list[str], source: str) -> dict[str, np.ndarray]:
     """Feeds for token ids ``[batch, seq]``: ``input_ids`` plus an all-ones ``attention_mask`` if the graph has one;
     for a text-generation-with-past graph, its prefill step (empty past)."""
-    if POSITION_IDS in input_names and past_name(0, "key") in input_names:
+    if POSITION_IDS in input_names and any(is_cache_input(name) for name in input_names):
         return prefill_feeds(ids, input_names)
     other = [n for n in input_names if n not in ("input_ids", "attention_mask")]
     if "input_ids" not in input_names and len(input_names) == 1:

@@ -2,7 +2,8 @@
 ``runtime.layouts``): what ``moeport generate`` runs.
 
 The prompt is run once (prefill, empty past); every new token is then one decode step that feeds back
-the ``present.*`` tensors as ``past_key_values.*`` -- the prompt is never recomputed. Prompts of
+the ``present.*`` tensors as ``past_key_values.*`` (and a hybrid model's ``present_{kind}.*`` recurrent states as
+``past_{kind}.*``) -- the prompt is never recomputed. Prompts of
 different lengths are left-padded; ``attention_mask`` marks the padding and ``position_ids`` follow the
 mask, as transformers' ``generate`` does.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, LOGITS, POSITION_IDS, metadata_of_map,
-                              past_name, past_names, present_for, vocab_size)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, LOGITS, POSITION_IDS, is_cache_input,
+                              metadata_of_map, past_names, present_for, vocab_size)
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime.layouts import model_and_tokenizer
 from moeport.runtime.session import create_session
@@ -26,42 +28,53 @@ from moeport.runtime.tokenizer import load_tokenizer
 PAD_ID = 0
 
 
-def empty_past(session_inputs, batch: int, session_outputs=(), capacity: int = 0) -> list[np.ndarray]:
-    """An empty KV cache for a with-past session: per ``past_key_values.*`` input, in the session's order,
-    ``[batch, kv_heads, capacity, head_dim]`` float32 zeros (``capacity``: 0 for a Concat cache, the buffer length
-    for a shared one, contract ``KV_CACHE_SHARED``). The past's kv_heads and head_dim axes are free in the graph
-    (contract ``PAST_KV_HEADS_AXIS``); their sizes are read from the matching present output, or from the past
-    input where it fixes them (files exported before they were freed)."""
+def empty_past(session_inputs, batch: int, session_outputs=(), capacity: int = 0) -> dict[str, np.ndarray]:
+    """The cache before the prompt, per cache input of a with-past session (``contract.is_cache_input``), in the
+    session's order: float32 zeros with ``batch`` rows -- ``[batch, kv_heads, capacity, head_dim]`` for a KV cache
+    (``capacity``: 0 for a Concat cache, the buffer length for a shared one, contract ``KV_CACHE_SHARED``), the
+    fixed shape of a recurrent state (all zeros, as transformers starts it). Axes the graph leaves free (a past's
+    kv_heads and head_dim, contract ``PAST_KV_HEADS_AXIS``) are read from the matching present output, or from the
+    past input where it fixes them (files exported before they were freed); an axis known from neither is 0 (an
+    empty past adds nothing to the cache whatever its other sizes)."""
     presents = {spec.name: spec.shape for spec in session_outputs}
 
     def size(spec, axis: int) -> int:
-        for shape in (presents.get(present_for(spec.name)), spec.shape):
+        if spec.name.startswith("past_key_values.") and axis == 2:
+            return capacity
+        for shape in (spec.shape, presents.get(present_for(spec.name))):
             if shape is not None and isinstance(shape[axis], int):
                 return shape[axis]
-        return 0  # unknown: an empty past adds nothing to the cache whatever its other sizes
+        return 0
 
-    return [np.zeros((batch, size(spec, 1), capacity, size(spec, 3)), dtype=np.float32)
-            for spec in session_inputs if spec.name.startswith("past_key_values.")]
+    return {spec.name: np.zeros([batch] + [size(spec, axis) for axis in range(1, len(spec.shape))], dtype=np.float32)
+            for spec in session_inputs if is_cache_input(spec.name)}
 
 
-def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray,
+                  past: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds of one with-past step. ``attention_mask [batch, past + seq]`` covers past and new tokens;
-    ``input_ids [batch, seq]``; ``past`` = [key_0, value_0, key_1, ...] each ``[batch, kv_heads, past, head_dim]``.
-    Positions count only unmasked tokens (padded slots get 1, as in transformers)."""
+    ``input_ids [batch, seq]``; ``past``: the cache inputs by name, or a KV cache alone as the list
+    [key_0, value_0, key_1, ...] each ``[batch, kv_heads, past, head_dim]``. Positions count only unmasked tokens
+    (padded slots get 1, as in transformers)."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
     positions[attention_mask == 0] = 1
     feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: attention_mask.astype(np.int64),
              POSITION_IDS: positions[:, -input_ids.shape[1]:].astype(np.int64)}
-    feeds.update(zip(past_names(len(past) // 2), past))
+    feeds.update(past.items() if isinstance(past, Mapping) else zip(past_names(len(past) // 2), past))
     return feeds
 
 
 def prefill_feeds(ids: np.ndarray, input_names: list[str]) -> dict[str, np.ndarray]:
     """The prefill step of a with-past graph for unpadded ids ``[batch, seq]``, knowing only its input names:
     every past input empty as ``[batch, 0, 0, 0]`` (its kv_heads and head_dim axes are free in the graph and an
-    empty past adds nothing to the cache)."""
-    past = [np.zeros((ids.shape[0], 0, 0, 0), dtype=np.float32)
-            for name in input_names if name.startswith("past_key_values.")]
+    empty past adds nothing to the cache). A hybrid's recurrent states have fixed shapes that names do not give:
+    those graphs need ``empty_past`` on the session's inputs."""
+    states = [name for name in input_names if is_cache_input(name) and not name.startswith("past_key_values.")]
+    if states:
+        raise MoeportError(f"token ids alone cannot start a graph with recurrent-state inputs ({states[0]}, ...): "
+                           "pass a .npz with one array per input")
+    past = {name: np.zeros((ids.shape[0], 0, 0, 0), dtype=np.float32)
+            for name in input_names if name.startswith("past_key_values.")}
     return decoder_feeds(np.ones_like(ids), ids, past)
 
 
@@ -135,9 +148,9 @@ def generate(
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise MoeportError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    if past_name(0, "key") not in inputs:
+    past_inputs = [n for n in inputs if is_cache_input(n)]
+    if not past_inputs:
         raise MoeportError(f"{model} has no KV-cache inputs; export it with --task text-generation-with-past")
-    past_inputs = [n for n in inputs if n.startswith("past_key_values.")]
     present_outputs = [present_for(n) for n in past_inputs]
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -166,7 +179,7 @@ def generate(
         new_tokens = np.concatenate([new_tokens, next_ids[:, None]], axis=1)
         if finished.all():
             break
-        past = past_next
+        past = dict(zip(past_inputs, past_next))
         input_ids = next_ids[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     seconds = time.perf_counter() - started

@@ -35,8 +35,8 @@ from typing import Callable
 
 from moeport._fs import check_output_directory, load_model_proto, staged_directory
 from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_CONCAT, KV_CACHE_SHARED, KV_PARTS, LOGITS,
-                              POSITION_IDS, metadata_props, optional_model_info, past_name, past_name_pattern,
-                              present_name, present_name_pattern)
+                              POSITION_IDS, is_cache_input, metadata_props, optional_model_info, past_name,
+                              past_name_pattern, present_name, present_name_pattern)
 from moeport.errors import MoeportError
 from moeport.runtime.tokenizer import TOKENIZER_JSON, load_tokenizer
 
@@ -167,6 +167,11 @@ def _graph_cache(model: Path) -> tuple[int, int, int, int, str]:
     outputs and metadata."""
     proto = load_model_proto(model)
     inputs = {value.name for value in proto.graph.input}
+    states = sorted(name for name in inputs if is_cache_input(name) and not name.startswith("past_key_values."))
+    if states:
+        # The folders' runtime configs describe a KV cache only; a runtime given one would not feed the states.
+        raise MoeportError(f"{model} carries recurrent states ({states[0]}, ...) that no runtime folder layout "
+                           "describes yet; run the .onnx file itself (moeport generate)")
     if past_name(0, "key") not in inputs or POSITION_IDS not in inputs:
         raise MoeportError(f"{model} has no KV-cache inputs; a runtime folder needs --task {WITH_PAST_TASK}")
     outputs = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]

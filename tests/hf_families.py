@@ -8,7 +8,8 @@ the tiny random models the tests export them from (not part of the library: noth
   then the family's row of ``OVERRIDES``, then the variant.
 - ``VARIANTS``: per family, the config options that change its MoE (top-k, normalised top-k weights,
   grouped routing, shared experts, dense-then-MoE schedules, biases), each exported by the tests.
-- ``UNSUPPORTED``: families that do not export, with the reason measured on this transformers; the tests
+- ``UNSUPPORTED``: families that do not export, with the reason measured on this transformers; ``LIMITS``:
+  what a supported family's tiny model does not show (config options or a task that fail, measured); the tests
   check that each reason still holds, so the table cannot rot.
 - ``coverage_markdown()``: the README table; ``python tests/hf_families.py`` prints it.
 """
@@ -82,15 +83,43 @@ SIZE_SUFFIXES = {"vocab_size": 128, "head_dim": 8, "intermediate_size": 32, "hid
 # Multi-head latent attention expands keys to every head itself; eager attention's GQA repeat must not.
 LATENT_ATTENTION = {"num_key_value_heads": GENERIC["num_attention_heads"]}
 
+# Hybrid families: small linear-attention heads (their defaults, 16-32 heads of 128x128 states, would dominate the
+# tiny model); a linear-attention or Mamba layer beside an attention layer, so that a with-past graph carries both
+# kinds of cache (transformers' cache also needs one attention layer to count the past); and weights drawn 5x
+# wider than the default 0.02, else the recurrence's share of the logits stays near or below the parity tolerance
+# (measured at 0.02: 1.3e-5 in granitemoehybrid, 2.5e-4 in jamba; a broken scan would pass). At 0.1 the smallest
+# share is 0.13 (granitemoehybrid); at 0.2 float32 rounding alone reached 7e-5 of the 1e-4 tolerance (qwen3_next).
+_HYBRID = {"initializer_range": 0.1}
+_GATED_DELTANET = {**_HYBRID, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+                   "linear_num_value_heads": 4}
+_KIMI_DELTA = {**_HYBRID, "linear_head_dim": 8, "linear_num_heads": 4, "mlp_layer_types": ["sparse", "sparse"]}
+_LINEAR_THEN_ATTENTION = {"layer_types": ["linear_attention", "full_attention"]}
+
 # Per family: what the generic sizes do not cover. One dict per model_type, nothing else.
 OVERRIDES: dict[str, dict] = {
+    "bailing_hybrid": {**_KIMI_DELTA, **_LINEAR_THEN_ATTENTION},
     "beam": {"mlp_layer_types": ["sparse", "sparse"]},
     "ernie4_5_moe": {"moe_layer_start_index": 0, "moe_layer_end_index": 1},
     "gemma4_text": {"enable_moe_block": True, "moe_intermediate_size": 32, "vocab_size_per_layer_input": 128,
                     "hidden_size_per_layer_input": 8, "per_layer_config": {}},
-    "granitemoehybrid": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16,
-                         "layer_types": ["mamba", "attention"]},
-    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "granitemoehybrid": {**_HYBRID, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16,
+                         "mamba_chunk_size": 16, "layer_types": ["mamba", "attention"]},
+    # Mamba on layer 0, attention on layer 1, experts on both.
+    "jamba": {**_HYBRID, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1,
+              "expert_layer_offset": 0},
+    "kimi_linear": {**_KIMI_DELTA, **_LINEAR_THEN_ATTENTION},
+    "lara_mini": _GATED_DELTANET,  # its tiny layers: linear attention, sliding-window attention
+    "lfm2_moe": {**_HYBRID, "layer_types": ["conv", "full_attention"]},
+    "minimax": _HYBRID,  # its tiny layers: attention, lightning attention
+    "qwen3_5_moe_text": {**_GATED_DELTANET, **_LINEAR_THEN_ATTENTION},
+    "qwen3_next": {**_GATED_DELTANET, **_LINEAR_THEN_ATTENTION},
+    # A Gated DeltaNet layer, then an attention layer with its QSA indexer (as Qwen4-Exp configs have it). The
+    # indexer's block scores must not tie, as the reference's top-k (torch on CPU) breaks ties in no defined order:
+    # 16 index heads (with 2, a block's relu-summed score is exactly 0 for about a quarter of the blocks), and no
+    # padding token (its embedding row would be zero, and so would the query of a generated padding token).
+    "qwen4_exp_text": {**_GATED_DELTANET, "layer_types": ["linear_attention", "indexed_attention"],
+                       "indexer_n_heads": 16, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 4,
+                       "indexer_compress_ratio": 2, "pad_token_id": None},
     "zaya": {"num_experts_per_tok": 1},
 }
 
@@ -117,6 +146,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "hunyuan_v1_moe": {"top1": {"moe_topk": 1}},
 }
 
+# Hybrid families (issue 16): token mixers other than attention, exported through exporter/hf_mixers.py; their
+# with-past graphs carry recurrent states (tests/test_hf_hybrid.py).
+HYBRID = ("bailing_hybrid", "granitemoehybrid", "jamba", "kimi_linear", "lara_mini", "lfm2_moe", "minimax",
+          "qwen3_5_moe_text", "qwen3_next", "qwen4_exp_text")
+
 # Exported with parity on every test run (GitHub issue 3); the other supported families under ``-m slow``.
 EVERY_RUN = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe",
              "granitemoe", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe")
@@ -124,10 +158,9 @@ EVERY_RUN = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deeps
 
 @dataclass(frozen=True)
 class Unsupported:
-    """Why a family does not export. ``stage``: ``multimodal`` (the model_type is a vision/audio-language
-    wrapper; its text model_type is the one to export), ``export`` (exporting the tiny model raises an
-    error containing ``match``) or ``unverified`` (no result either way in the time a test can take);
-    ``reason``: the table's words."""
+    """Why a family does not export. ``stage``: ``export`` (exporting the tiny model raises an error containing
+    ``match``) or ``unverified`` (no result either way in the time a test can take); ``reason``: the table's
+    words."""
 
     stage: str
     reason: str
@@ -140,32 +173,35 @@ NO_TIE_MARGINS: dict[str, str] = {
     "zaya": "its router scores E+1 classes (a skip expert) and ranks softmax + balancing biases",
 }
 
-# torch.export specialises the sequence axis to the example's 16 tokens inside these hybrid layers
-# (Mamba / linear-attention reference loops), so the graph would accept 16-token inputs only; the exporter
-# notices the fixed axis right after tracing and refuses with a one-line error.
-_SPECIALISED = ("hybrid Mamba/linear-attention layers: the dynamo exporter fixes the sequence length to the "
-                "example's (16), so the graph rejects other lengths")
-_SPECIALISED_MATCH = "fixes the sequence axis to 16 while tracing"
-_MULTIMODAL = "vision/audio-language wrapper; export its text model_type"
 # Families that do not export, and why (measured; tests/test_hf_families.py re-checks each reason).
-UNSUPPORTED: dict[str, Unsupported] = {
-    "dots3_note": Unsupported("multimodal", f"{_MULTIMODAL} `dots3_note_text`"),
-    "gemma4": Unsupported("multimodal", f"{_MULTIMODAL} `gemma4_text`"),
-    "qwen3_5_moe": Unsupported("multimodal", f"{_MULTIMODAL} `qwen3_5_moe_text`"),
-    "qwen4_exp": Unsupported("multimodal", f"{_MULTIMODAL} `qwen4_exp_text`"),
-    "bailing_hybrid": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "jamba": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "lara_mini": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),  # new in transformers 5.24
-    "minimax": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "qwen3_5_moe_text": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "qwen3_next": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "qwen4_exp_text": Unsupported("export", _SPECIALISED, _SPECIALISED_MATCH),
-    "granitemoehybrid": Unsupported("export", "hybrid Mamba layers: the exported chunked scan keeps a reshape sized "
-                                              "for the example's length, so onnxruntime fails on other lengths",
-                                    "Non-zero status code returned while running Reshape node"),
-    "kimi_linear": Unsupported("unverified", "the export of the tiny model did not finish within 240 s on a 2-core "
-                                             "CPU (KDA linear-attention reference path); not known to work"),
+UNSUPPORTED: dict[str, Unsupported] = {}
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What a supported family's tiny model does not show: exporting it with the config ``options`` and ``task``
+    raises an error containing ``match`` (measured; tests/test_hf_families.py re-checks it). ``reason``: the
+    table's words."""
+
+    reason: str
+    options: dict
+    task: str
+    match: str
+
+
+# Per family (a multimodal wrapper inherits its language model's): limits of its support.
+LIMITS: dict[str, tuple[Limit, ...]] = {
+    "qwen4_exp_text": (
+        Limit("configs with per-layer n-gram embeddings (`ple_layer_ids`) do not export: their hashing takes a "
+              "`cummax`, which has no ONNX translation", {"ple_layer_ids": [1], "eos_token_id": 2,
+                                                         "ngram_vocab_size_base": 256, "split_ngram_parts": 1},
+              "logits", "aten.cummax"),
+    ),
 }
+
+
+def limits(model_type: str) -> tuple[Limit, ...]:
+    return LIMITS.get(model_type) or LIMITS.get(text_model_type(model_type) or "", ())
 
 
 @dataclass(frozen=True)
@@ -180,7 +216,14 @@ class Family:
     def status(self) -> str:
         if self.model_type in UNSUPPORTED:
             return f"unsupported: {UNSUPPORTED[self.model_type].reason}"
-        return "supported" if self.model_type in EVERY_RUN else "supported (tested with `-m slow`)"
+        status = "supported" if self.model_type in EVERY_RUN else "supported (tested with `-m slow`)"
+        if self.model_type in HYBRID:
+            status += "; hybrid: with-past carries its recurrent states"
+        if text_model_type(self.model_type):
+            status += f"; its language model (`{text_model_type(self.model_type)}`) from the wrapper checkpoint"
+        for limit in limits(self.model_type):
+            status += f"; {limit.reason}"
+        return status
 
     @property
     def supported(self) -> bool:
@@ -218,13 +261,22 @@ def get_family(model_type: str) -> Family:
                        f"known: {', '.join(f.model_type for f in interface_families())}")
 
 
+def text_model_type(model_type: str) -> str | None:
+    """The language model's model_type of a multimodal wrapper family (its config has a ``text_config``), else None."""
+    sub_configs = _transformers().CONFIG_MAPPING[model_type].sub_configs or {}
+    return sub_configs["text_config"].model_type if "text_config" in sub_configs else None
+
+
 def tiny_config(model_type: str, **variant):
     """A tiny config of ``model_type``: generic sizes for the keys it has, its overrides, then ``variant``.
 
     When that is still above ``TINY_PARAMETER_BOUND`` parameters, the family's other size fields are cut
     too (``SIZE_SUFFIXES``), before its overrides and the variant, which always have the last word.
+    A multimodal wrapper gets its text model's tiny config (``variant`` applies there) and tiny towers.
     """
     get_family(model_type)
+    if text_model_type(model_type):
+        return _tiny_wrapper_config(model_type, tiny_config(text_model_type(model_type), **variant))
     transformers = _transformers()
     config_class = transformers.CONFIG_MAPPING[model_type]
     defaults = config_class().to_dict()
@@ -247,6 +299,43 @@ def tiny_config(model_type: str, **variant):
 
 _GENERIC_TOO_BIG: dict[str, bool] = {}
 
+# A multimodal wrapper's vision / audio towers, tiny: one layer, width 16, few experts; projections into the
+# language model sized to its hidden size, projections out of a tower to the tower's width.
+TOWER = {"depth": 1, "num_hidden_layers": 1, "num_layers": 1, "hidden_size": 16, "intermediate_size": 32,
+         "num_heads": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+         "num_position_embeddings": 64, "per_layer_config": {}, "downsample_hidden_size": 8, "feature_size": 16,
+         "num_local_experts": 4, "moe_intermediate_size": 16, "num_experts_per_tok": 2}
+_INTO_TEXT = ("out_dim", "out_hidden_size", "output_dim", "projection_dim")
+_TOWER_INPUT = ("in_dim", "input_size")
+
+
+def _tiny_wrapper_config(model_type: str, text):
+    """The wrapper config of ``model_type`` around the tiny ``text`` config, with tiny towers; its output
+    embedding tied as the text config says (the wrapper ties by its own flag)."""
+    config_class = _transformers().CONFIG_MAPPING[model_type]
+    towers = {}
+    for name, tower_class in config_class.sub_configs.items():
+        if name == "text_config":
+            continue
+        defaults = tower_class().to_dict()
+        sizes = {key: value for key, value in TOWER.items() if key in defaults}
+        sizes.update({key: text.hidden_size for key in defaults if key.endswith(_INTO_TEXT)})
+        width = sizes.get("hidden_size", TOWER["hidden_size"])
+        sizes.update({key: width for key in defaults if key.endswith(_TOWER_INPUT)})
+        towers[name] = tower_class(**sizes)
+    return _configured(config_class, {"text_config": text, **towers, "tie_word_embeddings": text.tie_word_embeddings})
+
+
+def _build(config):
+    """A model of ``config``: a wrapper's own (image-)text-to-text class, which holds the towers its checkpoints
+    have; otherwise ``AutoModelForCausalLM``'s class."""
+    transformers = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if text_model_type(config.model_type):
+        return getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[config.model_type])(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
 
 def _configured(config_class, kwargs: dict):
     config = config_class(**kwargs)
@@ -268,17 +357,17 @@ def _size_fields(defaults: dict, generic: dict) -> dict:
 
 
 def parameter_count(config) -> int:
-    """Parameters of ``AutoModelForCausalLM.from_config(config)``, counted on the meta device (no memory)."""
+    """Parameters of a model of ``config`` (``_build``), counted on the meta device (no memory)."""
     import torch
 
-    transformers = _transformers()
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = _build(config)
     return sum(parameter.numel() for parameter in model.parameters())
 
 
 def random_model(model_type: str, seed: int = 0, **variant):
-    """A random-weight ``AutoModelForCausalLM`` of ``tiny_config(model_type, **variant)``, in eval mode.
+    """A random-weight model of ``tiny_config(model_type, **variant)`` (a wrapper's own class for a multimodal
+    wrapper, whose checkpoint then holds its towers too), in eval mode.
 
     Some families initialise their router matrices to zero (every expert ties, so routing is arbitrary);
     any weight matrix that initialises to a constant is redrawn from N(0, initializer_range) so the tiny
@@ -286,11 +375,10 @@ def random_model(model_type: str, seed: int = 0, **variant):
     """
     import torch
 
-    transformers = _transformers()
     config = tiny_config(model_type, **variant)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
+    model = _build(config)
+    std = float(getattr(config.get_text_config(), "initializer_range", 0.02) or 0.02)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() >= 2 and parameter.is_floating_point() and bool((parameter == parameter.flatten()[0]).all()):

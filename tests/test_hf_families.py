@@ -24,6 +24,7 @@ from tiny_hf import tiny_switch_config  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.exporter.hf import CausalLMAdapter  # noqa: E402
 from moeport.exporter.reference import verify_checkpoint  # noqa: E402
+from moeport.runtime.session import create_session  # noqa: E402
 from locked import is_locked, locked_versions  # noqa: E402
 
 ISSUE_3 = list(hf_families.EVERY_RUN)
@@ -84,20 +85,26 @@ def test_discovery_is_derived_and_covers_issue_3():
         assert set(table) <= set(DISCOVERED)
 
 
-@pytest.mark.parametrize("model_type", [pytest.param(t, marks=_report_if_new(t)) for t in DISCOVERED
-                                        if t not in hf_families.UNSUPPORTED
-                                        or hf_families.UNSUPPORTED[t].stage != "multimodal"])
-def test_every_discovered_family_has_a_tiny_model(model_type):
+@pytest.mark.parametrize("model_type", [pytest.param(t, marks=_report_if_new(t)) for t in DISCOVERED])
+def test_every_discovered_family_has_a_tiny_model(model_type, tmp_path):
     config = hf_families.tiny_config(model_type)
-    assert config.hidden_size <= 64 and config.vocab_size <= 256
-    adapter = CausalLMAdapter(hf_families.random_model(model_type))
+    text = config.get_text_config()
+    assert text.hidden_size <= 64 and text.vocab_size <= 256
+    assert hf_families.parameter_count(config) < hf_families.TINY_PARAMETER_BOUND
+    model = hf_families.random_model(model_type)
+    if hf_families.text_model_type(model_type):
+        # A multimodal wrapper: its checkpoint, as moeport reads it, is the language model alone.
+        model.save_pretrained(tmp_path)
+        model = families.load_checkpoint(tmp_path).model.model
+        assert model.config.model_type == hf_families.text_model_type(model_type)
+    adapter = CausalLMAdapter(model)
     assert adapter.experts, f"{model_type}: the tiny config builds no experts module"
     assert all(m.num_experts >= 4 for m in adapter.experts)
     assert sum(p.numel() for p in adapter.parameters()) < hf_families.TINY_PARAMETER_BOUND
     import torch
 
     with torch.no_grad():
-        logits, routing = adapter(torch.arange(6).reshape(2, 3) % config.vocab_size)
+        logits, routing = adapter(torch.arange(6).reshape(2, 3) % text.vocab_size)
     assert logits.shape[:2] == (2, 3) and len(routing) == len(adapter.experts)
 
 
@@ -130,11 +137,27 @@ def test_other_family_exports_with_parity(hf_export, model_type):
     check_family(hf_export, model_type)
 
 
-@pytest.mark.parametrize("model_type", [t for t in UNSUPPORTED if hf_families.UNSUPPORTED[t].stage == "multimodal"])
-def test_recorded_multimodal_status_still_holds(model_type):
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", [t for t in OTHERS_SUPPORTED if hf_families.text_model_type(t)])
+def test_multimodal_wrapper_exports_the_wrappers_own_text_logits(hf_export, model_type):
+    """A wrapper checkpoint as saved by its *ForConditionalGeneration class exports its language model: the logits
+    are the wrapper's own (transformers, text only), with and without left padding."""
+    import torch
     import transformers
 
-    assert "text_config" in (transformers.CONFIG_MAPPING[model_type].sub_configs or {})
+    result, checkpoint = hf_export(model_type)
+    assert result.info.model_type == hf_families.text_model_type(model_type)
+    wrapper = hf_families.random_model(model_type)  # the same seeded weights the checkpoint was saved from
+    session = create_session(result.output)
+    for i, (batch, seq) in enumerate([(1, 1), (2, 9), (3, 33)]):
+        feeds = contract.random_inputs(result.info, batch, seq, seed=i, left_padding=True)
+        with torch.no_grad():
+            expected = wrapper(input_ids=torch.from_numpy(feeds["input_ids"]),
+                               attention_mask=torch.from_numpy(feeds["attention_mask"]), use_cache=False).logits
+        logits = session.run(["logits"], feeds)[0]
+        kept = feeds["attention_mask"].astype(bool)  # padded positions' logits mean nothing
+        np.testing.assert_allclose(logits[kept], expected.numpy()[kept], atol=1e-4, rtol=0)
+    assert isinstance(wrapper, transformers.PreTrainedModel)
 
 
 @pytest.mark.slow
@@ -145,6 +168,20 @@ def test_recorded_export_failure_still_holds(hf_export, model_type):
         hf_export(model_type)
     messages = [str(failure.value)] + [str(cause) for cause in _causes(failure.value)]
     assert any(entry.match in message for message in messages), messages
+
+
+LIMIT_CASES = [pytest.param(t, i, id=f"{t}-{i}") for t in DISCOVERED for i in range(len(hf_families.limits(t)))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,index", LIMIT_CASES)
+def test_recorded_limit_still_holds(tmp_path, model_type, index):
+    limit = hf_families.limits(model_type)[index]
+    hf_families.random_model(model_type, **limit.options).save_pretrained(tmp_path / "checkpoint")
+    with pytest.raises(Exception) as failure:
+        export_checkpoint(tmp_path / "checkpoint", tmp_path / "model.onnx", task=limit.task)
+    messages = [str(failure.value)] + [str(cause) for cause in _causes(failure.value)]
+    assert any(limit.match in message for message in messages), messages
 
 
 def _causes(exc: BaseException):

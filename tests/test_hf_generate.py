@@ -14,11 +14,10 @@ transformers = pytest.importorskip("transformers")
 from moeport.cli import main  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.runtime.generate import generate  # noqa: E402
+from tiny_hf import PADDED, PROMPT, transformers_generate  # noqa: E402
 
 # The families test_layouts.py also deploys (conftest's session-wide ``deployed`` exports each once).
 MODEL_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3")
-PROMPT = [5, 17, 99, 3, 42, 8]
-PADDED = [[7, 8, 9], [1, 2, 3, 4, 5, 6]]
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +29,6 @@ def with_past(deployed):
         return source.checkpoint, source.onnx, source.model
 
     return make
-
-
-def transformers_generate(model, prompts: list[list[int]], new_tokens: int = 32) -> list[list[int]]:
-    longest = max(map(len, prompts))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    # Plain greedy with no end-of-sequence token: min_new_tokens would instead *suppress* EOS (id 2 in
-    # these configs), which is not greedy decoding.
-    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                                           eos_token_id=None)
-    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # else generate()
-    try:                                                                                       # merges it back in
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, generation_config=config)
-    finally:
-        model.generation_config.eos_token_id = eos  # the model is shared by the session's other tests
-    assert out.shape[1] == longest + new_tokens
-    return out[:, longest:].tolist()
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -138,7 +119,7 @@ def test_prefill_and_decode_match_logits_of_full_forward(with_past):
     names = [o.name for o in session.get_outputs()]
     ids = np.array([PROMPT], dtype=np.int64)
     past = empty_past(session.get_inputs(), 1, session.get_outputs())
-    assert past[0].shape == (1, model.config.num_key_value_heads, 0, 8)  # sized from the present outputs
+    assert past["past_key_values.0.key"].shape == (1, model.config.num_key_value_heads, 0, 8)  # from the presents
     prefill = dict(zip(names, session.run(None, decoder_feeds(np.ones((1, 4), np.int64), ids[:, :4], past))))
     step = dict(zip(names, session.run(None, decoder_feeds(
         np.ones((1, 5), np.int64), ids[:, 4:5], [prefill[n] for n in names[1:]]))))

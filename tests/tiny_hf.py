@@ -88,3 +88,29 @@ def save_bpe_tokenizer(directory: Path, vocab_size: int = 128, bos: bool = True)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+PROMPT = [5, 17, 99, 3, 42, 8]
+PADDED = [[7, 8, 9], [1, 2, 3, 4, 5, 6]]
+
+
+def transformers_generate(model, prompts: list[list[int]], new_tokens: int = 32) -> list[list[int]]:
+    """transformers' greedy ``generate`` of ``new_tokens`` after each prompt (left-padded with 0), no EOS stop."""
+    import torch
+    import transformers
+
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    # Plain greedy with no end-of-sequence token: min_new_tokens would instead *suppress* EOS (id 2 in
+    # these configs), which is not greedy decoding.
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                           eos_token_id=None)
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # else generate()
+    try:                                                                                       # merges it back in
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, generation_config=config)
+    finally:
+        model.generation_config.eos_token_id = eos  # the model may be shared by other tests
+    assert out.shape[1] == longest + new_tokens
+    return out[:, longest:].tolist()

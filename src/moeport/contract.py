@@ -6,7 +6,9 @@ it share one definition:
 - graph I/O names: ``input_ids``, ``attention_mask``, ``position_ids``, ``logits``, the KV cache
   ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value`` (``[batch, kv_heads, past_sequence, head_dim]``
   -> ``[batch, kv_heads, past_sequence + sequence, head_dim]``; the past's kv_heads and head_dim axes are free
-  in the graph, see ``PAST_KV_HEADS_AXIS``), and per MoE layer ``routing.{label}.{part}``
+  in the graph, see ``PAST_KV_HEADS_AXIS``), the recurrent states of hybrid models' linear-attention / Mamba
+  layers ``past_{kind}.{i}`` -> ``present_{kind}.{i}`` (``STATE_KINDS``, fixed shapes ``[batch, ...]``), and per
+  MoE layer ``routing.{label}.{part}``
   (``experts [batch*sequence, k] int64``, ``weights [batch*sequence, k] float32``, strategy extras such as
   ``dropped``, an int64 scalar);
 - ``metadata_props`` under ``moeport.``: ``version``, ``family``, ``source_sha256``, ``num_experts``,
@@ -40,6 +42,9 @@ QUANTIZATION_KEY = "quantization"
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 ROUTING_PARTS = ("experts", "weights")
 KV_PARTS = ("key", "value")
+# An attention layer with a token indexer (Qwen4-Exp's QSA) also caches the indexer's keys:
+# ``past_key_values.{i}.indexer_key [batch, past_sequence, index_head_dim]`` -> ``present.{i}.indexer_key``.
+INDEXER_KEY = "indexer_key"
 
 # Two experts whose selection scores are closer than this are a tie: torch and onnxruntime may break it
 # differently (both correctly), and everything downstream of that token then differs.
@@ -52,7 +57,7 @@ def routing_name(label: str, part: str) -> str:
 
 
 def past_name(layer: int, part: str) -> str:
-    """``past_key_values.{layer}.{part}``, ``part`` in ``KV_PARTS``: a KV-cache input."""
+    """``past_key_values.{layer}.{part}``, ``part`` in ``KV_PARTS`` or ``INDEXER_KEY``: a KV-cache input."""
     return f"past_key_values.{layer}.{part}"
 
 
@@ -95,11 +100,41 @@ KV_CACHE_CONCAT, KV_CACHE_SHARED = "concat", "shared"
 KV_CACHES = (KV_CACHE_CONCAT, KV_CACHE_SHARED)
 
 
+# Recurrent states of hybrid models, one tensor of a fixed shape per layer and kind, named as transformers.js names
+# them (configs.js getCacheNames; modeling_utils.js maps present_* back to past_*): ``conv`` the short convolution's
+# last inputs ``[batch, channels, kernel]`` (Qwen3-Next / Qwen3.5 linear attention, Mamba, LFM2), ``recurrent`` a
+# linear-attention state (Qwen3-Next / Qwen3.5 Gated DeltaNet ``[batch, heads, key_dim, value_dim]``), ``ssm`` a
+# Mamba state (Granite-4.0-H). ``{i}`` is the model's layer index, as in ``past_key_values.{i}.key``. (onnxruntime-genai's
+# Qwen3.5 builder names the same tensors ``past_key_values.{i}.conv_state`` / ``.recurrent_state``, keeping
+# kernel - 1 convolution columns; one graph cannot carry both names.)
+STATE_KINDS = ("conv", "recurrent", "ssm")
+
+
+def state_past_name(layer: int, kind: str) -> str:
+    """``past_{kind}.{layer}``, ``kind`` in ``STATE_KINDS``: a recurrent-state input."""
+    if kind not in STATE_KINDS:
+        raise ValueError(f"unknown state kind {kind!r}; one of {STATE_KINDS}")
+    return f"past_{kind}.{layer}"
+
+
+def state_present_name(layer: int, kind: str) -> str:
+    """``present_{kind}.{layer}``: the state output that feeds ``state_past_name(layer, kind)`` at the next step."""
+    return "present" + state_past_name(layer, kind)[len("past"):]
+
+
+def is_cache_input(name: str) -> bool:
+    """A KV-cache (``past_key_values.*``) or recurrent-state (``past_{kind}.*``) input of a with-past graph."""
+    return name.startswith("past_key_values.") or any(name.startswith(f"past_{kind}.") for kind in STATE_KINDS)
+
+
 def present_for(past: str) -> str:
-    """The present output that feeds the past input ``past`` (``past_key_values.3.key`` -> ``present.3.key``)."""
-    if not past.startswith("past_key_values."):
-        raise ValueError(f"{past!r} is not a past_key_values input")
-    return "present." + past[len("past_key_values."):]
+    """The present output that feeds the past input ``past`` (``past_key_values.3.key`` -> ``present.3.key``,
+    ``past_conv.0`` -> ``present_conv.0``)."""
+    if past.startswith("past_key_values."):
+        return "present." + past[len("past_key_values."):]
+    if is_cache_input(past):
+        return "present" + past[len("past"):]
+    raise ValueError(f"{past!r} is not a past_key_values or recurrent-state input")
 
 
 @dataclass(frozen=True)
