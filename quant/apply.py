@@ -83,7 +83,10 @@ class ApplyStep:
     down-projection inputs; None for steps without one. ``layout``: the step uses ``job.layout``.
     ``unprotected_ops``: router op types it also quantizes when the router is not protected (QDQ puts Q/DQ on
     Softmax/Sigmoid like onnxruntime's defaults). ``gemms_as_matmuls``: the tool skips Gemm, so the pipeline
-    rewrites the targeted Gemms as MatMul before it runs (``passes.GemmAsMatMulPass``).
+    rewrites the targeted Gemms as MatMul before it runs (``passes.GemmAsMatMulPass``). ``integer_weights``: the
+    step stores MatMul weights as integers, so a MatMul over a transposed initializer shared with a Gather (a tied
+    lm_head) gets its own weight first (``passes.UntieTransposedWeightPass``); a float step leaves the tie, which
+    onnxruntime folds at load at no cost per step.
     """
 
     name: str
@@ -93,6 +96,7 @@ class ApplyStep:
     layout: bool = False
     unprotected_ops: tuple[str, ...] = ()
     gemms_as_matmuls: bool = False
+    integer_weights: bool = True
 
     def __post_init__(self):
         if not _STEP_NAME.match(self.name):
@@ -311,5 +315,5 @@ QDQ_STATIC = ApplyStep("qdq_static", run_qdq_static, calibrated=True, down=STATI
                        unprotected_ops=("Softmax", "Sigmoid"))
 # quantize_dynamic has no Gemm kernel, MatMulNBitsQuantizer skips Gemm: both get the Gemms as MatMuls.
 DYNAMIC = ApplyStep("dynamic", run_dynamic, down=DYNAMIC_DOWN, gemms_as_matmuls=True)
-FP16 = ApplyStep("fp16", run_fp16)
+FP16 = ApplyStep("fp16", run_fp16, integer_weights=False)
 NBITS = ApplyStep("nbits", run_nbits, layout=True, gemms_as_matmuls=True)

@@ -70,10 +70,15 @@ def text_encoder(vocab_size: int | None, directory: str | os.PathLike | None = N
     return None
 
 
+def _starts_from_ids(input_names: list[str]) -> bool:
+    """A text-generation-with-past graph: token ids alone make its prefill step."""
+    return POSITION_IDS in input_names and any(is_cache_input(name) for name in input_names)
+
+
 def text_feeds(ids: np.ndarray, input_names: list[str], source: str) -> dict[str, np.ndarray]:
     """Feeds for token ids ``[batch, seq]``: ``input_ids`` plus an all-ones ``attention_mask`` if the graph has one;
     for a text-generation-with-past graph, its prefill step (empty past)."""
-    if POSITION_IDS in input_names and any(is_cache_input(name) for name in input_names):
+    if _starts_from_ids(input_names):
         return prefill_feeds(ids, input_names)
     other = [n for n in input_names if n not in ("input_ids", "attention_mask")]
     if "input_ids" not in input_names and len(input_names) == 1:
@@ -114,6 +119,10 @@ def _text_bytes(path: Path) -> bytes:
 
 def _from_npz(path: Path, input_names: list[str], vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
     archive = load_npz(path, what="calibration")
+    if _starts_from_ids(input_names) and set(archive) == {"input_ids"}:
+        # A with-past graph calibrated from rows of ids: each row is a prefill (empty past), as text would be.
+        return [text_feeds(row["input_ids"], input_names, f"calibration file {path}")
+                for row in _from_npz(path, ["input_ids"], vocab_size, count)]
     missing = [n for n in input_names if n not in archive]
     if missing:
         raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "

@@ -50,7 +50,7 @@ from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
                                   InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, StampQuantizationPass,
-                                  node_metadata_bytes, run_passes, save_model)
+                                  UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, NBitsLayout, choose_scheme
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
@@ -173,13 +173,20 @@ def _read(model: Path, settings: _Settings) -> _Source:
 
 
 def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
-    """MatMul/Gemm with a 2-D initializer weight and Gather over an initializer, minus ``exclude``."""
+    """MatMul/Gemm with a 2-D initializer weight (for a MatMul, also one read through a 2-D Transpose: a tied
+    lm_head, see ``UntieTransposedWeightPass``) and Gather over an initializer, minus ``exclude``."""
     inits = {i.name: i for i in model.graph.initializer}
+    transposed = {n.output[0]: n.input[0] for n in model.graph.node
+                  if n.op_type == "Transpose" and n.domain in ("", "ai.onnx")
+                  and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
     chosen = []
     for node in model.graph.node:
         if node.name in exclude:
             continue
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and len(inits.get(node.input[1], _NO).dims) == 2:
+        weight = node.input[1] if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
+        if node.op_type == "MatMul" and weight in transposed:
+            weight = transposed[weight]
+        if weight is not None and len(inits.get(weight, _NO).dims) == 2:
             chosen.append(node)
         elif node.op_type == "Gather" and len(inits.get(node.input[0], _NO).dims) == 2:
             chosen.append(node)
@@ -239,8 +246,11 @@ def _write(source: _Source, out: Path, settings: _Settings,
     when every step succeeded. Returns the output's graph (without weights) and what the passes did."""
     step = settings.mode.step
     prepare = [InlineSmallTensorsPass(), CLEAR_METADATA]
+    if step.integer_weights:
+        prepare += [UntieTransposedWeightPass({n.name for n in source.targets if n.op_type == "MatMul"})]
     if step.gemms_as_matmuls:
-        prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"}), REMOVE_UNUSED]
+        prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"})]
+    prepare += [REMOVE_UNUSED]
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
     expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}

@@ -39,8 +39,8 @@ def empty_past(session_inputs, batch: int, session_outputs=(), capacity: int = 0
     presents = {spec.name: spec.shape for spec in session_outputs}
 
     def size(spec, axis: int) -> int:
-        if spec.name.startswith("past_key_values.") and axis == 2:
-            return capacity
+        if axis == 2 and spec.name.startswith("past_key_values.") and spec.name.endswith((".key", ".value")):
+            return capacity  # a KV cache's sequence axis (an indexer key cache grows along axis 1)
         for shape in (spec.shape, presents.get(present_for(spec.name))):
             if shape is not None and isinstance(shape[axis], int):
                 return shape[axis]

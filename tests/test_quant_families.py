@@ -7,12 +7,14 @@ The exports are the session's ``hf_export`` ones (tests/conftest.py), shared wit
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
 pytest.importorskip("transformers")
 
 import hf_families  # noqa: E402  (tests/, on sys.path)
+from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
 from moeport.runtime.moe_graph import expert_layers, find_routers, float_router_nodes  # noqa: E402
 
@@ -46,3 +48,40 @@ def test_every_family_keeps_its_routers_float(hf_export, tmp_path, model_type):
         assert len(find_routers(out).routers) == layers
         # every router's gate, Softmax/Sigmoid and selection computes in float32, as many as before
         assert _router_ops(float_router_nodes(out)) == before, f"{model_type} {mode}"
+
+
+@pytest.mark.parametrize("mode", ("int8-dynamic", "int4", "int8"))
+def test_a_tied_lm_head_gets_its_own_quantized_weight(tmp_path, mode):
+    """granitemoe with tied embeddings (as granite-3.0-1b-a400m ships): the lm_head reads the embedding table
+    through a Transpose. Quantized, it is a quantized MatMul of its own, and nothing dequantizes the whole table."""
+    checkpoint = tmp_path / "tied"
+    # a table over the exporter's constant-folding limit (8192 elements), as every real one is: smaller ones
+    # come out already untied (the Transpose folded into a second initializer)
+    hf_families.random_model("granitemoe", tie_word_embeddings=True, vocab_size=512).save_pretrained(checkpoint)
+    source = export_checkpoint(checkpoint, tmp_path / "m.onnx", task="text-generation-with-past", validate=False)
+    graph = onnx.load(source.output, load_external_data=False)
+    table = next(n.input[0] for n in graph.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    assert [n.op_type for n in graph.graph.node if table in n.input] == ["Gather", "Transpose"]  # tied
+    options = {}
+    if mode == "int8":  # calibrated from rows of token ids, as a user of a with-past model would
+        np.savez(tmp_path / "ids.npz", input_ids=np.random.default_rng(0).integers(3, 512, (4, 16)))
+        options = {"calibration": tmp_path / "ids.npz"}
+    quantized = quantize(source.output, tmp_path / f"{mode}.onnx", mode=mode, latency_runs=0, perplexity=False,
+                         **options)
+    untie = next(r for r in quantized.passes if r.name == "UntieTransposedWeightPass")
+    assert untie.modified and table in untie.note
+    out = onnx.load(quantized.output, load_external_data=False)
+    produced_by = {o: n for n in out.graph.node for o in n.output}
+    inits = {i.name: tuple(i.dims) for i in out.graph.initializer}
+    vocab = graph.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    # no node outputs a whole [vocab, hidden] (or [hidden, vocab]) float table at run time (in QDQ, int8, every
+    # weight has its DequantizeLinear: onnxruntime fuses it into the MatMul / Gather kernels at load)
+    assert mode == "int8" or not [n.name for n in out.graph.node if n.op_type in ("DequantizeLinear", "Transpose")
+                and any(inits.get(i, ())[:1] == (vocab,) or inits.get(i, ())[-1:] == (vocab,) for i in n.input)]
+    logits = produced_by["logits"]
+    while logits.op_type in ("Add", "Mul", "Cast", "Reshape", "QuantizeLinear", "DequantizeLinear") \
+            and logits.input[0] in produced_by:
+        logits = produced_by[logits.input[0]]  # scale factors, casts and Q/DQ of activations after the lm_head
+    assert logits.op_type in ("MatMulNBits", "MatMulInteger", "MatMul"), logits.op_type
+    lm_inputs = set(logits.input) | {i for n in out.graph.node if n.output[0] in logits.input for i in n.input}
+    assert any(i.startswith(table + "_kn") for i in lm_inputs), sorted(lm_inputs)

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
                                   GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass, QuantPass,
-                                  SplicePass, StampQuantizationPass, node_metadata_bytes, run_passes, save_model,
+                                  SplicePass, StampQuantizationPass, UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model,
                                   serialize)
 
 RNG = np.random.default_rng(0)
@@ -93,6 +93,34 @@ def test_gemm_as_matmul_says_why_it_did_nothing(names, note):
     after, records = _apply(before, [GemmAsMatMulPass(names), REMOVE_UNUSED])
     assert _ops(after) == _ops(before) == {"Gemm": 4}
     assert [(r.modified, r.note) for r in records] == [(False, note), (False, "every node and initializer is used")]
+
+
+def _tied() -> onnx.ModelProto:
+    """x [n, 8] -> lm: MatMul(x, Transpose(table)) [n, 16] -> back: MatMul(., table) -> y [n, 8]; ``table`` [16, 8]
+    read twice, as a tied embedding is (Gather and lm_head)."""
+    return _model([helper.make_node("Transpose", ["table"], ["table_t"], name="t", perm=[1, 0]),
+                   helper.make_node("MatMul", ["x", "table_t"], ["h"], name="lm"),
+                   helper.make_node("MatMul", ["h", "table"], ["y"], name="back")], [_weights(16, 8, name="table")])
+
+
+def test_untie_gives_the_named_matmul_its_own_transposed_weight():
+    before = _tied()
+    after, records = _apply(before, [UntieTransposedWeightPass({"lm"}), REMOVE_UNUSED])
+    onnx.checker.check_model(after, full_check=True)
+    assert _ops(after) == {"MatMul": 2}  # the Transpose is gone
+    nodes = {n.name: list(n.input) for n in after.graph.node}
+    assert nodes == {"lm": ["x", "table_kn"], "back": ["h", "table"]}
+    inits = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
+    np.testing.assert_array_equal(inits["table_kn"], inits["table"].T)
+    assert records[0].note == "gave 1 MatMul over a transposed initializer its own [K, N] weight (table)"
+
+
+@pytest.mark.parametrize(("names", "note"), [({"back"}, "no MatMul to quantize reads a transposed initializer"),
+                                             (set(), "no MatMul to quantize reads a transposed initializer")])
+def test_untie_says_why_it_did_nothing(names, note):
+    before = _tied()
+    after, records = _apply(before, [UntieTransposedWeightPass(names)])
+    assert _ops(after) == _ops(before) and [(r.modified, r.note) for r in records] == [(False, note)]
 
 
 def test_clear_metadata_drops_node_metadata_and_doc_strings():
