@@ -9,9 +9,9 @@ what it cost (``_measure``). The apply steps (``moeport.quant.apply``) are onnxr
 - ``dynamic`` (int8-dynamic): ``quantize_dynamic`` (weights int8, activations quantized per run);
 - ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
 - ``nbits`` (int4): ``MatMulNBitsQuantizer`` (MatMul -> MatMulNBits), asymmetric blocks along K (a 4-bit
-  zero point per block): expert weights in blocks of ``block_size``, the other MatMuls in blocks of
-  ``dense_block_size``; the embedding Gather in 8 bits via ``quantize_dynamic`` (or, with
-  ``embedding_bits=4``, GatherBlockQuantized). See ``NBitsLayout``.
+  zero point per block): expert weights in 4-bit blocks of ``block_size``, the other MatMuls (attention,
+  lm_head) in ``dense_bits`` blocks of ``dense_block_size``; the embedding Gather as GatherBlockQuantized in
+  8-bit (or, with ``embedding_bits=4``, 4-bit) blocks. See ``NBitsLayout``.
 
 Which nodes: the weight-carrying ones -- MatMul/Gemm whose second input is a 2-D initializer (the
 per-expert weights, e.g. gate_up ``[hidden, 2*inter]`` and down ``[inter, hidden]``, attention
@@ -58,7 +58,7 @@ from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matm
 from moeport.samples import TRAINED_DIR
 
 DEFAULT_CALIBRATION_SAMPLES = 64
-DEFAULT_DENSE_BLOCK_SIZE = 16
+DEFAULT_DENSE_BLOCK_SIZE = 32
 DEFAULT_LATENCY_RUNS = 10
 # What quantization adds to a graph (the report counts them).
 _QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul",
@@ -333,6 +333,7 @@ def quantize(
     block_size: int = DEFAULT_BLOCK_SIZE,
     dense_block_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     embedding_bits: int = 8,
+    dense_bits: int = 8,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
@@ -346,7 +347,7 @@ def quantize(
     perplexity (default: the bundled ``heldout.txt``). ``reference``: the model ``model`` was exported from,
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
-    ``block_size``, ``dense_block_size``, ``embedding_bits`` (int4): see ``NBitsLayout``.
+    ``block_size``, ``dense_block_size``, ``dense_bits``, ``embedding_bits`` (int4): see ``NBitsLayout``.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
@@ -356,7 +357,8 @@ def quantize(
     started = time.perf_counter()
     model, out = Path(model), Path(out)
     settings = _settings(mode, target, keep_router, down_activations,
-                         NBitsLayout(block_size, dense_block_size, embedding_bits), calibration, random_calibration)
+                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits), calibration,
+                         random_calibration)
     _check_paths(model, out, force)
     source = _read(model, settings)
 

@@ -257,6 +257,14 @@ def _block_sizes(nodes) -> set[int]:
     return {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "block_size"}
 
 
+def _attributes(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _bits(nodes) -> set[int]:
+    return {_attributes(n)["bits"] for n in nodes}
+
+
 def test_int4_matmulnbits_for_experts(quantized):
     result = quantized("int4", block_size=32)
     model = onnx.load(result.output)
@@ -265,36 +273,44 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert len(nbits) == 57  # 48 expert, 8 attention, 1 lm_head
     experts = _experts(model)
     assert len(experts) == 48 and all(n.op_type == "MatMulNBits" for n in experts)
-    # experts in blocks of --block-size, attention and lm_head in the finer dense blocks
-    assert _block_sizes(experts) == {32} and _block_sizes(n for n in nbits if n not in experts) == {16}
+    # experts: 4-bit blocks of --block-size; attention and lm_head: 8-bit blocks of the dense block size
+    dense = [n for n in nbits if n not in experts]
+    assert _block_sizes(experts) == {32} and _block_sizes(dense) == {32}
+    assert _bits(experts) == {4} and _bits(dense) == {8}
+    # every MatMulNBits runs the int8-activation kernels (accuracy_level 4)
+    assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
     gates = [n for n in model.graph.node if n.name in set(find_routers(model).nodes) and n.op_type in ("Gemm", "MatMul")]
     assert len(gates) == 2  # the router gates stay float Gemm/MatMul
-    # the embedding table in int8: Gather of an int8 table, then DequantizeLinear
+    # the embedding table in 8-bit blocks of --block-size: GatherBlockQuantized over uint8 with a scale per block
     inits = {i.name: i for i in model.graph.initializer}
-    embedding = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
-                 and len(inits[n.input[0]].dims) == 2]
-    assert len(embedding) == 1 and inits[embedding[0].input[0]].data_type in (TensorProto.INT8, TensorProto.UINT8)
-    assert [c.op_type for c in model.graph.node if embedding[0].output[0] in c.input] == ["DequantizeLinear"]
-    assert "GatherBlockQuantized" not in {n.op_type for n in model.graph.node}
-    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 4-bit blocks of 16, "
-                                        "embedding int8 per tensor")
+    embedding = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(embedding) == 1 and not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                                        and len(inits[n.input[0]].dims) == 2]
+    table, scales = (inits[name] for name in (embedding[0].input[0], embedding[0].input[2]))
+    assert table.data_type == TensorProto.UINT8 and list(scales.dims) == [table.dims[0], table.dims[1] // 32]
+    assert _attributes(embedding[0]) == {"bits": 8, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
+    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 32, "
+                                        "embedding 8-bit blocks of 32")
     # the graph passes around the quantizer, each with what it did or why it did nothing
     assert [p.name for p in result.passes] == [
-        "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "GemmAsMatMulPass", "RemoveUnusedNodesPass",
-        "ShapeInferencePass", "MarkPreProcessedPass", "StampQuantizationPass", "TopologicalSortPass"]
+        "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "UntieTransposedWeightPass", "GemmAsMatMulPass",
+        "RemoveUnusedNodesPass", "ShapeInferencePass", "MarkPreProcessedPass", "StampQuantizationPass",
+        "TopologicalSortPass"]
     assert all(p.note for p in result.passes) and "graph passes: InlineSmallTensorsPass" in result.render()
     assert result.quality.weights_ratio < 0.2
 
 
 def test_int4_layout_options(quantized):
-    result = quantized("int4", block_size=64, dense_block_size=32, embedding_bits=4)
+    result = quantized("int4", block_size=64, dense_block_size=16, embedding_bits=4, dense_bits=4)
     model = onnx.load(result.output)
     experts = _experts(model)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert _block_sizes(experts) == {64} and _block_sizes(n for n in nbits if n not in experts) == {32}
-    assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    dense = [n for n in nbits if n not in experts]
+    assert _block_sizes(experts) == {64} and _block_sizes(dense) == {16} and _bits(nbits) == {4}
+    embedding = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
-        "expert_block_size": 64, "dense_block_size": 32, "embedding_bits": 4}
+        "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4}
 
 
 def _assert_same_outputs(model, expected_model, tolerance: float) -> None:
@@ -465,6 +481,7 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int4", block_size=24), "block size must be a power of two >= 16, got 24"),
         (dict(mode="int4", dense_block_size=8), "dense block size must be a power of two >= 16, got 8"),
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
+        (dict(mode="int4", dense_bits=2), "dense bits must be 4 or 8, got 2"),
         (dict(mode="int8", calibration=tmp_path / "missing.txt"), "calibration file not found"),
         (dict(mode="int8", target="tpu"), "unknown target 'tpu'"),
         (dict(mode="int8", target="nnapi", down_activations="int16"), "target nnapi cannot run int16 down-projection"),

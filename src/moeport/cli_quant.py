@@ -51,8 +51,10 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
                    "on cpu/arm/qnn, float for int8-dynamic on cpu/arm; int8 elsewhere). Weights stay 8-bit.")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="int4: expert weights per quantization block.")
-@click.option("--dense-block-size", type=int, default=16, show_default=True,
+@click.option("--dense-block-size", type=int, default=32, show_default=True,
               help="int4: weights per block for the MatMuls outside the experts (attention, lm_head).")
+@click.option("--dense-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="int4: width of the MatMuls outside the experts (attention, lm_head).")
 @click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the embedding table.")
 @click.option("--no-perplexity", is_flag=True, help="Skip the held-out perplexity and routing pass.")
@@ -60,7 +62,7 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
-                 checkpoint, tokenizer, heldout, down_activations, block_size, dense_block_size,
+                 checkpoint, tokenizer, heldout, down_activations, block_size, dense_block_size, dense_bits,
                  embedding_bits, no_perplexity, latency_runs, force, as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
     report size, parity, perplexity and latency."""
@@ -82,7 +84,8 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           calibration_samples=calibration_samples, random_calibration=random_calibration,
                           keep_router=keep_router, reference=reference, tokenizer=tokenizer or checkpoint,
                           heldout=heldout, block_size=block_size,
-                          dense_block_size=dense_block_size, embedding_bits=int(embedding_bits),
+                          dense_block_size=dense_block_size, dense_bits=int(dense_bits),
+                          embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
                           perplexity=not no_perplexity, force=force)
     emit(result, as_json)
