@@ -27,7 +27,8 @@ import onnx_ir as ir
 
 from moeport._scoped import logger_level
 from moeport.quant import calibration as calib
-from moeport.quant.passes import GatherBlockQuantizedPass, SplicePass, run_passes, save_model
+from moeport.quant.passes import (REMOVE_UNUSED, ExpertLayer, FuseExpertsPass, GatherBlockQuantizedPass, SplicePass,
+                                  run_passes, save_model)
 from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
 from moeport.runtime.moe_graph import tensor_nbytes
 
@@ -45,7 +46,8 @@ class QuantJob:
     ``targets``: the nodes to quantize; ``exclude``: node names to leave alone (the routers); ``experts``: the
     expert MatMul names, and ``down``: those of the down projections (``moeport.runtime.moe_graph``).
     ``bits``: the mode's weight width; ``scheme`` (8-bit steps), ``layout`` (int4), ``calibration`` and its
-    ``overrides`` (onnxruntime TensorQuantOverrides; static quantization).
+    ``overrides`` (onnxruntime TensorQuantOverrides; static quantization); ``layers``: the MoE layers, for steps
+    that fuse a layer's experts (``passes.FuseExpertsPass``).
     """
 
     source: Path
@@ -59,6 +61,8 @@ class QuantJob:
     layout: NBitsLayout | None = None
     calibration: calib.CalibrationSet | None = None
     overrides: dict = field(default_factory=dict)
+    layers: list[ExpertLayer] = field(default_factory=list)
+    records: list = field(default_factory=list)  # the passes the step ran (passes.PassRecord), for the report
 
     @property
     def names(self) -> set[str]:
@@ -301,11 +305,17 @@ def run_nbits(job: QuantJob) -> None:
     layout, source = job.layout, job.source
     gathers = job.names_of("Gather")
     matmuls = job.names - gathers
+    rewrites = []
+    if layout.fused_experts and job.layers:
+        rewrites.append(FuseExpertsPass(job.layers, job.bits, layout.expert_block_size, NBITS_ACCURACY_LEVEL))
     if layout.embedding_bits == 8 and gathers:
         # onnxruntime's n-bit quantizer packs Gather at 4 bits only: 8-bit blocks are GatherBlockQuantizedPass's.
+        rewrites.append(GatherBlockQuantizedPass(gathers, layout.expert_block_size))
+        gathers = set()
+    if rewrites:
         model = ir.load(source)
-        run_passes(model, [GatherBlockQuantizedPass(gathers, layout.expert_block_size)])
-        source, gathers = job.scratch("embedding.onnx"), set()
+        job.records += run_passes(model, rewrites + [REMOVE_UNUSED])
+        source = job.scratch("rewritten.onnx")
         save_model(model, source, external_data=True)
         del model
     blocks = [(matmuls - job.experts, layout.dense_bits, layout.dense_block_size),

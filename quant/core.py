@@ -50,7 +50,7 @@ from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
                                   InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, StampQuantizationPass,
-                                  UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model)
+                                  ExpertLayer, UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, NBitsLayout, choose_scheme
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
@@ -62,7 +62,7 @@ DEFAULT_DENSE_BLOCK_SIZE = 32
 DEFAULT_LATENCY_RUNS = 10
 # What quantization adds to a graph (the report counts them).
 _QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul",
-              "MatMulNBits", "GatherBlockQuantized", "Cast")
+              "MatMulNBits", "GatherBlockQuantized", "QMoE", "Cast")
 
 
 def bundled_text(name: str) -> Path | None:
@@ -238,6 +238,21 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
     return _Calibrated(data, report, overrides, found)
 
 
+def _expert_layers(source: _Source) -> list[ExpertLayer]:
+    """The MoE layers: each layer's down projections in expert order, with the selected-experts tensor of the
+    router before it in graph order (a router precedes the dispatch it feeds, and follows the previous layer's)."""
+    order = {node.name: i for i, node in enumerate(source.proto.graph.node)}
+    routers = sorted(source.plan.routers, key=lambda router: order.get(router.selection, -1))
+    layers = []
+    for group, nodes in sorted(source.experts.items(), key=lambda item: order.get(item[1][0].name, -1)):
+        if not group.is_down_projection or not nodes:
+            continue
+        before = [r for r in routers if order.get(r.selection, len(order)) < order[nodes[0].name]]
+        if before:
+            layers.append(ExpertLayer(tuple(n.name for n in nodes), before[-1].indices_output))
+    return layers
+
+
 def _write(source: _Source, out: Path, settings: _Settings,
            calibrated: _Calibrated | None) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Prepare the graph (passes), run the mode's apply step, finish the result (passes) and check it. Files all
@@ -263,10 +278,12 @@ def _write(source: _Source, out: Path, settings: _Settings,
         records = run_passes(model, prepare)
         save_model(model, prepared, external_data=True)
         del model
-        step.run(QuantJob(prepared, quantized, source.targets, source.exclude, expert_names, down_names,
-                          settings.mode.bits, scheme=settings.scheme, layout=settings.layout,
-                          calibration=None if calibrated is None else calibrated.data,
-                          overrides={} if calibrated is None else calibrated.overrides))
+        job = QuantJob(prepared, quantized, source.targets, source.exclude, expert_names, down_names,
+                       settings.mode.bits, scheme=settings.scheme, layout=settings.layout,
+                       calibration=None if calibrated is None else calibrated.data,
+                       overrides={} if calibrated is None else calibrated.overrides, layers=_expert_layers(source))
+        step.run(job)
+        records += job.records
         model = ir.load(quantized)
         records += run_passes(model, finish)
         save_model(model, staged, external_data=source.external)
@@ -334,6 +351,7 @@ def quantize(
     dense_block_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     embedding_bits: int = 8,
     dense_bits: int = 8,
+    fused_experts: bool = True,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
@@ -347,7 +365,8 @@ def quantize(
     perplexity (default: the bundled ``heldout.txt``). ``reference``: the model ``model`` was exported from,
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
-    ``block_size``, ``dense_block_size``, ``dense_bits``, ``embedding_bits`` (int4): see ``NBitsLayout``.
+    ``block_size``, ``dense_block_size``, ``dense_bits``, ``embedding_bits``, ``fused_experts`` (int4): see
+    ``NBitsLayout``.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
@@ -357,7 +376,7 @@ def quantize(
     started = time.perf_counter()
     model, out = Path(model), Path(out)
     settings = _settings(mode, target, keep_router, down_activations,
-                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits), calibration,
+                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts), calibration,
                          random_calibration)
     _check_paths(model, out, force)
     source = _read(model, settings)

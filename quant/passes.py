@@ -430,3 +430,231 @@ def node_metadata_bytes(proto: onnx.ModelProto) -> int:
             bare.ClearField("doc_string")
             total += node.ByteSize() - bare.ByteSize()
     return total
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """One MoE layer as ``FuseExpertsPass`` is told it: its experts' down-projection MatMuls in expert order and
+    the router's selected-experts tensor ``[tokens, k]``."""
+
+    downs: tuple[str, ...]
+    indices: str
+
+
+class FuseExpertsPass(QuantPass):
+    """Replace each named MoE layer's per-expert MatMuls with one onnxruntime ``QMoE`` (com.microsoft) node over
+    block-quantized expert weights, keeping the routing moeport's own.
+
+    Why: a decode step runs every expert's MatMuls, whether or not a token was routed to it (32 experts x 3
+    MatMuls per layer, most of them on 0 rows) -- with the Split/Concat around them about a thousand kernel
+    launches per step at 4 layers, which is what kept the quantized models behind llama.cpp. ``QMoE`` runs only
+    the selected experts, in one kernel.
+
+    What it matches (the sorted dispatch ``moeport.exporter.strategies`` writes): the layer's rows
+    ``X [tokens, H]`` gathered in expert order and cut by one Split; expert e as
+    ``down_e(silu(gate_e(x)) * up_e(x))`` (MatMul, Sigmoid, Mul, MatMul, Mul, MatMul, float initializers); the
+    down outputs concatenated, scaled by the routing weights ``[tokens, k]`` (gathered in the same order), put
+    back in token order and summed over k (Gather, Reshape, ReduceSum) into ``Y [tokens, H]``. ``Y`` then comes
+    from ``QMoE(X, router_probs, ...)`` where ``router_probs`` is 1 at the router's selected experts and 0
+    elsewhere (so QMoE's own top-k selects exactly them) and ``router_weights`` holds the routing weights at
+    those experts: QMoE's softmax and normalisation are not used, so sigmoid, grouped or biased routers stay
+    exact. Gate and up are interleaved into fc1 (``swiglu_fusion=1``, ``activation_alpha=1``,
+    ``activation_beta=0``: silu(gate) * up), down is fc2; weights are quantized by onnxruntime's block kernel
+    (asymmetric, ``block_size`` along K, computed when the model is written). A layer that does not match is
+    left alone, with the reason in the note; the old nodes are left for ``REMOVE_UNUSED``.
+    """
+
+    def __init__(self, layers: list[ExpertLayer], bits: int, block_size: int, accuracy_level: int):
+        super().__init__()
+        self.layers, self.bits, self.block_size, self.accuracy_level = layers, bits, block_size, accuracy_level
+
+    @staticmethod
+    def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
+        users = [user for user, _ in value.uses()]
+        return users[0] if len(users) == 1 and users[0].op_type == op_type and users[0].domain in ("", "ai.onnx") \
+            else None
+
+    def _expert(self, down: ir.Node) -> tuple[ir.Node, ir.Node] | str:
+        """(gate, up) MatMuls of the expert whose down projection is ``down``, or why it does not match."""
+        product = down.inputs[0].producer() if down.inputs[0] is not None else None
+        if product is None or product.op_type != "Mul":
+            return "the down projection's input is not silu(gate) * up"
+        for silu_value, up_value in (tuple(product.inputs), tuple(reversed(product.inputs))):
+            silu = silu_value.producer()
+            up = up_value.producer()
+            if silu is None or up is None or silu.op_type != "Mul" or up.op_type != "MatMul":
+                continue
+            gate_value, sigmoid_value = silu.inputs
+            if sigmoid_value.producer() is None or sigmoid_value.producer().op_type != "Sigmoid":
+                gate_value, sigmoid_value = sigmoid_value, gate_value
+            sigmoid, gate = sigmoid_value.producer(), gate_value.producer()
+            if sigmoid is None or sigmoid.op_type != "Sigmoid" or sigmoid.inputs[0] is not gate_value:
+                continue
+            if gate is None or gate.op_type != "MatMul" or gate.inputs[0] is not up.inputs[0]:
+                continue
+            return gate, up
+        return "the expert is not down(silu(gate(x)) * up(x))"
+
+    def _match(self, layer: ExpertLayer, nodes: dict[str, ir.Node], values: dict[str, ir.Value]):
+        """Everything ``call`` needs for one layer, or the reason it does not match (a string)."""
+        downs = [nodes.get(name) for name in layer.downs]
+        if None in downs or any(d.op_type != "MatMul" for d in downs):
+            return "its down projections are not all float MatMuls"
+        experts = [self._expert(down) for down in downs]
+        reason = next((e for e in experts if isinstance(e, str)), None)
+        if reason is not None:
+            return reason
+        split = experts[0][0].inputs[0].producer()
+        if split is None or split.op_type != "Split" or any(
+                gate.inputs[0] is not split.outputs[e] for e, (gate, _) in enumerate(experts)):
+            return "the experts' rows do not come from one Split in expert order"
+        rows = split.inputs[0].producer()
+        if rows is None or rows.op_type != "Gather" or (rows.attributes.get("axis") and rows.attributes["axis"].value):
+            return "the sorted rows are not a Gather of the layer's input"
+        weights = [(gate.inputs[1], up.inputs[1], down.inputs[1]) for (gate, up), down in zip(experts, downs)]
+        if any(w.const_value is None or len(w.shape or ()) != 2 for triple in weights for w in triple):
+            return "an expert weight is not a 2-D initializer"
+        hidden, inter = (int(d) for d in weights[0][0].shape)
+        if hidden % self.block_size or inter % self.block_size:
+            return f"hidden {hidden} or expert width {inter} is not a multiple of the block size {self.block_size}"
+        concat = self._only_consumer(downs[0].outputs[0], "Concat")
+        if concat is None or list(concat.inputs) != [d.outputs[0] for d in downs]:
+            return "the expert outputs are not concatenated in expert order"
+        scale = self._only_consumer(concat.outputs[0], "Mul")
+        unsorted = scale and self._only_consumer(scale.outputs[0], "Gather")
+        reshaped = unsorted and self._only_consumer(unsorted.outputs[0], "Reshape")
+        summed = reshaped and self._only_consumer(reshaped.outputs[0], "ReduceSum")
+        if not summed:
+            return "the weighted expert outputs are not put back in token order and summed over k"
+        factor = scale.inputs[1] if scale.inputs[0] is concat.outputs[0] else scale.inputs[0]
+        chain = factor.producer()
+        for op in ("Unsqueeze", "Gather", "Reshape"):
+            if chain is None or chain.op_type != op:
+                return "the routing weights that scale the expert outputs were not found"
+            routing_weights = chain.inputs[0]
+            chain = routing_weights.producer()
+        indices = values.get(layer.indices)
+        selection = indices.producer() if indices is not None else None
+        if selection is None or selection.op_type not in ("TopK", "ArgMax"):
+            return f"the router's selected experts {layer.indices!r} are not a TopK/ArgMax output"
+        if selection.op_type == "TopK":
+            k_value = selection.inputs[1].const_value if selection.inputs[1] is not None else None
+            if k_value is None:
+                return "the router's k is not a constant"
+            k = int(k_value.numpy().reshape(-1)[0])
+        else:
+            k = 1
+        return rows.inputs[0], indices, routing_weights, summed.outputs[0], weights, hidden, inter, k
+
+    def _stacked(self, matrices: list[ir.TensorProtocol], interleave: list[ir.TensorProtocol] | None):
+        """A function computing (packed [E, N, K * bits / 8], scales [E, N, K / block], zero points
+        [E, N, ceil(K / block * bits / 8)]) once: each expert's ``[K, N]`` weight (gate and up interleaved column
+        by column when ``interleave`` is given) quantized by onnxruntime's MatMulNBits block kernel."""
+
+        @functools.cache
+        def compute():
+            from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                         DefaultWeightOnlyQuantizer)
+
+            quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+                block_size=self.block_size, is_symmetric=False, bits=self.bits))
+            parts = []
+            for e, matrix in enumerate(matrices):
+                weight = matrix.numpy()
+                if interleave is not None:
+                    up = interleave[e].numpy()
+                    fused = np.empty((weight.shape[0], 2 * weight.shape[1]), dtype=weight.dtype)
+                    fused[:, 0::2], fused[:, 1::2] = weight, up
+                    weight = fused
+                packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(weight))
+                rows = packed.shape[0]
+                parts.append((packed.reshape(rows, -1), scales.reshape(rows, -1), zero_points.reshape(rows, -1)))
+            return tuple(np.stack(arrays) for arrays in zip(*parts))
+
+        return compute
+
+    def _initializers(self, graph: ir.Graph, name: str, compute, shapes) -> list[ir.Value]:
+        made = []
+        for i, (suffix, dtype, shape) in enumerate(zip(("q", "scales", "zero_points"),
+                                                       (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8),
+                                                       shapes)):
+            lazy = ir.LazyTensor(lambda i=i: ir.tensor(compute()[i]), dtype=dtype, shape=ir.Shape(shape),
+                                 name=f"{name}_{suffix}")
+            value = ir.Value(name=lazy.name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
+            graph.register_initializer(value)
+            made.append(value)
+        return made
+
+    def call(self, model: ir.Model) -> Rewritten:
+        graph = model.graph
+        nodes = {node.name: node for node in graph}
+        values = {value.name: value for node in graph for value in node.outputs}
+        fused, left = 0, []
+        for number, layer in enumerate(self.layers):
+            match = self._match(layer, nodes, values)
+            if isinstance(match, str):
+                left.append(f"layer {number} ({match})")
+                continue
+            x, indices, routing_weights, y, weights, hidden, inter, k = match
+            experts = len(weights)
+            blocks_in, blocks_mid = hidden // self.block_size, inter // self.block_size
+            per_byte = 8 // self.bits
+            fc1 = self._initializers(graph, f"moeport_qmoe_{number}_fc1", self._stacked(
+                [g.const_value for g, _, _ in weights], [u.const_value for _, u, _ in weights]),
+                [[experts, 2 * inter, hidden // per_byte], [experts, 2 * inter, blocks_in],
+                 [experts, 2 * inter, -(-blocks_in // per_byte)]])
+            fc2 = self._initializers(graph, f"moeport_qmoe_{number}_fc2", self._stacked(
+                [d.const_value for _, _, d in weights], None),
+                [[experts, hidden, inter // per_byte], [experts, hidden, blocks_mid],
+                 [experts, hidden, -(-blocks_mid // per_byte)]])
+
+            def const(name: str, array: np.ndarray) -> ir.Value:
+                value = ir.Value(name=f"moeport_qmoe_{number}_{name}", shape=ir.Shape(array.shape),
+                                 type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                                 const_value=ir.tensor(array, name=f"moeport_qmoe_{number}_{name}"))
+                graph.register_initializer(value)
+                return value
+
+            # [tokens, E] routing tensors: 1 / the weight at each token's selected experts, 0 elsewhere
+            tokens = ir.node("Shape", [x], attributes={"start": 0, "end": 1})
+            size = ir.node("Concat", [tokens.outputs[0], const("experts", np.array([experts], np.int64))],
+                           attributes={"axis": 0})
+            zeros = ir.node("ConstantOfShape", [size.outputs[0]],
+                            attributes={"value": ir.tensor(np.zeros(1, np.float32))})
+            rows_k = const("rows_k", np.array([-1, k], np.int64))
+            chosen = ir.node("Reshape", [indices, rows_k])
+            scales = ir.node("Reshape", [routing_weights, rows_k])
+            shape_of_chosen = ir.node("Shape", [chosen.outputs[0]])
+            ones = ir.node("Expand", [const("one", np.ones(1, np.float32)), shape_of_chosen.outputs[0]])
+            probs = ir.node("ScatterElements", [zeros.outputs[0], chosen.outputs[0], ones.outputs[0]],
+                            attributes={"axis": 1})
+            mixing = ir.node("ScatterElements", [zeros.outputs[0], chosen.outputs[0], scales.outputs[0]],
+                             attributes={"axis": 1})
+            qmoe = ir.node("QMoE", [x, probs.outputs[0], fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None,
+                                    fc1[2], fc2[2], None, mixing.outputs[0]],
+                           attributes={"k": k, "activation_type": "swiglu", "swiglu_fusion": 1,
+                                       "activation_alpha": 1.0, "activation_beta": 0.0,
+                                       "normalize_routing_weights": 0, "expert_weight_bits": self.bits,
+                                       "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                                       "weights_prepacked": 0},
+                           domain="com.microsoft", name=f"moeport_qmoe_{number}")
+            added = [tokens, size, zeros, chosen, scales, shape_of_chosen, ones, probs, mixing, qmoe]
+            graph.insert_before(y.producer(), added)
+            y_replacement = qmoe.outputs[0]
+            y_replacement.shape, y_replacement.type = y.shape, y.type
+            ir.convenience.replace_all_uses_with(y, y_replacement)
+            if y.is_graph_output():
+                index = graph.outputs.index(y)
+                y_replacement.name, y.name = y.name, f"{y.name}_unfused"
+                graph.outputs[index] = y_replacement
+            fused += 1
+        if fused:
+            model.opset_imports.setdefault("com.microsoft", 1)
+            note = f"fused the experts of {fused} MoE layer(s) into QMoE ({self.bits}-bit blocks of {self.block_size})"
+        elif not self.layers:
+            note = "no MoE layer to fuse"
+        else:
+            note = "no MoE layer in the sorted dispatch QMoE fuses"
+        if left:
+            note += "; left as MatMuls: " + ", ".join(left)
+        return Rewritten(model, bool(fused), note)

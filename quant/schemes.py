@@ -145,6 +145,7 @@ class NBitsLayout:
     dense_block_size: int
     embedding_bits: int
     dense_bits: int = 8
+    fused_experts: bool = True  # each MoE layer's experts as one onnxruntime QMoE node (passes.FuseExpertsPass)
 
     def validate(self) -> None:
         for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size)):
@@ -155,7 +156,8 @@ class NBitsLayout:
                 raise MoeportError(f"{label} must be 4 or 8, got {bits}")
 
     def describe(self) -> str:
-        return (f"expert weights 4-bit blocks of {self.expert_block_size}, other MatMuls {self.dense_bits}-bit "
+        experts = "one QMoE per layer, " if self.fused_experts else ""
+        return (f"expert weights {experts}4-bit blocks of {self.expert_block_size}, other MatMuls {self.dense_bits}-bit "
                 f"blocks of {self.dense_block_size}, embedding {self.embedding_bits}-bit blocks of "
                 f"{self.expert_block_size}")
 

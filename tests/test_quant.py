@@ -265,8 +265,25 @@ def _bits(nodes) -> set[int]:
     return {_attributes(n)["bits"] for n in nodes}
 
 
+def test_int4_fuses_each_layers_experts_into_one_qmoe(quantized):
+    """The default int4: each MoE layer's experts are one QMoE node, with the same numbers as per-expert
+    MatMulNBits (the parity and perplexity targets hold, see test_quality_targets...)."""
+    fused, apart = quantized("int4"), quantized("int4", fused_experts=False)
+    model = onnx.load(fused.output)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QMoE") == 2 and ops.count("MatMulNBits") == 9 and not _experts(model)  # attention + lm_head
+    qmoe = next(n for n in model.graph.node if n.op_type == "QMoE")
+    assert {k: v for k, v in _attributes(qmoe).items() if k in ("k", "expert_weight_bits", "block_size",
+                                                                 "normalize_routing_weights")} == {
+        "k": 2, "expert_weight_bits": 4, "block_size": 32, "normalize_routing_weights": 0}
+    assert fused.layout.describe().startswith("expert weights one QMoE per layer, 4-bit blocks of 32")
+    assert fused.quality.parity.routing_agreement == apart.quality.parity.routing_agreement
+    assert abs(fused.quality.perplexity_after - apart.quality.perplexity_after) < 1e-3 * apart.quality.perplexity_after
+
+
 def test_int4_matmulnbits_for_experts(quantized):
-    result = quantized("int4", block_size=32)
+    result = quantized("int4", block_size=32, fused_experts=False)
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -294,14 +311,15 @@ def test_int4_matmulnbits_for_experts(quantized):
     # the graph passes around the quantizer, each with what it did or why it did nothing
     assert [p.name for p in result.passes] == [
         "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "UntieTransposedWeightPass", "GemmAsMatMulPass",
-        "RemoveUnusedNodesPass", "ShapeInferencePass", "MarkPreProcessedPass", "StampQuantizationPass",
-        "TopologicalSortPass"]
+        "RemoveUnusedNodesPass", "ShapeInferencePass", "MarkPreProcessedPass", "GatherBlockQuantizedPass",
+        "RemoveUnusedNodesPass", "StampQuantizationPass", "TopologicalSortPass"]
     assert all(p.note for p in result.passes) and "graph passes: InlineSmallTensorsPass" in result.render()
     assert result.quality.weights_ratio < 0.2
 
 
 def test_int4_layout_options(quantized):
-    result = quantized("int4", block_size=64, dense_block_size=16, embedding_bits=4, dense_bits=4)
+    result = quantized("int4", block_size=64, dense_block_size=16, embedding_bits=4, dense_bits=4,
+                       fused_experts=False)
     model = onnx.load(result.output)
     experts = _experts(model)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -310,7 +328,7 @@ def test_int4_layout_options(quantized):
     embedding = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
-        "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4}
+        "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False}
 
 
 def _assert_same_outputs(model, expected_model, tolerance: float) -> None:

@@ -14,9 +14,11 @@ import pytest
 pytest.importorskip("transformers")
 
 import hf_families  # noqa: E402  (tests/, on sys.path)
+from moeport.contract import random_inputs  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
 from moeport.runtime.moe_graph import expert_layers, find_routers, float_router_nodes  # noqa: E402
+from moeport.runtime.session import create_session  # noqa: E402
 
 MODES = ("int8-dynamic", "int4")
 
@@ -85,3 +87,38 @@ def test_a_tied_lm_head_gets_its_own_quantized_weight(tmp_path, mode):
     assert logits.op_type in ("MatMulNBits", "MatMulInteger", "MatMul"), logits.op_type
     lm_inputs = set(logits.input) | {i for n in out.graph.node if n.output[0] in logits.input for i in n.input}
     assert any(i.startswith(table + "_kn") for i in lm_inputs), sorted(lm_inputs)
+
+
+@pytest.mark.parametrize("model_type", ("mixtral", "deepseek_v3", "qwen2_moe"))
+def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model_type):
+    """int4 runs each MoE layer's experts as one QMoE node (moeport's own routing: softmax top-k, grouped
+    sigmoid with bias, shared experts beside): the same numbers as the per-expert MatMulNBits graph, far fewer
+    nodes, routers float."""
+    result, _ = hf_export(model_type)
+    layers = len(result.info.layers)
+    fused = quantize(result.output, tmp_path / "fused.onnx", mode="int4", latency_runs=0, perplexity=False)
+    apart = quantize(result.output, tmp_path / "apart.onnx", mode="int4", latency_runs=0, perplexity=False,
+                     fused_experts=False)
+    record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
+    assert record.note == f"fused the experts of {layers} MoE layer(s) into QMoE (4-bit blocks of 32)"
+    graph = onnx.load(fused.output, load_external_data=False)
+    qmoe = [n for n in graph.graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == layers and fused.output_ops["QMoE"] == layers
+    assert not expert_layers(graph)  # no per-expert MatMul is left
+    apart_graph = onnx.load(apart.output, load_external_data=False)
+    expert_matmuls = sum(len(nodes) for groups in expert_layers(apart_graph) for nodes in groups.values())
+    # at least the per-expert MatMuls and their activations go; QMoE and its 10 routing-tensor nodes come
+    assert len(graph.graph.node) <= len(apart_graph.graph.node) - expert_matmuls * 5 // 3 + 10 * layers
+    assert _router_ops(float_router_nodes(graph)) == _router_ops(find_routers(onnx.load(result.output)).op_types)
+    feeds = random_inputs(result.info, 2, 9, seed=0)
+    outputs = [create_session(q.output).run(["logits"], feeds)[0] for q in (fused, apart)]
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4, rtol=0)
+
+
+def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
+    """gpt-oss's experts are a clamped SwiGLU with biases, not silu(gate) * up: they stay per-expert MatMulNBits."""
+    result, _ = hf_export("gpt_oss")
+    fused = quantize(result.output, tmp_path / "q.onnx", mode="int4", latency_runs=0, perplexity=False)
+    record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
+    assert not record.modified and "left as MatMuls: layer 0 (" in record.note
+    assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
