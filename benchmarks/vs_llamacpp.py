@@ -46,9 +46,9 @@ GRANITE_1B_A400M = dict(vocab_size=49155, hidden_size=1024, intermediate_size=51
                         logits_scaling=6.0, residual_multiplier=0.22, attention_multiplier=0.015625,
                         rms_norm_eps=1e-6)
 # moeport mode -> its file; llama.cpp type -> its file. "fp32" is the export itself.
-MOEPORT_MODES = ("fp32", "int8", "int8-dynamic", "int4")
+MOEPORT_MODES = ("fp32", "int8", "int8-dynamic", "int8-blocks", "int4")
 LLAMA_TYPES = {"F32": None, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values (LLAMA_FTYPE_MOSTLY_Q8_0 = 7, Q4_0 = 2)
-SAME_BITS = {"int4": "Q4_0", "int8": "Q8_0", "int8-dynamic": "Q8_0", "fp32": "F32"}
+SAME_BITS = {"int4": "Q4_0", "int8": "Q8_0", "int8-dynamic": "Q8_0", "int8-blocks": "Q8_0", "fp32": "F32"}
 SPM_VOCAB = 8000
 
 

@@ -108,5 +108,9 @@ register_mode(QuantMode("int8-dynamic", "dynamic", "int8 weights, activations qu
                         False, 0.30, 0.98, 0.02, step=DYNAMIC))
 register_mode(QuantMode("fp16", "fp16", "float16 weights and compute; graph inputs/outputs stay float32",
                         False, 0.52, 0.995, 0.001, bits=16, step=FP16))
-register_mode(QuantMode("int4", "nbits", "4-bit block-quantized weights (MatMulNBits), float activations",
-                        False, 0.20, 0.95, 0.05, bits=4, step=NBITS))
+register_mode(QuantMode("int4", "nbits", "4-bit block-quantized expert weights (QMoE / MatMulNBits), 8-bit blocks "
+                        "elsewhere, int8 activations at run time", False, 0.20, 0.95, 0.05, bits=4, step=NBITS))
+# The n-bit step at 8 bits: every weight in 8-bit blocks (onnxruntime's CPU and CUDA contrib kernels), the fast
+# 8-bit mode where those run (int8-dynamic keeps standard ONNX ops for the other targets).
+register_mode(QuantMode("int8-blocks", "nbits", "8-bit block-quantized weights (QMoE / MatMulNBits), int8 "
+                        "activations at run time", False, 0.32, 0.98, 0.02, bits=8))
