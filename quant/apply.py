@@ -63,6 +63,7 @@ class QuantJob:
     overrides: dict = field(default_factory=dict)
     layers: list[ExpertLayer] = field(default_factory=list)
     records: list = field(default_factory=list)  # the passes the step ran (passes.PassRecord), for the report
+    head: set[str] = field(default_factory=set)  # the lm_head MatMul(s)
 
     @property
     def names(self) -> set[str]:
@@ -318,7 +319,8 @@ def run_nbits(job: QuantJob) -> None:
         source = job.scratch("rewritten.onnx")
         save_model(model, source, external_data=True)
         del model
-    blocks = [(matmuls - job.experts, layout.dense_bits, layout.dense_block_size),
+    blocks = [(matmuls - job.experts - job.head, layout.dense_bits, layout.dense_block_size),
+              (matmuls & job.head, layout.head_bits, layout.dense_block_size),
               (matmuls & job.experts, job.bits, layout.expert_block_size),
               (gathers, job.bits, layout.expert_block_size)]
     _nbits(source, job.output, [block for block in blocks if block[0]], job.exclude)

@@ -172,6 +172,22 @@ def _read(model: Path, settings: _Settings) -> _Source:
                    exclude, found)
 
 
+def _head_names(source: "_Source") -> set[str]:
+    """The MatMuls among the targets whose weight has a vocabulary-sized axis: the lm_head (directly, or through
+    the Transpose of a tied embedding)."""
+    if source.vocab is None:
+        return set()
+    inits = {i.name: list(i.dims) for i in source.proto.graph.initializer}
+    transposed = {n.output[0]: n.input[0] for n in source.proto.graph.node if n.op_type == "Transpose"}
+    heads = set()
+    for node in source.targets:
+        if node.op_type == "MatMul" and len(node.input) > 1:
+            weight = transposed.get(node.input[1], node.input[1])
+            if source.vocab in inits.get(weight, []):
+                heads.add(node.name)
+    return heads
+
+
 def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
     """MatMul/Gemm with a 2-D initializer weight (for a MatMul, also one read through a 2-D Transpose: a tied
     lm_head, see ``UntieTransposedWeightPass``) and Gather over an initializer, minus ``exclude``."""
@@ -281,7 +297,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
         job = QuantJob(prepared, quantized, source.targets, source.exclude, expert_names, down_names,
                        settings.mode.bits, scheme=settings.scheme, layout=settings.layout,
                        calibration=None if calibrated is None else calibrated.data,
-                       overrides={} if calibrated is None else calibrated.overrides, layers=_expert_layers(source))
+                       overrides={} if calibrated is None else calibrated.overrides, layers=_expert_layers(source),
+                       head=_head_names(source))
         step.run(job)
         records += job.records
         model = ir.load(quantized)
@@ -351,6 +368,7 @@ def quantize(
     dense_block_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     embedding_bits: int = 8,
     dense_bits: int = 8,
+    head_bits: int = 8,
     fused_experts: bool = True,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
@@ -365,7 +383,8 @@ def quantize(
     perplexity (default: the bundled ``heldout.txt``). ``reference``: the model ``model`` was exported from,
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
-    ``block_size``, ``dense_block_size``, ``dense_bits``, ``embedding_bits``, ``fused_experts`` (int4): see
+    ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``embedding_bits``, ``fused_experts``
+    (int4): see
     ``NBitsLayout``.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
@@ -376,7 +395,8 @@ def quantize(
     started = time.perf_counter()
     model, out = Path(model), Path(out)
     settings = _settings(mode, target, keep_router, down_activations,
-                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts), calibration,
+                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits),
+                         calibration,
                          random_calibration)
     _check_paths(model, out, force)
     source = _read(model, settings)

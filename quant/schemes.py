@@ -146,20 +146,22 @@ class NBitsLayout:
     embedding_bits: int
     dense_bits: int = 8
     fused_experts: bool = True  # each MoE layer's experts as one onnxruntime QMoE node (passes.FuseExpertsPass)
+    head_bits: int = 8  # the lm_head's width (dense_block_size blocks)
 
     def validate(self) -> None:
         for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size)):
             if size < 16 or size & (size - 1):
                 raise MoeportError(f"{label} must be a power of two >= 16, got {size}")
-        for label, bits in (("embedding bits", self.embedding_bits), ("dense bits", self.dense_bits)):
+        for label, bits in (("embedding bits", self.embedding_bits), ("dense bits", self.dense_bits),
+                            ("head bits", self.head_bits)):
             if bits not in (4, 8):
                 raise MoeportError(f"{label} must be 4 or 8, got {bits}")
 
     def describe(self) -> str:
         experts = "one QMoE per layer, " if self.fused_experts else ""
         return (f"expert weights {experts}4-bit blocks of {self.expert_block_size}, other MatMuls {self.dense_bits}-bit "
-                f"blocks of {self.dense_block_size}, embedding {self.embedding_bits}-bit blocks of "
-                f"{self.expert_block_size}")
+                f"blocks of {self.dense_block_size} (lm_head {self.head_bits}-bit), embedding {self.embedding_bits}-bit "
+                f"blocks of {self.expert_block_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

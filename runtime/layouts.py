@@ -53,7 +53,7 @@ TOKENIZER_EXTRAS = ("special_tokens_map.json", "tokenizer.model", "vocab.json", 
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 TRANSFORMERS5_TOKENIZER_CLASSES = ("TokenizersBackend",)
 # Variant file suffixes by quantization mode for runtimes that take any file name (``model_int4.onnx``).
-MODE_SUFFIXES = {mode: f"_{mode}" for mode in ("int4", "int8", "int8-dynamic", "fp16")}
+MODE_SUFFIXES = {mode: f"_{mode}" for mode in ("int4", "int8", "int8-dynamic", "int8-blocks", "fp16")}
 DEFAULT_CONTEXT_LENGTH = 4096  # genai's context_length when config.json names no max_position_embeddings
 
 

@@ -308,8 +308,8 @@ def test_int4_matmulnbits_for_experts(quantized):
     table, scales = (inits[name] for name in (embedding[0].input[0], embedding[0].input[2]))
     assert table.data_type == TensorProto.UINT8 and list(scales.dims) == [table.dims[0], table.dims[1] // 32]
     assert _attributes(embedding[0]) == {"bits": 8, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
-    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 32, "
-                                        "embedding 8-bit blocks of 32")
+    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 32 (lm_head "
+                                        "8-bit), embedding 8-bit blocks of 32")
     # the graph passes around the quantizer, each with what it did or why it did nothing
     assert [p.name for p in result.passes] == [
         "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "UntieTransposedWeightPass", "GemmAsMatMulPass",
@@ -320,7 +320,7 @@ def test_int4_matmulnbits_for_experts(quantized):
 
 
 def test_int4_layout_options(quantized):
-    result = quantized("int4", block_size=64, dense_block_size=16, embedding_bits=4, dense_bits=4,
+    result = quantized("int4", block_size=64, dense_block_size=16, embedding_bits=4, dense_bits=4, head_bits=4,
                        fused_experts=False)
     model = onnx.load(result.output)
     experts = _experts(model)
@@ -330,7 +330,8 @@ def test_int4_layout_options(quantized):
     embedding = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
-        "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False}
+        "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False,
+        "head_bits": 4}
 
 
 def _assert_same_outputs(model, expected_model, tolerance: float) -> None:
@@ -502,6 +503,7 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int4", dense_block_size=8), "dense block size must be a power of two >= 16, got 8"),
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int4", dense_bits=2), "dense bits must be 4 or 8, got 2"),
+        (dict(mode="int4", head_bits=3), "head bits must be 4 or 8, got 3"),
         (dict(mode="int8", calibration=tmp_path / "missing.txt"), "calibration file not found"),
         (dict(mode="int8", target="tpu"), "unknown target 'tpu'"),
         (dict(mode="int8", target="nnapi", down_activations="int16"), "target nnapi cannot run int16 down-projection"),

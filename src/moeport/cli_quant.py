@@ -55,6 +55,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="int4: weights per block for the MatMuls outside the experts (attention, lm_head).")
 @click.option("--dense-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the MatMuls outside the experts (attention, lm_head).")
+@click.option("--head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="int4: width of the lm_head.")
 @click.option("--fused-experts/--no-fused-experts", default=True, show_default=True,
               help="int4: run each MoE layer's experts as one onnxruntime QMoE node (only the selected experts "
                    "run; the routing stays moeport's) instead of per-expert MatMulNBits.")
@@ -66,7 +68,7 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
                  checkpoint, tokenizer, heldout, down_activations, block_size, dense_block_size, dense_bits,
-                 fused_experts, embedding_bits, no_perplexity, latency_runs, force, as_json):
+                 head_bits, fused_experts, embedding_bits, no_perplexity, latency_runs, force, as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
     report size, parity, perplexity and latency."""
     if os.path.isdir(model):
@@ -87,7 +89,8 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           calibration_samples=calibration_samples, random_calibration=random_calibration,
                           keep_router=keep_router, reference=reference, tokenizer=tokenizer or checkpoint,
                           heldout=heldout, block_size=block_size,
-                          dense_block_size=dense_block_size, dense_bits=int(dense_bits), fused_experts=fused_experts,
+                          dense_block_size=dense_block_size, dense_bits=int(dense_bits), head_bits=int(head_bits),
+                          fused_experts=fused_experts,
                           embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
                           perplexity=not no_perplexity, force=force)
