@@ -19,6 +19,7 @@ for the capacity strategy).
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -255,9 +256,23 @@ def export_model(
         with writing(output):
             external = _save(model, staged)
         onnx.checker.check_model(str(staged), full_check=True)
+        # The graph in memory holds the weights the trace made (per-expert slices of the checkpoint's stacked
+        # expert tensors: most of the model); the file has them now, and onnxruntime is about to load its own.
+        # torch.onnx keeps its own references to the graph's values after the export, so the weights are let go
+        # value by value (``del model`` alone freed nothing).
+        ir_version = model.ir_version
+        for value in model.graph.initializers.values():
+            value.const_value = None
+        del model
+        gc.collect()
         validation, dropped = None, None
         if validate:
-            validation, dropped = graph.validate(create_session(staged, "cpu"), validation_shapes)
+            # Without prepacking: onnxruntime would keep a second, packed copy of every MatMul weight, which only
+            # speeds up repeated runs; validation runs a few shapes once. Measured at 24 layers (5.3 GB fp32):
+            # these two steps took the export's peak from 3.86x to see BENCHMARKS.md.
+            session = create_session(staged, "cpu", config={"session.disable_prepacking": "1"})
+            validation, dropped = graph.validate(session, validation_shapes)
+            del session
             if not validation.passed:
                 raise MoeportError(
                     f"exported graph does not match PyTorch (max abs error {validation.max_abs_err:.3g}, routing "
@@ -268,7 +283,7 @@ def export_model(
 
     return ExportResult(
         output=output, family=loaded.info.family, strategy=chosen.name, strategy_reason=reason, opset=opset,
-        ir_version=model.ir_version, info=loaded.info, with_routing=with_routing, output_names=graph.output_names,
+        ir_version=ir_version, info=loaded.info, with_routing=with_routing, output_names=graph.output_names,
         size_bytes=size, external_data=external, source_sha256=source_sha256,
         seconds=time.perf_counter() - started, validation=validation,
         validation_shapes=list(validation_shapes) if validate else [], dropped_slots=dropped, passes=pass_reports,

@@ -166,7 +166,9 @@ def experts_bank(module: nn.Module) -> ExpertBank:
         down_bias = module.down_proj_bias
     # The family's own gate (GLU split, interleaved layouts, clamped activations) or plain activation.
     apply_gate = module._apply_gate if module.has_gate else module.act_fn
-    return ExpertBank([w.detach().clone() for w in gate_up], [w.detach().clone() for w in down], apply_gate,
+    # Views of the model's own tensors: the strategy makes the one contiguous copy per expert that the traced
+    # graph holds (cloning here as well doubled the export's memory for the expert weights).
+    return ExpertBank([w.detach() for w in gate_up], [w.detach() for w in down], apply_gate,
                       None if gate_up_bias is None else gate_up_bias.detach().clone(),
                       None if down_bias is None else down_bias.detach().clone(),
                       glu_act=module.act_fn if _uses_default_gate(module) else None)

@@ -147,26 +147,34 @@ def _splits_glu(bank: ExpertBank, stacked: bool) -> bool:
     return bank.glu_act is not None and not stacked
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` that shares no memory with it (``contiguous()`` alone returns a contiguous
+    tensor itself: the buffer would alias the model's parameter)."""
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def _bank_buffers(bank: ExpertBank, stacked: bool) -> dict[str, torch.Tensor]:
+    """The module buffers the traced graph reads: one copy per expert weight (bank tensors may be views of the
+    model's parameters, which the graph must not alias)."""
     if stacked:
         buffers = {f"{_PREFIX}gate_up": torch.stack(bank.gate_up), f"{_PREFIX}down": torch.stack(bank.down)}
     elif _splits_glu(bank, stacked):
         inter = bank.gate_up[0].shape[1] // 2
-        buffers = {f"{_PREFIX}gate_{e}": w[:, :inter].contiguous() for e, w in enumerate(bank.gate_up)}
-        buffers.update({f"{_PREFIX}up_{e}": w[:, inter:].contiguous() for e, w in enumerate(bank.gate_up)})
-        buffers.update({f"{_PREFIX}down_{e}": w.contiguous() for e, w in enumerate(bank.down)})
+        buffers = {f"{_PREFIX}gate_{e}": _own(w[:, :inter]) for e, w in enumerate(bank.gate_up)}
+        buffers.update({f"{_PREFIX}up_{e}": _own(w[:, inter:]) for e, w in enumerate(bank.gate_up)})
+        buffers.update({f"{_PREFIX}down_{e}": _own(w) for e, w in enumerate(bank.down)})
     else:
-        buffers = {f"{_PREFIX}gate_up_{e}": w.contiguous() for e, w in enumerate(bank.gate_up)}
-        buffers.update({f"{_PREFIX}down_{e}": w.contiguous() for e, w in enumerate(bank.down)})
+        buffers = {f"{_PREFIX}gate_up_{e}": _own(w) for e, w in enumerate(bank.gate_up)}
+        buffers.update({f"{_PREFIX}down_{e}": _own(w) for e, w in enumerate(bank.down)})
     if bank.gate_up_bias is not None:
         if _splits_glu(bank, stacked):
             inter = bank.gate_up_bias.shape[1] // 2
-            buffers[f"{_PREFIX}gate_bias"] = bank.gate_up_bias[:, :inter].contiguous()
-            buffers[f"{_PREFIX}up_bias"] = bank.gate_up_bias[:, inter:].contiguous()
+            buffers[f"{_PREFIX}gate_bias"] = _own(bank.gate_up_bias[:, :inter])
+            buffers[f"{_PREFIX}up_bias"] = _own(bank.gate_up_bias[:, inter:])
         else:
-            buffers[f"{_PREFIX}gate_up_bias"] = bank.gate_up_bias
+            buffers[f"{_PREFIX}gate_up_bias"] = _own(bank.gate_up_bias)
     if bank.down_bias is not None:
-        buffers[f"{_PREFIX}down_bias"] = bank.down_bias
+        buffers[f"{_PREFIX}down_bias"] = _own(bank.down_bias)
     return buffers
 
 

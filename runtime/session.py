@@ -119,7 +119,9 @@ def create_session(
         # onnxruntime infers shapes from constant inputs before it resolves external data for a graph handed
         # over in memory.
         proto = load_model_proto(path, inline_up_to=_INLINE_BYTES if extra_outputs else 0)
-        if extra_outputs:
+        if not extra_outputs:
+            del proto  # a model without external data is all in it: not held while onnxruntime loads its own copy
+        else:
             present = {o.name for o in proto.graph.output}
             proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, elem_type, None)
                                       for name, elem_type in extra_outputs.items() if name not in present)
