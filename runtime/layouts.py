@@ -89,6 +89,9 @@ class Layout:
     files: Callable[["Layout", FolderSource, bool], dict[str, dict]]
     runtime: str = ""  # the package that loads it, for messages
     kv_caches: tuple[str, ...] = (KV_CACHE_CONCAT,)
+    # Whether the onnxruntime the runtime ships runs moeport's QMoE node (quant.passes.FuseExpertsPass): its
+    # variants keep per-expert MatMulNBits when not.
+    fused_experts: bool = True
 
     def check_kv_cache(self, kv_cache: str) -> None:
         if kv_cache not in self.kv_caches:
@@ -410,11 +413,12 @@ def model_and_tokenizer(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return path, None
 
 
-def variant_target(directory: str | os.PathLike, mode: str) -> tuple[Path, Path, Path]:
-    """``(model file, variant file, tokenizer folder)`` for quantizing the model folder ``directory`` to
-    ``mode``: the variant gets the name the folder's runtime looks for (``Layout.variant_suffixes``)."""
+def variant_target(directory: str | os.PathLike, mode: str) -> tuple[Path, Path, Path, Layout]:
+    """``(model file, variant file, tokenizer folder, layout)`` for quantizing the model folder ``directory`` to
+    ``mode``: the variant gets the name the folder's runtime looks for (``Layout.variant_suffixes``); the
+    layout says what that runtime runs (``Layout.fused_experts``)."""
     folder = open_folder(directory)
-    return folder.model, folder.variant(mode), folder.tokenizer_dir
+    return folder.model, folder.variant(mode), folder.tokenizer_dir, folder.layout
 
 
 def genai_overlay(model_file: str) -> str:
@@ -523,6 +527,8 @@ register_layout(Layout(
     marker=(CONFIG, TRANSFORMERS_JS_CONFIG),
     files=_transformers_js_files,
     runtime="transformers.js",
+    # transformers.js 4.3 ships onnxruntime-node 1.30, whose QMoE has no accuracy_level (it refused the file).
+    fused_experts=False,
 ))
 register_layout(Layout(
     name="optimum",

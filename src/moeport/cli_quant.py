@@ -58,8 +58,9 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the lm_head.")
 @click.option("--fused-experts/--no-fused-experts", default=True, show_default=True,
-              help="int4: run each MoE layer's experts as one onnxruntime QMoE node (only the selected experts "
-                   "run; the routing stays moeport's) instead of per-expert MatMulNBits.")
+              help="int4, int8-blocks: run each MoE layer's experts as one onnxruntime QMoE node (only the selected "
+                   "experts run; the routing stays moeport's) instead of per-expert MatMulNBits. A model folder whose "
+                   "runtime cannot load QMoE (transformers.js) always gets MatMulNBits.")
 @click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the embedding table.")
 @click.option("--no-perplexity", is_flag=True, help="Skip the held-out perplexity and routing pass.")
@@ -76,7 +77,8 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
             raise UsageError("-o is not taken with a model folder: the variant is written into it, under the name "
                              "its runtime looks for")
         mode = mode or _schemes.DEFAULT_MODE[target]
-        model, output, own_tokenizer = _layouts.variant_target(model, mode)
+        model, output, own_tokenizer, layout = _layouts.variant_target(model, mode)
+        fused_experts = fused_experts and layout.fused_experts  # what the folder's runtime can load
         tokenizer = tokenizer or checkpoint or own_tokenizer
     elif output is None:
         raise UsageError("give -o FILE for the quantized model (or a model folder instead of a file)")
