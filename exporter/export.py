@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import io
 import json
 import logging
@@ -194,6 +195,13 @@ def _finish(model, *, loaded: LoadedModel, strategy: str, task: str, opset: int,
     model.metadata_props.update({METADATA_PREFIX + k: v for k, v in props.items()})
 
 
+def _release_weights(module: torch.nn.Module) -> None:
+    """Let go of every parameter and buffer of ``module`` (a model nothing else will run again)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
+    gc.collect()
+
+
 def _save(model, path: Path) -> bool:
     """Write ``model`` to ``path``; external data (``<name>.data``) when the weights exceed protobuf's limit."""
     import onnx_ir as ir
@@ -221,10 +229,12 @@ def export_model(
     force: bool = False,
     uniform_kv: bool = False,
     kv_cache: str | None = None,
+    release_model: bool = False,
 ) -> ExportResult:
     """Export an already loaded model (see ``export_checkpoint``). text-generation-with-past only: ``uniform_kv``
     stores every value cache with its key's head size, ``kv_cache`` (concat|shared) how the cache is kept
-    (contract ``KV_CACHES``; default concat)."""
+    (contract ``KV_CACHES``; default concat). ``release_model``: the model's weights may be let go once
+    validation has PyTorch's outputs (``export_checkpoint``, which loaded it; never a caller's own model)."""
     started = time.perf_counter()
     output = Path(output)
     _check_opset(opset)
@@ -267,12 +277,15 @@ def export_model(
         gc.collect()
         validation, dropped = None, None
         if validate:
-            # Without prepacking: onnxruntime would keep a second, packed copy of every MatMul weight, which only
-            # speeds up repeated runs; validation runs a few shapes once. Measured at 24 layers (5.3 GB fp32):
-            # these two steps took the export's peak from 3.86x to see BENCHMARKS.md.
-            session = create_session(staged, "cpu", config={"session.disable_prepacking": "1"})
-            validation, dropped = graph.validate(session, validation_shapes)
-            del session
+            def open_session():
+                # PyTorch's reference outputs are computed by now: a model only this export holds can go first.
+                if release_model:
+                    _release_weights(loaded.model)
+                # Without prepacking: onnxruntime would keep a second, packed copy of every MatMul weight, which
+                # only speeds up repeated runs; validation runs a few shapes once.
+                return create_session(staged, "cpu", config={"session.disable_prepacking": "1"})
+
+            validation, dropped = graph.validate(open_session, validation_shapes)
             if not validation.passed:
                 raise MoeportError(
                     f"exported graph does not match PyTorch (max abs error {validation.max_abs_err:.3g}, routing "
@@ -307,11 +320,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                              options.get("kv_cache"))
     loaded = families.load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     if layout is None:
-        return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), **options)
+        return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), release_model=True, **options)
     output = Path(output)
     with writing(output), tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
         result = export_model(loaded, Path(scratch) / layouts.MODEL_FILE, source_sha256=checkpoint_hash(checkpoint),
-                              uniform_kv=True, **{**options, "force": False})
+                              uniform_kv=True, release_model=True, **{**options, "force": False})
         layouts.write_folder(layout, result.output, checkpoint, output, force=options.get("force", False))
     result.output, result.layout = output, layout
     result.size_bytes = sum(path.stat().st_size for path in output.rglob("*.onnx*"))

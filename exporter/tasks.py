@@ -49,7 +49,7 @@ class TaskGraph:
     dynamic_shapes: dict
     input_names: list[str]
     output_names: list[str]
-    validate: Callable  # (session, shapes) -> (Comparison, dropped slots or None)
+    validate: Callable  # (open_session: () -> onnxruntime session, shapes) -> (Comparison, dropped slots or None)
     input_dim_names: dict[str, dict[int, str]] = field(default_factory=dict)  # names for automatic axes
 
 
@@ -115,12 +115,15 @@ class LogitsModule(nn.Module):
         return (logits, *_routing_outputs(self.layers, routing, self.strategy, self.options))
 
 
-def _compare_runs(loaded, session, strategy, options, runs) -> tuple:
-    """Compare onnxruntime with PyTorch (same strategy, eager) on each (inputs, reference fn) run."""
+def _compare_runs(loaded, open_session, strategy, options, runs) -> tuple:
+    """Compare onnxruntime with PyTorch (same strategy, eager) on each (inputs, reference fn) run.
 
+    PyTorch's outputs are all computed first and ``open_session()`` is called only then: a caller that owns the
+    model can let its weights go in between, so that PyTorch's and onnxruntime's copies of the weights are never
+    in memory at once (the export's peak at 24 layers)."""
     comparator = Comparator(atol=families.get_family(loaded.info.family).tolerance)
     merged, dropped = Comparison(), 0
-    names = [o.name for o in session.get_outputs()]
+    expected = []
     with strategies.use_strategy(loaded.sites, strategy, options, families.export_patches(loaded)):
         for feeds, reference_fn in runs():
             reference = reference_fn(feeds)
@@ -128,11 +131,15 @@ def _compare_runs(loaded, session, strategy, options, runs) -> tuple:
                 for layer in loaded.info.layers:
                     idx = torch.from_numpy(reference[routing_name(layer.label, "experts")])
                     dropped += int(strategy.compute_extras(layer.num_experts, idx, options)["dropped"])
-            actual = dict(zip(names, session.run(None, feeds)))
-            result = comparator.compare(reference, actual, loaded.info.layers)
-            merged.outputs += result.outputs
-            merged.routing += result.routing
-            merged.missing += result.missing
+            expected.append((feeds, reference))
+    session = open_session()
+    names = [o.name for o in session.get_outputs()]
+    for feeds, reference in expected:
+        actual = dict(zip(names, session.run(None, feeds)))
+        result = comparator.compare(reference, actual, loaded.info.layers)
+        merged.outputs += result.outputs
+        merged.routing += result.routing
+        merged.missing += result.missing
     return merged, (dropped if strategy.extra_outputs else None)
 
 
@@ -140,14 +147,14 @@ def _build_logits(loaded, with_routing, strategy, options, example_shape, seed) 
     example = random_inputs(loaded.info, *example_shape, seed=seed)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
 
-    def validate(session, shapes):
+    def validate(open_session, shapes):
         def runs():
             for i, (b, s) in enumerate(shapes):
                 # Inputs without router near-ties: at a tie either expert is right, and outputs would differ.
                 yield families.tie_free_inputs(loaded, b, s, seed=1000 + i), \
                     lambda feeds: families.reference_outputs(loaded, feeds)
 
-        return _compare_runs(loaded, session, strategy, options, runs)
+        return _compare_runs(loaded, open_session, strategy, options, runs)
 
     return TaskGraph(
         module=LogitsModule(loaded, with_routing, strategy, options).eval(),
@@ -280,7 +287,7 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
             feeds[entry.past] = array
         return feeds
 
-    def validate(session, validation_shapes):
+    def validate(open_session, validation_shapes):
         def runs():
             # Per validation shape (batch x prompt length): prefill with an empty past (zero states), row r
             # left-padded by min(r, length - 1) tokens; then one decode step on its presents.
@@ -295,7 +302,7 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
                 mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
                 yield decoder_feeds(mask, next_ids, cache(presents, length + 3)), lambda feeds: reference(feeds)[0]
 
-        return _compare_runs(loaded, session, strategy, options, runs)
+        return _compare_runs(loaded, open_session, strategy, options, runs)
 
     # A KV cache grows along its past axis (or is a buffer of max_sequence columns) and leaves its kv_heads and
     # head_dim axes free; a recurrent state has a fixed shape after the batch.

@@ -62,6 +62,15 @@ class PassRecord:
         return asdict(self)
 
 
+def _outcome(model: ir.Model, done: str | None, idle: str, left: list[str], left_label: str) -> Rewritten:
+    """A pass's result: ``done`` (what it changed) or, when it changed nothing, ``idle`` (why); then the nodes it
+    left alone and why, after ``left_label``."""
+    note = done or idle
+    if left:
+        note += f"; {left_label}: " + ", ".join(left)
+    return Rewritten(model, done is not None, note)
+
+
 class QuantPass(ir.passes.InPlacePass):
     """Base of the passes here: ``call`` returns ``Rewritten``; ``name`` is how reports call the pass."""
 
@@ -183,15 +192,8 @@ class GemmAsMatMulPass(QuantPass):
             ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]],
                                                     [new_nodes[-1].outputs[0]])
             rewritten += 1
-        if rewritten:
-            note = f"rewrote {rewritten} Gemm as MatMul"
-        elif not self.names:
-            note = "no Gemm among the nodes to quantize"
-        else:
-            note = "no named Gemm in the plain form"
-        if left:
-            note += "; left as Gemm: " + ", ".join(left)
-        return Rewritten(model, bool(rewritten), note)
+        idle = "no Gemm among the nodes to quantize" if not self.names else "no named Gemm in the plain form"
+        return _outcome(model, f"rewrote {rewritten} Gemm as MatMul" if rewritten else None, idle, left, "left as Gemm")
 
 
 class UntieTransposedWeightPass(QuantPass):
@@ -314,12 +316,8 @@ class GatherBlockQuantizedPass(QuantPass):
             rewritten.append(node.name)
         if rewritten:
             model.opset_imports.setdefault("com.microsoft", 1)
-            note = f"stored {len(rewritten)} Gather table(s) in 8-bit blocks of {self.block_size}"
-        else:
-            note = "no named Gather to store in blocks"
-        if left:
-            note += "; left alone: " + ", ".join(left)
-        return Rewritten(model, bool(rewritten), note)
+        done = f"stored {len(rewritten)} Gather table(s) in 8-bit blocks of {self.block_size}" if rewritten else None
+        return _outcome(model, done, "no named Gather to store in blocks", left, "left alone")
 
 
 class StampQuantizationPass(QuantPass):
@@ -650,11 +648,6 @@ class FuseExpertsPass(QuantPass):
             fused += 1
         if fused:
             model.opset_imports.setdefault("com.microsoft", 1)
-            note = f"fused the experts of {fused} MoE layer(s) into QMoE ({self.bits}-bit blocks of {self.block_size})"
-        elif not self.layers:
-            note = "no MoE layer to fuse"
-        else:
-            note = "no MoE layer in the sorted dispatch QMoE fuses"
-        if left:
-            note += "; left as MatMuls: " + ", ".join(left)
-        return Rewritten(model, bool(fused), note)
+        done = f"fused the experts of {fused} MoE layer(s) into QMoE ({self.bits}-bit blocks of {self.block_size})"
+        idle = "no MoE layer to fuse" if not self.layers else "no MoE layer in the sorted dispatch QMoE fuses"
+        return _outcome(model, done if fused else None, idle, left, "left as MatMuls")
