@@ -416,11 +416,14 @@ def test_mode_registry_validates():
 def test_a_new_mode_is_one_registration(topk, tmp_path, monkeypatch):
     """A mode carries its apply step: reusing a registered step takes its kind's name; nothing else changes."""
     monkeypatch.setattr(modes_module, "_MODES", dict(modes_module._MODES))
-    mode = register_mode(QuantMode("int8-blocks", "nbits", "8-bit block weights", False, 0.35, 0.95, 0.05, bits=8))
-    assert mode.step is get_mode("int4").step and get_mode("int8-blocks") is mode
-    result = quantize(topk.output, tmp_path / "b.onnx", mode="int8-blocks", latency_runs=0, perplexity=False)
-    nbits = [n for n in onnx.load(result.output).graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 57 and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {8}
+    mode = register_mode(QuantMode("int8-wide", "nbits", "8-bit block weights", False, 0.40, 0.95, 0.05, bits=8))
+    assert mode.step is get_mode("int4").step and get_mode("int8-wide") is mode
+    result = quantize(topk.output, tmp_path / "b.onnx", mode="int8-wide", latency_runs=0, perplexity=False)
+    graph = onnx.load(result.output).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    qmoe = [n for n in graph.node if n.op_type == "QMoE"]
+    assert len(nbits) == 9 and {_attributes(n)["bits"] for n in nbits} == {8}  # attention and lm_head
+    assert len(qmoe) == 2 and {_attributes(n)["expert_weight_bits"] for n in qmoe} == {8}  # the experts
     assert result.to_dict()["mode"]["kind"] == "nbits"
 
 
