@@ -91,7 +91,8 @@ class ApplyStep:
     rewrites the targeted Gemms as MatMul before it runs (``passes.GemmAsMatMulPass``). ``integer_weights``: the
     step stores MatMul weights as integers, so a MatMul over a transposed initializer shared with a Gather (a tied
     lm_head) gets its own weight first (``passes.UntieTransposedWeightPass``); a float step leaves the tie, which
-    onnxruntime folds at load at no cost per step.
+    onnxruntime folds at load at no cost per step. ``targets``: the deployment targets whose runtimes run what the
+    step writes (None: every target; onnxruntime's contrib operators run on its CPU and CUDA providers only).
     """
 
     name: str
@@ -102,6 +103,7 @@ class ApplyStep:
     unprotected_ops: tuple[str, ...] = ()
     gemms_as_matmuls: bool = False
     integer_weights: bool = True
+    targets: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not _STEP_NAME.match(self.name):
@@ -331,4 +333,5 @@ QDQ_STATIC = ApplyStep("qdq_static", run_qdq_static, calibrated=True, down=STATI
 # quantize_dynamic has no Gemm kernel, MatMulNBitsQuantizer skips Gemm: both get the Gemms as MatMuls.
 DYNAMIC = ApplyStep("dynamic", run_dynamic, down=DYNAMIC_DOWN, gemms_as_matmuls=True)
 FP16 = ApplyStep("fp16", run_fp16, integer_weights=False)
-NBITS = ApplyStep("nbits", run_nbits, layout=True, gemms_as_matmuls=True)
+# MatMulNBits, QMoE and GatherBlockQuantized: onnxruntime's CPU (x86, arm) and CUDA kernels.
+NBITS = ApplyStep("nbits", run_nbits, layout=True, gemms_as_matmuls=True, targets=("cpu", "arm", "cuda"))

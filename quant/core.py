@@ -132,6 +132,11 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
         raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     spec = get_mode(mode or DEFAULT_MODE[target])
     step = spec.step
+    if step.targets is not None and target not in step.targets:
+        standard = ", ".join(m.name for m in modes() if m.step.targets is None)
+        raise MoeportError(f"mode {spec.name} writes onnxruntime contrib operators (MatMulNBits, QMoE, "
+                           f"GatherBlockQuantized) that target {target} cannot run; use one of {standard} "
+                           f"({spec.name} runs on: {', '.join(step.targets)})")
     if step.layout:
         layout.validate()
     if not spec.needs_calibration and (calibration is not None or random_calibration):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import warnings
 
 import numpy as np
@@ -507,6 +508,9 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int4", dense_bits=2), "dense bits must be 4 or 8, got 2"),
         (dict(mode="int4", head_bits=3), "head bits must be 4 or 8, got 3"),
+        (dict(mode="int4", target="nnapi"), re.escape("mode int4 writes onnxruntime contrib operators (MatMulNBits, "
+                                                      "QMoE, GatherBlockQuantized) that target nnapi cannot run; use "
+                                                      "one of int8, int8-dynamic, fp16 (int4 runs on: cpu, arm, cuda)")),
         (dict(mode="int8", calibration=tmp_path / "missing.txt"), "calibration file not found"),
         (dict(mode="int8", target="tpu"), "unknown target 'tpu'"),
         (dict(mode="int8", target="nnapi", down_activations="int16"), "target nnapi cannot run int16 down-projection"),
