@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from moeport import _lazy
+from moeport._fs import staged_file
 from moeport.cli import main
 
 
@@ -198,3 +199,28 @@ def test_a_bug_without_an_interrupt_keeps_its_traceback(monkeypatch, sample_chec
     monkeypatch.setattr(_lazy.export, "export_checkpoint", fail)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["export", str(sample_checkpoint("topk")), "-o", str(tmp_path / "m.onnx")])
+
+
+def test_a_ctrl_c_a_library_swallows_still_stops_before_anything_is_written(capsys, monkeypatch, sample_checkpoint,
+                                                                          tmp_path):
+    """torch.onnx once caught a KeyboardInterrupt, retried its capture another way and finished: the SIGINT the CLI
+    recorded still aborts the command, and the staged output is not moved into place."""
+    out = tmp_path / "m.onnx"
+
+    def export_that_swallows_ctrl_c(checkpoint, output, **options):
+        with staged_file(output) as staging:
+            (staging / Path(output).name).write_bytes(b"onnx")
+            try:
+                signal.raise_signal(signal.SIGINT)  # what the user's Ctrl-C does, through the CLI's handler
+            except KeyboardInterrupt:
+                pass  # the library carries on
+
+    monkeypatch.setattr(_lazy.export, "export_checkpoint", export_that_swallows_ctrl_c)
+    code, _, err = run_cli(capsys, "export", str(sample_checkpoint("topk")), "-o", str(out))
+    assert code == 1 and err.strip() == "error: aborted"
+    assert list(tmp_path.iterdir()) == []
+    # the handler is the previous one again, and nothing remembers the interrupt: the next write goes through
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with staged_file(out) as staging:
+        (staging / out.name).write_bytes(b"onnx")
+    assert out.read_bytes() == b"onnx"

@@ -21,6 +21,7 @@ import glob
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -79,6 +80,35 @@ def check_output_directory(path: str | os.PathLike, force: bool, is_ours, not_ou
     return path
 
 
+# A Ctrl-C that a library swallows must still stop the command before it writes anything: torch.onnx retries its
+# capture with another strategy when the first one fails, and a KeyboardInterrupt raised while it imported
+# torch._dynamo came back as such a failure -- the retry succeeded and the export was written. The CLI's SIGINT
+# handler (``record_interrupt``) remembers the interrupt here, and every staged write checks it before moving its
+# output into place.
+_interrupted = threading.Event()
+
+
+def record_interrupt(signum=None, frame=None) -> None:
+    """SIGINT handler: remember the interrupt, then raise KeyboardInterrupt as Python's default handler does."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether a SIGINT was recorded since ``clear_interrupt``."""
+    return _interrupted.is_set()
+
+
+def clear_interrupt() -> None:
+    _interrupted.clear()
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt when a SIGINT was recorded, even if whatever it interrupted carried on."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def _staging_beside(target: Path) -> Path:
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +125,7 @@ def staged_file(target: str | os.PathLike):
     staging = _staging_beside(target)
     try:
         yield staging
+        raise_if_interrupted()
         with writing(target):
             main = staging / target.name
             for companion in sorted(staging.glob(f"{glob.escape(target.name)}?*")):
@@ -113,6 +144,7 @@ def staged_directory(target: str | os.PathLike, replace: bool = False):
     staging = _staging_beside(target)
     try:
         yield staging
+        raise_if_interrupted()
         with writing(target):
             staging.chmod(0o755)  # mkdtemp makes it private; an output is an ordinary directory
             if target.exists() and replace:

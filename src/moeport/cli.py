@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import click
 
-from moeport import _lazy
+from moeport import _fs, _lazy
 from moeport.cli_common import LazyChoice, echo_json
 from moeport.cli_quant import register as _register_quant
 from moeport.cli_runtime import register as _register_runtime
@@ -201,8 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("MOEPORT_DEBUG") == "1"
+    _fs.clear_interrupt()
+    # Ctrl-C is recorded as well as raised, so that one a library swallows still stops the command (_fs).
+    handler = signal.getsignal(signal.SIGINT)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:
+        signal.signal(signal.SIGINT, _fs.record_interrupt)
     try:
         code = cli.main(args=args, prog_name="moeport", standalone_mode=False)
+        if _fs.interrupted():
+            raise KeyboardInterrupt
     except (click.exceptions.Abort, KeyboardInterrupt):
         # click turns Ctrl-C inside a command into Abort; one that lands outside click's own handler (while
         # click unwinds, or in a library's cleanup) arrives as KeyboardInterrupt: the same one line.
@@ -214,19 +224,23 @@ def main(argv: list[str] | None = None) -> None:
     except MoeportError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
-        code = exc.exit_code
+        click.echo(f"error: {'aborted' if _fs.interrupted() else exc}", err=True)
+        code = 1 if _fs.interrupted() else exc.exit_code
     except Exception as exc:
         # A Ctrl-C that lands inside a library's import or error handler can come back wrapped: torch.onnx
         # caught the KeyboardInterrupt raised while torch._dynamo was half imported, failed in its own `except`
         # clause, and raised TorchExportError from that. The user asked to stop, so it is still "aborted";
         # any other exception is a bug and keeps its traceback.
-        if not _caused_by_interrupt(exc):
+        if not (_caused_by_interrupt(exc) or _fs.interrupted()):
             raise
         if debug:
             traceback.print_exc()
         click.echo("error: aborted", err=True)
         code = 1
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, handler)
+        _fs.clear_interrupt()  # the library, called on its own afterwards, starts clean
     sys.exit(code if isinstance(code, int) else 0)
 
 
