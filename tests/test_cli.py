@@ -164,9 +164,11 @@ def test_demo_exports_verifies_benches_and_quantizes(capsys, tmp_path):
 def test_ctrl_c_during_export_prints_one_line_and_leaves_nothing(tmp_path, sample_checkpoint):
     """SIGINT while exporting (torch import, tracing or validation): 'error: aborted', no traceback, no file."""
     out = tmp_path / "m.onnx"
+    # SIGINT as in a terminal: a test run started in the background (nohup) would hand its ignored SIGINT down
     process = subprocess.Popen([sys.executable, "-c", "from moeport.cli import main; main()", "export",
                                 str(sample_checkpoint("topk")), "-o", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(3)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -216,11 +218,17 @@ def test_a_ctrl_c_a_library_swallows_still_stops_before_anything_is_written(caps
                 pass  # the library carries on
 
     monkeypatch.setattr(_lazy.export, "export_checkpoint", export_that_swallows_ctrl_c)
-    code, _, err = run_cli(capsys, "export", str(sample_checkpoint("topk")), "-o", str(out))
+    # Python's own handler, as in a terminal (a CI job started in the background inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = run_cli(capsys, "export", str(sample_checkpoint("topk")), "-o", str(out))
+        handler_after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 1 and err.strip() == "error: aborted"
     assert list(tmp_path.iterdir()) == []
     # the handler is the previous one again, and nothing remembers the interrupt: the next write goes through
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert handler_after is signal.default_int_handler
     with staged_file(out) as staging:
         (staging / out.name).write_bytes(b"onnx")
     assert out.read_bytes() == b"onnx"

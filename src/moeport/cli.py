@@ -205,9 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("MOEPORT_DEBUG") == "1"
     _fs.clear_interrupt()
     # Ctrl-C is recorded as well as raised, so that one a library swallows still stops the command (_fs).
+    # Only over Python's own handler: a process started with SIGINT ignored (nohup, a background job) stays so.
     handler = signal.getsignal(signal.SIGINT)
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    if on_main_thread:
+    recording = threading.current_thread() is threading.main_thread() and handler is signal.default_int_handler
+    if recording:
         signal.signal(signal.SIGINT, _fs.record_interrupt)
     try:
         code = cli.main(args=args, prog_name="moeport", standalone_mode=False)
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: aborted", err=True)
         code = 1
     finally:
-        if on_main_thread:
+        if recording:
             signal.signal(signal.SIGINT, handler)
         _fs.clear_interrupt()  # the library, called on its own afterwards, starts clean
     sys.exit(code if isinstance(code, int) else 0)
