@@ -247,6 +247,32 @@ class UntieTransposedWeightPass(QuantPass):
         return Rewritten(model, False, "no MatMul to quantize reads a transposed initializer")
 
 
+def _block_quantize(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A MatMul weight ``[K, N]`` quantized by onnxruntime's MatMulNBits block kernel (asymmetric, ``block_size``
+    along K, per column): (packed uint8 ``[N, K * bits / 8]``, scales ``[N, K / block]``, zero points
+    ``[N, ceil(K / block * bits / 8)]``)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(weight))
+    rows = packed.shape[0]
+    return packed.reshape(rows, -1), scales.reshape(rows, -1), zero_points.reshape(rows, -1)
+
+
+def _lazy_initializers(graph: ir.Graph, compute: Callable[[], tuple[np.ndarray, ...]],
+                       specs: list[tuple[str, ir.DataType, list[int]]]) -> list[ir.Value]:
+    """One initializer per ``(name, dtype, shape)`` of ``specs``, the i-th holding ``compute()[i]``, computed when
+    the model is written (``compute`` should cache: every tensor calls it)."""
+    made = []
+    for i, (name, dtype, shape) in enumerate(specs):
+        lazy = ir.LazyTensor(lambda i=i: ir.tensor(compute()[i]), dtype=dtype, shape=ir.Shape(shape), name=name)
+        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
+        graph.register_initializer(value)
+        made.append(value)
+    return made
+
+
 class GatherBlockQuantizedPass(QuantPass):
     """Store the tables of the named ``Gather(table [V, H], ids)`` nodes in 8-bit blocks: onnxruntime's
     ``GatherBlockQuantized`` (com.microsoft) over uint8 ``[V, H]`` with a float32 scale and a uint8 zero point
@@ -265,24 +291,6 @@ class GatherBlockQuantizedPass(QuantPass):
         super().__init__()
         self.names, self.block_size = frozenset(names), block_size
 
-    def _quantized(self, table: ir.TensorProtocol) -> Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """A function computing (uint8 [V, H], scales [V, H / block], zero points [V, H / block]) once."""
-
-        @functools.cache
-        def compute():
-            from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                         DefaultWeightOnlyQuantizer)
-
-            config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=False, bits=8)
-            # The kernel quantizes a MatMul weight [K, N] per column in blocks along K: the table transposed
-            # makes each row of the table one column, blocked along H.
-            packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
-                np.ascontiguousarray(table.numpy().T))
-            rows = packed.shape[0]
-            return packed.reshape(rows, -1), scales.reshape(rows, -1), zero_points.reshape(rows, -1)
-
-        return compute
-
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
         rewritten, left = [], []
@@ -296,17 +304,14 @@ class GatherBlockQuantizedPass(QuantPass):
             if hidden % self.block_size:
                 left.append(f"{node.name} (row length {hidden} is not a multiple of {self.block_size})")
                 continue
-            compute = self._quantized(table.const_value)
+            # The table transposed makes each of its rows one MatMul column, blocked along H.
+            compute = functools.cache(lambda table=table.const_value: _block_quantize(table.numpy().T, 8,
+                                                                                      self.block_size))
             blocks = hidden // self.block_size
-            inputs = []
-            for i, (suffix, dtype, shape) in enumerate([("q8", ir.DataType.UINT8, [vocab, hidden]),
-                                                        ("scales", table.dtype, [vocab, blocks]),
-                                                        ("zero_points", ir.DataType.UINT8, [vocab, blocks])]):
-                lazy = ir.LazyTensor(lambda i=i: ir.tensor(compute()[i]), dtype=dtype, shape=ir.Shape(shape),
-                                     name=f"{table.name}_{suffix}")
-                value = ir.Value(name=lazy.name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
-                graph.register_initializer(value)
-                inputs.append(value)
+            inputs = _lazy_initializers(graph, compute, [(f"{table.name}_q8", ir.DataType.UINT8, [vocab, hidden]),
+                                                         (f"{table.name}_scales", table.dtype, [vocab, blocks]),
+                                                         (f"{table.name}_zero_points", ir.DataType.UINT8,
+                                                          [vocab, blocks])])
             gathered = ir.node("GatherBlockQuantized", [inputs[0], node.inputs[1], inputs[1], inputs[2]],
                                attributes={"bits": 8, "block_size": self.block_size, "gather_axis": 0,
                                            "quantize_axis": 1},
@@ -551,11 +556,6 @@ class FuseExpertsPass(QuantPass):
 
         @functools.cache
         def compute():
-            from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                         DefaultWeightOnlyQuantizer)
-
-            quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-                block_size=self.block_size, is_symmetric=False, bits=self.bits))
             parts = []
             for e, matrix in enumerate(matrices):
                 weight = matrix.numpy()
@@ -564,24 +564,15 @@ class FuseExpertsPass(QuantPass):
                     fused = np.empty((weight.shape[0], 2 * weight.shape[1]), dtype=weight.dtype)
                     fused[:, 0::2], fused[:, 1::2] = weight, up
                     weight = fused
-                packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(weight))
-                rows = packed.shape[0]
-                parts.append((packed.reshape(rows, -1), scales.reshape(rows, -1), zero_points.reshape(rows, -1)))
+                parts.append(_block_quantize(weight, self.bits, self.block_size))
             return tuple(np.stack(arrays) for arrays in zip(*parts))
 
         return compute
 
-    def _initializers(self, graph: ir.Graph, name: str, compute, shapes) -> list[ir.Value]:
-        made = []
-        for i, (suffix, dtype, shape) in enumerate(zip(("q", "scales", "zero_points"),
-                                                       (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8),
-                                                       shapes)):
-            lazy = ir.LazyTensor(lambda i=i: ir.tensor(compute()[i]), dtype=dtype, shape=ir.Shape(shape),
-                                 name=f"{name}_{suffix}")
-            value = ir.Value(name=lazy.name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
-            graph.register_initializer(value)
-            made.append(value)
-        return made
+    @staticmethod
+    def _initializers(graph: ir.Graph, name: str, compute, shapes) -> list[ir.Value]:
+        return _lazy_initializers(graph, compute, [(f"{name}_{suffix}", dtype, shape) for suffix, dtype, shape in zip(
+            ("q", "scales", "zero_points"), (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8), shapes)])
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
