@@ -45,8 +45,9 @@ class QuantJob:
     ``<source>.data``); ``output``: the file to write; scratch files go beside ``source`` (``scratch``).
     ``targets``: the nodes to quantize; ``exclude``: node names to leave alone (the routers); ``experts``: the
     expert MatMul names, and ``down``: those of the down projections (``moeport.runtime.moe_graph``).
-    ``bits``: the mode's weight width; ``scheme`` (8-bit steps), ``layout`` (int4), ``calibration`` and its
-    ``overrides`` (onnxruntime TensorQuantOverrides; static quantization); ``layers``: the MoE layers, for steps
+    ``bits``: the mode's weight width; ``scheme`` (8-bit steps), ``layout`` (int4), ``calibration``, the
+    activation ranges ``observed`` on it and the ``overrides`` (onnxruntime TensorQuantOverrides) of static
+    quantization; ``layers``: the MoE layers, for steps
     that fuse a layer's experts (``passes.FuseExpertsPass``).
     """
 
@@ -61,6 +62,7 @@ class QuantJob:
     layout: NBitsLayout | None = None
     calibration: calib.CalibrationSet | None = None
     overrides: dict = field(default_factory=dict)
+    observed: object = None  # onnxruntime TensorsData: calibrated activation ranges (moeport.quant.ranges)
     layers: list[ExpertLayer] = field(default_factory=list)
     records: list = field(default_factory=list)  # the passes the step ran (passes.PassRecord), for the report
     head: set[str] = field(default_factory=set)  # the lm_head MatMul(s)
@@ -239,30 +241,48 @@ def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], 
     write_external(proto, output)
 
 
+def _tensors_of(proto: onnx.ModelProto, names: set[str]) -> set[str]:
+    return {t for node in proto.graph.node if node.name in names for t in (*node.input, *node.output)}
+
+
 def run_qdq_static(job: QuantJob) -> None:
-    """``quantize_static`` in QDQ format: per-channel weights, MinMax-calibrated activations."""
+    """``quantize_static`` in QDQ format: per-channel weights, activations at the ranges calibration observed
+    (``job.observed``, handed over as onnxruntime's calibration cache), in parts of the model
+    (``_on_part``): memory stays at one part's weights, at any model size."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     scheme = job.scheme
-    # 16-bit Q/DQ (the down-projection inputs) needs opset 21: onnxruntime raises the opset itself and
-    # logs a warning asking to verify the result -- which quantize() does (checker, parity, report);
-    # the report notes the new opset instead.
-    with without_log_message("does not support 16-bit integer quantization natively"):
-        quantize_static(
-            str(job.source), str(job.output), calib.as_reader(job.calibration), quant_format=QuantFormat.QDQ,
-            # Only the targeted nodes' types: calibration covers every tensor of these types, and the
-            # attention Softmax input (-inf masked scores) would otherwise yield NaN zero points.
+    cache = job.scratch("calibration.json")
+    save_tensors_data(job.observed, cache)
+    # The prepare passes raised the opset for 16-bit types (IntScheme.opset), so onnxruntime converts nothing.
+    source = job.source
+    graph = onnx.load(str(source), load_external_data=False)
+
+    def static(names: set[str]) -> Callable[[Path, Path], None]:
+        present = _tensors_of(graph, names)  # onnxruntime refuses overrides for tensors the part lacks
+        overrides = {name: value for name, value in job.overrides.items() if name in present}
+        return lambda model, output: quantize_static(
+            str(model), str(output), None, quant_format=QuantFormat.QDQ,
+            # Only the targeted nodes' types: the attention Softmax input (-inf masked scores) would
+            # otherwise yield NaN zero points.
             op_types_to_quantize=sorted({n.op_type for n in job.targets}), per_channel=scheme.per_channel,
             reduce_range=scheme.reduce_range, activation_type=QuantType[scheme.activation_type],
-            weight_type=QuantType[scheme.weight_type], nodes_to_quantize=sorted(job.names),
+            weight_type=QuantType[scheme.weight_type], nodes_to_quantize=sorted(names),
             nodes_to_exclude=sorted(job.exclude), calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=True,
+            calibration_cache_path=str(cache), use_external_data_format=True,
             # DedicatedQDQPair: a tensor read by both a quantized node and the router (the shared experts'
             # Gemm and the gate read the same normed hidden states) gets its own Q/DQ per quantized
             # consumer; without it the router would read the dequantized copy.
             extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True,
-                           "TensorQuantOverrides": job.overrides, "DedicatedQDQPair": True},
+                           "TensorQuantOverrides": overrides, "DedicatedQDQPair": True},
         )
+
+    model = source
+    for i, part in enumerate(_parts(graph, job.names, PART_BYTES)):
+        model = _on_part(model, part, static(part), f"static{i}")
+    del graph
+    os.replace(model, job.output)  # the same directory: its external data stays where the file points
 
 
 def run_dynamic(job: QuantJob) -> None:

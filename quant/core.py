@@ -50,7 +50,8 @@ from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
                                   InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, StampQuantizationPass,
-                                  ExpertLayer, UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model)
+                                  ExpertLayer, UntieTransposedWeightPass, node_metadata_bytes, raise_opset, run_passes,
+                                  save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import DEFAULT_MODE, TARGETS, IntScheme, NBitsLayout, choose_scheme
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
@@ -124,6 +125,7 @@ class _Calibrated:
     report: dict  # QuantizeResult.calibration
     overrides: dict  # onnxruntime TensorQuantOverrides
     warnings: list[str]
+    observed: object  # onnxruntime TensorsData: the observed range of every activation to quantize
 
 
 def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
@@ -242,7 +244,8 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
                                   vocab_size=source.vocab, samples=samples, encoder=encoder)
     found = list(data.warnings)
     expert_inputs = ranges.expert_inputs(source.experts, source.targets)
-    coverage, observed = ranges.coverage(source.path, source.plan, data, source.labels, expert_inputs)
+    activations = ranges.activation_tensors(source.targets, initializers)
+    coverage, observed = ranges.coverage(source.path, source.plan, data, source.labels, expert_inputs, activations)
     overrides = ranges.borrowed_ranges(observed, expert_inputs)
     borrowed = len(overrides)
     if settings.scheme.down_activation_type is not None:  # static: a 16-bit type
@@ -256,7 +259,7 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
                      "activation range instead of their own")
     report = {"source": data.source, "samples": len(data.samples), "tokens": data.tokens,
               "coverage": [c.to_dict() for c in coverage], "borrowed_ranges": borrowed}
-    return _Calibrated(data, report, overrides, found)
+    return _Calibrated(data, report, overrides, found, ranges.tensors_data(observed, activations))
 
 
 def _expert_layers(source: _Source) -> list[ExpertLayer]:
@@ -287,6 +290,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
     if step.gemms_as_matmuls:
         prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"})]
     prepare += [REMOVE_UNUSED]
+    if settings.scheme is not None and settings.scheme.opset is not None:
+        prepare += [raise_opset(settings.scheme.opset)]
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
     expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}
@@ -302,7 +307,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
         job = QuantJob(prepared, quantized, source.targets, source.exclude, expert_names, down_names,
                        settings.mode.bits, scheme=settings.scheme, layout=settings.layout,
                        calibration=None if calibrated is None else calibrated.data,
-                       overrides={} if calibrated is None else calibrated.overrides, layers=_expert_layers(source),
+                       overrides={} if calibrated is None else calibrated.overrides,
+                       observed=None if calibrated is None else calibrated.observed, layers=_expert_layers(source),
                        head=_head_names(source))
         step.run(job)
         records += job.records

@@ -103,6 +103,24 @@ REMOVE_UNUSED = Explained(RemoveUnusedNodesPass(), "removed nodes and initialize
 TOPOLOGICAL_SORT = Explained(TopologicalSortPass(), "put the nodes in topological order",
                              "the nodes were already in topological order")
 
+def raise_opset(opset: int) -> Explained:
+    """onnxscript's version converter (on the graph; weights stay where they are) to ``opset``, for what an
+    apply step will write: 16-bit QuantizeLinear/DequantizeLinear need 21. Done here, not by onnxruntime's
+    quantizer: it converts through protobuf in memory (fails past 2 GB), and given a part of the model it would
+    raise that part only."""
+    from onnxscript.version_converter import ConvertVersionPass
+
+    class RaiseOpsetPass(QuantPass):
+        def call(self, model: ir.Model) -> Rewritten:
+            before = model.opset_imports.get("", 1)
+            if before >= opset:
+                return Rewritten(model, False, f"the model is at opset {before} already (>= {opset})")
+            ConvertVersionPass(target_version=opset, fallback=False)(model)
+            return Rewritten(model, True, f"converted the graph from opset {before} to {opset}")
+
+    return RaiseOpsetPass()
+
+
 # strict_mode off: a node it cannot type (a custom op) leaves that node's outputs untyped instead of the whole graph.
 SHAPE_INFERENCE = Explained(ShapeInferencePass(strict_mode=False), "recorded inferred shapes and types",
                             "shape inference added nothing (or failed; onnx_ir logs why)")

@@ -1,9 +1,16 @@
-"""Calibration ranges for static int8: expert coverage, borrowed ranges for starved experts, 16-bit overrides.
+"""Calibration ranges for static int8: observed ranges, expert coverage, borrowed ranges, 16-bit overrides.
 
-The calibration samples run once through the fp32 model (``coverage``): TopK selections per expert give the
-coverage report, and the observed range of every expert's input ``[tokens_e, K]`` lets ``borrowed_ranges``
-give an expert that saw too few tokens its layer's range. ``wide_down_inputs`` adds the 16-bit type for the
-expert down-projection inputs. Both are onnxruntime ``TensorQuantOverrides`` (tensor name -> list of dicts).
+The calibration samples run once through the fp32 model (``coverage``), one sample at a time, and only running
+minima and maxima are kept: the range of every activation the quantized nodes read or write
+(``activation_tensors``; ``tensors_data`` hands them to onnxruntime as a calibration cache), TopK selections per
+expert for the coverage report, and the rows each expert's input ``[tokens_e, K]`` held, which let
+``borrowed_ranges`` give an expert that saw too few tokens its layer's range. ``wide_down_inputs`` adds the 16-bit
+type for the expert down-projection inputs. Both are onnxruntime ``TensorQuantOverrides`` (tensor name -> list
+of dicts).
+
+Why not onnxruntime's calibrator: it keeps every sample's statistics, writes an augmented copy of the model and
+loads the model once more for it; on a 4-layer granite-shaped model its peak was 9.9x the model's size, and past
+2 GB its in-memory opset conversion fails. Here the memory is one onnxruntime session plus one sample's tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +32,30 @@ def expert_inputs(groups: dict[ExpertGroup, list[onnx.NodeProto]],
     targeted = {n.name for n in weight_nodes}
     return {key: {e: node.input[0] for e, node in enumerate(nodes) if node.name in targeted}
             for key, nodes in groups.items()}
+
+
+def activation_tensors(targets: list[onnx.NodeProto], initializers: set[str]) -> tuple[str, ...]:
+    """The float activations the nodes ``targets`` read or write (graph order, once each): what static
+    quantization puts Q/DQ on. Initializers are weights (quantized from their own values); a Gather's indices
+    are integers."""
+    names = []
+    for node in targets:
+        read = node.input[:1] if node.op_type == "Gather" else node.input
+        names += [name for name in (*read, *node.output) if name and name not in initializers]
+    return tuple(dict.fromkeys(names))
+
+
+def tensors_data(observed: dict[str, list], names: tuple[str, ...]):
+    """onnxruntime ``TensorsData`` (MinMax) of the ``names`` from ``coverage``'s running ranges. A tensor that
+    never held a value gets [0, 0] (scale 1, zero point 0: what onnxruntime's own calibrator gives it)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+
+    data = {}
+    for name in names:
+        low, high, rows = observed[name]
+        low, high = (low, high) if rows else (0.0, 0.0)
+        data[name] = TensorData(lowest=np.array(low, dtype=np.float32), highest=np.array(high, dtype=np.float32))
+    return TensorsData(CalibrationMethod.MinMax, data)
 
 
 def wide_down_inputs(overrides: dict, groups, quant_type: str) -> dict[str, list[dict]]:
@@ -63,10 +94,11 @@ def borrowed_ranges(ranges: dict[str, list], groups) -> dict[str, list[dict]]:
 
 
 def coverage(model_path: Path, plan: RouterPlan, data: calib.CalibrationSet, labels: list[str] | None,
-              expert_inputs: dict[tuple, dict[int, str]]):
+              expert_inputs: dict[tuple, dict[int, str]], observe: tuple[str, ...] = ()):
     """Run the fp32 model on the calibration samples: TopK selections per expert and router, and
-    ``{expert input tensor: [min, max, rows]}`` for ``borrowed_ranges``."""
-    tensors = tuple(name for experts in expert_inputs.values() for name in experts.values())
+    ``{tensor: [min, max, rows]}`` over the expert inputs (for ``borrowed_ranges``) and the ``observe`` tensors."""
+    experts = (name for experts in expert_inputs.values() for name in experts.values())
+    tensors = tuple(dict.fromkeys((*observe, *experts)))
     if not plan.routers and not tensors:
         return [], {}
     session = qual.RouterSession(model_path, [r.indices_output for r in plan.routers], tensors)
@@ -81,9 +113,10 @@ def coverage(model_path: Path, plan: RouterPlan, data: calib.CalibrationSet, lab
             if ids.size:
                 num_experts[r] = max(num_experts[r], int(ids.max()) + 1)
         for name, value in zip(tensors, values):
-            if value.size:
+            if value.size:  # rows: the first axis (an expert's tokens); a range only needs some value
                 ranges[name] = [min(ranges[name][0], float(value.min())), max(ranges[name][1], float(value.max())),
                                 ranges[name][2] + value.shape[0]]
+        del runs, values  # one sample's tensors at a time
     if not plan.routers:
         return [], ranges
     if labels is None or len(labels) != len(plan.routers):

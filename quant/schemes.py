@@ -79,6 +79,12 @@ class IntScheme:
             return replace(self, down_activation_type=None)
         return replace(self, down_activation_type=WIDE[self.activation_type] if wide == "int16" else FLOAT)
 
+    @property
+    def opset(self) -> int | None:
+        """The least opset the scheme's Q/DQ types need (16-bit: 21), None when any will do."""
+        types = (self.activation_type, self.weight_type, self.down_activation_type)
+        return 21 if any(t in WIDE.values() for t in types) else None
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -376,11 +376,13 @@ def test_models_with_external_data_stream_through_every_mode(topk, topk_external
     _assert_same_outputs(external.output, inline.output, tolerance=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["int8-dynamic"])
-def test_quantizing_in_parts_changes_nothing(topk, tmp_path, monkeypatch, mode):
-    """The dynamic quantizer is given the model in parts and the results are spliced back: the same graph and
-    outputs as in one piece."""
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8"])
+def test_quantizing_in_parts_changes_nothing(topk, text_file, tmp_path, monkeypatch, mode):
+    """The dynamic and static quantizers are given the model in parts and the results are spliced back: the same
+    graph and outputs as in one piece."""
     options = dict(mode=mode, latency_runs=0, perplexity=False)
+    if mode == "int8":
+        options["calibration"] = text_file
     whole = quantize(topk.output, tmp_path / "whole.onnx", **options)
     monkeypatch.setattr(apply, "PART_BYTES", 1)  # one part per activation and its readers
     parts = quantize(topk.output, tmp_path / "parts.onnx", **options)
