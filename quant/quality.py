@@ -8,6 +8,7 @@ t+1 (the first byte of each window has no context and is not scored).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -22,7 +23,7 @@ from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
 from moeport.runtime.moe_graph import find_routers, load_graph, tensor_nbytes
 from moeport.runtime.session import create_session
-from moeport.runtime.timing import time_runs
+from moeport.runtime.timing import alternate
 from moeport.runtime.verify import verify
 
 PARITY_SHAPES = ((1, 1), (3, 7), (4, 128))
@@ -61,7 +62,7 @@ class QualityReport:
     heldout_top1: dict[str, float] = field(default_factory=dict)  # per router, same top expert as fp32 ONNX
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
-    notes: list[str] = field(default_factory=list)  # why a measurement is missing
+    notes: list[str] = field(default_factory=list)  # why a measurement is missing or reads as it does
 
     @property
     def size_ratio(self) -> float:
@@ -211,9 +212,16 @@ def heldout_quality(before: Path, after: Path, ids: np.ndarray, routers_before: 
     return math.exp(nll[0] / tokens), math.exp(nll[1] / tokens), tokens, agreement, top1
 
 
-def latency_ms(model: Path, vocab_size: int, runs: int, shape=LATENCY_SHAPE) -> float:
-    """Median wall time of ``runs`` CPU runs on seeded ids ``shape`` after two warm-up runs."""
-    session = create_session(model, "cpu")
+def latency_ms(before: Path, after: Path, vocab_size: int, runs: int, shape=LATENCY_SHAPE) -> tuple[float, float]:
+    """Median CPU wall times (ms) of ``runs`` runs of each model on the same seeded ids ``shape``, side by side:
+    both sessions open with the same threads, taking turns (``moeport.runtime.timing.alternate``), so that the
+    machine's load changes hit both alike. Timed one after the other, the fp32 median of the trained sample
+    varied from 2.1 to 3.8 ms between reports of one run."""
+    sessions = {"before": create_session(before, "cpu"), "after": create_session(after, "cpu")}
     ids = np.random.default_rng(0).integers(0, vocab_size, size=shape, dtype=np.int64)
-    feed = text_feeds(ids, [i.name for i in session.get_inputs()], "latency ids")
-    return statistics.median(time_runs(lambda: session.run(None, feed), runs=runs, warmup=2)) * 1e3
+    calls = {}
+    for name, session in sessions.items():
+        feed = text_feeds(ids, [i.name for i in session.get_inputs()], "latency ids")
+        calls[name] = functools.partial(session.run, None, feed)
+    times = alternate(calls, runs=runs, warmup=2)
+    return statistics.median(times["before"]) * 1e3, statistics.median(times["after"]) * 1e3

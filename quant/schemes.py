@@ -17,8 +17,20 @@ from pathlib import Path
 from moeport.errors import MoeportError
 
 TARGETS = ("cpu", "cuda", "arm", "nnapi", "coreml", "qnn")
-# The mode each target gets when none is asked for: GPUs and Core ML run fp16 natively.
-DEFAULT_MODE = {"cpu": "int8", "arm": "int8", "nnapi": "int8", "qnn": "int8", "cuda": "fp16", "coreml": "fp16"}
+# The mode each target gets when none is asked for. CPUs (x86, arm): 8-bit blocks in onnxruntime's own kernels
+# (QMoE, MatMulNBits, GatherBlockQuantized). On a granite-3.0-1b-a400m-shaped model, 2 threads (BENCHMARKS.md):
+# 51.7 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decoded 1.4 tokens/s
+# (onnxruntime's CPU provider dequantizes the 16-bit-input down projections' weights at every step; 4.6 with
+# 8-bit inputs) at a KL of 1.7e-5. NNAPI and QNN run QDQ natively; GPUs and Core ML run fp16.
+DEFAULT_MODE = {"cpu": "int8-blocks", "arm": "int8-blocks", "nnapi": "int8", "qnn": "int8", "cuda": "fp16",
+                "coreml": "fp16"}
+# What a user who gives calibration data and no mode asks for: the calibrated mode.
+CALIBRATED_MODE = "int8"
+
+
+def default_mode(target: str, calibrated: bool) -> str:
+    """The mode for ``target`` when none is given; ``calibrated``: calibration data was given."""
+    return CALIBRATED_MODE if calibrated else DEFAULT_MODE[target]
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
 # 16-bit activation type matching an 8-bit one's signedness (onnxruntime QuantType names).

@@ -146,15 +146,15 @@ def test_demo_exports_verifies_benches_and_quantizes(capsys, tmp_path):
     shapes = [r["shape"] for r in report["bench"]["results"]]
     assert shapes == ["1x1", "1x64"]
     assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] > 0 for r in report["bench"]["results"])
-    int8, fp16 = report["quantized"]
-    assert (int8["mode"]["name"], fp16["mode"]["name"]) == ("int8", "fp16")
-    for q in (int8, fp16):
+    blocks, int4 = report["quantized"]
+    assert (blocks["mode"]["name"], int4["mode"]["name"]) == ("int8-blocks", "int4")
+    for q in (blocks, int4):
         assert Path(q["output"]).is_file() and q["router"]["kept_float_nodes"] > 0
         quality = q["quality"]
-        assert quality["size_ratio"] < 0.55 and quality["perplexity_after"] > 0 and quality["latency_after_ms"] > 0
+        assert quality["perplexity_after"] > 0 and quality["latency_before_ms"] > 0 and quality["latency_after_ms"] > 0
         assert quality["parity"]["routing_agreement"] is not None
-    assert int8["quality"]["size_ratio"] < 0.4 and int8["calibration"]["tokens"] > 0
-    assert fp16["quality"]["parity"]["routing_agreement"] >= 0.99
+    assert blocks["quality"]["size_ratio"] < 0.4 and int4["quality"]["size_ratio"] < 0.3
+    assert blocks["quality"]["parity"]["routing_agreement"] >= 0.95
     # a second run reuses the checkpoint and replaces its own model
     code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--sample", "switch", "--json",
                            "--no-quantize")

@@ -27,7 +27,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="Quantized ONNX file to write (not for a model folder: the variant goes into it, named as its "
                    "runtime expects).")
 @click.option("--mode", default=None, type=LazyChoice(lambda: [m.name for m in _modes.modes()]),
-              help="Quantization mode (default: int8, or fp16 for --target cuda/coreml).")
+              help="Quantization mode (default: int8-blocks for --target cpu/arm, int8 for nnapi/qnn or when "
+                   "calibration data is given, fp16 for cuda/coreml).")
 @click.option("--target", default="cpu", show_default=True, type=LazyChoice(lambda: list(_schemes.TARGETS)),
               help="Where the model will run: picks the int8 scheme (cpu: by this CPU's VNNI support).")
 @click.option("--calibration", type=click.Path(), default=None,
@@ -76,7 +77,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
         if output is not None:
             raise UsageError("-o is not taken with a model folder: the variant is written into it, under the name "
                              "its runtime looks for")
-        mode = mode or _schemes.DEFAULT_MODE[target]
+        mode = mode or _schemes.default_mode(target, calibration is not None or random_calibration)
         model, output, own_tokenizer, layout = _layouts.variant_target(model, mode)
         fused_experts = fused_experts and layout.fused_experts  # what the folder's runtime can load
         tokenizer = tokenizer or checkpoint or own_tokenizer
