@@ -37,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -359,11 +360,16 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
             routing, top1 = dict(zip(labels, routing.values())), dict(zip(labels, top1.values()))
         report.heldout_routing, report.heldout_top1 = routing, top1
     if latency_runs > 0:
-        report.latency_before_ms, report.latency_after_ms = qual.latency_ms(model, out, source.vocab or 2,
-                                                                            latency_runs)
+        # Held-out text when there is some (an MoE's experts, and so its time, depend on what it routes), the
+        # seeded random ids otherwise.
+        ids = (heldout_ids[:qual.LATENCY_SHAPE[1]][None].astype(np.int64)
+               if heldout_ids is not None and heldout_ids.size >= qual.LATENCY_SHAPE[1] else
+               np.random.default_rng(0).integers(0, source.vocab or 2, size=qual.LATENCY_SHAPE, dtype=np.int64))
+        report.latency_before_ms, report.latency_after_ms = qual.latency_ms(model, out, ids, latency_runs)
+        report.latency_of = qual.latency_kind(model, ids.shape[1])
         if report.latency_after_ms > report.latency_before_ms and report.weights_before < SMALL_WEIGHTS:
             report.notes.append(
-                f"slower than fp32 at {qual.LATENCY_SHAPE[0]}x{qual.LATENCY_SHAPE[1]} here: this model's "
+                f"slower than fp32 here (latency {report.latency_of}): this model's "
                 f"{report.weights_before / 2**20:.1f} MiB of weights fit in the CPU's caches, so its time goes to "
                 "per-kernel overhead, which quantized kernels add to; on a 1.3B-parameter MoE the 8-bit and 4-bit "
                 "block modes decode 3-3.8x faster than fp32 (BENCHMARKS.md)")

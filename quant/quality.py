@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moeport.contract import Reference
+from moeport.contract import LOGITS, Reference, is_cache_input, present_for
 from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
+from moeport.runtime.generate import decoder_feeds, empty_past
 from moeport.runtime.moe_graph import find_routers, load_graph, tensor_nbytes
 from moeport.runtime.session import create_session
 from moeport.runtime.timing import alternate
@@ -62,6 +63,7 @@ class QualityReport:
     heldout_top1: dict[str, float] = field(default_factory=dict)  # per router, same top expert as fp32 ONNX
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
+    latency_of: str = ""  # what was timed (latency_kind)
     notes: list[str] = field(default_factory=list)  # why a measurement is missing or reads as it does
 
     @property
@@ -212,16 +214,34 @@ def heldout_quality(before: Path, after: Path, ids: np.ndarray, routers_before: 
     return math.exp(nll[0] / tokens), math.exp(nll[1] / tokens), tokens, agreement, top1
 
 
-def latency_ms(before: Path, after: Path, vocab_size: int, runs: int, shape=LATENCY_SHAPE) -> tuple[float, float]:
-    """Median CPU wall times (ms) of ``runs`` runs of each model on the same seeded ids ``shape``, side by side:
-    both sessions open with the same threads, taking turns (``moeport.runtime.timing.alternate``), so that the
-    machine's load changes hit both alike. Timed one after the other, the fp32 median of the trained sample
-    varied from 2.1 to 3.8 ms between reports of one run."""
-    sessions = {"before": create_session(before, "cpu"), "after": create_session(after, "cpu")}
-    ids = np.random.default_rng(0).integers(0, vocab_size, size=shape, dtype=np.int64)
-    calls = {}
-    for name, session in sessions.items():
-        feed = text_feeds(ids, [i.name for i in session.get_inputs()], "latency ids")
-        calls[name] = functools.partial(session.run, None, feed)
+def _timed_call(session, ids: np.ndarray):
+    """What a deployment runs most, as a call: for a with-past graph one decode step (the last id) after a
+    prefill of the others, its cache fed back; else the whole ``ids [1, seq]``."""
+    names = [i.name for i in session.get_inputs()]
+    if not any(is_cache_input(name) for name in names):
+        return functools.partial(session.run, None, text_feeds(ids, names, "latency ids"))
+    inputs = [i.name for i in session.get_inputs() if is_cache_input(i.name)]
+    outputs = [present_for(name) for name in inputs]
+    prompt, last = ids[:, :-1], ids[:, -1:]
+    presents = session.run(outputs, decoder_feeds(np.ones_like(prompt), prompt,
+                                                  empty_past(session.get_inputs(), 1, session.get_outputs())))
+    feeds = decoder_feeds(np.ones_like(ids), last, dict(zip(inputs, presents)))
+    return functools.partial(session.run, [LOGITS], feeds)
+
+
+def latency_kind(model: Path, seq: int) -> str:
+    """What ``latency_ms`` times for ``model``, short: ``decode@127`` (one decode step after 127 tokens) or
+    ``1x128``."""
+    names = [i.name for i in load_graph(model).graph.input]
+    return f"decode@{seq - 1}" if any(is_cache_input(n) for n in names) else f"1x{seq}"
+
+
+def latency_ms(before: Path, after: Path, ids: np.ndarray, runs: int) -> tuple[float, float]:
+    """Median CPU wall times (ms) of ``runs`` runs of each model on token ids ``[1, seq]`` (``_timed_call``: a
+    decode step for with-past graphs), side by side: both sessions open with the same threads, taking turns
+    (``moeport.runtime.timing.alternate``), so that the machine's load changes hit both alike. Timed one after
+    the other, the fp32 median of the trained sample varied from 2.1 to 3.8 ms between reports of one run."""
+    calls = {name: _timed_call(create_session(path, "cpu"), ids) for name, path in (("before", before),
+                                                                                      ("after", after))}
     times = alternate(calls, runs=runs, warmup=2)
     return statistics.median(times["before"]) * 1e3, statistics.median(times["after"]) * 1e3

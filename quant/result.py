@@ -22,7 +22,7 @@ class QuantizeWarning(UserWarning):
 
 @dataclass
 class QuantizeResult:
-    """What ``quantize`` did and what it cost. Sizes in bytes, latency in ms for ``[1, 128]`` ids."""
+    """What ``quantize`` did and what it cost. Sizes in bytes, latency in ms (``quality.latency_of`` says of what)."""
 
     input: Path
     output: Path
@@ -120,7 +120,8 @@ class QuantizeResult:
                          f"{q.perplexity_after:12.4f} {q.perplexity_change:+9.2%}  <= +{m.max_perplexity_increase:.1%} "
                          f"{mark[met['perplexity']]}")
         if q.latency_before_ms is not None:
-            lines.append(f"  {'CPU latency 1x128 (ms, median)':<34} {q.latency_before_ms:12.2f} "
+            label = f"CPU latency {q.latency_of or '1x128'} (ms, median)"
+            lines.append(f"  {label:<34} {q.latency_before_ms:12.2f} "
                          f"{q.latency_after_ms:12.2f} {q.latency_after_ms / q.latency_before_ms:9.2f}x")
         if q.parity is not None:
             p = q.parity
