@@ -92,6 +92,13 @@ class Layout:
     # Whether the onnxruntime the runtime ships runs moeport's QMoE node (quant.passes.FuseExpertsPass): its
     # variants keep per-expert MatMulNBits when not.
     fused_experts: bool = True
+    # The variant ``moeport quantize DIR`` writes without --mode; None: the target's default mode
+    # (moeport.quant.schemes.default_mode), which must then be among variant_suffixes.
+    default_mode: str | None = None
+
+    def __post_init__(self):
+        if self.default_mode is not None and self.default_mode not in self.variant_suffixes:
+            raise ValueError(f"layout {self.name!r}: default_mode {self.default_mode!r} has no variant suffix")
 
     def check_kv_cache(self, kv_cache: str) -> None:
         if kv_cache not in self.kv_caches:
@@ -529,6 +536,8 @@ register_layout(Layout(
     runtime="transformers.js",
     # transformers.js 4.3 ships onnxruntime-node 1.30, whose QMoE has no accuracy_level (it refused the file).
     fused_experts=False,
+    # its 8-bit dtypes are QDQ int8 and int8-dynamic; 8-bit blocks have no transformers.js dtype name
+    default_mode="int8",
 ))
 register_layout(Layout(
     name="optimum",

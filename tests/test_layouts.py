@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = list(DEPLOYED)
 PROMPTS = ["the quick brown fox", "hello world! experts route tokens"]
 NEW_TOKENS = 20
-VARIANT_MODES = ("int4", "int8", "fp16")
+VARIANT_MODES = ("int4", "int8", "fp16", None)  # None: no --mode, the cpu default (int8-blocks)
 TRANSFORMERS_JS = "4.3.2"
 OPTIMUM_ONNX = "0.1.0"
 
@@ -96,6 +96,8 @@ def test_registry_refuses_inconsistent_layouts():
         register_layout(Layout(**{**fields, "name": "x1", "model_dir": "../up"}))
     with pytest.raises(ValueError, match="its own file name"):
         register_layout(Layout(**{**fields, "name": "x2", "variant_suffixes": {"int4": "_a", "int8": "_a"}}))
+    with pytest.raises(ValueError, match="default_mode 'int8-blocks' has no variant suffix"):
+        Layout(**{**fields, "name": "x4", "variant_suffixes": {"int4": "_q4"}, "default_mode": "int8-blocks"})
     with pytest.raises(ValueError, match="accepts no model type"):
         register_layout(Layout(**{**fields, "name": "x3", "native_model_types": frozenset(),
                                    "generic_model_type": None}))
@@ -176,9 +178,9 @@ def quantized_genai(deployed, tmp_path_factory):
     """A copy of the Mixtral genai folder with the int4, int8 and fp16 variants ``moeport quantize DIR`` added."""
     folder = Path(shutil.copytree(deployed("mixtral").folder, tmp_path_factory.mktemp("variants") / "genai"))
     for mode in VARIANT_MODES:
+        chosen = ["--mode", mode, "--calibration-samples", "8"] if mode else []
         with pytest.raises(SystemExit) as exit_info:
-            main(["quantize", str(folder), "--mode", mode, "--no-perplexity", "--latency-runs", "0",
-                  "--calibration-samples", "8"])
+            main(["quantize", str(folder), *chosen, "--no-perplexity", "--latency-runs", "0"])
         assert exit_info.value.code in (0, None), mode
     return folder
 
@@ -186,6 +188,7 @@ def quantized_genai(deployed, tmp_path_factory):
 @pytest.mark.parametrize("mode", VARIANT_MODES)
 def test_genai_loads_and_runs_quantized_variants(quantized_genai, mode):
     spec = get_layout("genai")
+    mode = mode or "int8-blocks"
     assert (quantized_genai / spec.variant_file(mode)).is_file()
     _, tokens = genai_greedy(quantized_genai, PROMPTS, model_file=spec.variant_file(mode))
     assert all(len(row) >= 1 and all(0 <= t < 128 for t in row) for row in tokens)
@@ -254,20 +257,23 @@ def test_transformers_js_greedy(deployed, tmp_path):
 def test_transformers_js_quantized_variants(deployed, tmp_path):
     source = deployed("qwen3_moe")
     folder = write_folder("transformers.js", source.onnx, source.checkpoint, tmp_path / "qwen3_moe")
-    dtypes = {"int4": "q4", "int8": "int8", "fp16": "fp16"}  # transformers.js dtype of each variant's suffix
-    for mode in VARIANT_MODES:
+    # None: no --mode, the layout's default (int8: 8-bit blocks have no transformers.js dtype)
+    modes = ("int4", None, "fp16")
+    dtypes = {"int4": "q4", None: "int8", "fp16": "fp16"}  # transformers.js dtype of each variant's suffix
+    for mode in modes:
+        chosen = ["--mode", mode] if mode else []
         with pytest.raises(SystemExit) as exit_info:
-            main(["quantize", str(folder), "--mode", mode, "--no-perplexity", "--latency-runs", "0",
+            main(["quantize", str(folder), *chosen, "--no-perplexity", "--latency-runs", "0",
                   "--calibration-samples", "8"])
         assert exit_info.value.code in (0, None), mode
-        assert (folder / get_layout("transformers.js").variant_file(mode)).is_file()
+        assert (folder / get_layout("transformers.js").variant_file(mode or "int8")).is_file()
     # transformers.js's onnxruntime-node cannot load moeport's QMoE node: its int4 keeps per-expert MatMulNBits
     q4 = onnx.load(folder / get_layout("transformers.js").variant_file("int4"), load_external_data=False)
     ops = {n.op_type for n in q4.graph.node}
     assert "QMoE" not in ops and "MatMulNBits" in ops
     cases = [{"folder": str(folder), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS, "dtype": dtypes[mode]}
-             for mode in VARIANT_MODES]
-    for mode, result in zip(VARIANT_MODES, _run_node(cases, tmp_path)):
+             for mode in modes]
+    for mode, result in zip(modes, _run_node(cases, tmp_path)):
         print(mode, result["tokens"])
         assert all(len(row) >= 1 and all(0 <= t < 128 for t in row) for row in result["tokens"]), mode
 
