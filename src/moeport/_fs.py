@@ -24,6 +24,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -116,23 +117,34 @@ def _staging_beside(target: Path) -> Path:
 
 
 @contextlib.contextmanager
+def _staged(target: Path, commit: Callable[[Path], None]):
+    """Yield a staging directory beside ``target``; when the block succeeds (and no Ctrl-C was recorded),
+    ``commit(staging)`` moves the result into place; the staging directory is removed in every case."""
+    staging = _staging_beside(target)
+    try:
+        yield staging
+        raise_if_interrupted()
+        with writing(target):
+            commit(staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def staged_file(target: str | os.PathLike):
     """Yield a staging directory beside the file ``target``; write ``staging / target.name`` there, with its
     companions named ``target.name + suffix`` (e.g. its external data ``model.onnx.data``). On success the
     companions are moved next to ``target``, then ``target`` itself (it is what points at them); anything
     else in the staging directory is scratch and goes with it. On any exception nothing is moved."""
     target = Path(target)
-    staging = _staging_beside(target)
-    try:
+
+    def commit(staging: Path) -> None:
+        for companion in sorted(staging.glob(f"{glob.escape(target.name)}?*")):
+            os.replace(companion, target.parent / companion.name)
+        os.replace(staging / target.name, target)
+
+    with _staged(target, commit) as staging:
         yield staging
-        raise_if_interrupted()
-        with writing(target):
-            main = staging / target.name
-            for companion in sorted(staging.glob(f"{glob.escape(target.name)}?*")):
-                os.replace(companion, target.parent / companion.name)
-            os.replace(main, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -141,19 +153,17 @@ def staged_directory(target: str | os.PathLike, replace: bool = False):
     rename. ``replace``: an existing ``target`` is removed first (rename cannot replace a non-empty
     directory: a short window without it, never a mixed one); otherwise only an empty one may exist."""
     target = Path(target)
-    staging = _staging_beside(target)
-    try:
+
+    def commit(staging: Path) -> None:
+        staging.chmod(0o755)  # mkdtemp makes it private; an output is an ordinary directory
+        if target.exists() and replace:
+            shutil.rmtree(target)
+        elif target.exists():
+            target.rmdir()  # only an empty directory may be there; rename replaces that one
+        os.replace(staging, target)
+
+    with _staged(target, commit) as staging:
         yield staging
-        raise_if_interrupted()
-        with writing(target):
-            staging.chmod(0o755)  # mkdtemp makes it private; an output is an ordinary directory
-            if target.exists() and replace:
-                shutil.rmtree(target)
-            elif target.exists():
-                target.rmdir()  # only an empty directory may be there; rename replaces that one
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_npz(path: str | os.PathLike, what: str = "inputs") -> dict[str, np.ndarray]:
