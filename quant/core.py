@@ -62,6 +62,8 @@ from moeport.samples import TRAINED_DIR
 DEFAULT_CALIBRATION_SAMPLES = 64
 DEFAULT_DENSE_BLOCK_SIZE = 32
 DEFAULT_LATENCY_RUNS = 20
+# Targets that run on onnxruntime's CPU provider.
+CPU_TARGETS = ("cpu", "arm")
 # Weights below this (bytes) stay in a CPU's caches: the report explains a quantized model that is slower there.
 SMALL_WEIGHTS = 32 * 2**20
 # What quantization adds to a graph (the report counts them).
@@ -443,6 +445,11 @@ def quantize(
     quantized, passes = _write(source, out, settings, calibrated)
     report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
                       perplexity=perplexity, latency_runs=latency_runs, parity_shapes=parity_shapes)
+    if settings.mode.step.calibrated and target in CPU_TARGETS:
+        report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode: onnxruntime's CPU "
+                            "provider runs QDQ int8 as many small kernels and dequantizes 16-bit-input weights at "
+                            "every run (granite-3.0-1b-a400m size: 1.4 decode tokens/s, 4.6 with --down-activations "
+                            "int8, int8-blocks 51.7; BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     return QuantizeResult(
         input=model, output=out, mode=settings.mode, target=target, scheme=settings.scheme, keep_router=keep_router,

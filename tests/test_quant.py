@@ -179,6 +179,7 @@ def test_int8_report(quantized):
     assert "router kept float32: 12 nodes" in text and "perplexity" in text and "routing agreement" in text
     # the 16-bit down-projection Q/DQ needs opset 21; onnxruntime's warning about it is replaced by this note
     assert "opset 20 -> 21" in text
+    assert "for target cpu, int8-blocks is the faster and closer 8-bit mode" in text  # QDQ is for NNAPI / QNN
     assert json.loads(onnx.load(result.output).metadata_props[-1].value)["mode"] == "int8"
 
 
