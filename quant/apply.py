@@ -281,7 +281,6 @@ def run_qdq_static(job: QuantJob) -> None:
     model = source
     for i, part in enumerate(_parts(graph, job.names, PART_BYTES)):
         model = _on_part(model, part, static(part), f"static{i}")
-    del graph
     os.replace(model, job.output)  # the same directory: its external data stays where the file points
 
 

@@ -192,37 +192,6 @@ def load_calibration(
     return CalibrationSet(f"{path} ({encoder.name})", windows)
 
 
-class ProgressReader:
-    """onnxruntime ``CalibrationDataReader`` over a ``CalibrationSet``, with a tqdm bar on stderr."""
-
-    def __init__(self, calibration: CalibrationSet, desc: str = "calibrating"):
-        from tqdm import tqdm
-
-        self._samples = iter(calibration.samples)
-        self._bar = tqdm(total=len(calibration.samples), desc=desc, unit="sample", leave=False)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        sample = next(self._samples, None)
-        if sample is None:
-            self._bar.close()
-        else:
-            self._bar.update(1)
-        return sample
-
-    def rewind(self) -> None:  # part of the reader protocol; one pass is all MinMax needs
-        raise NotImplementedError("ProgressReader is single-pass")
-
-
-def as_reader(calibration: CalibrationSet):
-    """Wrap ``ProgressReader`` in onnxruntime's ABC (it checks ``isinstance``)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class _Reader(ProgressReader, CalibrationDataReader):
-        pass
-
-    return _Reader(calibration)
-
-
 @dataclass
 class ExpertCoverage:
     """Calibration token slots per expert, per router (graph order)."""

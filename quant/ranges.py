@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
@@ -105,7 +106,7 @@ def coverage(model_path: Path, plan: RouterPlan, data: calib.CalibrationSet, lab
     ranges = {name: [np.inf, -np.inf, 0] for name in tensors}
     num_experts = [r.num_experts or 0 for r in plan.routers]
     outputs = []
-    for sample in data.samples:  # one pass: TopK ids first, then the expert inputs
+    for sample in tqdm(data.samples, desc="calibrating", unit="sample", leave=False):  # one pass, one sample at a time
         runs = session.session.run([*session.index_names, *tensors], sample)
         indices, values = runs[:len(session.index_names)], runs[len(session.index_names):]
         outputs.append(indices)
