@@ -28,7 +28,7 @@ import onnx_ir as ir
 from moeport._scoped import logger_level
 from moeport.quant import calibration as calib
 from moeport.quant.passes import (REMOVE_UNUSED, ExpertLayer, FuseExpertsPass, GatherBlockQuantizedPass, SplicePass,
-                                  run_passes, save_model)
+                                  nbits_quantizer_module, run_passes, save_model)
 from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
 from moeport.runtime.moe_graph import tensor_nbytes
 
@@ -216,13 +216,12 @@ NBITS_ACCURACY_LEVEL = 4
 def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], exclude: set[str]) -> None:
     """onnxruntime's MatMulNBitsQuantizer on the model file ``source``, once per ``(MatMul/Gather names, bits,
     block size)`` of ``blocks`` (one load, one write), into ``output``."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    quantizer_class = nbits_quantizer_module().MatMulNBitsQuantizer
     proto = onnx.load(str(source))
     for chosen, bits, block_size in blocks:
         # nodes_to_include only adds to op_types_to_quantize, so everything not chosen is excluded.
         skip = {n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gather")} - chosen
-        quantizer = MatMulNBitsQuantizer(
+        quantizer = quantizer_class(
             proto,
             # Asymmetric blocks: on the trained sample's held-out text, int4 routing agreement 0.947 vs 0.943 for
             # symmetric at 0.179 vs 0.174 of the fp32 size (BENCHMARKS.md).
@@ -232,8 +231,8 @@ def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], 
             quant_axes=(("MatMul", 0), ("Gather", 1)),
         )
         # Like quantize_static's 16-bit case: the quantizer raises the opset to 21 itself; the report notes it.
-        # Its module calls logging.basicConfig(level=INFO) on import, so where nothing configured logging first
-        # (a runtime-only install) it printed a line per node; its INFO records are kept out for this call only.
+        # Its own INFO records (a line per node) are kept out for this call only (and its import leaves the root
+        # logger as it was: passes.nbits_quantizer_module).
         with without_log_message("doesn't support int4 data type", _NBITS_LOGGER), \
                 logger_level(_NBITS_LOGGER, logging.WARNING):
             quantizer.process()

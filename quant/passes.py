@@ -26,7 +26,9 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -265,15 +267,31 @@ class UntieTransposedWeightPass(QuantPass):
         return Rewritten(model, False, "no MatMul to quantize reads a transposed initializer")
 
 
+def nbits_quantizer_module():
+    """onnxruntime's ``matmul_nbits_quantizer`` module, imported with the root logger left as it was.
+
+    Why: the module calls ``logging.basicConfig(level=INFO)`` when first imported. In a process that had not
+    configured logging (the CLI), every library's INFO records then reached stderr -- ``moeport demo`` printed
+    onnx_ir's "Removed 417 unused nodes" after its first n-bit mode. The root logger's level and handlers are
+    recorded before the import and put back after it."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        return importlib.import_module("onnxruntime.quantization.matmul_nbits_quantizer")
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def _block_quantize(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A MatMul weight ``[K, N]`` quantized by onnxruntime's MatMulNBits block kernel (asymmetric, ``block_size``
     along K, per column): (packed uint8 ``[N, K * bits / 8]``, scales ``[N, K / block]``, zero points
     ``[N, ceil(K / block * bits / 8)]``)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 DefaultWeightOnlyQuantizer)
-
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
-    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(weight))
+    nbits = nbits_quantizer_module()
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
+    packed, scales, zero_points = nbits.DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(weight))
     rows = packed.shape[0]
     return packed.reshape(rows, -1), scales.reshape(rows, -1), zero_points.reshape(rows, -1)
 

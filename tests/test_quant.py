@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -215,6 +217,26 @@ def test_quantizers_are_pre_processed_and_log_no_onnxruntime_hints(topk, text_fi
     assert not [m for m in messages if "pre-processing" in m or "opset" in m], messages
     assert "opset 20 -> 21" in result.render()
     assert not list(tmp_path.glob("*prepared*")) and not list(tmp_path.glob(".q.onnx.*"))  # staging cleaned up
+
+
+def test_quantizing_leaves_a_fresh_processs_logging_alone(topk, tmp_path):
+    """In a process that configured no logging (as the CLI runs), quantizing in every mode leaves the root logger
+    at its WARNING level and writes no library INFO line to stderr (onnxruntime's n-bit quantizer module configures the root
+    logger at INFO when imported; then onnx_ir's passes printed their INFO records)."""
+    script = (
+        "import logging, sys\n"
+        "from moeport.quant import quantize\n"
+        "for mode in ('int8-blocks', 'int4', 'int8-dynamic', 'int8-blocks'):\n"
+        "    quantize(sys.argv[1], f'{sys.argv[2]}/{mode}.onnx', mode=mode, latency_runs=0, perplexity=False,"
+        " force=True)\n"
+        "root = logging.getLogger()\n"
+        "print(logging.getLevelName(root.level))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(topk.output), str(tmp_path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    # (onnxruntime's quantizer also calls logging.info() itself, which adds a WARNING-level stderr handler)
+    assert done.stdout.split() == ["WARNING"]
+    assert "[INFO]" not in done.stderr and "Removed" not in done.stderr, done.stderr
 
 
 def test_log_filter_is_removed_and_only_drops_its_message(caplog):
