@@ -420,12 +420,15 @@ def model_and_tokenizer(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return path, None
 
 
-def variant_target(directory: str | os.PathLike, mode: str) -> tuple[Path, Path, Path, Layout]:
-    """``(model file, variant file, tokenizer folder, layout)`` for quantizing the model folder ``directory`` to
-    ``mode``: the variant gets the name the folder's runtime looks for (``Layout.variant_suffixes``); the
-    layout says what that runtime runs (``Layout.fused_experts``)."""
+def variant_target(directory: str | os.PathLike, mode: str | None,
+                   target_default: str) -> tuple[str, Path, Path, Path, Layout]:
+    """``(mode, model file, variant file, tokenizer folder, layout)`` for quantizing the model folder ``directory``
+    to ``mode`` -- None: the layout's ``default_mode``, else ``target_default`` (the target's default mode). The
+    variant gets the name the folder's runtime looks for (``Layout.variant_suffixes``); the layout says what that
+    runtime runs (``Layout.fused_experts``)."""
     folder = open_folder(directory)
-    return folder.model, folder.variant(mode), folder.tokenizer_dir, folder.layout
+    mode = mode or folder.layout.default_mode or target_default
+    return mode, folder.model, folder.variant(mode), folder.tokenizer_dir, folder.layout
 
 
 def genai_overlay(model_file: str) -> str:

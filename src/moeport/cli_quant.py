@@ -77,9 +77,8 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
         if output is not None:
             raise UsageError("-o is not taken with a model folder: the variant is written into it, under the name "
                              "its runtime looks for")
-        mode = mode or _layouts.open_folder(model).layout.default_mode or \
-            _schemes.default_mode(target, calibration is not None or random_calibration)
-        model, output, own_tokenizer, layout = _layouts.variant_target(model, mode)
+        mode, model, output, own_tokenizer, layout = _layouts.variant_target(
+            model, mode, _schemes.default_mode(target, calibration is not None or random_calibration))
         fused_experts = fused_experts and layout.fused_experts  # what the folder's runtime can load
         tokenizer = tokenizer or checkpoint or own_tokenizer
     elif output is None:
