@@ -50,9 +50,9 @@ from moeport.quant import ranges
 from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
-                                  InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, StampQuantizationPass,
-                                  ExpertLayer, UntieTransposedWeightPass, node_metadata_bytes, raise_opset, run_passes,
-                                  save_model)
+                                  InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, RaiseOpsetPass,
+                                  StampQuantizationPass, ExpertLayer, UntieTransposedWeightPass, node_metadata_bytes,
+                                  run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
@@ -296,7 +296,7 @@ def _write(source: _Source, out: Path, settings: _Settings,
         prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"})]
     prepare += [REMOVE_UNUSED]
     if settings.scheme is not None and settings.scheme.opset is not None:
-        prepare += [raise_opset(settings.scheme.opset)]
+        prepare += [RaiseOpsetPass(settings.scheme.opset)]
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
     expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}
@@ -368,7 +368,7 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
                if heldout_ids is not None and heldout_ids.size >= qual.LATENCY_SHAPE[1] else
                np.random.default_rng(0).integers(0, source.vocab or 2, size=qual.LATENCY_SHAPE, dtype=np.int64))
         report.latency_before_ms, report.latency_after_ms = qual.latency_ms(model, out, ids, latency_runs)
-        report.latency_of = qual.latency_kind(model, ids.shape[1])
+        report.latency_of = qual.latency_kind([i.name for i in graph.graph.input], ids.shape[1])
         if report.latency_after_ms > report.latency_before_ms and report.weights_before < SMALL_WEIGHTS:
             report.notes.append(
                 f"slower than fp32 here (latency {report.latency_of}): this model's "

@@ -10,6 +10,7 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
   ``W^T`` initializer, so they are quantized as MatMuls and the embedding table is not dequantized per step;
 - ``GatherBlockQuantizedPass(names, block_size)``: the named embedding Gathers as ``GatherBlockQuantized`` over
   8-bit blocks (one scale and zero point per block of a row);
+- ``RaiseOpsetPass(opset)``: onnxscript's version converter on the graph (16-bit Q/DQ need opset 21);
 - ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
 - ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's
   per-node provenance, and doc strings; the model's own metadata stays);
@@ -105,22 +106,24 @@ REMOVE_UNUSED = Explained(RemoveUnusedNodesPass(), "removed nodes and initialize
 TOPOLOGICAL_SORT = Explained(TopologicalSortPass(), "put the nodes in topological order",
                              "the nodes were already in topological order")
 
-def raise_opset(opset: int) -> Explained:
-    """onnxscript's version converter (on the graph; weights stay where they are) to ``opset``, for what an
-    apply step will write: 16-bit QuantizeLinear/DequantizeLinear need 21. Done here, not by onnxruntime's
-    quantizer: it converts through protobuf in memory (fails past 2 GB), and given a part of the model it would
-    raise that part only."""
-    from onnxscript.version_converter import ConvertVersionPass
+class RaiseOpsetPass(QuantPass):
+    """Convert the graph to ``opset`` with onnxscript's version converter (on the graph; weights stay where they
+    are), for what an apply step will write: 16-bit QuantizeLinear/DequantizeLinear need 21. Done here, not by
+    onnxruntime's quantizer: it converts through protobuf in memory (fails past 2 GB), and given a part of the
+    model it would raise that part only."""
 
-    class RaiseOpsetPass(QuantPass):
-        def call(self, model: ir.Model) -> Rewritten:
-            before = model.opset_imports.get("", 1)
-            if before >= opset:
-                return Rewritten(model, False, f"the model is at opset {before} already (>= {opset})")
-            ConvertVersionPass(target_version=opset, fallback=False)(model)
-            return Rewritten(model, True, f"converted the graph from opset {before} to {opset}")
+    def __init__(self, opset: int):
+        super().__init__()
+        self.opset = opset
 
-    return RaiseOpsetPass()
+    def call(self, model: ir.Model) -> Rewritten:
+        from onnxscript.version_converter import ConvertVersionPass
+
+        before = model.opset_imports.get("", 1)
+        if before >= self.opset:
+            return Rewritten(model, False, f"the model is at opset {before} already (>= {self.opset})")
+        ConvertVersionPass(target_version=self.opset, fallback=False)(model)
+        return Rewritten(model, True, f"converted the graph from opset {before} to {self.opset}")
 
 
 # strict_mode off: a node it cannot type (a custom op) leaves that node's outputs untyped instead of the whole graph.

@@ -218,9 +218,9 @@ def _timed_call(session, ids: np.ndarray):
     """What a deployment runs most, as a call: for a with-past graph one decode step (the last id) after a
     prefill of the others, its cache fed back; else the whole ``ids [1, seq]``."""
     names = [i.name for i in session.get_inputs()]
-    if not any(is_cache_input(name) for name in names):
+    inputs = [name for name in names if is_cache_input(name)]
+    if not inputs:
         return functools.partial(session.run, None, text_feeds(ids, names, "latency ids"))
-    inputs = [i.name for i in session.get_inputs() if is_cache_input(i.name)]
     outputs = [present_for(name) for name in inputs]
     prompt, last = ids[:, :-1], ids[:, -1:]
     presents = session.run(outputs, decoder_feeds(np.ones_like(prompt), prompt,
@@ -229,11 +229,10 @@ def _timed_call(session, ids: np.ndarray):
     return functools.partial(session.run, [LOGITS], feeds)
 
 
-def latency_kind(model: Path, seq: int) -> str:
-    """What ``latency_ms`` times for ``model``, short: ``decode@127`` (one decode step after 127 tokens) or
-    ``1x128``."""
-    names = [i.name for i in load_graph(model).graph.input]
-    return f"decode@{seq - 1}" if any(is_cache_input(n) for n in names) else f"1x{seq}"
+def latency_kind(input_names: list[str], seq: int) -> str:
+    """What ``latency_ms`` times for a model with graph inputs ``input_names``, short: ``decode@127`` (one decode
+    step after 127 tokens) or ``1x128``."""
+    return f"decode@{seq - 1}" if any(is_cache_input(n) for n in input_names) else f"1x{seq}"
 
 
 def latency_ms(before: Path, after: Path, ids: np.ndarray, runs: int) -> tuple[float, float]:
