@@ -204,6 +204,17 @@ def _on_part(source: Path, names: set[str], tool: Callable[[Path, Path], None], 
     return spliced
 
 
+def _in_parts(source: Path, graph: onnx.ModelProto, names: set[str], tool_for: Callable[[set[str]],
+              Callable[[Path, Path], None]], label: str, output: Path) -> None:
+    """Quantize the nodes ``names`` of the model file ``source`` (``graph``: its graph without weights) part by
+    part (``_parts``, ``PART_BYTES``), ``tool_for(part)`` quantizing each (``_on_part``), into ``output`` in the
+    same directory (its external data stays where the file points)."""
+    model = source
+    for i, part in enumerate(_parts(graph, names, PART_BYTES)):
+        model = _on_part(model, part, tool_for(part), f"{label}{i}")
+    os.replace(model, output)
+
+
 _NBITS_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
 # MatMulNBits' accuracy_level 4: the CPU kernels quantize each row of activations to int8 per block and use integer
 # dot products (as llama.cpp's Q4_0 x Q8_0), instead of dequantizing the weights to float32 first. Measured on
@@ -255,8 +266,7 @@ def run_qdq_static(job: QuantJob) -> None:
     cache = job.scratch("calibration.json")
     save_tensors_data(job.observed, cache)
     # The prepare passes raised the opset for 16-bit types (IntScheme.opset), so onnxruntime converts nothing.
-    source = job.source
-    graph = onnx.load(str(source), load_external_data=False)
+    graph = onnx.load(str(job.source), load_external_data=False)
 
     def static(names: set[str]) -> Callable[[Path, Path], None]:
         present = _tensors_of(graph, names)  # onnxruntime refuses overrides for tensors the part lacks
@@ -277,10 +287,7 @@ def run_qdq_static(job: QuantJob) -> None:
                            "TensorQuantOverrides": overrides, "DedicatedQDQPair": True},
         )
 
-    model = source
-    for i, part in enumerate(_parts(graph, job.names, PART_BYTES)):
-        model = _on_part(model, part, static(part), f"static{i}")
-    os.replace(model, job.output)  # the same directory: its external data stays where the file points
+    _in_parts(job.source, graph, job.names, static, "static", job.output)
 
 
 def run_dynamic(job: QuantJob) -> None:
@@ -299,11 +306,8 @@ def run_dynamic(job: QuantJob) -> None:
             nodes_to_quantize=sorted(names), nodes_to_exclude=sorted(job.exclude), use_external_data_format=True)
 
     # In parts: the dynamic quantizer holds three copies of what it is given (see _on_part).
-    model = job.source
-    for i, part in enumerate(_parts(onnx.load(str(job.source), load_external_data=False), job.names - down,
-                                    PART_BYTES)):
-        model = _on_part(model, part, dynamic(part), f"dynamic{i}")
-    os.replace(model, first)  # the same directory: its external data stays where the file points
+    _in_parts(job.source, onnx.load(str(job.source), load_external_data=False), job.names - down, dynamic,
+              "dynamic", first)
     if down:
         _nbits(first, job.output, [(down, 8, DEFAULT_BLOCK_SIZE)], job.exclude)
 
