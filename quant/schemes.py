@@ -27,15 +27,16 @@ DEFAULT_MODE = {"cpu": "int8-blocks", "arm": "int8-blocks", "nnapi": "int8", "qn
 # What a user who gives calibration data and no mode asks for: the calibrated mode.
 CALIBRATED_MODE = "int8"
 
-
-def default_mode(target: str, calibrated: bool) -> str:
-    """The mode for ``target`` when none is given; ``calibrated``: calibration data was given."""
-    return CALIBRATED_MODE if calibrated else DEFAULT_MODE[target]
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
 # 16-bit activation type matching an 8-bit one's signedness (onnxruntime QuantType names).
 WIDE = {"QUInt8": "QUInt16", "QInt8": "QInt16"}
 FLOAT = "float"
+
+
+def default_mode(target: str, calibrated: bool) -> str:
+    """The mode for ``target`` when none is given; ``calibrated``: calibration data was given."""
+    return CALIBRATED_MODE if calibrated else DEFAULT_MODE[target]
 
 
 @dataclass(frozen=True)
