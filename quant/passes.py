@@ -10,6 +10,8 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
   ``W^T`` initializer, so they are quantized as MatMuls and the embedding table is not dequantized per step;
 - ``GatherBlockQuantizedPass(names, block_size)``: the named embedding Gathers as ``GatherBlockQuantized`` over
   8-bit blocks (one scale and zero point per block of a row);
+- ``GroupQueryAttentionPass()``: each self-attention block of a with-past decoder as one onnxruntime
+  ``GroupQueryAttention`` node (cache append, grouped heads, mask and softmax in one kernel);
 - ``RaiseOpsetPass(opset)``: onnxscript's version converter on the graph (16-bit Q/DQ need opset 21);
 - ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
 - ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's
@@ -41,7 +43,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNodesPass, ShapeInferencePass,
                                    TopologicalSortPass)
 
-from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
+from moeport.contract import ATTENTION_MASK, INPUT_IDS, METADATA_PREFIX, QUANTIZATION_KEY
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
 
@@ -681,3 +683,259 @@ class FuseExpertsPass(QuantPass):
         done = f"fused the experts of {fused} MoE layer(s) into QMoE ({self.bits}-bit blocks of {self.block_size})"
         idle = "no MoE layer to fuse" if not self.layers else "no MoE layer in the sorted dispatch QMoE fuses"
         return _outcome(model, done if fused else None, idle, left, "left as MatMuls")
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    """The standard-domain ``op_type`` node that produces ``value``, or None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The single node reading ``value`` when it is a standard-domain ``op_type``, or None."""
+    users = [user for user, _ in value.uses()]
+    return users[0] if len(users) == 1 and users[0].op_type == op_type and users[0].domain in ("", "ai.onnx") \
+        else None
+
+
+def _ints(node: ir.Node, name: str) -> tuple[int, ...] | None:
+    attribute = node.attributes.get(name)
+    return None if attribute is None else tuple(attribute.value)
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+@dataclass
+class _Attention:
+    """One self-attention block as ``GroupQueryAttentionPass`` matched it (see there)."""
+
+    query: ir.Value  # [B, H, S, D], rotary applied
+    key: ir.Value  # [B, KV, S, D], the new keys (rotary applied)
+    value: ir.Value  # [B, KV, S, D], the new values
+    past_key: ir.Value
+    past_value: ir.Value
+    present_key: ir.Value
+    present_value: ir.Value
+    bias: ir.Value  # [B or 1, H or 1, S, T]
+    scale: float
+    heads: int
+    kv_heads: int
+    head_size: int
+    merged: ir.Value  # [B, S, H * D], the context the output projection reads
+
+
+class GroupQueryAttentionPass(QuantPass):
+    """Replace each self-attention block of a with-past decoder with one onnxruntime ``GroupQueryAttention``
+    (com.microsoft) node.
+
+    Why: attention as torch.export writes it is about 45 small kernels per layer (head reshapes and transposes,
+    repeat_kv's Unsqueeze/Expand/Reshape, scale, mask, the score floor, Softmax, two MatMuls, the cache
+    Concats); at decode time each runs on a few kilobytes, so the launches, not the arithmetic, cost. In an int4
+    decode step of the granite-shaped 24-layer model (BENCHMARKS.md) they were about a third of the time.
+    ``GroupQueryAttention`` does the cache append, the grouped heads, the scores, the mask and the softmax in
+    one kernel.
+
+    What it matches (transformers' eager attention with moeport's cache contract): ``present_key =
+    Concat(past_key, k, axis=2)`` and the same for values, graph input to graph output, ``[B, KV, T, D]``;
+    ``scores = MatMul(q [B, H, S, D], Transpose(repeat_kv(present_key), (0, 1, 3, 2))) * scale + bias``
+    (``bias [B or 1, H or 1, S, T]``: the mask, with causality, padding and any sliding window in it), optionally
+    floored (the exporter's ``FloorAttentionScores``), Softmax over the keys, ``MatMul(probs,
+    repeat_kv(present_value))``, Transpose ``(0, 2, 1, 3)``, Reshape to ``[B, S, H * D]``. ``repeat_kv`` is
+    ``Reshape(Expand(Unsqueeze(cache, 2)))`` to ``H`` heads (kv head ``h // (H / KV)`` for head ``h``, the
+    grouping GroupQueryAttention uses) or the cache itself when ``H == KV``. Rotary embeddings stay moeport's
+    nodes (families differ in them); q, k and v are handed over as ``[B, S, N * D]``.
+
+    The node gets ``causal=1``, the same ``scale``, the mask as ``attention_bias``, ``seqlens_k = T - 1`` and
+    ``query_seqlens = S`` for every row (``T`` from ``attention_mask``, ``S`` and ``B`` from ``input_ids``):
+    moeport's batches are one length with padding on the left, which the bias masks, so every row has the whole
+    past. That is exact at every position that is not padding (tests compare both graphs). A padding query with
+    every key masked is undefined in both: transformers averages all values there, GroupQueryAttention those
+    up to its position; no real position reads it (its key and value are masked for all of them).
+
+    Left alone, with the reason in the note: attention with sinks, soft-capping or a scale not on the scores
+    (their scores are not this chain), a cache that is not ``Concat(past, new)`` (the shared buffer), graphs
+    without ``input_ids`` and ``attention_mask`` inputs.
+    """
+
+    def _match(self, softmax: ir.Node, inputs: set[ir.Value], outputs: set[ir.Value]) -> _Attention | str:
+        axis = softmax.attributes.get("axis")
+        if axis is not None and axis.value not in (-1, 3):
+            return "the softmax is not over the keys"
+        scores = softmax.inputs[0]
+        floor = _producer(scores, "Max")
+        if floor is not None:
+            scores = floor.inputs[0]
+        masked = _producer(scores, "Add")
+        if masked is None:
+            return "no mask is added to the scores"
+        for scaled, bias in (tuple(masked.inputs), tuple(reversed(masked.inputs))):
+            scaling = _producer(scaled, "Mul") or _producer(scaled, "Div") or _producer(scaled, "MatMul")
+            if scaling is not None:
+                break
+        else:
+            return "the masked scores are not q @ k^T, scaled or not"
+        if scaling.op_type == "MatMul":  # a scale of 1 (torch.export drops the multiplication)
+            qk, scale = scaling, 1.0
+        else:
+            product, factor = scaling.inputs
+            if _constant(factor) is None and scaling.op_type == "Mul":
+                factor, product = product, factor
+            factor_array = _constant(factor)
+            qk = _producer(product, "MatMul")
+            if factor_array is None or factor_array.size != 1 or qk is None:
+                return "the scale is not one constant on q @ k^T"
+            scale = float(factor_array.reshape(()))
+            scale = 1.0 / scale if scaling.op_type == "Div" else scale
+        query, keys_t = qk.inputs
+        transposed = _producer(keys_t, "Transpose")
+        if transposed is None or _ints(transposed, "perm") != (0, 1, 3, 2):
+            return "the keys are not transposed for q @ k^T"
+        weighted = _only_user(softmax.outputs[0], "MatMul")
+        if weighted is None or weighted.inputs[0] is not softmax.outputs[0]:
+            return "the probabilities do not multiply the values"
+        heads_shape = query.shape
+        if heads_shape is None or len(heads_shape) != 4 or not all(
+                isinstance(heads_shape[i], int) for i in (1, 3)):
+            return "q's heads and head size are not known"
+        heads, head_size = heads_shape[1], heads_shape[3]
+        caches = []
+        for repeated in (transposed.inputs[0], weighted.inputs[1]):
+            cache = self._unrepeated(repeated, heads)
+            concat = _producer(cache, "Concat")
+            if cache is None or concat is None or len(concat.inputs) != 2 or \
+                    concat.attributes.get("axis") is None or concat.attributes["axis"].value not in (2, -2):
+                return "the keys and values are not a cache Concat(past, new) on the sequence axis"
+            if concat.inputs[0] not in inputs or cache not in outputs:
+                return "the cache is not a graph input extended into a graph output"
+            caches.append((concat.inputs[0], concat.inputs[1], cache))
+        (past_key, key, present_key), (past_value, value, present_value) = caches
+        kv_heads = present_key.shape[1] if present_key.shape is not None and len(present_key.shape) == 4 else None
+        if not isinstance(kv_heads, int) or heads % kv_heads or present_key.shape[3] != head_size or \
+                present_value.shape is None or tuple(present_value.shape)[1::2] != (kv_heads, head_size):
+            return "the cache's heads do not group q's, or keys and values differ in head size"
+        back = _only_user(weighted.outputs[0], "Transpose")
+        merge = back and _ints(back, "perm") == (0, 2, 1, 3) and _only_user(back.outputs[0], "Reshape")
+        if not merge or merge.outputs[0].shape is None or len(merge.outputs[0].shape) != 3 or \
+                merge.outputs[0].shape[2] != heads * head_size:
+            return "the context is not merged back to [B, S, H * D]"
+        if bias.shape is None or len(bias.shape) != 4 or bias.dtype != query.dtype:
+            return "the mask is not a [B, 1, S, T] bias"
+        return _Attention(query, key, value, past_key, past_value, present_key, present_value, bias, scale, heads,
+                          kv_heads, head_size, merge.outputs[0])
+
+    @staticmethod
+    def _unrepeated(repeated: ir.Value, heads: int) -> ir.Value | None:
+        """The cache that ``repeated`` ([B, heads, T, D]) repeats with repeat_kv, or ``repeated`` itself."""
+        reshape = _producer(repeated, "Reshape")
+        if reshape is None:
+            return repeated
+        expand = _producer(reshape.inputs[0], "Expand")
+        unsqueeze = expand and _producer(expand.inputs[0], "Unsqueeze")
+        axes = _constant(unsqueeze.inputs[1]) if unsqueeze and len(unsqueeze.inputs) > 1 else None
+        shape = repeated.shape
+        if axes is None or axes.reshape(-1).tolist() not in ([2], [-3]) or shape is None or len(shape) != 4 or \
+                shape[1] != heads:
+            return None
+        return unsqueeze.inputs[0]
+
+    @staticmethod
+    def _as_rows(graph: ir.Graph, value: ir.Value, width: int, name: str) -> tuple[ir.Value, list[ir.Node]]:
+        """``value [B, N, S, D]`` as ``[B, S, N * D]``: the Reshape input it was made from, when it was made by
+        Reshape + Transpose (0, 2, 1, 3) from such a tensor, else a new Transpose + Reshape."""
+        transpose = _producer(value, "Transpose")
+        source = transpose and _ints(transpose, "perm") == (0, 2, 1, 3) and _producer(transpose.inputs[0], "Reshape")
+        if source and source.inputs[0].shape is not None and len(source.inputs[0].shape) == 3 and \
+                source.inputs[0].shape[2] == width:
+            return source.inputs[0], []
+        shape = ir.Value(name=f"{name}_rows_shape", const_value=ir.tensor(np.array([0, 0, width], np.int64)))
+        graph.register_initializer(shape)
+        heads_last = ir.node("Transpose", [value], attributes={"perm": [0, 2, 1, 3]}, name=f"{name}_bsnd")
+        rows = ir.node("Reshape", [heads_last.outputs[0], shape], name=f"{name}_rows")
+        return rows.outputs[0], [heads_last, rows]
+
+    @staticmethod
+    def _lengths(graph: ir.Graph, ids: ir.Value, mask: ir.Value) -> tuple[list[ir.Node], ir.Value, ir.Value, ir.Value]:
+        """Nodes computing, once per graph, ``seqlens_k [B] = T - 1``, ``total_sequence_length = T`` (a scalar) and
+        ``query_seqlens [B] = S`` (int32) from ``input_ids [B, S]`` and ``attention_mask [B, T]``."""
+        def const(name: str, array: np.ndarray) -> ir.Value:
+            value = ir.Value(name=f"moeport_gqa_{name}", const_value=ir.tensor(array))
+            graph.register_initializer(value)
+            return value
+
+        zero, one, two = (const(f"at_{i}", np.array([i], np.int64)) for i in range(3))
+        ids_shape = ir.node("Shape", [ids])
+        mask_shape = ir.node("Shape", [mask])
+        batch = ir.node("Slice", [ids_shape.outputs[0], zero, one])
+        sequence = ir.node("Slice", [ids_shape.outputs[0], one, two])
+        total = ir.node("Slice", [mask_shape.outputs[0], one, two])
+        last = ir.node("Sub", [total.outputs[0], one])
+        rows_last = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
+        seqlens_k = ir.node("Cast", [rows_last.outputs[0]], attributes={"to": ir.DataType.INT32},
+                            name="moeport_gqa_seqlens_k")
+        total_scalar = ir.node("Squeeze", [total.outputs[0], zero])
+        total_length = ir.node("Cast", [total_scalar.outputs[0]], attributes={"to": ir.DataType.INT32},
+                               name="moeport_gqa_total_sequence_length")
+        rows_sequence = ir.node("Expand", [sequence.outputs[0], batch.outputs[0]])
+        query_seqlens = ir.node("Cast", [rows_sequence.outputs[0]], attributes={"to": ir.DataType.INT32},
+                                name="moeport_gqa_query_seqlens")
+        nodes = [ids_shape, mask_shape, batch, sequence, total, last, rows_last, seqlens_k, total_scalar,
+                 total_length, rows_sequence, query_seqlens]
+        return nodes, seqlens_k.outputs[0], total_length.outputs[0], query_seqlens.outputs[0]
+
+    def call(self, model: ir.Model) -> Rewritten:
+        graph = model.graph
+        inputs = {value.name: value for value in graph.inputs}
+        ids, mask = inputs.get(INPUT_IDS), inputs.get(ATTENTION_MASK)
+        if ids is None or mask is None or len(graph) == 0:
+            return _outcome(model, None, f"the graph has no {INPUT_IDS} and {ATTENTION_MASK} inputs", [], "")
+        graph_inputs, graph_outputs = set(graph.inputs), set(graph.outputs)
+        found, left = [], []
+        for node in list(graph):
+            if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and any(
+                    user.op_type == "MatMul" for user, _ in node.outputs[0].uses()):
+                match = self._match(node, graph_inputs, graph_outputs)
+                (left if isinstance(match, str) else found).append(match)
+        if not found:
+            idle = "no attention block had the cache and score chain GroupQueryAttention takes"
+            return _outcome(model, None, idle, sorted(set(left)), "attention left as it was")
+        length_nodes, seqlens_k, total_length, query_seqlens = self._lengths(graph, ids, mask)
+        graph.insert_before(graph.node(0), length_nodes)
+        for number, block in enumerate(found):
+            name = f"moeport_gqa_{number}"
+            added = []
+            rows = []
+            for label, value, heads in (("q", block.query, block.heads), ("k", block.key, block.kv_heads),
+                                        ("v", block.value, block.kv_heads)):
+                row_value, nodes = self._as_rows(graph, value, heads * block.head_size, f"{name}_{label}")
+                rows.append(row_value)
+                added += nodes
+            # The past's head axes are free in moeport's contract (a runtime may start from an empty past of any
+            # [B, *, 0, *]); GroupQueryAttention checks them, so the past is viewed as [B, KV, past, D] (a no-op
+            # on a past the graph wrote).
+            past_shape = ir.Value(name=f"{name}_past_shape", const_value=ir.tensor(
+                np.array([0, block.kv_heads, -1, block.head_size], np.int64)))
+            graph.register_initializer(past_shape)
+            pasts = [ir.node("Reshape", [past, past_shape], name=f"{name}_{label}")
+                     for past, label in ((block.past_key, "past_key"), (block.past_value, "past_value"))]
+            added += pasts
+            attention = ir.node(
+                "GroupQueryAttention",
+                [*rows, pasts[0].outputs[0], pasts[1].outputs[0], seqlens_k, total_length, None, None, None, block.bias,
+                 None, None, None, None, None, query_seqlens],
+                attributes={"num_heads": block.heads, "kv_num_heads": block.kv_heads, "scale": block.scale,
+                            "causal": 1},
+                domain="com.microsoft", num_outputs=3, name=name)
+            graph.insert_before(block.merged.producer(), added + [attention])
+            context, present_key, present_value = attention.outputs
+            for old, new in ((block.merged, context), (block.present_key, present_key),
+                             (block.present_value, present_value)):
+                new.shape, new.type = old.shape, old.type
+                if old.is_graph_output():
+                    graph.outputs[graph.outputs.index(old)] = new
+                    new.name, old.name = old.name, f"{old.name}_replaced"
+                ir.convenience.replace_all_uses_with(old, new)
+        model.opset_imports.setdefault("com.microsoft", 1)
+        done = f"{len(found)} attention block(s) as GroupQueryAttention"
+        return _outcome(model, done, "", sorted(set(left)), "attention left as it was")
