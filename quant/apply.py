@@ -27,8 +27,7 @@ import onnx_ir as ir
 
 from moeport._scoped import logger_level
 from moeport.quant import calibration as calib
-from moeport.quant.passes import (REMOVE_UNUSED, ExpertLayer, FuseExpertsPass, GatherBlockQuantizedPass,
-                                  GroupQueryAttentionPass, SplicePass,
+from moeport.quant.passes import (REMOVE_UNUSED, ExpertLayer, FuseExpertsPass, GatherBlockQuantizedPass, SplicePass,
                                   nbits_quantizer_module, run_passes, save_model)
 from moeport.quant.schemes import DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme, NBitsLayout, WideDown
 from moeport.runtime.moe_graph import tensor_nbytes
@@ -332,8 +331,6 @@ def run_nbits(job: QuantJob) -> None:
     gathers = job.names_of("Gather")
     matmuls = job.names - gathers
     rewrites = []
-    if layout.fused_attention:
-        rewrites.append(GroupQueryAttentionPass())
     if layout.fused_experts and job.layers:
         rewrites.append(FuseExpertsPass(job.layers, job.bits, layout.expert_block_size, NBITS_ACCURACY_LEVEL))
     if layout.embedding_bits == 8 and gathers:

@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ CPU_TARGETS = ("cpu", "arm")
 SMALL_WEIGHTS = 32 * 2**20
 # What quantization adds to a graph (the report counts them).
 _QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul",
-              "MatMulNBits", "GatherBlockQuantized", "QMoE", "GroupQueryAttention", "Cast")
+              "MatMulNBits", "GatherBlockQuantized", "QMoE", "Cast")
 
 
 def bundled_text(name: str) -> Path | None:
@@ -146,9 +146,6 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
                            f"({spec.name} runs on: {', '.join(step.targets)})")
     if step.layout:
         layout.validate()
-        if target not in CPU_TARGETS:
-            # onnxruntime's CUDA GroupQueryAttention computes in float16/bfloat16; these graphs are float32
-            layout = replace(layout, fused_attention=False)
     if not spec.needs_calibration and (calibration is not None or random_calibration):
         raise MoeportError(f"mode {spec.name} uses no calibration data; drop --calibration/--random-calibration")
     scheme = None
@@ -400,7 +397,6 @@ def quantize(
     dense_bits: int = 8,
     head_bits: int = 8,
     fused_experts: bool = True,
-    fused_attention: bool = True,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
@@ -417,8 +413,9 @@ def quantize(
     perplexity (default: the bundled ``heldout.txt``). ``reference``: the model ``model`` was exported from,
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
-    ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``embedding_bits``, ``fused_experts``,
-    ``fused_attention`` (int4, int8-blocks): see ``NBitsLayout``.
+    ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``embedding_bits``, ``fused_experts``
+    (int4): see
+    ``NBitsLayout``.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
@@ -428,8 +425,7 @@ def quantize(
     started = time.perf_counter()
     model, out = Path(model), Path(out)
     settings = _settings(mode, target, keep_router, down_activations,
-                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits,
-                                     fused_attention),
+                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits),
                          calibration,
                          random_calibration)
     _check_paths(model, out, force)

@@ -33,7 +33,7 @@ class QuantizeResult:
     router: RouterPlan
     router_kept_float: dict[str, int]  # op type -> router nodes computing in float32 in the output
     quantized_nodes: dict[str, int]  # nodes handed to the quantizer, by op type
-    output_ops: dict[str, int]  # change in the count of the ops quantize writes (DequantizeLinear, MatMulNBits, QMoE, ...)
+    output_ops: dict[str, int]  # quantization ops in the output (DequantizeLinear, MatMulNBits, ...)
     casts_added: int
     calibration: dict | None
     quality: qual.QualityReport

@@ -166,9 +166,6 @@ class NBitsLayout:
     dense_bits: int = 8
     fused_experts: bool = True  # each MoE layer's experts as one onnxruntime QMoE node (passes.FuseExpertsPass)
     head_bits: int = 8  # the lm_head's width (dense_block_size blocks)
-    # each attention block of a with-past decoder as one onnxruntime GroupQueryAttention node
-    # (passes.GroupQueryAttentionPass); CPU targets only (quantize turns it off for the others)
-    fused_attention: bool = True
 
     def validate(self) -> None:
         for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size)):
@@ -181,10 +178,9 @@ class NBitsLayout:
 
     def describe(self) -> str:
         experts = "one QMoE per layer, " if self.fused_experts else ""
-        attention = ", with-past attention as GroupQueryAttention" if self.fused_attention else ""
         return (f"expert weights {experts}4-bit blocks of {self.expert_block_size}, other MatMuls {self.dense_bits}-bit "
                 f"blocks of {self.dense_block_size} (lm_head {self.head_bits}-bit), embedding {self.embedding_bits}-bit "
-                f"blocks of {self.expert_block_size}{attention}")
+                f"blocks of {self.expert_block_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -92,9 +92,6 @@ class Layout:
     # Whether the onnxruntime the runtime ships runs moeport's QMoE node (quant.passes.FuseExpertsPass): its
     # variants keep per-expert MatMulNBits when not.
     fused_experts: bool = True
-    # Whether it runs moeport's GroupQueryAttention node (quant.passes.GroupQueryAttentionPass, which uses the
-    # query_seqlens input onnxruntime added in 1.32): its variants keep attention as standard ops when not.
-    fused_attention: bool = True
     # The variant ``moeport quantize DIR`` writes without --mode; None: the target's default mode
     # (moeport.quant.schemes.default_mode), which must then be among variant_suffixes.
     default_mode: str | None = None
@@ -542,8 +539,6 @@ register_layout(Layout(
     runtime="transformers.js",
     # transformers.js 4.3 ships onnxruntime-node 1.30, whose QMoE has no accuracy_level (it refused the file).
     fused_experts=False,
-    # onnxruntime-node 1.30's GroupQueryAttention takes 16 inputs, not query_seqlens (it refused the file)
-    fused_attention=False,
     # its 8-bit dtypes are QDQ int8 and int8-dynamic; 8-bit blocks have no transformers.js dtype name
     default_mode="int8",
 ))

@@ -333,13 +333,12 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert table.data_type == TensorProto.UINT8 and list(scales.dims) == [table.dims[0], table.dims[1] // 32]
     assert _attributes(embedding[0]) == {"bits": 8, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
     assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 32 (lm_head "
-                                        "8-bit), embedding 8-bit blocks of 32, with-past attention as "
-                                        "GroupQueryAttention")
+                                        "8-bit), embedding 8-bit blocks of 32")
     # the graph passes around the quantizer, each with what it did or why it did nothing
     assert [p.name for p in result.passes] == [
         "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "UntieTransposedWeightPass", "GemmAsMatMulPass",
-        "RemoveUnusedNodesPass", "ShapeInferencePass", "MarkPreProcessedPass", "GroupQueryAttentionPass",
-        "GatherBlockQuantizedPass", "RemoveUnusedNodesPass", "StampQuantizationPass", "TopologicalSortPass"]
+        "RemoveUnusedNodesPass", "ShapeInferencePass", "MarkPreProcessedPass", "GatherBlockQuantizedPass",
+        "RemoveUnusedNodesPass", "StampQuantizationPass", "TopologicalSortPass"]
     assert all(p.note for p in result.passes) and "graph passes: InlineSmallTensorsPass" in result.render()
     assert result.quality.weights_ratio < 0.2
 
@@ -356,7 +355,7 @@ def test_int4_layout_options(quantized):
     assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
         "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False,
-        "head_bits": 4, "fused_attention": True}
+        "head_bits": 4}
 
 
 def _assert_same_outputs(model, expected_model, tolerance: float) -> None:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 
 pytest.importorskip("transformers")
 
 import hf_families  # noqa: E402  (tests/, on sys.path)
-from moeport.contract import LOGITS, present_for, random_inputs  # noqa: E402
+from moeport.contract import random_inputs  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
-from moeport.quant.passes import REMOVE_UNUSED, GroupQueryAttentionPass, run_passes, save_model  # noqa: E402
-from moeport.runtime.generate import decoder_feeds, empty_past  # noqa: E402
 from moeport.runtime.moe_graph import expert_layers, find_routers, float_router_nodes  # noqa: E402
 from moeport.runtime.session import create_session  # noqa: E402
 
@@ -137,73 +134,3 @@ def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
     record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
     assert not record.modified and "left as MatMuls: layer 0 (" in record.note
     assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
-
-
-def _decode_logits(path, steps, seed=0):
-    """Logits of each with-past step of ``steps`` (``(batch, new tokens)``, the first one left-padded row by row)
-    from an empty past of the contract's free shape ``[3, 0, 0, 0]``, and where they are not padding."""
-    session = create_session(path)
-    presents = [present_for(i.name) for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    past = empty_past(session.get_inputs(), 3)  # no outputs given: the free head axes stay 0
-    assert all(p.shape[1:] == (0, 0, 0) for p in past.values())
-    rng = np.random.default_rng(seed)
-    mask, results = np.zeros((3, 0), np.int64), []
-    for number, new in enumerate(steps):
-        step_mask = np.ones((3, new), np.int64)
-        if number == 0:
-            step_mask[1, :2] = 0
-            step_mask[2, :new - 1] = 0  # one real token: a fully masked row for every other query
-        mask = np.concatenate([mask, step_mask], 1)
-        logits, *past = session.run([LOGITS, *presents], decoder_feeds(mask, rng.integers(3, 64, (3, new)), past))
-        results.append((logits, step_mask.astype(bool)))
-    return results
-
-
-@pytest.mark.parametrize("model_type", ("granitemoe", "qwen3_moe", "mixtral"))
-def test_attention_as_group_query_attention_is_exact_off_padding(deployed, tmp_path, model_type):
-    """GroupQueryAttentionPass on a with-past export: one GroupQueryAttention per layer, no attention Softmax
-    left, and the same logits at every position that is not padding -- a left-padded batched prompt, a batched
-    2-token continuation (onnxruntime needs query_seqlens for it) and a decode step, from an empty past whose
-    head axes are 0 (the contract leaves them free)."""
-    source = deployed(model_type)
-    model = ir.load(source.onnx)
-    records = run_passes(model, [GroupQueryAttentionPass(), REMOVE_UNUSED])
-    layers = source.model.config.num_hidden_layers
-    assert records[0].modified and records[0].note == f"{layers} attention block(s) as GroupQueryAttention"
-    save_model(model, tmp_path / "gqa.onnx", external_data=False)
-    graph = onnx.load(tmp_path / "gqa.onnx")
-    ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("GroupQueryAttention") == layers
-    assert ops.count("Softmax") == len(find_routers(graph).routers)  # only the routers' are left
-    steps = (7, 2, 1)
-    for (before, real), (after, _) in zip(_decode_logits(source.onnx, steps), _decode_logits(tmp_path / "gqa.onnx", steps)):
-        np.testing.assert_allclose(after[real], before[real], atol=1e-5, rtol=0)
-
-
-def test_attention_the_pass_cannot_take_is_left_with_the_reason(deployed):
-    """DeepSeek-V3's multi-head latent attention (keys and values of different head sizes) stays as it was."""
-    model = ir.load(deployed("deepseek_v3").onnx)
-    record = run_passes(model, [GroupQueryAttentionPass()])[0]
-    assert not record.modified
-    assert record.note.startswith("no attention block had the cache and score chain GroupQueryAttention takes; "
-                                  "attention left as it was: ")
-
-
-def test_int4_fuses_attention_on_cpu_targets_only(deployed, tmp_path):
-    """int4 on cpu writes GroupQueryAttention; on cuda (float16-only kernel there) or when asked not to, it
-    keeps attention as standard ops, and the numbers agree."""
-    source = deployed("granitemoe")
-    results = {}
-    for label, options in (("cpu", {}), ("cuda", {"target": "cuda"}), ("off", {"fused_attention": False})):
-        results[label] = quantize(source.onnx, tmp_path / f"{label}.onnx", mode="int4", latency_runs=0,
-                                  perplexity=False, **options)
-    assert results["cpu"].output_ops.get("GroupQueryAttention") == source.model.config.num_hidden_layers
-    assert "with-past attention as GroupQueryAttention" in results["cpu"].render()
-    for label in ("cuda", "off"):
-        assert "GroupQueryAttention" not in results[label].output_ops
-        assert not any(r.name == "GroupQueryAttentionPass" for r in results[label].passes)
-    steps = (5, 1)
-    for (fused, real), (plain, _) in zip(_decode_logits(results["cpu"].output, steps),
-                                         _decode_logits(results["off"].output, steps)):
-        # int4's kernels quantize activations per run: a float reordering may move a value by one step
-        np.testing.assert_allclose(fused[real], plain[real], atol=2e-2, rtol=0)
