@@ -66,6 +66,18 @@ class FamilySpec:
     # for the whole export (tracing and validation) and restored after it; none by default.
     export_patches: Callable[[nn.Module], list[Patch]] = _no_patches
 
+    @classmethod
+    def from_module(cls, module, **fields) -> "FamilySpec":
+        """The spec of a family whose module defines its hooks as functions named like the fields above
+        (``FAMILY_HOOKS``; ``load`` and ``export_patches`` only when it has its own), plus the other ``fields``
+        (name, description, matches, input_names, tolerance)."""
+        hooks = {hook: getattr(module, hook) for hook in FAMILY_HOOKS if hasattr(module, hook)}
+        return cls(**hooks, **fields)
+
+
+# The FamilySpec fields a family module may define as functions of the same name (FamilySpec.from_module).
+FAMILY_HOOKS = ("build", "moe_layers", "describe", "experts_sites", "routing_margins", "load", "export_patches")
+
 
 _FAMILIES: dict[str, FamilySpec] = {}
 

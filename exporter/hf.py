@@ -24,6 +24,7 @@ import inspect
 import os
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,8 +35,8 @@ from torch import nn
 
 from moeport.errors import MoeportError
 from moeport.exporter import families, hf_mixers
-from moeport.contract import (INDEXER_KEY, STATE_KINDS, MoELayerInfo, past_name, present_name, state_past_name,
-                              state_present_name)
+from moeport.contract import (ATTENTION_MASK, INDEXER_KEY, INPUT_IDS, STATE_KINDS, MoELayerInfo, past_name,
+                              present_name, state_past_name, state_present_name)
 from moeport.exporter.families import FamilySpec, LoadedModel, register_family
 from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertBank, ExpertsSite
@@ -436,7 +437,7 @@ def _buffer_layer_class():
     return BufferLayer
 
 
-def _describe(adapter: CausalLMAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:
+def describe(adapter: CausalLMAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:
     """Layer labels from module paths; k from one probe forward (families name it differently)."""
     probe = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
@@ -451,7 +452,7 @@ def _describe(adapter: CausalLMAdapter, experts: list[nn.Module]) -> list[MoELay
 _ROUTER_NAME = re.compile(r"(^|\.)(gate|router)(\.|$)")
 
 
-def _router_logits_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+def routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Per layer, the gap between the k-th and (k+1)-th router logit of each token.
 
     Routers differ per family (softmax, sigmoid + correction bias, grouped top-k); the raw logit gap is
@@ -589,7 +590,7 @@ def load_pretrained(path: str | os.PathLike, trust_pickle: bool = False) -> nn.M
     return model.eval()
 
 
-def _build(config: dict) -> nn.Module:
+def build(config: dict) -> nn.Module:
     """Random-weight model from a config dict (the loader replaces this path for checkpoints)."""
     transformers = _transformers()
     cfg = transformers.AutoConfig.for_model(**config)
@@ -622,16 +623,10 @@ def load(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:
     return loaded
 
 
-SPEC = register_family(FamilySpec(
-    name="transformers",
-    description="Hugging Face transformers causal LMs whose experts use transformers.integrations.moe",
-    matches=_matches,
-    build=_build,
-    moe_layers=lambda adapter: adapter.moe_layers(),
-    describe=_describe,
-    experts_sites=experts_sites,
-    routing_margins=_router_logits_margins,
-    input_names=("input_ids", "attention_mask"),
-    load=load,
-    export_patches=export_patches,
-))
+def moe_layers(adapter: CausalLMAdapter) -> list[nn.Module]:
+    return adapter.moe_layers()
+
+
+SPEC = register_family(FamilySpec.from_module(
+    sys.modules[__name__], name="transformers", matches=_matches, input_names=(INPUT_IDS, ATTENTION_MASK),
+    description="Hugging Face transformers causal LMs whose experts use transformers.integrations.moe"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from moeport.errors import MoeportError
 from moeport.exporter import families
-from moeport.contract import MoELayerInfo
+from moeport.contract import ATTENTION_MASK, INPUT_IDS, MoELayerInfo
 from moeport.exporter.families import FamilySpec, LoadedModel, register_family
 from moeport.exporter.hf import _has_safetensors, _transformers, load_error, quiet_loading
 from moeport.exporter.patching import Patch
@@ -125,7 +126,7 @@ def _experts_forward(dispatch: Callable) -> Callable:
     return forward
 
 
-def _sites(modules: list[nn.Module]) -> list[ExpertsSite]:
+def experts_sites(modules: list[nn.Module]) -> list[ExpertsSite]:
     return [ExpertsSite(module, functools.partial(_bank, module), "forward", _experts_forward) for module in modules]
 
 
@@ -139,11 +140,11 @@ def export_patches(adapter: SwitchAdapter) -> list[Patch]:
             if _is_router(module)]
 
 
-def _describe(adapter: SwitchAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:
+def describe(adapter: SwitchAdapter, experts: list[nn.Module]) -> list[MoELayerInfo]:
     return [MoELayerInfo(label, int(m.num_experts), 1, "switch_top1") for label, m in zip(adapter.labels, experts)]
 
 
-def _margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+def routing_margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Per sparse layer, the gap between the best and second router logit (top-1: the only tie that matters)."""
     adapter: SwitchAdapter = loaded.model
     logits: list[torch.Tensor] = []
@@ -158,7 +159,7 @@ def _margins(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> list[np.ndar
     return margins
 
 
-def _build(config: dict) -> nn.Module:
+def build(config: dict) -> nn.Module:
     transformers = _transformers()
     cfg = transformers.AutoConfig.for_model(**config)
     cfg._attn_implementation = "eager"
@@ -186,16 +187,11 @@ def load(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:
     return loaded
 
 
-SPEC = register_family(FamilySpec(
-    name="switch_transformers",
+def moe_layers(adapter: SwitchAdapter) -> list[nn.Module]:
+    return adapter.experts
+
+
+SPEC = register_family(FamilySpec.from_module(
+    sys.modules[__name__], name="switch_transformers", input_names=(INPUT_IDS, ATTENTION_MASK),
     description="Hugging Face Switch Transformers (encoder-decoder, top-1 router with expert capacity)",
-    matches=lambda config: config.get("model_type") == MODEL_TYPE and "family" not in config,
-    build=_build,
-    moe_layers=lambda adapter: adapter.experts,
-    describe=_describe,
-    experts_sites=_sites,
-    routing_margins=_margins,
-    input_names=("input_ids", "attention_mask"),
-    load=load,
-    export_patches=export_patches,
-))
+    matches=lambda config: config.get("model_type") == MODEL_TYPE and "family" not in config))

@@ -167,7 +167,7 @@ class Unsupported:
     match: str = ""
 
 
-# Families whose router logits the tie-margin hook (hf._router_logits_margins) cannot read, and why;
+# Families whose router logits the tie-margin hook (hf.routing_margins) cannot read, and why;
 # verify then cannot tell a near-tie from a bug for them. The tests check both ways.
 NO_TIE_MARGINS: dict[str, str] = {
     "zaya": "its router scores E+1 classes (a skip expert) and ranks softmax + balancing biases",

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moeport.exporter import families, hf, hf_switch
 from moeport.exporter.export import export_checkpoint
 from tiny_hf import save_char_tokenizer, save_tiny_mixtral
 
@@ -134,3 +135,20 @@ def test_commands_that_need_torch_say_so_in_one_line(exported_files, args):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs PyTorch" in lines[0] and "pip install" in lines[0], result.stderr
+
+
+def test_a_family_module_registers_the_hooks_it_defines():
+    """``FamilySpec.from_module``: the hooks are the module's functions named like the spec's fields; ``load`` and
+    ``export_patches`` keep their defaults where the module has none. The transformers adapter and Switch
+    Transformers register this way."""
+    required = ("build", "moe_layers", "describe", "experts_sites", "routing_margins")
+    module = type(sys)("tiny_family")
+    for hook in required:
+        setattr(module, hook, lambda *args, hook=hook: hook)
+    spec = families.FamilySpec.from_module(module, name="tiny", description="a family", matches=bool)
+    assert [getattr(spec, hook)() for hook in required] == list(required)
+    assert spec.load is None and spec.export_patches is families._no_patches and spec.input_names == ("input_ids",)
+    for family in (hf, hf_switch):
+        assert [getattr(family.SPEC, hook) for hook in families.FAMILY_HOOKS] == [
+            getattr(family, hook) for hook in families.FAMILY_HOOKS]
+        assert family.SPEC.input_names == ("input_ids", "attention_mask")
