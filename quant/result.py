@@ -91,14 +91,18 @@ class QuantizeResult:
         if self.layout is not None:
             lines.append(f"layout: {self.layout.describe()}")
         lines.append("graph passes: " + "; ".join(f"{p.name}: {p.note}" for p in self.passes))
+        # Casts are counted on their own (casts_added, which is negative when the rewrites dropped some): a
+        # "Cast -4" among the ops quantize wrote read as a count of written nodes.
+        written = ", ".join(f"{k} {v}" for k, v in self.output_ops.items() if k != "Cast")
         lines.append("nodes quantized: " + ", ".join(f"{k} {v}" for k, v in self.quantized_nodes.items())
-                     + "; output ops: " + ", ".join(f"{k} {v}" for k, v in self.output_ops.items()))
+                     + f"; ops written: {written or 'none'}")
+        casts = f"casts added: {self.casts_added}" if self.casts_added >= 0 else f"casts removed: {-self.casts_added}"
         if self.keep_router:
             ops = ", ".join(f"{k} {v}" for k, v in self.router_kept_float.items())
             lines.append(f"router kept float32: {sum(self.router_kept_float.values())} nodes in {len(self.router.routers)} "
-                         f"routers ({ops}); casts added: {self.casts_added}")
+                         f"routers ({ops}); {casts}")
         else:
-            lines.append(f"router NOT protected (--no-keep-router); casts added: {self.casts_added}")
+            lines.append(f"router NOT protected (--no-keep-router); {casts}")
         if self.calibration:
             c = self.calibration
             borrowed = f"; {c['borrowed_ranges']} starved expert inputs use their layer's range" \

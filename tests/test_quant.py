@@ -340,6 +340,13 @@ def test_int4_matmulnbits_for_experts(quantized):
         "RemoveUnusedNodesPass", "ShapeInferencePass", "MarkPreProcessedPass", "GatherBlockQuantizedPass",
         "RemoveUnusedNodesPass", "StampQuantizationPass", "TopologicalSortPass"]
     assert all(p.note for p in result.passes) and "graph passes: InlineSmallTensorsPass" in result.render()
+    # the report lists the ops quantize wrote as counts of nodes (Casts, which rewrites also drop, on their own)
+    lines = result.render().splitlines()
+    written = next(line for line in lines if line.startswith("nodes quantized:")).split("; ops written: ")[1]
+    assert written.startswith("MatMulNBits ") and "Cast" not in written and "-" not in written, written
+    router_line = next(line for line in lines if line.startswith("router kept float32:"))
+    assert router_line.endswith(f"casts removed: {-result.casts_added}" if result.casts_added < 0
+                                else f"casts added: {result.casts_added}")
     assert result.quality.weights_ratio < 0.2
 
 
