@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNodesPass, ShapeInferencePass,
                                    TopologicalSortPass)
 
+from moeport._scoped import logger_kept
 from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
@@ -276,15 +276,9 @@ def nbits_quantizer_module():
     Why: the module calls ``logging.basicConfig(level=INFO)`` when first imported. In a process that had not
     configured logging (the CLI), every library's INFO records then reached stderr -- ``moeport demo`` printed
     onnx_ir's "Removed 417 unused nodes" after its first n-bit mode. The root logger's level and handlers are
-    recorded before the import and put back after it."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    try:
+    recorded before the import and put back after it (``_scoped.logger_kept``)."""
+    with logger_kept():
         return importlib.import_module("onnxruntime.quantization.matmul_nbits_quantizer")
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def _block_quantize(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
