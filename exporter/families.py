@@ -85,8 +85,9 @@ _FAMILIES: dict[str, FamilySpec] = {}
 def register_family(spec: FamilySpec) -> FamilySpec:
     if spec.name in _FAMILIES:
         raise ValueError(f"model family {spec.name!r} is already registered")
-    for attr in ("matches", "build", "moe_layers", "describe", "experts_sites", "routing_margins", "export_patches"):
-        if not callable(getattr(spec, attr)):
+    for attr in ("matches", *FAMILY_HOOKS):
+        hook = getattr(spec, attr)
+        if not (callable(hook) or (attr == "load" and hook is None)):  # no load: the default loader
             raise TypeError(f"family {spec.name!r}: {attr} must be callable")
     _FAMILIES[spec.name] = spec
     return spec

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -148,6 +149,11 @@ def test_a_family_module_registers_the_hooks_it_defines():
     spec = families.FamilySpec.from_module(module, name="tiny", description="a family", matches=bool)
     assert [getattr(spec, hook)() for hook in required] == list(required)
     assert spec.load is None and spec.export_patches is families._no_patches and spec.input_names == ("input_ids",)
+    # registration checks every hook (load may be absent: the default loader), and registers nothing it refuses
+    for hook, value in (("describe", None), ("load", "not a function")):
+        with pytest.raises(TypeError, match=f"family 'tiny': {hook} must be callable"):
+            families.register_family(dataclasses.replace(spec, **{hook: value}))
+    assert "tiny" not in [f.name for f in families.families()]
     for family in (hf, hf_switch):
         assert [getattr(family.SPEC, hook) for hook in families.FAMILY_HOOKS] == [
             getattr(family, hook) for hook in families.FAMILY_HOOKS]
