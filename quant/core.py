@@ -47,7 +47,7 @@ from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant import ranges
-from moeport.quant.apply import DEFAULT_BLOCK_SIZE, QuantJob
+from moeport.quant.apply import QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
                                   InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, RaiseOpsetPass,
@@ -155,6 +155,17 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
         takers = " and ".join(m.name for m in modes() if m.step.down is not None)
         raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
     return _Settings(spec, target, keep_router, scheme, layout if step.layout else None)
+
+
+def _block_widths(source: _Source) -> set[int]:
+    """The widths the expert block size must divide: each expert weight's input width (K of ``[K, N]``) and the
+    embedding table's row length."""
+    dims = {init.name: list(init.dims) for init in source.proto.graph.initializer}
+    experts = [dims.get(node.input[1]) for nodes in source.experts.values() for node in nodes
+               if node.op_type == "MatMul"]
+    tables = [dims.get(node.input[0]) for node in source.targets if node.op_type == "Gather"]
+    return {shape[0] for shape in experts if shape and len(shape) == 2} | \
+        {shape[1] for shape in tables if shape and len(shape) == 2}
 
 
 def _check_paths(model: Path, out: Path, force: bool) -> None:
@@ -391,7 +402,7 @@ def quantize(
     reference: Reference | None = None,
     tokenizer: str | os.PathLike | None = None,
     heldout: str | os.PathLike | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     dense_block_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     embedding_bits: int = 8,
     dense_bits: int = 8,
@@ -414,8 +425,8 @@ def quantize(
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
     ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``embedding_bits``, ``fused_experts``
-    (int4): see
-    ``NBitsLayout``.
+    (int4, int8-blocks): see ``NBitsLayout``; ``block_size=None`` takes the mode's width's default
+    (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 32 for 8-bit).
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
@@ -430,6 +441,8 @@ def quantize(
                          random_calibration)
     _check_paths(model, out, force)
     source = _read(model, settings)
+    if settings.layout is not None:
+        settings.layout = settings.layout.resolved_for(settings.mode.bits, _block_widths(source))
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:

@@ -26,7 +26,7 @@ from moeport.quant.calibration import starvation_threshold
 from moeport.quant.apply import ApplyStep
 from moeport.quant.modes import QuantMode
 from moeport.quant import schemes
-from moeport.quant.schemes import choose_scheme, cpu_flags
+from moeport.quant.schemes import NBitsLayout, choose_scheme, cpu_flags
 from moeport.runtime.moe_graph import find_expert_matmuls, find_routers
 from moeport.samples import TRAINED_DIR
 
@@ -302,10 +302,35 @@ def test_int4_fuses_each_layers_experts_into_one_qmoe(quantized):
     qmoe = next(n for n in model.graph.node if n.op_type == "QMoE")
     assert {k: v for k, v in _attributes(qmoe).items() if k in ("k", "expert_weight_bits", "block_size",
                                                                  "normalize_routing_weights")} == {
-        "k": 2, "expert_weight_bits": 4, "block_size": 32, "normalize_routing_weights": 0}
-    assert fused.layout.describe().startswith("expert weights one QMoE per layer, 4-bit blocks of 32")
+        "k": 2, "expert_weight_bits": 4, "block_size": 64, "normalize_routing_weights": 0}
+    assert fused.layout.describe().startswith("expert weights one QMoE per layer, 4-bit blocks of 64")
     assert fused.quality.parity.routing_agreement == apart.quality.parity.routing_agreement
     assert abs(fused.quality.perplexity_after - apart.quality.perplexity_after) < 1e-3 * apart.quality.perplexity_after
+
+
+def test_expert_block_size_defaults_by_width(quantized):
+    """Without --block-size, int4's experts (and embedding) are 4-bit blocks of 64 and int8-blocks' 8-bit blocks of
+    32 (schemes.DEFAULT_EXPERT_BLOCK_SIZES); a given size is used as given."""
+    for mode, options, expected in (("int4", {}, 64), ("int8-blocks", {}, 32), ("int4", {"block_size": 32}, 32)):
+        result = quantized(mode, **options)
+        model = onnx.load(result.output)
+        experts = [n for n in model.graph.node if n.op_type in ("QMoE", "GatherBlockQuantized")]
+        assert len(experts) == 3 and _block_sizes(experts) == {expected}, (mode, options)
+        assert result.layout.expert_block_size == expected
+        assert json.loads(model.metadata_props[-1].value)["nbits_layout"]["expert_block_size"] == expected
+
+
+def test_default_expert_block_size_divides_the_model_widths():
+    """The default block is halved until it divides every expert input width and the embedding's rows, so small
+    models' experts still fuse; a given size is kept (and refused later if it does not divide)."""
+    default = NBitsLayout(None, 32, 8)
+    assert default.resolved_for(4, {1024, 512}).expert_block_size == 64
+    assert default.resolved_for(4, {32, 64}).expert_block_size == 32
+    assert default.resolved_for(4, {48}).expert_block_size == 16
+    assert default.resolved_for(4, {40}).expert_block_size == 16  # nothing fits: the smallest, the pass says why
+    assert default.resolved_for(8, {1024, 512}).expert_block_size == 32
+    assert default.resolved_for(4, set()).expert_block_size == 64
+    assert NBitsLayout(128, 32, 8).resolved_for(4, {32}).expert_block_size == 128
 
 
 def test_int4_matmulnbits_for_experts(quantized):

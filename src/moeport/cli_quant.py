@@ -50,8 +50,9 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--down-activations", default="auto", show_default=True, type=LazyChoice(lambda: list(_schemes.DOWN_ACTIVATIONS)),
               help="int8 / int8-dynamic: how the expert down-projection inputs are kept (auto: int16 for int8 "
                    "on cpu/arm/qnn, float for int8-dynamic on cpu/arm; int8 elsewhere). Weights stay 8-bit.")
-@click.option("--block-size", type=int, default=32, show_default=True,
-              help="int4: expert weights per quantization block.")
+@click.option("--block-size", type=int, default=None,
+              help="int4, int8-blocks: expert weights (and embedding values) per quantization block "
+                   "[default: 64 for int4, 32 for int8-blocks].")
 @click.option("--dense-block-size", type=int, default=32, show_default=True,
               help="int4: weights per block for the MatMuls outside the experts (attention, lm_head).")
 @click.option("--dense-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
