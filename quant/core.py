@@ -60,7 +60,6 @@ from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matm
 from moeport.samples import TRAINED_DIR
 
 DEFAULT_CALIBRATION_SAMPLES = 64
-DEFAULT_DENSE_BLOCK_SIZE = 32
 DEFAULT_LATENCY_RUNS = 20
 # Targets that run on onnxruntime's CPU provider.
 CPU_TARGETS = ("cpu", "arm")
@@ -157,15 +156,20 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
     return _Settings(spec, target, keep_router, scheme, layout if step.layout else None)
 
 
-def _block_widths(source: _Source) -> set[int]:
-    """The widths the expert block size must divide: each expert weight's input width (K of ``[K, N]``) and the
-    embedding table's row length."""
+def _block_widths(source: _Source) -> tuple[set[int], set[int]]:
+    """The widths block sizes must divide: (each expert weight's input width (K of ``[K, N]``) and the embedding
+    table's row length, each other MatMul weight's input width)."""
     dims = {init.name: list(init.dims) for init in source.proto.graph.initializer}
-    experts = [dims.get(node.input[1]) for nodes in source.experts.values() for node in nodes
-               if node.op_type == "MatMul"]
-    tables = [dims.get(node.input[0]) for node in source.targets if node.op_type == "Gather"]
-    return {shape[0] for shape in experts if shape and len(shape) == 2} | \
-        {shape[1] for shape in tables if shape and len(shape) == 2}
+    expert_nodes = {node.name for nodes in source.experts.values() for node in nodes}
+
+    def widths(nodes, axis: int) -> set[int]:
+        shapes = [dims.get(node.input[1] if node.op_type == "MatMul" else node.input[0]) for node in nodes]
+        return {shape[axis] for shape in shapes if shape and len(shape) == 2}
+
+    matmuls = [node for node in source.targets if node.op_type == "MatMul"]
+    tables = [node for node in source.targets if node.op_type == "Gather"]
+    return (widths([n for n in matmuls if n.name in expert_nodes], 0) | widths(tables, 1),
+            widths([n for n in matmuls if n.name not in expert_nodes], 0))
 
 
 def _check_paths(model: Path, out: Path, force: bool) -> None:
@@ -403,7 +407,7 @@ def quantize(
     tokenizer: str | os.PathLike | None = None,
     heldout: str | os.PathLike | None = None,
     block_size: int | None = None,
-    dense_block_size: int = DEFAULT_DENSE_BLOCK_SIZE,
+    dense_block_size: int | None = None,
     embedding_bits: int = 8,
     dense_bits: int = 8,
     head_bits: int = 8,
@@ -426,7 +430,8 @@ def quantize(
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
     ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``embedding_bits``, ``fused_experts``
     (int4, int8-blocks): see ``NBitsLayout``; ``block_size=None`` takes the mode's width's default
-    (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 32 for 8-bit).
+    (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 32 for 8-bit), ``dense_block_size=None``
+    ``schemes.dense_block_default`` (128 for int4's 8-bit attention and lm_head, else 32).
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
@@ -442,7 +447,7 @@ def quantize(
     _check_paths(model, out, force)
     source = _read(model, settings)
     if settings.layout is not None:
-        settings.layout = settings.layout.resolved_for(settings.mode.bits, _block_widths(source))
+        settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source))
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:

@@ -152,6 +152,17 @@ def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | 
 DEFAULT_EXPERT_BLOCK_SIZES = {4: 64, 8: 32}
 
 
+def dense_block_default(bits: int, dense_bits: int, head_bits: int) -> int:
+    """Weights per block for the MatMuls outside the experts (attention, lm_head), before resolved_for fits it to
+    their widths. 128 where they are 8-bit in a 4-bit mode: 1.03 bytes per weight against 1.16 at 32, so an int4 decode
+    step reads 4% fewer bytes; measured on the 24-layer granite-shaped model (BENCHMARKS.md), steps interleaved in
+    one process, +6%, +1% and +2% decode in three runs, KL 5.7e-6 against 5.3e-6 (Q4_0: 1.2e-4); the trained
+    sample's routing agreement 0.958. 4-bit weights keep 32 (everything 4-bit in blocks of 128: KL 2.1e-4
+    against 1.8e-4 in blocks of 64), and so does int8-blocks (its blocks of 64 / 128 raised its KL to 2.0e-6,
+    above Q8_0's 1.8e-6)."""
+    return 128 if bits == 4 and dense_bits == head_bits == 8 else 32
+
+
 @dataclass(frozen=True)
 class NBitsLayout:
     """int4: block sizes and the widths of what is not an expert.
@@ -171,22 +182,32 @@ class NBitsLayout:
     """
 
     expert_block_size: int | None  # None: DEFAULT_EXPERT_BLOCK_SIZES for the mode's width (resolved_for)
-    dense_block_size: int
+    dense_block_size: int | None  # None: dense_block_default (resolved_for)
     embedding_bits: int
     dense_bits: int = 8
     fused_experts: bool = True  # each MoE layer's experts as one onnxruntime QMoE node (passes.FuseExpertsPass)
     head_bits: int = 8  # the lm_head's width (dense_block_size blocks)
 
-    def resolved_for(self, bits: int, widths: Iterable[int]) -> NBitsLayout:
-        """This layout with the expert block size filled in where none was given: DEFAULT_EXPERT_BLOCK_SIZES for a
-        ``bits``-wide mode, halved (down to 16) until it divides every width in ``widths`` (the input widths of
-        the expert weights and the embedding's rows), so a small model's experts still get blocks."""
-        if self.expert_block_size is not None:
-            return self
-        size, widths = DEFAULT_EXPERT_BLOCK_SIZES[bits], set(widths)
-        while size > 16 and any(width % size for width in widths):
-            size //= 2
-        return replace(self, expert_block_size=size)
+    def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int]) -> NBitsLayout:
+        """This layout with the block sizes filled in where none was given: DEFAULT_EXPERT_BLOCK_SIZES for a
+        ``bits``-wide mode's experts, ``dense_block_default`` for the other MatMuls, each halved (down to 16)
+        until it divides every width it applies to (``expert_widths``: the expert weights' input widths and the
+        embedding's rows; ``dense_widths``: the other MatMuls' input widths), so a small model still gets blocks
+        (experts fused, no padded half-empty blocks)."""
+
+        def fitted(size: int, widths: Iterable[int]) -> int:
+            widths = set(widths)
+            while size > 16 and any(width % size for width in widths):
+                size //= 2
+            return size
+
+        layout = self
+        if layout.expert_block_size is None:
+            layout = replace(layout, expert_block_size=fitted(DEFAULT_EXPERT_BLOCK_SIZES[bits], expert_widths))
+        if layout.dense_block_size is None:
+            default = dense_block_default(bits, layout.dense_bits, layout.head_bits)
+            layout = replace(layout, dense_block_size=fitted(default, dense_widths))
+        return layout
 
     def validate(self) -> None:
         for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size)):

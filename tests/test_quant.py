@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -320,17 +321,26 @@ def test_expert_block_size_defaults_by_width(quantized):
         assert json.loads(model.metadata_props[-1].value)["nbits_layout"]["expert_block_size"] == expected
 
 
-def test_default_expert_block_size_divides_the_model_widths():
-    """The default block is halved until it divides every expert input width and the embedding's rows, so small
+def test_default_block_sizes():
+    """The default expert block is halved until it divides every expert input width and the embedding's rows, so small
     models' experts still fuse; a given size is kept (and refused later if it does not divide)."""
     default = NBitsLayout(None, 32, 8)
-    assert default.resolved_for(4, {1024, 512}).expert_block_size == 64
-    assert default.resolved_for(4, {32, 64}).expert_block_size == 32
-    assert default.resolved_for(4, {48}).expert_block_size == 16
-    assert default.resolved_for(4, {40}).expert_block_size == 16  # nothing fits: the smallest, the pass says why
-    assert default.resolved_for(8, {1024, 512}).expert_block_size == 32
-    assert default.resolved_for(4, set()).expert_block_size == 64
-    assert NBitsLayout(128, 32, 8).resolved_for(4, {32}).expert_block_size == 128
+    assert default.resolved_for(4, {1024, 512}, {1024}).expert_block_size == 64
+    assert default.resolved_for(4, {32, 64}, {1024}).expert_block_size == 32
+    assert default.resolved_for(4, {48}, {1024}).expert_block_size == 16
+    # nothing fits: the smallest (the pass then says why it left the experts)
+    assert default.resolved_for(4, {40}, {1024}).expert_block_size == 16
+    assert default.resolved_for(8, {1024, 512}, {1024}).expert_block_size == 32
+    assert default.resolved_for(4, set(), set()).expert_block_size == 64
+    assert NBitsLayout(128, 32, 8).resolved_for(4, {32}, {32}).expert_block_size == 128
+    # the other MatMuls: 128 where they are 8-bit in a 4-bit mode, else 32, fitted to their widths; a given size stays
+    unset = NBitsLayout(None, None, 8)
+    assert unset.resolved_for(4, {1024}, {1024, 512}).dense_block_size == 128
+    assert unset.resolved_for(4, {1024}, {1024, 64}).dense_block_size == 64
+    assert replace(unset, dense_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
+    assert replace(unset, head_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
+    assert unset.resolved_for(8, {1024}, {1024}).dense_block_size == 32
+    assert default.resolved_for(4, {1024}, {64}).dense_block_size == 32
 
 
 def test_int4_matmulnbits_for_experts(quantized):
@@ -341,9 +351,10 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert len(nbits) == 57  # 48 expert, 8 attention, 1 lm_head
     experts = _experts(model)
     assert len(experts) == 48 and all(n.op_type == "MatMulNBits" for n in experts)
-    # experts: 4-bit blocks of --block-size; attention and lm_head: 8-bit blocks of the dense block size
+    # experts: 4-bit blocks of --block-size; attention and lm_head: 8-bit blocks of the dense block size (int4's
+    # default for 8-bit ones: 128, halved to 64, the sample's hidden width)
     dense = [n for n in nbits if n not in experts]
-    assert _block_sizes(experts) == {32} and _block_sizes(dense) == {32}
+    assert _block_sizes(experts) == {32} and _block_sizes(dense) == {64}
     assert _bits(experts) == {4} and _bits(dense) == {8}
     # every MatMulNBits runs the int8-activation kernels (accuracy_level 4)
     assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
@@ -357,7 +368,7 @@ def test_int4_matmulnbits_for_experts(quantized):
     table, scales = (inits[name] for name in (embedding[0].input[0], embedding[0].input[2]))
     assert table.data_type == TensorProto.UINT8 and list(scales.dims) == [table.dims[0], table.dims[1] // 32]
     assert _attributes(embedding[0]) == {"bits": 8, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
-    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 32 (lm_head "
+    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 64 (lm_head "
                                         "8-bit), embedding 8-bit blocks of 32")
     # the graph passes around the quantizer, each with what it did or why it did nothing
     assert [p.name for p in result.passes] == [

@@ -53,8 +53,9 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--block-size", type=int, default=None,
               help="int4, int8-blocks: expert weights (and embedding values) per quantization block "
                    "[default: 64 for int4, 32 for int8-blocks].")
-@click.option("--dense-block-size", type=int, default=32, show_default=True,
-              help="int4: weights per block for the MatMuls outside the experts (attention, lm_head).")
+@click.option("--dense-block-size", type=int, default=None,
+              help="int4, int8-blocks: weights per block for the MatMuls outside the experts (attention, lm_head) "
+                   "[default: 128 for int4's 8-bit ones, else 32].")
 @click.option("--dense-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the MatMuls outside the experts (attention, lm_head).")
 @click.option("--head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
