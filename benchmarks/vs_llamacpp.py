@@ -17,6 +17,12 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
 5. ``quality``: next-token distributions on ``--positions`` positions of held-out text (files no tokenizer
    or model saw): mean KL divergence from PyTorch fp32 and top-1 agreement, per system. (A random
    tied-embedding model copies its input, so top-1 alone cannot tell systems apart.)
+6. ``interleaved`` (with ``--interleaved``): each moeport mode and the llama.cpp type of the same bits in ONE
+   process, blocks of ``--block`` decode steps taking turns (a pause between blocks lets each runtime's spinning
+   threads go idle before the other runs), ``--decode`` steps each per round, both back to the prompt's cache
+   every round; medians of the steps after the first of each block. This machine's speed drifts by 20-40% from
+   minute to minute; taking turns every few hundred milliseconds puts both runtimes under the same drift, which
+   separate processes (stage 4) cannot. llama-cpp-python is imported from ``--llama-python``'s site-packages.
 
 Every child process reports its peak resident memory (``ru_maxrss``); export and quantize peaks are printed as
 multiples of the fp32 model's size. Results go to ``--out``/results.json and a markdown table on stdout.
@@ -214,6 +220,27 @@ def worker_time(out: Path, system: str, threads: int, prompt: int, decode_steps:
     return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": decode_steps / decode_s, "peak_rss": peak_rss_bytes()}
 
 
+def worker_interleaved(out: Path, mine: str, theirs: str, threads: int, prompt: int, decode_steps: int, block: int,
+                       rounds: int, llama_site: str) -> dict:
+    """``mine`` (a moeport system) and ``theirs`` (a llama.cpp one) in this process, decode steps in turns of
+    ``block`` (see stage 6): per system the median step (seconds) over the steps after each block's first."""
+    sys.path.append(llama_site)  # appended: this interpreter's own packages (numpy, onnxruntime) come first
+    ids = _encode(out, True, prompt)[None]
+    runners = {name: _runner(name, out, threads) for name in (mine, theirs)}
+    steps = {name: [] for name in runners}
+    for _ in range(rounds):
+        logits = {name: prefill(ids) for name, (prefill, _) in runners.items()}
+        for start in range(0, decode_steps, block):
+            for name, (_, decode) in runners.items():
+                time.sleep(0.2)  # the other runtime's threads stop spinning
+                for i in range(min(block, decode_steps - start)):
+                    started = time.perf_counter()
+                    logits[name] = decode(int(logits[name][0, -1].argmax()))
+                    if i:  # the first step of a block wakes the threads: not a step of continuous decoding
+                        steps[name].append(time.perf_counter() - started)
+    return {name: {"step_s": statistics.median(t), "steps": len(t)} for name, t in steps.items()}
+
+
 def worker_reference(out: Path, positions: int) -> dict:
     """PyTorch fp32 next-token log-probabilities on held-out windows of 128 tokens (``reference.npy``)."""
     import torch
@@ -242,7 +269,7 @@ def worker_quality(out: Path, system: str, threads: int, positions: int) -> dict
 
 WORKERS = {"build": worker_build, "export": worker_export, "quantize": worker_quantize,
            "quantize_gguf": worker_quantize_gguf, "time": worker_time, "reference": worker_reference,
-           "quality": worker_quality}
+           "quality": worker_quality, "interleaved": worker_interleaved}
 
 
 # --- driver ---------------------------------------------------------------------------------------------------
@@ -273,6 +300,9 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-src", type=Path, required=True, help="the unpacked llama-cpp-python sdist")
     parser.add_argument("--llama-python", default=sys.executable, help="a Python with llama-cpp-python installed")
     parser.add_argument("--modes", default=",".join(MOEPORT_MODES))
+    parser.add_argument("--interleaved", action="store_true",
+                        help="also time each mode against llama.cpp at the same bits in one process (stage 6)")
+    parser.add_argument("--block", type=int, default=8, help="decode steps per turn with --interleaved")
     args = parser.parse_args(argv)
 
     out, py, results = args.out, sys.executable, {}
@@ -346,7 +376,29 @@ def main(argv=None) -> int:
               f"{row['decode_tokens_per_s'] / fp32:.2f} | {vs_peer} | {row['size_bytes'] / 1e9:.2f} | "
               f"{row['mean_kl']:.3g} | {row['top1_agreement']:.3f} |")
     print(f"peak memory / fp32 checkpoint size: {results['memory']}")
+    if args.interleaved:
+        interleaved(args, modes, results)
+        saved.write_text(json.dumps(results, indent=2, default=str))
     return 0
+
+
+def interleaved(args, modes: list[str], results: dict) -> None:
+    """Stage 6: each moeport mode against llama.cpp at the same bits in one process; into ``results``."""
+    site = subprocess.run([args.llama_python, "-c", "import llama_cpp, os; "
+                           "print(os.path.dirname(os.path.dirname(llama_cpp.__file__)))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    rows = results.setdefault("interleaved", {})
+    for mode in modes:
+        mine, theirs = f"moeport:{mode}", f"llama:{SAME_BITS[mode]}"
+        rows[mode] = run_worker(sys.executable, "interleaved", args.out, mine, theirs, args.threads, args.prompt,
+                                args.decode, args.block, args.rounds, site)
+    print(f"\nin one process, turns of {args.block} decode steps, {args.rounds} x {args.decode} steps each "
+          "(medians of the steps after each turn's first):")
+    print("| moeport mode | decode tokens/s | llama.cpp | decode tokens/s | x llama.cpp |")
+    print("|---|---|---|---|---|")
+    for mode, row in rows.items():
+        mine, theirs = row[f"moeport:{mode}"]["step_s"], row[f"llama:{SAME_BITS[mode]}"]["step_s"]
+        print(f"| {mode} | {1 / mine:.1f} | {SAME_BITS[mode]} | {1 / theirs:.1f} | {theirs / mine:.2f} |")
 
 
 if __name__ == "__main__":
