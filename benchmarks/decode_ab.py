@@ -7,10 +7,10 @@ same step of file B, so drift hits both alike; the table gives each file's media
 
 How: all sessions share one onnxruntime thread pool of ``--threads`` threads (per-session pools would each keep
 spinning threads that take the cores from the next session's step). Each file prefills the same ``--prompt``
-token ids (ids 3, 4, ... : any ids; the speed does not depend on them), then decodes greedily, back to the
-prompt's cache every ``--restart`` steps so that the context stays between ``prompt`` and ``prompt + restart``
-as in benchmarks/vs_llamacpp.py. Numbers are for comparing files with each other, not with llama.cpp (see
-vs_llamacpp.py for that).
+token ids (ids 3, 4, ... : any ids; the speed does not depend on them), then decodes greedily, prefilling the
+prompt again every ``--restart`` steps so that the context stays between ``prompt`` and ``prompt + restart``
+as in benchmarks/vs_llamacpp.py (whose step runner this uses). Numbers are for comparing files with each other,
+not with llama.cpp (see vs_llamacpp.py --interleaved for that).
 """
 
 from __future__ import annotations
@@ -22,19 +22,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from moeport.contract import LOGITS, present_for
-from moeport.runtime.generate import decoder_feeds, empty_past
+from vs_llamacpp import moeport_step_runner  # a sibling script: run as python benchmarks/decode_ab.py
 
 
 def _decoder(path: Path):
+    """(prefill, decode) of vs_llamacpp.moeport_step_runner over a session on the process-wide thread pool."""
     options = ort.SessionOptions()
-    options.use_per_session_threads = False  # the process-wide pool set in main
+    options.use_per_session_threads = False  # the process-wide pool set in compare
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    presents = [present_for(i.name) for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    if not presents:
+    if not any(i.name.startswith("past_key_values.") for i in session.get_inputs()):
         raise SystemExit(f"{path} has no past_key_values inputs: export it with --task text-generation-with-past")
-    return session, presents
+    return moeport_step_runner(session)
 
 
 def compare(paths: list[Path], threads: int, prompt: int, steps: int, restart: int) -> list[dict]:
@@ -42,25 +41,19 @@ def compare(paths: list[Path], threads: int, prompt: int, steps: int, restart: i
     ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
     decoders = [_decoder(p) for p in paths]
     ids = np.arange(3, 3 + prompt, dtype=np.int64)[None]
-    states, prefill_s, step_s = [], [[] for _ in paths], [[] for _ in paths]
-    for _ in range(2):  # the first prefill also warms up allocators and caches
-        states = []
-        for k, (session, presents) in enumerate(decoders):
-            mask = np.ones((1, prompt), dtype=np.int64)
-            started = time.perf_counter()
-            logits, *past = session.run([LOGITS, *presents],
-                                        decoder_feeds(mask, ids, empty_past(session.get_inputs(), 1)))
-            prefill_s[k].append(time.perf_counter() - started)
-            states.append({"start": (past, mask, logits), "now": (past, mask, logits)})
+    logits, prefill_s, step_s = [None] * len(paths), [[] for _ in paths], [[] for _ in paths]
+    for prefill, _ in decoders:  # warm-up: allocators, caches, the thread pool
+        prefill(ids)
     for step in range(steps):
-        for k, (session, presents) in enumerate(decoders):
-            past, mask, logits = states[k]["start"] if step % restart == 0 else states[k]["now"]
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            feeds = decoder_feeds(mask, np.array([[int(logits[0, -1].argmax())]], dtype=np.int64), past)
+        for k, (prefill, decode) in enumerate(decoders):
+            if step % restart == 0:  # back to the prompt: the context stays within prompt + restart
+                started = time.perf_counter()
+                logits[k] = prefill(ids)
+                prefill_s[k].append(time.perf_counter() - started)
+            token = int(logits[k][0, -1].argmax())
             started = time.perf_counter()
-            logits, *past = session.run([LOGITS, *presents], feeds)
+            logits[k] = decode(token)
             step_s[k].append(time.perf_counter() - started)
-            states[k]["now"] = (past, mask, logits)
     return [{"file": str(p), "prefill_s": float(np.median(pre)), "step_s": float(np.median(t)),
              "step_p25_s": float(np.percentile(t, 25)), "step_p75_s": float(np.percentile(t, 75))}
             for p, pre, t in zip(paths, prefill_s, step_s)]

@@ -150,7 +150,7 @@ def _moeport_session(path: Path, threads: int):
     return create_session(path, "cpu", threads=threads)
 
 
-def _moeport_step_runner(session):
+def moeport_step_runner(session):
     """(prefill(ids [1, n]) -> logits [1, n, vocab], decode(next id) -> logits [1, 1, vocab]) over one session."""
     from moeport.contract import LOGITS, present_for
     from moeport.runtime.generate import decoder_feeds, empty_past
@@ -199,7 +199,7 @@ def _llama_runner(llm):
 def _runner(system: str, out: Path, threads: int, logits_all: bool = False):
     family, variant = system.split(":")
     if family == "moeport":
-        return _moeport_step_runner(_moeport_session(out / "moeport" / f"{variant}.onnx", threads))
+        return moeport_step_runner(_moeport_session(out / "moeport" / f"{variant}.onnx", threads))
     return _llama_runner(_llama(out / "llama" / f"{variant}.gguf", threads, logits_all))
 
 
