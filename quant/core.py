@@ -157,19 +157,15 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
 
 
 def _block_widths(source: _Source) -> tuple[set[int], set[int]]:
-    """The widths block sizes must divide: (each expert weight's input width (K of ``[K, N]``) and the embedding
-    table's row length, each other MatMul weight's input width)."""
-    dims = {init.name: list(init.dims) for init in source.proto.graph.initializer}
+    """The widths block sizes must divide: (each expert weight's input width and the embedding table's row
+    length, each other MatMul weight's input width), from ``_matmul_weights``."""
     expert_nodes = {node.name for nodes in source.experts.values() for node in nodes}
-
-    def widths(nodes, axis: int) -> set[int]:
-        shapes = [dims.get(node.input[1] if node.op_type == "MatMul" else node.input[0]) for node in nodes]
-        return {shape[axis] for shape in shapes if shape and len(shape) == 2}
-
-    matmuls = [node for node in source.targets if node.op_type == "MatMul"]
-    tables = [node for node in source.targets if node.op_type == "Gather"]
-    return (widths([n for n in matmuls if n.name in expert_nodes], 0) | widths(tables, 1),
-            widths([n for n in matmuls if n.name not in expert_nodes], 0))
+    dims = {init.name: list(init.dims) for init in source.proto.graph.initializer}
+    tables = {dims[node.input[0]][1] for node in source.targets if node.op_type == "Gather"}
+    experts, dense = set(), set()
+    for name, (width, _) in _matmul_weights(source).items():
+        (experts if name in expert_nodes else dense).add(width)
+    return experts | tables, dense
 
 
 def _check_paths(model: Path, out: Path, force: bool) -> None:
@@ -199,20 +195,27 @@ def _read(model: Path, settings: _Settings) -> _Source:
                    exclude, found)
 
 
+def _matmul_weights(source: "_Source") -> dict[str, tuple[int, int]]:
+    """The MatMuls among the targets, by name: their weight's shape ``(K, N)`` (a tied lm_head's read through
+    the Transpose of the ``[N, K]`` embedding table)."""
+    inits = {i.name: list(i.dims) for i in source.proto.graph.initializer}
+    transposed = {n.output[0]: n.input[0] for n in source.proto.graph.node if n.op_type == "Transpose"}
+    shapes = {}
+    for node in source.targets:
+        if node.op_type == "MatMul" and len(node.input) > 1:
+            if len(inits.get(node.input[1], ())) == 2:
+                shapes[node.name] = tuple(inits[node.input[1]])
+            elif len(inits.get(transposed.get(node.input[1]), ())) == 2:
+                shapes[node.name] = tuple(reversed(inits[transposed[node.input[1]]]))
+    return shapes
+
+
 def _head_names(source: "_Source") -> set[str]:
     """The MatMuls among the targets whose weight has a vocabulary-sized axis: the lm_head (directly, or through
     the Transpose of a tied embedding)."""
     if source.vocab is None:
         return set()
-    inits = {i.name: list(i.dims) for i in source.proto.graph.initializer}
-    transposed = {n.output[0]: n.input[0] for n in source.proto.graph.node if n.op_type == "Transpose"}
-    heads = set()
-    for node in source.targets:
-        if node.op_type == "MatMul" and len(node.input) > 1:
-            weight = transposed.get(node.input[1], node.input[1])
-            if source.vocab in inits.get(weight, []):
-                heads.add(node.name)
-    return heads
+    return {name for name, shape in _matmul_weights(source).items() if source.vocab in shape}
 
 
 def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
