@@ -226,6 +226,10 @@ def test_graph_passes_apply_to_transformers_attention(hf_export):
     assert len(attention) == len(result.info.layers)  # one floored attention Softmax per layer
     assert len(softmaxes) - len(attention) == len(result.info.layers)  # the routers' Softmax, untouched
     assert "Reciprocal" not in {node.op_type for node in model.graph.node}
+    # 4 query heads on 2 key/value heads: attention reads the 2 heads, not a copy per query head
+    shared = {p["pass"]: p for p in result.passes}["SharedKeyValueHeads"]
+    assert shared["changed"] == len(result.info.layers) and shared["left"] == []
+    assert [node.op_type for node in model.graph.node].count("Tile") == 1  # the mask's rows, once per model
 
 
 def test_tiny_config_cuts_size_fields_only_when_the_generic_sizes_are_too_big():

@@ -1,4 +1,4 @@
-"""Graph passes on the finished export: attention Softmax floor and RMSNorm as Div."""
+"""Graph passes on the finished export: attention Softmax floor, shared key/value heads and RMSNorm as Div."""
 
 from __future__ import annotations
 
@@ -91,6 +91,90 @@ def test_floor_keeps_fully_masked_rows_as_they_were():
     feeds["mask"] = feeds["mask"].copy()
     feeds["mask"][..., 0, :] = np.finfo(np.float32).min  # query 0 sees nothing
     np.testing.assert_allclose(run(ir.to_proto(model), feeds)["probs"], run(before, feeds)["probs"], atol=1e-7)
+
+
+def grouped_query_graph(per_head_bias: bool = False) -> onnx.ModelProto:
+    """transformers' eager grouped-query attention as torch.onnx writes it: 4 query heads on 2 key/value heads,
+    each repeated by ``Reshape(Expand(Unsqueeze(kv, 2), [B, 2, 2, T, D]), [B, 4, T, D])`` with the sizes read from
+    the tensors (batch, query length ``s`` and key length ``t`` stay dynamic); ``per_head_bias`` adds a [1, 4, 1, 1]
+    score bias per query head (like attention sinks) that grouped rows cannot take."""
+    d = 8
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", 4, "s", d]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", 2, "t", d]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", 2, "t", d]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["b", 1, "s", "t"])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 4, "s", d])]
+    ints = lambda name, values: helper.make_tensor(name, TensorProto.INT64, [len(values)], values)  # noqa: E731
+    initializers = [ints("axis2", [2]), ints("rep", [2]), ints("heads", [4]), ints("i0", [0]), ints("i1", [1]),
+                    ints("i2", [2]), ints("i4", [4]), helper.make_tensor("scale", TensorProto.FLOAT, [], [0.35]),
+                    helper.make_tensor("bias", TensorProto.FLOAT, [1, 4, 1, 1], [0.5, -1.0, 2.0, 0.0])]
+    nodes = [helper.make_node("Shape", ["k"], ["kv_shape"]),
+             helper.make_node("Slice", ["kv_shape", "i0", "i2"], ["batch_heads"]),
+             helper.make_node("Slice", ["kv_shape", "i0", "i1"], ["batch"]),
+             helper.make_node("Slice", ["kv_shape", "i2", "i4"], ["length_size"]),
+             helper.make_node("Concat", ["batch_heads", "rep", "length_size"], ["expanded_shape"], axis=0),
+             helper.make_node("Concat", ["batch", "heads", "length_size"], ["repeated_shape"], axis=0)]
+    value_info = []
+    for kv in ("k", "v"):
+        nodes += [helper.make_node("Unsqueeze", [kv, "axis2"], [f"{kv}_unsqueezed"]),
+                  helper.make_node("Expand", [f"{kv}_unsqueezed", "expanded_shape"], [f"{kv}_expanded"]),
+                  helper.make_node("Reshape", [f"{kv}_expanded", "repeated_shape"], [f"{kv}_repeated"])]
+        value_info.append(helper.make_tensor_value_info(f"{kv}_repeated", TensorProto.FLOAT, ["b", 4, "t", d]))
+    nodes += [helper.make_node("Transpose", ["k_repeated"], ["k_t"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q", "k_t"], ["scores"]),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+              helper.make_node("Add", ["scaled", "mask"], ["masked"])]
+    last = "masked"
+    if per_head_bias:
+        nodes.append(helper.make_node("Add", ["masked", "bias"], ["biased"]))
+        last = "biased"
+    nodes += [helper.make_node("Softmax", [last], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v_repeated"], ["out"])]
+    graph = helper.make_graph(nodes, "gqa", inputs, outputs, initializer=initializers, value_info=value_info)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def gqa_feeds(batch: int, s: int, t: int, seed: int) -> dict:
+    """Queries at the last ``s`` of ``t`` positions (a decode step when s == 1), causal mask, first key padded."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((batch, 1, s, t), np.float32)
+    mask[..., np.triu(np.ones((s, t), bool), t - s + 1)] = np.finfo(np.float32).min
+    mask[0, ..., 0] = np.finfo(np.float32).min
+    return {"q": rng.standard_normal((batch, 4, s, 8)).astype(np.float32),
+            "k": rng.standard_normal((batch, 2, t, 8)).astype(np.float32),
+            "v": rng.standard_normal((batch, 2, t, 8)).astype(np.float32), "mask": mask}
+
+
+def test_shared_key_value_heads_gives_the_repeated_heads_results_without_repeating():
+    before = grouped_query_graph()
+    model = ir.from_proto(before)
+    chosen = passes.export_passes()  # after the score floor, as in the exporter
+    ir.passes.PassManager(chosen)(model)
+    shared = next(p for p in chosen if isinstance(p, passes.SharedKeyValueHeads))
+    assert shared.report() == {"pass": "SharedKeyValueHeads", "changed": 1, "reason": None, "left": []}
+    after = ir.to_proto(model)
+    onnx.checker.check_model(after, full_check=True)
+    ops = [node.op_type for node in after.graph.node]
+    assert not {"Expand", "Unsqueeze", "Shape", "Concat"} & set(ops)  # the repeats and their shape arithmetic
+    producers = {out: node for node in after.graph.node for out in node.output}
+    scores, probs_values = [node for node in after.graph.node if node.op_type == "MatMul"]
+    assert producers[scores.input[1]].input == ["k"] and probs_values.input[1] == "v"
+    assert producers[scores.input[0]].op_type == "Reshape"  # query heads as rows of their group
+    assert ops.count("Tile") == 1  # the mask's rows, once for each query head of a group
+    # equal on shapes other than any seen so far: batched prefill with padding, and decode steps
+    for seed, (batch, s, t) in enumerate([(2, 5, 9), (1, 1, 17), (3, 1, 4), (2, 7, 7)]):
+        feeds = gqa_feeds(batch, s, t, seed)
+        np.testing.assert_allclose(run(after, feeds)["out"], run(before, feeds)["out"], rtol=0, atol=1e-6)
+
+
+def test_shared_key_value_heads_leaves_per_head_scores_as_they_were_and_says_why():
+    before = grouped_query_graph(per_head_bias=True)
+    model = ir.from_proto(before)
+    shared = passes.SharedKeyValueHeads()
+    assert not shared(model).modified
+    assert shared.changed == 0 and len(shared.left) == 1
+    assert "operand 'bias' of shape [1, 4, 1, 1] is not shared by all heads" in shared.reason
+    assert ir.to_proto(model).SerializeToString() == ir.to_proto(ir.from_proto(before)).SerializeToString()
 
 
 def test_a_pass_with_nothing_to_do_says_why_and_leaves_the_graph_alone():
