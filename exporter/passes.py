@@ -137,8 +137,10 @@ class SharedKeyValueHeads(ExportPass):
 
     The same dot products and sums as before, so the outputs are equal to float32 rounding; all standard ops.
     Measured on that model's int4 file (benchmarks/decode_ab.py, see BENCHMARKS.md): decode +1-5% at a 128-token
-    context, +15% at 512, prefill of 128 tokens -7%. Left alone, with the reason: anything but elementwise ops,
-    ReduceMax and Softmax over the keys between the two MatMuls, per-head operands (attention sinks), other axes.
+    context, +15% at 512, prefill of 128 tokens -7%. An operand with a row per query head and position (gpt-oss's
+    attention sinks, expanded to ``[B, H, S, 1]`` and concatenated to the scores) is grouped like the query. Left
+    alone, with the reason: other nodes between the two MatMuls than elementwise ops and ReduceMax, Softmax,
+    Concat and Slice over the keys; per-head operands that broadcast over the rows; other axes.
     """
 
     nothing_to_do = "no repeated key/value heads (Unsqueeze -> Expand -> Reshape) feed attention"
@@ -186,8 +188,12 @@ class ClearNodeMetadata(ExportPass):
 
 
 #: Nodes that may sit between the scores MatMul and the probabilities' MatMul of an attention block: elementwise
-#: (scale, mask, soft-capping, the score floor), the row reduction of the floor, the Softmax over the keys.
-_SCORE_OPS = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Where", "Tanh", "Cast", "Identity", "ReduceMax", "Softmax"}
+#: (scale, mask, soft-capping, the score floor), the row reduction of the floor, the Softmax over the keys, and a
+#: Concat / Slice along the keys (gpt-oss's attention sinks: one more column per row, dropped after the Softmax).
+_SCORE_OPS = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Where", "Tanh", "Cast", "Identity", "ReduceMax", "Softmax",
+              "Concat", "Slice"}
+#: Inputs of those that are axes or positions, not tensors laid out like the scores.
+_INDEX_INPUTS = {"ReduceMax": {1}, "Slice": {1, 2, 3, 4}}
 
 
 @dataclasses.dataclass
@@ -240,6 +246,7 @@ class _GroupedAttention:
     keys: _Repeat
     region: list[ir.Node]
     tiled: list[tuple[ir.Node, int]]  # (node, input index) of [B, 1, S, T] operands such as the mask
+    grouped: list[tuple[ir.Node, int]]  # (node, input index) of [B, H, S, T] operands such as gpt-oss's sinks
     probs_values: ir.Node
     values: _Repeat
 
@@ -256,7 +263,7 @@ def _grouped_attention(transpose: ir.Node) -> _GroupedAttention | str | None:
     query = scores.inputs[0]
     if query.shape is None or query.shape.rank() != 4 or query.shape[1] != keys.heads:
         return f"the query is not [batch, {keys.heads} heads, sequence, head size]"
-    region, tiled, ends, frontier = [], [], [], [scores.outputs[0]]
+    region, tiled, grouped, ends, frontier = [], [], [], [], [scores.outputs[0]]
     inside = {scores}
     while frontier:
         value = frontier.pop()
@@ -284,46 +291,57 @@ def _grouped_attention(transpose: ir.Node) -> _GroupedAttention | str | None:
         if reason:
             return reason
         for index, operand in enumerate(node.inputs):
-            if operand is None or operand.producer() in inside or (node.op_type == "ReduceMax" and index == 1):
+            if operand is None or operand.producer() in inside or index in _INDEX_INPUTS.get(node.op_type, ()):
                 continue
-            rows = _operand_rows(operand)
-            if isinstance(rows, str):
-                return f"{node.op_type} node {node.name!r}: {rows}"
-            if rows:
+            layout = _operand_layout(operand, keys.heads)
+            if layout == "tile":
                 tiled.append((node, index))
-    return _GroupedAttention(scores, transpose, keys, region, tiled, ends[0], values)
+            elif layout == "group":
+                grouped.append((node, index))
+            elif layout is not None:
+                return f"{node.op_type} node {node.name!r}: {layout}"
+    return _GroupedAttention(scores, transpose, keys, region, tiled, grouped, ends[0], values)
 
 
 def _last_axis_only(node: ir.Node) -> str | None:
-    """Why ``node`` works on another axis than the keys' (None when it only reduces over the last axis)."""
-    if node.op_type == "Softmax":
-        axis = node.attributes.get_int("axis", -1)
-    elif node.op_type == "ReduceMax":
-        axes = ir.convenience.get_const_tensor(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
-        if axes is None or axes.numpy().size != 1:
-            return f"ReduceMax node {node.name!r} reduces over axes that are not a constant last axis"
-        axis = int(axes.numpy().reshape(-1)[0])
+    """Why ``node`` works on another axis than the keys' (None when it works on the last axis or elementwise)."""
+    if node.op_type in ("Softmax", "Concat"):
+        axes = [node.attributes.get_int("axis", -1)]
+    elif node.op_type in ("ReduceMax", "Slice"):
+        position = 1 if node.op_type == "ReduceMax" else 3
+        value = node.inputs[position] if len(node.inputs) > position else None
+        tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+        if tensor is None:
+            return f"{node.op_type} node {node.name!r} has no constant axes"
+        axes = tensor.numpy().reshape(-1).tolist()
     else:
         return None
-    return None if axis in (-1, 3) else f"{node.op_type} node {node.name!r} works on axis {axis}, not the keys'"
+    if all(axis in (-1, 3) for axis in axes):
+        return None
+    return f"{node.op_type} node {node.name!r} works on axes {axes}, not only the keys'"
 
 
-def _operand_rows(operand: ir.Value) -> bool | str:
-    """Whether an operand from outside the scores has a row per query position (then it is tiled once per query
-    head of a group), False when it broadcasts over the rows, or why it cannot be used on grouped rows."""
+def _operand_layout(operand: ir.Value, heads: int) -> str | None:
+    """How an operand from outside the scores ``[B, H, S, T]`` goes with grouped rows ``[B, kvh, rep * S, T]``:
+    None when it broadcasts over heads and rows as it is, ``"tile"`` when it has a row per query position but is
+    shared by the heads (the mask: tiled once per query head of a group), ``"group"`` when it has a row per
+    query position and head (gpt-oss's sinks: grouped like the query), else why it cannot be used."""
     tensor = ir.convenience.get_const_tensor(operand)
     if tensor is not None and tensor.size == 1:
-        return False
+        return None
     if operand.shape is None:
         return f"operand {operand.name!r} has no known shape"
     dims = [1] * (4 - operand.shape.rank()) + list(operand.shape)
-    if len(dims) != 4 or dims[1] != 1:
-        return f"operand {operand.name!r} of shape {list(operand.shape)} is not shared by all heads"
-    if dims[2] == 1:
-        return False
-    if operand.shape.rank() != 4:
-        return f"operand {operand.name!r} of shape {list(operand.shape)} has rows but no batch and head axes"
-    return True
+    if len(dims) != 4:
+        return f"operand {operand.name!r} of shape {list(operand.shape)} has more axes than the scores"
+    if dims[1] == 1:
+        if dims[2] == 1:
+            return None
+        return "tile" if operand.shape.rank() == 4 else (
+            f"operand {operand.name!r} of shape {list(operand.shape)} has rows but no batch and head axes")
+    if dims[1] == heads and dims[2] != 1 and operand.shape.rank() == 4:
+        return "group"
+    return f"operand {operand.name!r} of shape {list(operand.shape)} is not laid out per query position"
 
 
 def _shared_key_value_heads(model: ir.Model, left: list[str]) -> int:
@@ -363,6 +381,12 @@ def _shared_key_value_heads(model: ir.Model, left: list[str]) -> int:
                 graph.insert_before(node, tile)
                 tiled = tiles[(id(operand), rep)] = tile.outputs[0]
             node.replace_input_with(index, tiled)
+        for node, index in block.grouped:
+            operand = node.inputs[index]
+            rows = ir.node("Reshape", [operand, constant(f"moeport_gqa_rows_{kv_heads}", [0, kv_heads, -1, 0])],
+                           name=f"{node.name}_grouped_{index}")
+            graph.insert_before(node, rows)
+            node.replace_input_with(index, rows.outputs[0])
         # Rows are now (query head in the group, position): the shapes torch.onnx recorded no longer hold.
         for node in [block.scores, block.key_transpose, *block.region]:
             for value in node.outputs:

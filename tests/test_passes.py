@@ -93,11 +93,12 @@ def test_floor_keeps_fully_masked_rows_as_they_were():
     np.testing.assert_allclose(run(ir.to_proto(model), feeds)["probs"], run(before, feeds)["probs"], atol=1e-7)
 
 
-def grouped_query_graph(per_head_bias: bool = False) -> onnx.ModelProto:
+def grouped_query_graph(per_head_bias: bool = False, sinks: bool = False) -> onnx.ModelProto:
     """transformers' eager grouped-query attention as torch.onnx writes it: 4 query heads on 2 key/value heads,
     each repeated by ``Reshape(Expand(Unsqueeze(kv, 2), [B, 2, 2, T, D]), [B, 4, T, D])`` with the sizes read from
     the tensors (batch, query length ``s`` and key length ``t`` stay dynamic); ``per_head_bias`` adds a [1, 4, 1, 1]
-    score bias per query head (like attention sinks) that grouped rows cannot take."""
+    score bias per query head that broadcasts over the rows, which grouped rows cannot take as it is; ``sinks``
+    appends gpt-oss's sink logit per head and row ([b, 4, s, 1]) as a last key column, dropped after the Softmax."""
     d = 8
     inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", 4, "s", d]),
               helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", 2, "t", d]),
@@ -128,8 +129,15 @@ def grouped_query_graph(per_head_bias: bool = False) -> onnx.ModelProto:
     if per_head_bias:
         nodes.append(helper.make_node("Add", ["masked", "bias"], ["biased"]))
         last = "biased"
-    nodes += [helper.make_node("Softmax", [last], ["probs"], axis=-1),
-              helper.make_node("MatMul", ["probs", "v_repeated"], ["out"])]
+    if sinks:
+        inputs.append(helper.make_tensor_value_info("sinks", TensorProto.FLOAT, ["b", 4, "s", 1]))
+        initializers.append(ints("last", [-1]))
+        nodes += [helper.make_node("Concat", [last, "sinks"], ["with_sinks"], axis=-1),
+                  helper.make_node("Softmax", ["with_sinks"], ["probs_with_sinks"], axis=-1),
+                  helper.make_node("Slice", ["probs_with_sinks", "i0", "last", "last"], ["probs"])]
+    else:
+        nodes.append(helper.make_node("Softmax", [last], ["probs"], axis=-1))
+    nodes.append(helper.make_node("MatMul", ["probs", "v_repeated"], ["out"]))
     graph = helper.make_graph(nodes, "gqa", inputs, outputs, initializer=initializers, value_info=value_info)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
@@ -142,11 +150,13 @@ def gqa_feeds(batch: int, s: int, t: int, seed: int) -> dict:
     mask[0, ..., 0] = np.finfo(np.float32).min
     return {"q": rng.standard_normal((batch, 4, s, 8)).astype(np.float32),
             "k": rng.standard_normal((batch, 2, t, 8)).astype(np.float32),
-            "v": rng.standard_normal((batch, 2, t, 8)).astype(np.float32), "mask": mask}
+            "v": rng.standard_normal((batch, 2, t, 8)).astype(np.float32), "mask": mask,
+            "sinks": np.broadcast_to(rng.standard_normal((1, 4, 1, 1)), (batch, 4, s, 1)).astype(np.float32)}
 
 
-def test_shared_key_value_heads_gives_the_repeated_heads_results_without_repeating():
-    before = grouped_query_graph()
+@pytest.mark.parametrize("sinks", [False, True], ids=["mask", "mask-and-sinks"])
+def test_shared_key_value_heads_gives_the_repeated_heads_results_without_repeating(sinks):
+    before = grouped_query_graph(sinks=sinks)
     model = ir.from_proto(before)
     chosen = passes.export_passes()  # after the score floor, as in the exporter
     ir.passes.PassManager(chosen)(model)
@@ -155,7 +165,8 @@ def test_shared_key_value_heads_gives_the_repeated_heads_results_without_repeati
     after = ir.to_proto(model)
     onnx.checker.check_model(after, full_check=True)
     ops = [node.op_type for node in after.graph.node]
-    assert not {"Expand", "Unsqueeze", "Shape", "Concat"} & set(ops)  # the repeats and their shape arithmetic
+    assert not {"Expand", "Unsqueeze", "Shape"} & set(ops)  # the repeats and their shape arithmetic
+    assert ops.count("Concat") == int(sinks)
     producers = {out: node for node in after.graph.node for out in node.output}
     scores, probs_values = [node for node in after.graph.node if node.op_type == "MatMul"]
     assert producers[scores.input[1]].input == ["k"] and probs_values.input[1] == "v"
@@ -164,6 +175,8 @@ def test_shared_key_value_heads_gives_the_repeated_heads_results_without_repeati
     # equal on shapes other than any seen so far: batched prefill with padding, and decode steps
     for seed, (batch, s, t) in enumerate([(2, 5, 9), (1, 1, 17), (3, 1, 4), (2, 7, 7)]):
         feeds = gqa_feeds(batch, s, t, seed)
+        if not sinks:
+            del feeds["sinks"]
         np.testing.assert_allclose(run(after, feeds)["out"], run(before, feeds)["out"], rtol=0, atol=1e-6)
 
 
@@ -173,7 +186,7 @@ def test_shared_key_value_heads_leaves_per_head_scores_as_they_were_and_says_why
     shared = passes.SharedKeyValueHeads()
     assert not shared(model).modified
     assert shared.changed == 0 and len(shared.left) == 1
-    assert "operand 'bias' of shape [1, 4, 1, 1] is not shared by all heads" in shared.reason
+    assert "operand 'bias' of shape [1, 4, 1, 1] is not laid out per query position" in shared.reason
     assert ir.to_proto(model).SerializeToString() == ir.to_proto(ir.from_proto(before)).SerializeToString()
 
 
