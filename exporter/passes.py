@@ -286,6 +286,8 @@ def _grouped_attention(transpose: ir.Node) -> _GroupedAttention | str | None:
     values = _repeat_of(ends[0].inputs[1])
     if values is None or values.kv_heads != keys.kv_heads or values.heads != keys.heads:
         return "the probabilities do not multiply values repeated like the keys"
+    if len(values.repeated.uses()) != 1:
+        return "the repeated values feed more than the probabilities' MatMul"
     for node in region:
         reason = _last_axis_only(node)
         if reason:
@@ -366,9 +368,9 @@ def _shared_key_value_heads(model: ir.Model, left: list[str]) -> int:
         kv_heads, heads = block.keys.kv_heads, block.keys.heads
         rep = heads // kv_heads
         query = block.scores.inputs[0]
-        group_rows = ir.node("Reshape", [query, constant(f"moeport_gqa_rows_{kv_heads}_{query.shape[3]}",
-                                                         [0, kv_heads, -1, query.shape[3]])],
-                             name=f"{block.scores.name}_grouped_query")
+        # [B, H, S, D] -> [B, kvh, rep * S, D]: 0 keeps an axis as it is, -1 takes the rest
+        to_groups = constant(f"moeport_gqa_rows_{kv_heads}", [0, kv_heads, -1, 0])
+        group_rows = ir.node("Reshape", [query, to_groups], name=f"{block.scores.name}_grouped_query")
         graph.insert_before(block.scores, group_rows)
         block.scores.replace_input_with(0, group_rows.outputs[0])
         block.key_transpose.replace_input_with(0, block.keys.kv)
@@ -383,8 +385,7 @@ def _shared_key_value_heads(model: ir.Model, left: list[str]) -> int:
             node.replace_input_with(index, tiled)
         for node, index in block.grouped:
             operand = node.inputs[index]
-            rows = ir.node("Reshape", [operand, constant(f"moeport_gqa_rows_{kv_heads}", [0, kv_heads, -1, 0])],
-                           name=f"{node.name}_grouped_{index}")
+            rows = ir.node("Reshape", [operand, to_groups], name=f"{node.name}_grouped_{index}")
             graph.insert_before(node, rows)
             node.replace_input_with(index, rows.outputs[0])
         # Rows are now (query head in the group, position): the shapes torch.onnx recorded no longer hold.
@@ -395,8 +396,7 @@ def _shared_key_value_heads(model: ir.Model, left: list[str]) -> int:
         output = probs_values.outputs[0]
         probs_values.replace_input_with(1, block.values.kv)
         uses = list(output.uses())
-        d_v = block.values.kv.shape[3]
-        heads_back = ir.node("Reshape", [output, constant(f"moeport_gqa_heads_{heads}_{d_v}", [0, heads, -1, d_v])],
+        heads_back = ir.node("Reshape", [output, constant(f"moeport_gqa_heads_{heads}", [0, heads, -1, 0])],
                              name=f"{probs_values.name}_query_heads")
         heads_back.outputs[0].shape, heads_back.outputs[0].type = output.shape, output.type
         output.shape = None
