@@ -182,16 +182,24 @@ def _llama(path: Path, threads: int, logits_all: bool):
                            logits_all=logits_all, verbose=False)
 
 
-def _llama_runner(llm):
+def _llama_runner(llm, logits_all: bool):
+    """(prefill, decode) over a llama-cpp-python model: all positions' logits with ``logits_all``, else the last's."""
+    import llama_cpp
+
+    def last() -> np.ndarray:
+        # Without logits_all llama-cpp-python fills no scores (its buffer then has n_batch rows of stale values);
+        # the context keeps the last token's logits.
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()[None, None]
+
     def prefill(ids: np.ndarray) -> np.ndarray:
         llm.reset()
         llm.eval(ids[0].tolist())
         # A copy: llm.scores is the context's buffer, rewritten by the next evaluation.
-        return np.array(llm.scores[: llm.n_tokens])[None]
+        return np.array(llm.scores[: llm.n_tokens])[None] if logits_all else last()
 
     def decode(token: int) -> np.ndarray:
         llm.eval([token])
-        return np.array(llm.scores[llm.n_tokens - 1])[None, None]
+        return np.array(llm.scores[llm.n_tokens - 1])[None, None] if logits_all else last()
 
     return prefill, decode
 
@@ -200,7 +208,7 @@ def _runner(system: str, out: Path, threads: int, logits_all: bool = False):
     family, variant = system.split(":")
     if family == "moeport":
         return moeport_step_runner(_moeport_session(out / "moeport" / f"{variant}.onnx", threads))
-    return _llama_runner(_llama(out / "llama" / f"{variant}.gguf", threads, logits_all))
+    return _llama_runner(_llama(out / "llama" / f"{variant}.gguf", threads, logits_all), logits_all)
 
 
 def worker_time(out: Path, system: str, threads: int, prompt: int, decode_steps: int) -> dict:
