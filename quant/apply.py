@@ -66,6 +66,7 @@ class QuantJob:
     layers: list[ExpertLayer] = field(default_factory=list)
     records: list = field(default_factory=list)  # the passes the step ran (passes.PassRecord), for the report
     head: set[str] = field(default_factory=set)  # the lm_head MatMul(s)
+    kv: set[str] = field(default_factory=set)  # attention's key and value projection MatMuls
 
     @property
     def names(self) -> set[str]:
@@ -229,7 +230,10 @@ def _nbits(source: Path, output: Path, blocks: list[tuple[set[str], int, int]], 
     block size)`` of ``blocks`` (one load, one write), into ``output``."""
     quantizer_class = nbits_quantizer_module().MatMulNBitsQuantizer
     proto = onnx.load(str(source))
+    merged: dict[tuple[int, int], set[str]] = {}  # one quantizer pass per (bits, block size)
     for chosen, bits, block_size in blocks:
+        merged.setdefault((bits, block_size), set()).update(chosen)
+    for (bits, block_size), chosen in merged.items():
         # nodes_to_include only adds to op_types_to_quantize, so everything not chosen is excluded.
         skip = {n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gather")} - chosen
         quantizer = quantizer_class(
@@ -343,7 +347,9 @@ def run_nbits(job: QuantJob) -> None:
         source = job.scratch("rewritten.onnx")
         save_model(model, source, external_data=True)
         del model
-    blocks = [(matmuls - job.experts - job.head, layout.dense_bits, layout.dense_block_size),
+    dense = matmuls - job.experts - job.head
+    blocks = [(dense - job.kv, layout.dense_bits, layout.dense_block_size),
+              (dense & job.kv, layout.kv_projection_bits, layout.dense_block_size),
               (matmuls & job.head, layout.head_bits, layout.dense_block_size),
               (matmuls & job.experts, job.bits, layout.expert_block_size),
               (gathers, job.bits, layout.expert_block_size)]

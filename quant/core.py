@@ -10,7 +10,8 @@ what it cost (``_measure``). The apply steps (``moeport.quant.apply``) are onnxr
 - ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
 - ``nbits`` (int4): ``MatMulNBitsQuantizer`` (MatMul -> MatMulNBits), asymmetric blocks along K (a 4-bit
   zero point per block): expert weights in 4-bit blocks of ``block_size``, the other MatMuls (attention,
-  lm_head) in ``dense_bits`` blocks of ``dense_block_size``; the embedding Gather as GatherBlockQuantized in
+  lm_head) in ``dense_bits`` blocks of ``dense_block_size`` (attention's key and value projections in
+  ``kv_projection_bits``, the lm_head in ``head_bits``); the embedding Gather as GatherBlockQuantized in
   8-bit (or, with ``embedding_bits=4``, 4-bit) blocks. See ``NBitsLayout``.
 
 Which nodes: the weight-carrying ones -- MatMul/Gemm whose second input is a 2-D initializer (the
@@ -218,6 +219,34 @@ def _head_names(source: "_Source") -> set[str]:
     return {name for name, shape in _matmul_weights(source).items() if source.vocab in shape}
 
 
+#: Ops between a key/value projection and attention's MatMuls: head layout, rotary embedding, the KV cache.
+_KV_PATH_OPS = {"Reshape", "Transpose", "Concat", "Unsqueeze", "Squeeze", "Expand", "Tile", "Mul", "Add", "Sub",
+                "Neg", "Split", "Slice", "Cast", "Identity", "ScatterND"}
+
+
+def _kv_projection_names(source: "_Source") -> set[str]:
+    """The MatMuls among the targets that project attention's keys and values: those reached backwards from the
+    second operand of a MatMul between two activations (``q @ k^T``, ``probs @ v``) through head layout, rotary
+    and cache ops only (``_KV_PATH_OPS``). The queries (first operand) and the output projection are not."""
+    targets = {node.name for node in source.targets if node.op_type == "MatMul"}
+    inits = {init.name for init in source.proto.graph.initializer}
+    producers = {out: node for node in source.proto.graph.node for out in node.output}
+    found, seen = set(), set()
+    frontier = [node.input[1] for node in source.proto.graph.node
+                if node.op_type == "MatMul" and len(node.input) == 2 and not inits & set(node.input)]
+    while frontier:
+        value = frontier.pop()
+        node = producers.get(value)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.name in targets:
+            found.add(node.name)
+        elif node.op_type in _KV_PATH_OPS and node.domain in ("", "ai.onnx"):
+            frontier.extend(i for i in node.input if i and i not in inits)
+    return found
+
+
 def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
     """MatMul/Gemm with a 2-D initializer weight (for a MatMul, also one read through a 2-D Transpose: a tied
     lm_head, see ``UntieTransposedWeightPass``) and Gather over an initializer, minus ``exclude``."""
@@ -332,7 +361,7 @@ def _write(source: _Source, out: Path, settings: _Settings,
                        calibration=None if calibrated is None else calibrated.data,
                        overrides={} if calibrated is None else calibrated.overrides,
                        observed=None if calibrated is None else calibrated.observed, layers=_expert_layers(source),
-                       head=_head_names(source))
+                       head=_head_names(source), kv=_kv_projection_names(source))
         step.run(job)
         records += job.records
         model = ir.load(quantized)
@@ -414,6 +443,7 @@ def quantize(
     embedding_bits: int = 8,
     dense_bits: int = 8,
     head_bits: int = 8,
+    kv_projection_bits: int = 8,
     fused_experts: bool = True,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
@@ -431,10 +461,11 @@ def quantize(
     perplexity (default: the bundled ``heldout.txt``). ``reference``: the model ``model`` was exported from,
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
-    ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``embedding_bits``, ``fused_experts``
-    (int4, int8-blocks): see ``NBitsLayout``; ``block_size=None`` takes the mode's width's default
-    (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 32 for 8-bit), ``dense_block_size=None``
-    ``schemes.dense_block_default`` (128 for int4's 8-bit attention and lm_head, else 32).
+    ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``kv_projection_bits``,
+    ``embedding_bits``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``; ``block_size=None`` takes the
+    mode's width's default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 32 for 8-bit),
+    ``dense_block_size=None`` ``schemes.dense_block_default`` (int4: 128 for 8-bit attention and lm_head, 64 for
+    4-bit attention with 8-bit key/value projections and lm_head; else 32).
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
@@ -444,7 +475,8 @@ def quantize(
     started = time.perf_counter()
     model, out = Path(model), Path(out)
     settings = _settings(mode, target, keep_router, down_activations,
-                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits),
+                         NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits,
+                                     kv_projection_bits),
                          calibration,
                          random_calibration)
     _check_paths(model, out, force)

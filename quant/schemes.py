@@ -152,15 +152,18 @@ def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | 
 DEFAULT_EXPERT_BLOCK_SIZES = {4: 64, 8: 32}
 
 
-def dense_block_default(bits: int, dense_bits: int, head_bits: int) -> int:
+def dense_block_default(bits: int, dense_bits: int, head_bits: int, kv_projection_bits: int = 8) -> int:
     """Weights per block for the MatMuls outside the experts (attention, lm_head), before resolved_for fits it to
     their widths. 128 where they are 8-bit in a 4-bit mode: 1.03 bytes per weight against 1.16 at 32, so an int4 decode
     step reads 4% fewer bytes; measured on the 24-layer granite-shaped model (BENCHMARKS.md), steps interleaved in
     one process, +6%, +1% and +2% decode in three runs, KL 5.7e-6 against 5.3e-6 (Q4_0: 1.2e-4); the trained
     sample's routing agreement 0.958. 4-bit weights keep 32 (everything 4-bit in blocks of 128: KL 2.1e-4
     against 1.8e-4 in blocks of 64), and so does int8-blocks (its blocks of 64 / 128 raised its KL to 2.0e-6,
-    above Q8_0's 1.8e-6)."""
-    return 128 if bits == 4 and dense_bits == head_bits == 8 else 32
+    above Q8_0's 1.8e-6). int4 with 4-bit attention but 8-bit key/value projections and lm_head gets 64 (0.57
+    bytes per 4-bit weight, 1.07 per 8-bit one; measured in BENCHMARKS.md)."""
+    if bits == 4 and head_bits == kv_projection_bits == 8:
+        return {8: 128, 4: 64}[dense_bits]
+    return 32
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,9 @@ class NBitsLayout:
 
     Expert weights (most of an MoE's parameters) are 4-bit blocks of ``expert_block_size``; the other MatMuls
     (attention, dense MLPs, lm_head: a small share of the parameters that every token goes through) are
-    ``dense_bits`` blocks of ``dense_block_size``; the embedding table is stored in ``embedding_bits`` blocks of
-    ``expert_block_size`` (GatherBlockQuantized).
+    ``dense_bits`` blocks of ``dense_block_size``, but attention's key and value projections
+    (``kv_projection_bits``) and the lm_head (``head_bits``); the embedding table is stored in ``embedding_bits``
+    blocks of ``expert_block_size`` (GatherBlockQuantized).
 
     Measured (BENCHMARKS.md). Trained sample, held-out text (first 64 windows of 128 bytes): all at 4 bits /
     block 32, worst-layer routing agreement 0.947 at 0.181 of the fp32 size; embedding at 8 bits 0.951 / 0.183;
@@ -187,6 +191,11 @@ class NBitsLayout:
     dense_bits: int = 8
     fused_experts: bool = True  # each MoE layer's experts as one onnxruntime QMoE node (passes.FuseExpertsPass)
     head_bits: int = 8  # the lm_head's width (dense_block_size blocks)
+    # Attention's key and value projections' width (dense_block_size blocks). With dense_bits=4 they stay 8-bit by
+    # default, as llama.cpp's Q4_K_M keeps attn_v wider: on the trained sample the keys and values are what the
+    # routing is sensitive to. Routing agreement with 4-bit attention but one kind of projection kept 8-bit: v 0.951,
+    # k and v 0.953-0.956, o 0.943, q 0.945; all 4-bit 0.942; all 8-bit (the default) 0.958; target 0.95.
+    kv_projection_bits: int = 8
 
     def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int]) -> NBitsLayout:
         """This layout with the block sizes filled in where none was given: DEFAULT_EXPERT_BLOCK_SIZES for a
@@ -205,7 +214,7 @@ class NBitsLayout:
         if layout.expert_block_size is None:
             layout = replace(layout, expert_block_size=fitted(DEFAULT_EXPERT_BLOCK_SIZES[bits], expert_widths))
         if layout.dense_block_size is None:
-            default = dense_block_default(bits, layout.dense_bits, layout.head_bits)
+            default = dense_block_default(bits, layout.dense_bits, layout.head_bits, layout.kv_projection_bits)
             layout = replace(layout, dense_block_size=fitted(default, dense_widths))
         return layout
 
@@ -216,14 +225,15 @@ class NBitsLayout:
             if size < 16 or size & (size - 1):
                 raise MoeportError(f"{label} must be a power of two >= 16, got {size}")
         for label, bits in (("embedding bits", self.embedding_bits), ("dense bits", self.dense_bits),
-                            ("head bits", self.head_bits)):
+                            ("head bits", self.head_bits), ("key/value projection bits", self.kv_projection_bits)):
             if bits not in (4, 8):
                 raise MoeportError(f"{label} must be 4 or 8, got {bits}")
 
     def describe(self) -> str:
         experts = "one QMoE per layer, " if self.fused_experts else ""
         return (f"expert weights {experts}4-bit blocks of {self.expert_block_size}, other MatMuls {self.dense_bits}-bit "
-                f"blocks of {self.dense_block_size} (lm_head {self.head_bits}-bit), embedding {self.embedding_bits}-bit "
+                f"blocks of {self.dense_block_size} (key/value projections {self.kv_projection_bits}-bit, lm_head "
+                f"{self.head_bits}-bit), embedding {self.embedding_bits}-bit "
                 f"blocks of {self.expert_block_size}")
 
     def to_dict(self) -> dict:

@@ -333,11 +333,13 @@ def test_default_block_sizes():
     assert default.resolved_for(8, {1024, 512}, {1024}).expert_block_size == 32
     assert default.resolved_for(4, set(), set()).expert_block_size == 64
     assert NBitsLayout(128, 32, 8).resolved_for(4, {32}, {32}).expert_block_size == 128
-    # the other MatMuls: 128 where they are 8-bit in a 4-bit mode, else 32, fitted to their widths; a given size stays
+    # the other MatMuls: 128 where they are 8-bit in a 4-bit mode, 64 for 4-bit attention with 8-bit key/value
+    # projections and lm_head, else 32, fitted to their widths; a given size stays
     unset = NBitsLayout(None, None, 8)
     assert unset.resolved_for(4, {1024}, {1024, 512}).dense_block_size == 128
     assert unset.resolved_for(4, {1024}, {1024, 64}).dense_block_size == 64
-    assert replace(unset, dense_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
+    assert replace(unset, dense_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 64
+    assert replace(unset, dense_bits=4, kv_projection_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
     assert replace(unset, head_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
     assert unset.resolved_for(8, {1024}, {1024}).dense_block_size == 32
     assert default.resolved_for(4, {1024}, {64}).dense_block_size == 32
@@ -368,8 +370,8 @@ def test_int4_matmulnbits_for_experts(quantized):
     table, scales = (inits[name] for name in (embedding[0].input[0], embedding[0].input[2]))
     assert table.data_type == TensorProto.UINT8 and list(scales.dims) == [table.dims[0], table.dims[1] // 32]
     assert _attributes(embedding[0]) == {"bits": 8, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
-    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 64 (lm_head "
-                                        "8-bit), embedding 8-bit blocks of 32")
+    assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 64 "
+                                        "(key/value projections 8-bit, lm_head 8-bit), embedding 8-bit blocks of 32")
     # the graph passes around the quantizer, each with what it did or why it did nothing
     assert [p.name for p in result.passes] == [
         "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "UntieTransposedWeightPass", "GemmAsMatMulPass",
@@ -388,7 +390,7 @@ def test_int4_matmulnbits_for_experts(quantized):
 
 def test_int4_layout_options(quantized):
     result = quantized("int4", block_size=64, dense_block_size=16, embedding_bits=4, dense_bits=4, head_bits=4,
-                       fused_experts=False)
+                       kv_projection_bits=4, fused_experts=False)
     model = onnx.load(result.output)
     experts = _experts(model)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -398,7 +400,46 @@ def test_int4_layout_options(quantized):
     assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
         "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False,
-        "head_bits": 4}
+        "head_bits": 4, "kv_projection_bits": 4}
+
+
+def _feeds_second_operand_of_a_float_matmul(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    """Whether ``node``'s output reaches, through anything but a MatMul-like node, the second operand of a MatMul
+    between two activations (attention's keys in ``q @ k^T``, values in ``probs @ v``)."""
+    inits = {i.name for i in model.graph.initializer}
+    users: dict[str, list] = {}
+    for user in model.graph.node:
+        for index, name in enumerate(user.input):
+            users.setdefault(name, []).append((user, index))
+    seen, frontier = set(), list(node.output)
+    while frontier:
+        for user, index in users.get(frontier.pop(), []):
+            if user.op_type == "MatMul" and not inits & set(user.input):
+                if index == 1:
+                    return True
+            elif user.op_type not in ("MatMul", "MatMulNBits", "Gemm", "QMoE", "Softmax") and user.name not in seen:
+                seen.add(user.name)
+                frontier.extend(user.output)
+    return False
+
+
+def test_int4_4bit_attention_keeps_key_and_value_projections_8bit(quantized):
+    """--dense-bits 4: queries and output projections 4-bit, keys and values 8-bit (what routing is sensitive to),
+    all in the default block of 64 for that layout (the sample's hidden width)."""
+    result = quantized("int4", dense_bits=4, fused_experts=False)
+    model = onnx.load(result.output)
+    experts = _experts(model)
+    dense = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n not in experts]
+    vocab = max(_attributes(n)["N"] for n in dense)  # the lm_head's output width (the sample's 256 bytes)
+    head = [n for n in dense if _attributes(n)["N"] == vocab]
+    attention = [n for n in dense if n not in head]
+    assert len(head) == 1 and _bits(head) == {8} and len(attention) == 8  # 2 layers x q, k, v, o
+    keys_values = [n for n in attention if _feeds_second_operand_of_a_float_matmul(model, n)]
+    assert len(keys_values) == 4 and _bits(keys_values) == {8}
+    assert _bits(n for n in attention if n not in keys_values) == {4}
+    assert _block_sizes(dense) == {64}
+    assert result.layout.describe() == ("expert weights 4-bit blocks of 64, other MatMuls 4-bit blocks of 64 "
+                                        "(key/value projections 8-bit, lm_head 8-bit), embedding 8-bit blocks of 64")
 
 
 def _assert_same_outputs(model, expected_model, tolerance: float) -> None:
@@ -576,6 +617,7 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int4", dense_bits=2), "dense bits must be 4 or 8, got 2"),
         (dict(mode="int4", head_bits=3), "head bits must be 4 or 8, got 3"),
+        (dict(mode="int4", kv_projection_bits=2), "key/value projection bits must be 4 or 8, got 2"),
         (dict(mode="int4", target="nnapi"), re.escape("mode int4 writes onnxruntime contrib operators (MatMulNBits, "
                                                       "QMoE, GatherBlockQuantized) that target nnapi cannot run; use "
                                                       "one of int8, int8-dynamic, fp16 (int4 runs on: cpu, arm, cuda)")),

@@ -55,9 +55,12 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
                    "[default: 64 for int4, 32 for int8-blocks].")
 @click.option("--dense-block-size", type=int, default=None,
               help="int4, int8-blocks: weights per block for the MatMuls outside the experts (attention, lm_head) "
-                   "[default: 128 for int4's 8-bit ones, else 32].")
+                   "[default: int4 128, 64 with --dense-bits 4; else 32].")
 @click.option("--dense-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
-              help="int4: width of the MatMuls outside the experts (attention, lm_head).")
+              help="int4: width of the MatMuls outside the experts (attention, dense MLPs) but attention's key and "
+                   "value projections and the lm_head.")
+@click.option("--kv-projection-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="int4: width of attention's key and value projections.")
 @click.option("--head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the lm_head.")
 @click.option("--fused-experts/--no-fused-experts", default=True, show_default=True,
@@ -72,7 +75,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
                  checkpoint, tokenizer, heldout, down_activations, block_size, dense_block_size, dense_bits,
-                 head_bits, fused_experts, embedding_bits, no_perplexity, latency_runs, force, as_json):
+                 kv_projection_bits, head_bits, fused_experts, embedding_bits, no_perplexity, latency_runs, force,
+                 as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
     report size, parity, perplexity and latency."""
     if os.path.isdir(model):
@@ -94,7 +98,9 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           calibration_samples=calibration_samples, random_calibration=random_calibration,
                           keep_router=keep_router, reference=reference, tokenizer=tokenizer or checkpoint,
                           heldout=heldout, block_size=block_size,
-                          dense_block_size=dense_block_size, dense_bits=int(dense_bits), head_bits=int(head_bits),
+                          dense_block_size=dense_block_size,
+                          dense_bits=int(dense_bits), head_bits=int(head_bits),
+                          kv_projection_bits=int(kv_projection_bits),
                           fused_experts=fused_experts,
                           embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
