@@ -339,7 +339,7 @@ def run_nbits(job: QuantJob) -> None:
         rewrites.append(FuseExpertsPass(job.layers, job.bits, layout.expert_block_size, NBITS_ACCURACY_LEVEL))
     if layout.embedding_bits == 8 and gathers:
         # onnxruntime's n-bit quantizer packs Gather at 4 bits only: 8-bit blocks are GatherBlockQuantizedPass's.
-        rewrites.append(GatherBlockQuantizedPass(gathers, layout.expert_block_size))
+        rewrites.append(GatherBlockQuantizedPass(gathers, layout.embedding_block_size))
         gathers = set()
     if rewrites:
         model = ir.load(source)
@@ -352,7 +352,7 @@ def run_nbits(job: QuantJob) -> None:
               (dense & job.kv, layout.kv_projection_bits, layout.dense_block_size),
               (matmuls & job.head, layout.head_bits, layout.dense_block_size),
               (matmuls & job.experts, job.bits, layout.expert_block_size),
-              (gathers, job.bits, layout.expert_block_size)]
+              (gathers, job.bits, layout.embedding_block_size)]
     _nbits(source, job.output, [block for block in blocks if block[0]], job.exclude)
 
 

@@ -157,16 +157,16 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
     return _Settings(spec, target, keep_router, scheme, layout if step.layout else None)
 
 
-def _block_widths(source: _Source) -> tuple[set[int], set[int]]:
-    """The widths block sizes must divide: (each expert weight's input width and the embedding table's row
-    length, each other MatMul weight's input width), from ``_matmul_weights``."""
+def _block_widths(source: _Source) -> tuple[set[int], set[int], set[int]]:
+    """The widths block sizes must divide: (each expert weight's input width, each other MatMul weight's input
+    width, the embedding table's row length), from ``_matmul_weights`` and the Gathers."""
     expert_nodes = {node.name for nodes in source.experts.values() for node in nodes}
     dims = {init.name: list(init.dims) for init in source.proto.graph.initializer}
     tables = {dims[node.input[0]][1] for node in source.targets if node.op_type == "Gather"}
     experts, dense = set(), set()
     for name, (width, _) in _matmul_weights(source).items():
         (experts if name in expert_nodes else dense).add(width)
-    return experts | tables, dense
+    return experts, dense, tables
 
 
 def _check_paths(model: Path, out: Path, force: bool) -> None:
@@ -444,6 +444,7 @@ def quantize(
     dense_bits: int = 8,
     head_bits: int = 8,
     kv_projection_bits: int = 8,
+    embedding_block_size: int | None = None,
     fused_experts: bool = True,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
@@ -462,8 +463,9 @@ def quantize(
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
     ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``kv_projection_bits``,
-    ``embedding_bits``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``; ``block_size=None`` takes the
-    mode's width's default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 32 for 8-bit),
+    ``embedding_bits``, ``embedding_block_size``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``;
+    ``block_size=None`` takes the mode's width's default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit,
+    128 for 8-bit), ``embedding_block_size=None`` ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32),
     ``dense_block_size=None`` ``schemes.dense_block_default`` (int4: 128 for 8-bit attention and lm_head, 64 for
     4-bit attention with 8-bit key/value projections and lm_head; else 32).
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
@@ -476,7 +478,7 @@ def quantize(
     model, out = Path(model), Path(out)
     settings = _settings(mode, target, keep_router, down_activations,
                          NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits,
-                                     kv_projection_bits),
+                                     kv_projection_bits, embedding_block_size),
                          calibration,
                          random_calibration)
     _check_paths(model, out, force)

@@ -147,9 +147,14 @@ def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | 
 # 4-bit zero point, as llama.cpp's Q4_0 at 0.5625) instead of 32 (0.64): a decode step reads fewer bytes. Measured
 # on the 24-layer granite-shaped model (BENCHMARKS.md), one process, steps interleaved: 70.0 vs 66.9 and 69.7 vs
 # 63.8 tokens/s, mean KL from PyTorch 5.3e-6 vs 4.4e-6 (Q4_0: 1.2e-4); the trained sample's routing agreement
-# 0.961 vs 0.960. 8-bit stays at 32: blocks of 64 gained 57.1 vs 56.3 tokens/s (noise) for a KL of 1.6e-6 against
-# 1.5e-6, closer to Q8_0's 1.8e-6. A model whose widths 64 does not divide gets 32 (or 16): resolved_for.
-DEFAULT_EXPERT_BLOCK_SIZES = {4: 64, 8: 32}
+# 0.961 vs 0.960. 8-bit: blocks of 128 (1.04 bytes per weight against 1.16 at 32; Q8_0: 1.06): 53.7 vs 49.5 and
+# 59.5 vs 54.1 tokens/s, KL 1.52e-6 as at 32 (Q8_0: 1.81e-6) once the embedding kept its own blocks of 32 (with
+# the embedding in blocks of 128 too the KL was 1.79e-6: the table, not the experts, carried that error).
+# A model whose widths the size does not divide gets it halved (down to 16): resolved_for.
+DEFAULT_EXPERT_BLOCK_SIZES = {4: 64, 8: 128}
+# The embedding table's values per block. A token reads one row of the table, so the size of its blocks costs no
+# decode time, only file size; small blocks keep its error (which every position carries) small.
+DEFAULT_EMBEDDING_BLOCK_SIZE = 32
 
 
 def dense_block_default(bits: int, dense_bits: int, head_bits: int, kv_projection_bits: int = 8) -> int:
@@ -174,7 +179,7 @@ class NBitsLayout:
     (attention, dense MLPs, lm_head: a small share of the parameters that every token goes through) are
     ``dense_bits`` blocks of ``dense_block_size``, but attention's key and value projections
     (``kv_projection_bits``) and the lm_head (``head_bits``); the embedding table is stored in ``embedding_bits``
-    blocks of ``expert_block_size`` (GatherBlockQuantized).
+    blocks of ``embedding_block_size`` (GatherBlockQuantized).
 
     Measured (BENCHMARKS.md). Trained sample, held-out text (first 64 windows of 128 bytes): all at 4 bits /
     block 32, worst-layer routing agreement 0.947 at 0.181 of the fp32 size; embedding at 8 bits 0.951 / 0.183;
@@ -196,13 +201,15 @@ class NBitsLayout:
     # routing is sensitive to. Routing agreement with 4-bit attention but one kind of projection kept 8-bit: v 0.951,
     # k and v 0.953-0.956, o 0.943, q 0.945; all 4-bit 0.942; all 8-bit (the default) 0.958; target 0.95.
     kv_projection_bits: int = 8
+    embedding_block_size: int | None = None  # None: DEFAULT_EMBEDDING_BLOCK_SIZE (resolved_for)
 
-    def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int]) -> NBitsLayout:
+    def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int],
+                     table_widths: Iterable[int] = ()) -> NBitsLayout:
         """This layout with the block sizes filled in where none was given: DEFAULT_EXPERT_BLOCK_SIZES for a
-        ``bits``-wide mode's experts, ``dense_block_default`` for the other MatMuls, each halved (down to 16)
-        until it divides every width it applies to (``expert_widths``: the expert weights' input widths and the
-        embedding's rows; ``dense_widths``: the other MatMuls' input widths), so a small model still gets blocks
-        (experts fused, no padded half-empty blocks)."""
+        ``bits``-wide mode's experts, ``dense_block_default`` for the other MatMuls, DEFAULT_EMBEDDING_BLOCK_SIZE
+        for the embedding, each halved (down to 16) until it divides every width it applies to (``expert_widths``:
+        the expert weights' input widths; ``dense_widths``: the other MatMuls' input widths; ``table_widths``: the
+        embedding's row length), so a small model still gets blocks (experts fused, no padded half-empty blocks)."""
 
         def fitted(size: int, widths: Iterable[int]) -> int:
             widths = set(widths)
@@ -216,10 +223,13 @@ class NBitsLayout:
         if layout.dense_block_size is None:
             default = dense_block_default(bits, layout.dense_bits, layout.head_bits, layout.kv_projection_bits)
             layout = replace(layout, dense_block_size=fitted(default, dense_widths))
+        if layout.embedding_block_size is None:
+            layout = replace(layout, embedding_block_size=fitted(DEFAULT_EMBEDDING_BLOCK_SIZE, table_widths))
         return layout
 
     def validate(self) -> None:
-        for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size)):
+        for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size),
+                            ("embedding block size", self.embedding_block_size)):
             if size is None:  # the default, resolved_for the model
                 continue
             if size < 16 or size & (size - 1):
@@ -234,7 +244,7 @@ class NBitsLayout:
         return (f"expert weights {experts}4-bit blocks of {self.expert_block_size}, other MatMuls {self.dense_bits}-bit "
                 f"blocks of {self.dense_block_size} (key/value projections {self.kv_projection_bits}-bit, lm_head "
                 f"{self.head_bits}-bit), embedding {self.embedding_bits}-bit "
-                f"blocks of {self.expert_block_size}")
+                f"blocks of {self.embedding_block_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

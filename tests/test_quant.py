@@ -310,15 +310,21 @@ def test_int4_fuses_each_layers_experts_into_one_qmoe(quantized):
 
 
 def test_expert_block_size_defaults_by_width(quantized):
-    """Without --block-size, int4's experts (and embedding) are 4-bit blocks of 64 and int8-blocks' 8-bit blocks of
-    32 (schemes.DEFAULT_EXPERT_BLOCK_SIZES); a given size is used as given."""
-    for mode, options, expected in (("int4", {}, 64), ("int8-blocks", {}, 32), ("int4", {"block_size": 32}, 32)):
+    """Without --block-size, int4's experts are 4-bit blocks of 64 and int8-blocks' 8-bit blocks of 128, halved to
+    the sample's expert input widths (64) (schemes.DEFAULT_EXPERT_BLOCK_SIZES); the embedding has its own blocks
+    of 32 (--embedding-block-size); a given size is used as given."""
+    for mode, options, expected, table in (("int4", {}, 64, 32), ("int8-blocks", {}, 64, 32),
+                                           ("int4", {"block_size": 32}, 32, 32),
+                                           ("int8-blocks", {"embedding_block_size": 16}, 64, 16)):
         result = quantized(mode, **options)
         model = onnx.load(result.output)
-        experts = [n for n in model.graph.node if n.op_type in ("QMoE", "GatherBlockQuantized")]
-        assert len(experts) == 3 and _block_sizes(experts) == {expected}, (mode, options)
-        assert result.layout.expert_block_size == expected
-        assert json.loads(model.metadata_props[-1].value)["nbits_layout"]["expert_block_size"] == expected
+        experts = [n for n in model.graph.node if n.op_type == "QMoE"]
+        embedding = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert len(experts) == 2 and _block_sizes(experts) == {expected}, (mode, options)
+        assert len(embedding) == 1 and _block_sizes(embedding) == {table}, (mode, options)
+        assert (result.layout.expert_block_size, result.layout.embedding_block_size) == (expected, table)
+        layout = json.loads(model.metadata_props[-1].value)["nbits_layout"]
+        assert (layout["expert_block_size"], layout["embedding_block_size"]) == (expected, table)
 
 
 def test_default_block_sizes():
@@ -330,7 +336,9 @@ def test_default_block_sizes():
     assert default.resolved_for(4, {48}, {1024}).expert_block_size == 16
     # nothing fits: the smallest (the pass then says why it left the experts)
     assert default.resolved_for(4, {40}, {1024}).expert_block_size == 16
-    assert default.resolved_for(8, {1024, 512}, {1024}).expert_block_size == 32
+    assert default.resolved_for(8, {1024, 512}, {1024}).expert_block_size == 128
+    assert default.resolved_for(8, {1024, 512}, {1024}).embedding_block_size == 32  # no table widths: the default
+    assert default.resolved_for(4, {1024}, {1024}, {48}).embedding_block_size == 16  # fitted to the table's rows
     assert default.resolved_for(4, set(), set()).expert_block_size == 64
     assert NBitsLayout(128, 32, 8).resolved_for(4, {32}, {32}).expert_block_size == 128
     # the other MatMuls: 128 where they are 8-bit in a 4-bit mode, 64 for 4-bit attention with 8-bit key/value
@@ -400,7 +408,7 @@ def test_int4_layout_options(quantized):
     assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
         "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False,
-        "head_bits": 4, "kv_projection_bits": 4}
+        "head_bits": 4, "kv_projection_bits": 4, "embedding_block_size": 32}
 
 
 def _feeds_second_operand_of_a_float_matmul(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
@@ -439,7 +447,7 @@ def test_int4_4bit_attention_keeps_key_and_value_projections_8bit(quantized):
     assert _bits(n for n in attention if n not in keys_values) == {4}
     assert _block_sizes(dense) == {64}
     assert result.layout.describe() == ("expert weights 4-bit blocks of 64, other MatMuls 4-bit blocks of 64 "
-                                        "(key/value projections 8-bit, lm_head 8-bit), embedding 8-bit blocks of 64")
+                                        "(key/value projections 8-bit, lm_head 8-bit), embedding 8-bit blocks of 32")
 
 
 def _assert_same_outputs(model, expected_model, tolerance: float) -> None:
@@ -614,6 +622,7 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="fp16", calibration="x.txt"), "mode fp16 uses no calibration data"),
         (dict(mode="int4", block_size=24), "block size must be a power of two >= 16, got 24"),
         (dict(mode="int4", dense_block_size=8), "dense block size must be a power of two >= 16, got 8"),
+        (dict(mode="int8-blocks", embedding_block_size=24), "embedding block size must be a power of two >= 16, got 24"),
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int4", dense_bits=2), "dense bits must be 4 or 8, got 2"),
         (dict(mode="int4", head_bits=3), "head bits must be 4 or 8, got 3"),

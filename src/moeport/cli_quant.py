@@ -51,8 +51,10 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="int8 / int8-dynamic: how the expert down-projection inputs are kept (auto: int16 for int8 "
                    "on cpu/arm/qnn, float for int8-dynamic on cpu/arm; int8 elsewhere). Weights stay 8-bit.")
 @click.option("--block-size", type=int, default=None,
-              help="int4, int8-blocks: expert weights (and embedding values) per quantization block "
-                   "[default: 64 for int4, 32 for int8-blocks].")
+              help="int4, int8-blocks: expert weights per quantization block [default: 64 for int4, 128 for "
+                   "int8-blocks].")
+@click.option("--embedding-block-size", type=int, default=None,
+              help="int4, int8-blocks: embedding values per quantization block [default: 32].")
 @click.option("--dense-block-size", type=int, default=None,
               help="int4, int8-blocks: weights per block for the MatMuls outside the experts (attention, lm_head) "
                    "[default: int4 128, 64 with --dense-bits 4; else 32].")
@@ -74,7 +76,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
-                 checkpoint, tokenizer, heldout, down_activations, block_size, dense_block_size, dense_bits,
+                 checkpoint, tokenizer, heldout, down_activations, block_size, embedding_block_size,
+                 dense_block_size, dense_bits,
                  kv_projection_bits, head_bits, fused_experts, embedding_bits, no_perplexity, latency_runs, force,
                  as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
@@ -97,7 +100,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
         result = _quant.quantize(model, output, mode=mode, target=target, calibration=calibration,
                           calibration_samples=calibration_samples, random_calibration=random_calibration,
                           keep_router=keep_router, reference=reference, tokenizer=tokenizer or checkpoint,
-                          heldout=heldout, block_size=block_size,
+                          heldout=heldout, block_size=block_size, embedding_block_size=embedding_block_size,
                           dense_block_size=dense_block_size,
                           dense_bits=int(dense_bits), head_bits=int(head_bits),
                           kv_projection_bits=int(kv_projection_bits),
