@@ -163,10 +163,11 @@ class SharedKeyValueHeads(ExportPass):
         return {**super().report(), "left": list(self.left)}
 
     def ensures(self, model: ir.Model) -> None:
-        remaining = sum(1 for node in model.graph if node.op_type == "Transpose" and _repeat_of(node.inputs[0]))
-        if remaining != len(self.left):
-            raise ir.passes.PostconditionError(f"{type(self).__name__}: {remaining} repeated keys feed attention, "
-                                               f"{len(self.left)} were left with a reason")
+        missed = [node.name for node in model.graph if node.op_type == "Transpose"
+                  and isinstance(_grouped_attention(node), _GroupedAttention)]
+        if missed:
+            raise ir.passes.PostconditionError(f"{type(self).__name__}: attention still reads repeated key/value "
+                                               f"heads through {missed}")
 
 
 class ClearNodeMetadata(ExportPass):
