@@ -202,6 +202,7 @@ class NBitsLayout:
     # k and v 0.953-0.956, o 0.943, q 0.945; all 4-bit 0.942; all 8-bit (the default) 0.958; target 0.95.
     kv_projection_bits: int = 8
     embedding_block_size: int | None = None  # None: DEFAULT_EMBEDDING_BLOCK_SIZE (resolved_for)
+    expert_bits: int | None = None  # the mode's width, filled in by resolved_for (for the report and metadata)
 
     def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int],
                      table_widths: Iterable[int] = ()) -> NBitsLayout:
@@ -217,7 +218,7 @@ class NBitsLayout:
                 size //= 2
             return size
 
-        layout = self
+        layout = replace(self, expert_bits=bits)
         if layout.expert_block_size is None:
             layout = replace(layout, expert_block_size=fitted(DEFAULT_EXPERT_BLOCK_SIZES[bits], expert_widths))
         if layout.dense_block_size is None:
@@ -241,10 +242,10 @@ class NBitsLayout:
 
     def describe(self) -> str:
         experts = "one QMoE per layer, " if self.fused_experts else ""
-        return (f"expert weights {experts}4-bit blocks of {self.expert_block_size}, other MatMuls {self.dense_bits}-bit "
-                f"blocks of {self.dense_block_size} (key/value projections {self.kv_projection_bits}-bit, lm_head "
-                f"{self.head_bits}-bit), embedding {self.embedding_bits}-bit "
-                f"blocks of {self.embedding_block_size}")
+        return (f"expert weights {experts}{self.expert_bits}-bit blocks of {self.expert_block_size}, "
+                f"other MatMuls {self.dense_bits}-bit blocks of {self.dense_block_size} "
+                f"(key/value projections {self.kv_projection_bits}-bit, lm_head {self.head_bits}-bit), "
+                f"embedding {self.embedding_bits}-bit blocks of {self.embedding_block_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -325,6 +325,9 @@ def test_expert_block_size_defaults_by_width(quantized):
         assert (result.layout.expert_block_size, result.layout.embedding_block_size) == (expected, table)
         layout = json.loads(model.metadata_props[-1].value)["nbits_layout"]
         assert (layout["expert_block_size"], layout["embedding_block_size"]) == (expected, table)
+        bits = 4 if mode == "int4" else 8
+        assert layout["expert_bits"] == bits
+        assert result.layout.describe().startswith(f"expert weights one QMoE per layer, {bits}-bit blocks of {expected}")
 
 
 def test_default_block_sizes():
@@ -408,7 +411,7 @@ def test_int4_layout_options(quantized):
     assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
         "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False,
-        "head_bits": 4, "kv_projection_bits": 4, "embedding_block_size": 32}
+        "head_bits": 4, "kv_projection_bits": 4, "embedding_block_size": 32, "expert_bits": 4}
 
 
 def _feeds_second_operand_of_a_float_matmul(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
