@@ -240,7 +240,8 @@ def _repeat_of(value: ir.Value | None) -> _Repeat | None:
 @dataclasses.dataclass
 class _GroupedAttention:
     """One attention block to rewrite: the scores MatMul ``q @ Transpose(keys)``, the nodes up to the
-    probabilities' MatMul ``probs @ values``, and the operands from outside that need their rows tiled."""
+    probabilities' MatMul ``probs @ values``, and the operands from outside that need their rows tiled (shared
+    by the heads) or grouped like the query (one row per query head and position)."""
 
     scores: ir.Node
     key_transpose: ir.Node
@@ -349,7 +350,7 @@ def _operand_layout(operand: ir.Value, heads: int) -> str | None:
 
 def _shared_key_value_heads(model: ir.Model, left: list[str]) -> int:
     graph = model.graph
-    tiles: dict[tuple[int, int], ir.Value] = {}
+    tiles: dict[tuple[ir.Value, int], ir.Value] = {}  # (operand, rep) -> its tiled rows, shared by the layers
 
     def constant(name: str, values: list[int]) -> ir.Value:
         value = graph.initializers.get(name)
@@ -377,12 +378,12 @@ def _shared_key_value_heads(model: ir.Model, left: list[str]) -> int:
         block.key_transpose.replace_input_with(0, block.keys.kv)
         for node, index in block.tiled:
             operand = node.inputs[index]
-            tiled = tiles.get((id(operand), rep))
+            tiled = tiles.get((operand, rep))
             if tiled is None:
                 tile = ir.node("Tile", [operand, constant(f"moeport_gqa_tile_{rep}", [1, 1, rep, 1])],
                                name=f"{operand.name}_tiled_{rep}")
                 graph.insert_before(node, tile)
-                tiled = tiles[(id(operand), rep)] = tile.outputs[0]
+                tiled = tiles[(operand, rep)] = tile.outputs[0]
             node.replace_input_with(index, tiled)
         for node, index in block.grouped:
             operand = node.inputs[index]
