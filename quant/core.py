@@ -43,17 +43,17 @@ import onnx
 import onnx_ir as ir
 
 from moeport._fs import check_output_file, staged_file, writing
-from moeport.contract import ModelInfo, Reference, metadata_props, optional_model_info
+from moeport.contract import ModelInfo, Reference, is_cache_input, metadata_props, optional_model_info
 from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant import ranges
 from moeport.quant.apply import QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
-from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, GemmAsMatMulPass,
-                                  InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, RaiseOpsetPass,
-                                  StampQuantizationPass, ExpertLayer, UntieTransposedWeightPass, node_metadata_bytes,
-                                  run_passes, save_model)
+from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, ExpertLayer,
+                                  FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass,
+                                  PassRecord, RaiseOpsetPass, StampQuantizationPass, UntieTransposedWeightPass,
+                                  node_metadata_bytes, run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
@@ -68,7 +68,7 @@ CPU_TARGETS = ("cpu", "arm")
 SMALL_WEIGHTS = 32 * 2**20
 # What quantization adds to a graph (the report counts them).
 _QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul",
-              "MatMulNBits", "GatherBlockQuantized", "QMoE", "Cast")
+              "MatMulNBits", "GatherBlockQuantized", "QMoE", "GroupQueryAttention", "Cast")
 
 
 def bundled_text(name: str) -> Path | None:
@@ -86,12 +86,14 @@ class _Settings:
     keep_router: bool
     scheme: IntScheme | None
     layout: NBitsLayout | None
+    fused_attention: bool = False  # attention as onnxruntime's GroupQueryAttention (passes.FuseAttentionPass)
 
     def to_dict(self) -> dict:
         """What the output's ``moeport.quantization`` metadata records."""
         return {"mode": self.mode.name, "target": self.target, "keep_router": self.keep_router,
                 "scheme": None if self.scheme is None else self.scheme.to_dict(),
-                "nbits_layout": None if self.layout is None else self.layout.to_dict()}
+                "nbits_layout": None if self.layout is None else self.layout.to_dict(),
+                "fused_attention": self.fused_attention}
 
 
 @dataclass
@@ -134,7 +136,7 @@ class _Calibrated:
 
 
 def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
-              calibration, random_calibration: bool) -> _Settings:
+              calibration, random_calibration: bool, fused_attention: bool = False) -> _Settings:
     if target not in TARGETS:
         raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     spec = get_mode(mode or default_mode(target, calibration is not None or random_calibration))
@@ -154,7 +156,10 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
     elif down_activations != "auto":
         takers = " and ".join(m.name for m in modes() if m.step.down is not None)
         raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
-    return _Settings(spec, target, keep_router, scheme, layout if step.layout else None)
+    # GroupQueryAttention's CPU kernel is float32/float16; its CUDA kernel takes no float32, and NNAPI, QNN and
+    # Core ML have none: only integer-weight modes for CPUs get it.
+    fused = fused_attention and target in CPU_TARGETS and step.integer_weights
+    return _Settings(spec, target, keep_router, scheme, layout if step.layout else None, fused)
 
 
 def _block_widths(source: _Source) -> tuple[set[int], set[int], set[int]]:
@@ -346,6 +351,9 @@ def _write(source: _Source, out: Path, settings: _Settings,
         prepare += [RaiseOpsetPass(settings.scheme.opset)]
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
+    if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):
+        # after the apply step: the quantizers see the attention as exported
+        finish = [FuseAttentionPass(), REMOVE_UNUSED] + finish
     expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}
     down_names = {n.name for group, nodes in source.experts.items() if group.is_down_projection for n in nodes}
     with staged_file(out) as staging, writing(out), \
@@ -446,6 +454,7 @@ def quantize(
     kv_projection_bits: int = 8,
     embedding_block_size: int | None = None,
     fused_experts: bool = True,
+    fused_attention: bool = True,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
@@ -464,6 +473,8 @@ def quantize(
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
     ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``kv_projection_bits``,
     ``embedding_bits``, ``embedding_block_size``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``;
+    ``fused_attention``: each layer's attention of a with-past model as onnxruntime's ``GroupQueryAttention``
+    (``passes.FuseAttentionPass``; integer modes for cpu/arm targets only, others ignore it).
     ``block_size=None`` takes the mode's width's default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit,
     128 for 8-bit), ``embedding_block_size=None`` ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32),
     ``dense_block_size=None`` ``schemes.dense_block_default`` (int4: 128 for 8-bit attention and lm_head, 64 for
@@ -480,7 +491,7 @@ def quantize(
                          NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits,
                                      kv_projection_bits, embedding_block_size),
                          calibration,
-                         random_calibration)
+                         random_calibration, fused_attention)
     _check_paths(model, out, force)
     source = _read(model, settings)
     if settings.layout is not None:

@@ -42,6 +42,7 @@ from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNo
 
 from moeport._scoped import logger_kept
 from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
+from moeport.runtime.fusions import fuse_group_query_attention
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
 
@@ -373,6 +374,17 @@ class StampQuantizationPass(QuantPass):
         props.pop(METADATA_KEY, None)  # a re-quantized file: the new record replaces the old, last in the list
         props[METADATA_KEY] = json.dumps(self.info, sort_keys=True)
         return Rewritten(model, True, f"carried {len(carried)} metadata keys over; recorded the quantization")
+
+
+class FuseAttentionPass(QuantPass):
+    """Each layer's attention of a with-past graph as onnxruntime's ``GroupQueryAttention`` and
+    ``RotaryEmbedding`` (com.microsoft; ``moeport.runtime.fusions``): the cache append, scores, mask and softmax in
+    one kernel instead of ~30. Layers it cannot fuse keep their standard ops, with the reason in the note."""
+
+    def call(self, model: ir.Model) -> Rewritten:
+        fused, left = fuse_group_query_attention(model)
+        done = f"fused the attention of {fused} layer(s) into GroupQueryAttention" if fused else None
+        return _outcome(model, done, "; ".join(left), left if fused else [], "left as standard ops")
 
 
 class SplicePass(QuantPass):

@@ -92,6 +92,9 @@ class Layout:
     # Whether the onnxruntime the runtime ships runs moeport's QMoE node (quant.passes.FuseExpertsPass): its
     # variants keep per-expert MatMulNBits when not.
     fused_experts: bool = True
+    # Whether that onnxruntime runs moeport's GroupQueryAttention node (runtime.fusions): its variants keep the
+    # exported attention when not.
+    fused_attention: bool = True
     # The variant ``moeport quantize DIR`` writes without --mode; None: the target's default mode
     # (moeport.quant.schemes.default_mode), which must then be among variant_suffixes.
     default_mode: str | None = None
@@ -539,6 +542,8 @@ register_layout(Layout(
     runtime="transformers.js",
     # transformers.js 4.3 ships onnxruntime-node 1.30, whose QMoE has no accuracy_level (it refused the file).
     fused_experts=False,
+    # Not tried in transformers.js's onnxruntime-node 1.30 or in onnxruntime-web: its variants keep standard ops.
+    fused_attention=False,
     # its 8-bit dtypes are QDQ int8 and int8-dynamic; 8-bit blocks have no transformers.js dtype name
     default_mode="int8",
 ))

@@ -7,8 +7,11 @@ The exports are the session's ``hf_export`` ones (tests/conftest.py), shared wit
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 pytest.importorskip("transformers")
@@ -17,6 +20,8 @@ import hf_families  # noqa: E402  (tests/, on sys.path)
 from moeport.contract import random_inputs  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
+from moeport.quant.passes import REMOVE_UNUSED, FuseAttentionPass  # noqa: E402
+from moeport.runtime.generate import decoder_feeds, empty_past  # noqa: E402
 from moeport.runtime.moe_graph import expert_layers, find_routers, float_router_nodes  # noqa: E402
 from moeport.runtime.session import create_session  # noqa: E402
 
@@ -134,3 +139,102 @@ def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
     record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
     assert not record.modified and "left as MatMuls: layer 0 (" in record.note
     assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
+
+
+def _with_past(tmp_path, model_type: str, kv_cache: str = "concat"):
+    checkpoint = tmp_path / model_type
+    hf_families.random_model(model_type).save_pretrained(checkpoint)
+    return export_checkpoint(checkpoint, tmp_path / f"{model_type}.onnx", task="text-generation-with-past",
+                             kv_cache=kv_cache, validate=False)
+
+
+def _decode(path, steps, capacity: int = 0):
+    """Logits [batch, seq, vocab] of each (attention_mask, input_ids) step of ``steps``, each step's presents fed
+    back as the next one's past (the empty past first; ``capacity``: a shared buffer's length)."""
+    session = create_session(path)
+    names = [o.name for o in session.get_outputs()]
+    past = empty_past(session.get_inputs(), steps[0][1].shape[0], session.get_outputs(), capacity)
+    logits = []
+    for mask, ids in steps:
+        outputs = session.run(None, decoder_feeds(mask, ids, past))
+        past = {name.replace("present.", "past_key_values."): value for name, value in zip(names, outputs)
+                if name.startswith("present.")}
+        logits.append(outputs[names.index("logits")])
+    return logits
+
+
+def _steps(seed: int = 0, batch: int = 2):
+    """A batch of prompts of 6 tokens (the second one left-padded to 4), then two decode steps; a batch of one
+    then takes three tokens at once (onnxruntime's GroupQueryAttention takes several new tokens after a past
+    for one row only)."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, 6), np.int64)
+    mask[1:, :2] = 0
+    steps = [(mask, rng.integers(3, 100, (batch, 6)))]
+    for new in (1, 1) + ((3,) if batch == 1 else ()):
+        mask = np.concatenate([mask, np.ones((batch, new), np.int64)], axis=1)
+        steps.append((mask, rng.integers(3, 100, (batch, new))))
+    return steps
+
+
+@pytest.mark.parametrize(("model_type", "kv_cache"), [("mixtral", "concat"), ("qwen3_moe", "concat"),
+                                                     ("granitemoe", "concat"), ("mixtral", "shared")])
+def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cache):
+    """Each layer's attention as one GroupQueryAttention (with RotaryEmbedding): grouped query heads (mixtral),
+    q/k norms per head (qwen3_moe), an unwritten scale of 1 (granitemoe), the shared buffer cache. Equal to the
+    exported graph on a left-padded batch, decode steps and a several-token step after a past."""
+    source = _with_past(tmp_path, model_type, kv_cache)
+    layers = len(source.info.layers)
+    model = ir.load(source.output)
+    record = FuseAttentionPass()(model)
+    assert record.modified and record.note == f"fused the attention of {layers} layer(s) into GroupQueryAttention"
+    REMOVE_UNUSED(model)
+    ir.save(model, tmp_path / "fused.onnx")
+    graph = onnx.load(tmp_path / "fused.onnx")
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("GroupQueryAttention") == layers and ops.count("RotaryEmbedding") == 2 * layers
+    producers = {out: node.op_type for node in graph.graph.node for out in node.output}
+    assert {producers[o.name] for o in graph.graph.output if o.name.startswith("present.")} == {"GroupQueryAttention"}
+    assert not {"Neg", "ScatterND"} & set(ops)  # rotate_half and a shared buffer's scatter went with them
+    for steps in (_steps(), _steps(batch=1)):
+        capacity = 16 if kv_cache == "shared" else 0
+        for fused, exported in zip(_decode(tmp_path / "fused.onnx", steps, capacity),
+                                   _decode(source.output, steps, capacity)):
+            valid = np.ones(fused.shape[:2], bool)
+            if fused.shape[1] == 6:  # the prompt step: a padded row's first two positions are no tokens
+                valid[1:, :2] = False
+            np.testing.assert_allclose(fused[valid], exported[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("model_type", "reason"), [
+    ("gpt_oss", "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads"),
+    ("deepseek_v3", "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads")])
+def test_fused_attention_leaves_what_it_cannot_fuse_and_says_why(tmp_path, model_type, reason):
+    """gpt-oss rotates the two halves with half-width cos/sin (and adds sinks); DeepSeek's latent attention
+    concatenates a rotated and an unrotated part of each key: both keep their exported attention."""
+    source = _with_past(tmp_path, model_type)
+    model = ir.load(source.output)
+    before = ir.to_proto(model).SerializeToString()
+    record = FuseAttentionPass()(model)
+    assert not record.modified and record.note == f"layers 0, 1: key: {reason}"
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_quantize_fuses_attention_for_cpu_targets_only(tmp_path):
+    """int4 of a with-past model: GroupQueryAttention in every layer by default (recorded in the quantization
+    metadata), none with fused_attention=False or for a target whose provider has no float32 kernel (cuda)."""
+    source = _with_past(tmp_path, "mixtral")
+    layers = len(source.info.layers)
+    options = {"mode": "int4", "latency_runs": 0, "perplexity": False}
+    fused = quantize(source.output, tmp_path / "fused.onnx", **options)
+    record = next(r for r in fused.passes if r.name == "FuseAttentionPass")
+    assert record.modified and fused.output_ops["GroupQueryAttention"] == layers
+    assert json.loads(onnx.load(fused.output).metadata_props[-1].value)["fused_attention"] is True
+    for name, extra in (("off", {"fused_attention": False}), ("cuda", {"target": "cuda"})):
+        result = quantize(source.output, tmp_path / f"{name}.onnx", **options, **extra)
+        assert "GroupQueryAttention" not in result.output_ops and not any(
+            r.name == "FuseAttentionPass" for r in result.passes), name
+    # the quantized graph decodes the padded batch and the steps after it like the unfused one, to int4 noise
+    unfused = _decode(tmp_path / "off.onnx", _steps(1))
+    for a, b in zip(_decode(fused.output, _steps(1)), unfused):
+        assert np.abs(a[:, -1] - b[:, -1]).max() < 0.05 * np.abs(b).max()

@@ -69,6 +69,10 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="int4, int8-blocks: run each MoE layer's experts as one onnxruntime QMoE node (only the selected "
                    "experts run; the routing stays moeport's) instead of per-expert MatMulNBits. A model folder whose "
                    "runtime cannot load QMoE (transformers.js) always gets MatMulNBits.")
+@click.option("--fused-attention/--no-fused-attention", default=True, show_default=True,
+              help="Integer modes for --target cpu/arm: each attention layer of a with-past model as one onnxruntime "
+                   "GroupQueryAttention node (cache append, scores, mask, softmax) instead of ~30 standard ops. A "
+                   "model folder whose runtime cannot load it (transformers.js) always gets the standard ops.")
 @click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the embedding table.")
 @click.option("--no-perplexity", is_flag=True, help="Skip the held-out perplexity and routing pass.")
@@ -78,7 +82,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
                  checkpoint, tokenizer, heldout, down_activations, block_size, embedding_block_size,
                  dense_block_size, dense_bits,
-                 kv_projection_bits, head_bits, fused_experts, embedding_bits, no_perplexity, latency_runs, force,
+                 kv_projection_bits, head_bits, fused_experts, fused_attention, embedding_bits, no_perplexity,
+                 latency_runs, force,
                  as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
     report size, parity, perplexity and latency."""
@@ -88,7 +93,9 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                              "its runtime looks for")
         mode, model, output, own_tokenizer, layout = _layouts.variant_target(
             model, mode, _schemes.default_mode(target, calibration is not None or random_calibration))
-        fused_experts = fused_experts and layout.fused_experts  # what the folder's runtime can load
+        # what the folder's runtime can load
+        fused_experts = fused_experts and layout.fused_experts
+        fused_attention = fused_attention and layout.fused_attention
         tokenizer = tokenizer or checkpoint or own_tokenizer
     elif output is None:
         raise UsageError("give -o FILE for the quantized model (or a model folder instead of a file)")
@@ -104,7 +111,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           dense_block_size=dense_block_size,
                           dense_bits=int(dense_bits), head_bits=int(head_bits),
                           kv_projection_bits=int(kv_projection_bits),
-                          fused_experts=fused_experts,
+                          fused_experts=fused_experts, fused_attention=fused_attention,
                           embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
                           perplexity=not no_perplexity, force=force)

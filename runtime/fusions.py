@@ -1,0 +1,421 @@
+"""onnxruntime's fused attention for a with-past graph: each layer's attention as one ``GroupQueryAttention``.
+
+``fuse_group_query_attention(model)`` rewrites an ``onnx_ir`` model in place (``moeport quantize`` calls it for CPU
+targets through ``quant.passes.FuseAttentionPass``) and returns how many layers it fused and, for the layers it
+left alone, why.
+
+Why: a decode step of the exported attention is ~30 small kernels per layer (three Reshape/Transpose pairs, two
+rotary embeddings of six ops each, the Concat of each cache, the score MatMul, scale, mask, floor, Softmax, the
+value MatMul and the Reshape/Transpose back), 700 kernel launches per step on the 24-layer granite-shaped model.
+onnxruntime's ``GroupQueryAttention`` (com.microsoft) does the cache append, the grouped-query scores, the mask and
+the softmax in one kernel, and ``RotaryEmbedding`` (com.microsoft) each rotation in one. Measured on that model's
+int4 file (benchmarks/decode_ab.py, BENCHMARKS.md): decode +5-9% at a 128-token context with the Concat cache
+(none at 512: the kernel still copies the past into the present), and with a shared buffer bound as both past and
+present, which the kernel writes in place, another +11% at 128 tokens and +15% at 512.
+
+What it matches, per layer (with or without ``SharedKeyValueHeads``):
+
+- ``present.{i}.key = Concat(past_key_values.{i}.key, rot(Transpose(Reshape(k_lin))), axis=2)`` and
+  ``present.{i}.value = Concat(past_key_values.{i}.value, Transpose(Reshape(v_lin)), axis=2)`` (the ``concat``
+  cache), or the same new columns scattered into a fixed-length buffer (``ScatterND`` between Transposes, read
+  through a Slice of the first ``T`` columns: the ``shared`` cache, contract ``KV_CACHE_SHARED``), where
+  ``q_lin``/``k_lin``/``v_lin`` are ``[B, S, heads * D]`` projections and ``rot`` is transformers'
+  ``x * cos + rotate_half(x) * sin`` with ``cos = Cos(Concat(f, f))`` (``sin`` alike) unsqueezed on the heads axis;
+- ``scores = MatMul(q, Transpose(present.key))`` (``q = rot(Transpose(Reshape(q_lin)))``, grouped into
+  ``[B, kvh, rep * S, D]`` rows by a Reshape when kvh < heads), times a constant scale, plus an additive mask
+  ``[B, 1, S, T]`` (tiled over the groups' rows when grouped), floored (``FloorAttentionScores``), Softmax over
+  the keys, ``MatMul(probs, present.value)`` and back to ``[B, S, heads * D]``.
+
+It becomes ``RotaryEmbedding`` on ``q_lin`` and ``k_lin`` and ``GroupQueryAttention(q, k, v_lin, past_key,
+past_value, seqlens_k, total_sequence_length, attention_bias=mask)`` whose outputs are the layer's attention output
+and its presents. Every row's ``seqlens_k`` is ``T - 1`` (``T = attention_mask.shape[1]``) and the model's own
+mask is the bias, so left padding, sliding windows and the causal rule are the model's, exactly. The rotations
+read the model's own cos/sin rows (whatever rope scaling made them), one row per token: their "cache" is the
+``[B * S, D / 2]`` first half of ``cos`` and the position of token ``(b, s)`` is ``b * S + s``
+(GroupQueryAttention's own rotary takes its prompt positions from the slots, not ``position_ids``, which is wrong
+for left-padded rows). A concat cache's past inputs are reshaped to ``[B, kvh, -1, D]`` first: the contract's empty
+past may be ``[B, 0, 0, 0]``, which the kernel refuses. A shared buffer goes in as it is: a runtime that binds one
+buffer as both past and present (onnxruntime-genai's ``past_present_share_buffer``) has the kernel write the new
+columns in place instead of copying the cache each step. Outputs equal the unfused graph's to float32 rounding.
+
+One thing the fused graph does not do that the exported one does: onnxruntime's CPU kernel takes several new
+tokens after a past (chunked prefill, speculative steps) for a batch of one row only ("batch_size must be 1 when
+sequence_length > 1 and past context is given"). Prompts of any batch and decode steps of one token per row run.
+
+Anything else (sinks, scores with terms other than the scale and the mask, partial or interleaved rotary,
+DeepSeek's latent attention) is left alone, with the reason. The old nodes are left for ``RemoveUnusedNodesPass``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from moeport.contract import ATTENTION_MASK
+
+PLAIN = ("", "ai.onnx")
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain in PLAIN else None
+
+
+def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
+    users = [user for user, _ in value.uses()]
+    return users[0] if len(users) == 1 and users[0].op_type == op_type and users[0].domain in PLAIN else None
+
+
+def _ints(node: ir.Node, name: str) -> list[int] | None:
+    attribute = node.attributes.get(name)
+    return list(attribute.value) if attribute is not None else None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None or value.const_value.size != 1:
+        return None
+    return float(value.const_value.numpy().reshape(()))
+
+
+def _axis(node: ir.Node, rank: int = 4) -> int:
+    attribute = node.attributes.get("axis")
+    axis = attribute.value if attribute is not None else 0
+    return axis + rank if axis < 0 else axis
+
+
+def _constant_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+@dataclass
+class _Heads:
+    """Heads ``[B, S, heads, D]`` moved to ``[B, heads, S, D]`` by ``Transpose(per_token, [0, 2, 1, 3])``:
+    ``per_token`` is a projection split by a Reshape, or something computed per head after it (Qwen3's q/k norm)."""
+
+    per_token: ir.Value  # [B, S, heads, D]
+    split: ir.Value  # the Transpose's output [B, heads, S, D]
+
+    @property
+    def projection(self) -> ir.Value | None:
+        """The ``[B, S, heads * D]`` tensor the Reshape split, when ``per_token`` is just that split."""
+        reshape = _producer(self.per_token, "Reshape")
+        return reshape.inputs[0] if reshape is not None else None
+
+
+def _heads(value: ir.Value) -> _Heads | None:
+    transpose = _producer(value, "Transpose")
+    if transpose is None or _ints(transpose, "perm") != [0, 2, 1, 3]:
+        return None
+    return _Heads(transpose.inputs[0], transpose.outputs[0])
+
+
+@dataclass
+class _Rotary:
+    """``x * Unsqueeze(cos, 1) + rotate_half(x) * Unsqueeze(sin, 1)`` on ``x = heads.split``."""
+
+    heads: _Heads
+    cos: ir.Value  # [B, S, D] = Cos(Concat(f, f))
+    sin: ir.Value
+
+
+def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
+    """Whether ``value`` is transformers' ``rotate_half(x)``: ``Concat(-x[..., D/2:], x[..., :D/2], axis=-1)``."""
+    concat = _producer(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or _axis(concat) != 3:
+        return False
+    neg = _producer(concat.inputs[0], "Neg")
+    first, second = _producer(neg.inputs[0], "Slice") if neg else None, _producer(concat.inputs[1], "Slice")
+    if first is None or second is None or first.inputs[0] is not x or second.inputs[0] is not x:
+        return False
+    head_size = x.shape[3] if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[3], int) else None
+    if head_size is None:
+        return False
+    for node, upper_half in ((first, True), (second, False)):
+        starts, ends = _constant_ints(node.inputs[1]), _constant_ints(node.inputs[2])
+        axes = _constant_ints(node.inputs[3]) if len(node.inputs) > 3 else None
+        steps = _constant_ints(node.inputs[4]) if len(node.inputs) > 4 else None
+        if starts is None or ends is None or len(starts) != 1 or axes not in ([3], [-1]) or steps not in (None, [1]):
+            return False
+        if upper_half:  # x[..., D/2:] (the end may be any number past the last column)
+            if starts[0] != head_size // 2 or ends[0] < head_size:
+                return False
+        elif starts[0] != 0 or ends[0] != head_size // 2:
+            return False
+    return True
+
+
+def _duplicated_angles(value: ir.Value, function: str) -> ir.Value | None:
+    """``value`` if it is ``Unsqueeze(function(Concat(f, f)), [1])`` -> the [B, S, D] ``function(...)``."""
+    unsqueeze = _producer(value, "Unsqueeze")
+    if unsqueeze is None or _constant_ints(unsqueeze.inputs[1]) != [1]:
+        return None
+    trig = _producer(unsqueeze.inputs[0], function)
+    concat = _producer(trig.inputs[0], "Concat") if trig else None
+    if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+        return None
+    return trig.outputs[0]
+
+
+def _rotary(value: ir.Value) -> _Rotary | str:
+    add = _producer(value, "Add")
+    if add is None:
+        return "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads"
+    for straight, rotated in (tuple(add.inputs), tuple(reversed(add.inputs))):
+        straight_mul, rotated_mul = _producer(straight, "Mul"), _producer(rotated, "Mul")
+        if straight_mul is None or rotated_mul is None:
+            continue
+        for x, cos in (tuple(straight_mul.inputs), tuple(reversed(straight_mul.inputs))):
+            heads = _heads(x)
+            cos_3d = _duplicated_angles(cos, "Cos")
+            if heads is None or cos_3d is None:
+                continue
+            for half, sin in (tuple(rotated_mul.inputs), tuple(reversed(rotated_mul.inputs))):
+                sin_3d = _duplicated_angles(sin, "Sin")
+                if sin_3d is not None and _half_rotation(half, x):
+                    if _producer(sin_3d, "Sin").inputs[0] is not _producer(cos_3d, "Cos").inputs[0]:
+                        return "cos and sin of the rotary embedding come from different angles"
+                    return _Rotary(heads, cos_3d, sin_3d)
+    return "the rotary embedding is not transformers' x * cos + rotate_half(x) * sin over cat(freqs, freqs)"
+
+
+@dataclass
+class _Layer:
+    number: int
+    query: _Rotary
+    key: _Rotary
+    value: _Heads
+    scale: float
+    mask: ir.Value  # additive [B, 1 or heads, S, T]
+    output: ir.Value  # the attention output [B, S, heads * D] the rest of the graph reads
+    present_key: ir.Value
+    present_value: ir.Value
+    past_key: ir.Value
+    past_value: ir.Value
+    heads: int
+    kv_heads: int
+    head_size: int
+    shared_buffer: bool  # the cache is one fixed-length buffer (contract KV_CACHE_SHARED), else Concat
+
+
+@dataclass
+class _CacheWrite:
+    """How a layer's present comes from its past: ``past`` input, the ``new`` ``[B, kv_heads, S, D]`` entries,
+    and ``read``: the value attention reads (the present itself for the concat cache; for the shared buffer, the
+    Slice of its first ``T`` columns)."""
+
+    past: ir.Value
+    new: ir.Value
+    read: ir.Value
+    new_per_token: bool = False  # ``new`` is ``[B, S, kv_heads, D]`` (torch folded the two Transposes into one)
+
+
+def _cache_write(present: ir.Value, past_names: set[str]) -> _CacheWrite | None:
+    """The concat cache, ``Concat(past, new, axis=2)``, or the shared buffer,
+    ``Transpose(ScatterND(Transpose(past), columns, Transpose(new)))`` read through ``Slice(present, 0, T, axis=2)``
+    (contract ``KV_CACHE_SHARED``); None for anything else."""
+    concat = _producer(present, "Concat")
+    if concat is not None:
+        if len(concat.inputs) != 2 or _axis(concat) != 2 or concat.inputs[0].name not in past_names:
+            return None
+        return _CacheWrite(concat.inputs[0], concat.inputs[1], present)
+    back = _producer(present, "Transpose")
+    scatter = _producer(back.inputs[0], "ScatterND") if back is not None else None
+    if scatter is None:
+        return None
+    into, new = _producer(scatter.inputs[0], "Transpose"), _producer(scatter.inputs[2], "Transpose")
+    perms = [_ints(node, "perm") for node in (into, new, back)] if into is not None and new is not None else None
+    if perms is None or perms[0] != [2, 0, 1, 3] or perms[2] != [1, 2, 0, 3] \
+            or perms[1] not in (perms[0], [1, 0, 2, 3]) or into.inputs[0].name not in past_names:
+        return None  # not a scatter of whole [B, kv_heads, D] columns along the sequence axis
+    readers = [user for user, _ in present.uses()]
+    if len(readers) != 1 or readers[0].op_type != "Slice" or readers[0].domain not in PLAIN:
+        return None
+    starts = _constant_ints(readers[0].inputs[1])
+    axes = _constant_ints(readers[0].inputs[3]) if len(readers[0].inputs) > 3 else None
+    if starts != [0] or axes not in ([2], [-2]):
+        return None
+    return _CacheWrite(into.inputs[0], new.inputs[0], readers[0].outputs[0], perms[1] == [1, 0, 2, 3])
+
+
+def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_names: set[str]) -> _Layer | str:
+    """One layer's attention as ``_Layer``, or why it does not match (a string)."""
+    present_key, present_value = outputs[f"present.{number}.key"], outputs[f"present.{number}.value"]
+    key_write, value_write = _cache_write(present_key, past_names), _cache_write(present_value, past_names)
+    if key_write is None or value_write is None:
+        return "its presents are neither Concat(past, new) nor a shared buffer's scatter of the new columns"
+    key = _rotary(key_write.new)
+    if isinstance(key, str):
+        return f"key: {key}"
+    value = _Heads(value_write.new, value_write.new) if value_write.new_per_token else _heads(value_write.new)
+    if value is None:
+        return "the new values are not [B, S, heads, D] moved to [B, heads, S, D]"
+    key_users = [user for user, _ in key_write.read.uses()]
+    transposes = [user for user in key_users if user.op_type == "Transpose" and _ints(user, "perm") == [0, 1, 3, 2]]
+    if len(key_users) != 1 or len(transposes) != 1:
+        return "the key cache is read other than by one Transpose into the scores"
+    scores = _only_user(transposes[0].outputs[0], "MatMul")
+    if scores is None or scores.inputs[1] is not transposes[0].outputs[0]:
+        return "the transposed keys do not feed one score MatMul"
+    grouped = _producer(scores.inputs[0], "Reshape")
+    query = _rotary(grouped.inputs[0] if grouped is not None else scores.inputs[0])
+    if isinstance(query, str):
+        return f"query: {query}"
+    if query.cos is not key.cos or query.sin is not key.sin:
+        return "query and key are rotated by different angles"
+    # scale, mask, floor, Softmax: nothing else between the scores and the probabilities
+    scaled = _only_user(scores.outputs[0], "Mul") or _only_user(scores.outputs[0], "Div")
+    if scaled is None:  # a scale of 1 (granitemoe's attention_multiplier = 1) is not written
+        scale, scaled = 1.0, scores
+    else:
+        factor = _scalar(scaled.inputs[1])
+        if factor is None or scaled.inputs[0] is not scores.outputs[0]:
+            return "the scores are not scaled by one constant"
+        scale = factor if scaled.op_type == "Mul" else 1.0 / factor
+    masked = _only_user(scaled.outputs[0], "Add")
+    if masked is None:
+        return "no additive mask after the scaled scores"
+    mask = masked.inputs[1] if masked.inputs[0] is scaled.outputs[0] else masked.inputs[0]
+    if grouped is not None:  # SharedKeyValueHeads tiled the [B, 1, S, T] mask over the grouped rows
+        tile = _producer(mask, "Tile")
+        if tile is None:
+            return "the grouped scores' mask is not a tiled [B, 1, S, T] mask"
+        mask = tile.inputs[0]
+    probabilities_input = masked.outputs[0]
+    floor = [user for user, _ in probabilities_input.uses() if user.op_type == "Max"]
+    if floor:  # FloorAttentionScores: Max(x, ReduceMax(x) + floor) -- the kernel's softmax needs no floor
+        probabilities_input = floor[0].outputs[0]
+    softmax = _only_user(probabilities_input, "Softmax")
+    if softmax is None or _axis(softmax) != 3:
+        return "the masked scores do not go into a Softmax over the keys (sinks or other terms in between)"
+    weighted = _only_user(softmax.outputs[0], "MatMul")
+    if weighted is None or weighted.inputs[1] is not value_write.read or len(list(value_write.read.uses())) != 1:
+        return "the probabilities do not multiply the value cache alone"
+    back = weighted.outputs[0]
+    if grouped is not None:
+        ungroup = _only_user(back, "Reshape")
+        if ungroup is None:
+            return "the grouped attention output is not reshaped back to the query heads"
+        back = ungroup.outputs[0]
+    transpose = _only_user(back, "Transpose")
+    merge = _only_user(transpose.outputs[0], "Reshape") if transpose is not None else None
+    if transpose is None or _ints(transpose, "perm") != [0, 2, 1, 3] or merge is None:
+        return "the attention output is not transposed and reshaped back to [B, S, heads * D]"
+    shape = query.heads.split.shape, key.heads.split.shape
+    if any(s is None or len(s) != 4 or not isinstance(s[1], int) or not isinstance(s[3], int) for s in shape):
+        return "the number of heads or the head size is not known from the graph"
+    heads, head_size = shape[0][1], shape[0][3]
+    kv_heads = shape[1][1]
+    if shape[1][3] != head_size or heads % kv_heads:
+        return f"{heads} query heads of {head_size} do not group over {kv_heads} key/value heads of {shape[1][3]}"
+    return _Layer(number, query, key, value, scale, mask, merge.outputs[0], present_key, present_value,
+                  key_write.past, value_write.past, heads, kv_heads, head_size, key_write.read is not present_key)
+
+
+class _Shared:
+    """The per-model inputs of the fused nodes, made once: cache lengths and each rotary's row caches."""
+
+    def __init__(self, graph: ir.Graph, mask_input: ir.Value, anchor: ir.Node):
+        self.graph, self.anchor, self.rows = graph, anchor, {}
+        self.tokens = self.constant("moeport_gqa_tokens", np.array([0, 0, -1], np.int64))  # [B, S, heads * D]
+        one = self.constant("moeport_gqa_one", np.array(1, np.int64))
+        # T = attention_mask.shape[1]; every row's seqlens_k = T - 1 (padding is the model's own mask's business)
+        total = self.add("Shape", [mask_input], {"start": 1, "end": 2})
+        total_scalar = self.add("Squeeze", [total])
+        self.total = self.add("Cast", [total_scalar], {"to": ir.DataType.INT32})
+        column = self.add("Gather", [mask_input, one], {"axis": 1})
+        zeros = self.add("Mul", [self.add("Cast", [column], {"to": ir.DataType.INT32}),
+                                 self.constant("moeport_gqa_zero", np.array(0, np.int32))])
+        self.seqlens = self.add("Add", [zeros, self.add("Sub", [self.total, self.constant(
+            "moeport_gqa_one_int32", np.array(1, np.int32))])])
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, shape=ir.Shape(array.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                         const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def add(self, op_type: str, inputs, attributes=None, domain: str = "", outputs: int = 1):
+        node = ir.node(op_type, inputs, attributes=attributes or {}, domain=domain, num_outputs=outputs)
+        self.graph.insert_before(self.anchor, node)
+        return node.outputs[0] if outputs == 1 else node.outputs
+
+    def rotary_rows(self, rotary: _Rotary, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(cos_cache, sin_cache [B * S, D / 2], positions [B, S] = b * S + s) for the angles of ``rotary``."""
+        if rotary.cos not in self.rows:
+            half = self.constant(f"moeport_rope_half_{len(self.rows)}", np.array([head_size // 2], np.int64))
+            start, last = self.constant(f"moeport_rope_start_{len(self.rows)}", np.array([0], np.int64)), \
+                self.constant(f"moeport_rope_axis_{len(self.rows)}", np.array([2], np.int64))
+            rows = self.constant(f"moeport_rope_rows_{len(self.rows)}", np.array([-1, head_size // 2], np.int64))
+            caches = [self.add("Reshape", [self.add("Slice", [angle, start, half, last]), rows])
+                      for angle in (rotary.cos, rotary.sin)]
+            batch_and_sequence = self.add("Shape", [rotary.cos], {"start": 0, "end": 2})
+            count = self.add("ReduceProd", [batch_and_sequence], {"keepdims": 1})
+            flat = self.add("Range", [self.constant(f"moeport_rope_zero_{len(self.rows)}", np.array(0, np.int64)),
+                                      self.add("Squeeze", [count]),
+                                      self.constant(f"moeport_rope_step_{len(self.rows)}", np.array(1, np.int64))])
+            self.rows[rotary.cos] = (*caches, self.add("Reshape", [flat, batch_and_sequence]))
+        return self.rows[rotary.cos]
+
+
+def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
+    """Fuse each layer's attention of a with-past ``model`` (see the module doc); in place.
+
+    Returns (layers fused, why the others were left alone: one "layers i, j: reason" per reason). A graph
+    without a KV cache or an ``attention_mask`` input gives (0, [the reason]).
+    """
+    graph = model.graph
+    inputs = {value.name: value for value in graph.inputs}
+    outputs = {value.name: value for value in graph.outputs}
+    layers = sorted(int(name.split(".")[1]) for name in outputs
+                    if name.startswith("present.") and name.endswith(".key") and f"present.{name.split('.')[1]}.value"
+                    in outputs)
+    if not layers:
+        return 0, ["no present.{i}.key/value outputs (not a with-past graph)"]
+    if ATTENTION_MASK not in inputs:
+        return 0, [f"no {ATTENTION_MASK} input"]
+    past_names = {name for name in inputs if name.startswith("past_key_values.")}
+    matches = [_match(number, graph, outputs, past_names) for number in layers]
+    unfused: dict[str, list[int]] = {}
+    for number, match in zip(layers, matches):
+        if isinstance(match, str):
+            unfused.setdefault(match, []).append(number)
+    left = [f"layer{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: {reason}"
+            for reason, numbers in unfused.items()]
+    fused = [match for match in matches if not isinstance(match, str)]
+    if not fused:
+        return 0, left
+    shared = _Shared(graph, inputs[ATTENTION_MASK], graph[0])
+    for layer in fused:
+        shared.anchor = layer.output.producer()
+        rotated = []
+        for rotary, heads in ((layer.query, layer.heads), (layer.key, layer.kv_heads)):
+            cos_cache, sin_cache, positions = shared.rotary_rows(rotary, layer.head_size)
+            per_token = rotary.heads.projection or shared.add("Reshape", [rotary.heads.per_token, shared.tokens])
+            rotated.append(shared.add("RotaryEmbedding", [per_token, positions, cos_cache, sin_cache],
+                                      {"num_heads": heads, "interleaved": 0}, domain="com.microsoft"))
+        past_shape = shared.constant(f"moeport_gqa_past_{layer.number}",
+                                     np.array([0, layer.kv_heads, -1, layer.head_size], np.int64))
+        pasts = [layer.past_key, layer.past_value]
+        if not layer.shared_buffer:  # a shared buffer is the real [B, kvh, max, D], and is written in place
+            pasts = [shared.add("Reshape", [past, past_shape]) for past in pasts]
+        output, present_key, present_value = shared.add(
+            "GroupQueryAttention", [*rotated, layer.value.projection or shared.add("Reshape", [
+                layer.value.per_token, shared.tokens]), *pasts, shared.seqlens, shared.total,
+                                    None, None, None, layer.mask],
+            {"num_heads": layer.heads, "kv_num_heads": layer.kv_heads, "scale": layer.scale, "do_rotary": 0},
+            domain="com.microsoft", outputs=3)
+        output.producer().name = f"moeport_gqa_{layer.number}"
+        for old, new in ((layer.output, output), (layer.present_key, present_key),
+                         (layer.present_value, present_value)):
+            new.shape, new.type = old.shape, old.type
+            output_name = old.name if old.is_graph_output() else None
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            if output_name is not None:  # the graph output keeps its contract name
+                old.name, new.name = f"{output_name}_unfused", output_name
+    model.opset_imports.setdefault("com.microsoft", 1)
+    return len(fused), left
