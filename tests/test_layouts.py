@@ -196,6 +196,28 @@ def test_genai_loads_and_runs_quantized_variants(quantized_genai, mode):
         assert tokens == genai_greedy(quantized_genai, PROMPTS)[1]
 
 
+@pytest.mark.parametrize("kv_cache", ["concat", "shared"])
+def test_genai_runs_the_fused_attention_like_transformers(deployed, tmp_path, kv_cache):
+    """The quantize step's GroupQueryAttention fusion (runtime/fusions.py) on the fp32 folder model: genai, with
+    its Concat cache or its buffer shared by past and present (written in place by the kernel), gives
+    transformers' tokens for one prompt and a padded batch."""
+    import onnx_ir as ir
+
+    from moeport.quant.passes import REMOVE_UNUSED, FuseAttentionPass
+
+    source = deployed("mixtral", kv_cache)
+    folder = Path(shutil.copytree(source.folder, tmp_path / "genai"))
+    model = ir.load(folder / "model.onnx")
+    assert FuseAttentionPass()(model).modified
+    REMOVE_UNUSED(model)
+    ir.save(model, folder / "model_fused.onnx", external_data="model_fused.onnx.data")
+    ops = {node.op_type for node in onnx.load(folder / "model_fused.onnx", load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and "ScatterND" not in ops  # the shared buffer's scatter went too
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        _, expected = transformers_greedy(source, prompts)
+        assert genai_greedy(folder, prompts, model_file="model_fused.onnx")[1] == expected, len(prompts)
+
+
 def test_genai_shared_kv_cache_matches_transformers(deployed, capsys, tmp_path):
     """--kv-cache shared: one fixed-length buffer for past and present, written in place (genai's
     past_present_share_buffer); same tokens as transformers, in genai and in moeport generate."""
