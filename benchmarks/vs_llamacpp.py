@@ -7,8 +7,12 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
    (hidden 1024, 16 heads, 8 KV heads, 32 experts top-8, expert intermediate 512, vocab 49155, tied
    embeddings; ``--layers`` of them) saved with ``save_pretrained``, plus a sentencepiece tokenizer trained
    on local text (Python standard-library sources), which llama.cpp's converter reads as ``tokenizer.model``.
-2. ``export`` / ``quantize``: ``moeport export --task text-generation-with-past``, then ``moeport.quant.quantize``
-   in every mode (int8 calibrated from an .npz of ``input_ids`` rows of training text).
+2. ``export`` / ``quantize``: ``moeport export --task text-generation-with-past --kv-cache concat|shared``
+   (``--kv-cache``; redone when the file there has the other kind), then ``moeport.quant.quantize`` in every mode
+   (int8 calibrated from an .npz of ``input_ids`` rows of training text; for the CPU target the integer modes get
+   onnxruntime's fused attention, which writes a shared buffer in place). The timing binds a shared buffer as
+   both past and present of every step (``moeport_step_runner``), as onnxruntime-genai does with
+   ``past_present_share_buffer``; llama.cpp's cache is written in place too. A Concat cache goes through numpy.
 3. ``gguf``: llama.cpp's own converter (``vendor/llama.cpp/convert_hf_to_gguf.py`` of the llama-cpp-python
    sdist, ``--llama-src``) to F32, then llama.cpp's quantizer (``llama_model_quantize``) to Q8_0 and Q4_0.
 4. ``time``: every system in its own process, ``--rounds`` rounds, systems alternating within a round; each
@@ -107,12 +111,13 @@ def _encode(out: Path, held_out: bool, count: int) -> np.ndarray:
     return ids[:count]
 
 
-def worker_export(out: Path) -> dict:
+def worker_export(out: Path, kv_cache: str) -> dict:
     from moeport.exporter.export import export_checkpoint
 
     target = out / "moeport" / "fp32.onnx"
     target.parent.mkdir(exist_ok=True)
-    result = export_checkpoint(out / "checkpoint", target, task="text-generation-with-past", force=True)
+    result = export_checkpoint(out / "checkpoint", target, task="text-generation-with-past", kv_cache=kv_cache,
+                               force=True)
     return {"seconds": result.seconds, "size_bytes": result.size_bytes, "peak_rss": peak_rss_bytes()}
 
 
@@ -150,14 +155,48 @@ def _moeport_session(path: Path, threads: int):
     return create_session(path, "cpu", threads=threads)
 
 
+# Columns of a shared KV buffer (contract KV_CACHE_SHARED): llama.cpp's n_ctx below.
+SHARED_CAPACITY = 1024
+
+
 def moeport_step_runner(session):
-    """(prefill(ids [1, n]) -> logits [1, n, vocab], decode(next id) -> logits [1, 1, vocab]) over one session."""
-    from moeport.contract import LOGITS, present_for
+    """(prefill(ids [1, n]) -> logits [1, n, vocab], decode(next id) -> logits [1, 1, vocab]) over one session.
+
+    A Concat cache goes through numpy (each step's presents are the next step's pasts). A shared buffer (an
+    export with ``--kv-cache shared``) is bound as both past and present of every step, as onnxruntime-genai does
+    with ``past_present_share_buffer``, so a kernel that writes in place (GroupQueryAttention) moves only the new
+    tokens' keys and values."""
+    import onnxruntime as ort
+
+    from moeport.contract import KV_CACHE_SHARED, LOGITS, metadata_of_map, present_for
     from moeport.runtime.generate import decoder_feeds, empty_past
 
     past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     presents = [present_for(name) for name in past_names]
     state = {}
+    if metadata_of_map(session.get_modelmeta().custom_metadata_map).get("kv_cache") == KV_CACHE_SHARED:
+        buffers = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in
+                   empty_past(session.get_inputs(), 1, session.get_outputs(), SHARED_CAPACITY).items()}
+        binding = session.io_binding()
+        binding.bind_output(LOGITS)  # first: get_outputs() keeps the binding order, rebinding keeps the place
+        for name, buffer in buffers.items():
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(present_for(name), buffer)
+
+        def shared_step(ids: np.ndarray) -> np.ndarray:
+            mask = np.ones((1, state.get("length", 0) + ids.shape[1]), dtype=np.int64)
+            for name, value in decoder_feeds(mask, ids, {}).items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output(LOGITS)  # a new logits tensor each step (its length changes)
+            session.run_with_iobinding(binding)
+            state["length"] = mask.shape[1]
+            return binding.get_outputs()[0].numpy()  # the logits (the presents are the bound buffers)
+
+        def shared_prefill(ids: np.ndarray) -> np.ndarray:
+            state.clear()  # the buffer's old columns are past the new mask's end: never read
+            return shared_step(ids)
+
+        return shared_prefill, lambda token: shared_step(np.array([[token]], dtype=np.int64))
 
     def step(ids: np.ndarray, past) -> np.ndarray:
         mask = np.ones((1, state.get("length", 0) + ids.shape[1]), dtype=np.int64)
@@ -282,6 +321,17 @@ WORKERS = {"build": worker_build, "export": worker_export, "quantize": worker_qu
 
 # --- driver ---------------------------------------------------------------------------------------------------
 
+def _kv_cache_of(path: Path) -> str | None:
+    """The moeport file's KV cache kind (metadata ``kv_cache``), None when there is no such file."""
+    if not path.is_file():
+        return None
+    import onnx
+
+    from moeport.contract import metadata_props
+
+    return metadata_props(onnx.load(path, load_external_data=False)).get("kv_cache")
+
+
 def run_worker(python: str, name: str, *args, env: dict | None = None) -> dict:
     command = [python, __file__, "--worker", name, *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -308,6 +358,10 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-src", type=Path, required=True, help="the unpacked llama-cpp-python sdist")
     parser.add_argument("--llama-python", default=sys.executable, help="a Python with llama-cpp-python installed")
     parser.add_argument("--modes", default=",".join(MOEPORT_MODES))
+    parser.add_argument("--kv-cache", default="concat", choices=("concat", "shared"),
+                        help="moeport's export: a Concat cache, or one buffer for past and present that the timing "
+                             "binds as both, as onnxruntime-genai does (the quantized modes' fused attention writes "
+                             "it in place; fp32's standard ops copy it)")
     parser.add_argument("--interleaved", action="store_true",
                         help="also time each mode against llama.cpp at the same bits in one process (stage 6)")
     parser.add_argument("--block", type=int, default=8, help="decode steps per turn with --interleaved")
@@ -329,10 +383,11 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     stage("build", (out / "checkpoint" / "tokenizer.model").is_file(), lambda: run_worker(py, "build", out, args.layers))
     fp32_bytes = sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))
-    stage("export", (out / "moeport" / "fp32.onnx").is_file(), lambda: run_worker(py, "export", out))
+    stage("export", _kv_cache_of(out / "moeport" / "fp32.onnx") == args.kv_cache,
+          lambda: run_worker(py, "export", out, args.kv_cache))
     for mode in modes:
         if mode != "fp32":
-            stage(f"quantize:{mode}", (out / "moeport" / f"{mode}.onnx").is_file(),
+            stage(f"quantize:{mode}", _kv_cache_of(out / "moeport" / f"{mode}.onnx") == args.kv_cache,
                   lambda mode=mode: run_worker(py, "quantize", out, mode))
     llama_dir = out / "llama"
     llama_dir.mkdir(exist_ok=True)
