@@ -321,16 +321,11 @@ class _Shared:
     def __init__(self, graph: ir.Graph, mask_input: ir.Value, anchor: ir.Node):
         self.graph, self.anchor, self.rows = graph, anchor, {}
         self.tokens = self.constant("moeport_gqa_tokens", np.array([0, 0, -1], np.int64))  # [B, S, heads * D]
-        one = self.constant("moeport_gqa_one", np.array(1, np.int64))
         # T = attention_mask.shape[1]; every row's seqlens_k = T - 1 (padding is the model's own mask's business)
         total = self.add("Shape", [mask_input], {"start": 1, "end": 2})
-        total_scalar = self.add("Squeeze", [total])
-        self.total = self.add("Cast", [total_scalar], {"to": ir.DataType.INT32})
-        column = self.add("Gather", [mask_input, one], {"axis": 1})
-        zeros = self.add("Mul", [self.add("Cast", [column], {"to": ir.DataType.INT32}),
-                                 self.constant("moeport_gqa_zero", np.array(0, np.int32))])
-        self.seqlens = self.add("Add", [zeros, self.add("Sub", [self.total, self.constant(
-            "moeport_gqa_one_int32", np.array(1, np.int32))])])
+        self.total = self.add("Cast", [self.add("Squeeze", [total])], {"to": ir.DataType.INT32})
+        last = self.add("Sub", [self.total, self.constant("moeport_gqa_one", np.array(1, np.int32))])
+        self.seqlens = self.add("Expand", [last, self.add("Shape", [mask_input], {"start": 0, "end": 1})])
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=name, shape=ir.Shape(array.shape),

@@ -196,7 +196,8 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
     producers = {out: node.op_type for node in graph.graph.node for out in node.output}
     assert {producers[o.name] for o in graph.graph.output if o.name.startswith("present.")} == {"GroupQueryAttention"}
     assert not {"Neg", "ScatterND"} & set(ops)  # rotate_half and a shared buffer's scatter went with them
-    for steps in (_steps(), _steps(batch=1)):
+    one_token = [(np.ones((1, 1), np.int64), np.array([[5]])), (np.ones((1, 2), np.int64), np.array([[9]]))]
+    for steps in (_steps(), _steps(batch=1), one_token):  # a one-token prompt: a mask of one column
         capacity = 16 if kv_cache == "shared" else 0
         for fused, exported in zip(_decode(tmp_path / "fused.onnx", steps, capacity),
                                    _decode(source.output, steps, capacity)):
