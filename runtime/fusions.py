@@ -393,15 +393,17 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
             per_token = rotary.heads.projection or shared.add("Reshape", [rotary.heads.per_token, shared.tokens])
             rotated.append(shared.add("RotaryEmbedding", [per_token, positions, cos_cache, sin_cache],
                                       {"num_heads": heads, "interleaved": 0}, domain="com.microsoft"))
-        past_shape = shared.constant(f"moeport_gqa_past_{layer.number}",
-                                     np.array([0, layer.kv_heads, -1, layer.head_size], np.int64))
+        value = layer.value.projection or shared.add("Reshape", [layer.value.per_token, shared.tokens])
         pasts = [layer.past_key, layer.past_value]
         if not layer.shared_buffer:  # a shared buffer is the real [B, kvh, max, D], and is written in place
+            past_shape = shared.constant(f"moeport_gqa_past_{layer.number}",
+                                         np.array([0, layer.kv_heads, -1, layer.head_size], np.int64))
             pasts = [shared.add("Reshape", [past, past_shape]) for past in pasts]
+        # inputs: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+        # position_ids (the rotations are done), attention_bias
         output, present_key, present_value = shared.add(
-            "GroupQueryAttention", [*rotated, layer.value.projection or shared.add("Reshape", [
-                layer.value.per_token, shared.tokens]), *pasts, shared.seqlens, shared.total,
-                                    None, None, None, layer.mask],
+            "GroupQueryAttention",
+            [*rotated, value, *pasts, shared.seqlens, shared.total, None, None, None, layer.mask],
             {"num_heads": layer.heads, "kv_num_heads": layer.kv_heads, "scale": layer.scale, "do_rotary": 0},
             domain="com.microsoft", outputs=3)
         output.producer().name = f"moeport_gqa_{layer.number}"
