@@ -323,13 +323,9 @@ WORKERS = {"build": worker_build, "export": worker_export, "quantize": worker_qu
 
 def _kv_cache_of(path: Path) -> str | None:
     """The moeport file's KV cache kind (metadata ``kv_cache``), None when there is no such file."""
-    if not path.is_file():
-        return None
-    import onnx
+    from moeport.contract import read_metadata
 
-    from moeport.contract import metadata_props
-
-    return metadata_props(onnx.load(path, load_external_data=False)).get("kv_cache")
+    return read_metadata(path).get("kv_cache") if path.is_file() else None
 
 
 def run_worker(python: str, name: str, *args, env: dict | None = None) -> dict:

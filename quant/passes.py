@@ -42,7 +42,7 @@ from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNo
 
 from moeport._scoped import logger_kept
 from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
-from moeport.runtime.fusions import fuse_group_query_attention
+from moeport.runtime.fusions import add_constant, fuse_group_query_attention, only_user
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
 
@@ -516,12 +516,6 @@ class FuseExpertsPass(QuantPass):
         super().__init__()
         self.layers, self.bits, self.block_size, self.accuracy_level = layers, bits, block_size, accuracy_level
 
-    @staticmethod
-    def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
-        users = [user for user, _ in value.uses()]
-        return users[0] if len(users) == 1 and users[0].op_type == op_type and users[0].domain in ("", "ai.onnx") \
-            else None
-
     def _expert(self, down: ir.Node) -> tuple[ir.Node, ir.Node] | str:
         """(gate, up) MatMuls of the expert whose down projection is ``down``, or why it does not match."""
         product = down.inputs[0].producer() if down.inputs[0] is not None else None
@@ -565,13 +559,13 @@ class FuseExpertsPass(QuantPass):
         hidden, inter = (int(d) for d in weights[0][0].shape)
         if hidden % self.block_size or inter % self.block_size:
             return f"hidden {hidden} or expert width {inter} is not a multiple of the block size {self.block_size}"
-        concat = self._only_consumer(downs[0].outputs[0], "Concat")
+        concat = only_user(downs[0].outputs[0], "Concat")
         if concat is None or list(concat.inputs) != [d.outputs[0] for d in downs]:
             return "the expert outputs are not concatenated in expert order"
-        scale = self._only_consumer(concat.outputs[0], "Mul")
-        unsorted = scale and self._only_consumer(scale.outputs[0], "Gather")
-        reshaped = unsorted and self._only_consumer(unsorted.outputs[0], "Reshape")
-        summed = reshaped and self._only_consumer(reshaped.outputs[0], "ReduceSum")
+        scale = only_user(concat.outputs[0], "Mul")
+        unsorted = scale and only_user(scale.outputs[0], "Gather")
+        reshaped = unsorted and only_user(unsorted.outputs[0], "Reshape")
+        summed = reshaped and only_user(reshaped.outputs[0], "ReduceSum")
         if not summed:
             return "the weighted expert outputs are not put back in token order and summed over k"
         factor = scale.inputs[1] if scale.inputs[0] is concat.outputs[0] else scale.inputs[0]
@@ -643,11 +637,7 @@ class FuseExpertsPass(QuantPass):
                  [experts, hidden, -(-blocks_mid // per_byte)]])
 
             def const(name: str, array: np.ndarray) -> ir.Value:
-                value = ir.Value(name=f"moeport_qmoe_{number}_{name}", shape=ir.Shape(array.shape),
-                                 type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                                 const_value=ir.tensor(array, name=f"moeport_qmoe_{number}_{name}"))
-                graph.register_initializer(value)
-                return value
+                return add_constant(graph, f"moeport_qmoe_{number}_{name}", array)
 
             # [tokens, E] routing tensors: 1 / the weight at each token's selected experts, 0 elsewhere
             tokens = ir.node("Shape", [x], attributes={"start": 0, "end": 1})

@@ -2,7 +2,8 @@
 
 ``fuse_group_query_attention(model)`` rewrites an ``onnx_ir`` model in place (``moeport quantize`` calls it for CPU
 targets through ``quant.passes.FuseAttentionPass``) and returns how many layers it fused and, for the layers it
-left alone, why.
+left alone, why. ``only_user`` and ``add_constant`` are the graph helpers it shares with the expert fusion
+(``quant.passes.FuseExpertsPass``).
 
 Why: a decode step of the exported attention is ~30 small kernels per layer (three Reshape/Transpose pairs, two
 rotary embeddings of six ops each, the Concat of each cache, the score MatMul, scale, mask, floor, Softmax, the
@@ -63,14 +64,22 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op_type and node.domain in PLAIN else None
 
 
-def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
+def only_user(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The one node that reads ``value``, when there is exactly one and it is a standard ``op_type``."""
     users = [user for user, _ in value.uses()]
     return users[0] if len(users) == 1 and users[0].op_type == op_type and users[0].domain in PLAIN else None
 
 
-def _ints(node: ir.Node, name: str) -> list[int] | None:
-    attribute = node.attributes.get(name)
-    return list(attribute.value) if attribute is not None else None
+def add_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """``array`` as a new initializer ``name`` of ``graph``."""
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _perm(node: ir.Node) -> tuple[int, ...] | None:
+    return node.attributes.get_ints("perm")
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -80,8 +89,7 @@ def _scalar(value: ir.Value | None) -> float | None:
 
 
 def _axis(node: ir.Node, rank: int = 4) -> int:
-    attribute = node.attributes.get("axis")
-    axis = attribute.value if attribute is not None else 0
+    axis = node.attributes.get_int("axis", 0)
     return axis + rank if axis < 0 else axis
 
 
@@ -108,7 +116,7 @@ class _Heads:
 
 def _heads(value: ir.Value) -> _Heads | None:
     transpose = _producer(value, "Transpose")
-    if transpose is None or _ints(transpose, "perm") != [0, 2, 1, 3]:
+    if transpose is None or _perm(transpose) != (0, 2, 1, 3):
         return None
     return _Heads(transpose.inputs[0], transpose.outputs[0])
 
@@ -227,9 +235,9 @@ def _cache_write(present: ir.Value, past_names: set[str]) -> _CacheWrite | None:
     if scatter is None:
         return None
     into, new = _producer(scatter.inputs[0], "Transpose"), _producer(scatter.inputs[2], "Transpose")
-    perms = [_ints(node, "perm") for node in (into, new, back)] if into is not None and new is not None else None
-    if perms is None or perms[0] != [2, 0, 1, 3] or perms[2] != [1, 2, 0, 3] \
-            or perms[1] not in (perms[0], [1, 0, 2, 3]) or into.inputs[0].name not in past_names:
+    perms = [_perm(node) for node in (into, new, back)] if into is not None and new is not None else None
+    if perms is None or perms[0] != (2, 0, 1, 3) or perms[2] != (1, 2, 0, 3) \
+            or perms[1] not in (perms[0], (1, 0, 2, 3)) or into.inputs[0].name not in past_names:
         return None  # not a scatter of whole [B, kv_heads, D] columns along the sequence axis
     readers = [user for user, _ in present.uses()]
     if len(readers) != 1 or readers[0].op_type != "Slice" or readers[0].domain not in PLAIN:
@@ -238,7 +246,7 @@ def _cache_write(present: ir.Value, past_names: set[str]) -> _CacheWrite | None:
     axes = _constant_ints(readers[0].inputs[3]) if len(readers[0].inputs) > 3 else None
     if starts != [0] or axes not in ([2], [-2]):
         return None
-    return _CacheWrite(into.inputs[0], new.inputs[0], readers[0].outputs[0], perms[1] == [1, 0, 2, 3])
+    return _CacheWrite(into.inputs[0], new.inputs[0], readers[0].outputs[0], perms[1] == (1, 0, 2, 3))
 
 
 def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_names: set[str]) -> _Layer | str:
@@ -254,10 +262,10 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     if value is None:
         return "the new values are not [B, S, heads, D] moved to [B, heads, S, D]"
     key_users = [user for user, _ in key_write.read.uses()]
-    transposes = [user for user in key_users if user.op_type == "Transpose" and _ints(user, "perm") == [0, 1, 3, 2]]
+    transposes = [user for user in key_users if user.op_type == "Transpose" and _perm(user) == (0, 1, 3, 2)]
     if len(key_users) != 1 or len(transposes) != 1:
         return "the key cache is read other than by one Transpose into the scores"
-    scores = _only_user(transposes[0].outputs[0], "MatMul")
+    scores = only_user(transposes[0].outputs[0], "MatMul")
     if scores is None or scores.inputs[1] is not transposes[0].outputs[0]:
         return "the transposed keys do not feed one score MatMul"
     grouped = _producer(scores.inputs[0], "Reshape")
@@ -267,7 +275,7 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     if query.cos is not key.cos or query.sin is not key.sin:
         return "query and key are rotated by different angles"
     # scale, mask, floor, Softmax: nothing else between the scores and the probabilities
-    scaled = _only_user(scores.outputs[0], "Mul") or _only_user(scores.outputs[0], "Div")
+    scaled = only_user(scores.outputs[0], "Mul") or only_user(scores.outputs[0], "Div")
     if scaled is None:  # a scale of 1 (granitemoe's attention_multiplier = 1) is not written
         scale, scaled = 1.0, scores
     else:
@@ -275,7 +283,7 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
         if factor is None or scaled.inputs[0] is not scores.outputs[0]:
             return "the scores are not scaled by one constant"
         scale = factor if scaled.op_type == "Mul" else 1.0 / factor
-    masked = _only_user(scaled.outputs[0], "Add")
+    masked = only_user(scaled.outputs[0], "Add")
     if masked is None:
         return "no additive mask after the scaled scores"
     mask = masked.inputs[1] if masked.inputs[0] is scaled.outputs[0] else masked.inputs[0]
@@ -288,21 +296,21 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     floor = [user for user, _ in probabilities_input.uses() if user.op_type == "Max"]
     if floor:  # FloorAttentionScores: Max(x, ReduceMax(x) + floor) -- the kernel's softmax needs no floor
         probabilities_input = floor[0].outputs[0]
-    softmax = _only_user(probabilities_input, "Softmax")
+    softmax = only_user(probabilities_input, "Softmax")
     if softmax is None or _axis(softmax) != 3:
         return "the masked scores do not go into a Softmax over the keys (sinks or other terms in between)"
-    weighted = _only_user(softmax.outputs[0], "MatMul")
+    weighted = only_user(softmax.outputs[0], "MatMul")
     if weighted is None or weighted.inputs[1] is not value_write.read or len(list(value_write.read.uses())) != 1:
         return "the probabilities do not multiply the value cache alone"
     back = weighted.outputs[0]
     if grouped is not None:
-        ungroup = _only_user(back, "Reshape")
+        ungroup = only_user(back, "Reshape")
         if ungroup is None:
             return "the grouped attention output is not reshaped back to the query heads"
         back = ungroup.outputs[0]
-    transpose = _only_user(back, "Transpose")
-    merge = _only_user(transpose.outputs[0], "Reshape") if transpose is not None else None
-    if transpose is None or _ints(transpose, "perm") != [0, 2, 1, 3] or merge is None:
+    transpose = only_user(back, "Transpose")
+    merge = only_user(transpose.outputs[0], "Reshape") if transpose is not None else None
+    if transpose is None or _perm(transpose) != (0, 2, 1, 3) or merge is None:
         return "the attention output is not transposed and reshaped back to [B, S, heads * D]"
     shape = query.heads.split.shape, key.heads.split.shape
     if any(s is None or len(s) != 4 or not isinstance(s[1], int) or not isinstance(s[3], int) for s in shape):
@@ -328,11 +336,7 @@ class _Shared:
         self.seqlens = self.add("Expand", [last, self.add("Shape", [mask_input], {"start": 0, "end": 1})])
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array, name=name))
-        self.graph.register_initializer(value)
-        return value
+        return add_constant(self.graph, name, array)
 
     def add(self, op_type: str, inputs, attributes=None, domain: str = "", outputs: int = 1):
         node = ir.node(op_type, inputs, attributes=attributes or {}, domain=domain, num_outputs=outputs)
