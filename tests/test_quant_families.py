@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import hf_families  # noqa: E402  (tests/, on sys.path)
-from moeport.contract import random_inputs  # noqa: E402
+from moeport.contract import present_for, random_inputs  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
 from moeport.quant.passes import REMOVE_UNUSED, FuseAttentionPass  # noqa: E402
@@ -156,10 +156,9 @@ def _decode(path, steps, capacity: int = 0):
     past = empty_past(session.get_inputs(), steps[0][1].shape[0], session.get_outputs(), capacity)
     logits = []
     for mask, ids in steps:
-        outputs = session.run(None, decoder_feeds(mask, ids, past))
-        past = {name.replace("present.", "past_key_values."): value for name, value in zip(names, outputs)
-                if name.startswith("present.")}
-        logits.append(outputs[names.index("logits")])
+        outputs = dict(zip(names, session.run(None, decoder_feeds(mask, ids, past))))
+        past = {name: outputs[present_for(name)] for name in past}
+        logits.append(outputs["logits"])
     return logits
 
 
