@@ -186,7 +186,7 @@ def test_int8_report(quantized):
     assert json.loads(onnx.load(result.output).metadata_props[-1].value)["mode"] == "int8"
 
 
-def test_int8_dynamic(quantized):
+def test_int8_dynamic(quantized, topk):
     result = quantized("int8-dynamic")
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
@@ -197,7 +197,16 @@ def test_int8_dynamic(quantized):
     # CPU default: the down projections read float inputs with 8-bit block weights
     assert len(down) == 16 and {n.op_type for n in down} == {"MatMulNBits"}
     assert {onnx.helper.get_attribute_value(a) for n in down for a in n.attribute if a.name == "bits"} == {8}
-    assert "expert down-projection inputs float" in result.render()
+    # ... and so do the lm_head (the one MatMul over the vocabulary), and the embedding table is in 8-bit blocks
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits"
+             and onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "N")) == topk.info.vocab_size]
+    assert len(heads) == 1
+    tables = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(tables) == 1 and inits[tables[0].input[0]][0] == topk.info.vocab_size
+    assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                and inits[n.input[0]][:1] == [topk.info.vocab_size]]
+    assert "expert down-projection and lm_head inputs float" in result.render()
     assert sum(result.router_kept_float.values()) == 12
     assert result.quality.parity.routing_agreement >= 0.9
     assert result.quality.weights_ratio < 0.3
@@ -254,9 +263,12 @@ def test_log_filter_is_removed_and_only_drops_its_message(caplog):
 
 def test_int8_dynamic_down_activations_int8(quantized):
     result = quantized("int8-dynamic", down_activations="int8")
-    experts = _experts(onnx.load(result.output))
+    model = onnx.load(result.output)
+    experts = _experts(model)
     assert len(experts) == 48 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
     assert result.scheme.down_activation_type is None
+    # standard ONNX ops only: no onnxruntime contrib operator for the head or the embedding either
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
 def test_fp16_keeps_io_and_router_float32(quantized):
