@@ -280,8 +280,10 @@ def test_transformers_js_quantized_variants(deployed, tmp_path):
     source = deployed("qwen3_moe")
     folder = write_folder("transformers.js", source.onnx, source.checkpoint, tmp_path / "qwen3_moe")
     # None: no --mode, the layout's default (int8: 8-bit blocks have no transformers.js dtype)
-    modes = ("int4", None, "fp16")
-    dtypes = {"int4": "q4", None: "int8", "fp16": "fp16"}  # transformers.js dtype of each variant's suffix
+    modes = ("int4", None, "int8-dynamic", "fp16")
+    # transformers.js dtype of each variant's suffix (int8-dynamic: _quantized, its lm_head and embedding in 8-bit
+    # blocks for the cpu target)
+    dtypes = {"int4": "q4", None: "int8", "int8-dynamic": "q8", "fp16": "fp16"}
     for mode in modes:
         chosen = ["--mode", mode] if mode else []
         with pytest.raises(SystemExit) as exit_info:
@@ -294,6 +296,8 @@ def test_transformers_js_quantized_variants(deployed, tmp_path):
     q4 = onnx.load(folder / get_layout("transformers.js").variant_file("int4"), load_external_data=False)
     ops = {n.op_type for n in q4.graph.node}
     assert "QMoE" not in ops and "MatMulNBits" in ops and "GroupQueryAttention" not in ops
+    q8 = onnx.load(folder / get_layout("transformers.js").variant_file("int8-dynamic"), load_external_data=False)
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in q8.graph.node}
     cases = [{"folder": str(folder), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS, "dtype": dtypes[mode]}
              for mode in modes]
     for mode, result in zip(modes, _run_node(cases, tmp_path)):
