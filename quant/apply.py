@@ -260,15 +260,16 @@ def _tensors_of(proto: onnx.ModelProto, names: set[str]) -> set[str]:
     return {t for node in proto.graph.node if node.name in names for t in (*node.input, *node.output)}
 
 
-def _rewritten(job: QuantJob, rewrites: list, name: str) -> tuple[Path, ir.Model]:
+def _rewritten(job: QuantJob, rewrites: list, name: str) -> Path:
     """``job.source`` with the graph passes ``rewrites`` (then ``REMOVE_UNUSED``) applied, written to the scratch
-    file ``<name>.onnx`` with external data (the weights it does not change are streamed over, not loaded); the
-    rewritten model is returned too, for a look at its graph."""
+    file ``<name>.onnx`` with external data (the weights it does not change are streamed over, not loaded). The
+    model is not kept: the weights the passes computed (their ``LazyTensor`` caches) go with it before the
+    quantizer that comes next loads the file."""
     model = ir.load(job.source)
     job.records += run_passes(model, rewrites + [REMOVE_UNUSED])
     path = job.scratch(f"{name}.onnx")
     save_model(model, path, external_data=True)
-    return path, model
+    return path
 
 
 def run_qdq_static(job: QuantJob) -> None:
@@ -326,9 +327,10 @@ def run_dynamic(job: QuantJob) -> None:
     tables = job.names_of("Gather") if blocks else set()
     source = job.source
     if tables:
-        source, model = _rewritten(job, [GatherBlockQuantizedPass(tables, DEFAULT_EMBEDDING_BLOCK_SIZE)], "tables")
+        table_pass = GatherBlockQuantizedPass(tables, DEFAULT_EMBEDDING_BLOCK_SIZE)
+        source = _rewritten(job, [table_pass], "tables")
         # A table the pass left (its rows not a whole number of blocks) stays a Gather for the dynamic quantizer.
-        tables = {node.name for node in model.graph if node.name in tables and node.op_type != "Gather"}
+        tables = table_pass.stored
     first = job.scratch("dynamic.onnx") if wide else job.output
 
     def dynamic(names: set[str]) -> Callable[[Path, Path], None]:
@@ -370,7 +372,7 @@ def run_nbits(job: QuantJob) -> None:
         rewrites.append(GatherBlockQuantizedPass(gathers, layout.embedding_block_size))
         gathers = set()
     if rewrites:
-        source, _ = _rewritten(job, rewrites, "rewritten")
+        source = _rewritten(job, rewrites, "rewritten")
     dense = matmuls - job.experts - job.head
     blocks = [(dense - job.kv, layout.dense_bits, layout.dense_block_size),
               (dense & job.kv, layout.kv_projection_bits, layout.dense_block_size),

@@ -318,12 +318,13 @@ class GatherBlockQuantizedPass(QuantPass):
     made the table the largest source of next-token KL divergence of the int4 model (BENCHMARKS.md). The blocks
     are quantized by onnxruntime's own kernel (``quantize_matmul_8bits``, the one behind 8-bit MatMulNBits), once
     per table, when the model is written (``ir.LazyTensor``). A table whose row length is not a multiple of
-    ``block_size`` is left alone (the note says so).
+    ``block_size`` is left alone (the note says so); ``stored`` names the Gathers the last run rewrote.
     """
 
     def __init__(self, names: set[str], block_size: int):
         super().__init__()
         self.names, self.block_size = frozenset(names), block_size
+        self.stored: frozenset[str] = frozenset()
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
@@ -353,6 +354,7 @@ class GatherBlockQuantizedPass(QuantPass):
             ir.convenience.replace_nodes_and_values(graph, node, [node], [gathered], [node.outputs[0]],
                                                     [gathered.outputs[0]])
             rewritten.append(node.name)
+        self.stored = frozenset(rewritten)
         if rewritten:
             model.opset_imports.setdefault("com.microsoft", 1)
         done = f"stored {len(rewritten)} Gather table(s) in 8-bit blocks of {self.block_size}" if rewritten else None
