@@ -269,11 +269,12 @@ def worker_time(out: Path, system: str, threads: int, prompt: int, decode_steps:
 
 def worker_interleaved(out: Path, mine: str, theirs: str, threads: int, prompt: int, decode_steps: int, block: int,
                        rounds: int, llama_site: str) -> dict:
-    """``mine`` (a moeport system) and ``theirs`` (a llama.cpp one) in this process, decode steps in turns of
-    ``block`` (see stage 6): per system the median step (seconds) over the steps after each block's first."""
+    """``mine`` (a moeport system, or several separated by commas) and ``theirs`` (a llama.cpp one) in this
+    process, decode steps in turns of ``block`` (see stage 6): per system the median step (seconds) over the steps
+    after each block's first."""
     sys.path.append(llama_site)  # appended: this interpreter's own packages (numpy, onnxruntime) come first
     ids = _encode(out, True, prompt)[None]
-    runners = {name: _runner(name, out, threads) for name in (mine, theirs)}
+    runners = {name: _runner(name, out, threads) for name in (*mine.split(","), theirs)}
     steps = {name: [] for name in runners}
     for _ in range(rounds):
         logits = {name: prefill(ids) for name, (prefill, _) in runners.items()}

@@ -376,7 +376,7 @@ def run_nbits(job: QuantJob) -> None:
     dense = matmuls - job.experts - job.head
     blocks = [(dense - job.kv, layout.dense_bits, layout.dense_block_size),
               (dense & job.kv, layout.kv_projection_bits, layout.dense_block_size),
-              (matmuls & job.head, layout.head_bits, layout.dense_block_size),
+              (matmuls & job.head, layout.head_bits, layout.head_block_size),
               (matmuls & job.experts, job.bits, layout.expert_block_size),
               (gathers, job.bits, layout.embedding_block_size)]
     _nbits(source, job.output, [block for block in blocks if block[0]], job.exclude)

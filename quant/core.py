@@ -450,7 +450,8 @@ def quantize(
     dense_block_size: int | None = None,
     embedding_bits: int = 8,
     dense_bits: int = 8,
-    head_bits: int = 8,
+    head_bits: int | None = None,
+    head_block_size: int | None = None,
     kv_projection_bits: int = 8,
     embedding_block_size: int | None = None,
     fused_experts: bool = True,
@@ -471,14 +472,16 @@ def quantize(
     perplexity (default: the bundled ``heldout.txt``). ``reference``: the model ``model`` was exported from,
     for parity (the exporter's ``CheckpointReference`` runs a PyTorch checkpoint). ``tokenizer``: a directory
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
-    ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``kv_projection_bits``,
+    ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``head_block_size``, ``kv_projection_bits``,
     ``embedding_bits``, ``embedding_block_size``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``;
     ``fused_attention``: each layer's attention of a with-past model as onnxruntime's ``GroupQueryAttention``
     (``passes.FuseAttentionPass``; integer modes for cpu/arm targets only, others ignore it).
-    ``block_size=None`` takes the mode's width's default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit,
-    128 for 8-bit), ``embedding_block_size=None`` ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32),
-    ``dense_block_size=None`` ``schemes.dense_block_default`` (int4: 128 for 8-bit attention and lm_head, 64 for
-    4-bit attention with 8-bit key/value projections and lm_head; else 32).
+    ``head_bits=None`` takes the mode's width (int4: 4, int8-blocks: 8); ``block_size=None`` the mode's width's
+    default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 128 for 8-bit), ``embedding_block_size=None``
+    ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32),
+    ``dense_block_size=None`` ``schemes.dense_block_default`` (int4: 128 for 8-bit attention, 64 for 4-bit
+    attention with 8-bit key/value projections; else 32), ``head_block_size=None`` the dense block size for an
+    8-bit lm_head, ``schemes.HEAD_BLOCK_SIZE_4BIT`` (32) for a 4-bit one.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
@@ -489,7 +492,7 @@ def quantize(
     model, out = Path(model), Path(out)
     settings = _settings(mode, target, keep_router, down_activations,
                          NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits,
-                                     kv_projection_bits, embedding_block_size),
+                                     kv_projection_bits, embedding_block_size, head_block_size=head_block_size),
                          calibration,
                          random_calibration, fused_attention)
     _check_paths(model, out, force)

@@ -157,18 +157,25 @@ DEFAULT_EXPERT_BLOCK_SIZES = {4: 64, 8: 128}
 DEFAULT_EMBEDDING_BLOCK_SIZE = 32
 
 
-def dense_block_default(bits: int, dense_bits: int, head_bits: int, kv_projection_bits: int = 8) -> int:
-    """Weights per block for the MatMuls outside the experts (attention, lm_head), before resolved_for fits it to
-    their widths. 128 where they are 8-bit in a 4-bit mode: 1.03 bytes per weight against 1.16 at 32, so an int4 decode
-    step reads 4% fewer bytes; measured on the 24-layer granite-shaped model (BENCHMARKS.md), steps interleaved in
-    one process, +6%, +1% and +2% decode in three runs, KL 5.7e-6 against 5.3e-6 (Q4_0: 1.2e-4); the trained
-    sample's routing agreement 0.958. 4-bit weights keep 32 (everything 4-bit in blocks of 128: KL 2.1e-4
-    against 1.8e-4 in blocks of 64), and so does int8-blocks (its blocks of 64 / 128 raised its KL to 2.0e-6,
-    above Q8_0's 1.8e-6). int4 with 4-bit attention but 8-bit key/value projections and lm_head gets 64 (0.57
-    bytes per 4-bit weight, 1.07 per 8-bit one; measured in BENCHMARKS.md)."""
-    if bits == 4 and head_bits == kv_projection_bits == 8:
+def dense_block_default(bits: int, dense_bits: int, kv_projection_bits: int = 8) -> int:
+    """Weights per block for the MatMuls outside the experts but the lm_head (attention, dense MLPs), before
+    resolved_for fits it to their widths. 128 where they are 8-bit in a 4-bit mode: 1.03 bytes per weight against 1.16
+    at 32, so an int4 decode step reads 4% fewer bytes; measured on the 24-layer granite-shaped model (BENCHMARKS.md),
+    steps interleaved in one process, +6%, +1% and +2% decode in three runs, KL 5.7e-6 against 5.3e-6 (Q4_0:
+    1.2e-4); the trained sample's routing agreement 0.958. 4-bit attention with 8-bit key/value projections gets 64
+    (0.57 bytes per 4-bit weight, 1.07 per 8-bit one). Everything 4-bit keeps 32 (in blocks of 128: KL 2.1e-4
+    against 1.8e-4 in blocks of 64), and so does int8-blocks (its blocks of 64 / 128 raised its KL to 2.0e-6, above
+    Q8_0's 1.8e-6)."""
+    if bits == 4 and kv_projection_bits == 8:
         return {8: 128, 4: 64}[dense_bits]
     return 32
+
+
+# A 4-bit lm_head's values per block. The lm_head is where the next-token distribution is made, so its error is
+# not averaged away by later layers: on the 24-layer granite-shaped model (int4, attention 8-bit blocks of 128) a
+# 4-bit lm_head in blocks of 32 gave a mean KL of 4.2e-5, in blocks of 64 5.2e-5 (8-bit blocks of 128: 5.5e-6;
+# llama.cpp Q4_0, whose tied output is Q6_K: 1.2e-4), both 7% faster than the 8-bit lm_head (BENCHMARKS.md).
+HEAD_BLOCK_SIZE_4BIT = 32
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ class NBitsLayout:
     Expert weights (most of an MoE's parameters) are 4-bit blocks of ``expert_block_size``; the other MatMuls
     (attention, dense MLPs, lm_head: a small share of the parameters that every token goes through) are
     ``dense_bits`` blocks of ``dense_block_size``, but attention's key and value projections
-    (``kv_projection_bits``) and the lm_head (``head_bits``); the embedding table is stored in ``embedding_bits``
+    (``kv_projection_bits``) and the lm_head (``head_bits`` blocks of ``head_block_size``); the embedding table is stored in ``embedding_bits``
     blocks of ``embedding_block_size`` (GatherBlockQuantized).
 
     Measured (BENCHMARKS.md). Trained sample, held-out text (first 64 windows of 128 bytes): all at 4 bits /
@@ -195,7 +202,10 @@ class NBitsLayout:
     embedding_bits: int
     dense_bits: int = 8
     fused_experts: bool = True  # each MoE layer's experts as one onnxruntime QMoE node (passes.FuseExpertsPass)
-    head_bits: int = 8  # the lm_head's width (dense_block_size blocks)
+    # The lm_head's width (head_block_size blocks); None: the mode's width (resolved_for). int4's 4-bit lm_head:
+    # the 24-layer granite-shaped model's mean KL 5.5e-6 -> 4.2e-5 (llama.cpp Q4_0: 1.2e-4) for 7% faster decode;
+    # trained sample's perplexity +0.30% -> +0.72%, its routing unchanged (the lm_head is after every router).
+    head_bits: int | None = None
     # Attention's key and value projections' width (dense_block_size blocks). With dense_bits=4 they stay 8-bit by
     # default, as llama.cpp's Q4_K_M keeps attn_v wider: on the trained sample the keys and values are what the
     # routing is sensitive to. Routing agreement with 4-bit attention but one kind of projection kept 8-bit: v 0.951,
@@ -203,6 +213,8 @@ class NBitsLayout:
     kv_projection_bits: int = 8
     embedding_block_size: int | None = None  # None: DEFAULT_EMBEDDING_BLOCK_SIZE (resolved_for)
     expert_bits: int | None = None  # the mode's width, filled in by resolved_for (for the report and metadata)
+    # None: dense_block_size for an 8-bit lm_head, HEAD_BLOCK_SIZE_4BIT for a 4-bit one (resolved_for)
+    head_block_size: int | None = None
 
     def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int],
                      table_widths: Iterable[int] = ()) -> NBitsLayout:
@@ -219,17 +231,23 @@ class NBitsLayout:
             return size
 
         layout = replace(self, expert_bits=bits)
+        if layout.head_bits is None:
+            layout = replace(layout, head_bits=bits)
         if layout.expert_block_size is None:
             layout = replace(layout, expert_block_size=fitted(DEFAULT_EXPERT_BLOCK_SIZES[bits], expert_widths))
         if layout.dense_block_size is None:
-            default = dense_block_default(bits, layout.dense_bits, layout.head_bits, layout.kv_projection_bits)
+            default = dense_block_default(bits, layout.dense_bits, layout.kv_projection_bits)
             layout = replace(layout, dense_block_size=fitted(default, dense_widths))
+        if layout.head_block_size is None:
+            default = layout.dense_block_size if layout.head_bits == 8 else HEAD_BLOCK_SIZE_4BIT
+            layout = replace(layout, head_block_size=fitted(default, dense_widths))
         if layout.embedding_block_size is None:
             layout = replace(layout, embedding_block_size=fitted(DEFAULT_EMBEDDING_BLOCK_SIZE, table_widths))
         return layout
 
     def validate(self) -> None:
         for label, size in (("block size", self.expert_block_size), ("dense block size", self.dense_block_size),
+                            ("head block size", self.head_block_size),
                             ("embedding block size", self.embedding_block_size)):
             if size is None:  # the default, resolved_for the model
                 continue
@@ -237,14 +255,15 @@ class NBitsLayout:
                 raise MoeportError(f"{label} must be a power of two >= 16, got {size}")
         for label, bits in (("embedding bits", self.embedding_bits), ("dense bits", self.dense_bits),
                             ("head bits", self.head_bits), ("key/value projection bits", self.kv_projection_bits)):
-            if bits not in (4, 8):
+            if bits is not None and bits not in (4, 8):  # None: the default, resolved_for the mode
                 raise MoeportError(f"{label} must be 4 or 8, got {bits}")
 
     def describe(self) -> str:
         experts = "one QMoE per layer, " if self.fused_experts else ""
         return (f"expert weights {experts}{self.expert_bits}-bit blocks of {self.expert_block_size}, "
                 f"other MatMuls {self.dense_bits}-bit blocks of {self.dense_block_size} "
-                f"(key/value projections {self.kv_projection_bits}-bit, lm_head {self.head_bits}-bit), "
+                f"(key/value projections {self.kv_projection_bits}-bit, "
+                f"lm_head {self.head_bits}-bit blocks of {self.head_block_size}), "
                 f"embedding {self.embedding_bits}-bit blocks of {self.embedding_block_size}")
 
     def to_dict(self) -> dict:

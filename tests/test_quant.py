@@ -363,7 +363,15 @@ def test_default_block_sizes():
     assert unset.resolved_for(4, {1024}, {1024, 64}).dense_block_size == 64
     assert replace(unset, dense_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 64
     assert replace(unset, dense_bits=4, kv_projection_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
-    assert replace(unset, head_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
+    # the lm_head: the mode's width unless given; the dense block when 8-bit, 32 when 4-bit (fitted to the widths
+    # too); a given size stays
+    int4 = unset.resolved_for(4, {1024}, {1024})
+    assert (int4.head_bits, int4.dense_block_size, int4.head_block_size) == (4, 128, 32)
+    int8 = unset.resolved_for(8, {1024}, {1024})
+    assert (int8.head_bits, int8.head_block_size) == (8, 32)
+    assert replace(unset, head_bits=8).resolved_for(4, {1024}, {1024}).head_block_size == 128
+    assert unset.resolved_for(4, {1024}, {1024, 16}).head_block_size == 16
+    assert replace(unset, head_block_size=64).resolved_for(4, {1024}, {1024}).head_block_size == 64
     assert unset.resolved_for(8, {1024}, {1024}).dense_block_size == 32
     assert default.resolved_for(4, {1024}, {64}).dense_block_size == 32
 
@@ -376,11 +384,14 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert len(nbits) == 57  # 48 expert, 8 attention, 1 lm_head
     experts = _experts(model)
     assert len(experts) == 48 and all(n.op_type == "MatMulNBits" for n in experts)
-    # experts: 4-bit blocks of --block-size; attention and lm_head: 8-bit blocks of the dense block size (int4's
-    # default for 8-bit ones: 128, halved to 64, the sample's hidden width)
+    # experts: 4-bit blocks of --block-size; attention: 8-bit blocks of the dense block size (int4's default for
+    # 8-bit ones: 128, halved to 64, the sample's hidden width); the lm_head (the 256-byte vocabulary): 4-bit blocks
+    # of 32, int4's default
     dense = [n for n in nbits if n not in experts]
-    assert _block_sizes(experts) == {32} and _block_sizes(dense) == {64}
-    assert _bits(experts) == {4} and _bits(dense) == {8}
+    head = [n for n in dense if _attributes(n)["N"] == 256]
+    attention = [n for n in dense if n not in head]
+    assert _block_sizes(experts) == {32} and _block_sizes(attention) == {64} and _block_sizes(head) == {32}
+    assert _bits(experts) == {4} and _bits(attention) == {8} and len(head) == 1 and _bits(head) == {4}
     # every MatMulNBits runs the int8-activation kernels (accuracy_level 4)
     assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
     gates = [n for n in model.graph.node if n.name in set(find_routers(model).nodes) and n.op_type in ("Gemm", "MatMul")]
@@ -394,7 +405,8 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert table.data_type == TensorProto.UINT8 and list(scales.dims) == [table.dims[0], table.dims[1] // 32]
     assert _attributes(embedding[0]) == {"bits": 8, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
     assert result.layout.describe() == ("expert weights 4-bit blocks of 32, other MatMuls 8-bit blocks of 64 "
-                                        "(key/value projections 8-bit, lm_head 8-bit), embedding 8-bit blocks of 32")
+                                        "(key/value projections 8-bit, lm_head 4-bit blocks of 32), "
+                                        "embedding 8-bit blocks of 32")
     # the graph passes around the quantizer, each with what it did or why it did nothing
     assert [p.name for p in result.passes] == [
         "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "UntieTransposedWeightPass", "GemmAsMatMulPass",
@@ -413,17 +425,19 @@ def test_int4_matmulnbits_for_experts(quantized):
 
 def test_int4_layout_options(quantized):
     result = quantized("int4", block_size=64, dense_block_size=16, embedding_bits=4, dense_bits=4, head_bits=4,
-                       kv_projection_bits=4, fused_experts=False)
+                       head_block_size=32, kv_projection_bits=4, fused_experts=False)
     model = onnx.load(result.output)
     experts = _experts(model)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    dense = [n for n in nbits if n not in experts]
+    head = [n for n in nbits if n.output[0] in {o.name for o in model.graph.output}]
+    dense = [n for n in nbits if n not in experts and n not in head]
+    assert len(head) == 1 and _block_sizes(head) == {32}
     assert _block_sizes(experts) == {64} and _block_sizes(dense) == {16} and _bits(nbits) == {4}
     embedding = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(embedding) == 1 and _attributes(embedding[0]).get("bits", 4) == 4  # 4: the default
     assert json.loads(model.metadata_props[-1].value)["nbits_layout"] == {
         "expert_block_size": 64, "dense_block_size": 16, "embedding_bits": 4, "dense_bits": 4, "fused_experts": False,
-        "head_bits": 4, "kv_projection_bits": 4, "embedding_block_size": 32, "expert_bits": 4}
+        "head_bits": 4, "kv_projection_bits": 4, "embedding_block_size": 32, "expert_bits": 4, "head_block_size": 32}
 
 
 def _feeds_second_operand_of_a_float_matmul(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
@@ -448,7 +462,7 @@ def _feeds_second_operand_of_a_float_matmul(model: onnx.ModelProto, node: onnx.N
 
 def test_int4_4bit_attention_keeps_key_and_value_projections_8bit(quantized):
     """--dense-bits 4: queries and output projections 4-bit, keys and values 8-bit (what routing is sensitive to),
-    all in the default block of 64 for that layout (the sample's hidden width)."""
+    in the default block of 64 for that layout (the sample's hidden width); the lm_head int4's 4-bit blocks of 32."""
     result = quantized("int4", dense_bits=4, fused_experts=False)
     model = onnx.load(result.output)
     experts = _experts(model)
@@ -456,13 +470,14 @@ def test_int4_4bit_attention_keeps_key_and_value_projections_8bit(quantized):
     vocab = max(_attributes(n)["N"] for n in dense)  # the lm_head's output width (the sample's 256 bytes)
     head = [n for n in dense if _attributes(n)["N"] == vocab]
     attention = [n for n in dense if n not in head]
-    assert len(head) == 1 and _bits(head) == {8} and len(attention) == 8  # 2 layers x q, k, v, o
+    assert len(head) == 1 and _bits(head) == {4} and len(attention) == 8  # 2 layers x q, k, v, o
     keys_values = [n for n in attention if _feeds_second_operand_of_a_float_matmul(model, n)]
     assert len(keys_values) == 4 and _bits(keys_values) == {8}
     assert _bits(n for n in attention if n not in keys_values) == {4}
-    assert _block_sizes(dense) == {64}
+    assert _block_sizes(attention) == {64} and _block_sizes(head) == {32}
     assert result.layout.describe() == ("expert weights 4-bit blocks of 64, other MatMuls 4-bit blocks of 64 "
-                                        "(key/value projections 8-bit, lm_head 8-bit), embedding 8-bit blocks of 32")
+                                        "(key/value projections 8-bit, lm_head 4-bit blocks of 32), "
+                                        "embedding 8-bit blocks of 32")
 
 
 def _assert_same_outputs(model, expected_model, tolerance: float) -> None:
@@ -637,6 +652,7 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="fp16", calibration="x.txt"), "mode fp16 uses no calibration data"),
         (dict(mode="int4", block_size=24), "block size must be a power of two >= 16, got 24"),
         (dict(mode="int4", dense_block_size=8), "dense block size must be a power of two >= 16, got 8"),
+        (dict(mode="int4", head_block_size=48), "head block size must be a power of two >= 16, got 48"),
         (dict(mode="int8-blocks", embedding_block_size=24), "embedding block size must be a power of two >= 16, got 24"),
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int4", dense_bits=2), "dense bits must be 4 or 8, got 2"),

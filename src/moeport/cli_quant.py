@@ -57,15 +57,18 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--embedding-block-size", type=int, default=None,
               help="int4, int8-blocks: embedding values per quantization block [default: 32].")
 @click.option("--dense-block-size", type=int, default=None,
-              help="int4, int8-blocks: weights per block for the MatMuls outside the experts (attention, lm_head) "
-                   "[default: int4 128, 64 with --dense-bits 4; else 32].")
+              help="int4, int8-blocks: weights per block for the MatMuls outside the experts but the lm_head "
+                   "(attention, dense MLPs) [default: int4 128, 64 with --dense-bits 4; else 32].")
 @click.option("--dense-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the MatMuls outside the experts (attention, dense MLPs) but attention's key and "
                    "value projections and the lm_head.")
 @click.option("--kv-projection-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of attention's key and value projections.")
-@click.option("--head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
-              help="int4: width of the lm_head.")
+@click.option("--head-bits", type=click.Choice(["8", "4"]), default=None,
+              help="int4, int8-blocks: width of the lm_head [default: the mode's, 4 for int4, 8 for int8-blocks].")
+@click.option("--head-block-size", type=int, default=None,
+              help="int4, int8-blocks: lm_head weights per block [default: the dense block size for an 8-bit lm_head, "
+                   "32 for a 4-bit one].")
 @click.option("--fused-experts/--no-fused-experts", default=True, show_default=True,
               help="int4, int8-blocks: run each MoE layer's experts as one onnxruntime QMoE node (only the selected "
                    "experts run; the routing stays moeport's) instead of per-expert MatMulNBits. A model folder whose "
@@ -83,7 +86,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
                  checkpoint, tokenizer, heldout, down_activations, block_size, embedding_block_size,
                  dense_block_size, dense_bits,
-                 kv_projection_bits, head_bits, fused_experts, fused_attention, embedding_bits, no_perplexity,
+                 kv_projection_bits, head_bits, head_block_size, fused_experts, fused_attention, embedding_bits,
+                 no_perplexity,
                  latency_runs, force,
                  as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
@@ -110,7 +114,8 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           keep_router=keep_router, reference=reference, tokenizer=tokenizer or checkpoint,
                           heldout=heldout, block_size=block_size, embedding_block_size=embedding_block_size,
                           dense_block_size=dense_block_size,
-                          dense_bits=int(dense_bits), head_bits=int(head_bits),
+                          dense_bits=int(dense_bits), head_bits=None if head_bits is None else int(head_bits),
+                          head_block_size=head_block_size,
                           kv_projection_bits=int(kv_projection_bits),
                           fused_experts=fused_experts, fused_attention=fused_attention,
                           embedding_bits=int(embedding_bits),
