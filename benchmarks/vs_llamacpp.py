@@ -371,10 +371,15 @@ def main(argv=None) -> int:
         results = json.loads(saved.read_text())
 
     def stage(key: str, done: bool, fn):
-        if key not in results or not done:
+        # A stage whose files are there is not run again, even without its record (results.json lost, or the files
+        # made by the workers one at a time): the build, export and GGUFs take an hour on 2 cores. Delete the files
+        # to measure a stage again.
+        if not done:
             results[key] = fn()
-            saved.write_text(json.dumps(results, indent=2))
             print(f"{key}: {results[key]}", file=sys.stderr)
+        elif key not in results:
+            results[key] = {"reused": "its files were there, made outside this results.json"}
+        saved.write_text(json.dumps(results, indent=2))
         return results[key]
 
     modes = args.modes.split(",")
@@ -412,7 +417,7 @@ def main(argv=None) -> int:
             timings[name].append(run_worker(python, "time", out, name, args.threads, args.prompt, args.decode))
     stage("reference", (out / "reference.npy").is_file(), lambda: run_worker(py, "reference", out, args.positions))
     quality = {name: run_worker(python, "quality", out, name, args.threads, args.positions) for name, python in systems}
-    sizes = {f"moeport:{m}": results["export" if m == "fp32" else f"quantize:{m}"]["size_bytes"] for m in modes}
+    sizes = {f"moeport:{m}": sum(f.stat().st_size for f in (out / "moeport").glob(f"{m}.onnx*")) for m in modes}
     sizes.update({f"llama:{k}": (llama_dir / f"{k}.gguf").stat().st_size for k in LLAMA_TYPES})
     table = {name: {"prefill_ms": statistics.median(t["prefill_ms"] for t in timings[name]),
                     "decode_tokens_per_s": statistics.median(t["decode_tokens_per_s"] for t in timings[name]),
