@@ -52,8 +52,8 @@ from moeport.quant.apply import QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, ExpertLayer,
                                   FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass,
-                                  PassRecord, RaiseOpsetPass, StampQuantizationPass, UntieTransposedWeightPass,
-                                  node_metadata_bytes, run_passes, save_model)
+                                  PassRecord, RaiseOpsetPass, StackProjectionsPass, StampQuantizationPass,
+                                  UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
@@ -351,6 +351,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
         prepare += [RaiseOpsetPass(settings.scheme.opset)]
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
+    if step.layout:  # after the attention fusion (below), which matches what the projections feed
+        finish = [StackProjectionsPass(), REMOVE_UNUSED] + finish
     if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):
         # after the apply step: the quantizers see the attention as exported
         finish = [FuseAttentionPass(), REMOVE_UNUSED] + finish

@@ -10,6 +10,8 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
   ``W^T`` initializer, so they are quantized as MatMuls and the embedding table is not dequantized per step;
 - ``GatherBlockQuantizedPass(names, block_size)``: the named embedding Gathers as ``GatherBlockQuantized`` over
   8-bit blocks (one scale and zero point per block of a row);
+- ``StackProjectionsPass``: ``MatMulNBits`` nodes that read one input with one layout (a layer's query, key and
+  value projections) as one over their stacked weights and a ``Split``;
 - ``RaiseOpsetPass(opset)``: onnxscript's version converter on the graph (16-bit Q/DQ need opset 21);
 - ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
 - ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's
@@ -387,6 +389,57 @@ class FuseAttentionPass(QuantPass):
         fused, left = fuse_group_query_attention(model)
         done = f"fused the attention of {fused} layer(s) into GroupQueryAttention" if fused else None
         return _outcome(model, done, "; ".join(left), left if fused else [], "left as standard ops")
+
+
+class StackProjectionsPass(QuantPass):
+    """``MatMulNBits`` nodes (com.microsoft) that read the same input with the same layout (``K``, ``bits``,
+    ``block_size``, ``accuracy_level``, the same optional inputs) as one ``MatMulNBits`` over their weights stacked
+    along N and a ``Split`` of its output: a layer's query, key and value projections (or a dense MLP's gate and
+    up) are one kernel reading one weight instead of three. Exact: each output column has its own blocks (they run
+    along K), and every weight-side input is N-major (packed ``[N, blocks, blob]``, scales ``[N * blocks]``, zero
+    points ``[N * ...]``), so the stacked tensors are the nodes' own, one after the other (computed when the model
+    is written). Nodes with a group index or a bias are left alone."""
+
+    def call(self, model: ir.Model) -> Rewritten:
+        graph = model.graph
+        groups: dict[tuple, list[ir.Node]] = {}
+        for node in graph:
+            if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or len(node.inputs) > 4:
+                continue
+            weights = node.inputs[1:]
+            if any(v is not None and v.const_value is None for v in weights):
+                continue
+            layout = tuple(sorted((k, a.value) for k, a in node.attributes.items() if k != "N"))
+            groups.setdefault((node.inputs[0], layout, tuple(v is None for v in weights)), []).append(node)
+        stacked = []
+        for nodes in (g for g in groups.values() if len(g) > 1):
+            present = [i for i, v in enumerate(nodes[0].inputs) if i and v is not None]
+            # the tensors themselves: the nodes and their initializers leave the graph before it is written
+            parts = [[n.inputs[i].const_value for n in nodes] for i in present]
+            compute = functools.cache(lambda parts=parts: tuple(np.concatenate([t.numpy() for t in tensors])
+                                                                for tensors in parts))
+            specs = []
+            for i in present:
+                first = nodes[0].inputs[i]
+                rows = sum(int(n.inputs[i].shape[0]) for n in nodes)
+                specs.append((f"{nodes[0].name}_stacked_{i}", first.dtype, [rows, *first.shape[1:]]))
+            widths = [n.attributes["N"].value for n in nodes]
+            attributes = {k: a.value for k, a in nodes[0].attributes.items()} | {"N": sum(widths)}
+            merged = ir.node("MatMulNBits", [nodes[0].inputs[0], *_lazy_initializers(graph, compute, specs)],
+                             attributes=attributes, domain="com.microsoft", name=f"{nodes[0].name}_stacked")
+            sizes = add_constant(graph, f"{nodes[0].name}_stacked_widths", np.array(widths, np.int64))
+            split = ir.node("Split", [merged.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes))
+            graph.insert_before(nodes[0], [merged, split])
+            for node, part in zip(nodes, split.outputs):
+                old = node.outputs[0]
+                part.shape, part.type = old.shape, old.type
+                old.replace_all_uses_with(part, replace_graph_outputs=True)
+                part.name, old.name = old.name, f"{old.name}_unstacked"
+            graph.remove(nodes, safe=True)
+            stacked.append(len(nodes))
+        done = (f"stacked {sum(stacked)} MatMulNBits that share their input into {len(stacked)}"
+                if stacked else None)
+        return _outcome(model, done, "no two MatMulNBits read the same input with the same layout", [], "")
 
 
 class SplicePass(QuantPass):

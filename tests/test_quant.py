@@ -311,7 +311,8 @@ def test_int4_fuses_each_layers_experts_into_one_qmoe(quantized):
     model = onnx.load(fused.output)
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QMoE") == 2 and ops.count("MatMulNBits") == 9 and not _experts(model)  # attention + lm_head
+    # attention (per layer: q, k and v stacked into one, o) + lm_head
+    assert ops.count("QMoE") == 2 and ops.count("MatMulNBits") == 5 and not _experts(model)
     qmoe = next(n for n in model.graph.node if n.op_type == "QMoE")
     assert {k: v for k, v in _attributes(qmoe).items() if k in ("k", "expert_weight_bits", "block_size",
                                                                  "normalize_routing_weights")} == {
@@ -381,9 +382,12 @@ def test_int4_matmulnbits_for_experts(quantized):
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 57  # 48 expert, 8 attention, 1 lm_head
+    # StackProjectionsPass: each expert's gate and up read its rows (one MatMulNBits), each layer's q, k and v the
+    # normed hidden states: 2 layers x 8 experts x (gate and up, down) + 2 x (q, k and v, o) + the lm_head
+    assert len(nbits) == 37, [n.name for n in nbits]
     experts = _experts(model)
-    assert len(experts) == 48 and all(n.op_type == "MatMulNBits" for n in experts)
+    assert len(experts) == 32 and all(n.op_type == "MatMulNBits" for n in experts)
+    assert len([n for n in experts if n.name.endswith("_stacked")]) == 16
     # experts: 4-bit blocks of --block-size; attention: 8-bit blocks of the dense block size (int4's default for
     # 8-bit ones: 128, halved to 64, the sample's hidden width); the lm_head (the 256-byte vocabulary): 4-bit blocks
     # of 32, int4's default
@@ -411,7 +415,8 @@ def test_int4_matmulnbits_for_experts(quantized):
     assert [p.name for p in result.passes] == [
         "InlineSmallTensorsPass", "ClearMetadataAndDocStringPass", "UntieTransposedWeightPass", "GemmAsMatMulPass",
         "RemoveUnusedNodesPass", "ShapeInferencePass", "MarkPreProcessedPass", "GatherBlockQuantizedPass",
-        "RemoveUnusedNodesPass", "StampQuantizationPass", "TopologicalSortPass"]
+        "RemoveUnusedNodesPass", "StackProjectionsPass", "RemoveUnusedNodesPass", "StampQuantizationPass",
+        "TopologicalSortPass"]
     assert all(p.note for p in result.passes) and "graph passes: InlineSmallTensorsPass" in result.render()
     # the report lists the ops quantize wrote as counts of nodes (Casts, which rewrites also drop, on their own)
     lines = result.render().splitlines()
@@ -470,9 +475,12 @@ def test_int4_4bit_attention_keeps_key_and_value_projections_8bit(quantized):
     vocab = max(_attributes(n)["N"] for n in dense)  # the lm_head's output width (the sample's 256 bytes)
     head = [n for n in dense if _attributes(n)["N"] == vocab]
     attention = [n for n in dense if n not in head]
-    assert len(head) == 1 and _bits(head) == {4} and len(attention) == 8  # 2 layers x q, k, v, o
+    # 2 layers x q, o and k, v stacked into one (StackProjectionsPass: same input, same layout)
+    assert len(head) == 1 and _bits(head) == {4} and len(attention) == 6
     keys_values = [n for n in attention if _feeds_second_operand_of_a_float_matmul(model, n)]
-    assert len(keys_values) == 4 and _bits(keys_values) == {8}
+    assert len(keys_values) == 2 and _bits(keys_values) == {8}
+    assert all(n.name.endswith("_stacked") and [c.op_type for c in model.graph.node if n.output[0] in c.input]
+               == ["Split"] for n in keys_values)
     assert _bits(n for n in attention if n not in keys_values) == {4}
     assert _block_sizes(attention) == {64} and _block_sizes(head) == {32}
     assert result.layout.describe() == ("expert weights 4-bit blocks of 64, other MatMuls 4-bit blocks of 64 "
@@ -570,7 +578,7 @@ def test_a_new_mode_is_one_registration(topk, tmp_path, monkeypatch):
     graph = onnx.load(result.output).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     qmoe = [n for n in graph.node if n.op_type == "QMoE"]
-    assert len(nbits) == 9 and {_attributes(n)["bits"] for n in nbits} == {8}  # attention and lm_head
+    assert len(nbits) == 5 and {_attributes(n)["bits"] for n in nbits} == {8}  # attention (q, k, v stacked), lm_head
     assert len(qmoe) == 2 and {_attributes(n)["expert_weight_bits"] for n in qmoe} == {8}  # the experts
     assert result.to_dict()["mode"]["kind"] == "nbits"
 

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
                                   GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass, QuantPass,
-                                  SplicePass, StampQuantizationPass, UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model,
-                                  serialize)
+                                  SplicePass, StackProjectionsPass, StampQuantizationPass, UntieTransposedWeightPass,
+                                  _block_quantize, node_metadata_bytes, run_passes, save_model, serialize)
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((5, 8)).astype(np.float32)
@@ -247,3 +247,52 @@ def test_splice_replaces_nodes_with_a_graph():
     with pytest.raises(ir.passes.PassError):
         run_passes(ir.from_proto(before), [SplicePass({"missing"}, ir.from_proto(part))])
 
+
+
+def _nbits_node(name: str, source: str, output: str, width: int, bits: int, block_size: int, initializers: list):
+    """A MatMulNBits ``source [n, 8] -> output [n, width]`` over seeded weights quantized as onnxruntime does."""
+    weight = RNG.standard_normal((8, width)).astype(np.float32)
+    packed, scales, zero_points = _block_quantize(weight, bits, block_size)
+    blocks = -(-8 // block_size)  # K = 8 is padded to one block
+    initializers += [numpy_helper.from_array(packed.reshape(width, blocks, -1), f"{name}_q"),
+                     numpy_helper.from_array(scales.reshape(-1), f"{name}_scales"),
+                     numpy_helper.from_array(zero_points.reshape(-1), f"{name}_zero_points")]
+    return helper.make_node("MatMulNBits", [source, f"{name}_q", f"{name}_scales", f"{name}_zero_points"], [output],
+                            name=name, domain="com.microsoft", K=8, N=width, bits=bits, block_size=block_size,
+                            accuracy_level=4)
+
+
+def _projections(layouts: list[tuple[int, int, int]]) -> onnx.ModelProto:
+    """x [n, 8] -> one MatMulNBits per ``(width, bits, block_size)`` of ``layouts``, all reading x -> Concat -> y."""
+    initializers: list = []
+    nodes = [_nbits_node(f"p{i}", "x", f"h{i}", *layout, initializers) for i, layout in enumerate(layouts)]
+    nodes.append(helper.make_node("Concat", [f"h{i}" for i in range(len(layouts))], ["y"], axis=1))
+    model = _model(nodes, initializers, width=sum(width for width, _, _ in layouts))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_stack_projections_makes_one_matmulnbits_of_those_sharing_input_and_layout():
+    """q, k, v-like projections (widths 8, 4, 4; one layout) become one MatMulNBits of N 16 and a Split, with the
+    same outputs bit for bit; a projection in another layout stays apart."""
+    before = _projections([(8, 4, 16), (4, 4, 16), (4, 4, 16), (4, 8, 16)])
+    after, records = _apply(before, [StackProjectionsPass(), REMOVE_UNUSED])
+    np.testing.assert_array_equal(_outputs(after)[0], _outputs(before)[0])
+    assert records[0].note == "stacked 3 MatMulNBits that share their input into 1"
+    nbits = [n for n in after.graph.node if n.op_type == "MatMulNBits"]
+    stacked = next(n for n in nbits if n.name == "p0_stacked")
+    assert len(nbits) == 2 and helper.get_attribute_value(next(a for a in stacked.attribute if a.name == "N")) == 16
+    split = next(n for n in after.graph.node if n.op_type == "Split")
+    inits = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    assert split.input[0] == stacked.output[0] and list(inits[split.input[1]]) == [8, 4, 4]
+    assert list(split.output) == ["h0", "h1", "h2"]  # the projections' own value names
+    old = {f"p{i}_{part}" for i in range(3) for part in ("q", "scales", "zero_points")}
+    assert not old & set(inits) and "p3_q" in inits  # the stacked nodes' weights are gone
+
+
+def test_stack_projections_says_why_it_did_nothing():
+    before = _projections([(8, 4, 16), (4, 8, 16)])
+    after, records = _apply(before, [StackProjectionsPass()])
+    assert (records[0].modified, records[0].note) == (False, "no two MatMulNBits read the same input with the same "
+                                                          "layout")
+    assert _ops(after) == _ops(before)
