@@ -480,10 +480,10 @@ def quantize(
     (``passes.FuseAttentionPass``; integer modes for cpu/arm targets only, others ignore it).
     ``head_bits=None`` takes the mode's width (int4: 4, int8-blocks: 8); ``block_size=None`` the mode's width's
     default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 64 for 4-bit, 128 for 8-bit), ``embedding_block_size=None``
-    ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32),
-    ``dense_block_size=None`` ``schemes.dense_block_default`` (int4: 128 for 8-bit attention, 64 for 4-bit
-    attention with 8-bit key/value projections; else 32), ``head_block_size=None`` the dense block size for an
-    8-bit lm_head, ``schemes.HEAD_BLOCK_SIZE_4BIT`` (32) for a 4-bit one.
+    ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32), ``dense_block_size=None`` ``schemes.dense_block_default`` (int4:
+    128 for 8-bit attention, 64 for 4-bit attention with 8-bit key/value projections; else 32),
+    ``head_block_size=None`` the dense block size for an 8-bit lm_head, ``schemes.HEAD_BLOCK_SIZE_4BIT`` (32) for a
+    4-bit one.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is

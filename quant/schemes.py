@@ -185,8 +185,8 @@ class NBitsLayout:
     Expert weights (most of an MoE's parameters) are 4-bit blocks of ``expert_block_size``; the other MatMuls
     (attention, dense MLPs, lm_head: a small share of the parameters that every token goes through) are
     ``dense_bits`` blocks of ``dense_block_size``, but attention's key and value projections
-    (``kv_projection_bits``) and the lm_head (``head_bits`` blocks of ``head_block_size``); the embedding table is stored in ``embedding_bits``
-    blocks of ``embedding_block_size`` (GatherBlockQuantized).
+    (``kv_projection_bits``) and the lm_head (``head_bits`` blocks of ``head_block_size``); the embedding table is
+    stored in ``embedding_bits`` blocks of ``embedding_block_size`` (GatherBlockQuantized).
 
     Measured (BENCHMARKS.md). Trained sample, held-out text (first 64 windows of 128 bytes): all at 4 bits /
     block 32, worst-layer routing agreement 0.947 at 0.181 of the fp32 size; embedding at 8 bits 0.951 / 0.183;
