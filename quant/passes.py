@@ -44,7 +44,8 @@ from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNo
 
 from moeport._scoped import logger_kept
 from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
-from moeport.runtime.fusions import add_constant, fuse_group_query_attention, only_user
+from moeport.runtime.fusions import add_constant, constant_ints, fuse_group_query_attention, only_user
+from moeport.runtime.moe_graph import ROUTER_INDICES_KEY
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
 
@@ -535,6 +536,40 @@ def node_metadata_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
+def _last_axis(node: ir.Node, attribute: str = "axis") -> bool:
+    """``node``'s axis attribute (Softmax, TopK: default -1) names the last axis of its rank-2 input."""
+    axis = node.attributes.get_int(attribute, -1)
+    return axis == -1 or (axis == 1 and node.inputs[0].shape is not None and len(node.inputs[0].shape) == 2)
+
+
+def _top_k_softmax_logits(indices: ir.Value, routing_weights: ir.Value) -> ir.Value | None:
+    """The router logits ``[tokens, E]`` when the routing weights are the softmax of the top-k logits that
+    selected ``indices`` -- what ``QMoE`` computes itself from ``router_probs`` -- else None. Two spellings:
+    ``Softmax(TopK(logits).values)`` (GraniteMoE) and ``v / ReduceSum(v)`` with ``v = TopK(Softmax(logits)).values``
+    (Mixtral, the sample; the same numbers: p_i / sum_k p_j = exp(l_i) / sum_k exp(l_j))."""
+    top_k = indices.producer()
+    if top_k is None or top_k.op_type != "TopK" or top_k.outputs[1] is not indices:
+        return None
+    if top_k.attributes.get_int("largest", 1) != 1 or not _last_axis(top_k):
+        return None
+    values, node = top_k.outputs[0], routing_weights.producer()
+    if node is None:
+        return None
+    logits = None
+    if node.op_type == "Softmax" and node.inputs[0] is values and _last_axis(node):
+        logits = top_k.inputs[0]
+    elif node.op_type == "Div" and node.inputs[0] is values and node.inputs[1] is not None:
+        total, scores = node.inputs[1].producer(), top_k.inputs[0].producer()
+        if (total is not None and total.op_type == "ReduceSum" and total.inputs[0] is values
+                and total.attributes.get_int("keepdims", 1) == 1
+                and (len(total.inputs) < 2 or constant_ints(total.inputs[1]) in ([-1], [1]))
+                and scores is not None and scores.op_type == "Softmax" and _last_axis(scores)):
+            logits = scores.inputs[0]
+    if logits is None or logits.shape is None or len(logits.shape) != 2:
+        return None  # QMoE takes router_probs [rows, E], the rows of its input
+    return logits
+
+
 @dataclass(frozen=True)
 class ExpertLayer:
     """One MoE layer as ``FuseExpertsPass`` is told it: its experts' down-projection MatMuls in expert order and
@@ -561,10 +596,18 @@ class FuseExpertsPass(QuantPass):
     from ``QMoE(X, router_probs, ...)`` where ``router_probs`` is 1 at the router's selected experts and 0
     elsewhere (so QMoE's own top-k selects exactly them) and ``router_weights`` holds the routing weights at
     those experts: QMoE's softmax and normalisation are not used, so sigmoid, grouped or biased routers stay
-    exact. Gate and up are interleaved into fc1 (``swiglu_fusion=1``, ``activation_alpha=1``,
-    ``activation_beta=0``: silu(gate) * up), down is fc2; weights are quantized by onnxruntime's block kernel
-    (asymmetric, ``block_size`` along K, computed when the model is written). A layer that does not match is
-    left alone, with the reason in the note; the old nodes are left for ``REMOVE_UNUSED``.
+    exact. Where the routing weights are the softmax of the top-k logits (``_top_k_softmax_logits``: GraniteMoE,
+    Mixtral, the sample), which QMoE computes from ``router_probs`` itself, ``router_probs`` is the router's logits
+    and there is no ``router_weights``: the router's TopK and softmax and the nine kernels that build those two
+    tensors go (11 fewer kernels a layer for GraniteMoE, 13 for Mixtral; int4 decode +1 to +7% on the 24-layer
+    granite-shaped model, BENCHMARKS.md). The numbers are the same to float rounding and the experts the same but
+    where two scores are exactly equal: TopK picks the lower index, QMoE the higher (and over logits rather than
+    probabilities, which rounding can make equal). The QMoE node's metadata names the TopK output it replaced
+    (``moe_graph.ROUTER_INDICES_KEY``), for the routing comparisons of the quality report. Gate and up are
+    interleaved into fc1 (``swiglu_fusion=1``, ``activation_alpha=1``, ``activation_beta=0``: silu(gate) * up),
+    down is fc2; weights are quantized by onnxruntime's block kernel (asymmetric, ``block_size`` along K, computed
+    when the model is written). A layer that does not match is left alone, with the reason in the note; the old
+    nodes are left for ``REMOVE_UNUSED``.
     """
 
     def __init__(self, layers: list[ExpertLayer], bits: int, block_size: int, accuracy_level: int):
@@ -668,11 +711,36 @@ class FuseExpertsPass(QuantPass):
         return _lazy_initializers(graph, compute, [(f"{name}_{suffix}", dtype, shape) for suffix, dtype, shape in zip(
             ("q", "scales", "zero_points"), (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8), shapes)])
 
+    @staticmethod
+    def _routing_tensors(graph: ir.Graph, number: int, x: ir.Value, indices: ir.Value, routing_weights: ir.Value,
+                         experts: int, k: int) -> tuple[ir.Value, ir.Value, list[ir.Node]]:
+        """(router_probs, router_weights, the nodes computing them): ``[tokens, E]`` tensors holding 1 / the
+        routing weight at each token's selected experts and 0 elsewhere, for any router."""
+
+        def const(name: str, array: np.ndarray) -> ir.Value:
+            return add_constant(graph, f"moeport_qmoe_{number}_{name}", array)
+
+        tokens = ir.node("Shape", [x], attributes={"start": 0, "end": 1})
+        size = ir.node("Concat", [tokens.outputs[0], const("experts", np.array([experts], np.int64))],
+                       attributes={"axis": 0})
+        zeros = ir.node("ConstantOfShape", [size.outputs[0]], attributes={"value": ir.tensor(np.zeros(1, np.float32))})
+        rows_k = const("rows_k", np.array([-1, k], np.int64))
+        chosen = ir.node("Reshape", [indices, rows_k])
+        scales = ir.node("Reshape", [routing_weights, rows_k])
+        shape_of_chosen = ir.node("Shape", [chosen.outputs[0]])
+        ones = ir.node("Expand", [const("one", np.ones(1, np.float32)), shape_of_chosen.outputs[0]])
+        probs = ir.node("ScatterElements", [zeros.outputs[0], chosen.outputs[0], ones.outputs[0]],
+                        attributes={"axis": 1})
+        mixing = ir.node("ScatterElements", [zeros.outputs[0], chosen.outputs[0], scales.outputs[0]],
+                         attributes={"axis": 1})
+        return probs.outputs[0], mixing.outputs[0], [tokens, size, zeros, chosen, scales, shape_of_chosen, ones, probs,
+                                                     mixing]
+
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
         nodes = {node.name: node for node in graph}
         values = {value.name: value for node in graph for value in node.outputs}
-        fused, left = 0, []
+        fused, in_kernel, left = 0, 0, []
         for number, layer in enumerate(self.layers):
             match = self._match(layer, nodes, values)
             if isinstance(match, str):
@@ -691,33 +759,27 @@ class FuseExpertsPass(QuantPass):
                 [[experts, hidden, inter // per_byte], [experts, hidden, blocks_mid],
                  [experts, hidden, -(-blocks_mid // per_byte)]])
 
-            def const(name: str, array: np.ndarray) -> ir.Value:
-                return add_constant(graph, f"moeport_qmoe_{number}_{name}", array)
-
-            # [tokens, E] routing tensors: 1 / the weight at each token's selected experts, 0 elsewhere
-            tokens = ir.node("Shape", [x], attributes={"start": 0, "end": 1})
-            size = ir.node("Concat", [tokens.outputs[0], const("experts", np.array([experts], np.int64))],
-                           attributes={"axis": 0})
-            zeros = ir.node("ConstantOfShape", [size.outputs[0]],
-                            attributes={"value": ir.tensor(np.zeros(1, np.float32))})
-            rows_k = const("rows_k", np.array([-1, k], np.int64))
-            chosen = ir.node("Reshape", [indices, rows_k])
-            scales = ir.node("Reshape", [routing_weights, rows_k])
-            shape_of_chosen = ir.node("Shape", [chosen.outputs[0]])
-            ones = ir.node("Expand", [const("one", np.ones(1, np.float32)), shape_of_chosen.outputs[0]])
-            probs = ir.node("ScatterElements", [zeros.outputs[0], chosen.outputs[0], ones.outputs[0]],
-                            attributes={"axis": 1})
-            mixing = ir.node("ScatterElements", [zeros.outputs[0], chosen.outputs[0], scales.outputs[0]],
-                             attributes={"axis": 1})
-            qmoe = ir.node("QMoE", [x, probs.outputs[0], fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None,
-                                    fc1[2], fc2[2], None, mixing.outputs[0]],
+            logits = _top_k_softmax_logits(indices, routing_weights)
+            if logits is not None:
+                # QMoE's own top-k and softmax over router_probs are the router's: the TopK, the Softmax and
+                # the tensors below are not needed
+                probs, mixing, added = logits, None, []
+                in_kernel += 1
+            else:
+                probs, mixing, added = self._routing_tensors(graph, number, x, indices, routing_weights,
+                                                             experts, k)
+            inputs = [x, probs, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2], None,
+                      mixing]
+            qmoe = ir.node("QMoE", inputs[:-1] if mixing is None else inputs,
                            attributes={"k": k, "activation_type": "swiglu", "swiglu_fusion": 1,
                                        "activation_alpha": 1.0, "activation_beta": 0.0,
                                        "normalize_routing_weights": 0, "expert_weight_bits": self.bits,
                                        "block_size": self.block_size, "accuracy_level": self.accuracy_level,
                                        "weights_prepacked": 0},
                            domain="com.microsoft", name=f"moeport_qmoe_{number}")
-            added = [tokens, size, zeros, chosen, scales, shape_of_chosen, ones, probs, mixing, qmoe]
+            if mixing is None:
+                qmoe.metadata_props[ROUTER_INDICES_KEY] = indices.name
+            added.append(qmoe)
             graph.insert_before(y.producer(), added)
             y_replacement = qmoe.outputs[0]
             y_replacement.shape, y_replacement.type = y.shape, y.type
@@ -730,5 +792,7 @@ class FuseExpertsPass(QuantPass):
         if fused:
             model.opset_imports.setdefault("com.microsoft", 1)
         done = f"fused the experts of {fused} MoE layer(s) into QMoE ({self.bits}-bit blocks of {self.block_size})"
+        if in_kernel:
+            done += f"; {in_kernel} of them route in the kernel (their routers are a top-k softmax)"
         idle = "no MoE layer to fuse" if not self.layers else "no MoE layer in the sorted dispatch QMoE fuses"
         return _outcome(model, done if fused else None, idle, left, "left as MatMuls")

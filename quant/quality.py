@@ -22,7 +22,8 @@ from moeport.contract import LOGITS, Reference, is_cache_input, present_for
 from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
 from moeport.runtime.generate import decoder_feeds, empty_past
-from moeport.runtime.moe_graph import find_routers, load_graph, tensor_nbytes
+from moeport.runtime.moe_graph import (find_routers, kernel_routed_indices, load_graph, tensor_nbytes,
+                                      top_k_as_qmoe)
 from moeport.runtime.session import create_session
 from moeport.runtime.timing import alternate
 from moeport.runtime.verify import verify
@@ -148,15 +149,21 @@ def parity(model: Path, reference: Reference, min_routing_agreement: float, shap
 
 class RouterSession:
     """A CPU session that also returns every router's TopK indices and the ``float_outputs`` tensors (added as
-    outputs to the graph it hands onnxruntime; the weights are read from the model's own files)."""
+    outputs to the graph it hands onnxruntime; the weights are read from the model's own files). A router whose
+    TopK a QMoE took over (``moe_graph.kernel_routed_indices``) is read as the QMoE's ``router_probs``, and its
+    experts are picked from it by the kernel's own rule (``moe_graph.top_k_as_qmoe``)."""
 
     def __init__(self, model: Path, index_names: list[str] | None = None, float_outputs: tuple[str, ...] = ()):
         graph = load_graph(model)
         if index_names is None:
-            index_names = [r.indices_output for r in find_routers(graph).routers]
+            index_names = [r.indices_output for r in find_routers(graph).routers if r.indices_output]
         produced = {o for node in graph.graph.node for o in node.output}
-        self.index_names = [n for n in index_names if n in produced]
-        extra = {name: onnx.TensorProto.INT64 for name in self.index_names}
+        in_kernel = kernel_routed_indices(graph)
+        self.index_names = [n for n in index_names if n in produced or n in in_kernel]
+        self._picked_inside = {n: in_kernel[n] for n in self.index_names if n not in produced}
+        self._fetched = [n for n in self.index_names if n not in self._picked_inside]
+        extra = {name: onnx.TensorProto.INT64 for name in self._fetched}
+        extra.update({probs: onnx.TensorProto.FLOAT for probs, _ in self._picked_inside.values()})
         extra.update({name: onnx.TensorProto.FLOAT for name in float_outputs})
         self.session = create_session(model, "cpu", extra_outputs=extra)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -164,8 +171,12 @@ class RouterSession:
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids ``[batch, seq]`` -> (logits ``[batch, seq, vocab]``, TopK indices ``[tokens, k]`` per router)."""
         feeds = text_feeds(ids, self.input_names, "held-out text")
-        outputs = self.session.run(["logits", *self.index_names], feeds)
-        return outputs[0], outputs[1:]
+        probs = sorted({probs for probs, _ in self._picked_inside.values()})
+        names = ["logits", *self._fetched, *probs]
+        outputs = dict(zip(names, self.session.run(names, feeds)))
+        indices = [top_k_as_qmoe(outputs[self._picked_inside[n][0]], self._picked_inside[n][1])
+                   if n in self._picked_inside else outputs[n] for n in self.index_names]
+        return outputs["logits"], indices
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:

@@ -100,6 +100,8 @@ class QuantizeResult:
         casts = f"casts added: {self.casts_added}" if self.casts_added >= 0 else f"casts removed: {-self.casts_added}"
         if self.keep_router:
             ops = ", ".join(f"{k} {v}" for k, v in self.router_kept_float.items())
+            if "QMoE" in self.router_kept_float:
+                ops += ": QMoE's own top-k and softmax over the float32 logits"
             lines.append(f"router kept float32: {sum(self.router_kept_float.values())} nodes in {len(self.router.routers)} "
                          f"routers ({ops}); {casts}")
         else:

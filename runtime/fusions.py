@@ -93,7 +93,8 @@ def _axis(node: ir.Node, rank: int = 4) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _constant_ints(value: ir.Value | None) -> list[int] | None:
+def constant_ints(value: ir.Value | None) -> list[int] | None:
+    """A constant's values as a flat list of ints; None when ``value`` is not a constant."""
     if value is None or value.const_value is None:
         return None
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
@@ -143,9 +144,9 @@ def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
     if head_size is None:
         return False
     for node, upper_half in ((first, True), (second, False)):
-        starts, ends = _constant_ints(node.inputs[1]), _constant_ints(node.inputs[2])
-        axes = _constant_ints(node.inputs[3]) if len(node.inputs) > 3 else None
-        steps = _constant_ints(node.inputs[4]) if len(node.inputs) > 4 else None
+        starts, ends = constant_ints(node.inputs[1]), constant_ints(node.inputs[2])
+        axes = constant_ints(node.inputs[3]) if len(node.inputs) > 3 else None
+        steps = constant_ints(node.inputs[4]) if len(node.inputs) > 4 else None
         if starts is None or ends is None or len(starts) != 1 or axes not in ([3], [-1]) or steps not in (None, [1]):
             return False
         if upper_half:  # x[..., D/2:] (the end may be any number past the last column)
@@ -159,7 +160,7 @@ def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
 def _duplicated_angles(value: ir.Value, function: str) -> ir.Value | None:
     """``value`` if it is ``Unsqueeze(function(Concat(f, f)), [1])`` -> the [B, S, D] ``function(...)``."""
     unsqueeze = _producer(value, "Unsqueeze")
-    if unsqueeze is None or _constant_ints(unsqueeze.inputs[1]) != [1]:
+    if unsqueeze is None or constant_ints(unsqueeze.inputs[1]) != [1]:
         return None
     trig = _producer(unsqueeze.inputs[0], function)
     concat = _producer(trig.inputs[0], "Concat") if trig else None
@@ -242,8 +243,8 @@ def _cache_write(present: ir.Value, past_names: set[str]) -> _CacheWrite | None:
     readers = [user for user, _ in present.uses()]
     if len(readers) != 1 or readers[0].op_type != "Slice" or readers[0].domain not in PLAIN:
         return None
-    starts = _constant_ints(readers[0].inputs[1])
-    axes = _constant_ints(readers[0].inputs[3]) if len(readers[0].inputs) > 3 else None
+    starts = constant_ints(readers[0].inputs[1])
+    axes = constant_ints(readers[0].inputs[3]) if len(readers[0].inputs) > 3 else None
     if starts != [0] or axes not in ([2], [-2]):
         return None
     return _CacheWrite(into.inputs[0], new.inputs[0], readers[0].outputs[0], perms[1] == (1, 0, 2, 3))

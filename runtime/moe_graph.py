@@ -10,7 +10,8 @@ projection, within ``_MAX_ROUTER_NODES`` nodes. That covers the shapes of every 
 ``gate -> Softmax -> TopK`` (Mixtral, Qwen, OLMoE ...), ``gate -> Sigmoid [+ correction bias] -> TopK``,
 ``gate -> TopK -> Softmax`` over the picked logits (GraniteMoE, gpt-oss), grouped top-k (DeepSeek-V3, GLM-4:
 a TopK over group scores masks the scores of a final TopK) and phimoe's sparsemixer (two ArgMax, the second
-over the scores with the first pick masked). A selection inside another's chain (a group pick, a first pick)
+over the scores with the first pick masked), and in a quantized graph a QMoE that picks from the gate's logits
+itself (``routes_in_kernel``). A selection inside another's chain (a group pick, a first pick)
 belongs to that router; a TopK over integers (the sorted dispatch's argsort) is no router. Its protected set
 is the chain from gate to selection plus every node downstream whose dynamic inputs all come from the router
 and whose outputs are float or boolean masks (the top-k weight normalisation: Softmax of picked logits,
@@ -50,6 +51,9 @@ _TRANSPARENT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuan
 _MAX_WALK = 12  # nodes walked from an expert MatMul to its segment or its routing weight (SwiGLU needs 5)
 # The ops that pick experts, and how many nodes may lie between a gate and its pick (grouped top-k needs ~15).
 _SELECTION_OPS = frozenset({"TopK", "ArgMax"})
+# onnxruntime's QMoE picks experts itself from router_probs (input 1) when it has no router_weights (input 14):
+# moeport writes it so for routers whose weights are the softmax of the top-k logits (quant.passes.FuseExpertsPass).
+_QMOE_ROUTER_WEIGHTS = 14
 _MAX_ROUTER_NODES = 64
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 # Initializers up to this size keep their data in a graph loaded without weights (onnx_ir's shape inference
@@ -70,7 +74,7 @@ class Router:
     score: str
     selection: str
     scores_output: str  # the tensor the selection ranks: [tokens, E] float
-    indices_output: str  # the selected experts: [tokens, k] int64
+    indices_output: str  # the selected experts: [tokens, k] int64 ("" when a QMoE selects them inside)
     num_experts: int | None = None  # E, where shape inference knows the scores' last axis
 
 
@@ -219,17 +223,52 @@ def _typed_data(tensor: onnx.TensorProto) -> bool:
                                                   "uint64_data", "string_data"))
 
 
+def routes_in_kernel(node: onnx.NodeProto) -> bool:
+    """``node`` is a QMoE that selects and weights the experts itself, from its ``router_probs`` (no
+    ``router_weights``): its router's TopK and Softmax are inside the kernel, computed in float32."""
+    return node.op_type == "QMoE" and (len(node.input) <= _QMOE_ROUTER_WEIGHTS or not node.input[_QMOE_ROUTER_WEIGHTS])
+
+
+#: Node metadata on a QMoE that routes in the kernel: the name of the selected-experts tensor ([tokens, k]) of the
+#: router it replaced, so that routing can still be compared with the model it was quantized from.
+ROUTER_INDICES_KEY = "moeport.router_indices"
+
+
+def kernel_routed_indices(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+    """The selections made inside QMoE kernels: replaced TopK indices name -> (the kernel's router_probs, k)."""
+    found = {}
+    for node in model.graph.node:
+        indices = next((p.value for p in node.metadata_props if p.key == ROUTER_INDICES_KEY), None)
+        if indices and routes_in_kernel(node):
+            k = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "k")
+            found[indices] = (node.input[1], int(k))
+    return found
+
+
+def top_k_as_qmoe(router_probs: np.ndarray, k: int) -> np.ndarray:
+    """The experts a QMoE picks from ``router_probs [tokens, E]``: ``[tokens, k]`` int64, largest first, equal
+    scores to the higher index (its CPU kernel's partial sort of (score, index) pairs)."""
+    experts = router_probs.shape[-1]
+    reversed_order = np.argsort(-router_probs.reshape(-1, experts)[:, ::-1], axis=-1, kind="stable")[:, :k]
+    return (experts - 1 - reversed_order).astype(np.int64)
+
+
+def _scores_of(select: onnx.NodeProto) -> str:
+    """The tensor a selection ranks: a QMoE's router_probs, else its first input."""
+    return select.input[1] if select.op_type == "QMoE" else select.input[0]
+
+
 def _selection_region(g: _Graph, select: onnx.NodeProto) -> tuple[list[onnx.NodeProto], set[str]] | None:
     """The gate projections a selection's scores come from and every node between them and the selection
     (walking back from its scores through anything but a projection; constants and shape arithmetic are not
     walked); None when the scores are not a router's: not float, not from a projection with a constant
     weight, also from an activation x activation product or a graph input, or farther than
     ``_MAX_ROUTER_NODES``."""
-    if not g.is_float(select.input[0]):
+    if not g.is_float(_scores_of(select)):
         return None  # a sort of integer keys (the sorted dispatch's argsort), not a choice among scores
     gates: list[onnx.NodeProto] = []
     region: set[str] = set()
-    pending = [select.input[0]]
+    pending = [_scores_of(select)]
     while pending:
         value = pending.pop()
         node = g.producer.get(value)
@@ -254,6 +293,8 @@ def _indices_of(g: _Graph, select: onnx.NodeProto, chain: set[str]) -> str:
     """The selected experts ``[tokens, k]``: TopK's indices; for ArgMax selections (phimoe's sparsemixer picks
     top-2 as two ArgMax, the second over scores with the first masked), the Concat of the chain's ArgMax
     outputs when there is one."""
+    if select.op_type == "QMoE":
+        return ""  # chosen inside the kernel: no tensor holds them
     if select.op_type == "TopK":
         return select.output[1]
     argmax = {node.output[0] for node in g.nodes if node.op_type == "ArgMax" and (node.name in chain or node is select)}
@@ -267,20 +308,23 @@ def _routers(g: _Graph) -> list[tuple[Router, set[str]]]:
     """Every router of the graph with the names of its chain (gate to selection)."""
     candidates = {}
     for node in g.nodes:
-        if node.op_type in _SELECTION_OPS:
+        if node.op_type in _SELECTION_OPS or routes_in_kernel(node):
             found = _selection_region(g, node)
             if found is not None:
                 candidates[node.name] = (node, *found)
     # A selection inside another's region picks groups for it (grouped top-k) or is the first pick of a
     # sparsemixer: part of that router, not one of its own.
     inner = set().union(*(region for _, _, region in candidates.values())) if candidates else set()
+    # A QMoE that routes itself while the graph keeps its router's TopK (an export with routing outputs): the
+    # TopK is the router.
+    graph_gates = {gate.name for select, gates, _ in candidates.values() if select.op_type != "QMoE" for gate in gates}
     routers = []
     for name, (select, gates, region) in candidates.items():
-        if name in inner:
+        if name in inner or (select.op_type == "QMoE" and graph_gates & {gate.name for gate in gates}):
             continue
         chain = region | {select.name} | {gate.name for gate in gates}
-        routers.append((Router(gates[0].name, "", select.name, select.input[0], _indices_of(g, select, chain),
-                               g.last_dim(select.input[0])), chain))
+        routers.append((Router(gates[0].name, "", select.name, _scores_of(select), _indices_of(g, select, chain),
+                               g.last_dim(_scores_of(select))), chain))
     return routers
 
 
@@ -296,8 +340,9 @@ def _plan(g: _Graph) -> RouterPlan:
     for router, chain in found:
         plan.routers.append(router)
         protected.update(chain)
-    # Tensors produced by the router: outputs of protected nodes, plus chain intermediates.
-    produced = {out for node in g.nodes if node.name in protected for out in node.output}
+    # Tensors produced by the router: outputs of protected nodes, plus chain intermediates (not a QMoE's: its
+    # output is the experts').
+    produced = {out for node in g.nodes if node.name in protected and node.op_type != "QMoE" for out in node.output}
     changed = True
     while changed:  # graphs are topologically sorted, so this settles in one or two passes
         changed = False
@@ -490,7 +535,8 @@ def _column_of(g: _Graph, node: onnx.NodeProto, columns: dict[str, tuple[str, in
 def float_router_nodes(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> count of router nodes in ``model`` that compute in float32: no float16 output and no
     input from a DequantizeLinear. Found again on the output because quantize_dynamic rewrites a Gemm gate
-    as a (renamed, still float) MatMul and fp16 adds Casts at the router's edges."""
+    as a (renamed, still float) MatMul and fp16 adds Casts at the router's edges. A QMoE that routes in the
+    kernel counts as its router's top-k and softmax: it computes them in float32 from the float32 logits."""
     g = _Graph(model)
     names = set(_plan(g).nodes)
     counts: Counter = Counter()

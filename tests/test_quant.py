@@ -28,7 +28,8 @@ from moeport.quant.apply import ApplyStep
 from moeport.quant.modes import QuantMode
 from moeport.quant import schemes
 from moeport.quant.schemes import NBitsLayout, choose_scheme, cpu_flags
-from moeport.runtime.moe_graph import find_expert_matmuls, find_routers
+from moeport.quant.quality import RouterSession
+from moeport.runtime.moe_graph import find_expert_matmuls, find_routers, top_k_as_qmoe
 from moeport.samples import TRAINED_DIR
 
 # The module, not the function ``moeport.quant.modes`` that the package exports under the same name.
@@ -320,6 +321,43 @@ def test_int4_fuses_each_layers_experts_into_one_qmoe(quantized):
     assert fused.layout.describe().startswith("expert weights one QMoE per layer, 4-bit blocks of 64")
     assert fused.quality.parity.routing_agreement == apart.quality.parity.routing_agreement
     assert abs(fused.quality.perplexity_after - apart.quality.perplexity_after) < 1e-3 * apart.quality.perplexity_after
+
+
+def test_int4_routes_in_qmoe_where_the_router_is_a_top_k_softmax(exported, text_file, tmp_path, monkeypatch):
+    """Exported without routing outputs, the sample's router (Softmax -> TopK -> renormalised: the softmax of the
+    top-k logits) is QMoE's own routing: QMoE reads the gate's logits, and the TopK, the Softmax and the tensors
+    that hand QMoE the router's choice are gone. Same numbers and same experts as those tensors give, and the
+    report still compares routing with fp32 (experts picked from the kernel's router_probs by its rule)."""
+    source = exported("topk").output
+    inside = quantize(source, tmp_path / "inside.onnx", mode="int4", heldout=text_file, latency_runs=0)
+    monkeypatch.setattr(importlib.import_module("moeport.quant.passes"), "_top_k_softmax_logits", lambda *_: None)
+    generic = quantize(source, tmp_path / "generic.onnx", mode="int4", heldout=text_file, latency_runs=0)
+    ops = [[n.op_type for n in onnx.load(r.output).graph.node] for r in (inside, generic)]
+    assert ops[0].count("QMoE") == 2 and "TopK" not in ops[0] and "ScatterElements" not in ops[0]
+    assert ops[1].count("QMoE") == 2 and ops[1].count("TopK") == 2 and ops[1].count("ScatterElements") == 4
+    assert len(ops[1]) - len(ops[0]) == 2 * 13  # a layer's Softmax, TopK, ReduceSum, Div and the nine
+    note = next(r.note for r in inside.passes if r.name == "FuseExpertsPass")
+    assert note.endswith("; 2 of them route in the kernel (their routers are a top-k softmax)")
+    routers = find_routers(onnx.load(inside.output)).routers
+    assert [(r.selection, r.indices_output) for r in routers] == [("moeport_qmoe_0", ""), ("moeport_qmoe_1", "")]
+    assert inside.router_kept_float.get("QMoE") == 2 and "TopK" not in inside.router_kept_float
+    assert "QMoE 2: QMoE's own top-k and softmax over the float32 logits" in inside.render()
+
+    names = [r.indices_output for r in find_routers(onnx.load(source)).routers]
+    ids = np.random.default_rng(3).integers(0, 256, (3, 40))  # not the export's shapes
+    (logits_inside, experts_inside), (logits_generic, experts_generic) = (
+        RouterSession(r.output, names).run(ids) for r in (inside, generic))
+    np.testing.assert_allclose(logits_inside, logits_generic, atol=1e-5)
+    assert len(experts_inside) == 2
+    for a, b in zip(experts_inside, experts_generic):
+        np.testing.assert_array_equal(np.sort(a, -1), np.sort(b, -1))
+    assert inside.quality.heldout_routing == generic.quality.heldout_routing
+    assert min(inside.quality.heldout_routing.values()) > 0.9
+
+
+def test_top_k_as_qmoe_breaks_ties_to_the_higher_index():
+    scores = np.array([[0.1, 0.7, 0.7, 0.2], [0.5, 0.5, 0.5, 0.5]], dtype=np.float32)
+    np.testing.assert_array_equal(top_k_as_qmoe(scores, 2), [[2, 1], [3, 2]])
 
 
 def test_expert_block_size_defaults_by_width(quantized):

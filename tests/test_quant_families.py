@@ -29,10 +29,12 @@ MODES = ("int8-dynamic", "int4")
 
 
 def _router_ops(op_types: dict[str, int]) -> dict[str, int]:
-    """Gates (a Gemm gate may come out as MatMul), score ops and selections among router node counts."""
+    """Gates (a Gemm gate may come out as MatMul), score ops and selections among router node counts; a QMoE
+    that routes in the kernel does its router's softmax and top-k (over the float32 logits)."""
+    in_kernel = op_types.get("QMoE", 0)
     return {"gate": op_types.get("Gemm", 0) + op_types.get("MatMul", 0),
-            "score": op_types.get("Softmax", 0) + op_types.get("Sigmoid", 0),
-            "selection": op_types.get("TopK", 0) + op_types.get("ArgMax", 0)}
+            "score": op_types.get("Softmax", 0) + op_types.get("Sigmoid", 0) + in_kernel,
+            "selection": op_types.get("TopK", 0) + op_types.get("ArgMax", 0) + in_kernel}
 
 
 @pytest.mark.parametrize("model_type", hf_families.EVERY_RUN)
@@ -106,18 +108,19 @@ def test_latency_of_a_with_past_model_is_a_decode_step(tmp_path):
     assert "CPU latency decode@127 (ms, median)" in result.render()
 
 
-@pytest.mark.parametrize("model_type", ("mixtral", "deepseek_v3", "qwen2_moe"))
-def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model_type):
-    """int4 runs each MoE layer's experts as one QMoE node (moeport's own routing: softmax top-k, grouped
-    sigmoid with bias, shared experts beside): the same numbers as the per-expert MatMulNBits graph, far fewer
-    nodes, routers float."""
+@pytest.mark.parametrize("model_type, in_kernel", (("mixtral", True), ("deepseek_v3", False), ("qwen2_moe", False)))
+def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model_type, in_kernel):
+    """int4 runs each MoE layer's experts as one QMoE node (softmax top-k, renormalised: QMoE's own routing;
+    grouped sigmoid with bias, and the unnormalised top-k of qwen2_moe with shared experts beside: moeport's):
+    the same numbers as the per-expert MatMulNBits graph, far fewer nodes, routers float."""
     result, _ = hf_export(model_type)
     layers = len(result.info.layers)
     fused = quantize(result.output, tmp_path / "fused.onnx", mode="int4", latency_runs=0, perplexity=False)
     apart = quantize(result.output, tmp_path / "apart.onnx", mode="int4", latency_runs=0, perplexity=False,
                      fused_experts=False)
     record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
-    assert record.note == f"fused the experts of {layers} MoE layer(s) into QMoE (4-bit blocks of 32)"
+    assert record.note == f"fused the experts of {layers} MoE layer(s) into QMoE (4-bit blocks of 32)" + (
+        f"; {layers} of them route in the kernel (their routers are a top-k softmax)" if in_kernel else "")
     graph = onnx.load(fused.output, load_external_data=False)
     qmoe = [n for n in graph.graph.node if n.op_type == "QMoE"]
     assert len(qmoe) == layers and fused.output_ops["QMoE"] == layers
