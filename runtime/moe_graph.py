@@ -247,7 +247,7 @@ def kernel_routed_indices(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
 
 def top_k_as_qmoe(router_probs: np.ndarray, k: int) -> np.ndarray:
     """The experts a QMoE picks from ``router_probs [tokens, E]``: ``[tokens, k]`` int64, largest first, equal
-    scores to the higher index (its CPU kernel's partial sort of (score, index) pairs)."""
+    scores to the higher index, as onnxruntime's CPU kernel does (test_quant checks it against the kernel)."""
     experts = router_probs.shape[-1]
     reversed_order = np.argsort(-router_probs.reshape(-1, experts)[:, ::-1], axis=-1, kind="stable")[:, :k]
     return (experts - 1 - reversed_order).astype(np.int64)

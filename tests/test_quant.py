@@ -355,9 +355,40 @@ def test_int4_routes_in_qmoe_where_the_router_is_a_top_k_softmax(exported, text_
     assert min(inside.quality.heldout_routing.values()) > 0.9
 
 
-def test_top_k_as_qmoe_breaks_ties_to_the_higher_index():
-    scores = np.array([[0.1, 0.7, 0.7, 0.2], [0.5, 0.5, 0.5, 0.5]], dtype=np.float32)
-    np.testing.assert_array_equal(top_k_as_qmoe(scores, 2), [[2, 1], [3, 2]])
+def _expert_marking_qmoe(experts: int, k: int, hidden: int = 32, inter: int = 16) -> onnx.ModelProto:
+    """A QMoE over ``x [n, hidden]`` and ``router_probs [n, experts]`` whose experts' weights are all zero and whose
+    expert e adds ``e_e`` (its down-projection bias), so ``y[:, :experts]`` is nonzero exactly at the experts the
+    kernel chose."""
+    zero = np.uint8(128)  # 8-bit symmetric blocks: 128 is 0
+    bias = np.zeros((experts, hidden), np.float32)
+    bias[np.arange(experts), np.arange(experts)] = 1.0
+    weights = {"w1": np.full((experts, 2 * inter, hidden), zero),
+               "s1": np.ones((experts, 2 * inter, hidden // 16), np.float32),
+               "w2": np.full((experts, hidden, inter), zero),
+               "s2": np.ones((experts, hidden, inter // 16), np.float32), "b2": bias}
+    node = onnx.helper.make_node("QMoE", ["x", "p", "w1", "s1", "", "w2", "s2", "b2"], ["y"], domain="com.microsoft",
+                                 k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                                 activation_beta=0.0, normalize_routing_weights=0, expert_weight_bits=8, block_size=16)
+    graph = onnx.helper.make_graph(
+        [node], "qmoe_ties", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", hidden]),
+                              onnx.helper.make_tensor_value_info("p", TensorProto.FLOAT, ["n", experts])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", hidden])],
+        [onnx.numpy_helper.from_array(array, name) for name, array in weights.items()])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                        onnx.helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_top_k_as_qmoe_picks_what_the_qmoe_kernel_picks():
+    """The quality report reads an in-kernel router's experts with top_k_as_qmoe; it must agree with onnxruntime's
+    QMoE kernel where scores tie (the kernel keeps the higher index; TopK would keep the lower)."""
+    scores = np.array([[0.1, 0.7, 0.7, 0.2], [0.5, 0.5, 0.5, 0.5], [3, 3, 1, 3], [0, 0, 0, 0], [0.2, 0.1, 0.9, 0.3]],
+                      dtype=np.float32)
+    session = ort.InferenceSession(_expert_marking_qmoe(4, 2).SerializeToString(), providers=["CPUExecutionProvider"])
+    marked = session.run(None, {"x": np.zeros((len(scores), 32), np.float32), "p": scores})[0][:, :4]
+    chosen_by_kernel = [sorted(np.flatnonzero(row).tolist()) for row in marked]
+    assert chosen_by_kernel == [[1, 2], [2, 3], [1, 3], [2, 3], [2, 3]]
+    assert [sorted(row) for row in top_k_as_qmoe(scores, 2).tolist()] == chosen_by_kernel
+    np.testing.assert_array_equal(top_k_as_qmoe(scores, 2)[:2], [[2, 1], [3, 2]])  # largest first
 
 
 def test_expert_block_size_defaults_by_width(quantized):
