@@ -694,10 +694,13 @@ def test_random_calibration_warns(topk, tmp_path):
 def test_starved_experts_warn(topk, tmp_path):
     ids = np.zeros((2, 8), dtype=np.int64)  # one repeated byte: a few experts get every token
     np.savez(tmp_path / "same.npz", input_ids=ids)
-    with pytest.warns(UserWarning, match=r"experts \[.*\] of layer 0 got under 10% of an even share"), \
-            pytest.warns(UserWarning, match="use their layer's activation range"):
+    with pytest.warns(UserWarning) as caught:  # every warning, so none leaks into the run's summary
         result = quantize(topk.output, tmp_path / "s.onnx", mode="int8", calibration=tmp_path / "same.npz",
                           latency_runs=0, perplexity=False)
+    messages = [str(warning.message) for warning in caught]
+    for layer in (0, 1):
+        assert any(re.search(rf"experts \[.*\] of layer {layer} got under 10% of an even share", m) for m in messages)
+    assert any("use their layer's activation range" in m for m in messages)
     assert result.calibration["coverage"][0]["starved"] and result.calibration["borrowed_ranges"] > 0
     # onnxruntime would give an expert that saw no token scale 1.0 / zero point 0 (negative inputs -> 0)
     model = onnx.load(result.output)
