@@ -355,7 +355,7 @@ def test_int4_routes_in_qmoe_where_the_router_is_a_top_k_softmax(exported, text_
     assert min(inside.quality.heldout_routing.values()) > 0.9
 
 
-def _expert_marking_qmoe(experts: int, k: int, hidden: int = 32, inter: int = 16) -> onnx.ModelProto:
+def _expert_marking_qmoe(experts: int, k: int, hidden: int = 32, inter: int = 16, block: int = 16) -> onnx.ModelProto:
     """A QMoE over ``x [n, hidden]`` and ``router_probs [n, experts]`` whose experts' weights are all zero and whose
     expert e adds ``e_e`` (its down-projection bias), so ``y[:, :experts]`` is nonzero exactly at the experts the
     kernel chose."""
@@ -363,12 +363,13 @@ def _expert_marking_qmoe(experts: int, k: int, hidden: int = 32, inter: int = 16
     bias = np.zeros((experts, hidden), np.float32)
     bias[np.arange(experts), np.arange(experts)] = 1.0
     weights = {"w1": np.full((experts, 2 * inter, hidden), zero),
-               "s1": np.ones((experts, 2 * inter, hidden // 16), np.float32),
+               "s1": np.ones((experts, 2 * inter, hidden // block), np.float32),
                "w2": np.full((experts, hidden, inter), zero),
-               "s2": np.ones((experts, hidden, inter // 16), np.float32), "b2": bias}
+               "s2": np.ones((experts, hidden, inter // block), np.float32), "b2": bias}
     node = onnx.helper.make_node("QMoE", ["x", "p", "w1", "s1", "", "w2", "s2", "b2"], ["y"], domain="com.microsoft",
                                  k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                                 activation_beta=0.0, normalize_routing_weights=0, expert_weight_bits=8, block_size=16)
+                                 activation_beta=0.0, normalize_routing_weights=0, expert_weight_bits=8,
+                                 block_size=block)
     graph = onnx.helper.make_graph(
         [node], "qmoe_ties", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", hidden]),
                               onnx.helper.make_tensor_value_info("p", TensorProto.FLOAT, ["n", experts])],
@@ -383,12 +384,16 @@ def test_top_k_as_qmoe_picks_what_the_qmoe_kernel_picks():
     QMoE kernel where scores tie (the kernel keeps the higher index; TopK would keep the lower)."""
     scores = np.array([[0.1, 0.7, 0.7, 0.2], [0.5, 0.5, 0.5, 0.5], [3, 3, 1, 3], [0, 0, 0, 0], [0.2, 0.1, 0.9, 0.3]],
                       dtype=np.float32)
-    session = ort.InferenceSession(_expert_marking_qmoe(4, 2).SerializeToString(), providers=["CPUExecutionProvider"])
-    marked = session.run(None, {"x": np.zeros((len(scores), 32), np.float32), "p": scores})[0][:, :4]
+    rows, experts = scores.shape
+    model = _expert_marking_qmoe(experts, 2)
+    hidden = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    marked = session.run(None, {"x": np.zeros((rows, hidden), np.float32), "p": scores})[0][:, :experts]
     chosen_by_kernel = [sorted(np.flatnonzero(row).tolist()) for row in marked]
     assert chosen_by_kernel == [[1, 2], [2, 3], [1, 3], [2, 3], [2, 3]]
-    assert [sorted(row) for row in top_k_as_qmoe(scores, 2).tolist()] == chosen_by_kernel
-    np.testing.assert_array_equal(top_k_as_qmoe(scores, 2)[:2], [[2, 1], [3, 2]])  # largest first
+    picked = top_k_as_qmoe(scores, 2)
+    assert [sorted(row) for row in picked.tolist()] == chosen_by_kernel
+    np.testing.assert_array_equal(picked[:2], [[2, 1], [3, 2]])  # largest first
 
 
 def test_expert_block_size_defaults_by_width(quantized):
