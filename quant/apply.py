@@ -309,21 +309,26 @@ def run_qdq_static(job: QuantJob) -> None:
 
 def run_dynamic(job: QuantJob) -> None:
     """``quantize_dynamic``: int8 weights, activations quantized per run. With a float down-projection scheme (the
-    targets that run onnxruntime's CPU contrib kernels), the inputs with the widest ranges do not get one int8 scale
-    per tensor: the expert down projections and the lm_head keep float inputs with 8-bit block weights
-    (``MatMulNBits``, which quantizes its input per block of a row), and the embedding table is stored in 8-bit
-    blocks (``GatherBlockQuantized``) instead of with one scale for the whole table.
+    targets that run onnxruntime's CPU contrib kernels), only the routed experts' gate and up projections get one
+    int8 activation scale per tensor: every other MatMul (the expert down projections, attention, dense MLPs and
+    shared experts, the lm_head) keeps float inputs with 8-bit block weights (``MatMulNBits``, which quantizes its
+    input per block of a row), and the embedding table is stored in 8-bit blocks (``GatherBlockQuantized``)
+    instead of with one scale for the whole table.
 
-    Why the lm_head and the embedding: on the 4-layer granite-shaped model (benchmarks/vs_llamacpp.py, 256 held-out
-    positions) int8-dynamic's mean next-token KL from PyTorch was 3.4e-6 with both per tensor, 1.5e-6 with the
-    lm_head left float and 2.3e-6 with the embedding left float; attention (3.1e-6) and the experts' gate and up
-    projections (3.4e-6) hardly moved it. With both in blocks: 0.9e-6; on the 24-layer model 5.9e-6 against 8.7e-6
-    before (llama.cpp Q8_0: 1.75e-6; BENCHMARKS.md)."""
+    Why: on the 4-layer granite-shaped model (benchmarks/vs_llamacpp.py, 256 held-out positions) int8-dynamic's
+    mean next-token KL from PyTorch was 3.4e-6 with everything but the down projections per tensor, 1.5e-6 with
+    the lm_head left float and 2.3e-6 with the embedding left float; with both in blocks 0.9e-6. On the 24-layer
+    model that left 3.2e-6, 1.8x llama.cpp Q8_0's 1.81e-6: the per-tensor scales of attention's inputs add up over
+    the layers. With attention in blocks too: 1.49e-6, decode 31.2 against 29.4 tokens/s (decode_ab, one run).
+    The experts' gate and up projections in blocks as well gave 1.46e-6 and 35.5 tokens/s but a 9% larger file
+    and prefill 377 against 276 ms, and left nothing of the mode that int8-blocks does not do better
+    (BENCHMARKS.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     scheme = job.scheme
     blocks = scheme.down_activation_type == FLOAT
-    wide = (job.down | job.head) & job.names if blocks else set()
+    # Everything the scheme widens: the MatMuls that are not a routed expert's, and the experts' down projections.
+    wide = ((job.names_of("MatMul") - job.experts) | job.down) & job.names if blocks else set()
     tables = job.names_of("Gather") if blocks else set()
     source = job.source
     if tables:

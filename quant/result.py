@@ -83,8 +83,8 @@ class QuantizeResult:
         if self.scheme is not None:
             s = self.scheme
             down = "" if s.down_activation_type is None else (
-                ", expert down-projection and lm_head inputs float (their weights 8-bit blocks), embedding in 8-bit "
-                "blocks" if s.down_activation_type == FLOAT
+                ", float inputs with 8-bit block weights for every MatMul but the experts' gate and up projections, "
+                "embedding in 8-bit blocks" if s.down_activation_type == FLOAT
                 else f", expert down-projection inputs {s.down_activation_type}")
             lines.append(f"scheme: activations {s.activation_type}{down}, weights {s.weight_type}, "
                          f"{'per-channel' if s.per_channel else 'per-tensor'}"

@@ -203,11 +203,17 @@ def test_int8_dynamic(quantized, topk):
     heads = [n for n in model.graph.node if n.op_type == "MatMulNBits"
              and onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "N")) == topk.info.vocab_size]
     assert len(heads) == 1
+    # ... and so does every MatMul over weights outside the experts (attention): only the experts' gate and up
+    # projections keep one int8 scale per input tensor (attention's scores and values are MatMuls of activations)
+    weights = set(inits) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    assert not [n for n in model.graph.node if n.op_type in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul")
+                and n not in gate_up and n.input[1] in weights]
+    assert len([n for n in model.graph.node if n.op_type == "MatMulNBits"]) > len(down) + 1
     tables = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(tables) == 1 and inits[tables[0].input[0]][0] == topk.info.vocab_size
     assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
                 and inits[n.input[0]][:1] == [topk.info.vocab_size]]
-    assert "expert down-projection and lm_head inputs float" in result.render()
+    assert "float inputs with 8-bit block weights for every MatMul but the experts' gate and up" in result.render()
     assert sum(result.router_kept_float.values()) == 12
     assert result.quality.parity.routing_agreement >= 0.9
     assert result.quality.weights_ratio < 0.3
