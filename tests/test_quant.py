@@ -403,7 +403,7 @@ def test_top_k_as_qmoe_picks_what_the_qmoe_kernel_picks():
 
 
 def test_expert_block_size_defaults_by_width(quantized):
-    """Without --block-size, int4's experts are 4-bit blocks of 64 and int8-blocks' 8-bit blocks of 128, halved to
+    """Without --block-size, int4's experts are 4-bit blocks of 128 and int8-blocks' 8-bit blocks of 128, halved to
     the sample's expert input widths (64) (schemes.DEFAULT_EXPERT_BLOCK_SIZES); the embedding has its own blocks
     of 32 (--embedding-block-size); a given size is used as given."""
     for mode, options, expected, table in (("int4", {}, 64, 32), ("int8-blocks", {}, 64, 32),
@@ -427,7 +427,8 @@ def test_default_block_sizes():
     """The default expert block is halved until it divides every expert input width and the embedding's rows, so small
     models' experts still fuse; a given size is kept (and refused later if it does not divide)."""
     default = NBitsLayout(None, 32, 8)
-    assert default.resolved_for(4, {1024, 512}, {1024}).expert_block_size == 64
+    assert default.resolved_for(4, {1024, 512}, {1024}).expert_block_size == 128
+    assert default.resolved_for(4, {1024, 192}, {1024}).expert_block_size == 64
     assert default.resolved_for(4, {32, 64}, {1024}).expert_block_size == 32
     assert default.resolved_for(4, {48}, {1024}).expert_block_size == 16
     # nothing fits: the smallest (the pass then says why it left the experts)
@@ -435,7 +436,7 @@ def test_default_block_sizes():
     assert default.resolved_for(8, {1024, 512}, {1024}).expert_block_size == 128
     assert default.resolved_for(8, {1024, 512}, {1024}).embedding_block_size == 32  # no table widths: the default
     assert default.resolved_for(4, {1024}, {1024}, {48}).embedding_block_size == 16  # fitted to the table's rows
-    assert default.resolved_for(4, set(), set()).expert_block_size == 64
+    assert default.resolved_for(4, set(), set()).expert_block_size == 128
     assert NBitsLayout(128, 32, 8).resolved_for(4, {32}, {32}).expert_block_size == 128
     # the other MatMuls: 128 where they are 8-bit in a 4-bit mode, 64 for 4-bit attention with 8-bit key/value
     # projections and lm_head, else 32, fitted to their widths; a given size stays
