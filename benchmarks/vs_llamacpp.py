@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     results["settings"] = vars(args) | {"out": str(out), "llama_src": str(args.llama_src)}
     saved.write_text(json.dumps(results, indent=2, default=str))
 
-    fp32 = table["moeport:fp32"]["decode_tokens_per_s"]
+    fp32 = table["moeport:fp32"]["decode_tokens_per_s"] if "moeport:fp32" in table else None  # --modes without it
     print(f"| system | prefill {args.prompt} tokens (ms) | decode tokens/s | x moeport fp32 | x llama.cpp same bits "
           f"| size (GB) | mean KL vs PyTorch fp32 | top-1 agreement |")
     print("|---|---|---|---|---|---|---|---|")
@@ -437,8 +437,9 @@ def main(argv=None) -> int:
         family, variant = name.split(":")
         peer = table.get(f"llama:{SAME_BITS[variant]}") if family == "moeport" else None
         vs_peer = f"{row['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}" if peer else "-"
+        vs_fp32 = f"{row['decode_tokens_per_s'] / fp32:.2f}" if fp32 else "-"
         print(f"| {name} | {row['prefill_ms']:.0f} | {row['decode_tokens_per_s']:.1f} | "
-              f"{row['decode_tokens_per_s'] / fp32:.2f} | {vs_peer} | {row['size_bytes'] / 1e9:.2f} | "
+              f"{vs_fp32} | {vs_peer} | {row['size_bytes'] / 1e9:.2f} | "
               f"{row['mean_kl']:.3g} | {row['top1_agreement']:.3f} |")
     print(f"peak memory / fp32 checkpoint size: {results['memory']}")
     if args.interleaved:
