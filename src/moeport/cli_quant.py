@@ -49,11 +49,12 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="Held-out text for perplexity of byte-level models (default: the trained sample's heldout.txt).")
 @click.option("--down-activations", default="auto", show_default=True, type=LazyChoice(lambda: list(_schemes.DOWN_ACTIVATIONS)),
               help="int8 / int8-dynamic: how the expert down-projection inputs are kept (auto: int16 for int8 "
-                   "on cpu/arm/qnn, float for int8-dynamic on cpu/arm, where its lm_head is 8-bit blocks too and "
-                   "its embedding table 8-bit blocks; int8 elsewhere, and standard ops only). Weights stay 8-bit.")
+                   "on cpu/arm/qnn, float for int8-dynamic on cpu/arm, where every MatMul but the experts' gate and "
+                   "up projections is 8-bit blocks too and its embedding table 8-bit blocks; int8 elsewhere, and "
+                   "standard ops only). Weights stay 8-bit.")
 @click.option("--block-size", type=int, default=None,
-              help="int4, int8-blocks: expert weights per quantization block [default: 64 for int4, 128 for "
-                   "int8-blocks].")
+              help="int4, int8-blocks: expert weights per quantization block [default: 128, halved to fit "
+                   "smaller widths].")
 @click.option("--embedding-block-size", type=int, default=None,
               help="int4, int8-blocks: embedding values per quantization block [default: 32].")
 @click.option("--dense-block-size", type=int, default=None,
