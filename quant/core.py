@@ -431,7 +431,7 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
                 f"slower than fp32 here (latency {report.latency_of}): this model's "
                 f"{report.weights_before / 2**20:.1f} MiB of weights fit in the CPU's caches, so its time goes to "
                 "per-kernel overhead, which quantized kernels add to; on a 1.3B-parameter MoE the 8-bit and 4-bit "
-                "block modes decoded 2.6-4.3x and 3.2-6.0x faster than fp32 (BENCHMARKS.md)")
+                "block modes decoded 2.6-4.3x and 3.2-6.1x faster than fp32 (BENCHMARKS.md)")
     return report
 
 
