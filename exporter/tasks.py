@@ -23,6 +23,7 @@ One registry, like the others; a task says why it does not apply to a model inst
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -115,8 +116,21 @@ class LogitsModule(nn.Module):
         return (logits, *_routing_outputs(self.layers, routing, self.strategy, self.options))
 
 
+def _real_positions(real: np.ndarray, outputs: dict) -> dict:
+    """A prompt step's ``outputs`` at the positions ``real`` [batch, seq] only: logits [batch, seq, vocab] -> [n,
+    vocab], each KV cache ``present.{i}.key|value`` [batch, kv_heads, >= seq, head_dim] -> [n, kv_heads, head_dim].
+    A padding position's cache entries are never read (the mask hides them), and what a later layer makes of a
+    padding row depends on how its attention treats a row with nothing to attend to."""
+    selected = {LOGITS: outputs[LOGITS][real]}
+    for name, array in outputs.items():
+        if name.startswith("present.") and name.endswith((".key", ".value")) and array.ndim == 4:
+            selected[name] = array[:, :, :real.shape[1]].transpose(0, 2, 1, 3)[real]
+    return {**outputs, **selected}
+
+
 def _compare_runs(loaded, open_session, strategy, options, runs) -> tuple:
-    """Compare onnxruntime with PyTorch (same strategy, eager) on each (inputs, reference fn) run.
+    """Compare onnxruntime with PyTorch (same strategy, eager) on each (inputs, reference fn[, select]) run;
+    ``select`` takes both sides' outputs to the part that is compared (a prompt's real tokens, not its padding).
 
     PyTorch's outputs are all computed first and ``open_session()`` is called only then: a caller that owns the
     model can let its weights go in between, so that PyTorch's and onnxruntime's copies of the weights are never
@@ -125,18 +139,18 @@ def _compare_runs(loaded, open_session, strategy, options, runs) -> tuple:
     merged, dropped = Comparison(), 0
     expected = []
     with strategies.use_strategy(loaded.sites, strategy, options, families.export_patches(loaded)):
-        for feeds, reference_fn in runs():
+        for feeds, reference_fn, *select in runs():
             reference = reference_fn(feeds)
             if strategy.compute_extras is not None:
                 for layer in loaded.info.layers:
                     idx = torch.from_numpy(reference[routing_name(layer.label, "experts")])
                     dropped += int(strategy.compute_extras(layer.num_experts, idx, options)["dropped"])
-            expected.append((feeds, reference))
+            expected.append((feeds, reference, select[0] if select else (lambda outputs: outputs)))
     session = open_session()
     names = [o.name for o in session.get_outputs()]
-    for feeds, reference in expected:
+    for feeds, reference, select in expected:
         actual = dict(zip(names, session.run(None, feeds)))
-        result = comparator.compare(reference, actual, loaded.info.layers)
+        result = comparator.compare(select(reference), select(actual), loaded.info.layers)
         merged.outputs += result.outputs
         merged.routing += result.routing
         merged.missing += result.missing
@@ -296,7 +310,9 @@ def _build_with_past(loaded, with_routing, strategy, options, example_shape, see
                 mask = random_inputs(loaded.info, rows, length, 0, left_padding=True)[ATTENTION_MASK]
                 empty = [np.zeros(shape(entry, rows, 0), dtype=np.float32) for entry in layout]
                 prefill = decoder_feeds(mask, prompt[INPUT_IDS], cache(empty, length + 3))
-                yield prefill, lambda feeds: reference(feeds)[0]
+                # A left-padded row's padding positions are no tokens: compared are the real ones
+                # (onnxruntime's fused GroupQueryAttention, --fused-attention, differs on the others).
+                yield prefill, lambda feeds: reference(feeds)[0], functools.partial(_real_positions, mask.astype(bool))
                 ref, presents = reference(prefill)
                 next_ids = ref[LOGITS][:, -1].argmax(-1)[:, None].astype(np.int64)
                 mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)

@@ -215,13 +215,16 @@ def _check_tokenizer(checkpoint: Path, vocab_size: int | None = None) -> None:
 
 
 def check_export(layout: str, checkpoint: str | os.PathLike, output: str | os.PathLike, task: str,
-                 force: bool = False, kv_cache: str | None = None) -> Layout:
-    """User errors of ``moeport export --layout`` that need no export to find: the task, the KV cache kind, the
-    checkpoint's config and tokenizer, the model type, the output folder."""
+                 force: bool = False, kv_cache: str | None = None, fused_attention: bool = False) -> Layout:
+    """User errors of ``moeport export --layout`` that need no export to find: the task, the KV cache kind, fused
+    attention, the checkpoint's config and tokenizer, the model type, the output folder."""
     spec = get_layout(layout)
     if task != WITH_PAST_TASK:
         raise MoeportError(f"--layout writes a runtime folder around a KV-cache decoder; add --task {WITH_PAST_TASK}")
     spec.check_kv_cache(kv_cache or KV_CACHE_CONCAT)
+    if fused_attention and not spec.fused_attention:
+        raise MoeportError(f"{spec.runtime or spec.name} does not run onnxruntime's GroupQueryAttention; export the "
+                           f"{spec.name} layout without --fused-attention")
     checkpoint = Path(checkpoint)
     if (checkpoint / CONFIG).is_file():  # a missing config.json is the exporter's error to give
         config = _read_json(checkpoint / CONFIG, "re-save the checkpoint")

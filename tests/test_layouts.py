@@ -218,6 +218,23 @@ def test_genai_runs_the_fused_attention_like_transformers(deployed, tmp_path, kv
         assert genai_greedy(folder, prompts, model_file="model_fused.onnx")[1] == expected, len(prompts)
 
 
+def test_genai_runs_an_export_with_fused_attention(deployed, tmp_path):
+    """``moeport export --layout genai --kv-cache shared --fused-attention``: the folder's fp32 model runs
+    GroupQueryAttention on genai's shared buffer and gives transformers' tokens for one prompt and a padded batch."""
+    source = deployed("mixtral")
+    folder = tmp_path / "genai"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(source.checkpoint), "-o", str(folder), "--task", "text-generation-with-past", "--layout",
+              "genai", "--kv-cache", "shared", "--fused-attention"])
+    assert exit_info.value.code in (0, None)
+    ops = {node.op_type for node in onnx.load(folder / "model.onnx", load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and "ScatterND" not in ops
+    assert json.loads((folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        _, expected = transformers_greedy(source, prompts)
+        assert genai_greedy(folder, prompts)[1] == expected, len(prompts)
+
+
 def test_genai_shared_kv_cache_matches_transformers(deployed, capsys, tmp_path):
     """--kv-cache shared: one fixed-length buffer for past and present, written in place (genai's
     past_present_share_buffer); same tokens as transformers, in genai and in moeport generate."""

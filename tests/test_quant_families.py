@@ -209,6 +209,42 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
             np.testing.assert_allclose(fused[valid], exported[valid], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kv_cache", ["concat", "shared"])
+def test_export_with_fused_attention(tmp_path, kv_cache):
+    """``export(..., fused_attention=True)``: GroupQueryAttention in every layer of the fp32 file, validated against
+    PyTorch on the export's own shapes (a left-padded batch's real tokens), and the same numbers as the standard-ops
+    export on other shapes (a padded batch of 2, decode steps, several tokens after a past for one row)."""
+    source = _with_past(tmp_path, "mixtral", kv_cache)
+    layers = len(source.info.layers)
+    fused = export_checkpoint(tmp_path / "mixtral", tmp_path / "fused.onnx", task="text-generation-with-past",
+                              kv_cache=kv_cache, fused_attention=True)
+    assert fused.validation is not None and fused.validation.passed
+    report = next(r for r in fused.passes if r["pass"] == "FuseAttention")
+    assert report["changed"] and report["reason"] == f"fused the attention of {layers} layer(s) into GroupQueryAttention"
+    ops = [node.op_type for node in onnx.load(fused.output).graph.node]
+    assert ops.count("GroupQueryAttention") == layers and not {"Neg", "ScatterND"} & set(ops)
+    capacity = 16 if kv_cache == "shared" else 0
+    for steps in (_steps(seed=3), _steps(seed=4, batch=1)):
+        for a, b in zip(_decode(fused.output, steps, capacity), _decode(source.output, steps, capacity)):
+            valid = np.ones(a.shape[:2], bool)
+            if a.shape[1] == 6:  # the prompt step: a padded row's first two positions are no tokens
+                valid[1:, :2] = False
+            np.testing.assert_allclose(a[valid], b[valid], atol=1e-5, rtol=0)
+
+
+def test_export_fused_attention_user_errors(tmp_path):
+    from moeport.errors import MoeportError
+
+    hf_families.random_model("mixtral").save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(MoeportError, match="^--fused-attention applies to --task text-generation-with-past$"):
+        export_checkpoint(tmp_path / "mixtral", tmp_path / "m.onnx", fused_attention=True)
+    with pytest.raises(MoeportError, match="^transformers.js does not run onnxruntime's GroupQueryAttention; export "
+                                           "the transformers.js layout without --fused-attention$"):
+        export_checkpoint(tmp_path / "mixtral", tmp_path / "folder", layout="transformers.js",
+                          task="text-generation-with-past", fused_attention=True)
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "folder").exists()
+
+
 @pytest.mark.parametrize(("model_type", "reason"), [
     ("gpt_oss", "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads"),
     ("deepseek_v3", "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads")])

@@ -69,6 +69,10 @@ def samples_create(name: str, directory: str) -> None:
 @click.option("--kv-cache", default=None, type=click.Choice(["concat", "shared"]),
               help="text-generation-with-past: concat (default) appends to the past; shared writes into one "
                    "fixed-length buffer that past and present share (onnxruntime-genai's past_present_share_buffer).")
+@click.option("--fused-attention", is_flag=True,
+              help="text-generation-with-past: each layer's attention as onnxruntime's GroupQueryAttention (CPU and "
+                   "CUDA providers; with --kv-cache shared it writes the buffer in place). A batch then takes one "
+                   "new token per row after a past.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 18..23).")
 @click.option("--with-routing", is_flag=True, help="Add each MoE layer's selected experts and weights as outputs.")
 @click.option("--capacity-factor", type=float, default=None,
@@ -78,11 +82,11 @@ def samples_create(name: str, directory: str) -> None:
 @click.option("--trust-pickle", is_flag=True,
               help="Allow pickle weights (*.bin); loaded with torch.load(weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_cmd(checkpoint, output, strategy, task, layout, kv_cache, opset, with_routing, capacity_factor, no_validate,
-               force, trust_pickle, as_json):
+def export_cmd(checkpoint, output, strategy, task, layout, kv_cache, fused_attention, opset, with_routing,
+               capacity_factor, no_validate, force, trust_pickle, as_json):
     """Export the MoE checkpoint directory CHECKPOINT to ONNX."""
     result = _lazy.export.export_checkpoint(checkpoint, output, strategy=strategy, task=task, layout=layout,
-                                            kv_cache=kv_cache,
+                                            kv_cache=kv_cache, fused_attention=fused_attention,
                                             opset=opset or _lazy.export.DEFAULT_OPSET,
                                             with_routing=with_routing, capacity_factor=capacity_factor,
                                             validate=not no_validate, force=force, trust_pickle=trust_pickle)
@@ -95,6 +99,9 @@ def export_cmd(checkpoint, output, strategy, task, layout, kv_cache, opset, with
     if result.layout is not None:
         click.echo(f"layout: {result.layout} folder")
     click.echo(f"strategy: {result.strategy} ({result.strategy_reason})")
+    for report in result.passes:
+        if report["pass"] == "FuseAttention":
+            click.echo(f"attention: {report['reason']}")
     if result.validation is not None:
         shapes = ", ".join(f"{b}x{s}" for b, s in result.validation_shapes)
         click.echo(f"validated against PyTorch at {shapes}: max abs error {result.validation.max_abs_err:.3g}")
