@@ -238,8 +238,9 @@ def export_model(
     """Export an already loaded model (see ``export_checkpoint``). text-generation-with-past only: ``uniform_kv``
     stores every value cache with its key's head size, ``kv_cache`` (concat|shared) how the cache is kept
     (contract ``KV_CACHES``; default concat), ``fused_attention`` runs each layer's attention as onnxruntime's
-    ``GroupQueryAttention`` (``runtime.fusions``; CPU and CUDA providers). ``release_model``: the model's weights may be let go once
-    validation has PyTorch's outputs (``export_checkpoint``, which loaded it; never a caller's own model)."""
+    ``GroupQueryAttention`` (``runtime.fusions``; onnxruntime's CPU provider: its CUDA kernel takes float16 only).
+    ``release_model``: the model's weights may be let go once validation has PyTorch's outputs
+    (``export_checkpoint``, which loaded it; never a caller's own model)."""
     started = time.perf_counter()
     output = Path(output)
     _check_opset(opset)

@@ -220,7 +220,8 @@ def test_export_with_fused_attention(tmp_path, kv_cache):
                               kv_cache=kv_cache, fused_attention=True)
     assert fused.validation is not None and fused.validation.passed
     report = next(r for r in fused.passes if r["pass"] == "FuseAttention")
-    assert report["changed"] and report["reason"] == f"fused the attention of {layers} layer(s) into GroupQueryAttention"
+    assert report["changed"]
+    assert report["reason"] == f"fused the attention of {layers} layer(s) into GroupQueryAttention"
     ops = [node.op_type for node in onnx.load(fused.output).graph.node]
     assert ops.count("GroupQueryAttention") == layers and not {"Neg", "ScatterND"} & set(ops)
     capacity = 16 if kv_cache == "shared" else 0

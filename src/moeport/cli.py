@@ -70,9 +70,9 @@ def samples_create(name: str, directory: str) -> None:
               help="text-generation-with-past: concat (default) appends to the past; shared writes into one "
                    "fixed-length buffer that past and present share (onnxruntime-genai's past_present_share_buffer).")
 @click.option("--fused-attention", is_flag=True,
-              help="text-generation-with-past: each layer's attention as onnxruntime's GroupQueryAttention (CPU and "
-                   "CUDA providers; with --kv-cache shared it writes the buffer in place). A batch then takes one "
-                   "new token per row after a past.")
+              help="text-generation-with-past: each layer's attention as onnxruntime's GroupQueryAttention (its "
+                   "CPU provider; with --kv-cache shared it writes the buffer in place). A batch then takes one new "
+                   "token per row after a past.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 18..23).")
 @click.option("--with-routing", is_flag=True, help="Add each MoE layer's selected experts and weights as outputs.")
 @click.option("--capacity-factor", type=float, default=None,
