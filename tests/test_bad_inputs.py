@@ -469,6 +469,12 @@ CASES = [
     C("export-kv-cache-logits", "export", "--kv-cache for the logits task",
       lambda d, a, mp: _export(ckpt(d, a), d, "--kv-cache", "shared", "--no-validate"), 1,
       "--kv-cache applies to --task text-generation-with-past"),
+    C("export-layout-fused-attention", "export", "--fused-attention for a runtime that does not run it",
+      lambda d, a, mp: _layout_export(ckpt(d, a), d)[:-1] + ["transformers.js", "--fused-attention"], 1,
+      "transformers.js does not run onnxruntime's GroupQueryAttention"),
+    C("export-fused-attention-logits", "export", "--fused-attention for the logits task",
+      lambda d, a, mp: _export(ckpt(d, a), d, "--fused-attention", "--no-validate"), 1,
+      "--fused-attention applies to --task text-generation-with-past"),
     # verify
     C("verify-model-missing", "verify", "model path does not exist",
       lambda d, a, mp: ["verify", str(d / "nope.onnx"), "--checkpoint", str(ckpt(d, a))], 1, "model file not found"),
