@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-import onnx_ir
-import onnx_ir.passes.common
 import torch
 
 import moeport
@@ -45,7 +43,6 @@ from moeport.exporter import families, passes, strategies, tasks
 from moeport.exporter.families import LoadedModel
 from moeport.runtime.compare import Comparison
 from moeport.runtime import layouts
-from moeport.runtime.fusions import fuse_group_query_attention
 from moeport.runtime.session import create_session
 from moeport.samples.checkpoint import checkpoint_hash
 
@@ -269,7 +266,8 @@ def export_model(
             source_sha256=source_sha256, capacity_factor=capacity_factor if chosen.name == "capacity" else None,
             kv_cache=kv_cache)
     if fused_attention:
-        pass_reports.append(_fuse_attention(model))
+        # After _finish's check that every op is standard: onnxruntime's fused ops are the one exception, asked for.
+        pass_reports += passes.run_export_passes(model, [passes.FuseAttention()])
 
     with staged_file(output) as staging:
         staged = staging / output.name
@@ -311,17 +309,6 @@ def export_model(
         seconds=time.perf_counter() - started, validation=validation,
         validation_shapes=list(validation_shapes) if validate else [], dropped_slots=dropped, passes=pass_reports,
     )
-
-
-def _fuse_attention(model) -> dict:
-    """Each layer's attention as onnxruntime's GroupQueryAttention (``runtime.fusions``), in place; the report of it
-    as ``run_export_passes`` gives one. Why: the exported attention is ~30 standard ops a layer; on the 24-layer
-    granite-shaped model fp32 decode went from 16.1 to 19.8 tokens/s on the shared buffer, which the kernel writes in
-    place (18.3 -> 18.6 on the Concat cache; BENCHMARKS.md). A layer it does not match keeps its ops."""
-    fused, left = fuse_group_query_attention(model)
-    onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
-    done = f"fused the attention of {fused} layer(s) into GroupQueryAttention" if fused else ""
-    return {"pass": "FuseAttention", "changed": bool(fused), "reason": "; ".join(filter(None, [done, *left]))}
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, trust_pickle: bool = False,

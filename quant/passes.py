@@ -44,7 +44,7 @@ from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNo
 
 from moeport._scoped import logger_kept
 from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
-from moeport.runtime.fusions import add_constant, constant_ints, fuse_group_query_attention, only_user
+from moeport.runtime.fusions import add_constant, constant_ints, fuse_group_query_attention, fused_note, only_user
 from moeport.runtime.moe_graph import ROUTER_INDICES_KEY
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
@@ -388,7 +388,7 @@ class FuseAttentionPass(QuantPass):
 
     def call(self, model: ir.Model) -> Rewritten:
         fused, left = fuse_group_query_attention(model)
-        done = f"fused the attention of {fused} layer(s) into GroupQueryAttention" if fused else None
+        done = fused_note(fused) if fused else None
         return _outcome(model, done, "; ".join(left), left if fused else [], "left as standard ops")
 
 

@@ -362,6 +362,11 @@ class _Shared:
         return self.rows[rotary.cos]
 
 
+def fused_note(fused: int) -> str:
+    """What ``fuse_group_query_attention`` did, in the words both ``quantize`` and ``export`` report."""
+    return f"fused the attention of {fused} layer(s) into GroupQueryAttention"
+
+
 def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
     """Fuse each layer's attention of a with-past ``model`` (see the module doc); in place.
 

@@ -14,6 +14,7 @@ import pytest
 from moeport import _lazy
 from moeport._fs import staged_file
 from moeport.cli import main
+from tiny_hf import TINY_MIXTRAL, save_tiny_mixtral
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -50,6 +51,17 @@ def test_export_and_verify_json(capsys, tmp_path, sample_checkpoint):
     assert report["routing_agreement"] == 1.0
     assert report["argmax_agreement"] == 1.0
     assert [s["shape"] for s in report["shapes"]] == ["1x1", "3x7", "2x64"]
+
+
+def test_export_fused_attention_prints_what_it_fused(capsys, tmp_path):
+    """``--fused-attention``: the `attention:` line says how many layers became GroupQueryAttention."""
+    checkpoint = save_tiny_mixtral(tmp_path / "mixtral")
+    code, out, _ = run_cli(capsys, "export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--task",
+                           "text-generation-with-past", "--kv-cache", "shared", "--fused-attention")
+    assert code == 0, out
+    layers = TINY_MIXTRAL["num_hidden_layers"]
+    assert f"attention: fused the attention of {layers} layer(s) into GroupQueryAttention" in out.splitlines()
+    assert "validated against PyTorch" in out
 
 
 def test_verify_fails_with_exit_1_beyond_tolerance(capsys, exported, sample_checkpoint):
