@@ -253,6 +253,8 @@ def _cache_write(present: ir.Value, past_names: set[str]) -> _CacheWrite | None:
 def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_names: set[str]) -> _Layer | str:
     """One layer's attention as ``_Layer``, or why it does not match (a string)."""
     present_key, present_value = outputs[f"present.{number}.key"], outputs[f"present.{number}.value"]
+    if (producer := present_key.producer()) is not None and producer.op_type == "GroupQueryAttention":
+        return "already GroupQueryAttention (exported with --fused-attention)"
     key_write, value_write = _cache_write(present_key, past_names), _cache_write(present_value, past_names)
     if key_write is None or value_write is None:
         return "its presents are neither Concat(past, new) nor a shared buffer's scatter of the new columns"

@@ -231,6 +231,18 @@ def test_export_with_fused_attention(tmp_path, kv_cache):
             if a.shape[1] == 6:  # the prompt step: a padded row's first two positions are no tokens
                 valid[1:, :2] = False
             np.testing.assert_allclose(a[valid], b[valid], atol=1e-5, rtol=0)
+    # int4 of the fused export: quantize leaves its attention as it is, and says so; the same numbers as int4 of the
+    # standard-ops export, whose attention quantize fuses itself
+    options = {"mode": "int4", "latency_runs": 0, "perplexity": False}
+    from_fused = quantize(fused.output, tmp_path / "from-fused.int4.onnx", **options)
+    record = next(r for r in from_fused.passes if r.name == "FuseAttentionPass")
+    assert not record.modified
+    assert record.note == f"layers {', '.join(map(str, range(layers)))}: already GroupQueryAttention (exported with " \
+                          "--fused-attention)"
+    assert [node.op_type for node in onnx.load(from_fused.output).graph.node].count("GroupQueryAttention") == layers
+    from_standard = quantize(source.output, tmp_path / "from-standard.int4.onnx", **options)
+    for a, b in zip(_decode(from_fused.output, _steps(1), capacity), _decode(from_standard.output, _steps(1), capacity)):
+        np.testing.assert_allclose(a[:, -1], b[:, -1], atol=1e-4, rtol=0)
 
 
 def test_export_fused_attention_user_errors(tmp_path):
