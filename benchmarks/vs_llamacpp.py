@@ -7,12 +7,13 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
    (hidden 1024, 16 heads, 8 KV heads, 32 experts top-8, expert intermediate 512, vocab 49155, tied
    embeddings; ``--layers`` of them) saved with ``save_pretrained``, plus a sentencepiece tokenizer trained
    on local text (Python standard-library sources), which llama.cpp's converter reads as ``tokenizer.model``.
-2. ``export`` / ``quantize``: ``moeport export --task text-generation-with-past --kv-cache concat|shared``
-   (``--kv-cache``; redone when the file there has the other kind), then ``moeport.quant.quantize`` in every mode
-   (int8 calibrated from an .npz of ``input_ids`` rows of training text; for the CPU target the integer modes get
-   onnxruntime's fused attention, which writes a shared buffer in place). The timing binds a shared buffer as
-   both past and present of every step (``moeport_step_runner``), as onnxruntime-genai does with
-   ``past_present_share_buffer``; llama.cpp's cache is written in place too. A Concat cache goes through numpy.
+2. ``export`` / ``quantize``: ``moeport export --task text-generation-with-past --kv-cache concat|shared
+   [--fused-attention]`` (``--kv-cache``, ``--fused-attention``; redone when the file there was made otherwise),
+   then ``moeport.quant.quantize`` in every mode (int8 calibrated from an .npz of ``input_ids`` rows of training
+   text; for the CPU target the integer modes get onnxruntime's fused attention, which writes a shared buffer in
+   place). The timing binds a shared buffer as both past and present of every step (``moeport_step_runner``), as
+   onnxruntime-genai does with ``past_present_share_buffer``; llama.cpp's cache is written in place too. A Concat
+   cache goes through numpy.
 3. ``gguf``: llama.cpp's own converter (``vendor/llama.cpp/convert_hf_to_gguf.py`` of the llama-cpp-python
    sdist, ``--llama-src``) to F32, then llama.cpp's quantizer (``llama_model_quantize``) to Q8_0 and Q4_0.
 4. ``time``: every system in its own process, ``--rounds`` rounds, systems alternating within a round; each
@@ -111,13 +112,13 @@ def _encode(out: Path, held_out: bool, count: int) -> np.ndarray:
     return ids[:count]
 
 
-def worker_export(out: Path, kv_cache: str) -> dict:
+def worker_export(out: Path, kv_cache: str, fused_attention: str) -> dict:
     from moeport.exporter.export import export_checkpoint
 
     target = out / "moeport" / "fp32.onnx"
     target.parent.mkdir(exist_ok=True)
     result = export_checkpoint(out / "checkpoint", target, task="text-generation-with-past", kv_cache=kv_cache,
-                               force=True)
+                               fused_attention=fused_attention == "fused", force=True)
     return {"seconds": result.seconds, "size_bytes": result.size_bytes, "peak_rss": peak_rss_bytes()}
 
 
@@ -329,6 +330,17 @@ def _kv_cache_of(path: Path) -> str | None:
     return read_metadata(path).get("kv_cache") if path.is_file() else None
 
 
+def _attention_of(path: Path) -> str | None:
+    """"fused" when the moeport file's attention is onnxruntime's GroupQueryAttention, else "standard"; None when
+    there is no such file (the graph only: its weights stay on disk)."""
+    import onnx
+
+    if not path.is_file():
+        return None
+    ops = {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
+    return "fused" if "GroupQueryAttention" in ops else "standard"
+
+
 def run_worker(python: str, name: str, *args, env: dict | None = None) -> dict:
     command = [python, __file__, "--worker", name, *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -359,6 +371,8 @@ def main(argv=None) -> int:
                         help="moeport's export: a Concat cache, or one buffer for past and present that the timing "
                              "binds as both, as onnxruntime-genai does (the quantized modes' fused attention writes "
                              "it in place; fp32's standard ops copy it)")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="export fp32 with --fused-attention (redone when the file there was made otherwise)")
     parser.add_argument("--interleaved", action="store_true",
                         help="also time each mode against llama.cpp at the same bits in one process (stage 6)")
     parser.add_argument("--block", type=int, default=8, help="decode steps per turn with --interleaved")
@@ -385,8 +399,10 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     stage("build", (out / "checkpoint" / "tokenizer.model").is_file(), lambda: run_worker(py, "build", out, args.layers))
     fp32_bytes = sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))
-    stage("export", _kv_cache_of(out / "moeport" / "fp32.onnx") == args.kv_cache,
-          lambda: run_worker(py, "export", out, args.kv_cache))
+    attention = "fused" if args.fused_attention else "standard"
+    fp32_file = out / "moeport" / "fp32.onnx"
+    stage("export", (_kv_cache_of(fp32_file), _attention_of(fp32_file)) == (args.kv_cache, attention),
+          lambda: run_worker(py, "export", out, args.kv_cache, attention))
     for mode in modes:
         if mode != "fp32":
             stage(f"quantize:{mode}", _kv_cache_of(out / "moeport" / f"{mode}.onnx") == args.kv_cache,
