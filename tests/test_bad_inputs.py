@@ -131,6 +131,17 @@ def traversal_model(d: Path, art: Artifacts, location: str = "../outside.data") 
     return path
 
 
+def linked_data_model(d: Path, art: Artifacts) -> Path:
+    """``traversal_model`` with its weight in ``m.onnx.data`` next to it, as a symbolic link to a file elsewhere
+    (a Hugging Face cache snapshot links its files to blobs)."""
+    path = traversal_model(d, art, "m.onnx.data")
+    blob = d / "blobs" / "weights"
+    blob.parent.mkdir(exist_ok=True)
+    (path.parent / "m.onnx.data").rename(blob)
+    (path.parent / "m.onnx.data").symlink_to(blob)
+    return path
+
+
 def raise_oserror(code: int):
     def fail(*_args, **_kwargs):
         raise OSError(code, os.strerror(code))
@@ -557,6 +568,9 @@ CASES = [
       "is not a readable ONNX model"),
     C("inspect-traversal", "inspect", "external data location ../outside.data",
       lambda d, a, mp: ["inspect", str(traversal_model(d, a))], 1, "outside the model's directory"),
+    C("inspect-linked-data", "inspect", "external data next to the model as a symbolic link",
+      lambda d, a, mp: ["inspect", str(linked_data_model(d, a))], 1,
+      "is a symbolic link, which onnx refuses to read; copy the file itself next to the model (cp -L)"),
     C("inspect-unknown-provider", "inspect", "unknown --ep",
       lambda d, a, mp: ["inspect", str(model(d, a)), "--ep", "nope"], 1, "unknown execution provider 'nope'"),
     # package

@@ -229,6 +229,12 @@ def check_external_data(proto, path: str | os.PathLike) -> None:
     path = Path(path)
     base = path.parent.resolve()
     for name, location in _external_tensors(proto):
+        if location and not os.path.isabs(location) and (base / location).is_symlink():
+            # onnx refuses to read external data through a link (a link could point anywhere); say so, rather than
+            # "outside the model's directory" about a file the user sees right there (a Hugging Face cache's
+            # snapshot folder is links to its blobs).
+            raise MoeportError(f"{path}: external data file {location!r} of tensor {name!r} is a symbolic link, "
+                               "which onnx refuses to read; copy the file itself next to the model (cp -L)")
         try:
             target = (base / location).resolve()
             inside = bool(location) and not os.path.isabs(location) and target.is_relative_to(base)
