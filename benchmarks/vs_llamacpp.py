@@ -433,7 +433,9 @@ def main(argv=None) -> int:
             timings[name].append(run_worker(python, "time", out, name, args.threads, args.prompt, args.decode))
     stage("reference", (out / "reference.npy").is_file(), lambda: run_worker(py, "reference", out, args.positions))
     quality = {name: run_worker(python, "quality", out, name, args.threads, args.positions) for name, python in systems}
-    sizes = {f"moeport:{m}": sum(f.stat().st_size for f in (out / "moeport").glob(f"{m}.onnx*")) for m in modes}
+    from moeport.quant.quality import model_size
+
+    sizes = {f"moeport:{m}": model_size(out / "moeport" / f"{m}.onnx") for m in modes}  # its external data too
     sizes.update({f"llama:{k}": (llama_dir / f"{k}.gguf").stat().st_size for k in LLAMA_TYPES})
     table = {name: {"prefill_ms": statistics.median(t["prefill_ms"] for t in timings[name]),
                     "decode_tokens_per_s": statistics.median(t["decode_tokens_per_s"] for t in timings[name]),
