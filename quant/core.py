@@ -43,7 +43,8 @@ import onnx
 import onnx_ir as ir
 
 from moeport._fs import check_output_file, staged_file, writing
-from moeport.contract import ModelInfo, Reference, is_cache_input, metadata_props, optional_model_info
+from moeport.contract import (KV_CACHE_CONCAT, KV_CACHES, ModelInfo, Reference, is_cache_input, metadata_of_map,
+                              metadata_props, optional_model_info)
 from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
@@ -51,7 +52,7 @@ from moeport.quant import ranges
 from moeport.quant.apply import QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, ExpertLayer,
-                                  FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass,
+                                  FuseAttentionPass, GemmAsMatMulPass, ShareCacheBufferPass, InlineSmallTensorsPass, MarkPreProcessedPass,
                                   PassRecord, RaiseOpsetPass, StackProjectionsPass, StampQuantizationPass,
                                   UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
@@ -87,13 +88,14 @@ class _Settings:
     scheme: IntScheme | None
     layout: NBitsLayout | None
     fused_attention: bool = False  # attention as onnxruntime's GroupQueryAttention (passes.FuseAttentionPass)
+    share_cache: bool = False  # a Concat cache recorded as a shared buffer (passes.ShareCacheBufferPass)
 
     def to_dict(self) -> dict:
         """What the output's ``moeport.quantization`` metadata records."""
         return {"mode": self.mode.name, "target": self.target, "keep_router": self.keep_router,
                 "scheme": None if self.scheme is None else self.scheme.to_dict(),
                 "nbits_layout": None if self.layout is None else self.layout.to_dict(),
-                "fused_attention": self.fused_attention}
+                "fused_attention": self.fused_attention, "share_cache": self.share_cache}
 
 
 @dataclass
@@ -160,6 +162,28 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
     # Core ML have none: only integer-weight modes for CPUs get it.
     fused = fused_attention and target in CPU_TARGETS and step.integer_weights
     return _Settings(spec, target, keep_router, scheme, layout if step.layout else None, fused)
+
+
+def _share_cache(source: _Source, settings: _Settings, kv_cache: str | None) -> bool:
+    """Whether the output is to record a Concat-cache export's cache as a shared buffer (``kv_cache="shared"``);
+    refuses what cannot be done, before any work."""
+    if kv_cache is None:
+        return False
+    if kv_cache not in KV_CACHES:
+        raise MoeportError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+    exported = metadata_of_map(source.metadata).get("kv_cache")
+    if exported is None:
+        raise MoeportError(f"--kv-cache applies to text-generation-with-past exports; {source.path} has no KV cache")
+    if kv_cache == exported:
+        return False
+    if kv_cache == KV_CACHE_CONCAT:
+        raise MoeportError(f"{source.path} keeps a shared buffer; a Concat cache needs an export with --kv-cache "
+                           "concat")
+    if not settings.fused_attention:
+        raise MoeportError("--kv-cache shared on a Concat-cache export needs its attention fused into onnxruntime's "
+                           "GroupQueryAttention (an integer mode, --target cpu or arm, without --no-fused-attention); "
+                           "else export with --kv-cache shared")
+    return True
 
 
 def _block_widths(source: _Source) -> tuple[set[int], set[int], set[int]]:
@@ -355,7 +379,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
         finish = [StackProjectionsPass(), REMOVE_UNUSED] + finish
     if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):
         # after the apply step: the quantizers see the attention as exported
-        finish = [FuseAttentionPass(), REMOVE_UNUSED] + finish
+        finish = [FuseAttentionPass(), REMOVE_UNUSED] + ([ShareCacheBufferPass()] if settings.share_cache else []) \
+            + finish
     expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}
     down_names = {n.name for group, nodes in source.experts.items() if group.is_down_projection for n in nodes}
     with staged_file(out) as staging, writing(out), \
@@ -458,6 +483,7 @@ def quantize(
     embedding_block_size: int | None = None,
     fused_experts: bool = True,
     fused_attention: bool = True,
+    kv_cache: str | None = None,
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
@@ -477,7 +503,9 @@ def quantize(
     ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``head_block_size``, ``kv_projection_bits``,
     ``embedding_bits``, ``embedding_block_size``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``;
     ``fused_attention``: each layer's attention of a with-past model as onnxruntime's ``GroupQueryAttention``
-    (``passes.FuseAttentionPass``; integer modes for cpu/arm targets only, others ignore it).
+    (``passes.FuseAttentionPass``; integer modes for cpu/arm targets only, others ignore it). ``kv_cache``
+    (contract ``KV_CACHES``; None keeps the export's): ``shared`` turns a Concat-cache export into a shared-buffer
+    model (``passes.ShareCacheBufferPass``: needs every layer's attention fused).
     ``head_bits=None`` takes the mode's width (int4: 4, int8-blocks: 8); ``block_size=None`` the mode's width's
     default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: 128), ``embedding_block_size=None``
     ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32), ``dense_block_size=None`` ``schemes.dense_block_default`` (int4:
@@ -499,6 +527,7 @@ def quantize(
                          random_calibration, fused_attention)
     _check_paths(model, out, force)
     source = _read(model, settings)
+    settings.share_cache = _share_cache(source, settings, kv_cache)
     if settings.layout is not None:
         settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source))
 

@@ -43,7 +43,8 @@ from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNo
                                    TopologicalSortPass)
 
 from moeport._scoped import logger_kept
-from moeport.contract import METADATA_PREFIX, QUANTIZATION_KEY
+from moeport.errors import MoeportError
+from moeport.contract import ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, METADATA_PREFIX, QUANTIZATION_KEY
 from moeport.runtime.fusions import add_constant, constant_ints, fuse_group_query_attention, fused_note, only_user
 from moeport.runtime.moe_graph import ROUTER_INDICES_KEY
 
@@ -392,6 +393,82 @@ class FuseAttentionPass(QuantPass):
         return _outcome(model, done, "; ".join(left), left if fused else [], "left as standard ops")
 
 
+class ShareCacheBufferPass(QuantPass):
+    """A Concat-cache with-past graph whose every layer's attention is ``GroupQueryAttention`` (after
+    ``FuseAttentionPass``) as a shared-buffer model (metadata ``kv_cache``, contract ``KV_CACHE_SHARED``).
+
+    The kernel writes the step's keys and values at columns ``T - S .. T - 1`` of the past it is given (``T`` the
+    attention mask's length, ``S`` the step's tokens) and returns a present as long as that past: given a Concat
+    cache's past (``T - S`` columns) it appends; given one buffer bound as both past and present it writes that
+    buffer in place -- the shared contract. What else reads the past is its length (``Shape(past)[2]``, for the
+    causal mask and the positions), which a shared buffer does not have: the pass reads it as ``T - S`` instead, the
+    same number under both contracts. Then the metadata tells runtimes to bind one buffer (onnxruntime-genai's
+    ``past_present_share_buffer``, ``moeport generate``, the benchmarks). A layer left in standard ops, or a past
+    read any other way, is refused as a user error naming it (nothing is written)."""
+
+    def call(self, model: ir.Model) -> Rewritten:
+        graph = model.graph
+        outputs = {value.name: value for value in graph.outputs}
+        layers = sorted(int(name.split(".")[1]) for name in outputs if name.startswith("present.")
+                        and name.endswith(".key"))
+        if not layers:  # a bug: quantize only asks for it on a with-past graph
+            raise ValueError("ShareCacheBufferPass on a graph without present.{i}.key outputs")
+        unfused = [number for number in layers if (producer := outputs[f"present.{number}.key"].producer()) is None
+                   or producer.op_type != "GroupQueryAttention"]
+        if unfused:
+            raise MoeportError(f"--kv-cache shared needs every layer's attention fused into GroupQueryAttention; "
+                               f"layer(s) {', '.join(map(str, unfused))} keep standard ops (the report's "
+                               "FuseAttentionPass line says why): export with --kv-cache shared instead")
+        inputs = {value.name: value for value in graph.inputs}
+        past_length = None  # T - S, built once
+        lengths = 0
+        for value in [v for v in graph.inputs if v.name.startswith("past_key_values.")]:
+            for user, _ in list(value.uses()):
+                if user.op_type == "Reshape" and all(u.op_type == "GroupQueryAttention"
+                                                     for u, _ in user.outputs[0].uses()):
+                    continue  # FuseAttentionPass's view of a Concat past as [B, kv_heads, -1, D]
+                axes = _shape_axes(user)
+                if axes is not None and 2 not in axes:
+                    continue  # batch, heads or head size: the same in a shared buffer
+                if axes != [2]:
+                    raise MoeportError(f"--kv-cache shared: {value.name} is read by a {user.op_type} node "
+                                       f"({user.name}), not only by its layer's GroupQueryAttention and Shapes of "
+                                       "its axes; export with --kv-cache shared instead")
+                if past_length is None:
+                    past_length = _mask_minus_tokens(graph, inputs)
+                user.outputs[0].replace_all_uses_with(past_length)
+                graph.remove(user, safe=True)
+                lengths += 1
+        model.metadata_props[f"{METADATA_PREFIX}kv_cache"] = KV_CACHE_SHARED
+        return Rewritten(model, True, f"recorded the {len(layers)} layers' cache as one shared buffer for past and "
+                                      f"present (their GroupQueryAttention writes it in place when bound as both); "
+                                      f"{lengths} read(s) of the past's length now attention_mask's minus the step's")
+
+
+def _shape_axes(node: ir.Node, rank: int = 4) -> list[int] | None:
+    """The axes of a ``[B, kv_heads, T, D]`` cache that a ``Shape`` node reads (``past.shape[2]`` is ``Shape(start=2,
+    end=3)`` as torch.export writes it), None for any other node."""
+    if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+        return None
+    start, end = node.attributes.get("start"), node.attributes.get("end")
+    return list(range(rank))[slice(start.value if start is not None else None, end.value if end is not None else None)]
+
+
+def _mask_minus_tokens(graph: ir.Graph, inputs: dict[str, ir.Value]) -> ir.Value:
+    """``[T - S]`` (int64, shape [1]) from the ``attention_mask [B, T]`` and ``input_ids [B, S]`` inputs, at the
+    start of ``graph``."""
+    if ATTENTION_MASK not in inputs or INPUT_IDS not in inputs:
+        raise MoeportError(f"--kv-cache shared needs {ATTENTION_MASK} and {INPUT_IDS} inputs; export with --kv-cache "
+                           "shared instead")
+    total = ir.node("Shape", [inputs[ATTENTION_MASK]], attributes={"start": 1, "end": 2}, name="moeport_total_length")
+    step = ir.node("Shape", [inputs[INPUT_IDS]], attributes={"start": 1, "end": 2}, name="moeport_step_length")
+    past = ir.node("Sub", [total.outputs[0], step.outputs[0]], name="moeport_past_length")
+    past.outputs[0].name = "moeport_past_length"
+    past.outputs[0].dtype, past.outputs[0].shape = ir.DataType.INT64, ir.Shape([1])
+    graph.insert_before(graph[0], [total, step, past])
+    return past.outputs[0]
+
+
 class StackProjectionsPass(QuantPass):
     """``MatMulNBits`` nodes (com.microsoft) that read the same input with the same layout (``K``, ``bits``,
     ``block_size``, ``accuracy_level``, the same optional inputs) as one ``MatMulNBits`` over their weights stacked
@@ -492,6 +569,8 @@ def run_passes(model: ir.Model, passes: list[QuantPass]) -> list[PassRecord]:
     for quant_pass in passes:
         try:
             result = quant_pass(model)
+        except MoeportError:  # the user's model cannot take what was asked: one line, no traceback
+            raise
         except Exception as exc:  # a bug in a pass: re-raised, naming it (the traceback is kept)
             raise ir.passes.PassError(f"quantize pass {quant_pass.name} failed") from exc
         records.append(PassRecord(quant_pass.name, result.modified, result.note))

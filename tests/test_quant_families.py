@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import hf_families  # noqa: E402  (tests/, on sys.path)
-from moeport.contract import present_for, random_inputs  # noqa: E402
+from moeport.contract import present_for, random_inputs, read_metadata  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
 from moeport.quant.passes import REMOVE_UNUSED, FuseAttentionPass  # noqa: E402
@@ -243,6 +243,54 @@ def test_export_with_fused_attention(tmp_path, kv_cache):
     from_standard = quantize(source.output, tmp_path / "from-standard.int4.onnx", **options)
     for a, b in zip(_decode(from_fused.output, _steps(1), capacity), _decode(from_standard.output, _steps(1), capacity)):
         np.testing.assert_allclose(a[:, -1], b[:, -1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "granitemoe"])
+def test_quantize_turns_a_concat_cache_into_a_shared_buffer(tmp_path, model_type):
+    """``kv_cache="shared"`` on a Concat-cache export (int4, cpu): recorded as a shared buffer, and driven as one
+    (a 16-column buffer as past and present) it gives the logits of int4 of the shared-buffer export; driven as a
+    Concat cache it still gives the Concat int4's (a padded batch of 2 with decode steps; several tokens after a
+    past for one row)."""
+    concat = _with_past(tmp_path / "c", model_type)
+    shared = _with_past(tmp_path / "s", model_type, "shared")
+    options = {"mode": "int4", "latency_runs": 0, "perplexity": False}
+    turned = quantize(concat.output, tmp_path / "turned.onnx", kv_cache="shared", **options)
+    record = next(r for r in turned.passes if r.name == "ShareCacheBufferPass")
+    assert record.modified and "read(s) of the past's length now attention_mask's minus the step's" in record.note
+    assert read_metadata(turned.output)["kv_cache"] == "shared"
+    from_shared = quantize(shared.output, tmp_path / "shared.int4.onnx", **options)
+    from_concat = quantize(concat.output, tmp_path / "concat.int4.onnx", **options)
+    for steps in (_steps(seed=5), _steps(seed=6, batch=1)):
+        for capacity, other in ((16, from_shared.output), (0, from_concat.output)):
+            for a, b in zip(_decode(turned.output, steps, capacity), _decode(other, steps, capacity)):
+                valid = np.ones(a.shape[:2], bool)
+                if a.shape[1] == 6:  # the prompt step: a padded row's first two positions are no tokens
+                    valid[1:, :2] = False
+                np.testing.assert_allclose(a[valid], b[valid], atol=1e-4, rtol=0)
+
+
+def test_quantize_kv_cache_user_errors(tmp_path):
+    from moeport.errors import MoeportError
+
+    concat = _with_past(tmp_path, "mixtral")
+    options = {"latency_runs": 0, "perplexity": False}
+    needs = ("^--kv-cache shared on a Concat-cache export needs its attention fused into onnxruntime's "
+             "GroupQueryAttention \\(an integer mode, --target cpu or arm, without --no-fused-attention\\); else "
+             "export with --kv-cache shared$")
+    for extra in ({"mode": "fp16"}, {"mode": "int4", "fused_attention": False}, {"mode": "int4", "target": "cuda"}):
+        with pytest.raises(MoeportError, match=needs):
+            quantize(concat.output, tmp_path / "x.onnx", kv_cache="shared", **options, **extra)
+    gpt_oss = _with_past(tmp_path, "gpt_oss")
+    with pytest.raises(MoeportError, match="^--kv-cache shared needs every layer's attention fused into "
+                                           "GroupQueryAttention; layer\\(s\\) 0, 1 keep standard ops"):
+        quantize(gpt_oss.output, tmp_path / "x.onnx", mode="int4", kv_cache="shared", **options)
+    shared = _with_past(tmp_path / "s", "mixtral", "shared")
+    with pytest.raises(MoeportError, match="keeps a shared buffer; a Concat cache needs an export with --kv-cache "
+                                           "concat$"):
+        quantize(shared.output, tmp_path / "x.onnx", mode="int4", kv_cache="concat", **options)
+    with pytest.raises(MoeportError, match="^unknown KV cache 'paged'; choose one of concat, shared$"):
+        quantize(concat.output, tmp_path / "x.onnx", mode="int4", kv_cache="paged", **options)
+    assert not (tmp_path / "x.onnx").exists() and not list(tmp_path.glob("x.onnx*"))
 
 
 def test_export_fused_attention_user_errors(tmp_path):

@@ -78,6 +78,10 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="Integer modes for --target cpu/arm: each attention layer of a with-past model as one onnxruntime "
                    "GroupQueryAttention node (cache append, scores, mask, softmax) instead of ~30 standard ops. A "
                    "model folder whose runtime cannot load it (transformers.js) always gets the standard ops.")
+@click.option("--kv-cache", type=click.Choice(["concat", "shared"]), default=None,
+              help="With-past models: 'shared' records a Concat-cache export's cache as one buffer for past and "
+                   "present, which its fused attention (GroupQueryAttention) then writes in place (onnxruntime-genai's "
+                   "past_present_share_buffer); needs every layer fused [default: the export's cache].")
 @click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the embedding table.")
 @click.option("--no-perplexity", is_flag=True, help="Skip the held-out perplexity and routing pass.")
@@ -87,8 +91,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
                  checkpoint, tokenizer, heldout, down_activations, block_size, embedding_block_size,
                  dense_block_size, dense_bits,
-                 kv_projection_bits, head_bits, head_block_size, fused_experts, fused_attention, embedding_bits,
-                 no_perplexity,
+                 kv_projection_bits, head_bits, head_block_size, fused_experts, fused_attention, kv_cache,
+                 embedding_bits, no_perplexity,
                  latency_runs, force,
                  as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
@@ -97,6 +101,9 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
         if output is not None:
             raise UsageError("-o is not taken with a model folder: the variant is written into it, under the name "
                              "its runtime looks for")
+        if kv_cache is not None:
+            raise UsageError("--kv-cache is not taken with a model folder: its runtime's config fixes the cache; "
+                             "export the folder with --kv-cache shared")
         mode, model, output, own_tokenizer, layout = _layouts.variant_target(
             model, mode, _schemes.default_mode(target, calibration is not None or random_calibration))
         # what the folder's runtime can load
@@ -118,7 +125,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           dense_bits=int(dense_bits), head_bits=None if head_bits is None else int(head_bits),
                           head_block_size=head_block_size,
                           kv_projection_bits=int(kv_projection_bits),
-                          fused_experts=fused_experts, fused_attention=fused_attention,
+                          fused_experts=fused_experts, fused_attention=fused_attention, kv_cache=kv_cache,
                           embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
                           perplexity=not no_perplexity, force=force)
