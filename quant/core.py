@@ -52,9 +52,10 @@ from moeport.quant import ranges
 from moeport.quant.apply import QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, ExpertLayer,
-                                  FuseAttentionPass, GemmAsMatMulPass, ShareCacheBufferPass, InlineSmallTensorsPass, MarkPreProcessedPass,
-                                  PassRecord, RaiseOpsetPass, StackProjectionsPass, StampQuantizationPass,
-                                  UntieTransposedWeightPass, node_metadata_bytes, run_passes, save_model)
+                                  FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass,
+                                  PassRecord, RaiseOpsetPass, ShareCacheBufferPass, StackProjectionsPass,
+                                  StampQuantizationPass, UntieTransposedWeightPass, node_metadata_bytes, run_passes,
+                                  save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,

@@ -241,7 +241,8 @@ def test_export_with_fused_attention(tmp_path, kv_cache):
                           "--fused-attention)"
     assert [node.op_type for node in onnx.load(from_fused.output).graph.node].count("GroupQueryAttention") == layers
     from_standard = quantize(source.output, tmp_path / "from-standard.int4.onnx", **options)
-    for a, b in zip(_decode(from_fused.output, _steps(1), capacity), _decode(from_standard.output, _steps(1), capacity)):
+    pairs = zip(_decode(from_fused.output, _steps(1), capacity), _decode(from_standard.output, _steps(1), capacity))
+    for a, b in pairs:
         np.testing.assert_allclose(a[:, -1], b[:, -1], atol=1e-4, rtol=0)
 
 
