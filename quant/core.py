@@ -380,8 +380,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
         finish = [StackProjectionsPass(), REMOVE_UNUSED] + finish
     if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):
         # after the apply step: the quantizers see the attention as exported
-        finish = [FuseAttentionPass(), REMOVE_UNUSED] + ([ShareCacheBufferPass()] if settings.share_cache else []) \
-            + finish
+        fusion = FuseAttentionPass()
+        finish = [fusion, REMOVE_UNUSED] + ([ShareCacheBufferPass(fusion)] if settings.share_cache else []) + finish
     expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}
     down_names = {n.name for group, nodes in source.experts.items() if group.is_down_projection for n in nodes}
     with staged_file(out) as staging, writing(out), \

@@ -387,8 +387,13 @@ class FuseAttentionPass(QuantPass):
     ``RotaryEmbedding`` (com.microsoft; ``moeport.runtime.fusions``): the cache append, scores, mask and softmax in
     one kernel instead of ~30. Layers it cannot fuse keep their standard ops, with the reason in the note."""
 
+    def __init__(self):
+        super().__init__()
+        self.left: list[str] = []  # why layers were left alone, per reason (ShareCacheBufferPass quotes it)
+
     def call(self, model: ir.Model) -> Rewritten:
         fused, left = fuse_group_query_attention(model)
+        self.left = left
         done = fused_note(fused) if fused else None
         return _outcome(model, done, "; ".join(left), left if fused else [], "left as standard ops")
 
@@ -404,7 +409,12 @@ class ShareCacheBufferPass(QuantPass):
     causal mask and the positions), which a shared buffer does not have: the pass reads it as ``T - S`` instead, the
     same number under both contracts. Then the metadata tells runtimes to bind one buffer (onnxruntime-genai's
     ``past_present_share_buffer``, ``moeport generate``, the benchmarks). A layer left in standard ops, or a past
-    read any other way, is refused as a user error naming it (nothing is written)."""
+    read any other way, is refused as a user error naming it (nothing is written). ``fusion``: the
+    ``FuseAttentionPass`` that ran before, whose reasons the error quotes."""
+
+    def __init__(self, fusion: FuseAttentionPass | None = None):
+        super().__init__()
+        self.fusion = fusion
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
@@ -416,9 +426,10 @@ class ShareCacheBufferPass(QuantPass):
         unfused = [number for number in layers if (producer := outputs[f"present.{number}.key"].producer()) is None
                    or producer.op_type != "GroupQueryAttention"]
         if unfused:
-            raise MoeportError(f"--kv-cache shared needs every layer's attention fused into GroupQueryAttention; "
-                               f"layer(s) {', '.join(map(str, unfused))} keep standard ops (the report's "
-                               "FuseAttentionPass line says why): export with --kv-cache shared instead")
+            why = "; ".join(self.fusion.left) if self.fusion is not None and self.fusion.left else \
+                f"layer(s) {', '.join(map(str, unfused))} keep standard ops"
+            raise MoeportError(f"--kv-cache shared needs every layer's attention fused into GroupQueryAttention "
+                               f"({why}); export with --kv-cache shared instead")
         inputs = {value.name: value for value in graph.inputs}
         past_length = None  # T - S, built once
         lengths = 0

@@ -283,7 +283,9 @@ def test_quantize_kv_cache_user_errors(tmp_path):
             quantize(concat.output, tmp_path / "x.onnx", kv_cache="shared", **options, **extra)
     gpt_oss = _with_past(tmp_path, "gpt_oss")
     with pytest.raises(MoeportError, match="^--kv-cache shared needs every layer's attention fused into "
-                                           "GroupQueryAttention; layer\\(s\\) 0, 1 keep standard ops"):
+                                           "GroupQueryAttention \\(layers 0, 1: key: no rotary embedding \\(x \\* cos "
+                                           "\\+ rotate_half\\(x\\) \\* sin\\) on the heads\\); export with "
+                                           "--kv-cache shared instead$"):
         quantize(gpt_oss.output, tmp_path / "x.onnx", mode="int4", kv_cache="shared", **options)
     shared = _with_past(tmp_path / "s", "mixtral", "shared")
     with pytest.raises(MoeportError, match="keeps a shared buffer; a Concat cache needs an export with --kv-cache "
