@@ -187,6 +187,16 @@ def _share_cache(source: _Source, settings: _Settings, kv_cache: str | None) -> 
     return True
 
 
+def _copies_its_cache(source: _Source, quantized: onnx.ModelProto) -> bool:
+    """A Concat-cache export whose every layer's attention the output runs as GroupQueryAttention: what
+    ``kv_cache="shared"`` would take (``passes.ShareCacheBufferPass``)."""
+    if metadata_of_map(source.metadata).get("kv_cache") != KV_CACHE_CONCAT:
+        return False
+    layers = sum(1 for value in quantized.graph.output if value.name.startswith("present.")
+                 and value.name.endswith(".key"))
+    return layers > 0 and sum(node.op_type == "GroupQueryAttention" for node in quantized.graph.node) == layers
+
+
 def _block_widths(source: _Source) -> tuple[set[int], set[int], set[int]]:
     """The widths block sizes must divide: (each expert weight's input width, each other MatMul weight's input
     width, the embedding table's row length), from ``_matmul_weights`` and the Gathers."""
@@ -546,6 +556,11 @@ def quantize(
     quantized, passes = _write(source, out, settings, calibrated)
     report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
                       perplexity=perplexity, latency_runs=latency_runs, parity_shapes=parity_shapes)
+    if settings.fused_attention and not settings.share_cache and _copies_its_cache(source, quantized):
+        report.notes.append("its KV cache is a Concat cache, which the fused attention copies whole at every step; "
+                            "--kv-cache shared records it as one buffer written in place (int4 at granite-3.0-1b-a400m "
+                            "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md; a model "
+                            "folder: export it with --kv-cache shared)")
     if settings.mode.step.calibrated and target in CPU_TARGETS:
         report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode: onnxruntime's CPU "
                             "provider runs QDQ int8 as many small kernels and dequantizes 16-bit-input weights at "

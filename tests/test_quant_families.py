@@ -261,6 +261,9 @@ def test_quantize_turns_a_concat_cache_into_a_shared_buffer(tmp_path, model_type
     assert read_metadata(turned.output)["kv_cache"] == "shared"
     from_shared = quantize(shared.output, tmp_path / "shared.int4.onnx", **options)
     from_concat = quantize(concat.output, tmp_path / "concat.int4.onnx", **options)
+    # only the Concat file is told about --kv-cache shared
+    assert [any("--kv-cache shared records it as one buffer" in note for note in result.quality.notes)
+            for result in (from_concat, turned, from_shared)] == [True, False, False]
     for steps in (_steps(seed=5), _steps(seed=6, batch=1)):
         for capacity, other in ((16, from_shared.output), (0, from_concat.output)):
             for a, b in zip(_decode(turned.output, steps, capacity), _decode(other, steps, capacity)):
