@@ -11,7 +11,7 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
    [--fused-attention]`` (``--kv-cache``, ``--fused-attention``; redone when the file there was made otherwise),
    then ``moeport.quant.quantize`` in every mode (int8 calibrated from an .npz of ``input_ids`` rows of training
    text; for the CPU target the integer modes get onnxruntime's fused attention, which writes a shared buffer in
-   place). The timing binds a shared buffer as both past and present of every step (``moeport_step_runner``), as
+   place; ``--quantize-kv-cache shared`` records a Concat export's quantized files as shared-buffer models). The timing binds a shared buffer as both past and present of every step (``moeport_step_runner``), as
    onnxruntime-genai does with ``past_present_share_buffer``; llama.cpp's cache is written in place too. A Concat
    cache goes through numpy.
 3. ``gguf``: llama.cpp's own converter (``vendor/llama.cpp/convert_hf_to_gguf.py`` of the llama-cpp-python
@@ -122,14 +122,14 @@ def worker_export(out: Path, kv_cache: str, fused_attention: str) -> dict:
     return {"seconds": result.seconds, "size_bytes": result.size_bytes, "peak_rss": peak_rss_bytes()}
 
 
-def worker_quantize(out: Path, mode: str) -> dict:
+def worker_quantize(out: Path, mode: str, kv_cache: str) -> dict:
     from moeport.quant import quantize
 
-    options = {}
+    options = {} if kv_cache == "export" else {"kv_cache": kv_cache}
     if mode == "int8":
         calibration = out / "calibration.npz"
         np.savez(calibration, input_ids=_encode(out, False, 32 * 128).reshape(32, 128))
-        options = {"calibration": calibration, "calibration_samples": 32}
+        options |= {"calibration": calibration, "calibration_samples": 32}
     result = quantize(out / "moeport" / "fp32.onnx", out / "moeport" / f"{mode}.onnx", mode=mode, latency_runs=0,
                       perplexity=False, force=True, **options)
     return {"seconds": result.seconds, "size_bytes": result.quality.size_after, "peak_rss": peak_rss_bytes(),
@@ -371,6 +371,9 @@ def main(argv=None) -> int:
                         help="moeport's export: a Concat cache, or one buffer for past and present that the timing "
                              "binds as both, as onnxruntime-genai does (the quantized modes' fused attention writes "
                              "it in place; fp32's standard ops copy it)")
+    parser.add_argument("--quantize-kv-cache", choices=("concat", "shared"), default=None,
+                        help="moeport quantize --kv-cache for the quantized modes (shared: a Concat export's fused "
+                             "attention on one buffer) [default: the export's cache]")
     parser.add_argument("--fused-attention", action="store_true",
                         help="export fp32 with --fused-attention (redone when the file there was made otherwise)")
     parser.add_argument("--interleaved", action="store_true",
@@ -403,10 +406,11 @@ def main(argv=None) -> int:
     fp32_file = out / "moeport" / "fp32.onnx"
     stage("export", (_kv_cache_of(fp32_file), _attention_of(fp32_file)) == (args.kv_cache, attention),
           lambda: run_worker(py, "export", out, args.kv_cache, attention))
+    quantized_cache = args.quantize_kv_cache or args.kv_cache
     for mode in modes:
         if mode != "fp32":
-            stage(f"quantize:{mode}", _kv_cache_of(out / "moeport" / f"{mode}.onnx") == args.kv_cache,
-                  lambda mode=mode: run_worker(py, "quantize", out, mode))
+            stage(f"quantize:{mode}", _kv_cache_of(out / "moeport" / f"{mode}.onnx") == quantized_cache,
+                  lambda mode=mode: run_worker(py, "quantize", out, mode, args.quantize_kv_cache or "export"))
     llama_dir = out / "llama"
     llama_dir.mkdir(exist_ok=True)
     converter = args.llama_src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"

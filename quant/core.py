@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from moeport._fs import check_output_file, staged_file, writing
+from moeport._fs import check_output_file, check_single_links, load_model_proto, staged_file, writing
 from moeport.contract import (KV_CACHE_CONCAT, KV_CACHES, ModelInfo, Reference, is_cache_input, metadata_of_map,
                               metadata_props, optional_model_info)
 from moeport.errors import MoeportError
@@ -219,6 +219,7 @@ def _check_paths(model: Path, out: Path, force: bool) -> None:
 
 def _read(model: Path, settings: _Settings) -> _Source:
     """The model's graph (weights stay on disk) and metadata, its routers and experts, and the nodes to quantize."""
+    check_single_links(load_model_proto(model), model)  # the graph alone: where its weights are
     graph = load_graph(model)  # also refuses external data outside the model's directory
     plan = find_routers(graph)
     exclude = set(plan.nodes) if settings.keep_router else set()

@@ -142,6 +142,13 @@ def linked_data_model(d: Path, art: Artifacts) -> Path:
     return path
 
 
+def hard_linked_data_model(d: Path, art: Artifacts) -> Path:
+    """``traversal_model`` with its weight in ``m.onnx.data`` next to it, that file with a second hard link."""
+    path = traversal_model(d, art, "m.onnx.data")
+    os.link(path.parent / "m.onnx.data", d / "second-link.data")
+    return path
+
+
 def raise_oserror(code: int):
     def fail(*_args, **_kwargs):
         raise OSError(code, os.strerror(code))
@@ -633,6 +640,9 @@ CASES = [
       "is a genai folder but its model file model.onnx is missing"),
     C("quantize-folder-variant-exists", "quantize", "model folder that already has the variant, no --force",
       _quantize_variant_exists, 1, "already exists; pass --force"),
+    C("quantize-hard-linked-data", "quantize", "external data with a second hard link",
+      lambda d, a, mp: _quantize(d, a, "--mode", "int4", model_path=hard_linked_data_model(d, a)), 1,
+      "has 2 hard links, which onnx_ir refuses to read"),
     C("quantize-folder-kv-cache", "quantize", "a model folder with --kv-cache",
       lambda d, a, mp: ["quantize", str(folder(d, a)), "--mode", "int4", "--kv-cache", "shared"], 2,
       "--kv-cache is not taken with a model folder: its runtime's config fixes the cache"),

@@ -248,6 +248,18 @@ def check_external_data(proto, path: str | os.PathLike) -> None:
                                "next to the model")
 
 
+def check_single_links(proto, path: str | os.PathLike) -> None:
+    """Refuse external data files with more than one hard link: onnx_ir (which ``quantize`` reads and writes the
+    weights with) refuses them as a possible hard-link attack, deep inside the work; say so before it starts."""
+    base = Path(path).parent
+    for location in sorted({location for _, location in _external_tensors(proto) if location}):
+        links = (base / location).stat().st_nlink
+        if links > 1:
+            raise MoeportError(f"{path}: its external data file {location!r} has {links} hard links, which onnx_ir "
+                               "refuses to read (a guard against hard-link attacks); copy it (cp) so the model's "
+                               "data is a file of its own")
+
+
 def load_model_proto(path: str | os.PathLike, inline_up_to: int = 0):
     """The ModelProto of the ONNX file ``path`` without external data, its external data locations checked.
 
