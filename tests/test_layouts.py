@@ -218,6 +218,29 @@ def test_genai_runs_the_fused_attention_like_transformers(deployed, tmp_path, kv
         assert genai_greedy(folder, prompts, model_file="model_fused.onnx")[1] == expected, len(prompts)
 
 
+def test_genai_runs_a_concat_export_turned_into_a_shared_buffer(deployed, tmp_path):
+    """What ``quantize --kv-cache shared`` does to a Concat export (FuseAttentionPass, then ShareCacheBufferPass),
+    on the fp32 folder model: a genai folder written from that file (``past_present_share_buffer`` from its
+    metadata) binds one buffer as past and present and gives transformers' tokens for one prompt and a padded
+    batch."""
+    import onnx_ir as ir
+
+    from moeport.quant.passes import REMOVE_UNUSED, FuseAttentionPass, ShareCacheBufferPass
+
+    source = deployed("mixtral")
+    model = ir.load(source.folder / "model.onnx")
+    fusion = FuseAttentionPass()
+    assert fusion(model).modified
+    REMOVE_UNUSED(model)
+    assert ShareCacheBufferPass(fusion)(model).modified
+    ir.save(model, tmp_path / "turned.onnx", external_data="turned.onnx.data")
+    folder = write_folder("genai", tmp_path / "turned.onnx", source.checkpoint, tmp_path / "genai")
+    assert json.loads((folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        _, expected = transformers_greedy(source, prompts)
+        assert genai_greedy(folder, prompts)[1] == expected, len(prompts)
+
+
 def test_genai_runs_an_export_with_fused_attention(deployed, tmp_path):
     """``moeport export --layout genai --kv-cache shared --fused-attention``: the folder's fp32 model runs
     GroupQueryAttention on genai's shared buffer and gives transformers' tokens for one prompt and a padded batch."""
