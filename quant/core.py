@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from moeport._fs import check_output_file, check_single_links, load_model_proto, staged_file, writing
+from moeport._fs import check_output_file, staged_file, writing
 from moeport.contract import (KV_CACHE_CONCAT, KV_CACHES, ModelInfo, Reference, is_cache_input, metadata_of_map,
                               metadata_props, optional_model_info)
 from moeport.errors import MoeportError
@@ -58,6 +58,7 @@ from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE
                                   save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
+from moeport.runtime.fusions import cache_layers, unfused_layers
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
                                       load_graph)
 from moeport.samples import TRAINED_DIR
@@ -192,9 +193,8 @@ def _copies_its_cache(source: _Source, quantized: onnx.ModelProto) -> bool:
     ``kv_cache="shared"`` would take (``passes.ShareCacheBufferPass``)."""
     if metadata_of_map(source.metadata).get("kv_cache") != KV_CACHE_CONCAT:
         return False
-    layers = sum(1 for value in quantized.graph.output if value.name.startswith("present.")
-                 and value.name.endswith(".key"))
-    return layers > 0 and sum(node.op_type == "GroupQueryAttention" for node in quantized.graph.node) == layers
+    graph = ir.from_proto(quantized.graph)  # the graph alone (its weights stay on disk)
+    return bool(cache_layers(graph)) and not unfused_layers(graph)
 
 
 def _block_widths(source: _Source) -> tuple[set[int], set[int], set[int]]:
@@ -219,8 +219,8 @@ def _check_paths(model: Path, out: Path, force: bool) -> None:
 
 def _read(model: Path, settings: _Settings) -> _Source:
     """The model's graph (weights stay on disk) and metadata, its routers and experts, and the nodes to quantize."""
-    check_single_links(load_model_proto(model), model)  # the graph alone: where its weights are
-    graph = load_graph(model)  # also refuses external data outside the model's directory
+    # also refuses external data outside the model's directory, and files onnx_ir will not read (hard links)
+    graph = load_graph(model, single_links=True)
     plan = find_routers(graph)
     exclude = set(plan.nodes) if settings.keep_router else set()
     targets = _weight_nodes(graph, exclude)

@@ -45,7 +45,8 @@ from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, RemoveUnusedNo
 from moeport._scoped import logger_kept
 from moeport.errors import MoeportError
 from moeport.contract import ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, METADATA_PREFIX, QUANTIZATION_KEY
-from moeport.runtime.fusions import add_constant, constant_ints, fuse_group_query_attention, fused_note, only_user
+from moeport.runtime.fusions import (add_constant, cache_layers, constant_ints, fuse_group_query_attention, fused_note,
+                                     only_user, unfused_layers)
 from moeport.runtime.moe_graph import ROUTER_INDICES_KEY
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
@@ -418,13 +419,10 @@ class ShareCacheBufferPass(QuantPass):
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
-        outputs = {value.name: value for value in graph.outputs}
-        layers = sorted(int(name.split(".")[1]) for name in outputs if name.startswith("present.")
-                        and name.endswith(".key"))
+        layers = cache_layers(graph)
         if not layers:  # a bug: quantize only asks for it on a with-past graph
-            raise ValueError("ShareCacheBufferPass on a graph without present.{i}.key outputs")
-        unfused = [number for number in layers if (producer := outputs[f"present.{number}.key"].producer()) is None
-                   or producer.op_type != "GroupQueryAttention"]
+            raise ValueError("ShareCacheBufferPass on a graph without present.{i}.key/value outputs")
+        unfused = unfused_layers(graph)
         if unfused:
             why = "; ".join(self.fusion.left) if self.fusion is not None and self.fusion.left else \
                 f"layer(s) {', '.join(map(str, unfused))} keep standard ops"

@@ -364,6 +364,22 @@ class _Shared:
         return self.rows[rotary.cos]
 
 
+def cache_layers(graph: ir.Graph) -> list[int]:
+    """The layer numbers ``i`` of a with-past graph's ``present.{i}.key`` / ``present.{i}.value`` output pairs."""
+    names = {value.name for value in graph.outputs}
+    return sorted(int(name.split(".")[1]) for name in names
+                  if name.startswith("present.") and name.endswith(".key") and f"present.{name.split('.')[1]}.value"
+                  in names)
+
+
+def unfused_layers(graph: ir.Graph) -> list[int]:
+    """The ``cache_layers`` whose present key is not a ``GroupQueryAttention`` output."""
+    outputs = {value.name: value for value in graph.outputs}
+    return [number for number in cache_layers(graph)
+            if (producer := outputs[f"present.{number}.key"].producer()) is None
+            or producer.op_type != "GroupQueryAttention"]
+
+
 def fused_note(fused: int) -> str:
     """What ``fuse_group_query_attention`` did, in the words both ``quantize`` and ``export`` report."""
     return f"fused the attention of {fused} layer(s) into GroupQueryAttention"
@@ -378,9 +394,7 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
     graph = model.graph
     inputs = {value.name: value for value in graph.inputs}
     outputs = {value.name: value for value in graph.outputs}
-    layers = sorted(int(name.split(".")[1]) for name in outputs
-                    if name.startswith("present.") and name.endswith(".key") and f"present.{name.split('.')[1]}.value"
-                    in outputs)
+    layers = cache_layers(graph)
     if not layers:
         return 0, ["no present.{i}.key/value outputs (not a with-past graph)"]
     if ATTENTION_MASK not in inputs:

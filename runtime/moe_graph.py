@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from moeport._fs import load_model_proto
+from moeport._fs import check_single_links, load_model_proto
 
 _SCORE_OPS = ("Softmax", "Sigmoid")
 # Ops the closure never crosses: they do the experts' compute, not the routing arithmetic.
@@ -173,14 +173,18 @@ class _Graph:
         return None
 
 
-def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+def load_graph(path: str | os.PathLike, single_links: bool = False) -> onnx.ModelProto:
     """The graph of the ONNX file ``path`` without its weights: what every analysis here needs, at any model size.
 
     Initializers keep name, type and dims; their data only when small (shapes, axes, biases: shape inference
     and ``_Graph.value`` read those), loaded from external data where they live there. External-data locations
-    are checked before anything is read (``moeport._fs.load_model_proto``).
+    are checked before anything is read (``moeport._fs.load_model_proto``); ``single_links`` also refuses external
+    data files with several hard links (``moeport._fs.check_single_links``: onnx_ir will not read them).
     """
-    return weightless(load_model_proto(path, inline_up_to=_SMALL_TENSOR_BYTES))
+    proto = load_model_proto(path, inline_up_to=_SMALL_TENSOR_BYTES)
+    if single_links:
+        check_single_links(proto, path)  # before ``weightless`` drops the locations
+    return weightless(proto)
 
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
