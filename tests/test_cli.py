@@ -173,8 +173,11 @@ def test_demo_exports_verifies_benches_and_quantizes(capsys, tmp_path):
     assert code == 0 and json.loads(out)["quantized"] == []
 
 
-def test_ctrl_c_during_export_prints_one_line_and_leaves_nothing(tmp_path, sample_checkpoint):
-    """SIGINT while exporting (torch import, tracing or validation): 'error: aborted', no traceback, no file."""
+@pytest.mark.parametrize("signum, code, message", [(signal.SIGINT, 1, "error: aborted"),
+                                                   (signal.SIGTERM, 143, "error: terminated")], ids=["ctrl-c", "kill"])
+def test_a_signal_during_export_prints_one_line_and_leaves_nothing(tmp_path, sample_checkpoint, signum, code, message):
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a job scheduler) while exporting (torch import, tracing or validation):
+    one line, no traceback, no file and no staging directory (Python's own SIGTERM ends the process on the spot)."""
     out = tmp_path / "m.onnx"
     # SIGINT as in a terminal: a test run started in the background (nohup) would hand its ignored SIGINT down
     process = subprocess.Popen([sys.executable, "-c", "from moeport.cli import main; main()", "export",
@@ -182,11 +185,39 @@ def test_ctrl_c_during_export_prints_one_line_and_leaves_nothing(tmp_path, sampl
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(3)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 1, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: aborted", err
+    assert process.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == message, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_quantize_removes_its_work_directory(capsys, monkeypatch, exported, tmp_path):
+    """quantize writes a prepared copy of the model (as large as the model) into a hidden work directory beside
+    the output; a SIGTERM in the middle removes it with the staging directory, and says so in one line."""
+    from moeport.quant import core
+
+    model = exported("topk").output
+    out = tmp_path / "q.onnx"
+    save_model, seen = core.save_model, []
+
+    def save_then_get_killed(model_ir, path, **options):
+        save_model(model_ir, path, **options)
+        seen.extend(p.name for p in tmp_path.iterdir())
+        signal.raise_signal(signal.SIGTERM)  # what `kill PID` does, through the CLI's handler
+
+    monkeypatch.setattr(core, "save_model", save_then_get_killed)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Python's default, as in any process
+    try:
+        code, _, err = run_cli(capsys, "quantize", str(model), "-o", str(out), "--mode", "int4",
+                               "--latency-runs", "0")
+        handler_after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert any(".q.onnx.work." in name for name in seen), seen  # the work directory was there when it came
+    assert code == 143 and err.strip() == "error: terminated", err
+    assert list(tmp_path.iterdir()) == []
+    assert handler_after is signal.SIG_DFL
 
 
 def _raise_wrapped_interrupt(*args, **kwargs):

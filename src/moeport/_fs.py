@@ -20,6 +20,7 @@ import errno
 import glob
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import zipfile
@@ -84,23 +85,35 @@ def check_output_directory(path: str | os.PathLike, force: bool, is_ours, not_ou
 # A Ctrl-C that a library swallows must still stop the command before it writes anything: torch.onnx retries its
 # capture with another strategy when the first one fails, and a KeyboardInterrupt raised while it imported
 # torch._dynamo came back as such a failure -- the retry succeeded and the export was written. The CLI's SIGINT
-# handler (``record_interrupt``) remembers the interrupt here, and every staged write checks it before moving its
-# output into place.
+# (and SIGTERM) handler (``record_interrupt``) remembers the interrupt here, and every staged write checks it before
+# moving its output into place.
 _interrupted = threading.Event()
+_interrupt_signal: int | None = None
 
 
-def record_interrupt(signum=None, frame=None) -> None:
-    """SIGINT handler: remember the interrupt, then raise KeyboardInterrupt as Python's default handler does."""
+def record_interrupt(signum: int | None = None, frame=None) -> None:
+    """Handler of SIGINT and SIGTERM: remember the signal, then raise KeyboardInterrupt as Python's default SIGINT
+    handler does, so that staging and work directories are removed on the way out (Python's default for SIGTERM
+    ends the process at once and left gigabytes of hidden scratch beside the output)."""
+    global _interrupt_signal
+    _interrupt_signal = signal.SIGINT if signum is None else signum
     _interrupted.set()
     raise KeyboardInterrupt
 
 
 def interrupted() -> bool:
-    """Whether a SIGINT was recorded since ``clear_interrupt``."""
+    """Whether a SIGINT or SIGTERM was recorded since ``clear_interrupt``."""
     return _interrupted.is_set()
 
 
+def interrupt_signal() -> int | None:
+    """The signal ``record_interrupt`` recorded last (SIGINT or SIGTERM), None when none was."""
+    return _interrupt_signal if _interrupted.is_set() else None
+
+
 def clear_interrupt() -> None:
+    global _interrupt_signal
+    _interrupt_signal = None
     _interrupted.clear()
 
 

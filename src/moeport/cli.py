@@ -206,17 +206,29 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
     return False
 
 
+def _report_interrupt() -> int:
+    """Print the one line of a stopped command; its exit code: 143 (128 + SIGTERM) after a SIGTERM, as shells and
+    job schedulers expect of a terminated process, else 1 ("aborted": Ctrl-C)."""
+    if _fs.interrupt_signal() == signal.SIGTERM:
+        click.echo("error: terminated", err=True)
+        return 128 + signal.SIGTERM
+    click.echo("error: aborted", err=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("MOEPORT_DEBUG") == "1"
     _fs.clear_interrupt()
-    # Ctrl-C is recorded as well as raised, so that one a library swallows still stops the command (_fs).
-    # Only over Python's own handler: a process started with SIGINT ignored (nohup, a background job) stays so.
-    handler = signal.getsignal(signal.SIGINT)
-    recording = threading.current_thread() is threading.main_thread() and handler is signal.default_int_handler
-    if recording:
-        signal.signal(signal.SIGINT, _fs.record_interrupt)
+    # Ctrl-C (and a kill's SIGTERM) is recorded as well as raised, so that one a library swallows still stops the
+    # command (_fs), and every staging and work directory is removed on the way out. Only over Python's own
+    # handlers: a process started with SIGINT ignored (nohup, a background job) stays so.
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(signum) is default:
+                previous_handlers[signum] = signal.signal(signum, _fs.record_interrupt)
     try:
         code = cli.main(args=args, prog_name="moeport", standalone_mode=False)
         if _fs.interrupted():
@@ -224,16 +236,18 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         # click turns Ctrl-C inside a command into Abort; one that lands outside click's own handler (while
         # click unwinds, or in a library's cleanup) arrives as KeyboardInterrupt: the same one line.
-        click.echo("error: aborted", err=True)
-        code = 1
+        code = _report_interrupt()
     except click.ClickException as exc:  # usage errors: bad option, missing argument, bad choice
         click.echo(f"error: {exc.format_message()} (see moeport --help)", err=True)
         code = exc.exit_code
     except MoeportError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {'aborted' if _fs.interrupted() else exc}", err=True)
-        code = 1 if _fs.interrupted() else exc.exit_code
+        if _fs.interrupted():
+            code = _report_interrupt()
+        else:
+            click.echo(f"error: {exc}", err=True)
+            code = exc.exit_code
     except Exception as exc:
         # A Ctrl-C that lands inside a library's import or error handler can come back wrapped: torch.onnx
         # caught the KeyboardInterrupt raised while torch._dynamo was half imported, failed in its own `except`
@@ -243,11 +257,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if debug:
             traceback.print_exc()
-        click.echo("error: aborted", err=True)
-        code = 1
+        code = _report_interrupt()
     finally:
-        if recording:
-            signal.signal(signal.SIGINT, handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         _fs.clear_interrupt()  # the library, called on its own afterwards, starts clean
     sys.exit(code if isinstance(code, int) else 0)
 
