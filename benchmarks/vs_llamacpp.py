@@ -11,9 +11,10 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
    [--fused-attention]`` (``--kv-cache``, ``--fused-attention``; redone when the file there was made otherwise),
    then ``moeport.quant.quantize`` in every mode (int8 calibrated from an .npz of ``input_ids`` rows of training
    text; for the CPU target the integer modes get onnxruntime's fused attention, which writes a shared buffer in
-   place; ``--quantize-kv-cache shared`` records a Concat export's quantized files as shared-buffer models). The timing binds a shared buffer as both past and present of every step (``moeport_step_runner``), as
-   onnxruntime-genai does with ``past_present_share_buffer``; llama.cpp's cache is written in place too. A Concat
-   cache goes through numpy.
+   place; ``--quantize-kv-cache shared`` records a Concat export's quantized files as shared-buffer models). The
+   timing steps as ``moeport generate`` does (``moeport_step_runner``: ``runtime.generate.CachedDecoder``): the
+   cache stays in onnxruntime's memory, a shared buffer bound as both past and present of every step, as
+   onnxruntime-genai does with ``past_present_share_buffer``; llama.cpp's cache is written in place too.
 3. ``gguf``: llama.cpp's own converter (``vendor/llama.cpp/convert_hf_to_gguf.py`` of the llama-cpp-python
    sdist, ``--llama-src``) to F32, then llama.cpp's quantizer (``llama_model_quantize``) to Q8_0 and Q4_0.
 4. ``time``: every system in its own process, ``--rounds`` rounds, systems alternating within a round; each
@@ -163,56 +164,24 @@ SHARED_CAPACITY = 1024
 def moeport_step_runner(session):
     """(prefill(ids [1, n]) -> logits [1, n, vocab], decode(next id) -> logits [1, 1, vocab]) over one session.
 
-    A Concat cache goes through numpy (each step's presents are the next step's pasts). A shared buffer (an
-    export with ``--kv-cache shared``) is bound as both past and present of every step, as onnxruntime-genai does
-    with ``past_present_share_buffer``, so a kernel that writes in place (GroupQueryAttention) moves only the new
-    tokens' keys and values."""
-    import onnxruntime as ort
+    Steps with ``moeport.runtime.generate.CachedDecoder``, what ``moeport generate`` runs: the cache stays in
+    onnxruntime's memory; a shared buffer (``--kv-cache shared``) of ``SHARED_CAPACITY`` tokens is bound as both past
+    and present of every step, as onnxruntime-genai does with ``past_present_share_buffer``, so a kernel that writes
+    in place (GroupQueryAttention) moves only the new tokens' keys and values."""
+    from moeport.runtime.generate import CachedDecoder
 
-    from moeport.contract import KV_CACHE_SHARED, LOGITS, metadata_of_map, present_for
-    from moeport.runtime.generate import decoder_feeds, empty_past
+    decoder, state = CachedDecoder(session, 1, capacity=SHARED_CAPACITY), {}
 
-    past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    presents = [present_for(name) for name in past_names]
-    state = {}
-    if metadata_of_map(session.get_modelmeta().custom_metadata_map).get("kv_cache") == KV_CACHE_SHARED:
-        buffers = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in
-                   empty_past(session.get_inputs(), 1, session.get_outputs(), SHARED_CAPACITY).items()}
-        binding = session.io_binding()
-        binding.bind_output(LOGITS)  # first: get_outputs() keeps the binding order, rebinding keeps the place
-        for name, buffer in buffers.items():
-            binding.bind_ortvalue_input(name, buffer)
-            binding.bind_ortvalue_output(present_for(name), buffer)
-
-        def shared_step(ids: np.ndarray) -> np.ndarray:
-            mask = np.ones((1, state.get("length", 0) + ids.shape[1]), dtype=np.int64)
-            for name, value in decoder_feeds(mask, ids, {}).items():
-                binding.bind_cpu_input(name, value)
-            binding.bind_output(LOGITS)  # a new logits tensor each step (its length changes)
-            session.run_with_iobinding(binding)
-            state["length"] = mask.shape[1]
-            return binding.get_outputs()[0].numpy()  # the logits (the presents are the bound buffers)
-
-        def shared_prefill(ids: np.ndarray) -> np.ndarray:
-            state.clear()  # the buffer's old columns are past the new mask's end: never read
-            return shared_step(ids)
-
-        return shared_prefill, lambda token: shared_step(np.array([[token]], dtype=np.int64))
-
-    def step(ids: np.ndarray, past) -> np.ndarray:
-        mask = np.ones((1, state.get("length", 0) + ids.shape[1]), dtype=np.int64)
-        logits, *state["past"] = session.run([LOGITS, *presents], decoder_feeds(mask, ids, past))
-        state["length"] = mask.shape[1]
-        return logits
+    def step(ids: np.ndarray) -> np.ndarray:
+        state["mask"] = np.ones((1, state["mask"].shape[1] + ids.shape[1]), dtype=np.int64)
+        return decoder.step(ids, state["mask"])
 
     def prefill(ids: np.ndarray) -> np.ndarray:
-        state.clear()
-        return step(ids, empty_past(session.get_inputs(), 1))
+        decoder.reset()
+        state["mask"] = np.ones((1, 0), dtype=np.int64)
+        return step(ids)
 
-    def decode(token: int) -> np.ndarray:
-        return step(np.array([[token]], dtype=np.int64), state["past"])
-
-    return prefill, decode
+    return prefill, lambda token: step(np.array([[token]], dtype=np.int64))
 
 
 def _llama(path: Path, threads: int, logits_all: bool):

@@ -5,7 +5,8 @@ The prompt is run once (prefill, empty past); every new token is then one decode
 the ``present.*`` tensors as ``past_key_values.*`` (and a hybrid model's ``present_{kind}.*`` recurrent states as
 ``past_{kind}.*``) -- the prompt is never recomputed. Prompts of
 different lengths are left-padded; ``attention_mask`` marks the padding and ``position_ids`` follow the
-mask, as transformers' ``generate`` does.
+mask, as transformers' ``generate`` does. ``CachedDecoder`` runs the steps: the cache stays in onnxruntime's memory,
+a shared buffer (``--kv-cache shared``) bound in place as onnxruntime-genai binds it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,69 @@ def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray,
              POSITION_IDS: positions[:, -input_ids.shape[1]:].astype(np.int64)}
     feeds.update(past.items() if isinstance(past, Mapping) else zip(past_names(len(past) // 2), past))
     return feeds
+
+
+class CachedDecoder:
+    """Steps one with-past session, keeping its cache in onnxruntime's memory between steps.
+
+    ``step(input_ids [batch, seq], attention_mask [batch, past + seq]) -> logits [batch, seq, vocab]`` (numpy);
+    ``reset()`` empties the cache (the next step is a prefill). A Concat cache (contract ``KV_CACHE_CONCAT``): each
+    step's presents are the next step's pasts, handed back as onnxruntime values (never copied through numpy). A
+    shared buffer (``KV_CACHE_SHARED``): one ``[batch, kv_heads, capacity, head_dim]`` buffer per KV tensor, bound as
+    both past and present of every step, as onnxruntime-genai does with ``past_present_share_buffer``, so a kernel
+    that writes in place (GroupQueryAttention) moves only the new tokens' keys and values; ``capacity`` must cover
+    the prompt and every new token. Recurrent states (hybrids) are fed back like a Concat cache in both."""
+
+    def __init__(self, session, batch: int, capacity: int = 0):
+        import onnxruntime as ort
+
+        self._ort, self._session, self._batch = ort, session, batch
+        self._past = [i.name for i in session.get_inputs() if is_cache_input(i.name)]
+        shared = metadata_of_map(session.get_modelmeta().custom_metadata_map).get("kv_cache") == KV_CACHE_SHARED
+        if shared and capacity < 1:
+            raise ValueError("a shared KV cache needs a capacity: the longest prompt plus the new tokens")
+        self.capacity = capacity if shared else 0
+        # Shared: bound in place. Everything else is carried from step to step as an onnxruntime value.
+        self._in_place = [n for n in self._past if shared and n.startswith("past_key_values.")]
+        self._carried = [n for n in self._past if n not in self._in_place]
+        self._binding = session.io_binding()
+        empty = empty_past(session.get_inputs(), batch, session.get_outputs(), self.capacity)
+        self._cache = {name: ort.OrtValue.ortvalue_from_numpy(empty[name]) for name in self._in_place}
+        for name in self._in_place:
+            self._binding.bind_ortvalue_input(name, self._cache[name])
+        self.reset()
+
+    @property
+    def cache(self) -> dict:
+        """The cache inputs of the next step by name (onnxruntime values; a shared buffer is the bound one)."""
+        return dict(self._cache)
+
+    def reset(self) -> None:
+        """Empty the cache (the next step is a prefill): the carried tensors back to ``empty_past``'s zeros; the
+        shared buffers stay, since the columns a new prompt does not overwrite lie past its mask: never read."""
+        empty = empty_past(self._session.get_inputs(), self._batch, self._session.get_outputs())
+        self._cache.update((name, self._ort.OrtValue.ortvalue_from_numpy(empty[name])) for name in self._carried)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        binding = self._binding
+        if self._in_place and attention_mask.shape[1] > self.capacity:
+            raise ValueError(f"the shared KV cache holds {self.capacity} tokens; this step needs "
+                             f"{attention_mask.shape[1]}")
+        for name, value in decoder_feeds(attention_mask, input_ids, {}).items():
+            binding.bind_cpu_input(name, value)
+        for name in self._carried:
+            binding.bind_ortvalue_input(name, self._cache[name])
+        # get_outputs() lists the outputs in binding order: bind them afresh, in a known order, every step
+        binding.clear_binding_outputs()
+        carried = [LOGITS] + [present_for(name) for name in self._carried]
+        for name in carried:  # new tensors each step (their lengths change)
+            binding.bind_output(name)
+        for name in self._in_place:
+            binding.bind_ortvalue_output(present_for(name), self._cache[name])
+        self._session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()[:len(carried)]
+        self._cache.update(zip(self._carried, presents))
+        return logits.numpy()
 
 
 def prefill_feeds(ids: np.ndarray, input_names: list[str]) -> dict[str, np.ndarray]:
@@ -148,10 +212,8 @@ def generate(
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise MoeportError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    past_inputs = [n for n in inputs if is_cache_input(n)]
-    if not past_inputs:
+    if not any(is_cache_input(n) for n in inputs):
         raise MoeportError(f"{model} has no KV-cache inputs; export it with --task text-generation-with-past")
-    present_outputs = [present_for(n) for n in past_inputs]
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
     input_ids = np.full((batch, longest), PAD_ID, dtype=np.int64)
@@ -160,8 +222,7 @@ def generate(
         input_ids[row, longest - len(prompt):] = prompt
         mask[row, longest - len(prompt):] = 1
     # A shared cache is one buffer per tensor, long enough for the prompt and every new token.
-    shared = metadata_of_map(props).get("kv_cache") == KV_CACHE_SHARED
-    past = empty_past(session.get_inputs(), batch, session.get_outputs(), longest + max_new_tokens if shared else 0)
+    decoder = CachedDecoder(session, batch, capacity=longest + max_new_tokens)
 
     new_tokens = np.zeros((batch, 0), dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
@@ -169,8 +230,7 @@ def generate(
     steps = []
     for _ in range(max_new_tokens):
         step_started = time.perf_counter()
-        # Presents by name, not position: routing outputs or a reordered graph must not become the cache.
-        logits, *past_next = session.run([LOGITS, *present_outputs], decoder_feeds(mask, input_ids, past))
+        logits = decoder.step(input_ids, mask)
         steps.append(time.perf_counter() - step_started)
         next_ids = logits[:, -1].argmax(-1)
         if eos_token_id is not None:
@@ -179,7 +239,6 @@ def generate(
         new_tokens = np.concatenate([new_tokens, next_ids[:, None]], axis=1)
         if finished.all():
             break
-        past = dict(zip(past_inputs, past_next))
         input_ids = next_ids[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     seconds = time.perf_counter() - started

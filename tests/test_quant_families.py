@@ -21,7 +21,7 @@ from moeport.contract import present_for, random_inputs, read_metadata  # noqa: 
 from moeport.exporter.export import export_checkpoint  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
 from moeport.quant.passes import REMOVE_UNUSED, FuseAttentionPass  # noqa: E402
-from moeport.runtime.generate import decoder_feeds, empty_past  # noqa: E402
+from moeport.runtime.generate import CachedDecoder, decoder_feeds, empty_past  # noqa: E402
 from moeport.runtime.moe_graph import expert_layers, find_routers, float_router_nodes  # noqa: E402
 from moeport.runtime.session import create_session  # noqa: E402
 
@@ -179,6 +179,43 @@ def _steps(seed: int = 0, batch: int = 2):
     return steps
 
 
+def _assert_close_on_tokens(logits_a, logits_b, atol: float):
+    """Each step's logits of two ``_decode`` runs of ``_steps`` agree within ``atol``, except at the padded row's
+    first two prompt positions (no tokens: no prediction to compare)."""
+    for a, b in zip(logits_a, logits_b, strict=True):
+        valid = np.ones(a.shape[:2], bool)
+        if a.shape[1] == 6:  # the prompt step
+            valid[1:, :2] = False
+        np.testing.assert_allclose(a[valid], b[valid], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("kv_cache", ["concat", "shared"])
+def test_cached_decoder_keeps_the_cache_in_onnxruntime(tmp_path, kv_cache):
+    """``CachedDecoder`` (what ``moeport generate`` steps with) gives the logits of feeding each step's presents
+    back through numpy; a shared buffer is written in place: after the steps its columns hold the keys of every
+    token so far and zeros beyond, and it is the same buffer object throughout; ``reset`` starts a new prompt."""
+    source = _with_past(tmp_path, "mixtral", kv_cache)
+    quantized = quantize(source.output, tmp_path / "q.onnx", mode="int4", latency_runs=0, perplexity=False)
+    capacity = 16 if kv_cache == "shared" else 0
+    for path in (source.output, quantized.output):  # standard ops, and GroupQueryAttention writing in place
+        for steps in (_steps(seed=7), _steps(seed=8, batch=1)):
+            decoder = CachedDecoder(create_session(path), steps[0][1].shape[0], capacity=capacity)
+            buffer = decoder.cache["past_key_values.0.key"]
+            logits = [decoder.step(ids, mask) for mask, ids in steps]
+            _assert_close_on_tokens(logits, _decode(path, steps, capacity), atol=1e-5)
+            key = decoder.cache["past_key_values.0.key"].numpy()
+            length = steps[-1][0].shape[1]
+            if kv_cache == "shared":
+                assert decoder.cache["past_key_values.0.key"] is buffer and key.shape[2] == capacity
+                assert (np.abs(key[0, :, :length]).max(axis=-1) > 0).all()  # row 0 is not padded
+                assert not key[:, :, length:].any()
+            else:
+                assert key.shape[2] == length
+            decoder.reset()
+            again = [decoder.step(ids, mask) for mask, ids in steps]
+            _assert_close_on_tokens(again, logits, atol=0)
+
+
 @pytest.mark.parametrize(("model_type", "kv_cache"), [("mixtral", "concat"), ("qwen3_moe", "concat"),
                                                      ("granitemoe", "concat"), ("mixtral", "shared")])
 def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cache):
@@ -201,12 +238,8 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
     one_token = [(np.ones((1, 1), np.int64), np.array([[5]])), (np.ones((1, 2), np.int64), np.array([[9]]))]
     for steps in (_steps(), _steps(batch=1), one_token):  # a one-token prompt: a mask of one column
         capacity = 16 if kv_cache == "shared" else 0
-        for fused, exported in zip(_decode(tmp_path / "fused.onnx", steps, capacity),
-                                   _decode(source.output, steps, capacity)):
-            valid = np.ones(fused.shape[:2], bool)
-            if fused.shape[1] == 6:  # the prompt step: a padded row's first two positions are no tokens
-                valid[1:, :2] = False
-            np.testing.assert_allclose(fused[valid], exported[valid], atol=1e-5, rtol=0)
+        _assert_close_on_tokens(_decode(tmp_path / "fused.onnx", steps, capacity),
+                                _decode(source.output, steps, capacity), atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_cache", ["concat", "shared"])
@@ -226,11 +259,8 @@ def test_export_with_fused_attention(tmp_path, kv_cache):
     assert ops.count("GroupQueryAttention") == layers and not {"Neg", "ScatterND"} & set(ops)
     capacity = 16 if kv_cache == "shared" else 0
     for steps in (_steps(seed=3), _steps(seed=4, batch=1)):
-        for a, b in zip(_decode(fused.output, steps, capacity), _decode(source.output, steps, capacity)):
-            valid = np.ones(a.shape[:2], bool)
-            if a.shape[1] == 6:  # the prompt step: a padded row's first two positions are no tokens
-                valid[1:, :2] = False
-            np.testing.assert_allclose(a[valid], b[valid], atol=1e-5, rtol=0)
+        _assert_close_on_tokens(_decode(fused.output, steps, capacity), _decode(source.output, steps, capacity),
+                                atol=1e-5)
     # int4 of the fused export: quantize leaves its attention as it is, and says so; the same numbers as int4 of the
     # standard-ops export, whose attention quantize fuses itself
     options = {"mode": "int4", "latency_runs": 0, "perplexity": False}
@@ -266,11 +296,8 @@ def test_quantize_turns_a_concat_cache_into_a_shared_buffer(tmp_path, model_type
             for result in (from_concat, turned, from_shared)] == [True, False, False]
     for steps in (_steps(seed=5), _steps(seed=6, batch=1)):
         for capacity, other in ((16, from_shared.output), (0, from_concat.output)):
-            for a, b in zip(_decode(turned.output, steps, capacity), _decode(other, steps, capacity)):
-                valid = np.ones(a.shape[:2], bool)
-                if a.shape[1] == 6:  # the prompt step: a padded row's first two positions are no tokens
-                    valid[1:, :2] = False
-                np.testing.assert_allclose(a[valid], b[valid], atol=1e-4, rtol=0)
+            _assert_close_on_tokens(_decode(turned.output, steps, capacity), _decode(other, steps, capacity),
+                                    atol=1e-4)
 
 
 def test_quantize_kv_cache_user_errors(tmp_path):
