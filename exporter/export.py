@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import onnx
 import torch
 
 import moeport
-from moeport._fs import check_output_file, staged_file, writing
+from moeport._fs import check_output_file, staged_file, work_directory, writing
 from moeport._scoped import logger_level
 from moeport.contract import KV_CACHE_CONCAT, METADATA_KEYS, METADATA_PREFIX, ModelInfo
 from moeport.errors import MoeportError
@@ -330,8 +329,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     if layout is None:
         return export_model(loaded, output, source_sha256=checkpoint_hash(checkpoint), release_model=True, **options)
     output = Path(output)
-    with writing(output), tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
-        result = export_model(loaded, Path(scratch) / layouts.MODEL_FILE, source_sha256=checkpoint_hash(checkpoint),
+    with work_directory(output) as scratch:
+        result = export_model(loaded, scratch / layouts.MODEL_FILE, source_sha256=checkpoint_hash(checkpoint),
                               uniform_kv=True, release_model=True, **{**options, "force": False})
         layouts.write_folder(layout, result.output, checkpoint, output, force=options.get("force", False))
     result.output, result.layout = output, layout

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -42,7 +41,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from moeport._fs import check_output_file, staged_file, writing
+from moeport._fs import check_output_file, staged_file, work_directory, writing
 from moeport.contract import (KV_CACHE_CONCAT, KV_CACHES, ModelInfo, Reference, is_cache_input, metadata_of_map,
                               metadata_props, optional_model_info)
 from moeport.errors import MoeportError
@@ -395,8 +394,7 @@ def _write(source: _Source, out: Path, settings: _Settings,
         finish = [fusion, REMOVE_UNUSED] + ([ShareCacheBufferPass(fusion)] if settings.share_cache else []) + finish
     expert_names = {name for nodes in source.experts.values() for name in (n.name for n in nodes)}
     down_names = {n.name for group, nodes in source.experts.items() if group.is_down_projection for n in nodes}
-    with staged_file(out) as staging, writing(out), \
-            tempfile.TemporaryDirectory(prefix=f".{out.name}.work.", dir=out.parent) as work:
+    with staged_file(out) as staging, writing(out), work_directory(out) as work:
         # writing(out): onnxruntime's tools write files too; a full disk is a user error about ``out``.
         prepared, quantized, staged = Path(work) / "prepared.onnx", Path(work) / "quantized.onnx", staging / out.name
         model = ir.load(source.path)  # external weights are read when written, one tensor at a time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,31 @@ def test_sigterm_during_quantize_removes_its_work_directory(capsys, monkeypatch,
     assert code == 143 and err.strip() == "error: terminated", err
     assert list(tmp_path.iterdir()) == []
     assert handler_after is signal.SIG_DFL
+
+
+def test_scratch_a_killed_run_left_beside_the_output_is_named_with_its_size(capsys, exported, tmp_path):
+    """A process killed outright (SIGKILL, the out-of-memory killer) cannot remove its hidden staging and work
+    directories; the next command writing that output says where they are and how large, and leaves them."""
+    model = exported("topk").output
+    work = tmp_path / ".q.onnx.work.ab3_x9zq"
+    (work / ".prepared.onnx.data.tug0h_sr").mkdir(parents=True)
+    (work / ".prepared.onnx.data.tug0h_sr" / "prepared.onnx.data").write_bytes(b"\0" * 3_000_000)
+    (tmp_path / ".q.onnx.kd83_1ab").mkdir()
+    (tmp_path / ".other.onnx.kd83_1ab").mkdir()  # another output's: not named
+    code, _, err = run_cli(capsys, "quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--mode", "int4",
+                           "--latency-runs", "0", "--json")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "hidden scratch" in line]
+    assert warning == [f"warning: 2 hidden scratch directories beside {tmp_path / 'q.onnx'} (3.0 MB: .q.onnx.kd83_1ab, "
+                       f".q.onnx.work.ab3_x9zq) left by a moeport run that was killed (out of memory?); delete them "
+                       f"unless another command is writing {tmp_path / 'q.onnx'} now"], err
+    assert work.is_dir() and (tmp_path / "q.onnx").is_file()
+    # once they are gone: no warning
+    for leftover in (work, tmp_path / ".q.onnx.kd83_1ab"):
+        shutil.rmtree(leftover)
+    code, _, err = run_cli(capsys, "quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--mode", "int4",
+                           "--latency-runs", "0", "--json", "--force")
+    assert code == 0 and "hidden scratch" not in err, err
 
 
 def _raise_wrapped_interrupt(*args, **kwargs):

@@ -19,17 +19,19 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from moeport.errors import MoeportError
+from moeport.errors import MoeportError, MoeportWarning
 
 
 def write_error(target: str | os.PathLike, exc: OSError) -> MoeportError:
@@ -51,8 +53,10 @@ def writing(target: str | os.PathLike):
 
 
 def check_output_file(path: str | os.PathLike, force: bool) -> Path:
-    """User errors for an output file we must not or cannot write; returns it as a Path."""
+    """User errors for an output file we must not or cannot write; returns it as a Path. Warns
+    (``MoeportWarning``) of scratch that a killed run left beside it (``warn_leftover_scratch``)."""
     path = Path(path)
+    warn_leftover_scratch(path)
     if path.is_dir():
         raise MoeportError(f"output {path} is a directory; give a file name inside it")
     if path.exists() and not force:
@@ -64,11 +68,43 @@ def check_output_file(path: str | os.PathLike, force: bool) -> Path:
     return path
 
 
+def leftover_scratch(target: Path) -> list[Path]:
+    """The staging and work directories beside ``target`` (``.NAME.XXXXXXXX``, ``.NAME.work.XXXXXXXX``: the names
+    ``_staging_beside`` and ``work_directory`` give) that are not this process's own -- each removed when its command
+    ends, unless the process was killed (SIGKILL, the out-of-memory killer) -- or another command's writing ``target``
+    right now."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(work\.)?[a-z0-9_]{{8}}")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return []  # a missing or unreadable directory: the output checks say so
+    return sorted(Path(e.path) for e in entries if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                  and Path(e.path) not in _live_scratch)
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def warn_leftover_scratch(target: Path) -> None:
+    """A ``MoeportWarning`` naming the hidden scratch directories beside ``target`` and their size: a quantize of a
+    large model that ran out of memory leaves one as large as the model, and every retry adds another."""
+    leftovers = leftover_scratch(target)
+    if leftovers:
+        size = sum(_tree_bytes(d) for d in leftovers)
+        size_text = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        warnings.warn(f"{len(leftovers)} hidden scratch director{'y' if len(leftovers) == 1 else 'ies'} beside "
+                      f"{target} ({size_text}: {', '.join(d.name for d in leftovers)}) left by a moeport run "
+                      f"that was killed (out of memory?); delete them unless another command is writing {target} "
+                      "now", MoeportWarning, stacklevel=3)
+
+
 def check_output_directory(path: str | os.PathLike, force: bool, is_ours, not_ours: str) -> Path:
     """User errors for an output directory: it may be absent or empty; with ``force`` it may also hold a previous
     output of ours (``is_ours(path)``), never an arbitrary directory (``not_ours`` says what it lacks, e.g.
-    "holds no bundle.json"). Returns it as a Path."""
+    "holds no bundle.json"). Returns it as a Path. Warns of scratch a killed run left beside it."""
     path = Path(path)
+    warn_leftover_scratch(path)
     if path.exists() and not path.is_dir():
         raise MoeportError(f"output {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
@@ -123,6 +159,10 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+# The scratch directories this process has beside its outputs now: not a killed run's (``leftover_scratch``).
+_live_scratch: set[Path] = set()
+
+
 def _staging_beside(target: Path) -> Path:
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,13 +174,28 @@ def _staged(target: Path, commit: Callable[[Path], None]):
     """Yield a staging directory beside ``target``; when the block succeeds (and no Ctrl-C was recorded),
     ``commit(staging)`` moves the result into place; the staging directory is removed in every case."""
     staging = _staging_beside(target)
+    _live_scratch.add(staging)
     try:
         yield staging
         raise_if_interrupted()
         with writing(target):
             commit(staging)
     finally:
+        _live_scratch.discard(staging)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def work_directory(target: str | os.PathLike):
+    """Yield a scratch directory beside the output ``target`` (``.NAME.work.XXXXXXXX``: on the output's file system,
+    where a model as large as the output fits) for the intermediate files of the work; removed in every case."""
+    target = Path(target)
+    with writing(target), tempfile.TemporaryDirectory(prefix=f".{target.name}.work.", dir=target.parent) as work:
+        _live_scratch.add(Path(work))
+        try:
+            yield Path(work)
+        finally:
+            _live_scratch.discard(Path(work))
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import click
 
@@ -19,7 +20,7 @@ from moeport import _fs, _lazy
 from moeport.cli_common import LazyChoice, echo_json
 from moeport.cli_quant import register as _register_quant
 from moeport.cli_runtime import register as _register_runtime
-from moeport.errors import MoeportError, UsageError
+from moeport.errors import MoeportError, MoeportWarning, UsageError
 
 _strategies = _lazy.LazyModule("moeport.exporter.strategies", "export")
 _tasks = _lazy.LazyModule("moeport.exporter.tasks", "export")
@@ -206,6 +207,19 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
     return False
 
 
+def _one_line_warnings(show):
+    """A ``warnings.showwarning`` printing moeport's own warnings as one ``warning:`` line; the others go to
+    ``show`` (Python's format, as before)."""
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, MoeportWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
+
+
 def _report_interrupt() -> int:
     """Print the one line of a stopped command; its exit code: 143 (128 + SIGTERM) after a SIGTERM, as shells and
     job schedulers expect of a terminated process, else 1 ("aborted": Ctrl-C)."""
@@ -230,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
             if signal.getsignal(signum) is default:
                 previous_handlers[signum] = signal.signal(signum, _fs.record_interrupt)
     try:
-        code = cli.main(args=args, prog_name="moeport", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            warnings.simplefilter("always", MoeportWarning)  # each command says it, even twice in one process
+            code = cli.main(args=args, prog_name="moeport", standalone_mode=False)
         if _fs.interrupted():
             raise KeyboardInterrupt
     except (click.exceptions.Abort, KeyboardInterrupt):

@@ -1,4 +1,4 @@
-"""The two kinds of error moeport raises on purpose.
+"""The two kinds of error moeport raises on purpose, and the warning it gives.
 
 A ``MoeportError`` is a *user* error: a bad path, a config we cannot read, a provider that is not
 installed, a shapes string that does not parse. The CLI prints its message as one line and exits with
@@ -18,3 +18,7 @@ class UsageError(MoeportError):
     """The command line itself is wrong (an option value that does not parse)."""
 
     exit_code = 2
+
+
+class MoeportWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as one ``warning:`` line)."""
