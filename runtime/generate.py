@@ -158,7 +158,7 @@ class GenerateResult:
     token_ids: list[list[int]]  # the new tokens of each prompt
     seconds: float  # decode loop wall time, prefill included
     text: list[str] | None = None
-    step_seconds: list[float] = field(default_factory=list)  # per session.run: the prefill, then each decode step
+    step_seconds: list[float] = field(default_factory=list)  # per step: the prefill, then each decode step
 
     @property
     def tokens_per_s(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -76,7 +77,33 @@ def test_generate_cli_json(with_past, capsys):
     assert exit_info.value.code in (0, None)
     result = json.loads(capsys.readouterr().out)
     assert result["token_ids"] == transformers_generate(model, [PROMPT], 8)[0]
-    assert result["tokens_per_s"] > 0
+    assert result["tokens_per_s"] > 0 and result["prefill_ms"] > 0 and result["decode_tokens_per_s"] > 0
+
+
+def test_generate_cli_threads_and_speed_line(with_past, capsys, monkeypatch):
+    """``--threads`` reaches the session (the tokens do not change); the speed line on stderr gives the prefill and
+    the decode steps apart."""
+    from moeport.runtime import generate as generate_module
+
+    _, model_path, model = with_past("mixtral")
+    create_session, threads = generate_module.create_session, []
+
+    def spy(*args, **options):
+        threads.append(options.get("threads"))
+        return create_session(*args, **options)
+
+    monkeypatch.setattr(generate_module, "create_session", spy)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(model_path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "8",
+              "--threads", "1"])
+    assert exit_info.value.code in (0, None)
+    out, err = capsys.readouterr()
+    assert out.strip() == ",".join(map(str, transformers_generate(model, [PROMPT], 8)[0])) and threads == [1]
+    assert re.fullmatch(r"8 tokens, [0-9.]+ tokens/s \(prefill [0-9]+ ms, decode [0-9.]+ tokens/s\)", err.strip()), err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(model_path), "--prompt-ids", "1,2", "--threads", "0"])
+    assert exit_info.value.code == 2
+    assert "--threads" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -145,13 +145,16 @@ def verify_cmd(model, checkpoint, shapes, ep, fallback, atol, rtol, min_routing_
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--ep", default="cpu", show_default=True, help="Execution provider short name.")
 @click.option("--fallback", default=None, help="Provider to use when --ep is not available (e.g. cpu).")
-@click.option("--json", "as_json", is_flag=True, help="Print {token_ids, tokens_per_s} as JSON.")
-def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fallback, as_json):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default: onnxruntime's, all cores).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {token_ids, tokens_per_s, prefill_ms, decode_tokens_per_s} as JSON.")
+def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fallback, threads, as_json):
     """Greedy-decode with a text-generation-with-past model (an ONNX file or a model folder) on onnxruntime,
     using its KV cache."""
     if (prompt_ids is None) == (prompt is None):
         raise UsageError("give exactly one of --prompt-ids and --prompt")
-    options = {"max_new_tokens": max_new_tokens, "ep": ep, "fallback": fallback}
+    options = {"max_new_tokens": max_new_tokens, "ep": ep, "fallback": fallback, "threads": threads}
     if prompt is not None:
         result = _generate.generate_text(model, prompt, checkpoint, **options)
     else:
@@ -160,7 +163,10 @@ def generate_cmd(model, prompt_ids, prompt, checkpoint, max_new_tokens, ep, fall
         echo_json(result.to_dict())
         return
     click.echo(result.text[0] if result.text else ",".join(map(str, result.token_ids[0])))
-    click.echo(f"{len(result.token_ids[0])} tokens, {result.tokens_per_s:.1f} tokens/s", err=True)
+    speed = f"{len(result.token_ids[0])} tokens, {result.tokens_per_s:.1f} tokens/s"
+    if result.decode_tokens_per_s is not None:  # more than one step: the prompt's and the new tokens' apart
+        speed += f" (prefill {result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s)"
+    click.echo(speed, err=True)
 
 
 @cli.command("demo")
