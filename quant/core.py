@@ -558,8 +558,8 @@ def quantize(
     if settings.fused_attention and not settings.share_cache and _copies_its_cache(source, quantized):
         report.notes.append("its KV cache is a Concat cache, which the fused attention copies whole at every step; "
                             "--kv-cache shared records it as one buffer written in place (int4 at granite-3.0-1b-a400m "
-                            "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md; a model "
-                            "folder: export it with --kv-cache shared)")
+                            "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md), and the file "
+                            "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
     if settings.mode.step.calibrated and target in CPU_TARGETS:
         report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode: onnxruntime's CPU "
                             "provider runs QDQ int8 as many small kernels and dequantizes 16-bit-input weights at "
