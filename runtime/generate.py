@@ -111,7 +111,9 @@ class CachedDecoder:
         if self._in_place and attention_mask.shape[1] > self.capacity:
             raise ValueError(f"the shared KV cache holds {self.capacity} tokens; this step needs "
                              f"{attention_mask.shape[1]}")
-        for name, value in decoder_feeds(attention_mask, input_ids, {}).items():
+        # kept until the run is over, in case onnxruntime binds the arrays' memory rather than a copy
+        self._feeds = decoder_feeds(attention_mask, input_ids, {})
+        for name, value in self._feeds.items():
             binding.bind_cpu_input(name, value)
         for name in self._carried:
             binding.bind_ortvalue_input(name, self._cache[name])
