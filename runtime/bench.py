@@ -1,6 +1,10 @@
 """``moeport bench``: latency of a model on onnxruntime, optionally against PyTorch eager.
 
-Each shape ``BATCHxSEQ`` feeds seeded ``input_ids [batch, seq] int64``. With a reference (the exporter's
+Each shape ``BATCHxSEQ`` feeds seeded ``input_ids [batch, seq] int64``. A with-past model (``--task
+text-generation-with-past``) is timed as it is used: each run is a prefill of ``seq`` tokens, then ``decode_steps``
+decode steps of one token per row, stepped as ``moeport generate`` steps (``runtime.generate.CachedDecoder``: the cache
+in onnxruntime's memory, a shared buffer bound in place); the shape's latency is the prefill's, and the decode
+steps get their own percentiles and tokens/s. With a reference (the exporter's
 ``CheckpointReference``; this module never imports torch), the PyTorch model runs on the same inputs in the same process with the same thread count; ORT and PyTorch take
 turns (``alternate``) so that machine noise (other jobs, frequency changes) hits both alike, and the
 comparison uses medians. Peak memory is the largest resident set size (psutil) seen after any run of a shape, so it
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +26,8 @@ import psutil
 from tqdm import tqdm
 
 from moeport._fs import check_output_file, staged_file, writing
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, Reference, metadata_of_map, optional_model_info,
-                              vocab_size)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, Reference, is_cache_input, metadata_of_map,
+                              optional_model_info, vocab_size)
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import session_specs
 from moeport.runtime.placement import resolve_with_warnings
@@ -30,9 +35,11 @@ from moeport.runtime.run import example_feeds
 from moeport.runtime.session import create_session
 from moeport.runtime.timing import alternate
 from moeport.runtime.efficiency import expert_efficiency as measure_expert_efficiency
+from moeport.runtime.generate import CachedDecoder
 from moeport.runtime.verify import check_reference, parse_shapes
 
 DEFAULT_SHAPES = "1x1,1x128,4x128"
+DEFAULT_DECODE_STEPS = 32
 
 
 def _ms_stats(seconds: list[float]) -> dict[str, float]:
@@ -49,6 +56,7 @@ class ShapeBench:
     peak_rss_mb: float
     runs: int
     expert_efficiency: dict | None = None  # runtime.efficiency.ExpertEfficiency.to_dict()
+    decode: dict[str, float] | None = None  # a with-past model's decode steps: latency stats in ms, as ``ort``
 
     @property
     def tokens(self) -> int:
@@ -71,6 +79,9 @@ class ShapeBench:
             "speedup": self.speedup, "peak_rss_mb": self.peak_rss_mb,
             "expert_matmul_fraction": None if self.expert_efficiency is None else self.expert_efficiency["fraction"],
             "expert_efficiency": self.expert_efficiency,
+            "decode_step_ms": None if self.decode is None else self.decode["p50"],
+            "decode_step_p90_ms": None if self.decode is None else self.decode["p90"],
+            "decode_tokens_per_s": None if self.decode is None else self.shape[0] / (self.decode["p50"] / 1e3),
         }
 
 
@@ -84,17 +95,30 @@ class BenchReport:
     results: list[ShapeBench]
     warnings: list[str] = field(default_factory=list)
     plot: Path | None = None
+    decode_steps: int = 0  # a with-past model's decode steps per run (0: a logits model)
 
     def to_dict(self) -> dict:
         return {"model": str(self.model), "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
                 "ep": self.ep, "threads": self.threads, "warmup": self.warmup, "warnings": self.warnings,
-                "plot": None if self.plot is None else str(self.plot),
+                "plot": None if self.plot is None else str(self.plot), "decode_steps": self.decode_steps,
                 "results": [r.to_dict() for r in self.results]}
 
     def render(self) -> str:
         lines = [f"warning: {w}" for w in self.warnings]
         lines.append(f"bench {self.model} on {self.ep}, {self.threads} threads, {self.warmup} warmup runs"
                      + (f", against PyTorch eager ({self.checkpoint})" if self.checkpoint else ""))
+        if self.decode_steps:
+            lines.append(f"  with past: each run is a prefill of the shape, then {self.decode_steps} decode steps of one "
+                         "token per row")
+            lines.append(f"  {'shape':<9} {'prefill p50':>11} {'p90':>9} {'tok/s':>10} {'step p50':>9} {'p90':>9} "
+                         f"{'decode tok/s':>12} {'peak RSS':>9}")
+            for r in self.results:
+                d = r.to_dict()
+                lines.append(f"  {d['shape']:<9} {d['ort_ms']:11.3f} {d['ort_p90_ms']:9.3f} {d['ort_tokens_per_s']:10.0f} "
+                             f"{d['decode_step_ms']:9.3f} {d['decode_step_p90_ms']:9.3f} "
+                             f"{d['decode_tokens_per_s']:12.1f} {r.peak_rss_mb:7.0f}MB")
+            lines.append("latencies in ms; decode tok/s = batch / median step")
+            return "\n".join(lines)
         lines.append(f"  {'shape':<9} {'ort p50':>9} {'p90':>9} {'p99':>9} {'tok/s':>10} {'torch p50':>10} "
                      f"{'speedup':>8} {'peak RSS':>9}")
         for r in self.results:
@@ -128,9 +152,11 @@ def bench(
     progress: bool = False,
     seed: int = 0,
     expert_efficiency: bool = False,
+    decode_steps: int = DEFAULT_DECODE_STEPS,
 ) -> BenchReport:
     """Time ``model`` (and ``reference``, e.g. a checkpoint in PyTorch eager) at each shape; see the module
-    docstring. ``threads`` defaults to the machine's CPU count, for both backends."""
+    docstring. ``threads`` defaults to the machine's CPU count, for both backends. ``decode_steps``: the decode
+    steps after each prefill of a with-past model."""
     if isinstance(shapes, str):
         shapes = parse_shapes(shapes)
     if runs < 1 or warmup < 0:
@@ -148,9 +174,18 @@ def bench(
     input_specs, _ = session_specs(session)
     metadata = session.get_modelmeta().custom_metadata_map
     names = [s.name for s in input_specs]
-    if names not in (["input_ids"], ["input_ids", "attention_mask"]):
-        raise MoeportError(f"{model} takes inputs {names}; bench feeds input_ids (and attention_mask) only: "
-                           "export with --task logits")
+    with_past = any(is_cache_input(name) for name in names)
+    if with_past:
+        if reference is not None:
+            raise UsageError("--checkpoint compares a logits export with PyTorch; a with-past model's prefill and "
+                             "decode are timed on onnxruntime alone")
+        if expert_efficiency:
+            raise UsageError("--expert-efficiency profiles a logits export (--task logits)")
+        if decode_steps < 1:
+            raise UsageError(f"--decode-steps must be at least 1 (got {decode_steps})")
+    elif names not in (["input_ids"], ["input_ids", "attention_mask"]):
+        raise MoeportError(f"{model} takes inputs {names}; bench feeds input_ids (and attention_mask), or a KV cache "
+                           "too: export with --task logits or text-generation-with-past")
     if reference is not None:
         info = optional_model_info(metadata_of_map(metadata), model)
         if info is not None:
@@ -160,6 +195,13 @@ def bench(
     total = len(shapes) * (1 if reference is None else 2) * runs  # timed runs; settling runs are extra
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar:
         for i, (batch, seq) in enumerate(shapes):
+            if with_past:
+                rng = np.random.default_rng(seed + i)
+                ids = rng.integers(0, vocab_size(metadata, model) or 2, size=(batch, seq + decode_steps))
+                prefill_s, step_s, peak_rss = _time_decoding(session, ids, seq, runs, warmup, process, bar)
+                results.append(ShapeBench((batch, seq), _ms_stats(prefill_s), None, peak_rss / 2**20, runs,
+                                          decode=_ms_stats(step_s)))
+                continue
             feeds = example_feeds(input_specs, vocab_size(metadata, model), batch, seq, seed=seed + i)
             if ATTENTION_MASK in feeds:
                 feeds[ATTENTION_MASK] = np.ones_like(feeds[INPUT_IDS])  # no padding
@@ -184,11 +226,36 @@ def bench(
             results.append(ShapeBench((batch, seq), _ms_stats(ort_times),
                                       _ms_stats(torch_times) if torch_times else None, peak / 2**20, runs, efficiency))
     report = BenchReport(model, None if reference is None else reference.source, provider.name, threads, warmup,
-                         results, notes)
+                         results, notes, decode_steps=decode_steps if with_past else 0)
     if plot is not None:
         write_plot(report, plot)
         report.plot = plot
     return report
+
+
+def _time_decoding(session, ids: np.ndarray, prompt: int, runs: int, warmup: int, process, bar):
+    """Seconds of each timed prefill of ``ids[:, :prompt]`` and of each decode step after it (teacher-forced:
+    the next columns of ``ids``, so every run steps through the same tokens and experts), and the peak resident
+    memory; ``warmup`` untimed runs first."""
+    batch, steps = ids.shape[0], ids.shape[1] - prompt
+    decoder = CachedDecoder(session, batch, capacity=ids.shape[1])
+    prefill_s, step_s, peak = [], [], 0
+    for run in range(warmup + runs):
+        decoder.reset()
+        started = time.perf_counter()
+        decoder.step(ids[:, :prompt], np.ones((batch, prompt), dtype=np.int64))
+        prefill = time.perf_counter() - started
+        steps_s = []
+        for k in range(prompt, prompt + steps):
+            started = time.perf_counter()
+            decoder.step(ids[:, k:k + 1], np.ones((batch, k + 1), dtype=np.int64))
+            steps_s.append(time.perf_counter() - started)
+        peak = max(peak, process.memory_info().rss)
+        if run >= warmup:
+            prefill_s.append(prefill)
+            step_s += steps_s
+            bar.update(1)
+    return prefill_s, step_s, peak
 
 
 def _pyplot():

@@ -154,3 +154,28 @@ def test_prefill_and_decode_match_logits_of_full_forward(with_past):
         full = model(torch.from_numpy(ids[:, :5])).logits.numpy()
     np.testing.assert_allclose(step["logits"][0, 0], full[0, 4], atol=1e-4, rtol=0)
     np.testing.assert_allclose(prefill["logits"][0], full[0, :4], atol=1e-4, rtol=0)
+
+
+def test_bench_times_prefill_and_decode_of_a_with_past_model(with_past, capsys):
+    """``moeport bench`` on a with-past model: each run a prefill of the shape, then ``--decode-steps`` steps of one
+    token per row through the cache; the decode steps have their own median and tokens/s (batch / median step)."""
+    checkpoint, model_path, _ = with_past("mixtral")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(model_path), "--shapes", "1x4,2x3", "--runs", "2", "--warmup", "1", "--decode-steps", "5",
+              "--no-progress", "--json"])
+    assert exit_info.value.code in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    assert report["decode_steps"] == 5
+    assert [r["shape"] for r in report["results"]] == ["1x4", "2x3"]
+    for row, batch in zip(report["results"], (1, 2)):
+        assert row["ort_ms"] > 0 and row["decode_step_ms"] > 0 and row["torch_ms"] is None
+        assert row["decode_tokens_per_s"] == pytest.approx(batch / (row["decode_step_ms"] / 1e3))
+    with pytest.raises(SystemExit):
+        main(["bench", str(model_path), "--shapes", "1x4", "--runs", "1", "--warmup", "0", "--no-progress"])
+    assert "decode tok/s" in capsys.readouterr().out
+    for extra, message in ((["--checkpoint", str(checkpoint)], "a with-past model's prefill and decode are timed on "
+                                                               "onnxruntime alone"),
+                           (["--expert-efficiency"], "--expert-efficiency profiles a logits export")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", str(model_path), "--no-progress", *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

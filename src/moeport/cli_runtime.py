@@ -49,14 +49,17 @@ def run_cmd(model, inputs, output, force, ep, fallback, threads, as_json):
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--expert-efficiency", is_flag=True,
               help="Also profile the expert MatMuls: their FLOP rate as a fraction of a plain MatMul's.")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=32, show_default=True,
+              help="A with-past model: decode steps timed after each prefill.")
 @JSON
 def bench_cmd(model, checkpoint, shapes, ep, fallback, threads, warmup, runs, plot, no_progress, expert_efficiency,
-              as_json):
-    """Latency percentiles, tokens/s and peak memory of MODEL; with --checkpoint, against PyTorch."""
+              decode_steps, as_json):
+    """Latency percentiles, tokens/s and peak memory of MODEL; with --checkpoint, against PyTorch. A with-past
+    model: its prefill at each shape, then decode steps (tokens/s)."""
     reference = None if checkpoint is None else _lazy.reference.CheckpointReference.load(checkpoint)
     report = _bench.bench(model, reference=reference, shapes=shapes, ep=ep, fallback=fallback, threads=threads,
                           warmup=warmup, runs=runs, plot=plot, progress=not no_progress,
-                          expert_efficiency=expert_efficiency)
+                          expert_efficiency=expert_efficiency, decode_steps=decode_steps)
     emit(report, as_json)
 
 
