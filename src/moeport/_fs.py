@@ -7,6 +7,10 @@ exception removes the staging directory, so a failed or interrupted write leaves
 half-written target; an ``OSError`` (disk full, permission denied, read-only file system) becomes a one-line
 ``MoeportError`` naming the target (``writing(target)`` does that conversion on its own).
 
+``work_directory(target)``: hidden scratch beside an output for the files of the work, removed in every case. A
+process killed outright (SIGKILL, out of memory) cannot remove its staging or work directory; the next command
+writing that output warns of them (``warn_leftover_scratch``). SIGTERM is handled like Ctrl-C (cli.main).
+
 ``load_model_proto(path)`` parses an ONNX file *without* its external data and then checks every
 external-data location: an ONNX file is user input, and a location such as ``../../etc/passwd`` or an
 absolute path would make onnx/onnxruntime read any file on the machine into a tensor. Only files inside
@@ -83,7 +87,14 @@ def leftover_scratch(target: Path) -> list[Path]:
 
 
 def _tree_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+    total = 0
+    try:
+        for path in directory.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+    except OSError:
+        pass  # removed while being read: another command's scratch, its work just over
+    return total
 
 
 def warn_leftover_scratch(target: Path) -> None:
