@@ -414,6 +414,7 @@ def main(argv=None) -> int:
                     "decode_tokens_per_s": statistics.median(t["decode_tokens_per_s"] for t in timings[name]),
                     "size_bytes": sizes[name], **quality[name]} for name, _ in systems}
     results["table"] = table
+    results["rounds"] = timings  # every round's figures, for the spread behind the medians
     results["memory"] = {"fp32_checkpoint_bytes": fp32_bytes,
                          **{key: round(value["peak_rss"] / fp32_bytes, 2) for key, value in results.items()
                             if isinstance(value, dict) and "peak_rss" in value and key.startswith(("export", "quantize:"))}}

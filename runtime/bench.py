@@ -270,7 +270,8 @@ def _pyplot():
 
 
 def write_plot(report: BenchReport, path: Path) -> None:
-    """A bar chart of median latency per shape (ORT, and PyTorch when measured), written atomically."""
+    """A bar chart of median latency per shape (ORT, and PyTorch when measured; a with-past model's prefill),
+    written atomically."""
     plt = _pyplot()
     labels = [f"{r.shape[0]}x{r.shape[1]}" for r in report.results]
     x = np.arange(len(labels))
@@ -284,7 +285,7 @@ def write_plot(report: BenchReport, path: Path) -> None:
             ax.bar(x + width / 2, [r.torch["p50"] for r in report.results], width, label="PyTorch eager")
         ax.set_xticks(x, labels)
         ax.set_xlabel("batch x sequence")
-        ax.set_ylabel("median latency (ms)")
+        ax.set_ylabel("median prefill latency (ms)" if report.decode_steps else "median latency (ms)")
         ax.set_title(f"{report.model.name}, {report.threads} threads")
         ax.legend()
         fig.tight_layout()
