@@ -20,6 +20,7 @@ import numpy as np
 from moeport._fs import check_output_file, load_npz
 from moeport.contract import vocab_size
 from moeport.runtime._io import TensorSpec, check_inputs, save_npz, session_specs
+from moeport.runtime.layouts import model_and_tokenizer
 from moeport.runtime.placement import Placement, profiled_session, resolve_with_warnings, run_profiled
 
 
@@ -93,7 +94,7 @@ def run_model(
 
     The session is profiled so that the result also says which provider ran each node.
     """
-    model = Path(model)
+    model = model_and_tokenizer(model)[0]  # a model folder: its model file
     output = None if output is None else Path(output)
     if output is not None:
         check_output_file(output, force)  # before the run: do not compute what cannot be written

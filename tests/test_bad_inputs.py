@@ -560,6 +560,8 @@ CASES = [
       lambda d, a, mp: ["bench", str(truncated(model(d, a)))], 1, "is not a readable ONNX model"),
     C("bench-bad-shapes", "bench", "--shapes 1xq",
       lambda d, a, mp: ["bench", str(model(d, a)), "--shapes", "1xq"], 2, "cannot parse shape '1xq'"),
+    C("bench-not-a-model-folder", "bench", "a directory that is no model folder",
+      lambda d, a, mp: ["bench", str(write(d / "dir" / "notes.txt", "x").parent)], 1, "is not a model folder"),
     C("bench-unknown-provider", "bench", "unknown --ep",
       lambda d, a, mp: ["bench", str(model(d, a)), "--ep", "nope"], 1, "unknown execution provider 'nope'"),
     C("bench-wrong-checkpoint", "bench", "--checkpoint is not the one the model came from",

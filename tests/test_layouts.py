@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -256,6 +257,48 @@ def test_genai_runs_an_export_with_fused_attention(deployed, tmp_path):
     for prompts in ([PROMPTS[0]], PROMPTS):
         _, expected = transformers_greedy(source, prompts)
         assert genai_greedy(folder, prompts)[1] == expected, len(prompts)
+
+
+def test_run_bench_and_inspect_take_a_model_folder(deployed, capsys, tmp_path):
+    """A model folder stands for its model file in run, bench and inspect, as in generate and quantize."""
+    folder = deployed("mixtral").folder
+    model = folder / "model.onnx"
+    for args in (["inspect", "--no-placement"], ["bench", "--shapes", "1x3", "--runs", "1", "--warmup", "0",
+                                                 "--decode-steps", "2", "--no-progress"]):
+        reports = []
+        for path in (folder, model):
+            with pytest.raises(SystemExit) as exit_info:
+                main([args[0], str(path), *args[1:], "--json"])
+            assert exit_info.value.code in (0, None)
+            reports.append(json.loads(capsys.readouterr().out))
+        assert reports[0]["model"] == reports[1]["model"] == str(model), args[0]
+        if args[0] == "inspect":
+            assert reports[0] == reports[1]
+    # a step after one cached token (run refuses empty dims): zeros as that token's keys and values
+    ids = {"input_ids": [[5, 6, 7]], "attention_mask": [[1, 1, 1, 1]], "position_ids": [[1, 2, 3]]}
+    np.savez(tmp_path / "inputs.npz", **{name: np.array(value, dtype=np.int64) for name, value in ids.items()},
+             **{name: np.zeros(shape, np.float32) for name, shape in _past_shapes(model, 1).items()})
+    outputs = []
+    for path in (folder, model):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", str(path), "--inputs", str(tmp_path / "inputs.npz"), "-o", str(tmp_path / "out.npz"),
+                  "--force", "--json"])
+        assert exit_info.value.code in (0, None)
+        capsys.readouterr()
+        outputs.append(dict(np.load(tmp_path / "out.npz")))
+    np.testing.assert_array_equal(outputs[0]["logits"], outputs[1]["logits"])
+
+
+def _past_shapes(model: Path, length: int) -> dict[str, list[int]]:
+    """A with-past file's KV cache of ``length`` tokens, by input name: [1, kv_heads, length, head_dim] (the
+    heads and head size read from the presents, which fix them)."""
+    graph = onnx.load(model, load_external_data=False).graph
+    presents = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    shapes = {}
+    for past in (i.name for i in graph.input if i.name.startswith("past_key_values.")):
+        present = presents["present." + past[len("past_key_values."):]]
+        shapes[past] = [1, present[1], length, present[3]]
+    return shapes
 
 
 def test_genai_shared_kv_cache_matches_transformers(deployed, capsys, tmp_path):

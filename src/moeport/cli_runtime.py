@@ -20,7 +20,7 @@ _io = _lazy.LazyModule("moeport.runtime._io", "package")
 
 
 @click.command("run")
-@click.argument("model", type=click.Path())
+@click.argument("model", metavar="MODEL_OR_DIR", type=click.Path())
 @click.option("--inputs", required=True, type=click.Path(), help=".npz file with one array per model input.")
 @click.option("-o", "--output", type=click.Path(), default=None, help=".npz file to write the outputs to.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -35,7 +35,7 @@ def run_cmd(model, inputs, output, force, ep, fallback, threads, as_json):
 
 
 @click.command("bench")
-@click.argument("model", type=click.Path())
+@click.argument("model", metavar="MODEL_OR_DIR", type=click.Path())
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="Also time this checkpoint in PyTorch eager (needs PyTorch).")
 @click.option("--shapes", default="1x1,1x128,4x128", show_default=True, help="BATCHxSEQ list to time.")
@@ -64,7 +64,7 @@ def bench_cmd(model, checkpoint, shapes, ep, fallback, threads, warmup, runs, pl
 
 
 @click.command("inspect")
-@click.argument("model", type=click.Path())
+@click.argument("model", metavar="MODEL_OR_DIR", type=click.Path())
 @EP
 @FALLBACK
 @click.option("--no-placement", is_flag=True, help="Skip the profiled run that measures node placement.")
