@@ -129,5 +129,6 @@ def inspect_model(model: str | os.PathLike, *, ep: str = "cpu", fallback: str | 
                            path.stat().st_size, inputs, outputs, coverage)
     if placement:
         report.warnings = notes
-        report.placement = measure_placement(path, example_feeds(inputs, vocab), provider)
+        feeds = example_feeds(inputs, vocab, outputs=outputs, kv_cache=metadata.get("kv_cache"))
+        report.placement = measure_placement(path, feeds, provider)
     return report

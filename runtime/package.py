@@ -37,6 +37,7 @@ from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import TensorSpec, session_specs
 from moeport.runtime.inspect import value_spec
+from moeport.runtime.layouts import model_and_tokenizer
 from moeport.runtime.placement import EpCoverage, mobile_coverage
 from moeport.runtime.run import example_feeds
 from moeport.runtime.session import create_session
@@ -145,7 +146,8 @@ def _compare_ort(onnx_file: Path, ort_file: Path, metadata: dict[str, str]) -> d
     reference = create_session(onnx_file, "cpu")
     packaged = create_session(ort_file, "cpu")
     inputs, outputs = session_specs(packaged)
-    feeds = example_feeds(inputs, vocab_size(metadata, onnx_file))
+    feeds = example_feeds(inputs, vocab_size(metadata, onnx_file), outputs=outputs,
+                          kv_cache=metadata_of_map(metadata).get("kv_cache"))
     expected = reference.run(None, feeds)
     actual = packaged.run(None, feeds)
     diffs = {spec.name: float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)), initial=0.0))
@@ -174,7 +176,7 @@ def package_model(
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     spec = TARGETS[target]
-    model, output = Path(model), Path(output)
+    model, output = model_and_tokenizer(model)[0], Path(output)  # a model folder: its model file
     shapes = dict(shapes or {})
     _prepare_destination(output, force)
     proto = load_model_proto(model)  # also refuses external data outside the model's directory

@@ -260,8 +260,13 @@ def test_genai_runs_an_export_with_fused_attention(deployed, tmp_path):
 
 
 def test_run_bench_and_inspect_take_a_model_folder(deployed, capsys, tmp_path):
-    """A model folder stands for its model file in run, bench and inspect, as in generate and quantize."""
+    """A model folder stands for its model file in run, bench, inspect and verify, as in generate and quantize."""
     folder = deployed("mixtral").folder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(folder), "--checkpoint", str(deployed("mixtral").checkpoint), "--shapes", "1x3",
+              "--json"])
+    assert exit_info.value.code in (0, None)
+    assert json.loads(capsys.readouterr().out)["passed"] is True
     model = folder / "model.onnx"
     for args in (["inspect", "--no-placement"], ["bench", "--shapes", "1x3", "--runs", "1", "--warmup", "0",
                                                  "--decode-steps", "2", "--no-progress"]):
@@ -287,6 +292,25 @@ def test_run_bench_and_inspect_take_a_model_folder(deployed, capsys, tmp_path):
         capsys.readouterr()
         outputs.append(dict(np.load(tmp_path / "out.npz")))
     np.testing.assert_array_equal(outputs[0]["logits"], outputs[1]["logits"])
+
+
+@pytest.mark.parametrize("kv_cache", ["concat", "shared"])
+def test_inspect_and_package_run_a_with_past_model(deployed, capsys, tmp_path, kv_cache):
+    """inspect's placement run and package's .ort-against-.onnx check feed a with-past model a prompt and its empty
+    cache (a shared buffer as long as the prompt); random values in every input crashed both with onnxruntime's
+    Concat error and a traceback."""
+    folder = deployed("mixtral", kv_cache).folder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(folder), "--json"])
+    assert exit_info.value.code in (0, None)
+    placement = json.loads(capsys.readouterr().out)["placement"]
+    assert placement["nodes"] > 0 and placement["providers"] == {"CPUExecutionProvider": placement["nodes"]}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["package", str(folder), "--target", "arm64-linux", "-o", str(tmp_path / "bundle"), "--json"])
+    assert exit_info.value.code in (0, None)
+    check = json.loads(capsys.readouterr().out)["check"]
+    assert check["max_abs_diff"] == 0.0 and check["inputs"]["past_key_values.0.key"][2] == (8 if kv_cache == "shared"
+                                                                                            else 0), check
 
 
 def _past_shapes(model: Path, length: int) -> dict[str, list[int]]:
