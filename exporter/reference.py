@@ -77,5 +77,6 @@ class CheckpointReference:
 
 def verify_checkpoint(model: str | os.PathLike, checkpoint: str | os.PathLike, **options) -> VerifyReport:
     """``verify(model, CheckpointReference.load(checkpoint), **options)``: what ``moeport verify`` runs."""
-    model_info(model_and_tokenizer(model)[0])  # a bad model file is reported before the (slower) checkpoint load
+    model = model_and_tokenizer(model)[0]  # a model folder: its model file
+    model_info(model)  # a bad model file is reported before the (slower) checkpoint load
     return verify(model, CheckpointReference.load(checkpoint), **options)

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from moeport._fs import check_output_file, load_npz
-from moeport.contract import KV_CACHE_SHARED, is_cache_input, vocab_size
+from moeport.contract import INPUT_IDS, KV_CACHE_SHARED, is_cache_input, vocab_size
 from moeport.runtime._io import TensorSpec, check_inputs, save_npz, session_specs
-from moeport.runtime.generate import decoder_feeds, empty_past
 from moeport.runtime.layouts import model_and_tokenizer
 from moeport.runtime.placement import Placement, profiled_session, resolve_with_warnings, run_profiled
+from moeport.runtime.verify import model_feeds
 
 
 @dataclass
@@ -121,15 +121,13 @@ def example_feeds(specs: list[TensorSpec], vocab: int | None, batch: int = 1, se
     """Seeded inputs for ``specs``: integer inputs in ``[0, vocab)`` (``[0, 2)`` when the vocabulary is not
     known), float inputs standard normal; dynamic dims set to batch, seq, then 1. A with-past graph (cache
     inputs, ``contract.is_cache_input``) gets a prompt instead: ``seq`` seeded ids per row, its mask and positions,
-    and the empty cache (``generate.empty_past``, sized from ``outputs``, the graph's; a shared buffer
+    and the empty cache (``verify.model_feeds``, sized from ``outputs``, the graph's; a shared buffer
     (``kv_cache``, contract ``KV_CACHE_SHARED``) of ``seq`` columns)."""
     rng = np.random.default_rng(seed)
     vocab = vocab or 2
     if any(is_cache_input(spec.name) for spec in specs):
         ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
-        past = empty_past(specs, batch, outputs, seq if kv_cache == KV_CACHE_SHARED else 0)
-        names = {spec.name for spec in specs}
-        return {name: value for name, value in decoder_feeds(np.ones_like(ids), ids, past).items() if name in names}
+        return model_feeds({INPUT_IDS: ids}, specs, outputs, seq if kv_cache == KV_CACHE_SHARED else 0)
     feeds = {}
     for spec in specs:
         defaults = iter((batch, seq))

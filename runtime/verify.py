@@ -191,15 +191,17 @@ def verify(
     return VerifyReport(Path(model), Path(checkpoint), ep, metadata.get("strategy", "?"), results, report_warnings)
 
 
-def model_feeds(inputs: dict[str, np.ndarray], session_inputs, session_outputs=()) -> dict[str, np.ndarray]:
+def model_feeds(inputs: dict[str, np.ndarray], session_inputs, session_outputs=(),
+                capacity: int = 0) -> dict[str, np.ndarray]:
     """The session's feeds for ``input_ids`` (+ ``attention_mask``) ``[batch, seq]``: those arrays for a logits
-    model; for a text-generation-with-past model, its prefill step (positions from the mask, empty past)."""
+    model; for a text-generation-with-past model, its prefill step (positions from the mask, empty past;
+    ``capacity``: a shared buffer's length, ``generate.empty_past``)."""
     names = [spec.name for spec in session_inputs]
     if POSITION_IDS not in names:
         return {name: inputs[name] for name in names}
     ids = inputs[INPUT_IDS]
     mask = inputs.get(ATTENTION_MASK, np.ones_like(ids))
-    return decoder_feeds(mask, ids, empty_past(session_inputs, ids.shape[0], session_outputs))
+    return decoder_feeds(mask, ids, empty_past(session_inputs, ids.shape[0], session_outputs, capacity))
 
 
 def check_reference(model: str | os.PathLike, info: ModelInfo, reference: Reference) -> None:

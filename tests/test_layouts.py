@@ -282,7 +282,7 @@ def test_run_bench_and_inspect_take_a_model_folder(deployed, capsys, tmp_path):
     # a step after one cached token (run refuses empty dims): zeros as that token's keys and values
     ids = {"input_ids": [[5, 6, 7]], "attention_mask": [[1, 1, 1, 1]], "position_ids": [[1, 2, 3]]}
     np.savez(tmp_path / "inputs.npz", **{name: np.array(value, dtype=np.int64) for name, value in ids.items()},
-             **{name: np.zeros(shape, np.float32) for name, shape in _past_shapes(model, 1).items()})
+             **_one_token_past(model))
     outputs = []
     for path in (folder, model):
         with pytest.raises(SystemExit) as exit_info:
@@ -313,16 +313,14 @@ def test_inspect_and_package_run_a_with_past_model(deployed, capsys, tmp_path, k
                                                                                             else 0), check
 
 
-def _past_shapes(model: Path, length: int) -> dict[str, list[int]]:
-    """A with-past file's KV cache of ``length`` tokens, by input name: [1, kv_heads, length, head_dim] (the
-    heads and head size read from the presents, which fix them)."""
-    graph = onnx.load(model, load_external_data=False).graph
-    presents = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
-    shapes = {}
-    for past in (i.name for i in graph.input if i.name.startswith("past_key_values.")):
-        present = presents["present." + past[len("past_key_values."):]]
-        shapes[past] = [1, present[1], length, present[3]]
-    return shapes
+def _one_token_past(model: Path) -> dict[str, np.ndarray]:
+    """A with-past file's KV cache of one token, zeros, by input name (its heads and head size from the presents:
+    ``empty_past`` with a one-column buffer)."""
+    from moeport.runtime.generate import empty_past
+    from moeport.runtime.session import create_session
+
+    session = create_session(model)
+    return empty_past(session.get_inputs(), 1, session.get_outputs(), capacity=1)
 
 
 def test_genai_shared_kv_cache_matches_transformers(deployed, capsys, tmp_path):
