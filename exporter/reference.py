@@ -15,7 +15,7 @@ import torch
 
 from moeport.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, model_info
 from moeport.exporter import families
-from moeport.runtime.layouts import model_and_tokenizer
+from moeport.runtime.layouts import model_file
 from moeport.runtime.verify import VerifyReport, verify
 from moeport.samples.checkpoint import checkpoint_hash
 
@@ -77,6 +77,6 @@ class CheckpointReference:
 
 def verify_checkpoint(model: str | os.PathLike, checkpoint: str | os.PathLike, **options) -> VerifyReport:
     """``verify(model, CheckpointReference.load(checkpoint), **options)``: what ``moeport verify`` runs."""
-    model = model_and_tokenizer(model)[0]  # a model folder: its model file
+    model = model_file(model)
     model_info(model)  # a bad model file is reported before the (slower) checkpoint load
     return verify(model, CheckpointReference.load(checkpoint), **options)

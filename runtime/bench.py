@@ -36,7 +36,7 @@ from moeport.runtime.session import create_session
 from moeport.runtime.timing import alternate
 from moeport.runtime.efficiency import expert_efficiency as measure_expert_efficiency
 from moeport.runtime.generate import CachedDecoder
-from moeport.runtime.layouts import model_and_tokenizer
+from moeport.runtime.layouts import model_file
 from moeport.runtime.verify import check_reference, parse_shapes
 
 DEFAULT_SHAPES = "1x1,1x128,4x128"
@@ -169,7 +169,7 @@ def bench(
     if plot is not None:
         check_output_file(plot, force=True)
         _pyplot()  # fail before the measurements, not after
-    model = model_and_tokenizer(model)[0]  # a model folder: its model file
+    model = model_file(model)
     provider, notes = resolve_with_warnings(ep, fallback)
     session = create_session(model, provider, threads=threads)
     input_specs, _ = session_specs(session)

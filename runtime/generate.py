@@ -22,7 +22,7 @@ import numpy as np
 from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, LOGITS, POSITION_IDS, is_cache_input,
                               metadata_of_map, past_names, present_for, vocab_size)
 from moeport.errors import MoeportError, UsageError
-from moeport.runtime.layouts import model_and_tokenizer
+from moeport.runtime.layouts import model_and_tokenizer, model_file
 from moeport.runtime.session import create_session
 from moeport.runtime.tokenizer import load_tokenizer
 
@@ -200,7 +200,7 @@ def generate(
     """Greedy-decode ``max_new_tokens`` after each prompt (stops a row early only at ``eos_token_id``).
 
     ``model``: an ONNX file or a model folder (``runtime.layouts``: its model file)."""
-    model = model_and_tokenizer(model)[0]
+    model = model_file(model)
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):

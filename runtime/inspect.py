@@ -20,7 +20,7 @@ import numpy as np
 from moeport._fs import load_model_proto
 from moeport.contract import metadata_props, optional_model_info
 from moeport.runtime._io import TensorSpec
-from moeport.runtime.layouts import model_and_tokenizer
+from moeport.runtime.layouts import model_file
 from moeport.runtime.run import example_feeds
 from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
 
@@ -109,7 +109,7 @@ class InspectReport:
 def inspect_model(model: str | os.PathLike, *, ep: str = "cpu", fallback: str | None = None,
                   placement: bool = True) -> InspectReport:
     """Describe ``model``; with ``placement`` also run it once on ``ep`` to see where its nodes land."""
-    path = model_and_tokenizer(model)[0]  # a model folder: its model file
+    path = model_file(model)
     proto = load_model_proto(path)  # also refuses external data outside the model's directory
     graph = proto.graph
     initializers = {i.name for i in graph.initializer}

@@ -412,6 +412,13 @@ def open_folder(directory: str | os.PathLike) -> Folder:
     return folder
 
 
+def model_file(path: str | os.PathLike) -> Path:
+    """The ONNX file ``path`` names: a model folder's model file (the folder checked, ``open_folder``), else
+    ``path`` itself. What the commands that need no tokenizer resolve their model argument with."""
+    path = Path(path)
+    return open_folder(path).model if path.is_dir() else path
+
+
 def model_and_tokenizer(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """``(model file, tokenizer folder or None)`` for a model folder or an ONNX file: a file inside a model
     folder (a quantized variant) gets that folder's tokenizer."""

@@ -37,7 +37,7 @@ from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import TensorSpec, session_specs
 from moeport.runtime.inspect import value_spec
-from moeport.runtime.layouts import model_and_tokenizer
+from moeport.runtime.layouts import model_file
 from moeport.runtime.placement import EpCoverage, mobile_coverage
 from moeport.runtime.run import example_feeds
 from moeport.runtime.session import create_session
@@ -176,7 +176,7 @@ def package_model(
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     spec = TARGETS[target]
-    model, output = model_and_tokenizer(model)[0], Path(output)  # a model folder: its model file
+    model, output = model_file(model), Path(output)  # a model folder: its model file
     shapes = dict(shapes or {})
     _prepare_destination(output, force)
     proto = load_model_proto(model)  # also refuses external data outside the model's directory

@@ -20,7 +20,7 @@ import numpy as np
 from moeport._fs import check_output_file, load_npz
 from moeport.contract import INPUT_IDS, KV_CACHE_SHARED, is_cache_input, vocab_size
 from moeport.runtime._io import TensorSpec, check_inputs, save_npz, session_specs
-from moeport.runtime.layouts import model_and_tokenizer
+from moeport.runtime.layouts import model_file
 from moeport.runtime.placement import Placement, profiled_session, resolve_with_warnings, run_profiled
 from moeport.runtime.verify import model_feeds
 
@@ -95,7 +95,7 @@ def run_model(
 
     The session is profiled so that the result also says which provider ran each node.
     """
-    model = model_and_tokenizer(model)[0]  # a model folder: its model file
+    model = model_file(model)
     output = None if output is None else Path(output)
     if output is not None:
         check_output_file(output, force)  # before the run: do not compute what cannot be written

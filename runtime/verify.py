@@ -23,7 +23,7 @@ from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import TensorSpec, check_inputs
 from moeport.runtime.compare import Comparator, Comparison
 from moeport.runtime.generate import decoder_feeds, empty_past
-from moeport.runtime.layouts import model_and_tokenizer
+from moeport.runtime.layouts import model_file
 from moeport.runtime.session import create_session
 
 DEFAULT_SHAPES = ((1, 1), (3, 7), (2, 64))
@@ -152,7 +152,7 @@ def verify(
     """
     if isinstance(shapes, str):
         shapes = parse_shapes(shapes)
-    model = model_and_tokenizer(model)[0]  # a model folder: its model file
+    model = model_file(model)
     info, metadata = model_info(model)
     checkpoint = reference.source
     report_warnings = []
