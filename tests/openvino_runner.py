@@ -9,7 +9,6 @@ node counts from an onnxruntime profile.
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 
 import numpy as np
@@ -23,7 +22,9 @@ def main(cases_path: str) -> None:
     for case in cases:
         options = ort.SessionOptions()
         options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ov")
+        # The profile goes beside the case's outputs (the test's own temporary folder) and is removed once read:
+        # a mkdtemp() folder per case was left behind in /tmp by every run.
+        options.profile_file_prefix = os.path.join(os.path.dirname(os.path.abspath(case["outputs"])), "ov")
         session = ort.InferenceSession(case["model"], options,
                                        providers=[("OpenVINOExecutionProvider", {"device_type": "CPU"}),
                                                   "CPUExecutionProvider"])
@@ -31,8 +32,10 @@ def main(cases_path: str) -> None:
             feeds = {name: data[name] for name in data.files}
         outputs = session.run(None, feeds)
         np.savez(case["outputs"], **{o.name: v for o, v in zip(session.get_outputs(), outputs)})
-        with open(session.end_profiling()) as handle:
+        profile = session.end_profiling()
+        with open(profile) as handle:
             events = json.load(handle)
+        os.remove(profile)
         placed = Counter(e["args"].get("provider", "?") for e in events
                          if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"))
         results.append({"model": case["model"], "providers": session.get_providers(), "kernels": dict(placed),
