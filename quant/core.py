@@ -459,8 +459,14 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
         ids = (heldout_ids[:qual.LATENCY_SHAPE[1]][None].astype(np.int64)
                if heldout_ids is not None and heldout_ids.size >= qual.LATENCY_SHAPE[1] else
                np.random.default_rng(0).integers(0, source.vocab or 2, size=qual.LATENCY_SHAPE, dtype=np.int64))
-        report.latency_before_ms, report.latency_after_ms = qual.latency_ms(model, out, ids, latency_runs)
+        timed = qual.latency_ms(model, out, ids, latency_runs)
         report.latency_of = qual.latency_kind([i.name for i in graph.graph.input], ids.shape[1])
+        report.latency_before_ms, report.latency_after_ms = timed[report.latency_of]
+        # A with-past model's prefill too: at many rows the quantized kernels can be slower than float SGEMM
+        # (BENCHMARKS.md, benchmarks/nbits_rows.py), which the decode step hides.
+        if (prefill := qual.prefill_kind(ids.shape[1])) in timed:
+            report.prefill_of = prefill
+            report.prefill_before_ms, report.prefill_after_ms = timed[prefill]
         if report.latency_after_ms > report.latency_before_ms and report.weights_before < SMALL_WEIGHTS:
             report.notes.append(
                 f"slower than fp32 here (latency {report.latency_of}): this model's "

@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,10 @@ class QualityReport:
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
     latency_of: str = ""  # what was timed (latency_kind)
+    # with-past models: the prompt's prefill as well (1x128 with an empty cache), the step a user waits for first
+    prefill_before_ms: float | None = None
+    prefill_after_ms: float | None = None
+    prefill_of: str = ""  # e.g. "prefill 1x128"
     notes: list[str] = field(default_factory=list)  # why a measurement is missing or reads as it does
 
     @property
@@ -225,33 +230,46 @@ def heldout_quality(before: Path, after: Path, ids: np.ndarray, routers_before: 
     return math.exp(nll[0] / tokens), math.exp(nll[1] / tokens), tokens, agreement, top1
 
 
-def _timed_call(session, ids: np.ndarray):
-    """What a deployment runs most, as a call: for a with-past graph one decode step (the last id) after a
-    prefill of the others, its cache fed back; else the whole ``ids [1, seq]``."""
+def _timed_calls(session, ids: np.ndarray) -> dict[str, Callable[[], object]]:
+    """What a deployment runs, as calls by ``latency_kind``: for a with-past graph one decode step (the last id)
+    after a prefill of the others, its cache fed back, and the prefill of all ``ids`` from an empty cache (the step
+    a user waits for first); else the whole ``ids [1, seq]``."""
     names = [i.name for i in session.get_inputs()]
     inputs = [name for name in names if is_cache_input(name)]
+    kind = latency_kind(names, ids.shape[1])
     if not inputs:
-        return functools.partial(session.run, None, text_feeds(ids, names, "latency ids"))
+        return {kind: functools.partial(session.run, None, text_feeds(ids, names, "latency ids"))}
+    empty = empty_past(session.get_inputs(), 1, session.get_outputs())
     outputs = [present_for(name) for name in inputs]
     prompt, last = ids[:, :-1], ids[:, -1:]
-    presents = session.run(outputs, decoder_feeds(np.ones_like(prompt), prompt,
-                                                  empty_past(session.get_inputs(), 1, session.get_outputs())))
+    presents = session.run(outputs, decoder_feeds(np.ones_like(prompt), prompt, empty))
     feeds = decoder_feeds(np.ones_like(ids), last, dict(zip(inputs, presents)))
-    return functools.partial(session.run, [LOGITS], feeds)
+    return {kind: functools.partial(session.run, [LOGITS], feeds),
+            prefill_kind(ids.shape[1]): functools.partial(session.run, [LOGITS],
+                                                           decoder_feeds(np.ones_like(ids), ids, empty))}
 
 
 def latency_kind(input_names: list[str], seq: int) -> str:
-    """What ``latency_ms`` times for a model with graph inputs ``input_names``, short: ``decode@127`` (one decode
-    step after 127 tokens) or ``1x128``."""
+    """What ``latency_ms`` times first for a model with graph inputs ``input_names``, short: ``decode@127`` (one
+    decode step after 127 tokens) or ``1x128``."""
     return f"decode@{seq - 1}" if any(is_cache_input(n) for n in input_names) else f"1x{seq}"
 
 
-def latency_ms(before: Path, after: Path, ids: np.ndarray, runs: int) -> tuple[float, float]:
-    """Median CPU wall times (ms) of ``runs`` runs of each model on token ids ``[1, seq]`` (``_timed_call``: a
-    decode step for with-past graphs), side by side: both sessions open with the same threads, taking turns
-    (``moeport.runtime.timing.alternate``), so that the machine's load changes hit both alike. Timed one after
-    the other, the fp32 median of the trained sample varied from 2.1 to 3.8 ms between reports of one run."""
-    calls = {name: _timed_call(create_session(path, "cpu"), ids) for name, path in (("before", before),
-                                                                                      ("after", after))}
-    times = alternate(calls, runs=runs, warmup=2)
-    return statistics.median(times["before"]) * 1e3, statistics.median(times["after"]) * 1e3
+def prefill_kind(seq: int) -> str:
+    """What ``latency_ms`` times second for a with-past model: the prefill of ``seq`` tokens from an empty cache."""
+    return f"prefill 1x{seq}"
+
+
+def latency_ms(before: Path, after: Path, ids: np.ndarray, runs: int) -> dict[str, tuple[float, float]]:
+    """Median CPU wall times (ms, before and after) of ``runs`` runs of each model on token ids ``[1, seq]``, by
+    what was timed (``_timed_calls``: for with-past graphs a decode step, then the prefill), side by side: both
+    sessions open with the same threads, taking turns (``moeport.runtime.timing.alternate``), so that the
+    machine's load changes hit both alike. Timed one after the other, the fp32 median of the trained sample
+    varied from 2.1 to 3.8 ms between reports of one run."""
+    calls = {name: _timed_calls(create_session(path, "cpu"), ids) for name, path in (("before", before),
+                                                                                       ("after", after))}
+    medians = {}
+    for kind in calls["before"]:
+        times = alternate({name: by_kind[kind] for name, by_kind in calls.items()}, runs=runs, warmup=2)
+        medians[kind] = (statistics.median(times["before"]) * 1e3, statistics.median(times["after"]) * 1e3)
+    return medians

@@ -130,6 +130,10 @@ class QuantizeResult:
             label = f"CPU latency {q.latency_of or '1x128'} (ms, median)"
             lines.append(f"  {label:<34} {q.latency_before_ms:12.2f} "
                          f"{q.latency_after_ms:12.2f} {q.latency_after_ms / q.latency_before_ms:9.2f}x")
+        if q.prefill_before_ms is not None:
+            label = f"CPU latency {q.prefill_of} (ms, median)"
+            lines.append(f"  {label:<34} {q.prefill_before_ms:12.2f} "
+                         f"{q.prefill_after_ms:12.2f} {q.prefill_after_ms / q.prefill_before_ms:9.2f}x")
         if q.parity is not None:
             p = q.parity
             lines.append(f"  parity vs PyTorch fp32 on {','.join(p.shapes)} ({p.inputs}): max abs err "

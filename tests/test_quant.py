@@ -174,6 +174,7 @@ def test_int8_report(quantized):
     assert set(q.parity.routing_per_layer) == {"0", "1"}
     assert q.perplexity_before > 1 and abs(q.perplexity_change) < 0.05
     assert q.latency_before_ms > 0 and q.latency_after_ms > 0 and q.latency_of == "1x128"  # no cache: a whole run
+    assert q.prefill_before_ms is None and q.prefill_of == ""  # ... which is its prefill
     coverage = result.calibration["coverage"]
     assert [c["label"] for c in coverage] == ["0", "1"]
     assert all(sum(c["counts"]) == result.calibration["tokens"] * 2 for c in coverage)  # top-2 slots

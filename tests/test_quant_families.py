@@ -96,16 +96,21 @@ def test_a_tied_lm_head_gets_its_own_quantized_weight(tmp_path, mode):
     assert any(i.startswith(table + "_kn") for i in lm_inputs), sorted(lm_inputs)
 
 
-def test_latency_of_a_with_past_model_is_a_decode_step(tmp_path):
-    """A with-past model is deployed decoding: the report times one decode step after a 127-token prompt, fp32 and
-    quantized side by side (a model without a cache: the whole 1x128 run, tests/test_quant.py)."""
+def test_latency_of_a_with_past_model_is_a_decode_step_and_its_prefill(tmp_path):
+    """A with-past model is deployed decoding: the report times one decode step after a 127-token prompt, and the
+    128-token prompt's prefill from an empty cache, fp32 and quantized side by side (a model without a cache: the
+    whole 1x128 run only, tests/test_quant.py)."""
     checkpoint = tmp_path / "ckpt"
     hf_families.random_model("granitemoe").save_pretrained(checkpoint)
     source = export_checkpoint(checkpoint, tmp_path / "m.onnx", task="text-generation-with-past", validate=False)
     result = quantize(source.output, tmp_path / "q.onnx", mode="int8-blocks", latency_runs=3, perplexity=False)
     quality = result.quality
     assert quality.latency_of == "decode@127" and quality.latency_before_ms > 0 and quality.latency_after_ms > 0
-    assert "CPU latency decode@127 (ms, median)" in result.render()
+    assert quality.prefill_of == "prefill 1x128" and quality.prefill_before_ms > 0 and quality.prefill_after_ms > 0
+    rendered = result.render()
+    assert "CPU latency decode@127 (ms, median)" in rendered and "CPU latency prefill 1x128 (ms, median)" in rendered
+    # the prefill runs all 128 ids where the decode step runs one: on the same fp32 file it takes longer
+    assert quality.prefill_before_ms > quality.latency_before_ms
 
 
 @pytest.mark.parametrize("model_type, in_kernel", (("mixtral", True), ("deepseek_v3", False), ("qwen2_moe", False)))
