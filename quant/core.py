@@ -473,6 +473,12 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
                 f"{report.weights_before / 2**20:.1f} MiB of weights fit in the CPU's caches, so its time goes to "
                 "per-kernel overhead, which quantized kernels add to; on a 1.3B-parameter MoE the 8-bit and 4-bit "
                 "block modes decoded 2.6-4.3x and 3.2-6.1x faster than fp32 (BENCHMARKS.md)")
+        elif (report.prefill_of and report.weights_before >= SMALL_WEIGHTS
+              and report.prefill_after_ms > report.prefill_before_ms):
+            report.notes.append(
+                f"the {report.prefill_of} is slower than fp32's here: with many rows a product is compute-bound, and "
+                "onnxruntime's block-quantized kernels can compute slower than float SGEMM on a CPU where they decode "
+                "one row faster (benchmarks/nbits_rows.py times them on this machine)")
     return report
 
 

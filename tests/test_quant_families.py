@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 import hf_families  # noqa: E402  (tests/, on sys.path)
 from moeport.contract import present_for, random_inputs, read_metadata  # noqa: E402
 from moeport.exporter.export import export_checkpoint  # noqa: E402
+from moeport.quant import core as quant_core  # noqa: E402
 from moeport.quant import quantize  # noqa: E402
 from moeport.quant.passes import REMOVE_UNUSED, FuseAttentionPass  # noqa: E402
 from moeport.runtime.generate import CachedDecoder, decoder_feeds, empty_past  # noqa: E402
@@ -111,6 +112,23 @@ def test_latency_of_a_with_past_model_is_a_decode_step_and_its_prefill(tmp_path)
     assert "CPU latency decode@127 (ms, median)" in rendered and "CPU latency prefill 1x128 (ms, median)" in rendered
     # the prefill runs all 128 ids where the decode step runs one: on the same fp32 file it takes longer
     assert quality.prefill_before_ms > quality.latency_before_ms
+
+
+def test_a_prefill_slower_than_fp32_is_explained(tmp_path, monkeypatch):
+    """A model too large for the CPU's caches whose quantized prefill is slower than fp32's gets a note saying why
+    and what measures it (the timings are given: which way a real run goes depends on the CPU)."""
+    checkpoint = tmp_path / "ckpt"
+    hf_families.random_model("granitemoe").save_pretrained(checkpoint)
+    source = export_checkpoint(checkpoint, tmp_path / "m.onnx", task="text-generation-with-past", validate=False)
+    monkeypatch.setattr(quant_core, "SMALL_WEIGHTS", 0)
+    monkeypatch.setattr(quant_core.qual, "latency_ms",
+                        lambda *args: {"decode@127": (2.0, 1.0), "prefill 1x128": (10.0, 15.0)})
+    result = quantize(source.output, tmp_path / "q.onnx", mode="int8-blocks", latency_runs=3, perplexity=False)
+    assert (result.quality.prefill_before_ms, result.quality.prefill_after_ms) == (10.0, 15.0)
+    row = [line.split() for line in result.render().splitlines() if "CPU latency prefill 1x128 (ms, median)" in line]
+    assert row and row[0][-3:] == ["10.00", "15.00", "1.50x"]
+    assert [note for note in result.quality.notes if note.startswith("the prefill 1x128 is slower than fp32's here")
+            and "benchmarks/nbits_rows.py" in note]
 
 
 @pytest.mark.parametrize("model_type, in_kernel", (("mixtral", True), ("deepseek_v3", False), ("qwen2_moe", False)))
