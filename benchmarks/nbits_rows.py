@@ -8,7 +8,9 @@ the M = 1 kernels; whether their prefill can stay under fp32's depends on how th
 which is onnxruntime's (MLAS) code, not the graph's. This script times graphs of nothing but such products (each
 weight its own initializer, 24 of them, larger together than the CPU's caches) and prints microseconds per product
 and per row for float32 and for 8-bit and 4-bit blocks of 32 and 128 (asymmetric, with zero points, as
-``moeport quantize`` writes them). QMoE runs its experts on the same kernels (onnxruntime 1.32).
+``moeport quantize`` writes them). QMoE runs its experts on the same kernels (onnxruntime 1.32). At M = 1 the
+products are memory-bound and the float figure swings with the machine's state between runs (gemv_bandwidth.py
+measures that case alone); from M = 16 on they are compute-bound and the comparison holds from run to run.
 """
 
 from __future__ import annotations
