@@ -44,7 +44,8 @@ def _graph(kind: tuple[int, int] | None) -> bytes:
         bits, block = kind
         blocks = K // block
         # MatMulNBits' layout: B [N, blocks, block * bits / 8], scales [N * blocks], zero points packed per row
-        weights += [numpy_helper.from_array(rng.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8), f"w{i}"),
+        packed = rng.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8)
+        weights += [numpy_helper.from_array(packed, f"w{i}"),
                     numpy_helper.from_array((rng.random(N * blocks) * 0.01).astype(np.float32), f"s{i}"),
                     numpy_helper.from_array(rng.integers(0, 256, N * ((blocks * bits + 7) // 8), dtype=np.uint8),
                                             f"z{i}")]

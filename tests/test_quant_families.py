@@ -101,9 +101,7 @@ def test_latency_of_a_with_past_model_is_a_decode_step_and_its_prefill(tmp_path)
     """A with-past model is deployed decoding: the report times one decode step after a 127-token prompt, and the
     128-token prompt's prefill from an empty cache, fp32 and quantized side by side (a model without a cache: the
     whole 1x128 run only, tests/test_quant.py)."""
-    checkpoint = tmp_path / "ckpt"
-    hf_families.random_model("granitemoe").save_pretrained(checkpoint)
-    source = export_checkpoint(checkpoint, tmp_path / "m.onnx", task="text-generation-with-past", validate=False)
+    source = _with_past(tmp_path, "granitemoe")
     result = quantize(source.output, tmp_path / "q.onnx", mode="int8-blocks", latency_runs=3, perplexity=False)
     quality = result.quality
     assert quality.latency_of == "decode@127" and quality.latency_before_ms > 0 and quality.latency_after_ms > 0
@@ -117,9 +115,7 @@ def test_latency_of_a_with_past_model_is_a_decode_step_and_its_prefill(tmp_path)
 def test_a_prefill_slower_than_fp32_is_explained(tmp_path, monkeypatch):
     """A model too large for the CPU's caches whose quantized prefill is slower than fp32's gets a note saying why
     and what measures it (the timings are given: which way a real run goes depends on the CPU)."""
-    checkpoint = tmp_path / "ckpt"
-    hf_families.random_model("granitemoe").save_pretrained(checkpoint)
-    source = export_checkpoint(checkpoint, tmp_path / "m.onnx", task="text-generation-with-past", validate=False)
+    source = _with_past(tmp_path, "granitemoe")
     monkeypatch.setattr(quant_core, "SMALL_WEIGHTS", 0)
     monkeypatch.setattr(quant_core.qual, "latency_ms",
                         lambda *args: {"decode@127": (2.0, 1.0), "prefill 1x128": (10.0, 15.0)})
