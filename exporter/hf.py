@@ -382,6 +382,11 @@ class CausalLMAdapter(nn.Module):
             for i in range(len(probe)):
                 layer = probe.layers[i] if i < len(probe.layers) else None
                 if getattr(layer, "keys", None) is not None:
+                    untracked = _untracked_cache_state(layer)
+                    if untracked:
+                        raise MoeportError(f"{type(self.model).__name__}: layer {i}'s cache ({type(layer).__name__}) "
+                                           f"keeps state beside its keys and values ({', '.join(untracked)}) that "
+                                           "moeport cannot carry between steps yet; export it with --task logits")
                     layout += [CacheTensor(past_name(i, part), present_name(i, part), i, part,
                                            (tensor.shape[1], None, tensor.shape[3]))
                                for part, tensor in (("key", layer.keys), ("value", layer.values))]
@@ -403,6 +408,24 @@ class CausalLMAdapter(nn.Module):
 
     def moe_layers(self) -> list[nn.Module]:
         return self.experts
+
+
+# What a transformers cache layer may hold that cache_layout() carries (keys and values, an indexer's keys and
+# positions, a hybrid mixer's states) or that is a constant (the sliding window's length as a tensor).
+_TRACKED_CACHE_STATE = frozenset({"keys", "values", "indexer_keys", "indexer_position_ids", "conv_states",
+                                  "recurrent_states", "_sliding_window_tensor"})
+
+
+def _untracked_cache_state(layer) -> list[str]:
+    """The attributes of a cache layer holding tensors that no graph input would carry (DeepSeek-V4's compressor
+    buffers, say): a with-past graph without them would drop state between steps (tracing fails on them)."""
+    def holds_tensors(value) -> bool:
+        if isinstance(value, dict):
+            value = list(value.values())
+        return torch.is_tensor(value) or (isinstance(value, (list, tuple)) and any(map(torch.is_tensor, value)))
+
+    return sorted(name for name, value in vars(layer).items()
+                  if name not in _TRACKED_CACHE_STATE and holds_tensors(value))
 
 
 @functools.cache

@@ -11,9 +11,9 @@ pieces whose length follows the input:
 
 The arithmetic is transformers' recurrent (decode) path, so the exported graph agrees with transformers' chunked
 prefill to float32 rounding. Mixers: Gated DeltaNet (Qwen3-Next, Qwen3.5-MoE, Qwen4-Exp, Lara-Mini), Kimi Delta
-Attention (Kimi-Linear, Bailing-Hybrid), Mamba2 (Granite-4.0-H), Mamba (Jamba), lightning attention (MiniMax),
-LFM2's gated short convolution; and Qwen4-Exp's QSA indexer (the key selection of its attention layers, without
-its per-query loop). Each is listed in ``MIXERS`` by transformers class name and installed on every module
+Attention (Kimi-Linear, Bailing-Hybrid), Mamba2 (Granite-4.0-H, Nemotron-H), Mamba (Jamba), lightning attention
+(MiniMax), LFM2's gated short convolution; and Qwen4-Exp's QSA indexer (the key selection of its attention layers,
+without its per-query loop). Each is listed in ``MIXERS`` by transformers class name and installed on every module
 instance of that class as a ``Patch`` of ``forward`` (``mixer_patches``), applied for the export and restored
 after it; the modeling modules' own functions are never replaced.
 
@@ -310,12 +310,12 @@ def _kimi_delta_attention(output_gate: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Mamba (Jamba) and Mamba2 (Granite-4.0-H): a selective state space after the convolution.
+# Mamba (Jamba) and Mamba2 (Granite-4.0-H, Nemotron-H): a selective state space after the convolution.
 
 
 def _mamba2_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-    """Granite-4.0-H's Mamba2 layer: ``hidden_states [batch, seq, hidden]`` -> ``[batch, seq, hidden]``; with a
-    cache, reads and stores the layer's convolution and SSM states."""
+    """Granite-4.0-H's and Nemotron-H's Mamba2 layer (the same attributes): ``hidden_states [batch, seq, hidden]``
+    -> ``[batch, seq, hidden]``; with a cache, reads and stores the layer's convolution and SSM states."""
     batch, seq = hidden_states.shape[:2]
     dtype = hidden_states.dtype
     conv_state, ssm_state = cached_states(cache, self.layer_idx)
@@ -478,6 +478,7 @@ MIXERS: dict[str, Mixer] = {
     "KimiLinearDeltaAttention": Mixer(_kimi_delta_attention(lambda self, h: self.g_b_proj(self.g_a_proj(h)))),
     "BailingHybridDeltaAttention": Mixer(_kimi_delta_attention(lambda self, h: self.g_proj(h))),
     "GraniteMoeHybridMambaLayer": Mixer(_mamba2_forward, LayerStates(recurrent="ssm")),
+    "NemotronHMamba2Mixer": Mixer(_mamba2_forward, LayerStates(recurrent="ssm")),
     "JambaMambaMixer": Mixer(_mamba_forward, LayerStates(recurrent="ssm")),
     "MiniMaxLightningAttention": Mixer(_lightning_forward, ListStates()),
     "Lfm2MoeShortConv": Mixer(_short_conv_forward),

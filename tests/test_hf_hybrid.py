@@ -214,6 +214,19 @@ def test_a_state_no_mixer_carries_is_refused_in_one_line(monkeypatch):
         adapter.cache_layout()
 
 
+def test_a_cache_layer_with_state_beside_its_keys_is_refused_in_one_line(tmp_path):
+    """DeepSeek-V4's attention cache keeps its compressor's buffers beside the keys and values: the with-past task
+    stops in one line naming them (torch.export failed on them before), and nothing is written."""
+    checkpoint = tmp_path / "deepseek_v4"
+    hf_families.random_model("deepseek_v4").save_pretrained(checkpoint)
+    message = (r"^DeepseekV4ForCausalLM: layer 0's cache \(DeepseekV4HCACache\) keeps state beside its keys and values "
+               r"\(buffer_gate, buffer_kv, compressed_kv\) that moeport cannot carry between steps yet; export it with "
+               r"--task logits$")
+    with pytest.raises(MoeportError, match=message):
+        export_checkpoint(checkpoint, tmp_path / "model.onnx", task="text-generation-with-past")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_runtime_folders_refuse_recurrent_states(hybrid, tmp_path):
     """No folder layout's runtime config describes recurrent states yet: writing one is refused in one line, and
     nothing is written."""
