@@ -8,7 +8,8 @@ the M = 1 kernels; whether their prefill can stay under fp32's depends on how th
 which is onnxruntime's (MLAS) code, not the graph's. This script times graphs of nothing but such products (each
 weight its own initializer, 24 of them, larger together than the CPU's caches) and prints microseconds per product
 and per row for float32 and for 8-bit and 4-bit blocks of 32 and 128 (asymmetric, with zero points, as
-``moeport quantize`` writes them). QMoE runs its experts on the same kernels (onnxruntime 1.32). At M = 1 the
+``moeport quantize`` writes them), and for 8-bit weights per channel in onnxruntime's integer GEMM
+(``DynamicQuantizeMatMul``). QMoE runs its experts on the block kernels (onnxruntime 1.32). At M = 1 the
 products are memory-bound and the float figure swings with the machine's state between runs (gemv_bandwidth.py
 measures that case alone); from M = 16 on they are compute-bound and the comparison holds from run to run.
 """
@@ -26,12 +27,15 @@ from moeport.runtime.timing import alternate
 
 K = N = 1024  # an expert's stacked gate and up projection of the granite-shaped model: 1024 -> 2 x 512
 PRODUCTS = 24
-# name -> (bits, block size); None: float32
+# name -> (bits, block size); None: float32; "channel": int8 per output channel in onnxruntime's
+# DynamicQuantizeMatMul (the input quantized per run, one scale per tensor; MLAS's integer GEMM), for comparison:
+# moeport's int8-dynamic runs the experts' gate and up projections on that kernel, but its [K, N] weights per
+# channel are not the [N, K] blocks that QMoE and MatMulNBits read, so a file cannot hand both kernels one weight.
 KINDS = {"float32": None, "8-bit / 32": (8, 32), "8-bit / 128": (8, 128), "4-bit / 32": (4, 32),
-         "4-bit / 128": (4, 128)}
+         "4-bit / 128": (4, 128), "8-bit / channel": "channel"}
 
 
-def _graph(kind: tuple[int, int] | None) -> bytes:
+def _graph(kind: tuple[int, int] | str | None) -> bytes:
     """``PRODUCTS`` products of one [M, K] input with their own [K, N] weights (seeded random values: the kernels'
     speed does not depend on them), every product an output (so none is pruned)."""
     rng = np.random.default_rng(0)
@@ -40,6 +44,12 @@ def _graph(kind: tuple[int, int] | None) -> bytes:
         if kind is None:
             weights.append(numpy_helper.from_array((rng.standard_normal((K, N)) * 0.01).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
+            continue
+        if kind == "channel":
+            weights += [numpy_helper.from_array(rng.integers(-127, 128, (K, N), dtype=np.int8), f"w{i}"),
+                        numpy_helper.from_array((rng.random(N) * 0.01).astype(np.float32), f"s{i}")]
+            nodes.append(helper.make_node("DynamicQuantizeMatMul", ["x", f"w{i}", f"s{i}"], [f"y{i}"],
+                                          domain="com.microsoft"))
             continue
         bits, block = kind
         blocks = K // block
