@@ -34,7 +34,7 @@ import os
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -578,11 +578,15 @@ def quantize(
                             "every run (granite-3.0-1b-a400m size: 1.4 decode tokens/s, 4.6 with --down-activations "
                             "int8, int8-blocks 51.7; BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
+    layout = settings.layout
+    if layout is not None and layout.fused_experts and not after["QMoE"]:
+        # The report states the layout written: no layer's experts fit QMoE (FuseExpertsPass says why).
+        layout = replace(layout, fused_experts=False)
     return QuantizeResult(
         input=model, output=out, mode=settings.mode, target=target, scheme=settings.scheme, keep_router=keep_router,
         router=source.plan, router_kept_float=float_router_nodes(quantized) if keep_router else {},
         quantized_nodes=dict(Counter(n.op_type for n in source.targets)),
         output_ops={op: after[op] - before[op] for op in _QUANT_OPS if after[op] != before[op]},
         casts_added=after["Cast"] - before["Cast"], calibration=None if calibrated is None else calibrated.report,
-        quality=report, seconds=time.perf_counter() - started, warnings=found, layout=settings.layout, passes=passes,
+        quality=report, seconds=time.perf_counter() - started, warnings=found, layout=layout, passes=passes,
     )

@@ -155,12 +155,18 @@ def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model
 
 
 def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
-    """gpt-oss's experts are a clamped SwiGLU with biases, not silu(gate) * up: they stay per-expert MatMulNBits."""
+    """gpt-oss's experts are a clamped SwiGLU with biases, not silu(gate) * up: they stay per-expert MatMulNBits,
+    and the report's layout line says what was written (it had claimed one QMoE per layer)."""
     result, _ = hf_export("gpt_oss")
     fused = quantize(result.output, tmp_path / "q.onnx", mode="int4", latency_runs=0, perplexity=False)
     record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
     assert not record.modified and "left as MatMuls: layer 0 (" in record.note
     assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
+    assert not fused.layout.fused_experts and not fused.to_dict()["nbits_layout"]["fused_experts"]
+    assert "layout: expert weights 4-bit blocks of " in fused.render()
+    qmoe = quantize(hf_export("mixtral")[0].output, tmp_path / "m.onnx", mode="int4", latency_runs=0,
+                    perplexity=False)
+    assert qmoe.output_ops["QMoE"] and "layout: expert weights one QMoE per layer, 4-bit" in qmoe.render()
 
 
 def _with_past(tmp_path, model_type: str, kv_cache: str = "concat"):
