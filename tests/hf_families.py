@@ -193,27 +193,24 @@ class Limit:
     match: str
 
 
-# A with-past export refused because the model's cache holds state that no graph input carries yet (measured on the
-# tiny models: the export stops with one line naming it; ``--task logits`` exports).
-_CONV_BESIDE_ATTENTION = Limit("with past: its attention layers also keep short-convolution states, which moeport "
-                               "does not carry between steps yet (logits only)", {}, "text-generation-with-past",
-                               "cannot carry between steps yet")
+def _with_past_refused(state: str) -> Limit:
+    """A with-past export refused because the model's cache holds ``state`` that no graph input carries yet
+    (measured on the tiny models: the export stops with one line naming it; ``--task logits`` exports)."""
+    return Limit(f"with past: {state}, which moeport does not carry between steps yet (logits only)", {},
+                 "text-generation-with-past", "cannot carry between steps yet")
+
+
+_CONV_BESIDE_ATTENTION = _with_past_refused("its attention layers also keep short-convolution states")
 
 # Per family (a multimodal wrapper inherits its language model's): limits of its support.
 LIMITS: dict[str, tuple[Limit, ...]] = {
-    "deepseek_v4": (
-        Limit("with past: its compressed attention keeps compressor buffers beside the keys and values, which "
-              "moeport does not carry between steps yet (logits only)", {}, "text-generation-with-past",
-              "cannot carry between steps yet"),
-    ),
+    "deepseek_v4": (_with_past_refused("its compressed attention keeps compressor buffers beside the keys and "
+                                       "values"),),
     "inkling_text": (_CONV_BESIDE_ATTENTION,),
     "inkling2_text": (_CONV_BESIDE_ATTENTION,),
     "inkling2_loop_text": (_CONV_BESIDE_ATTENTION,),
-    "zaya": (
-        Limit("with past: its layers keep convolution and recurrent states beside attention's keys and values, which "
-              "moeport does not carry between steps yet (logits only)", {}, "text-generation-with-past",
-              "cannot carry between steps yet"),
-    ),
+    "zaya": (_with_past_refused("its layers keep convolution and recurrent states beside attention's keys and "
+                                "values"),),
     "qwen4_exp_text": (
         Limit("configs with per-layer n-gram embeddings (`ple_layer_ids`) do not export: their hashing takes a "
               "`cummax`, which has no ONNX translation", {"ple_layer_ids": [1], "eos_token_id": 2,

@@ -143,6 +143,7 @@ def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model
     graph = onnx.load(fused.output, load_external_data=False)
     qmoe = [n for n in graph.graph.node if n.op_type == "QMoE"]
     assert len(qmoe) == layers and fused.output_ops["QMoE"] == layers
+    assert "layout: expert weights one QMoE per layer, 4-bit" in fused.render()
     assert not expert_layers(graph)  # no per-expert MatMul is left
     apart_graph = onnx.load(apart.output, load_external_data=False)
     expert_matmuls = sum(len(nodes) for groups in expert_layers(apart_graph) for nodes in groups.values())
@@ -163,10 +164,7 @@ def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
     assert not record.modified and "left as MatMuls: layer 0 (" in record.note
     assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
     assert not fused.layout.fused_experts and not fused.to_dict()["nbits_layout"]["fused_experts"]
-    assert "layout: expert weights 4-bit blocks of " in fused.render()
-    qmoe = quantize(hf_export("mixtral")[0].output, tmp_path / "m.onnx", mode="int4", latency_runs=0,
-                    perplexity=False)
-    assert qmoe.output_ops["QMoE"] and "layout: expert weights one QMoE per layer, 4-bit" in qmoe.render()
+    assert "layout: expert weights 4-bit blocks of " in fused.render()  # a fused file's: the test above
 
 
 def _with_past(tmp_path, model_type: str, kv_cache: str = "concat"):
