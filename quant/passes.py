@@ -658,6 +658,20 @@ def _top_k_softmax_logits(indices: ir.Value, routing_weights: ir.Value) -> ir.Va
     return logits
 
 
+def _selected_per_token(indices: ir.Value) -> int | None:
+    """How many experts each token is routed to, from the router's selected-experts tensor ``[tokens, k]``: a
+    TopK's constant k, 1 for an ArgMax, else the tensor's static last axis (PhiMoE's sparsemixer concatenates two
+    ArgMax picks); None when none of these is known."""
+    selection = indices.producer()
+    if selection is not None and selection.op_type == "TopK" and selection.inputs[1] is not None \
+            and selection.inputs[1].const_value is not None:
+        return int(selection.inputs[1].const_value.numpy().reshape(-1)[0])
+    if selection is not None and selection.op_type == "ArgMax":
+        return 1
+    last = indices.shape[-1] if indices.shape is not None and len(indices.shape) else None
+    return last if isinstance(last, int) else None
+
+
 @dataclass(frozen=True)
 class ExpertLayer:
     """One MoE layer as ``FuseExpertsPass`` is told it: its experts' down-projection MatMuls in expert order and
@@ -762,16 +776,11 @@ class FuseExpertsPass(QuantPass):
             routing_weights = chain.inputs[0]
             chain = routing_weights.producer()
         indices = values.get(layer.indices)
-        selection = indices.producer() if indices is not None else None
-        if selection is None or selection.op_type not in ("TopK", "ArgMax"):
-            return f"the router's selected experts {layer.indices!r} are not a TopK/ArgMax output"
-        if selection.op_type == "TopK":
-            k_value = selection.inputs[1].const_value if selection.inputs[1] is not None else None
-            if k_value is None:
-                return "the router's k is not a constant"
-            k = int(k_value.numpy().reshape(-1)[0])
-        else:
-            k = 1
+        if indices is None:
+            return f"the router's selected experts {layer.indices!r} are not in the graph"
+        k = _selected_per_token(indices)
+        if k is None:
+            return f"the router's selected experts {layer.indices!r} have no constant k (a TopK's k or a last axis)"
         return rows.inputs[0], indices, routing_weights, summed.outputs[0], weights, hidden, inter, k
 
     def _stacked(self, matrices: list[ir.TensorProtocol], interleave: list[ir.TensorProtocol] | None):

@@ -127,10 +127,12 @@ def test_a_prefill_slower_than_fp32_is_explained(tmp_path, monkeypatch):
             and "benchmarks/nbits_rows.py" in note]
 
 
-@pytest.mark.parametrize("model_type, in_kernel", (("mixtral", True), ("deepseek_v3", False), ("qwen2_moe", False)))
+@pytest.mark.parametrize("model_type, in_kernel", (("mixtral", True), ("deepseek_v3", False), ("qwen2_moe", False),
+                                                   ("phimoe", False)))
 def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model_type, in_kernel):
     """int4 runs each MoE layer's experts as one QMoE node (softmax top-k, renormalised: QMoE's own routing;
-    grouped sigmoid with bias, and the unnormalised top-k of qwen2_moe with shared experts beside: moeport's):
+    grouped sigmoid with bias, the unnormalised top-k of qwen2_moe with shared experts beside, and PhiMoE's
+    sparsemixer, two ArgMax picks concatenated: moeport's):
     the same numbers as the per-expert MatMulNBits graph, far fewer nodes, routers float."""
     result, _ = hf_export(model_type)
     layers = len(result.info.layers)
