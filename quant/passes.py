@@ -658,6 +658,69 @@ def _top_k_softmax_logits(indices: ir.Value, routing_weights: ir.Value) -> ir.Va
     return logits
 
 
+# A weight initializer and the columns of it a projection uses: (value, None) for all of them, (value, (start,
+# stop)) for one half of a gate and up stored as one matrix.
+_Columns = tuple[ir.Value, "tuple[int, int] | None"]
+
+
+def _shape(weight: _Columns) -> tuple[int, int]:
+    """``[K, N]`` of a projection's weight (N its columns' count)."""
+    value, columns = weight
+    rows, width = (int(d) if isinstance(d, int) else -1 for d in value.shape)
+    return rows, width if columns is None else columns[1] - columns[0]
+
+
+def _columns(weight: _Columns) -> np.ndarray:
+    """The ``[K, N]`` array of a projection's weight (its columns only, for one half of a stacked matrix)."""
+    value, columns = weight
+    array = value.const_value.numpy()
+    return array if columns is None else array[:, columns[0]:columns[1]]
+
+
+def _halves_of_one_matmul(gate_value: ir.Value, up_value: ir.Value) -> tuple[ir.Value, _Columns, _Columns] | None:
+    """(input, gate, up) where ``gate_value`` and ``up_value`` are the two equal halves, along the last axis, of
+    one MatMul's output (``Split(MatMul(x, W), 2)``, as a gate_up projection exports); else None."""
+    split = gate_value.producer()
+    if split is None or split is not up_value.producer() or split.op_type != "Split" or len(split.outputs) != 2:
+        return None
+    matmul = split.inputs[0].producer() if split.inputs[0] is not None else None
+    if matmul is None or matmul.op_type != "MatMul":
+        return None
+    weight = matmul.inputs[1]
+    if weight is None or weight.const_value is None or len(weight.shape or ()) != 2:
+        return None
+    width = int(weight.shape[1])
+    axis = split.attributes.get_int("axis", 0)
+    sizes = constant_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+    rank = len(split.outputs[0].shape) if split.outputs[0].shape is not None else None
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    if width % 2 or (sizes is not None and list(sizes) != [width // 2] * 2):
+        return None
+    halves = {split.outputs[0]: (0, width // 2), split.outputs[1]: (width // 2, width)}
+    return matmul.inputs[0], (weight, halves[gate_value]), (weight, halves[up_value])
+
+
+def _not_swiglu(down: ir.Node) -> str:
+    """Why an expert does not match, naming what it computes instead."""
+    return (f"the expert computes {_activation_ops(down)} between its projections, not down(silu(gate(x)) * up(x)), "
+            "the one gated form QMoE's kernel runs")
+
+
+def _activation_ops(down: ir.Node) -> str:
+    """The op types between an expert's first projections and its down projection ``down``, for a reason."""
+    ops, frontier, seen = [], [down.inputs[0]], set()
+    while frontier:
+        value = frontier.pop()
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type in ("MatMul", "Split", "Gather") or id(node) in seen:
+            continue
+        seen.add(id(node))
+        ops.append(node.op_type)
+        frontier.extend(node.inputs)
+    return ", ".join(sorted(set(ops))) if ops else "no op"
+
+
 def _selected_per_token(indices: ir.Value) -> int | None:
     """How many experts each token is routed to, from the router's selected-experts tensor ``[tokens, k]``: a
     TopK's constant k, 1 for an ArgMax, else the tensor's static last axis (PhiMoE's sparsemixer concatenates two
@@ -716,26 +779,31 @@ class FuseExpertsPass(QuantPass):
         super().__init__()
         self.layers, self.bits, self.block_size, self.accuracy_level = layers, bits, block_size, accuracy_level
 
-    def _expert(self, down: ir.Node) -> tuple[ir.Node, ir.Node] | str:
-        """(gate, up) MatMuls of the expert whose down projection is ``down``, or why it does not match."""
+    def _expert(self, down: ir.Node) -> tuple[ir.Value, _Columns, _Columns] | str:
+        """(the expert's input, its gate weight, its up weight) for the expert whose down projection is ``down``,
+        or why it does not match. Gate and up are two MatMuls on the input, or one MatMul over their concatenated
+        weights cut in two halves by a Split (gate first or second: the half that feeds the Sigmoid)."""
         product = down.inputs[0].producer() if down.inputs[0] is not None else None
         if product is None or product.op_type != "Mul":
-            return "the down projection's input is not silu(gate) * up"
+            return _not_swiglu(down)
         for silu_value, up_value in (tuple(product.inputs), tuple(reversed(product.inputs))):
             silu = silu_value.producer()
-            up = up_value.producer()
-            if silu is None or up is None or silu.op_type != "Mul" or up.op_type != "MatMul":
+            if silu is None or silu.op_type != "Mul" or up_value is None:
                 continue
             gate_value, sigmoid_value = silu.inputs
             if sigmoid_value.producer() is None or sigmoid_value.producer().op_type != "Sigmoid":
                 gate_value, sigmoid_value = sigmoid_value, gate_value
-            sigmoid, gate = sigmoid_value.producer(), gate_value.producer()
+            sigmoid = sigmoid_value.producer()
             if sigmoid is None or sigmoid.op_type != "Sigmoid" or sigmoid.inputs[0] is not gate_value:
                 continue
-            if gate is None or gate.op_type != "MatMul" or gate.inputs[0] is not up.inputs[0]:
-                continue
-            return gate, up
-        return "the expert is not down(silu(gate(x)) * up(x))"
+            gate, up = gate_value.producer(), up_value.producer()
+            if gate is not None and up is not None and gate.op_type == up.op_type == "MatMul" \
+                    and gate.inputs[0] is up.inputs[0]:
+                return gate.inputs[0], (gate.inputs[1], None), (up.inputs[1], None)
+            halves = _halves_of_one_matmul(gate_value, up_value)
+            if halves is not None:
+                return halves
+        return _not_swiglu(down)
 
     def _match(self, layer: ExpertLayer, nodes: dict[str, ir.Node], values: dict[str, ir.Value]):
         """Everything ``call`` needs for one layer, or the reason it does not match (a string)."""
@@ -746,17 +814,20 @@ class FuseExpertsPass(QuantPass):
         reason = next((e for e in experts if isinstance(e, str)), None)
         if reason is not None:
             return reason
-        split = experts[0][0].inputs[0].producer()
+        split = experts[0][0].producer()
         if split is None or split.op_type != "Split" or any(
-                gate.inputs[0] is not split.outputs[e] for e, (gate, _) in enumerate(experts)):
+                x is not split.outputs[e] for e, (x, _, _) in enumerate(experts)):
             return "the experts' rows do not come from one Split in expert order"
         rows = split.inputs[0].producer()
         if rows is None or rows.op_type != "Gather" or (rows.attributes.get("axis") and rows.attributes["axis"].value):
             return "the sorted rows are not a Gather of the layer's input"
-        weights = [(gate.inputs[1], up.inputs[1], down.inputs[1]) for (gate, up), down in zip(experts, downs)]
-        if any(w.const_value is None or len(w.shape or ()) != 2 for triple in weights for w in triple):
+        weights = [(gate, up, (down.inputs[1], None)) for (_, gate, up), down in zip(experts, downs)]
+        if any(w is None or w.const_value is None or len(w.shape or ()) != 2 for triple in weights for w, _ in triple):
             return "an expert weight is not a 2-D initializer"
-        hidden, inter = (int(d) for d in weights[0][0].shape)
+        hidden, inter = int(weights[0][2][0].shape[1]), int(weights[0][2][0].shape[0])
+        if any(_shape(w) != (hidden, inter) for gate, up, _ in weights for w in (gate, up)) or any(
+                _shape(down) != (inter, hidden) for _, _, down in weights):
+            return "the experts' weights do not all have the first expert's shapes"
         if hidden % self.block_size or inter % self.block_size:
             return f"hidden {hidden} or expert width {inter} is not a multiple of the block size {self.block_size}"
         concat = only_user(downs[0].outputs[0], "Concat")
@@ -783,7 +854,7 @@ class FuseExpertsPass(QuantPass):
             return f"the router's selected experts {layer.indices!r} have no constant k (a TopK's k or a last axis)"
         return rows.inputs[0], indices, routing_weights, summed.outputs[0], weights, hidden, inter, k
 
-    def _stacked(self, matrices: list[ir.TensorProtocol], interleave: list[ir.TensorProtocol] | None):
+    def _stacked(self, matrices: list[_Columns], interleave: list[_Columns] | None):
         """A function computing (packed [E, N, K * bits / 8], scales [E, N, K / block], zero points
         [E, N, ceil(K / block * bits / 8)]) once: each expert's ``[K, N]`` weight (gate and up interleaved column
         by column when ``interleave`` is given) quantized by onnxruntime's MatMulNBits block kernel."""
@@ -792,9 +863,9 @@ class FuseExpertsPass(QuantPass):
         def compute():
             parts = []
             for e, matrix in enumerate(matrices):
-                weight = matrix.numpy()
+                weight = _columns(matrix)
                 if interleave is not None:
-                    up = interleave[e].numpy()
+                    up = _columns(interleave[e])
                     fused = np.empty((weight.shape[0], 2 * weight.shape[1]), dtype=weight.dtype)
                     fused[:, 0::2], fused[:, 1::2] = weight, up
                     weight = fused
@@ -837,22 +908,22 @@ class FuseExpertsPass(QuantPass):
         graph = model.graph
         nodes = {node.name: node for node in graph}
         values = {value.name: value for node in graph for value in node.outputs}
-        fused, in_kernel, left = 0, 0, []
+        fused, in_kernel, left = 0, 0, {}  # left: reason -> the layers it kept unfused
         for number, layer in enumerate(self.layers):
             match = self._match(layer, nodes, values)
             if isinstance(match, str):
-                left.append(f"layer {number} ({match})")
+                left.setdefault(match, []).append(number)
                 continue
             x, indices, routing_weights, y, weights, hidden, inter, k = match
             experts = len(weights)
             blocks_in, blocks_mid = hidden // self.block_size, inter // self.block_size
             per_byte = 8 // self.bits
             fc1 = self._initializers(graph, f"moeport_qmoe_{number}_fc1", self._stacked(
-                [g.const_value for g, _, _ in weights], [u.const_value for _, u, _ in weights]),
+                [g for g, _, _ in weights], [u for _, u, _ in weights]),
                 [[experts, 2 * inter, hidden // per_byte], [experts, 2 * inter, blocks_in],
                  [experts, 2 * inter, -(-blocks_in // per_byte)]])
             fc2 = self._initializers(graph, f"moeport_qmoe_{number}_fc2", self._stacked(
-                [d.const_value for _, _, d in weights], None),
+                [d for _, _, d in weights], None),
                 [[experts, hidden, inter // per_byte], [experts, hidden, blocks_mid],
                  [experts, hidden, -(-blocks_mid // per_byte)]])
 
@@ -891,5 +962,7 @@ class FuseExpertsPass(QuantPass):
         done = f"fused the experts of {fused} MoE layer(s) into QMoE ({self.bits}-bit blocks of {self.block_size})"
         if in_kernel:
             done += f"; {in_kernel} of them route in the kernel (their routers are a top-k softmax)"
-        idle = "no MoE layer to fuse" if not self.layers else "no MoE layer in the sorted dispatch QMoE fuses"
-        return _outcome(model, done if fused else None, idle, left, "left as MatMuls")
+        idle = "no MoE layer to fuse" if not self.layers else "no MoE layer's experts are in a form QMoE runs"
+        kept = [f"layer{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} ({reason})"
+                for reason, numbers in left.items()]
+        return _outcome(model, done if fused else None, idle, kept, "left as MatMuls")

@@ -128,11 +128,11 @@ def test_a_prefill_slower_than_fp32_is_explained(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("model_type, in_kernel", (("mixtral", True), ("deepseek_v3", False), ("qwen2_moe", False),
-                                                   ("phimoe", False)))
+                                                   ("phimoe", False), ("beam", False)))
 def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model_type, in_kernel):
     """int4 runs each MoE layer's experts as one QMoE node (softmax top-k, renormalised: QMoE's own routing;
     grouped sigmoid with bias, the unnormalised top-k of qwen2_moe with shared experts beside, and PhiMoE's
-    sparsemixer, two ArgMax picks concatenated: moeport's):
+    sparsemixer, two ArgMax picks concatenated: moeport's; beam's gate and up as one MatMul cut by a Split):
     the same numbers as the per-expert MatMulNBits graph, far fewer nodes, routers float."""
     result, _ = hf_export(model_type)
     layers = len(result.info.layers)
@@ -163,7 +163,11 @@ def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
     result, _ = hf_export("gpt_oss")
     fused = quantize(result.output, tmp_path / "q.onnx", mode="int4", latency_runs=0, perplexity=False)
     record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
-    assert not record.modified and "left as MatMuls: layer 0 (" in record.note
+    layers = ", ".join(str(number) for number in range(len(result.info.layers)))
+    assert not record.modified and record.note == (
+        f"no MoE layer's experts are in a form QMoE runs; left as MatMuls: layers {layers} (the expert computes Add, "
+        "Clip, Mul, Sigmoid, Slice between its projections, not down(silu(gate(x)) * up(x)), the one gated form "
+        "QMoE's kernel runs)")
     assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
     assert not fused.layout.fused_experts and not fused.to_dict()["nbits_layout"]["fused_experts"]
     assert "layout: expert weights 4-bit blocks of " in fused.render()  # a fused file's: the test above
