@@ -48,6 +48,7 @@ from moeport.contract import ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, METADAT
 from moeport.runtime.fusions import (add_constant, cache_layers, constant_ints, fuse_group_query_attention, fused_note,
                                      only_user, unfused_layers)
 from moeport.runtime.moe_graph import ROUTER_INDICES_KEY
+from moeport.quant.expert_forms import GatedExpert, Projection, gated_expert
 
 METADATA_KEY = METADATA_PREFIX + QUANTIZATION_KEY
 
@@ -658,69 +659,6 @@ def _top_k_softmax_logits(indices: ir.Value, routing_weights: ir.Value) -> ir.Va
     return logits
 
 
-# A weight initializer and the columns of it a projection uses: (value, None) for all of them, (value, (start,
-# stop)) for one half of a gate and up stored as one matrix.
-_Columns = tuple[ir.Value, "tuple[int, int] | None"]
-
-
-def _shape(weight: _Columns) -> tuple[int, int]:
-    """``[K, N]`` of a projection's weight (N its columns' count)."""
-    value, columns = weight
-    rows, width = (int(d) if isinstance(d, int) else -1 for d in value.shape)
-    return rows, width if columns is None else columns[1] - columns[0]
-
-
-def _columns(weight: _Columns) -> np.ndarray:
-    """The ``[K, N]`` array of a projection's weight (its columns only, for one half of a stacked matrix)."""
-    value, columns = weight
-    array = value.const_value.numpy()
-    return array if columns is None else array[:, columns[0]:columns[1]]
-
-
-def _halves_of_one_matmul(gate_value: ir.Value, up_value: ir.Value) -> tuple[ir.Value, _Columns, _Columns] | None:
-    """(input, gate, up) where ``gate_value`` and ``up_value`` are the two equal halves, along the last axis, of
-    one MatMul's output (``Split(MatMul(x, W), 2)``, as a gate_up projection exports); else None."""
-    split = gate_value.producer()
-    if split is None or split is not up_value.producer() or split.op_type != "Split" or len(split.outputs) != 2:
-        return None
-    matmul = split.inputs[0].producer() if split.inputs[0] is not None else None
-    if matmul is None or matmul.op_type != "MatMul":
-        return None
-    weight = matmul.inputs[1]
-    if weight is None or weight.const_value is None or len(weight.shape or ()) != 2:
-        return None
-    width = int(weight.shape[1])
-    axis = split.attributes.get_int("axis", 0)
-    sizes = constant_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
-    rank = len(split.outputs[0].shape) if split.outputs[0].shape is not None else None
-    if axis != -1 and (rank is None or axis != rank - 1):
-        return None
-    if width % 2 or (sizes is not None and list(sizes) != [width // 2] * 2):
-        return None
-    halves = {split.outputs[0]: (0, width // 2), split.outputs[1]: (width // 2, width)}
-    return matmul.inputs[0], (weight, halves[gate_value]), (weight, halves[up_value])
-
-
-def _not_swiglu(down: ir.Node) -> str:
-    """Why an expert does not match, naming what it computes instead."""
-    return (f"the expert computes {_activation_ops(down)} between its projections, not down(silu(gate(x)) * up(x)), "
-            "the one gated form QMoE's kernel runs")
-
-
-def _activation_ops(down: ir.Node) -> str:
-    """The op types between an expert's first projections and its down projection ``down``, for a reason."""
-    ops, frontier, seen = [], [down.inputs[0]], set()
-    while frontier:
-        value = frontier.pop()
-        node = value.producer() if value is not None else None
-        if node is None or node.op_type in ("MatMul", "Split", "Gather") or id(node) in seen:
-            continue
-        seen.add(id(node))
-        ops.append(node.op_type)
-        frontier.extend(node.inputs)
-    return ", ".join(sorted(set(ops))) if ops else "no op"
-
-
 def _selected_per_token(indices: ir.Value) -> int | None:
     """How many experts each token is routed to, from the router's selected-experts tensor ``[tokens, k]``: a
     TopK's constant k, 1 for an ArgMax, else the tensor's static last axis (PhiMoE's sparsemixer concatenates two
@@ -754,9 +692,9 @@ class FuseExpertsPass(QuantPass):
     the selected experts, in one kernel.
 
     What it matches (the sorted dispatch ``moeport.exporter.strategies`` writes): the layer's rows
-    ``X [tokens, H]`` gathered in expert order and cut by one Split; expert e as
-    ``down_e(silu(gate_e(x)) * up_e(x))`` (MatMul, Sigmoid, Mul, MatMul, Mul, MatMul, float initializers); the
-    down outputs concatenated, scaled by the routing weights ``[tokens, k]`` (gathered in the same order), put
+    ``X [tokens, H]`` gathered in expert order and cut by one Split; expert e in QMoE's gated form
+    (``expert_forms``: ``down_e(silu(gate_e(x)) * up_e(x))``, or gpt-oss's clamped form, biases included); the
+    expert outputs concatenated, scaled by the routing weights ``[tokens, k]`` (gathered in the same order), put
     back in token order and summed over k (Gather, Reshape, ReduceSum) into ``Y [tokens, H]``. ``Y`` then comes
     from ``QMoE(X, router_probs, ...)`` where ``router_probs`` is 1 at the router's selected experts and 0
     elsewhere (so QMoE's own top-k selects exactly them) and ``router_weights`` holds the routing weights at
@@ -769,8 +707,8 @@ class FuseExpertsPass(QuantPass):
     where two scores are exactly equal: TopK picks the lower index, QMoE the higher (and over logits rather than
     probabilities, which rounding can make equal). The QMoE node's metadata names the TopK output it replaced
     (``moe_graph.ROUTER_INDICES_KEY``), for the routing comparisons of the quality report. Gate and up are
-    interleaved into fc1 (``swiglu_fusion=1``, ``activation_alpha=1``, ``activation_beta=0``: silu(gate) * up),
-    down is fc2; weights are quantized by onnxruntime's block kernel (asymmetric, ``block_size`` along K, computed
+    interleaved into fc1 (``swiglu_fusion=1``; ``activation_alpha``, ``activation_beta`` and ``swiglu_limit`` the
+    expert's: 1, 0 and none for silu(gate) * up), down is fc2, their biases fc1's and fc2's; weights are quantized by onnxruntime's block kernel (asymmetric, ``block_size`` along K, computed
     when the model is written). A layer that does not match is left alone, with the reason in the note; the old
     nodes are left for ``REMOVE_UNUSED``.
     """
@@ -779,59 +717,32 @@ class FuseExpertsPass(QuantPass):
         super().__init__()
         self.layers, self.bits, self.block_size, self.accuracy_level = layers, bits, block_size, accuracy_level
 
-    def _expert(self, down: ir.Node) -> tuple[ir.Value, _Columns, _Columns] | str:
-        """(the expert's input, its gate weight, its up weight) for the expert whose down projection is ``down``,
-        or why it does not match. Gate and up are two MatMuls on the input, or one MatMul over their concatenated
-        weights cut in two halves by a Split (gate first or second: the half that feeds the Sigmoid)."""
-        product = down.inputs[0].producer() if down.inputs[0] is not None else None
-        if product is None or product.op_type != "Mul":
-            return _not_swiglu(down)
-        for silu_value, up_value in (tuple(product.inputs), tuple(reversed(product.inputs))):
-            silu = silu_value.producer()
-            if silu is None or silu.op_type != "Mul" or up_value is None:
-                continue
-            gate_value, sigmoid_value = silu.inputs
-            if sigmoid_value.producer() is None or sigmoid_value.producer().op_type != "Sigmoid":
-                gate_value, sigmoid_value = sigmoid_value, gate_value
-            sigmoid = sigmoid_value.producer()
-            if sigmoid is None or sigmoid.op_type != "Sigmoid" or sigmoid.inputs[0] is not gate_value:
-                continue
-            gate, up = gate_value.producer(), up_value.producer()
-            if gate is not None and up is not None and gate.op_type == up.op_type == "MatMul" \
-                    and gate.inputs[0] is up.inputs[0]:
-                return gate.inputs[0], (gate.inputs[1], None), (up.inputs[1], None)
-            halves = _halves_of_one_matmul(gate_value, up_value)
-            if halves is not None:
-                return halves
-        return _not_swiglu(down)
-
     def _match(self, layer: ExpertLayer, nodes: dict[str, ir.Node], values: dict[str, ir.Value]):
         """Everything ``call`` needs for one layer, or the reason it does not match (a string)."""
         downs = [nodes.get(name) for name in layer.downs]
         if None in downs or any(d.op_type != "MatMul" for d in downs):
             return "its down projections are not all float MatMuls"
-        experts = [self._expert(down) for down in downs]
+        experts = [gated_expert(down) for down in downs]
         reason = next((e for e in experts if isinstance(e, str)), None)
         if reason is not None:
             return reason
-        split = experts[0][0].producer()
+        split = experts[0].x.producer()
         if split is None or split.op_type != "Split" or any(
-                x is not split.outputs[e] for e, (x, _, _) in enumerate(experts)):
+                expert.x is not split.outputs[e] for e, expert in enumerate(experts)):
             return "the experts' rows do not come from one Split in expert order"
         rows = split.inputs[0].producer()
         if rows is None or rows.op_type != "Gather" or (rows.attributes.get("axis") and rows.attributes["axis"].value):
             return "the sorted rows are not a Gather of the layer's input"
-        weights = [(gate, up, (down.inputs[1], None)) for (_, gate, up), down in zip(experts, downs)]
-        if any(w is None or w.const_value is None or len(w.shape or ()) != 2 for triple in weights for w, _ in triple):
-            return "an expert weight is not a 2-D initializer"
-        hidden, inter = int(weights[0][2][0].shape[1]), int(weights[0][2][0].shape[0])
-        if any(_shape(w) != (hidden, inter) for gate, up, _ in weights for w in (gate, up)) or any(
-                _shape(down) != (inter, hidden) for _, _, down in weights):
+        hidden, inter = experts[0].down.shape[1], experts[0].down.shape[0]
+        if any(projection.shape != (hidden, inter) for e in experts for projection in (e.gate, e.up)) or any(
+                e.down.shape != (inter, hidden) for e in experts):
             return "the experts' weights do not all have the first expert's shapes"
+        if len({e.activation for e in experts}) > 1:
+            return "the experts' activations differ (alpha, beta or limit)"
         if hidden % self.block_size or inter % self.block_size:
             return f"hidden {hidden} or expert width {inter} is not a multiple of the block size {self.block_size}"
-        concat = only_user(downs[0].outputs[0], "Concat")
-        if concat is None or list(concat.inputs) != [d.outputs[0] for d in downs]:
+        concat = only_user(experts[0].output, "Concat")
+        if concat is None or list(concat.inputs) != [e.output for e in experts]:
             return "the expert outputs are not concatenated in expert order"
         scale = only_user(concat.outputs[0], "Mul")
         unsorted = scale and only_user(scale.outputs[0], "Gather")
@@ -852,9 +763,9 @@ class FuseExpertsPass(QuantPass):
         k = _selected_per_token(indices)
         if k is None:
             return f"the router's selected experts {layer.indices!r} have no constant k (a TopK's k or a last axis)"
-        return rows.inputs[0], indices, routing_weights, summed.outputs[0], weights, hidden, inter, k
+        return rows.inputs[0], indices, routing_weights, summed.outputs[0], experts, hidden, inter, k
 
-    def _stacked(self, matrices: list[_Columns], interleave: list[_Columns] | None):
+    def _stacked(self, matrices: list[Projection], interleave: list[Projection] | None):
         """A function computing (packed [E, N, K * bits / 8], scales [E, N, K / block], zero points
         [E, N, ceil(K / block * bits / 8)]) once: each expert's ``[K, N]`` weight (gate and up interleaved column
         by column when ``interleave`` is given) quantized by onnxruntime's MatMulNBits block kernel."""
@@ -863,9 +774,9 @@ class FuseExpertsPass(QuantPass):
         def compute():
             parts = []
             for e, matrix in enumerate(matrices):
-                weight = _columns(matrix)
+                weight = matrix.matrix()
                 if interleave is not None:
-                    up = _columns(interleave[e])
+                    up = interleave[e].matrix()
                     fused = np.empty((weight.shape[0], 2 * weight.shape[1]), dtype=weight.dtype)
                     fused[:, 0::2], fused[:, 1::2] = weight, up
                     weight = fused
@@ -878,6 +789,20 @@ class FuseExpertsPass(QuantPass):
     def _initializers(graph: ir.Graph, name: str, compute, shapes) -> list[ir.Value]:
         return _lazy_initializers(graph, compute, [(f"{name}_{suffix}", dtype, shape) for suffix, dtype, shape in zip(
             ("q", "scales", "zero_points"), (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8), shapes)])
+
+    @staticmethod
+    def _biases(graph: ir.Graph, number: int, gated: list[GatedExpert]) -> tuple[ir.Value | None, ir.Value | None]:
+        """QMoE's fc1 bias ``[E, 2 * inter]`` (gate and up interleaved as fc1's rows are) and fc2 bias ``[E, hidden]``,
+        each None where no expert has one (an expert without one among those that do gets zeros)."""
+        fc1 = fc2 = None
+        if any(e.gate.bias is not None or e.up.bias is not None for e in gated):
+            gate, up = np.stack([e.gate.bias_vector() for e in gated]), np.stack([e.up.bias_vector() for e in gated])
+            interleaved = np.empty((len(gated), 2 * gate.shape[1]), np.float32)
+            interleaved[:, 0::2], interleaved[:, 1::2] = gate, up
+            fc1 = add_constant(graph, f"moeport_qmoe_{number}_fc1_bias", interleaved)
+        if any(e.down.bias is not None for e in gated):
+            fc2 = add_constant(graph, f"moeport_qmoe_{number}_fc2_bias", np.stack([e.down.bias_vector() for e in gated]))
+        return fc1, fc2
 
     @staticmethod
     def _routing_tensors(graph: ir.Graph, number: int, x: ir.Value, indices: ir.Value, routing_weights: ir.Value,
@@ -914,16 +839,16 @@ class FuseExpertsPass(QuantPass):
             if isinstance(match, str):
                 left.setdefault(match, []).append(number)
                 continue
-            x, indices, routing_weights, y, weights, hidden, inter, k = match
-            experts = len(weights)
+            x, indices, routing_weights, y, gated, hidden, inter, k = match
+            experts = len(gated)
             blocks_in, blocks_mid = hidden // self.block_size, inter // self.block_size
             per_byte = 8 // self.bits
             fc1 = self._initializers(graph, f"moeport_qmoe_{number}_fc1", self._stacked(
-                [g for g, _, _ in weights], [u for _, u, _ in weights]),
+                [e.gate for e in gated], [e.up for e in gated]),
                 [[experts, 2 * inter, hidden // per_byte], [experts, 2 * inter, blocks_in],
                  [experts, 2 * inter, -(-blocks_in // per_byte)]])
             fc2 = self._initializers(graph, f"moeport_qmoe_{number}_fc2", self._stacked(
-                [d for _, _, d in weights], None),
+                [e.down for e in gated], None),
                 [[experts, hidden, inter // per_byte], [experts, hidden, blocks_mid],
                  [experts, hidden, -(-blocks_mid // per_byte)]])
 
@@ -936,14 +861,17 @@ class FuseExpertsPass(QuantPass):
             else:
                 probs, mixing, added = self._routing_tensors(graph, number, x, indices, routing_weights,
                                                              experts, k)
-            inputs = [x, probs, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2], None,
-                      mixing]
-            qmoe = ir.node("QMoE", inputs[:-1] if mixing is None else inputs,
-                           attributes={"k": k, "activation_type": "swiglu", "swiglu_fusion": 1,
-                                       "activation_alpha": 1.0, "activation_beta": 0.0,
-                                       "normalize_routing_weights": 0, "expert_weight_bits": self.bits,
-                                       "block_size": self.block_size, "accuracy_level": self.accuracy_level,
-                                       "weights_prepacked": 0},
+            fc1_bias, fc2_bias = self._biases(graph, number, gated)
+            inputs = [x, probs, fc1[0], fc1[1], fc1_bias, fc2[0], fc2[1], fc2_bias, None, None, None, fc1[2], fc2[2],
+                      None, mixing]
+            alpha, beta, limit = gated[0].activation
+            attributes = {"k": k, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": alpha,
+                          "activation_beta": beta, "normalize_routing_weights": 0, "expert_weight_bits": self.bits,
+                          "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                          "weights_prepacked": 0}
+            if limit is not None:
+                attributes["swiglu_limit"] = limit
+            qmoe = ir.node("QMoE", inputs[:-1] if mixing is None else inputs, attributes=attributes,
                            domain="com.microsoft", name=f"moeport_qmoe_{number}")
             if mixing is None:
                 qmoe.metadata_props[ROUTER_INDICES_KEY] = indices.name

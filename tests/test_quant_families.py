@@ -158,19 +158,59 @@ def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model
 
 
 def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
-    """gpt-oss's experts are a clamped SwiGLU with biases, not silu(gate) * up: they stay per-expert MatMulNBits,
-    and the report's layout line says what was written (it had claimed one QMoE per layer)."""
-    result, _ = hf_export("gpt_oss")
+    """Gemma 4's experts are a GELU-gated MLP, which QMoE's CPU kernel does not run: they stay per-expert
+    MatMulNBits, the note names what they compute, and the report's layout line says what was written (it had
+    claimed one QMoE per layer)."""
+    result, _ = hf_export("gemma4_text")
     fused = quantize(result.output, tmp_path / "q.onnx", mode="int4", latency_runs=0, perplexity=False)
     record = next(r for r in fused.passes if r.name == "FuseExpertsPass")
     layers = ", ".join(str(number) for number in range(len(result.info.layers)))
     assert not record.modified and record.note == (
-        f"no MoE layer's experts are in a form QMoE runs; left as MatMuls: layers {layers} (the expert computes Add, "
-        "Clip, Mul, Sigmoid, Slice between its projections, not down(silu(gate(x)) * up(x)), the one gated form "
-        "QMoE's kernel runs)")
+        f"no MoE layer's experts are in a form QMoE runs; left as MatMuls: layers {layers} (the expert computes Gelu, "
+        "Mul between its projections, not down(silu(gate(x)) * up(x)) or its clamped form, the gated forms QMoE's "
+        "kernel runs)")
     assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
     assert not fused.layout.fused_experts and not fused.to_dict()["nbits_layout"]["fused_experts"]
     assert "layout: expert weights 4-bit blocks of " in fused.render()  # a fused file's: the test above
+
+
+def test_a_clamped_swiglu_with_biases_fuses_with_its_limit(tmp_path):
+    """gpt-oss's experts (gate and up interleaved in one biased MatMul, split by two Slices; the gate clamped from
+    above at 7, alpha 1.702, up clamped to +-7 plus 1; a biased down projection) run as one QMoE per layer with its
+    biases, alpha, beta and swiglu_limit. The expert weights are scaled up so that the clamp is active: the fused
+    file gives the per-expert file's logits, and without the limit it would not."""
+    import torch
+
+    model = hf_families.random_model("gpt_oss")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".experts." in name:
+                parameter.mul_(40.0)
+    model.save_pretrained(tmp_path / "gpt_oss")
+    source = export_checkpoint(tmp_path / "gpt_oss", tmp_path / "gpt_oss.onnx", validate=False)
+    fused = quantize(source.output, tmp_path / "fused.onnx", mode="int8-blocks", latency_runs=0, perplexity=False)
+    apart = quantize(source.output, tmp_path / "apart.onnx", mode="int8-blocks", latency_runs=0, perplexity=False,
+                     fused_experts=False)
+    layers = len(source.info.layers)
+    assert next(r for r in fused.passes if r.name == "FuseExpertsPass").note == (
+        f"fused the experts of {layers} MoE layer(s) into QMoE (8-bit blocks of 32); {layers} of them route in the "
+        "kernel (their routers are a top-k softmax)")
+    graph = onnx.load(fused.output)
+    qmoe = [node for node in graph.graph.node if node.op_type == "QMoE"]
+    assert len(qmoe) == layers
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe[0].attribute}
+    assert (attributes["swiglu_limit"], attributes["activation_beta"]) == (7.0, 1.0)
+    assert attributes["activation_alpha"] == pytest.approx(1.702)
+    assert qmoe[0].input[4] and qmoe[0].input[7]  # fc1 and fc2 biases
+
+    feeds = random_inputs(source.info, 2, 11, seed=0)
+    per_expert = create_session(apart.output).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(create_session(fused.output).run(["logits"], feeds)[0], per_expert, atol=1e-5, rtol=0)
+    for node in qmoe:
+        node.attribute.remove(next(a for a in node.attribute if a.name == "swiglu_limit"))
+    onnx.save(graph, tmp_path / "unclamped.onnx")
+    unclamped = create_session(tmp_path / "unclamped.onnx").run(["logits"], feeds)[0]
+    assert np.abs(unclamped - per_expert).max() > 1e-2
 
 
 def _with_past(tmp_path, model_type: str, kv_cache: str = "concat"):
