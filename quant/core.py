@@ -289,8 +289,12 @@ def _kv_projection_names(source: "_Source") -> set[str]:
 
 def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
     """MatMul/Gemm with a 2-D initializer weight (for a MatMul, also one read through a 2-D Transpose: a tied
-    lm_head, see ``UntieTransposedWeightPass``) and Gather over an initializer, minus ``exclude``."""
+    lm_head, see ``UntieTransposedWeightPass``) and Gather over an initializer at indices computed by the graph
+    (an embedding lookup), minus ``exclude``. A Gather at a constant index picks a fixed row (gpt-oss's per-expert
+    biases at real size, where the export does not fold them): one row is read, so storing the table in fewer
+    bits saves no time and only costs precision."""
     inits = {i.name: i for i in model.graph.initializer}
+    constants = set(inits) | {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
     transposed = {n.output[0]: n.input[0] for n in model.graph.node
                   if n.op_type == "Transpose" and n.domain in ("", "ai.onnx")
                   and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
@@ -303,7 +307,8 @@ def _weight_nodes(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodePr
             weight = transposed[weight]
         if weight is not None and len(inits.get(weight, _NO).dims) == 2:
             chosen.append(node)
-        elif node.op_type == "Gather" and len(inits.get(node.input[0], _NO).dims) == 2:
+        elif node.op_type == "Gather" and len(inits.get(node.input[0], _NO).dims) == 2 \
+                and node.input[1] not in constants:
             chosen.append(node)
     return chosen
 

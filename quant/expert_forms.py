@@ -30,6 +30,7 @@ class Projection:
     weight: ir.Value
     bias: ir.Value | None
     columns: slice
+    bias_row: int | None = None  # the bias is this row of a 2-D table (a Gather at a constant index)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -45,7 +46,9 @@ class Projection:
         """The ``[width]`` bias of the columns used, zeros when there is none."""
         if self.bias is None:
             return np.zeros(self.shape[1], np.float32)
-        return self.bias.const_value.numpy().reshape(-1)[self.columns].astype(np.float32)
+        table = self.bias.const_value.numpy()
+        vector = table[self.bias_row] if self.bias_row is not None else table
+        return vector.reshape(-1)[self.columns].astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -165,11 +168,10 @@ def _projection(value: ir.Value) -> tuple[ir.Value, Projection] | None:
         part, value = ("every other", starts[0], None), node.inputs[0]
     node, bias = _producer(value), None
     if node is not None and node.op_type == "Add":
-        constants = [v for v in node.inputs if v is not None and v.const_value is not None]
-        others = [v for v in node.inputs if v is not None and v.const_value is None]
-        if len(constants) != 1 or len(others) != 1:
+        biases = [_constant_vector(v) for v in node.inputs]
+        if len(node.inputs) != 2 or (biases[0] is None) == (biases[1] is None):
             return None
-        bias, value = constants[0], others[0]
+        bias, value = (biases[0], node.inputs[1]) if biases[0] is not None else (biases[1], node.inputs[0])
         node = _producer(value)
     if node is None or node.op_type != "MatMul":
         return None
@@ -178,7 +180,7 @@ def _projection(value: ir.Value) -> tuple[ir.Value, Projection] | None:
             or not isinstance(weight.shape[1], int):
         return None
     width = int(weight.shape[1])
-    if bias is not None and bias.const_value.numpy().size != width:
+    if bias is not None and bias[2] != width:
         return None
     if part is None:
         columns = slice(0, width)
@@ -188,7 +190,7 @@ def _projection(value: ir.Value) -> tuple[ir.Value, Projection] | None:
         columns = slice(0, width // 2) if part[1] == 0 else slice(width // 2, width)
     else:
         columns = slice(part[1], width, 2)
-    return node.inputs[0], Projection(weight, bias, columns)
+    return node.inputs[0], _with_bias(weight, bias, columns)
 
 
 def _down(down: ir.Node) -> tuple[Projection, ir.Value] | None:
@@ -199,11 +201,37 @@ def _down(down: ir.Node) -> tuple[Projection, ir.Value] | None:
         return None
     width, output, bias = int(weight.shape[1]), down.outputs[0], None
     add = only_user(output, "Add")
-    if add is not None:
-        constants = [v for v in add.inputs if v is not None and v is not output and v.const_value is not None]
-        if len(constants) == 1 and constants[0].const_value.numpy().size == width:
-            bias, output = constants[0], add.outputs[0]
-    return Projection(weight, bias, slice(0, width)), output
+    if add is not None and len(add.inputs) == 2:
+        other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+        bias = _constant_vector(other)
+        if bias is not None and bias[2] == width:
+            output = add.outputs[0]
+        else:
+            bias = None
+    return _with_bias(weight, bias, slice(0, width)), output
+
+
+def _constant_vector(value: ir.Value | None) -> tuple[ir.Value, int | None, int] | None:
+    """(initializer, row, length) where ``value`` is a constant vector (row None) or the row of a 2-D initializer
+    picked by a Gather at a constant index (how the export keeps gpt-oss's per-expert biases at real size)."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value, None, int(value.const_value.numpy().size)
+    gather = value.producer()
+    if gather is None or gather.op_type != "Gather" or gather.attributes.get_int("axis", 0) != 0:
+        return None
+    table, index = gather.inputs
+    if table is None or table.const_value is None or len(table.shape or ()) != 2 or index is None \
+            or index.const_value is None or index.const_value.numpy().size != 1 or index.const_value.numpy().ndim:
+        return None
+    return table, int(index.const_value.numpy()), int(table.shape[1])
+
+
+def _with_bias(weight: ir.Value, bias: tuple[ir.Value, int | None, int] | None, columns: slice) -> Projection:
+    if bias is None:
+        return Projection(weight, None, columns)
+    return Projection(weight, bias[0], columns, bias_row=bias[1])
 
 
 def _last_axis(axis: int, value: ir.Value | None) -> bool:

@@ -334,7 +334,7 @@ class GatherBlockQuantizedPass(QuantPass):
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
-        rewritten, left = [], []
+        rewritten, left, stored = [], [], {}
         for node in [n for n in graph if n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.name in self.names]:
             table = node.inputs[0]
             axis = node.attributes.get("axis")
@@ -345,14 +345,16 @@ class GatherBlockQuantizedPass(QuantPass):
             if hidden % self.block_size:
                 left.append(f"{node.name} (row length {hidden} is not a multiple of {self.block_size})")
                 continue
-            # The table transposed makes each of its rows one MatMul column, blocked along H.
-            compute = functools.cache(lambda table=table.const_value: _block_quantize(table.numpy().T, 8,
-                                                                                      self.block_size))
-            blocks = hidden // self.block_size
-            inputs = _lazy_initializers(graph, compute, [(f"{table.name}_q8", ir.DataType.UINT8, [vocab, hidden]),
-                                                         (f"{table.name}_scales", table.dtype, [vocab, blocks]),
-                                                         (f"{table.name}_zero_points", ir.DataType.UINT8,
-                                                          [vocab, blocks])])
+            if table.name not in stored:  # one quantized table for every Gather that reads it
+                # The table transposed makes each of its rows one MatMul column, blocked along H.
+                compute = functools.cache(lambda table=table.const_value: _block_quantize(table.numpy().T, 8,
+                                                                                          self.block_size))
+                blocks = hidden // self.block_size
+                stored[table.name] = _lazy_initializers(
+                    graph, compute, [(f"{table.name}_q8", ir.DataType.UINT8, [vocab, hidden]),
+                                     (f"{table.name}_scales", table.dtype, [vocab, blocks]),
+                                     (f"{table.name}_zero_points", ir.DataType.UINT8, [vocab, blocks])])
+            inputs = stored[table.name]
             gathered = ir.node("GatherBlockQuantized", [inputs[0], node.inputs[1], inputs[1], inputs[2]],
                                attributes={"bits": 8, "block_size": self.block_size, "gather_axis": 0,
                                            "quantize_axis": 1},

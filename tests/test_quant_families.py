@@ -178,16 +178,23 @@ def test_a_clamped_swiglu_with_biases_fuses_with_its_limit(tmp_path):
     """gpt-oss's experts (gate and up interleaved in one biased MatMul, split by two Slices; the gate clamped from
     above at 7, alpha 1.702, up clamped to +-7 plus 1; a biased down projection) run as one QMoE per layer with its
     biases, alpha, beta and swiglu_limit. The expert weights are scaled up so that the clamp is active: the fused
-    file gives the per-expert file's logits, and without the limit it would not."""
+    file gives the per-expert file's logits, and without the limit it would not. At this expert width the export
+    keeps the per-expert biases as Gathers at constant indices, as at real size: they are read as bias rows, and
+    are not taken for embeddings (two Gathers of one table had crashed the per-expert file's quantization)."""
     import torch
 
-    model = hf_families.random_model("gpt_oss")
+    model = hf_families.random_model("gpt_oss", intermediate_size=1024)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".experts." in name:
                 parameter.mul_(40.0)
     model.save_pretrained(tmp_path / "gpt_oss")
     source = export_checkpoint(tmp_path / "gpt_oss", tmp_path / "gpt_oss.onnx", validate=False)
+    exported = onnx.load(source.output)
+    initializers = {i.name for i in exported.graph.initializer}
+    assert any(n.op_type == "Gather" and n.input[1] in initializers | {c.output[0] for c in exported.graph.node
+                                                                       if c.op_type == "Constant"}
+               for n in exported.graph.node)  # the biases' rows, picked at constant indices
     fused = quantize(source.output, tmp_path / "fused.onnx", mode="int8-blocks", latency_runs=0, perplexity=False)
     apart = quantize(source.output, tmp_path / "apart.onnx", mode="int8-blocks", latency_runs=0, perplexity=False,
                      fused_experts=False)
@@ -202,15 +209,18 @@ def test_a_clamped_swiglu_with_biases_fuses_with_its_limit(tmp_path):
     assert (attributes["swiglu_limit"], attributes["activation_beta"]) == (7.0, 1.0)
     assert attributes["activation_alpha"] == pytest.approx(1.702)
     assert qmoe[0].input[4] and qmoe[0].input[7]  # fc1 and fc2 biases
+    assert apart.output_ops["GatherBlockQuantized"] == 1  # the embedding; the bias tables stay float
 
     feeds = random_inputs(source.info, 2, 11, seed=0)
     per_expert = create_session(apart.output).run(["logits"], feeds)[0]
-    np.testing.assert_allclose(create_session(fused.output).run(["logits"], feeds)[0], per_expert, atol=1e-5, rtol=0)
+    # the two files' kernels quantize the experts' inputs to 8 bits in their own blocks (accuracy level 4), which at
+    # these scaled-up activations moves the logits by up to 1e-4
+    np.testing.assert_allclose(create_session(fused.output).run(["logits"], feeds)[0], per_expert, atol=1e-3, rtol=0)
     for node in qmoe:
         node.attribute.remove(next(a for a in node.attribute if a.name == "swiglu_limit"))
     onnx.save(graph, tmp_path / "unclamped.onnx")
     unclamped = create_session(tmp_path / "unclamped.onnx").run(["logits"], feeds)[0]
-    assert np.abs(unclamped - per_expert).max() > 1e-2
+    assert np.abs(unclamped - per_expert).max() > 2e-2
 
 
 def _with_past(tmp_path, model_type: str, kv_cache: str = "concat"):

@@ -296,3 +296,38 @@ def test_stack_projections_says_why_it_did_nothing():
     assert (records[0].modified, records[0].note) == (False, "no two MatMulNBits read the same input with the same "
                                                           "layout")
     assert _ops(after) == _ops(before)
+
+
+def test_gathers_of_one_table_share_its_blocks_and_a_constant_row_is_no_embedding():
+    """Two lookups in one table (ids and ids + 1) get one 8-bit block copy of it, not two initializers of one
+    name; a Gather at a constant index (a bias row, as gpt-oss's are kept at real size) is not handed to the
+    quantizer at all."""
+    from moeport.quant.core import _weight_nodes
+    from moeport.quant.passes import GatherBlockQuantizedPass
+
+    table = RNG.standard_normal((16, 32)).astype(np.float32)
+    graph = helper.make_graph([
+        helper.make_node("Gather", ["table", "ids"], ["a"], name="lookup"),
+        helper.make_node("Add", ["ids", "one"], ["next_ids"]),
+        helper.make_node("Gather", ["table", "next_ids"], ["b"], name="lookup_next"),
+        helper.make_node("Gather", ["bias", "row"], ["r"], name="bias_row"),
+        helper.make_node("Add", ["a", "b"], ["ab"]),
+        helper.make_node("Add", ["ab", "r"], ["y"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+         _weights(4, 32, name="bias"), numpy_helper.from_array(np.array(2, np.int64), "row")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert {n.name for n in _weight_nodes(proto, set())} == {"lookup", "lookup_next"}
+
+    model = ir.from_proto(proto)
+    records = run_passes(model, [GatherBlockQuantizedPass({"lookup", "lookup_next"}, 16), REMOVE_UNUSED])
+    assert records[0].note == "stored 2 Gather table(s) in 8-bit blocks of 16"
+    after = serialize(model)
+    assert [i.name for i in after.graph.initializer if i.name.startswith("table_")] == [
+        "table_q8", "table_scales", "table_zero_points"]
+    assert _ops(after)["GatherBlockQuantized"] == 2 and _ops(after)["Gather"] == 1
+    ids = np.array([0, 5, 14], np.int64)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+           for m in (after, proto)]
+    np.testing.assert_allclose(run[0], run[1], atol=0.05, rtol=0)  # 8-bit blocks of values of about 3
