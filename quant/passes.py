@@ -710,9 +710,10 @@ class FuseExpertsPass(QuantPass):
     probabilities, which rounding can make equal). The QMoE node's metadata names the TopK output it replaced
     (``moe_graph.ROUTER_INDICES_KEY``), for the routing comparisons of the quality report. Gate and up are
     interleaved into fc1 (``swiglu_fusion=1``; ``activation_alpha``, ``activation_beta`` and ``swiglu_limit`` the
-    expert's: 1, 0 and none for silu(gate) * up), down is fc2, their biases fc1's and fc2's; weights are quantized by onnxruntime's block kernel (asymmetric, ``block_size`` along K, computed
-    when the model is written). A layer that does not match is left alone, with the reason in the note; the old
-    nodes are left for ``REMOVE_UNUSED``.
+    expert's: 1, 0 and none for silu(gate) * up), down is fc2, their biases fc1's and fc2's; weights are quantized
+    by onnxruntime's block kernel (asymmetric, ``block_size`` along K, computed when the model is written). A
+    layer that does not match is left alone, with the reason in the note; the old nodes are left for
+    ``REMOVE_UNUSED``.
     """
 
     def __init__(self, layers: list[ExpertLayer], bits: int, block_size: int, accuracy_level: int):
@@ -803,7 +804,8 @@ class FuseExpertsPass(QuantPass):
             interleaved[:, 0::2], interleaved[:, 1::2] = gate, up
             fc1 = add_constant(graph, f"moeport_qmoe_{number}_fc1_bias", interleaved)
         if any(e.down.bias is not None for e in gated):
-            fc2 = add_constant(graph, f"moeport_qmoe_{number}_fc2_bias", np.stack([e.down.bias_vector() for e in gated]))
+            fc2 = add_constant(graph, f"moeport_qmoe_{number}_fc2_bias",
+                               np.stack([e.down.bias_vector() for e in gated]))
         return fc1, fc2
 
     @staticmethod
