@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from moeport.runtime.fusions import constant_ints, only_user
+from moeport.runtime.fusions import constant_ints, constant_scalar, only_user
 
 # Slice ends at or beyond this are "to the end" (torch exports ``x[..., ::2]`` with INT64_MAX).
 _TO_THE_END = 2 ** 31 - 1
@@ -95,14 +95,6 @@ def _producer(value: ir.Value | None) -> ir.Node | None:
     return value.producer() if value is not None else None
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    """A one-element constant's value."""
-    if value is None or value.const_value is None:
-        return None
-    array = value.const_value.numpy()
-    return float(array.reshape(-1)[0]) if array.size == 1 else None
-
-
 def _gated(value: ir.Value) -> tuple[ir.Value, float, float | None] | None:
     """(gate, alpha, limit) where ``value`` is ``g * sigmoid(alpha * g)`` and ``g = min(gate, limit)`` (``g = gate``
     and limit None without a Clip)."""
@@ -117,14 +109,14 @@ def _gated(value: ir.Value) -> tuple[ir.Value, float, float | None] | None:
         scaled = _producer(argument)
         if argument is not g and scaled is not None and scaled.op_type == "Mul":
             for operand, factor in (tuple(scaled.inputs), tuple(reversed(scaled.inputs))):
-                if operand is g and _scalar(factor) is not None:
-                    argument, alpha = g, _scalar(factor)
+                if operand is g and constant_scalar(factor) is not None:
+                    argument, alpha = g, constant_scalar(factor)
         if argument is not g:
             continue
         clip = _producer(g)
         if clip is not None and clip.op_type == "Clip":
             low = clip.inputs[1] if len(clip.inputs) > 1 else None
-            limit = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 else None
+            limit = constant_scalar(clip.inputs[2]) if len(clip.inputs) > 2 else None
             if low is not None or limit is None:  # QMoE clamps the gate from above only
                 return None
             return clip.inputs[0], alpha, limit
@@ -138,14 +130,14 @@ def _linear(value: ir.Value, limit: float | None) -> tuple[ir.Value, float] | No
     node, beta = _producer(value), 0.0
     if node is not None and node.op_type == "Add":
         for operand, constant in (tuple(node.inputs), tuple(reversed(node.inputs))):
-            if _scalar(constant) is not None and operand is not None and operand.const_value is None:
-                value, beta = operand, _scalar(constant)
+            if constant_scalar(constant) is not None and operand is not None and operand.const_value is None:
+                value, beta = operand, constant_scalar(constant)
                 break
     if limit is None:
         return value, beta
     clip = _producer(value)
     if clip is None or clip.op_type != "Clip" or len(clip.inputs) < 3 \
-            or (_scalar(clip.inputs[1]), _scalar(clip.inputs[2])) != (-limit, limit):
+            or (constant_scalar(clip.inputs[1]), constant_scalar(clip.inputs[2])) != (-limit, limit):
         return None
     return clip.inputs[0], beta
 
@@ -173,11 +165,8 @@ def _projection(value: ir.Value) -> tuple[ir.Value, Projection] | None:
             return None
         bias, value = (biases[0], node.inputs[1]) if biases[0] is not None else (biases[1], node.inputs[0])
         node = _producer(value)
-    if node is None or node.op_type != "MatMul":
-        return None
-    weight = node.inputs[1]
-    if weight is None or weight.const_value is None or len(weight.shape or ()) != 2 \
-            or not isinstance(weight.shape[1], int):
+    weight = _matmul_weight(node)
+    if weight is None:
         return None
     width = int(weight.shape[1])
     if bias is not None and bias[2] != width:
@@ -195,9 +184,8 @@ def _projection(value: ir.Value) -> tuple[ir.Value, Projection] | None:
 
 def _down(down: ir.Node) -> tuple[Projection, ir.Value] | None:
     """(the down projection, the expert's output): down's output, or the Add of a constant bias after it."""
-    weight = down.inputs[1]
-    if weight is None or weight.const_value is None or len(weight.shape or ()) != 2 \
-            or not isinstance(weight.shape[1], int):
+    weight = _matmul_weight(down)
+    if weight is None:
         return None
     width, output, bias = int(weight.shape[1]), down.outputs[0], None
     add = only_user(output, "Add")
@@ -211,6 +199,17 @@ def _down(down: ir.Node) -> tuple[Projection, ir.Value] | None:
     return _with_bias(weight, bias, slice(0, width)), output
 
 
+def _matmul_weight(node: ir.Node | None) -> ir.Value | None:
+    """The weight of the MatMul ``node`` when it is a 2-D initializer with a static width."""
+    if node is None or node.op_type != "MatMul":
+        return None
+    weight = node.inputs[1]
+    if weight is None or weight.const_value is None or len(weight.shape or ()) != 2 \
+            or not isinstance(weight.shape[1], int):
+        return None
+    return weight
+
+
 def _constant_vector(value: ir.Value | None) -> tuple[ir.Value, int | None, int] | None:
     """(initializer, row, length) where ``value`` is a constant vector (row None) or the row of a 2-D initializer
     picked by a Gather at a constant index (how the export keeps gpt-oss's per-expert biases at real size)."""
@@ -222,10 +221,10 @@ def _constant_vector(value: ir.Value | None) -> tuple[ir.Value, int | None, int]
     if gather is None or gather.op_type != "Gather" or gather.attributes.get_int("axis", 0) != 0:
         return None
     table, index = gather.inputs
-    if table is None or table.const_value is None or len(table.shape or ()) != 2 or index is None \
-            or index.const_value is None or index.const_value.numpy().size != 1 or index.const_value.numpy().ndim:
+    row = index.const_value.numpy() if index is not None and index.const_value is not None else None
+    if table is None or table.const_value is None or len(table.shape or ()) != 2 or row is None or row.shape != ():
         return None
-    return table, int(index.const_value.numpy()), int(table.shape[1])
+    return table, int(row), int(table.shape[1])
 
 
 def _with_bias(weight: ir.Value, bias: tuple[ir.Value, int | None, int] | None, columns: slice) -> Projection:

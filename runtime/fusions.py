@@ -82,7 +82,8 @@ def _perm(node: ir.Node) -> tuple[int, ...] | None:
     return node.attributes.get_ints("perm")
 
 
-def _scalar(value: ir.Value | None) -> float | None:
+def constant_scalar(value: ir.Value | None) -> float | None:
+    """A one-element constant's value; None when ``value`` is not one."""
     if value is None or value.const_value is None or value.const_value.size != 1:
         return None
     return float(value.const_value.numpy().reshape(()))
@@ -282,7 +283,7 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     if scaled is None:  # a scale of 1 (granitemoe's attention_multiplier = 1) is not written
         scale, scaled = 1.0, scores
     else:
-        factor = _scalar(scaled.inputs[1])
+        factor = constant_scalar(scaled.inputs[1])
         if factor is None or scaled.inputs[0] is not scores.outputs[0]:
             return "the scores are not scaled by one constant"
         scale = factor if scaled.op_type == "Mul" else 1.0 / factor
