@@ -365,7 +365,8 @@ class GatherBlockQuantizedPass(QuantPass):
         self.stored = frozenset(rewritten)
         if rewritten:
             model.opset_imports.setdefault("com.microsoft", 1)
-        done = f"stored {len(rewritten)} Gather table(s) in 8-bit blocks of {self.block_size}" if rewritten else None
+        done = (f"stored {len(stored)} table(s) read by {len(rewritten)} Gather(s) in 8-bit blocks of {self.block_size}"
+                if rewritten else None)
         return _outcome(model, done, "no named Gather to store in blocks", left, "left alone")
 
 

@@ -322,7 +322,7 @@ def test_gathers_of_one_table_share_its_blocks_and_a_constant_row_is_no_embeddin
 
     model = ir.from_proto(proto)
     records = run_passes(model, [GatherBlockQuantizedPass({"lookup", "lookup_next"}, 16), REMOVE_UNUSED])
-    assert records[0].note == "stored 2 Gather table(s) in 8-bit blocks of 16"
+    assert records[0].note == "stored 1 table(s) read by 2 Gather(s) in 8-bit blocks of 16"
     after = serialize(model)
     assert [i.name for i in after.graph.initializer if i.name.startswith("table_")] == [
         "table_q8", "table_scales", "table_zero_points"]
