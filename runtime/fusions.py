@@ -25,11 +25,16 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
 - ``scores = MatMul(q, Transpose(present.key))`` (``q = rot(Transpose(Reshape(q_lin)))``, grouped into
   ``[B, kvh, rep * S, D]`` rows by a Reshape when kvh < heads), times a constant scale, plus an additive mask
   ``[B, 1, S, T]`` (tiled over the groups' rows when grouped), floored (``FloorAttentionScores``), Softmax over
-  the keys, ``MatMul(probs, present.value)`` and back to ``[B, S, heads * D]``.
+  the keys, ``MatMul(probs, present.value)`` and back to ``[B, S, heads * D]``;
+- gpt-oss's variants of both: the rotation written on the halves (``x1, x2 = Split(x)``, ``Concat(x1 * cos - x2 *
+  sin, x2 * cos + x1 * sin)`` with ``cos = Cos(f) * scaling``, YaRN's attention factor), and attention sinks: a
+  ``[1, heads, 1, 1]`` logit per head expanded and concatenated to the masked scores as one more key, the softmax
+  (after a subtraction of the row maximum) and the sinks' column dropped. The sinks become the kernel's
+  ``head_sink``: they add to each row's softmax denominator, as the dropped column did.
 
 It becomes ``RotaryEmbedding`` on ``q_lin`` and ``k_lin`` and ``GroupQueryAttention(q, k, v_lin, past_key,
-past_value, seqlens_k, total_sequence_length, attention_bias=mask)`` whose outputs are the layer's attention output
-and its presents. Every row's ``seqlens_k`` is ``T - 1`` (``T = attention_mask.shape[1]``) and the model's own
+past_value, seqlens_k, total_sequence_length, attention_bias=mask[, head_sink=sinks])`` whose outputs are the
+layer's attention output and its presents. Every row's ``seqlens_k`` is ``T - 1`` (``T = attention_mask.shape[1]``) and the model's own
 mask is the bias, so left padding, sliding windows and the causal rule are the model's, exactly. The rotations
 read the model's own cos/sin rows (whatever rope scaling made them), one row per token: their "cache" is the
 ``[B * S, D / 2]`` first half of ``cos`` and the position of token ``(b, s)`` is ``b * S + s``
@@ -43,7 +48,7 @@ One thing the fused graph does not do that the exported one does: onnxruntime's 
 tokens after a past (chunked prefill, speculative steps) for a batch of one row only ("batch_size must be 1 when
 sequence_length > 1 and past context is given"). Prompts of any batch and decode steps of one token per row run.
 
-Anything else (sinks, scores with terms other than the scale and the mask, partial or interleaved rotary,
+Anything else (scores with terms other than the scale, the mask and sinks, partial or interleaved rotary,
 DeepSeek's latent attention) is left alone, with the reason. The old nodes are left for ``RemoveUnusedNodesPass``.
 """
 
@@ -128,7 +133,7 @@ class _Rotary:
     """``x * Unsqueeze(cos, 1) + rotate_half(x) * Unsqueeze(sin, 1)`` on ``x = heads.split``."""
 
     heads: _Heads
-    cos: ir.Value  # [B, S, D] = Cos(Concat(f, f))
+    cos: ir.Value  # [B, S, D] = Cos(Concat(f, f)), or [B, S, D / 2] = Cos(f) * scaling (the split-half form)
     sin: ir.Value
 
 
@@ -170,7 +175,65 @@ def _duplicated_angles(value: ir.Value, function: str) -> ir.Value | None:
     return trig.outputs[0]
 
 
+def _is_product(value: ir.Value, a: ir.Value, b: ir.Value) -> bool:
+    """Whether ``value`` is ``Mul(a, b)`` or ``Mul(b, a)``."""
+    mul = _producer(value, "Mul")
+    return mul is not None and {id(v) for v in mul.inputs} == {id(a), id(b)} and len(mul.inputs) == 2
+
+
+def _half_angles(value: ir.Value, function: str) -> tuple[ir.Value, ir.Value, float] | None:
+    """``value`` if it is ``Unsqueeze(function(f) [* scaling], [1])`` -> (the [B, S, D / 2] factor, ``f``,
+    ``scaling``: YaRN's attention factor, 1 when there is none)."""
+    unsqueeze = _producer(value, "Unsqueeze")
+    if unsqueeze is None or constant_ints(unsqueeze.inputs[1]) != [1]:
+        return None
+    factor = unsqueeze.inputs[0]
+    if (trig := _producer(factor, function)) is not None:
+        return factor, trig.inputs[0], 1.0
+    mul = _producer(factor, "Mul")
+    for angle, scaling in (tuple(mul.inputs), tuple(reversed(mul.inputs))) if mul is not None else ():
+        if (trig := _producer(angle, function)) is not None and (number := constant_scalar(scaling)) is not None:
+            return factor, trig.inputs[0], number
+    return None
+
+
+def _split_half_rotary(value: ir.Value) -> _Rotary | None:
+    """gpt-oss's rotary: ``x1, x2 = Split(x, 2, axis=-1)``, ``Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)``
+    with ``cos = Unsqueeze(Cos(f) * scaling, 1)`` (``sin`` alike) -- the same rotation as ``rotate_half``'s over
+    ``cat(f, f)``, written on the halves."""
+    concat = _producer(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or _axis(concat) != 3:
+        return None
+    sub, add = _producer(concat.inputs[0], "Sub"), _producer(concat.inputs[1], "Add")
+    first = _producer(sub.inputs[0], "Mul") if sub is not None else None
+    split = next((node for node in (_producer(v, "Split") for v in first.inputs) if node is not None), None) \
+        if first is not None and add is not None else None
+    if split is None or len(split.outputs) != 2 or _axis(split) != 3:
+        return None
+    x1, x2 = split.outputs
+    head_size = x1.shape[3] if x1.shape is not None and len(x1.shape) == 4 else None
+    sizes = constant_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+    if sizes is not None and (len(sizes) != 2 or sizes[0] != sizes[1]):
+        return None  # not two equal halves
+    cos = next((v for v in first.inputs if v is not x1), None) if x1 in first.inputs else None
+    second = _producer(sub.inputs[1], "Mul")
+    sin = next((v for v in second.inputs if v is not x2), None) if second is not None and x2 in second.inputs \
+        else None
+    if cos is None or sin is None or not isinstance(head_size, int):
+        return None
+    if not any(_is_product(a, x2, cos) and _is_product(b, x1, sin)
+               for a, b in (tuple(add.inputs), tuple(reversed(add.inputs)))):
+        return None
+    heads = _heads(split.inputs[0])
+    cos_angles, sin_angles = _half_angles(cos, "Cos"), _half_angles(sin, "Sin")
+    if heads is None or cos_angles is None or sin_angles is None or cos_angles[1:] != sin_angles[1:]:
+        return None
+    return _Rotary(heads, cos_angles[0], sin_angles[0])
+
+
 def _rotary(value: ir.Value) -> _Rotary | str:
+    if (split_half := _split_half_rotary(value)) is not None:
+        return split_half
     add = _producer(value, "Add")
     if add is None:
         return "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads"
@@ -209,6 +272,7 @@ class _Layer:
     kv_heads: int
     head_size: int
     shared_buffer: bool  # the cache is one fixed-length buffer (contract KV_CACHE_SHARED), else Concat
+    sinks: np.ndarray | None = None  # [heads] attention-sink logits (gpt-oss), GroupQueryAttention's head_sink
 
 
 @dataclass
@@ -249,6 +313,46 @@ def _cache_write(present: ir.Value, past_names: set[str]) -> _CacheWrite | None:
     if starts != [0] or axes not in ([2], [-2]):
         return None
     return _CacheWrite(into.inputs[0], new.inputs[0], readers[0].outputs[0], perms[1] == (1, 0, 2, 3))
+
+
+def _sink_logits(concat: ir.Node, scores: ir.Value) -> np.ndarray | str:
+    """The ``[heads]`` logits of ``Concat(scores, sinks, axis=-1)``, gpt-oss's attention sinks: one extra key per
+    head that every query attends to and whose value is zero. ``sinks`` is a ``[1, heads, 1, 1]`` constant expanded
+    to ``[B, heads, S, 1]`` (grouped like the scores by a Reshape under ``SharedKeyValueHeads``)."""
+    if len(concat.inputs) != 2 or concat.inputs[0] is not scores or _axis(concat) != 3:
+        return "the masked scores are concatenated with something other than one sink column"
+    column = concat.inputs[1]
+    grouped = _producer(column, "Reshape")
+    expand = _producer(grouped.inputs[0] if grouped is not None else column, "Expand")
+    source = expand.inputs[0] if expand is not None else None
+    shape = source.shape if source is not None and source.const_value is not None else None
+    if shape is None or len(shape) != 4 or (shape[0], shape[2], shape[3]) != (1, 1, 1):
+        return "the column concatenated to the scores is not one constant sink logit per head"
+    return source.const_value.numpy().reshape(-1)
+
+
+def _max_shifted(value: ir.Value) -> ir.Value:
+    """``Sub(value, ReduceMax(value, [-1], keepdims))``'s output when that is what reads ``value`` (a softmax made
+    safe by hand: the Softmax after it gives the same numbers without it), else ``value``."""
+    for user, _ in value.uses():
+        if user.op_type != "Sub" or user.domain not in PLAIN or user.inputs[0] is not value:
+            continue
+        peak = _producer(user.inputs[1], "ReduceMax")
+        axes = constant_ints(peak.inputs[1]) if peak is not None and len(peak.inputs) > 1 else None
+        if peak is not None and peak.inputs[0] is value and axes in ([3], [-1]) \
+                and peak.attributes.get_int("keepdims", 1) == 1:
+            return user.outputs[0]
+    return value
+
+
+def _drops_last_column(node: ir.Node | None) -> bool:
+    """Whether ``node`` is ``Slice(x, [0], [-1], [-1 or 3])``: x[..., :-1]."""
+    if node is None:
+        return False
+    starts, ends = constant_ints(node.inputs[1]), constant_ints(node.inputs[2])
+    axes = constant_ints(node.inputs[3]) if len(node.inputs) > 3 else None
+    steps = constant_ints(node.inputs[4]) if len(node.inputs) > 4 else None
+    return starts == [0] and ends == [-1] and axes in ([3], [-1]) and steps in (None, [1])
 
 
 def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_names: set[str]) -> _Layer | str:
@@ -296,14 +400,25 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
         if tile is None:
             return "the grouped scores' mask is not a tiled [B, 1, S, T] mask"
         mask = tile.inputs[0]
-    probabilities_input = masked.outputs[0]
+    probabilities_input, sinks = masked.outputs[0], None
+    if (sink_column := only_user(probabilities_input, "Concat")) is not None:
+        sinks = _sink_logits(sink_column, probabilities_input)
+        if isinstance(sinks, str):
+            return sinks
+        probabilities_input = _max_shifted(sink_column.outputs[0])
     floor = [user for user, _ in probabilities_input.uses() if user.op_type == "Max"]
     if floor:  # FloorAttentionScores: Max(x, ReduceMax(x) + floor) -- the kernel's softmax needs no floor
         probabilities_input = floor[0].outputs[0]
     softmax = only_user(probabilities_input, "Softmax")
     if softmax is None or _axis(softmax) != 3:
-        return "the masked scores do not go into a Softmax over the keys (sinks or other terms in between)"
-    weighted = only_user(softmax.outputs[0], "MatMul")
+        return "the masked scores do not go into a Softmax over the keys (other terms in between)"
+    probabilities = softmax.outputs[0]
+    if sinks is not None:  # the sinks' column dropped after the softmax: they only add to its denominator
+        drop = only_user(probabilities, "Slice")
+        if not _drops_last_column(drop):
+            return "the sinks' column is not dropped from the probabilities"
+        probabilities = drop.outputs[0]
+    weighted = only_user(probabilities, "MatMul")
     if weighted is None or weighted.inputs[1] is not value_write.read or len(list(value_write.read.uses())) != 1:
         return "the probabilities do not multiply the value cache alone"
     back = weighted.outputs[0]
@@ -323,8 +438,11 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     kv_heads = shape[1][1]
     if shape[1][3] != head_size or heads % kv_heads:
         return f"{heads} query heads of {head_size} do not group over {kv_heads} key/value heads of {shape[1][3]}"
+    if sinks is not None and sinks.size != heads:
+        return f"{sinks.size} sink logits for {heads} query heads"
     return _Layer(number, query, key, value, scale, mask, merge.outputs[0], present_key, present_value,
-                  key_write.past, value_write.past, heads, kv_heads, head_size, key_write.read is not present_key)
+                  key_write.past, value_write.past, heads, kv_heads, head_size, key_write.read is not present_key,
+                  sinks)
 
 
 class _Shared:
@@ -426,11 +544,13 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
             past_shape = shared.constant(f"moeport_gqa_past_{layer.number}",
                                          np.array([0, layer.kv_heads, -1, layer.head_size], np.int64))
             pasts = [shared.add("Reshape", [past, past_shape]) for past in pasts]
+        sinks = [] if layer.sinks is None else [
+            shared.constant(f"moeport_gqa_sinks_{layer.number}", layer.sinks.astype(np.float32))]
         # inputs: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
-        # position_ids (the rotations are done), attention_bias
+        # position_ids (the rotations are done), attention_bias, head_sink
         output, present_key, present_value = shared.add(
             "GroupQueryAttention",
-            [*rotated, value, *pasts, shared.seqlens, shared.total, None, None, None, layer.mask],
+            [*rotated, value, *pasts, shared.seqlens, shared.total, None, None, None, layer.mask, *sinks],
             {"num_heads": layer.heads, "kv_num_heads": layer.kv_heads, "scale": layer.scale, "do_rotary": 0},
             domain="com.microsoft", outputs=3)
         output.producer().name = f"moeport_gqa_{layer.number}"

@@ -322,6 +322,41 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
 
 
 @pytest.mark.parametrize("kv_cache", ["concat", "shared"])
+def test_fused_attention_takes_gpt_oss_sinks(tmp_path, kv_cache):
+    """gpt-oss: its attention sinks (a logit per head concatenated to the scores, dropped after the softmax) become
+    GroupQueryAttention's head_sink, its rotary written on the split halves with YaRN's scaling becomes
+    RotaryEmbedding; a window of 3 tokens makes its sliding layer's mask cut keys within these steps. Equal to the
+    exported graph; with the sinks' logits changed the numbers move, so the sinks are what the kernel reads."""
+    checkpoint = tmp_path / "gpt_oss"
+    hf_families.random_model("gpt_oss", sliding_window=3).save_pretrained(checkpoint)
+    source = export_checkpoint(checkpoint, tmp_path / "gpt_oss.onnx", task="text-generation-with-past",
+                               kv_cache=kv_cache, validate=False)
+    model = ir.load(source.output)
+    record = FuseAttentionPass()(model)
+    assert record.modified and record.note == "fused the attention of 2 layer(s) into GroupQueryAttention"
+    REMOVE_UNUSED(model)
+    ir.save(model, tmp_path / "fused.onnx")
+    graph = onnx.load(tmp_path / "fused.onnx")
+    fused = [node for node in graph.graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(fused) == 2 and all(len(node.input) == 12 and node.input[11] for node in fused)  # head_sink
+    softmaxes = [[node.op_type for node in g.graph.node].count("Softmax")
+                 for g in (onnx.load(source.output, load_external_data=False), graph)]
+    assert softmaxes[1] == softmaxes[0] - 2  # each layer's attention softmax is in its kernel; the routers' stay
+    capacity = 16 if kv_cache == "shared" else 0
+    for steps in (_steps(), _steps(batch=1)):
+        fused_logits = _decode(tmp_path / "fused.onnx", steps, capacity)
+        _assert_close_on_tokens(fused_logits, _decode(source.output, steps, capacity), atol=1e-5)
+    sinks = {node.input[11] for node in fused}
+    for initializer in graph.graph.initializer:
+        if initializer.name in sinks:
+            initializer.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(initializer) + 3,
+                                                              initializer.name))
+    onnx.save(graph, tmp_path / "moved.onnx")
+    moved = _decode(tmp_path / "moved.onnx", steps, capacity)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(moved, fused_logits)) > 1e-2
+
+
+@pytest.mark.parametrize("kv_cache", ["concat", "shared"])
 def test_export_with_fused_attention(tmp_path, kv_cache):
     """``export(..., fused_attention=True)``: GroupQueryAttention in every layer of the fp32 file, validated against
     PyTorch on the export's own shapes (a left-padded batch's real tokens), and the same numbers as the standard-ops
@@ -390,12 +425,12 @@ def test_quantize_kv_cache_user_errors(tmp_path):
     for extra in ({"mode": "fp16"}, {"mode": "int4", "fused_attention": False}, {"mode": "int4", "target": "cuda"}):
         with pytest.raises(MoeportError, match=needs):
             quantize(concat.output, tmp_path / "x.onnx", kv_cache="shared", **options, **extra)
-    gpt_oss = _with_past(tmp_path, "gpt_oss")
+    latent = _with_past(tmp_path, "deepseek_v2")  # latent attention: no GroupQueryAttention for it
     with pytest.raises(MoeportError, match="^--kv-cache shared needs every layer's attention fused into "
                                            "GroupQueryAttention \\(layers 0, 1: key: no rotary embedding \\(x \\* cos "
                                            "\\+ rotate_half\\(x\\) \\* sin\\) on the heads\\); export with "
                                            "--kv-cache shared instead$"):
-        quantize(gpt_oss.output, tmp_path / "x.onnx", mode="int4", kv_cache="shared", **options)
+        quantize(latent.output, tmp_path / "x.onnx", mode="int4", kv_cache="shared", **options)
     shared = _with_past(tmp_path / "s", "mixtral", "shared")
     with pytest.raises(MoeportError, match="keeps a shared buffer; a Concat cache needs an export with --kv-cache "
                                            "concat$"):
@@ -419,11 +454,12 @@ def test_export_fused_attention_user_errors(tmp_path):
 
 
 @pytest.mark.parametrize(("model_type", "reason"), [
-    ("gpt_oss", "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads"),
+    ("ernie4_5_moe", "the rotary embedding is not transformers' x * cos + rotate_half(x) * sin over cat(freqs, "
+                     "freqs)"),
     ("deepseek_v3", "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads")])
 def test_fused_attention_leaves_what_it_cannot_fuse_and_says_why(tmp_path, model_type, reason):
-    """gpt-oss rotates the two halves with half-width cos/sin (and adds sinks); DeepSeek's latent attention
-    concatenates a rotated and an unrotated part of each key: both keep their exported attention."""
+    """ERNIE 4.5 rotates interleaved pairs; DeepSeek's latent attention concatenates a rotated and an unrotated
+    part of each key: both keep their exported attention."""
     source = _with_past(tmp_path, model_type)
     model = ir.load(source.output)
     before = ir.to_proto(model).SerializeToString()
