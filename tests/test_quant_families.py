@@ -390,7 +390,7 @@ def test_export_with_fused_attention(tmp_path, kv_cache):
         np.testing.assert_allclose(a[:, -1], b[:, -1], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "granitemoe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "granitemoe", "gpt_oss"])
 def test_quantize_turns_a_concat_cache_into_a_shared_buffer(tmp_path, model_type):
     """``kv_cache="shared"`` on a Concat-cache export (int4, cpu): recorded as a shared buffer, and driven as one
     (a 16-column buffer as past and present) it gives the logits of int4 of the shared-buffer export; driven as a
