@@ -175,10 +175,16 @@ def _duplicated_angles(value: ir.Value, function: str) -> ir.Value | None:
     return trig.outputs[0]
 
 
+def _other_factor(mul: ir.Node | None, x: ir.Value) -> ir.Value | None:
+    """The input of the two-input ``mul`` that is not ``x``, when ``x`` is one of them."""
+    if mul is None or len(mul.inputs) != 2 or all(v is not x for v in mul.inputs):
+        return None
+    return mul.inputs[1] if mul.inputs[0] is x else mul.inputs[0]
+
+
 def _is_product(value: ir.Value, a: ir.Value, b: ir.Value) -> bool:
     """Whether ``value`` is ``Mul(a, b)`` or ``Mul(b, a)``."""
-    mul = _producer(value, "Mul")
-    return mul is not None and {id(v) for v in mul.inputs} == {id(a), id(b)} and len(mul.inputs) == 2
+    return _other_factor(_producer(value, "Mul"), a) is b
 
 
 def _half_angles(value: ir.Value, function: str) -> tuple[ir.Value, ir.Value, float] | None:
@@ -205,29 +211,25 @@ def _split_half_rotary(value: ir.Value) -> _Rotary | None:
     if concat is None or len(concat.inputs) != 2 or _axis(concat) != 3:
         return None
     sub, add = _producer(concat.inputs[0], "Sub"), _producer(concat.inputs[1], "Add")
-    first = _producer(sub.inputs[0], "Mul") if sub is not None else None
-    split = next((node for node in (_producer(v, "Split") for v in first.inputs) if node is not None), None) \
-        if first is not None and add is not None else None
+    if sub is None or add is None:
+        return None
+    first, second = _producer(sub.inputs[0], "Mul"), _producer(sub.inputs[1], "Mul")
+    split = next((node for node in map(lambda v: _producer(v, "Split"), first.inputs) if node is not None), None) \
+        if first is not None else None
     if split is None or len(split.outputs) != 2 or _axis(split) != 3:
         return None
-    x1, x2 = split.outputs
-    head_size = x1.shape[3] if x1.shape is not None and len(x1.shape) == 4 else None
     sizes = constant_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
     if sizes is not None and (len(sizes) != 2 or sizes[0] != sizes[1]):
         return None  # not two equal halves
-    cos = next((v for v in first.inputs if v is not x1), None) if x1 in first.inputs else None
-    second = _producer(sub.inputs[1], "Mul")
-    sin = next((v for v in second.inputs if v is not x2), None) if second is not None and x2 in second.inputs \
-        else None
-    if cos is None or sin is None or not isinstance(head_size, int):
-        return None
-    if not any(_is_product(a, x2, cos) and _is_product(b, x1, sin)
-               for a, b in (tuple(add.inputs), tuple(reversed(add.inputs)))):
+    x1, x2 = split.outputs
+    cos, sin = _other_factor(first, x1), _other_factor(second, x2)
+    if cos is None or sin is None or not any(_is_product(a, x2, cos) and _is_product(b, x1, sin)
+                                             for a, b in (tuple(add.inputs), tuple(reversed(add.inputs)))):
         return None
     heads = _heads(split.inputs[0])
     cos_angles, sin_angles = _half_angles(cos, "Cos"), _half_angles(sin, "Sin")
     if heads is None or cos_angles is None or sin_angles is None or cos_angles[1:] != sin_angles[1:]:
-        return None
+        return None  # also when cos and sin are of different angles or scalings
     return _Rotary(heads, cos_angles[0], sin_angles[0])
 
 
