@@ -32,6 +32,10 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
   (after a subtraction of the row maximum) and the sinks' column dropped. The sinks become the kernel's
   ``head_sink``: they add to each row's softmax denominator, as the dropped column did.
 
+A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's attention layers;
+a partial or interleaved rotary; a norm after the rotation) is handed to the kernel as the graph computes it, its
+own nodes kept: the kernel's softmax, mask and cache do not care how the keys were made.
+
 It becomes ``RotaryEmbedding`` on ``q_lin`` and ``k_lin`` and ``GroupQueryAttention(q, k, v_lin, past_key,
 past_value, seqlens_k, total_sequence_length, attention_bias=mask[, head_sink=sinks])`` whose outputs are the
 layer's attention output and its presents. Every row's ``seqlens_k`` is ``T - 1`` (``T = attention_mask.shape[1]``) and the model's own
@@ -48,8 +52,9 @@ One thing the fused graph does not do that the exported one does: onnxruntime's 
 tokens after a past (chunked prefill, speculative steps) for a batch of one row only ("batch_size must be 1 when
 sequence_length > 1 and past context is given"). Prompts of any batch and decode steps of one token per row run.
 
-Anything else (scores with terms other than the scale, the mask and sinks, partial or interleaved rotary,
-DeepSeek's latent attention) is left alone, with the reason. The old nodes are left for ``RemoveUnusedNodesPass``.
+Anything else (scores with terms other than the scale, the mask and sinks, such as a soft cap; keys and values of
+different head sizes, as DeepSeek's latent attention has) is left alone, with the reason. The old nodes are left
+for ``RemoveUnusedNodesPass``.
 """
 
 from __future__ import annotations
@@ -233,13 +238,13 @@ def _split_half_rotary(value: ir.Value) -> _Rotary | None:
     return _Rotary(heads, cos_angles[0], sin_angles[0])
 
 
-def _rotary(value: ir.Value) -> _Rotary | str:
+def _rotary(value: ir.Value) -> _Rotary | None:
+    """``value`` as a rotation ``RotaryEmbedding`` can do: transformers' ``x * cos + rotate_half(x) * sin`` over
+    ``cat(f, f)`` or gpt-oss's split-half form; None for anything else (the heads are then taken as computed)."""
     if (split_half := _split_half_rotary(value)) is not None:
         return split_half
     add = _producer(value, "Add")
-    if add is None:
-        return "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads"
-    for straight, rotated in (tuple(add.inputs), tuple(reversed(add.inputs))):
+    for straight, rotated in (tuple(add.inputs), tuple(reversed(add.inputs))) if add is not None else ():
         straight_mul, rotated_mul = _producer(straight, "Mul"), _producer(rotated, "Mul")
         if straight_mul is None or rotated_mul is None:
             continue
@@ -250,19 +255,46 @@ def _rotary(value: ir.Value) -> _Rotary | str:
                 continue
             for half, sin in (tuple(rotated_mul.inputs), tuple(reversed(rotated_mul.inputs))):
                 sin_3d = _duplicated_angles(sin, "Sin")
-                if sin_3d is not None and _half_rotation(half, x):
-                    if _producer(sin_3d, "Sin").inputs[0] is not _producer(cos_3d, "Cos").inputs[0]:
-                        return "cos and sin of the rotary embedding come from different angles"
+                if sin_3d is not None and _half_rotation(half, x) \
+                        and _producer(sin_3d, "Sin").inputs[0] is _producer(cos_3d, "Cos").inputs[0]:
                     return _Rotary(heads, cos_3d, sin_3d)
-    return "the rotary embedding is not transformers' x * cos + rotate_half(x) * sin over cat(freqs, freqs)"
+    return None
+
+
+@dataclass
+class _Computed:
+    """Query or key heads that the graph computes itself and the kernel takes as they are (no rotary that
+    ``RotaryEmbedding`` can take over: none at all as in granite-4.0's attention layers, partial, interleaved, or a
+    norm after it): ``heads`` is ``[B, heads, S, D]``, or ``[B, S, heads, D]`` when ``per_token``."""
+
+    heads: ir.Value
+    per_token: bool = False
+
+    @property
+    def shape(self) -> ir.Shape | None:
+        """``[B, heads, S, D]``."""
+        shape = self.heads.shape
+        if shape is None or len(shape) != 4 or not self.per_token:
+            return shape
+        return ir.Shape([shape[0], shape[2], shape[1], shape[3]])
+
+
+def _positioned(value: ir.Value, per_token: bool = False) -> _Rotary | _Computed:
+    """The query or key heads ``value`` as a rotary the kernels can do (``_Rotary``), else as computed."""
+    rotary = None if per_token else _rotary(value)
+    return rotary if rotary is not None else _Computed(value, per_token)
+
+
+def _head_shape(side: _Rotary | _Computed) -> ir.Shape | None:
+    return side.heads.split.shape if isinstance(side, _Rotary) else side.shape
 
 
 @dataclass
 class _Layer:
     number: int
-    query: _Rotary
-    key: _Rotary
-    value: _Heads
+    query: _Rotary | _Computed
+    key: _Rotary | _Computed
+    value: _Computed
     scale: float
     mask: ir.Value  # additive [B, 1 or heads, S, T]
     output: ir.Value  # the attention output [B, S, heads * D] the rest of the graph reads
@@ -365,12 +397,8 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     key_write, value_write = _cache_write(present_key, past_names), _cache_write(present_value, past_names)
     if key_write is None or value_write is None:
         return "its presents are neither Concat(past, new) nor a shared buffer's scatter of the new columns"
-    key = _rotary(key_write.new)
-    if isinstance(key, str):
-        return f"key: {key}"
-    value = _Heads(value_write.new, value_write.new) if value_write.new_per_token else _heads(value_write.new)
-    if value is None:
-        return "the new values are not [B, S, heads, D] moved to [B, heads, S, D]"
+    key = _positioned(key_write.new, key_write.new_per_token)
+    value = _Computed(value_write.new, value_write.new_per_token)
     key_users = [user for user, _ in key_write.read.uses()]
     transposes = [user for user in key_users if user.op_type == "Transpose" and _perm(user) == (0, 1, 3, 2)]
     if len(key_users) != 1 or len(transposes) != 1:
@@ -379,10 +407,9 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     if scores is None or scores.inputs[1] is not transposes[0].outputs[0]:
         return "the transposed keys do not feed one score MatMul"
     grouped = _producer(scores.inputs[0], "Reshape")
-    query = _rotary(grouped.inputs[0] if grouped is not None else scores.inputs[0])
-    if isinstance(query, str):
-        return f"query: {query}"
-    if query.cos is not key.cos or query.sin is not key.sin:
+    query = _positioned(grouped.inputs[0] if grouped is not None else scores.inputs[0])
+    if isinstance(query, _Rotary) and isinstance(key, _Rotary) and (query.cos is not key.cos
+                                                                    or query.sin is not key.sin):
         return "query and key are rotated by different angles"
     # scale, mask, floor, Softmax: nothing else between the scores and the probabilities
     scaled = only_user(scores.outputs[0], "Mul") or only_user(scores.outputs[0], "Div")
@@ -433,13 +460,18 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
     merge = only_user(transpose.outputs[0], "Reshape") if transpose is not None else None
     if transpose is None or _perm(transpose) != (0, 2, 1, 3) or merge is None:
         return "the attention output is not transposed and reshaped back to [B, S, heads * D]"
-    shape = query.heads.split.shape, key.heads.split.shape
+    shape = _head_shape(query), _head_shape(key)
     if any(s is None or len(s) != 4 or not isinstance(s[1], int) or not isinstance(s[3], int) for s in shape):
         return "the number of heads or the head size is not known from the graph"
     heads, head_size = shape[0][1], shape[0][3]
     kv_heads = shape[1][1]
     if shape[1][3] != head_size or heads % kv_heads:
         return f"{heads} query heads of {head_size} do not group over {kv_heads} key/value heads of {shape[1][3]}"
+    if (value_shape := value.shape) is None or len(value_shape) != 4 or \
+            (value_shape[1], value_shape[3]) != (kv_heads, head_size):
+        return f"the values are not {kv_heads} heads of {head_size} as the keys are (the kernel needs both alike)"
+    if (grouped is not None) != (heads > kv_heads):
+        return "the scores' query is reshaped other than into the key/value heads' groups"
     if sinks is not None and sinks.size != heads:
         return f"{sinks.size} sink logits for {heads} query heads"
     return _Layer(number, query, key, value, scale, mask, merge.outputs[0], present_key, present_value,
@@ -466,6 +498,16 @@ class _Shared:
         node = ir.node(op_type, inputs, attributes=attributes or {}, domain=domain, num_outputs=outputs)
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0] if outputs == 1 else node.outputs
+
+    def flat(self, computed: _Computed) -> ir.Value:
+        """``computed``'s heads as ``[B, S, heads * D]``, the kernel's layout: the projection they were split
+        from when there is one, else the heads moved back (if need be) and merged."""
+        moved = None if computed.per_token else _heads(computed.heads)
+        if moved is not None and moved.projection is not None:
+            return moved.projection
+        per_token = computed.heads if computed.per_token else moved.per_token if moved is not None else \
+            self.add("Transpose", [computed.heads], {"perm": [0, 2, 1, 3]})
+        return self.add("Reshape", [per_token, self.tokens])
 
     def rotary_rows(self, rotary: _Rotary, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value]:
         """(cos_cache, sin_cache [B * S, D / 2], positions [B, S] = b * S + s) for the angles of ``rotary``."""
@@ -535,12 +577,15 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
     for layer in fused:
         shared.anchor = layer.output.producer()
         rotated = []
-        for rotary, heads in ((layer.query, layer.heads), (layer.key, layer.kv_heads)):
-            cos_cache, sin_cache, positions = shared.rotary_rows(rotary, layer.head_size)
-            per_token = rotary.heads.projection or shared.add("Reshape", [rotary.heads.per_token, shared.tokens])
+        for side, heads in ((layer.query, layer.heads), (layer.key, layer.kv_heads)):
+            if isinstance(side, _Computed):
+                rotated.append(shared.flat(side))
+                continue
+            cos_cache, sin_cache, positions = shared.rotary_rows(side, layer.head_size)
+            per_token = side.heads.projection or shared.add("Reshape", [side.heads.per_token, shared.tokens])
             rotated.append(shared.add("RotaryEmbedding", [per_token, positions, cos_cache, sin_cache],
                                       {"num_heads": heads, "interleaved": 0}, domain="com.microsoft"))
-        value = layer.value.projection or shared.add("Reshape", [layer.value.per_token, shared.tokens])
+        value = shared.flat(layer.value)
         pasts = [layer.past_key, layer.past_value]
         if not layer.shared_buffer:  # a shared buffer is the real [B, kvh, max, D], and is written in place
             past_shape = shared.constant(f"moeport_gqa_past_{layer.number}",

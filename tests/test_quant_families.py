@@ -321,6 +321,28 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
                                 _decode(source.output, steps, capacity), atol=1e-5)
 
 
+@pytest.mark.parametrize(("model_type", "kv_cache"), [("granitemoehybrid", "concat"), ("ernie4_5_moe", "concat"),
+                                                     ("hunyuan_v1_moe", "shared")])
+def test_fused_attention_takes_heads_as_the_graph_computes_them(tmp_path, model_type, kv_cache):
+    """Queries and keys whose rotation RotaryEmbedding cannot do go into GroupQueryAttention as computed: none at
+    all (granite-4.0's hybrid: its one attention layer, beside a Mamba layer), interleaved pairs (ERNIE 4.5), a
+    norm after the rotation (HunYuan, on the shared buffer). Equal to the exported graph."""
+    source = _with_past(tmp_path, model_type, kv_cache)
+    outputs = onnx.load(source.output, load_external_data=False).graph.output
+    layers = sum(o.name.startswith("present.") and o.name.endswith(".key") for o in outputs)  # attention layers
+    model = ir.load(source.output)
+    record = FuseAttentionPass()(model)
+    assert record.modified and record.note == f"fused the attention of {layers} layer(s) into GroupQueryAttention"
+    REMOVE_UNUSED(model)
+    ir.save(model, tmp_path / "fused.onnx")
+    ops = [node.op_type for node in onnx.load(tmp_path / "fused.onnx").graph.node]
+    assert (ops.count("GroupQueryAttention"), ops.count("RotaryEmbedding")) == (layers, 0)
+    capacity = 16 if kv_cache == "shared" else 0
+    for steps in (_steps(), _steps(batch=1)):
+        _assert_close_on_tokens(_decode(tmp_path / "fused.onnx", steps, capacity),
+                                _decode(source.output, steps, capacity), atol=1e-5)
+
+
 @pytest.mark.parametrize("kv_cache", ["concat", "shared"])
 def test_fused_attention_takes_gpt_oss_sinks(tmp_path, kv_cache):
     """gpt-oss: its attention sinks (a logit per head concatenated to the scores, dropped after the softmax) become
@@ -427,9 +449,9 @@ def test_quantize_kv_cache_user_errors(tmp_path):
             quantize(concat.output, tmp_path / "x.onnx", kv_cache="shared", **options, **extra)
     latent = _with_past(tmp_path, "deepseek_v2")  # latent attention: no GroupQueryAttention for it
     with pytest.raises(MoeportError, match="^--kv-cache shared needs every layer's attention fused into "
-                                           "GroupQueryAttention \\(layers 0, 1: key: no rotary embedding \\(x \\* cos "
-                                           "\\+ rotate_half\\(x\\) \\* sin\\) on the heads\\); export with "
-                                           "--kv-cache shared instead$"):
+                                           "GroupQueryAttention \\(layers 0, 1: the key cache is read other than "
+                                           "by one Transpose into the scores\\); export with --kv-cache shared "
+                                           "instead$"):
         quantize(latent.output, tmp_path / "x.onnx", mode="int4", kv_cache="shared", **options)
     shared = _with_past(tmp_path / "s", "mixtral", "shared")
     with pytest.raises(MoeportError, match="keeps a shared buffer; a Concat cache needs an export with --kv-cache "
@@ -454,17 +476,15 @@ def test_export_fused_attention_user_errors(tmp_path):
 
 
 @pytest.mark.parametrize(("model_type", "reason"), [
-    ("ernie4_5_moe", "the rotary embedding is not transformers' x * cos + rotate_half(x) * sin over cat(freqs, "
-                     "freqs)"),
-    ("deepseek_v3", "no rotary embedding (x * cos + rotate_half(x) * sin) on the heads")])
+    ("deepseek_v3", "the key cache is read other than by one Transpose into the scores")])
 def test_fused_attention_leaves_what_it_cannot_fuse_and_says_why(tmp_path, model_type, reason):
-    """ERNIE 4.5 rotates interleaved pairs; DeepSeek's latent attention concatenates a rotated and an unrotated
-    part of each key: both keep their exported attention."""
+    """DeepSeek's latent attention reads its key cache in parts (a rotated and an unrotated one): it keeps its
+    exported attention."""
     source = _with_past(tmp_path, model_type)
     model = ir.load(source.output)
     before = ir.to_proto(model).SerializeToString()
     record = FuseAttentionPass()(model)
-    assert not record.modified and record.note == f"layers 0, 1: key: {reason}"
+    assert not record.modified and record.note == f"layers 0, 1: {reason}"
     assert ir.to_proto(model).SerializeToString() == before
 
 
