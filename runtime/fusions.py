@@ -38,10 +38,10 @@ own nodes kept: the kernel's softmax, mask and cache do not care how the keys we
 
 It becomes ``RotaryEmbedding`` on ``q_lin`` and ``k_lin`` and ``GroupQueryAttention(q, k, v_lin, past_key,
 past_value, seqlens_k, total_sequence_length, attention_bias=mask[, head_sink=sinks])`` whose outputs are the
-layer's attention output and its presents. Every row's ``seqlens_k`` is ``T - 1`` (``T = attention_mask.shape[1]``) and the model's own
-mask is the bias, so left padding, sliding windows and the causal rule are the model's, exactly. The rotations
-read the model's own cos/sin rows (whatever rope scaling made them), one row per token: their "cache" is the
-``[B * S, D / 2]`` first half of ``cos`` and the position of token ``(b, s)`` is ``b * S + s``
+layer's attention output and its presents. Every row's ``seqlens_k`` is ``T - 1`` (``T = attention_mask.shape[1]``)
+and the model's own mask is the bias, so left padding, sliding windows and the causal rule are the model's, exactly.
+The rotations read the model's own cos/sin rows (whatever rope scaling made them), one row per token: their "cache"
+is the ``[B * S, D / 2]`` first half of ``cos`` and the position of token ``(b, s)`` is ``b * S + s``
 (GroupQueryAttention's own rotary takes its prompt positions from the slots, not ``position_ids``, which is wrong
 for left-padded rows). A concat cache's past inputs are reshaped to ``[B, kvh, -1, D]`` first: the contract's empty
 past may be ``[B, 0, 0, 0]``, which the kernel refuses. A shared buffer goes in as it is: a runtime that binds one
@@ -142,6 +142,17 @@ class _Rotary:
     sin: ir.Value
 
 
+def _slice_on_axis(node: ir.Node, axis: int, rank: int = 4) -> tuple[int, int | None] | None:
+    """``(start, end)`` of ``node``, a Slice from a constant start along ``axis`` alone with step 1, else None;
+    ``end`` is None when it is computed (a shared cache is read up to the mask's length)."""
+    starts, ends, axes, steps = (constant_ints(node.inputs[i]) if len(node.inputs) > i else None for i in range(1, 5))
+    if starts is None or len(starts) != 1 or (ends is not None and len(ends) != 1):
+        return None
+    if axes not in ([axis], [axis - rank]) or steps not in (None, [1]):
+        return None
+    return starts[0], ends[0] if ends is not None else None
+
+
 def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
     """Whether ``value`` is transformers' ``rotate_half(x)``: ``Concat(-x[..., D/2:], x[..., :D/2], axis=-1)``."""
     concat = _producer(value, "Concat")
@@ -152,32 +163,54 @@ def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
     if first is None or second is None or first.inputs[0] is not x or second.inputs[0] is not x:
         return False
     head_size = x.shape[3] if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[3], int) else None
-    if head_size is None:
+    upper, lower = _slice_on_axis(first, 3), _slice_on_axis(second, 3)
+    if head_size is None or upper is None or lower is None or upper[1] is None:
         return False
-    for node, upper_half in ((first, True), (second, False)):
-        starts, ends = constant_ints(node.inputs[1]), constant_ints(node.inputs[2])
-        axes = constant_ints(node.inputs[3]) if len(node.inputs) > 3 else None
-        steps = constant_ints(node.inputs[4]) if len(node.inputs) > 4 else None
-        if starts is None or ends is None or len(starts) != 1 or axes not in ([3], [-1]) or steps not in (None, [1]):
-            return False
-        if upper_half:  # x[..., D/2:] (the end may be any number past the last column)
-            if starts[0] != head_size // 2 or ends[0] < head_size:
-                return False
-        elif starts[0] != 0 or ends[0] != head_size // 2:
-            return False
-    return True
+    # x[..., D/2:] (its end may be any number past the last column) and x[..., :D/2]
+    return upper[0] == head_size // 2 and upper[1] >= head_size and lower == (0, head_size // 2)
 
 
-def _duplicated_angles(value: ir.Value, function: str) -> ir.Value | None:
-    """``value`` if it is ``Unsqueeze(function(Concat(f, f)), [1])`` -> the [B, S, D] ``function(...)``."""
+@dataclass(frozen=True)
+class _Angles:
+    """``Unsqueeze(function(angles) [* scaling], [1])``: a rotation's cos or sin rows before the heads axis."""
+
+    rows: ir.Value  # what multiplies the heads, before the Unsqueeze: [B, S, D] (duplicated) or [B, S, D / 2]
+    angles: ir.Value  # [B, S, D / 2] f, the function's input with the duplication Concat(f, f) taken off
+    scaling: float  # YaRN's attention factor; 1 when there is none
+    duplicated: bool  # function(Concat(f, f)), transformers' rotate_half form; else gpt-oss's halves
+
+
+def _scaled_trig(rows: ir.Value, function: str) -> tuple[ir.Node, float] | None:
+    """(the ``function`` node, scaling) when ``rows`` is ``function(...)`` or ``function(...) * constant``."""
+    if (trig := _producer(rows, function)) is not None:
+        return trig, 1.0
+    mul = _producer(rows, "Mul")
+    for angle, factor in (tuple(mul.inputs), tuple(reversed(mul.inputs))) if mul is not None else ():
+        trig, scaling = _producer(angle, function), constant_scalar(factor)
+        if trig is not None and scaling is not None:
+            return trig, scaling
+    return None
+
+
+def _angles(value: ir.Value, function: str) -> _Angles | None:
+    """``value`` as the cos (``function="Cos"``) or sin rows of a rotation, or None."""
     unsqueeze = _producer(value, "Unsqueeze")
     if unsqueeze is None or constant_ints(unsqueeze.inputs[1]) != [1]:
         return None
-    trig = _producer(unsqueeze.inputs[0], function)
-    concat = _producer(trig.inputs[0], "Concat") if trig else None
-    if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+    rows = unsqueeze.inputs[0]
+    if (scaled := _scaled_trig(rows, function)) is None:
         return None
-    return trig.outputs[0]
+    trig, scaling = scaled
+    concat = _producer(trig.inputs[0], "Concat")
+    if concat is not None and len(concat.inputs) == 2 and concat.inputs[0] is concat.inputs[1]:
+        return _Angles(rows, concat.inputs[0], scaling, duplicated=True)
+    return _Angles(rows, trig.inputs[0], scaling, duplicated=False)
+
+
+def _same_rotation(cos: _Angles | None, sin: _Angles | None, duplicated: bool) -> bool:
+    """Whether ``cos`` and ``sin`` are rows of the same angles and scaling, in the form asked for."""
+    return cos is not None and sin is not None and cos.duplicated == sin.duplicated == duplicated \
+        and cos.angles is sin.angles and cos.scaling == sin.scaling
 
 
 def _other_factor(mul: ir.Node | None, x: ir.Value) -> ir.Value | None:
@@ -190,22 +223,6 @@ def _other_factor(mul: ir.Node | None, x: ir.Value) -> ir.Value | None:
 def _is_product(value: ir.Value, a: ir.Value, b: ir.Value) -> bool:
     """Whether ``value`` is ``Mul(a, b)`` or ``Mul(b, a)``."""
     return _other_factor(_producer(value, "Mul"), a) is b
-
-
-def _half_angles(value: ir.Value, function: str) -> tuple[ir.Value, ir.Value, float] | None:
-    """``value`` if it is ``Unsqueeze(function(f) [* scaling], [1])`` -> (the [B, S, D / 2] factor, ``f``,
-    ``scaling``: YaRN's attention factor, 1 when there is none)."""
-    unsqueeze = _producer(value, "Unsqueeze")
-    if unsqueeze is None or constant_ints(unsqueeze.inputs[1]) != [1]:
-        return None
-    factor = unsqueeze.inputs[0]
-    if (trig := _producer(factor, function)) is not None:
-        return factor, trig.inputs[0], 1.0
-    mul = _producer(factor, "Mul")
-    for angle, scaling in (tuple(mul.inputs), tuple(reversed(mul.inputs))) if mul is not None else ():
-        if (trig := _producer(angle, function)) is not None and (number := constant_scalar(scaling)) is not None:
-            return factor, trig.inputs[0], number
-    return None
 
 
 def _split_half_rotary(value: ir.Value) -> _Rotary | None:
@@ -232,10 +249,10 @@ def _split_half_rotary(value: ir.Value) -> _Rotary | None:
                                              for a, b in (tuple(add.inputs), tuple(reversed(add.inputs)))):
         return None
     heads = _heads(split.inputs[0])
-    cos_angles, sin_angles = _half_angles(cos, "Cos"), _half_angles(sin, "Sin")
-    if heads is None or cos_angles is None or sin_angles is None or cos_angles[1:] != sin_angles[1:]:
+    cos_angles, sin_angles = _angles(cos, "Cos"), _angles(sin, "Sin")
+    if heads is None or not _same_rotation(cos_angles, sin_angles, duplicated=False):
         return None  # also when cos and sin are of different angles or scalings
-    return _Rotary(heads, cos_angles[0], sin_angles[0])
+    return _Rotary(heads, cos_angles.rows, sin_angles.rows)
 
 
 def _rotary(value: ir.Value) -> _Rotary | None:
@@ -249,15 +266,13 @@ def _rotary(value: ir.Value) -> _Rotary | None:
         if straight_mul is None or rotated_mul is None:
             continue
         for x, cos in (tuple(straight_mul.inputs), tuple(reversed(straight_mul.inputs))):
-            heads = _heads(x)
-            cos_3d = _duplicated_angles(cos, "Cos")
-            if heads is None or cos_3d is None:
+            heads, cos_angles = _heads(x), _angles(cos, "Cos")
+            if heads is None or cos_angles is None:
                 continue
             for half, sin in (tuple(rotated_mul.inputs), tuple(reversed(rotated_mul.inputs))):
-                sin_3d = _duplicated_angles(sin, "Sin")
-                if sin_3d is not None and _half_rotation(half, x) \
-                        and _producer(sin_3d, "Sin").inputs[0] is _producer(cos_3d, "Cos").inputs[0]:
-                    return _Rotary(heads, cos_3d, sin_3d)
+                sin_angles = _angles(sin, "Sin")
+                if _same_rotation(cos_angles, sin_angles, duplicated=True) and _half_rotation(half, x):
+                    return _Rotary(heads, cos_angles.rows, sin_angles.rows)
     return None
 
 
@@ -342,9 +357,8 @@ def _cache_write(present: ir.Value, past_names: set[str]) -> _CacheWrite | None:
     readers = [user for user, _ in present.uses()]
     if len(readers) != 1 or readers[0].op_type != "Slice" or readers[0].domain not in PLAIN:
         return None
-    starts = constant_ints(readers[0].inputs[1])
-    axes = constant_ints(readers[0].inputs[3]) if len(readers[0].inputs) > 3 else None
-    if starts != [0] or axes not in ([2], [-2]):
+    first_columns = _slice_on_axis(readers[0], 2)
+    if first_columns is None or first_columns[0] != 0:
         return None
     return _CacheWrite(into.inputs[0], new.inputs[0], readers[0].outputs[0], perms[1] == (1, 0, 2, 3))
 
@@ -381,12 +395,7 @@ def _max_shifted(value: ir.Value) -> ir.Value:
 
 def _drops_last_column(node: ir.Node | None) -> bool:
     """Whether ``node`` is ``Slice(x, [0], [-1], [-1 or 3])``: x[..., :-1]."""
-    if node is None:
-        return False
-    starts, ends = constant_ints(node.inputs[1]), constant_ints(node.inputs[2])
-    axes = constant_ints(node.inputs[3]) if len(node.inputs) > 3 else None
-    steps = constant_ints(node.inputs[4]) if len(node.inputs) > 4 else None
-    return starts == [0] and ends == [-1] and axes in ([3], [-1]) and steps in (None, [1])
+    return node is not None and _slice_on_axis(node, 3) == (0, -1)
 
 
 def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_names: set[str]) -> _Layer | str:
