@@ -355,11 +355,17 @@ class CausalLMAdapter(nn.Module):
         records: list = []
         with _capture_routing(self.experts, records):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+                             **{self._cache_keyword: cache}, use_cache=True)
         presents = [stores[entry.layer].get(cache, entry.layer, entry.part) if entry.part in STATE_KINDS
                     else getattr(cache.layers[entry.layer], f"{entry.part}s") for entry in layout]
         routing = [(idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])) for idx, w in records]
         return out.logits, presents, routing
+
+    @functools.cached_property
+    def _cache_keyword(self) -> str:
+        """The name the model's forward takes its cache by (and returns it as): ``cache`` since transformers 5.24,
+        whose ``past_key_values`` is deprecated (removed in 5.40), ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _new_cache(self):
         """An empty cache of the class the model makes for itself (transformers' ``DynamicCache`` laid out by the
@@ -375,7 +381,8 @@ class CausalLMAdapter(nn.Module):
         the first time it is asked. A layer state that no registered mixer carries is a user error."""
         if self._cache_layout is None:
             with torch.no_grad():
-                probe = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values
+                out = self.model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+                probe = getattr(out, self._cache_keyword)
             self._cache_class = type(probe)
             stores = hf_mixers.state_stores(self.model)
             layout = []
