@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moeport.contract import LOGITS, Reference, is_cache_input, present_for
+from moeport.contract import KV_CACHE_SHARED, LOGITS, Reference, is_cache_input, metadata_of_map, present_for
 from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
-from moeport.runtime.generate import decoder_feeds, empty_past
+from moeport.runtime.generate import CachedDecoder, decoder_feeds, empty_past
 from moeport.runtime.moe_graph import (find_routers, kernel_routed_indices, load_graph, tensor_nbytes,
                                       top_k_as_qmoe)
 from moeport.runtime.session import create_session
@@ -233,20 +233,26 @@ def heldout_quality(before: Path, after: Path, ids: np.ndarray, routers_before: 
 def _timed_calls(session, ids: np.ndarray) -> dict[str, Callable[[], object]]:
     """What a deployment runs, as calls by ``latency_kind``: for a with-past graph one decode step (the last id)
     after a prefill of the others, its cache fed back, and the prefill of all ``ids`` from an empty cache (the step
-    a user waits for first); else the whole ``ids [1, seq]``."""
+    a user waits for first); else the whole ``ids [1, seq]``. A shared-buffer graph (contract ``KV_CACHE_SHARED``)
+    is stepped as ``moeport generate`` steps it, its buffers bound as past and present (``CachedDecoder``): each
+    call writes the same columns again, so every run times the same step."""
     names = [i.name for i in session.get_inputs()]
     inputs = [name for name in names if is_cache_input(name)]
     kind = latency_kind(names, ids.shape[1])
     if not inputs:
         return {kind: functools.partial(session.run, None, text_feeds(ids, names, "latency ids"))}
+    mask, prompt, last = np.ones_like(ids), ids[:, :-1], ids[:, -1:]
+    if metadata_of_map(session.get_modelmeta().custom_metadata_map).get("kv_cache") == KV_CACHE_SHARED:
+        decoder = CachedDecoder(session, 1, capacity=ids.shape[1])
+        decoder.step(prompt, mask[:, :-1])
+        return {kind: functools.partial(decoder.step, last, mask),
+                prefill_kind(ids.shape[1]): functools.partial(decoder.step, ids, mask)}
     empty = empty_past(session.get_inputs(), 1, session.get_outputs())
     outputs = [present_for(name) for name in inputs]
-    prompt, last = ids[:, :-1], ids[:, -1:]
-    presents = session.run(outputs, decoder_feeds(np.ones_like(prompt), prompt, empty))
-    feeds = decoder_feeds(np.ones_like(ids), last, dict(zip(inputs, presents)))
+    presents = session.run(outputs, decoder_feeds(mask[:, :-1], prompt, empty))
+    feeds = decoder_feeds(mask, last, dict(zip(inputs, presents)))
     return {kind: functools.partial(session.run, [LOGITS], feeds),
-            prefill_kind(ids.shape[1]): functools.partial(session.run, [LOGITS],
-                                                           decoder_feeds(np.ones_like(ids), ids, empty))}
+            prefill_kind(ids.shape[1]): functools.partial(session.run, [LOGITS], decoder_feeds(mask, ids, empty))}
 
 
 def latency_kind(input_names: list[str], seq: int) -> str:

@@ -488,6 +488,20 @@ def test_fused_attention_leaves_what_it_cannot_fuse_and_says_why(tmp_path, model
     assert ir.to_proto(model).SerializeToString() == before
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_quantize_times_a_shared_buffer_export_as_generate_steps_it(tmp_path, fused):
+    """The report's latency of a --kv-cache shared export: its buffers bound as past and present (an empty past
+    of no columns cannot take the prompt: onnxruntime's ScatterND refused it), with and without fused attention."""
+    exported = _with_past(tmp_path, "mixtral", kv_cache="shared")
+    result = quantize(exported.output, tmp_path / "int4.onnx", mode="int4", fused_attention=fused, latency_runs=2,
+                      perplexity=False)
+    quality = result.quality
+    assert (quality.latency_of, quality.prefill_of) == ("decode@127", "prefill 1x128")
+    assert min(quality.latency_before_ms, quality.latency_after_ms, quality.prefill_before_ms,
+               quality.prefill_after_ms) > 0
+    assert read_metadata(result.output)["kv_cache"] == "shared"
+
+
 def test_quantize_fuses_attention_for_cpu_targets_only(tmp_path):
     """int4 of a with-past model: GroupQueryAttention in every layer by default (recorded in the quantization
     metadata), none with fused_attention=False or for a target whose provider has no float32 kernel (cuda)."""
