@@ -570,8 +570,14 @@ def quantize(
     for message in found:
         warnings.warn(message, QuantizeWarning, stacklevel=2)
     quantized, passes = _write(source, out, settings, calibrated)
-    report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
-                      perplexity=perplexity, latency_runs=latency_runs, parity_shapes=parity_shapes)
+    try:
+        report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
+                          perplexity=perplexity, latency_runs=latency_runs, parity_shapes=parity_shapes)
+    except BaseException:
+        # A file whose report failed (a parity run that could not start, an interrupt) is not left as if done.
+        for path in (out, out.with_name(f"{out.name}.data")):
+            path.unlink(missing_ok=True)
+        raise
     if settings.fused_attention and not settings.share_cache and _copies_its_cache(source, quantized):
         report.notes.append("its KV cache is a Concat cache, which the fused attention copies whole at every step; "
                             "--kv-cache shared records it as one buffer written in place (int4 at granite-3.0-1b-a400m "

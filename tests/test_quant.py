@@ -739,6 +739,19 @@ def test_calibration_that_does_not_fit(topk, tmp_path, make, message):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_a_report_that_fails_leaves_no_output(topk, tmp_path, monkeypatch):
+    """The measurement runs after the file is written: when it fails, the file and its weights go too."""
+    from moeport.quant import quality
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("latency run failed")
+
+    monkeypatch.setattr(quality, "latency_ms", fail)
+    with pytest.raises(RuntimeError, match="latency run failed"):
+        quantize(topk.output, tmp_path / "o.onnx", mode="int4", latency_runs=1, perplexity=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_user_errors(topk, tmp_path, monkeypatch):
     cases = [
         (dict(model=tmp_path / "none.onnx", mode="int8"), "model file not found"),
