@@ -30,10 +30,13 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
   sin, x2 * cos + x1 * sin)`` with ``cos = Cos(f) * scaling``, YaRN's attention factor), and attention sinks: a
   ``[1, heads, 1, 1]`` logit per head expanded and concatenated to the masked scores as one more key, the softmax
   (after a subtraction of the row maximum) and the sinks' column dropped. The sinks become the kernel's
-  ``head_sink``: they add to each row's softmax denominator, as the dropped column did.
+  ``head_sink``: they add to each row's softmax denominator, as the dropped column did;
+- the pairwise rotation (GLM's rope style, ERNIE 4.5): ``x * repeat_interleave(cos[..., :D/2], 2) +
+  rotate_every_two(x) * (sin alike)``, ``rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``:
+  ``RotaryEmbedding`` with ``interleaved=1``.
 
 A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's attention layers;
-a partial or interleaved rotary; a norm after the rotation) is handed to the kernel as the graph computes it, its
+a rotation of part of each head; a norm after the rotation) is handed to the kernel as the graph computes it, its
 own nodes kept: the kernel's softmax, mask and cache do not care how the keys were made.
 
 It becomes ``RotaryEmbedding`` on ``q_lin`` and ``k_lin`` and ``GroupQueryAttention(q, k, v_lin, past_key,
@@ -135,20 +138,22 @@ def _heads(value: ir.Value) -> _Heads | None:
 
 @dataclass
 class _Rotary:
-    """``x * Unsqueeze(cos, 1) + rotate_half(x) * Unsqueeze(sin, 1)`` on ``x = heads.split``."""
+    """``x * Unsqueeze(cos, 1) + rotate_half(x) * Unsqueeze(sin, 1)`` on ``x = heads.split``, or with ``interleaved``
+    the pairwise rotation ``x * repeat_interleave(cos[..., :D/2], 2) + rotate_every_two(x) * (sin alike)``."""
 
     heads: _Heads
     cos: ir.Value  # [B, S, D] = Cos(Concat(f, f)), or [B, S, D / 2] = Cos(f) * scaling (the split-half form)
     sin: ir.Value
+    interleaved: bool = False  # pairs (x0, x1), (x2, x3), ... rotated (GLM's rope style, ERNIE 4.5)
 
 
-def _slice_on_axis(node: ir.Node, axis: int, rank: int = 4) -> tuple[int, int | None] | None:
-    """``(start, end)`` of ``node``, a Slice from a constant start along ``axis`` alone with step 1, else None;
+def _slice_on_axis(node: ir.Node, axis: int, rank: int = 4, step: int = 1) -> tuple[int, int | None] | None:
+    """``(start, end)`` of ``node``, a Slice from a constant start along ``axis`` alone by ``step``, else None;
     ``end`` is None when it is computed (a shared cache is read up to the mask's length)."""
     starts, ends, axes, steps = (constant_ints(node.inputs[i]) if len(node.inputs) > i else None for i in range(1, 5))
     if starts is None or len(starts) != 1 or (ends is not None and len(ends) != 1):
         return None
-    if axes not in ([axis], [axis - rank]) or steps not in (None, [1]):
+    if axes not in ([axis], [axis - rank]) or steps not in (([step], None) if step == 1 else ([step],)):
         return None
     return starts[0], ends[0] if ends is not None else None
 
@@ -168,6 +173,34 @@ def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
         return False
     # x[..., D/2:] (its end may be any number past the last column) and x[..., :D/2]
     return upper[0] == head_size // 2 and upper[1] >= head_size and lower == (0, head_size // 2)
+
+
+def _last_axis(node: ir.Node, rank: int) -> bool:
+    """Whether ``node`` (Concat, or Unsqueeze by its axes input) works on the last of ``rank`` axes."""
+    if node.op_type == "Unsqueeze":
+        return constant_ints(node.inputs[1]) in ([rank - 1], [-1])
+    return node.attributes.get_int("axis", 0) in (rank - 1, -1)
+
+
+def _interleaved_rotation(value: ir.Value, x: ir.Value) -> bool:
+    """Whether ``value`` is ``rotate_every_two(x)``: ``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``, as
+    ``Reshape(Concat(Unsqueeze(Neg(Slice(x, 1, step 2)), -1), Unsqueeze(Slice(x, 0, step 2), -1), axis=-1))``."""
+    reshape = _producer(value, "Reshape")
+    concat = _producer(reshape.inputs[0], "Concat") if reshape is not None else None
+    if concat is None or len(concat.inputs) != 2 or not _last_axis(concat, 5):
+        return False
+    first, second = _producer(concat.inputs[0], "Unsqueeze"), _producer(concat.inputs[1], "Unsqueeze")
+    if first is None or second is None or not _last_axis(first, 5) or not _last_axis(second, 5):
+        return False
+    neg = _producer(first.inputs[0], "Neg")
+    odd, even = _producer(neg.inputs[0], "Slice") if neg else None, _producer(second.inputs[0], "Slice")
+    if odd is None or even is None or odd.inputs[0] is not x or even.inputs[0] is not x:
+        return False
+    odd_bounds, even_bounds = _slice_on_axis(odd, 3, step=2), _slice_on_axis(even, 3, step=2)
+    head_size = x.shape[3] if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[3], int) else None
+    return head_size is not None and odd_bounds is not None and even_bounds is not None \
+        and odd_bounds[0] == 1 and even_bounds[0] == 0 \
+        and all(end is not None and end >= head_size for end in (odd_bounds[1], even_bounds[1]))
 
 
 @dataclass(frozen=True)
@@ -205,6 +238,26 @@ def _angles(value: ir.Value, function: str) -> _Angles | None:
     if concat is not None and len(concat.inputs) == 2 and concat.inputs[0] is concat.inputs[1]:
         return _Angles(rows, concat.inputs[0], scaling, duplicated=True)
     return _Angles(rows, trig.inputs[0], scaling, duplicated=False)
+
+
+def _interleaved_angles(value: ir.Value, function: str) -> _Angles | None:
+    """``value`` if it is ``repeat_interleave(U[..., :D/2], 2, dim=-1)`` of ``U = Unsqueeze(function(Concat(f, f)),
+    [1])``, as ``Reshape(Expand(Unsqueeze(Slice(U, 0, D/2, axis=-1), -1), [1, 1, 1, 1, 2]))`` -> ``U``'s angles."""
+    reshape = _producer(value, "Reshape")
+    expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    if unsqueeze is None or not _last_axis(unsqueeze, 5):
+        return None
+    repeats = constant_ints(expand.inputs[1])
+    if repeats is None or len(repeats) != 5 or repeats[-1] != 2 or any(r != 1 for r in repeats[:-1]):
+        return None
+    first_half = _producer(unsqueeze.inputs[0], "Slice")
+    angles = _angles(first_half.inputs[0], function) if first_half is not None else None
+    if angles is None or not angles.duplicated:
+        return None
+    shape, bounds = angles.rows.shape, _slice_on_axis(first_half, 3)
+    head_size = shape[2] if shape is not None and len(shape) == 3 and isinstance(shape[2], int) else None
+    return angles if head_size is not None and bounds == (0, head_size // 2) else None
 
 
 def _same_rotation(cos: _Angles | None, sin: _Angles | None, duplicated: bool) -> bool:
@@ -257,7 +310,8 @@ def _split_half_rotary(value: ir.Value) -> _Rotary | None:
 
 def _rotary(value: ir.Value) -> _Rotary | None:
     """``value`` as a rotation ``RotaryEmbedding`` can do: transformers' ``x * cos + rotate_half(x) * sin`` over
-    ``cat(f, f)`` or gpt-oss's split-half form; None for anything else (the heads are then taken as computed)."""
+    ``cat(f, f)``, its pairwise form (``rotate_every_two``, the kernel's ``interleaved``) or gpt-oss's split-half
+    form; None for anything else (the heads are then taken as computed)."""
     if (split_half := _split_half_rotary(value)) is not None:
         return split_half
     add = _producer(value, "Add")
@@ -266,21 +320,25 @@ def _rotary(value: ir.Value) -> _Rotary | None:
         if straight_mul is None or rotated_mul is None:
             continue
         for x, cos in (tuple(straight_mul.inputs), tuple(reversed(straight_mul.inputs))):
-            heads, cos_angles = _heads(x), _angles(cos, "Cos")
-            if heads is None or cos_angles is None:
+            heads = _heads(x)
+            if heads is None:
                 continue
-            for half, sin in (tuple(rotated_mul.inputs), tuple(reversed(rotated_mul.inputs))):
-                sin_angles = _angles(sin, "Sin")
-                if _same_rotation(cos_angles, sin_angles, duplicated=True) and _half_rotation(half, x):
-                    return _Rotary(heads, cos_angles.rows, sin_angles.rows)
+            for interleaved, angles_of, is_rotation in ((False, _angles, _half_rotation),
+                                                        (True, _interleaved_angles, _interleaved_rotation)):
+                if (cos_angles := angles_of(cos, "Cos")) is None:
+                    continue
+                for rotated_x, sin in (tuple(rotated_mul.inputs), tuple(reversed(rotated_mul.inputs))):
+                    sin_angles = angles_of(sin, "Sin")
+                    if _same_rotation(cos_angles, sin_angles, duplicated=True) and is_rotation(rotated_x, x):
+                        return _Rotary(heads, cos_angles.rows, sin_angles.rows, interleaved)
     return None
 
 
 @dataclass
 class _Computed:
     """Query or key heads that the graph computes itself and the kernel takes as they are (no rotary that
-    ``RotaryEmbedding`` can take over: none at all as in granite-4.0's attention layers, partial, interleaved, or a
-    norm after it): ``heads`` is ``[B, heads, S, D]``, or ``[B, S, heads, D]`` when ``per_token``."""
+    ``RotaryEmbedding`` can take over: none at all as in granite-4.0's attention layers, partial, or a norm after
+    it): ``heads`` is ``[B, heads, S, D]``, or ``[B, S, heads, D]`` when ``per_token``."""
 
     heads: ir.Value
     per_token: bool = False
@@ -417,8 +475,8 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
         return "the transposed keys do not feed one score MatMul"
     grouped = _producer(scores.inputs[0], "Reshape")
     query = _positioned(grouped.inputs[0] if grouped is not None else scores.inputs[0])
-    if isinstance(query, _Rotary) and isinstance(key, _Rotary) and (query.cos is not key.cos
-                                                                    or query.sin is not key.sin):
+    if isinstance(query, _Rotary) and isinstance(key, _Rotary) and (query.cos is not key.cos or query.sin is not
+                                                                    key.sin or query.interleaved != key.interleaved):
         return "query and key are rotated by different angles"
     # scale, mask, floor, Softmax: nothing else between the scores and the probabilities
     scaled = only_user(scores.outputs[0], "Mul") or only_user(scores.outputs[0], "Div")
@@ -593,7 +651,8 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
             cos_cache, sin_cache, positions = shared.rotary_rows(side, layer.head_size)
             per_token = side.heads.projection or shared.add("Reshape", [side.heads.per_token, shared.tokens])
             rotated.append(shared.add("RotaryEmbedding", [per_token, positions, cos_cache, sin_cache],
-                                      {"num_heads": heads, "interleaved": 0}, domain="com.microsoft"))
+                                      {"num_heads": heads, "interleaved": int(side.interleaved)},
+                                      domain="com.microsoft"))
         value = shared.flat(layer.value)
         pasts = [layer.past_key, layer.past_value]
         if not layer.shared_buffer:  # a shared buffer is the real [B, kvh, max, D], and is written in place
