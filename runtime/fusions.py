@@ -31,9 +31,10 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
   ``[1, heads, 1, 1]`` logit per head expanded and concatenated to the masked scores as one more key, the softmax
   (after a subtraction of the row maximum) and the sinks' column dropped. The sinks become the kernel's
   ``head_sink``: they add to each row's softmax denominator, as the dropped column did;
-- the pairwise rotation (GLM's rope style, ERNIE 4.5): ``x * repeat_interleave(cos[..., :D/2], 2) +
-  rotate_every_two(x) * (sin alike)``, ``rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``:
-  ``RotaryEmbedding`` with ``interleaved=1``.
+- the pairwise rotation: ``x * cos2 + rotate_every_two(x) * sin2`` with ``rotate_every_two(x) = stack((-x[...,
+  1::2], x[..., ::2]), -1).flatten(-2)`` and ``cos2 = repeat_interleave(cos[..., :D/2], 2)`` (GLM's rope style,
+  ERNIE 4.5) or ``Cos(repeat_interleave(f, 2))`` (Cohere), ``sin2`` alike: ``RotaryEmbedding`` with
+  ``interleaved=1``.
 
 A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's attention layers;
 a rotation of part of each head; a norm after the rotation) is handed to the kernel as the graph computes it, its
@@ -144,7 +145,8 @@ class _Rotary:
     heads: _Heads
     cos: ir.Value  # [B, S, D] = Cos(Concat(f, f)), or [B, S, D / 2] = Cos(f) * scaling (the split-half form)
     sin: ir.Value
-    interleaved: bool = False  # pairs (x0, x1), (x2, x3), ... rotated (GLM's rope style, ERNIE 4.5)
+    interleaved: bool = False  # pairs (x0, x1), (x2, x3), ... rotated (GLM's rope style, ERNIE 4.5, Cohere)
+    paired_rows: bool = False  # cos/sin hold each angle twice side by side (Cos(repeat_interleave(f, 2)), Cohere)
 
 
 def _slice_on_axis(node: ir.Node, axis: int, rank: int = 4, step: int = 1) -> tuple[int, int | None] | None:
@@ -203,14 +205,33 @@ def _interleaved_rotation(value: ir.Value, x: ir.Value) -> bool:
         and all(end is not None and end >= head_size for end in (odd_bounds[1], even_bounds[1]))
 
 
+# How a rotation's cos/sin rows hold the angles f [B, S, D / 2]: function(Concat(f, f)) (transformers' rotate_half
+# form), function(repeat_interleave(f, 2)) (Cohere's pairwise form), function(f) (gpt-oss's halves).
+HALVES, PAIRS, HALF = "halves", "pairs", "half"
+
+
 @dataclass(frozen=True)
 class _Angles:
     """``Unsqueeze(function(angles) [* scaling], [1])``: a rotation's cos or sin rows before the heads axis."""
 
-    rows: ir.Value  # what multiplies the heads, before the Unsqueeze: [B, S, D] (duplicated) or [B, S, D / 2]
-    angles: ir.Value  # [B, S, D / 2] f, the function's input with the duplication Concat(f, f) taken off
+    rows: ir.Value  # what multiplies the heads, before the Unsqueeze: [B, S, D] (HALVES, PAIRS) or [B, S, D / 2]
+    angles: ir.Value  # [B, S, D / 2] f, the function's input with its duplication taken off
     scaling: float  # YaRN's attention factor; 1 when there is none
-    duplicated: bool  # function(Concat(f, f)), transformers' rotate_half form; else gpt-oss's halves
+    layout: str  # HALVES, PAIRS or HALF
+
+
+def _repeated_pairs(value: ir.Value, rank: int) -> ir.Value | None:
+    """``x`` when ``value`` is ``repeat_interleave(x, 2, dim=-1)`` of a rank-``rank`` ``x``, as torch exports it:
+    ``Reshape(Expand(Unsqueeze(x, -1), [1, ..., 1, 2]))``."""
+    reshape = _producer(value, "Reshape")
+    expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    if unsqueeze is None or not _last_axis(unsqueeze, rank + 1):
+        return None
+    repeats = constant_ints(expand.inputs[1])
+    if repeats is None or len(repeats) != rank + 1 or repeats[-1] != 2 or any(r != 1 for r in repeats[:-1]):
+        return None
+    return unsqueeze.inputs[0]
 
 
 def _scaled_trig(rows: ir.Value, function: str) -> tuple[ir.Node, float] | None:
@@ -236,33 +257,28 @@ def _angles(value: ir.Value, function: str) -> _Angles | None:
     trig, scaling = scaled
     concat = _producer(trig.inputs[0], "Concat")
     if concat is not None and len(concat.inputs) == 2 and concat.inputs[0] is concat.inputs[1]:
-        return _Angles(rows, concat.inputs[0], scaling, duplicated=True)
-    return _Angles(rows, trig.inputs[0], scaling, duplicated=False)
+        return _Angles(rows, concat.inputs[0], scaling, HALVES)
+    if (paired := _repeated_pairs(trig.inputs[0], 3)) is not None:
+        return _Angles(rows, paired, scaling, PAIRS)
+    return _Angles(rows, trig.inputs[0], scaling, HALF)
 
 
 def _interleaved_angles(value: ir.Value, function: str) -> _Angles | None:
     """``value`` if it is ``repeat_interleave(U[..., :D/2], 2, dim=-1)`` of ``U = Unsqueeze(function(Concat(f, f)),
     [1])``, as ``Reshape(Expand(Unsqueeze(Slice(U, 0, D/2, axis=-1), -1), [1, 1, 1, 1, 2]))`` -> ``U``'s angles."""
-    reshape = _producer(value, "Reshape")
-    expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
-    unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
-    if unsqueeze is None or not _last_axis(unsqueeze, 5):
-        return None
-    repeats = constant_ints(expand.inputs[1])
-    if repeats is None or len(repeats) != 5 or repeats[-1] != 2 or any(r != 1 for r in repeats[:-1]):
-        return None
-    first_half = _producer(unsqueeze.inputs[0], "Slice")
+    paired = _repeated_pairs(value, 4)
+    first_half = _producer(paired, "Slice") if paired is not None else None
     angles = _angles(first_half.inputs[0], function) if first_half is not None else None
-    if angles is None or not angles.duplicated:
+    if angles is None or angles.layout != HALVES:
         return None
     shape, bounds = angles.rows.shape, _slice_on_axis(first_half, 3)
     head_size = shape[2] if shape is not None and len(shape) == 3 and isinstance(shape[2], int) else None
     return angles if head_size is not None and bounds == (0, head_size // 2) else None
 
 
-def _same_rotation(cos: _Angles | None, sin: _Angles | None, duplicated: bool) -> bool:
-    """Whether ``cos`` and ``sin`` are rows of the same angles and scaling, in the form asked for."""
-    return cos is not None and sin is not None and cos.duplicated == sin.duplicated == duplicated \
+def _same_rotation(cos: _Angles | None, sin: _Angles | None, layouts: tuple[str, ...]) -> bool:
+    """Whether ``cos`` and ``sin`` are rows of the same angles and scaling, laid out alike in one of ``layouts``."""
+    return cos is not None and sin is not None and cos.layout == sin.layout and cos.layout in layouts \
         and cos.angles is sin.angles and cos.scaling == sin.scaling
 
 
@@ -303,9 +319,17 @@ def _split_half_rotary(value: ir.Value) -> _Rotary | None:
         return None
     heads = _heads(split.inputs[0])
     cos_angles, sin_angles = _angles(cos, "Cos"), _angles(sin, "Sin")
-    if heads is None or not _same_rotation(cos_angles, sin_angles, duplicated=False):
+    if heads is None or not _same_rotation(cos_angles, sin_angles, (HALF,)):
         return None  # also when cos and sin are of different angles or scalings
     return _Rotary(heads, cos_angles.rows, sin_angles.rows)
+
+
+# The ``x * cos + rotation(x) * sin`` forms: (RotaryEmbedding's ``interleaved``, the cos/sin matcher, the rotation
+# matcher, the rows' layouts): rotate_half over Concat(f, f); rotate_every_two over repeat_interleave(cos[..., :D/2])
+# (ERNIE 4.5) or over Cos(repeat_interleave(f)) (Cohere).
+_ROTATIONS = ((False, _angles, _half_rotation, (HALVES,)),
+              (True, _interleaved_angles, _interleaved_rotation, (HALVES,)),
+              (True, _angles, _interleaved_rotation, (PAIRS,)))
 
 
 def _rotary(value: ir.Value) -> _Rotary | None:
@@ -323,14 +347,14 @@ def _rotary(value: ir.Value) -> _Rotary | None:
             heads = _heads(x)
             if heads is None:
                 continue
-            for interleaved, angles_of, is_rotation in ((False, _angles, _half_rotation),
-                                                        (True, _interleaved_angles, _interleaved_rotation)):
+            for interleaved, angles_of, is_rotation, layouts in _ROTATIONS:
                 if (cos_angles := angles_of(cos, "Cos")) is None:
                     continue
                 for rotated_x, sin in (tuple(rotated_mul.inputs), tuple(reversed(rotated_mul.inputs))):
                     sin_angles = angles_of(sin, "Sin")
-                    if _same_rotation(cos_angles, sin_angles, duplicated=True) and is_rotation(rotated_x, x):
-                        return _Rotary(heads, cos_angles.rows, sin_angles.rows, interleaved)
+                    if _same_rotation(cos_angles, sin_angles, layouts) and is_rotation(rotated_x, x):
+                        return _Rotary(heads, cos_angles.rows, sin_angles.rows, interleaved,
+                                       cos_angles.layout == PAIRS)
     return None
 
 
@@ -583,7 +607,12 @@ class _Shared:
             start, last = self.constant(f"moeport_rope_start_{len(self.rows)}", np.array([0], np.int64)), \
                 self.constant(f"moeport_rope_axis_{len(self.rows)}", np.array([2], np.int64))
             rows = self.constant(f"moeport_rope_rows_{len(self.rows)}", np.array([-1, head_size // 2], np.int64))
-            caches = [self.add("Reshape", [self.add("Slice", [angle, start, half, last]), rows])
+            if rotary.paired_rows:  # each angle twice side by side: every other column
+                bounds = [start, self.constant(f"moeport_rope_end_{len(self.rows)}", np.array([head_size], np.int64)),
+                          last, self.constant(f"moeport_rope_pairs_{len(self.rows)}", np.array([2], np.int64))]
+            else:
+                bounds = [start, half, last]
+            caches = [self.add("Reshape", [self.add("Slice", [angle, *bounds]), rows])
                       for angle in (rotary.cos, rotary.sin)]
             batch_and_sequence = self.add("Shape", [rotary.cos], {"start": 0, "end": 2})
             count = self.add("ReduceProd", [batch_and_sequence], {"keepdims": 1})

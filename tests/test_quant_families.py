@@ -297,12 +297,12 @@ def test_cached_decoder_keeps_the_cache_in_onnxruntime(tmp_path, kv_cache):
 
 @pytest.mark.parametrize(("model_type", "kv_cache"), [("mixtral", "concat"), ("qwen3_moe", "concat"),
                                                      ("granitemoe", "concat"), ("mixtral", "shared"),
-                                                     ("ernie4_5_moe", "concat")])
+                                                     ("ernie4_5_moe", "concat"), ("cohere2_moe", "concat")])
 def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cache):
     """Each layer's attention as one GroupQueryAttention (with RotaryEmbedding): grouped query heads (mixtral),
-    q/k norms per head (qwen3_moe), an unwritten scale of 1 (granitemoe), the shared buffer cache, pairwise
-    (interleaved) rotation (ERNIE 4.5). Equal to the exported graph on a left-padded batch, decode steps and a
-    several-token step after a past."""
+    q/k norms per head (qwen3_moe), an unwritten scale of 1 (granitemoe), the shared buffer cache, the pairwise
+    (interleaved) rotation over halves of the angle rows (ERNIE 4.5) and over pairwise repeated angles (Cohere).
+    Equal to the exported graph on a left-padded batch, decode steps and a several-token step after a past."""
     source = _with_past(tmp_path, model_type, kv_cache)
     layers = len(source.info.layers)
     model = ir.load(source.output)
@@ -318,7 +318,7 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
     assert not {"Neg", "ScatterND"} & set(ops)  # rotate_half and a shared buffer's scatter went with them
     interleaved = {onnx.helper.get_attribute_value(a) for node in graph.graph.node if node.op_type == "RotaryEmbedding"
                    for a in node.attribute if a.name == "interleaved"}
-    assert interleaved == {int(model_type == "ernie4_5_moe")}
+    assert interleaved == {int(model_type in ("ernie4_5_moe", "cohere2_moe"))}
     one_token = [(np.ones((1, 1), np.int64), np.array([[5]])), (np.ones((1, 2), np.int64), np.array([[9]]))]
     for steps in (_steps(), _steps(batch=1), one_token):  # a one-token prompt: a mask of one column
         capacity = 16 if kv_cache == "shared" else 0
