@@ -34,11 +34,13 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
 - the pairwise rotation: ``x * cos2 + rotate_every_two(x) * sin2`` with ``rotate_every_two(x) = stack((-x[...,
   1::2], x[..., ::2]), -1).flatten(-2)`` and ``cos2 = repeat_interleave(cos[..., :D/2], 2)`` (GLM's rope style,
   ERNIE 4.5) or ``Cos(repeat_interleave(f, 2))`` (Cohere), ``sin2`` alike: ``RotaryEmbedding`` with
-  ``interleaved=1``.
+  ``interleaved=1``;
+- a partial rotary (GLM-4.5, Qwen3-Next): ``Concat(rot(x[..., :rd]), x[..., rd:])`` with transformers' rotation or its
+  pairwise form on the first ``rd`` columns: ``RotaryEmbedding`` with ``rotary_embedding_dim=rd``.
 
-A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's attention layers;
-a rotation of part of each head; a norm after the rotation) is handed to the kernel as the graph computes it, its
-own nodes kept: the kernel's softmax, mask and cache do not care how the keys were made.
+A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's attention layers; a
+norm after the rotation) is handed to the kernel as the graph computes it, its own nodes kept: the kernel's softmax,
+mask and cache do not care how the keys were made.
 
 It becomes ``RotaryEmbedding`` on ``q_lin`` and ``k_lin`` and ``GroupQueryAttention(q, k, v_lin, past_key,
 past_value, seqlens_k, total_sequence_length, attention_bias=mask[, head_sink=sinks])`` whose outputs are the
@@ -147,6 +149,7 @@ class _Rotary:
     sin: ir.Value
     interleaved: bool = False  # pairs (x0, x1), (x2, x3), ... rotated (GLM's rope style, ERNIE 4.5, Cohere)
     paired_rows: bool = False  # cos/sin hold each angle twice side by side (Cos(repeat_interleave(f, 2)), Cohere)
+    rotary_dim: int | None = None  # only the first rotary_dim columns of each head rotate (GLM-4.5, Qwen3-Next)
 
 
 def _slice_on_axis(node: ir.Node, axis: int, rank: int = 4, step: int = 1) -> tuple[int, int | None] | None:
@@ -160,6 +163,12 @@ def _slice_on_axis(node: ir.Node, axis: int, rank: int = 4, step: int = 1) -> tu
     return starts[0], ends[0] if ends is not None else None
 
 
+def _last_size(value: ir.Value) -> int | None:
+    """The size of a rank-4 ``value``'s last axis when the graph knows it."""
+    shape = value.shape
+    return shape[3] if shape is not None and len(shape) == 4 and isinstance(shape[3], int) else None
+
+
 def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
     """Whether ``value`` is transformers' ``rotate_half(x)``: ``Concat(-x[..., D/2:], x[..., :D/2], axis=-1)``."""
     concat = _producer(value, "Concat")
@@ -169,7 +178,7 @@ def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
     first, second = _producer(neg.inputs[0], "Slice") if neg else None, _producer(concat.inputs[1], "Slice")
     if first is None or second is None or first.inputs[0] is not x or second.inputs[0] is not x:
         return False
-    head_size = x.shape[3] if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[3], int) else None
+    head_size = _last_size(x)
     upper, lower = _slice_on_axis(first, 3), _slice_on_axis(second, 3)
     if head_size is None or upper is None or lower is None or upper[1] is None:
         return False
@@ -199,7 +208,7 @@ def _interleaved_rotation(value: ir.Value, x: ir.Value) -> bool:
     if odd is None or even is None or odd.inputs[0] is not x or even.inputs[0] is not x:
         return False
     odd_bounds, even_bounds = _slice_on_axis(odd, 3, step=2), _slice_on_axis(even, 3, step=2)
-    head_size = x.shape[3] if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[3], int) else None
+    head_size = _last_size(x)
     return head_size is not None and odd_bounds is not None and even_bounds is not None \
         and odd_bounds[0] == 1 and even_bounds[0] == 0 \
         and all(end is not None and end >= head_size for end in (odd_bounds[1], even_bounds[1]))
@@ -334,17 +343,34 @@ _ROTATIONS = ((False, _angles, _half_rotation, (HALVES,)),
 
 def _rotary(value: ir.Value) -> _Rotary | None:
     """``value`` as a rotation ``RotaryEmbedding`` can do: transformers' ``x * cos + rotate_half(x) * sin`` over
-    ``cat(f, f)``, its pairwise form (``rotate_every_two``, the kernel's ``interleaved``) or gpt-oss's split-half
-    form; None for anything else (the heads are then taken as computed)."""
+    ``cat(f, f)``, its pairwise form (``rotate_every_two``, the kernel's ``interleaved``), either on the first
+    columns of each head only (a partial rotary), or gpt-oss's split-half form; None for anything else (the heads
+    are then taken as computed)."""
     if (split_half := _split_half_rotary(value)) is not None:
         return split_half
+    whole, rotary_dim = None, None
+    concat = _producer(value, "Concat")
+    if concat is not None and len(concat.inputs) == 2 and _axis(concat) == 3:
+        # a partial rotary: Concat(rot(x[..., :rd]), x[..., rd:]) -- the rotation below reads x[..., :rd]
+        kept = _producer(concat.inputs[1], "Slice")
+        bounds = _slice_on_axis(kept, 3) if kept is not None else None
+        head_size = _last_size(kept.inputs[0]) if kept is not None else None
+        if bounds is None or head_size is None or bounds[1] is None or bounds[1] < head_size \
+                or not 0 < bounds[0] < head_size:
+            return None
+        whole, rotary_dim, value = kept.inputs[0], bounds[0], concat.inputs[0]
     add = _producer(value, "Add")
     for straight, rotated in (tuple(add.inputs), tuple(reversed(add.inputs))) if add is not None else ():
         straight_mul, rotated_mul = _producer(straight, "Mul"), _producer(rotated, "Mul")
         if straight_mul is None or rotated_mul is None:
             continue
         for x, cos in (tuple(straight_mul.inputs), tuple(reversed(straight_mul.inputs))):
-            heads = _heads(x)
+            if whole is not None:  # x must be the rotated columns x[..., :rd] of the heads
+                rotated_part = _producer(x, "Slice")
+                if rotated_part is None or rotated_part.inputs[0] is not whole \
+                        or _slice_on_axis(rotated_part, 3) != (0, rotary_dim):
+                    continue
+            heads = _heads(whole if whole is not None else x)
             if heads is None:
                 continue
             for interleaved, angles_of, is_rotation, layouts in _ROTATIONS:
@@ -354,15 +380,15 @@ def _rotary(value: ir.Value) -> _Rotary | None:
                     sin_angles = angles_of(sin, "Sin")
                     if _same_rotation(cos_angles, sin_angles, layouts) and is_rotation(rotated_x, x):
                         return _Rotary(heads, cos_angles.rows, sin_angles.rows, interleaved,
-                                       cos_angles.layout == PAIRS)
+                                       cos_angles.layout == PAIRS, rotary_dim)
     return None
 
 
 @dataclass
 class _Computed:
     """Query or key heads that the graph computes itself and the kernel takes as they are (no rotary that
-    ``RotaryEmbedding`` can take over: none at all as in granite-4.0's attention layers, partial, or a norm after
-    it): ``heads`` is ``[B, heads, S, D]``, or ``[B, S, heads, D]`` when ``per_token``."""
+    ``RotaryEmbedding`` can take over: none at all as in granite-4.0's attention layers, or a norm after it):
+    ``heads`` is ``[B, heads, S, D]``, or ``[B, S, heads, D]`` when ``per_token``."""
 
     heads: ir.Value
     per_token: bool = False
@@ -499,8 +525,9 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
         return "the transposed keys do not feed one score MatMul"
     grouped = _producer(scores.inputs[0], "Reshape")
     query = _positioned(grouped.inputs[0] if grouped is not None else scores.inputs[0])
-    if isinstance(query, _Rotary) and isinstance(key, _Rotary) and (query.cos is not key.cos or query.sin is not
-                                                                    key.sin or query.interleaved != key.interleaved):
+    if isinstance(query, _Rotary) and isinstance(key, _Rotary) and (
+            query.cos is not key.cos or query.sin is not key.sin or query.interleaved != key.interleaved
+            or query.rotary_dim != key.rotary_dim):
         return "query and key are rotated by different angles"
     # scale, mask, floor, Softmax: nothing else between the scores and the probabilities
     scaled = only_user(scores.outputs[0], "Mul") or only_user(scores.outputs[0], "Div")
@@ -601,7 +628,8 @@ class _Shared:
         return self.add("Reshape", [per_token, self.tokens])
 
     def rotary_rows(self, rotary: _Rotary, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """(cos_cache, sin_cache [B * S, D / 2], positions [B, S] = b * S + s) for the angles of ``rotary``."""
+        """(cos_cache, sin_cache [B * S, head_size / 2], positions [B, S] = b * S + s) for the angles of ``rotary``;
+        ``head_size``: the columns of a head that rotate (all of them but in a partial rotary)."""
         if rotary.cos not in self.rows:
             half = self.constant(f"moeport_rope_half_{len(self.rows)}", np.array([head_size // 2], np.int64))
             start, last = self.constant(f"moeport_rope_start_{len(self.rows)}", np.array([0], np.int64)), \
@@ -677,10 +705,11 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
             if isinstance(side, _Computed):
                 rotated.append(shared.flat(side))
                 continue
-            cos_cache, sin_cache, positions = shared.rotary_rows(side, layer.head_size)
+            cos_cache, sin_cache, positions = shared.rotary_rows(side, side.rotary_dim or layer.head_size)
             per_token = side.heads.projection or shared.add("Reshape", [side.heads.per_token, shared.tokens])
             rotated.append(shared.add("RotaryEmbedding", [per_token, positions, cos_cache, sin_cache],
-                                      {"num_heads": heads, "interleaved": int(side.interleaved)},
+                                      {"num_heads": heads, "interleaved": int(side.interleaved),
+                                       **({"rotary_embedding_dim": side.rotary_dim} if side.rotary_dim else {})},
                                       domain="com.microsoft"))
         value = shared.flat(layer.value)
         pasts = [layer.past_key, layer.past_value]

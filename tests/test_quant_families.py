@@ -297,12 +297,14 @@ def test_cached_decoder_keeps_the_cache_in_onnxruntime(tmp_path, kv_cache):
 
 @pytest.mark.parametrize(("model_type", "kv_cache"), [("mixtral", "concat"), ("qwen3_moe", "concat"),
                                                      ("granitemoe", "concat"), ("mixtral", "shared"),
-                                                     ("ernie4_5_moe", "concat"), ("cohere2_moe", "concat")])
+                                                     ("ernie4_5_moe", "concat"), ("cohere2_moe", "concat"),
+                                                     ("glm4_moe", "concat")])
 def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cache):
     """Each layer's attention as one GroupQueryAttention (with RotaryEmbedding): grouped query heads (mixtral),
     q/k norms per head (qwen3_moe), an unwritten scale of 1 (granitemoe), the shared buffer cache, the pairwise
-    (interleaved) rotation over halves of the angle rows (ERNIE 4.5) and over pairwise repeated angles (Cohere).
-    Equal to the exported graph on a left-padded batch, decode steps and a several-token step after a past."""
+    (interleaved) rotation over halves of the angle rows (ERNIE 4.5) and over pairwise repeated angles (Cohere),
+    a rotation of the first half of each head (GLM-4.5). Equal to the exported graph on a left-padded batch, decode
+    steps and a several-token step after a past."""
     source = _with_past(tmp_path, model_type, kv_cache)
     layers = len(source.info.layers)
     model = ir.load(source.output)
@@ -316,9 +318,13 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
     producers = {out: node.op_type for node in graph.graph.node for out in node.output}
     assert {producers[o.name] for o in graph.graph.output if o.name.startswith("present.")} == {"GroupQueryAttention"}
     assert not {"Neg", "ScatterND"} & set(ops)  # rotate_half and a shared buffer's scatter went with them
-    interleaved = {onnx.helper.get_attribute_value(a) for node in graph.graph.node if node.op_type == "RotaryEmbedding"
-                   for a in node.attribute if a.name == "interleaved"}
-    assert interleaved == {int(model_type in ("ernie4_5_moe", "cohere2_moe"))}
+    rotations = [{a.name: a.i for a in node.attribute} for node in graph.graph.node
+                 if node.op_type == "RotaryEmbedding"]
+    assert {r["interleaved"] for r in rotations} == {int(model_type in ("ernie4_5_moe", "cohere2_moe"))}
+    config = hf_families.tiny_config(model_type)
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotated = head_size // 2 if model_type == "glm4_moe" else head_size  # GLM-4.5: partial_rotary_factor 0.5
+    assert {r.get("rotary_embedding_dim", head_size) for r in rotations} == {rotated}
     one_token = [(np.ones((1, 1), np.int64), np.array([[5]])), (np.ones((1, 2), np.int64), np.array([[9]]))]
     for steps in (_steps(), _steps(batch=1), one_token):  # a one-token prompt: a mask of one column
         capacity = 16 if kv_cache == "shared" else 0
@@ -326,12 +332,11 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
                                 _decode(source.output, steps, capacity), atol=1e-5)
 
 
-@pytest.mark.parametrize(("model_type", "kv_cache"), [("granitemoehybrid", "concat"), ("glm4_moe", "concat"),
-                                                     ("hunyuan_v1_moe", "shared")])
+@pytest.mark.parametrize(("model_type", "kv_cache"), [("granitemoehybrid", "concat"), ("hunyuan_v1_moe", "shared")])
 def test_fused_attention_takes_heads_as_the_graph_computes_them(tmp_path, model_type, kv_cache):
     """Queries and keys whose rotation RotaryEmbedding cannot do go into GroupQueryAttention as computed: none at
-    all (granite-4.0's hybrid: its one attention layer, beside a Mamba layer), a rotation of part of each head
-    (GLM-4.5), a norm after the rotation (HunYuan, on the shared buffer). Equal to the exported graph."""
+    all (granite-4.0's hybrid: its one attention layer, beside a Mamba layer), a norm after the rotation (HunYuan,
+    on the shared buffer). Equal to the exported graph."""
     source = _with_past(tmp_path, model_type, kv_cache)
     outputs = onnx.load(source.output, load_external_data=False).graph.output
     layers = sum(o.name.startswith("present.") and o.name.endswith(".key") for o in outputs)  # attention layers
