@@ -36,7 +36,10 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
   ERNIE 4.5) or ``Cos(repeat_interleave(f, 2))`` (Cohere), ``sin2`` alike: ``RotaryEmbedding`` with
   ``interleaved=1``;
 - a partial rotary (GLM-4.5, Qwen3-Next): ``Concat(rot(x[..., :rd]), x[..., rd:])`` with transformers' rotation or its
-  pairwise form on the first ``rd`` columns: ``RotaryEmbedding`` with ``rotary_embedding_dim=rd``.
+  pairwise form on the first ``rd`` columns: ``RotaryEmbedding`` with ``rotary_embedding_dim=rd``;
+- any of these on the heads per token ``[B, S, heads, D]`` (cos/sin unsqueezed on axis 2) before they move to
+  ``[B, heads, S, D]`` (Gemma 4), and over cos/sin rows built other than by one Cos/Sin but with equal halves,
+  ``Concat(c, c)`` (Qwen3.5's multimodal rope): the kernel's rotation needs nothing more.
 
 A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's attention layers; a
 norm after the rotation) is handed to the kernel as the graph computes it, its own nodes kept: the kernel's softmax,
@@ -227,6 +230,7 @@ class _Angles:
     angles: ir.Value  # [B, S, D / 2] f, the function's input with its duplication taken off
     scaling: float  # YaRN's attention factor; 1 when there is none
     layout: str  # HALVES, PAIRS or HALF
+    traced: bool = True  # angles is the trig function's input; False: rows built otherwise, angles = their half
 
 
 def _repeated_pairs(value: ir.Value, rank: int) -> ir.Value | None:
@@ -255,13 +259,21 @@ def _scaled_trig(rows: ir.Value, function: str) -> tuple[ir.Node, float] | None:
     return None
 
 
-def _angles(value: ir.Value, function: str) -> _Angles | None:
-    """``value`` as the cos (``function="Cos"``) or sin rows of a rotation, or None."""
+def _angles(value: ir.Value, function: str, heads_axis: int = 1) -> _Angles | None:
+    """``value`` as the cos (``function="Cos"``) or sin rows of a rotation, unsqueezed on ``heads_axis`` (1 for
+    heads ``[B, heads, S, D]``, 2 for ``[B, S, heads, D]``), or None."""
     unsqueeze = _producer(value, "Unsqueeze")
-    if unsqueeze is None or constant_ints(unsqueeze.inputs[1]) != [1]:
+    if unsqueeze is None or constant_ints(unsqueeze.inputs[1]) != [heads_axis]:
         return None
     rows = unsqueeze.inputs[0]
     if (scaled := _scaled_trig(rows, function)) is None:
+        concat = _producer(rows, "Concat")
+        if concat is not None and len(concat.inputs) == 2 and concat.inputs[0] is concat.inputs[1] \
+                and _axis(concat, 3) == 2:
+            # Rows built other than by one trig function (Qwen3.5's multimodal rope takes each column from its own
+            # position section): whatever they hold, x * rows + rotate_half(x) * (sin rows) is the kernel's
+            # rotation as long as both halves are equal, which Concat(c, c) makes them.
+            return _Angles(rows, concat.inputs[0], 1.0, HALVES, traced=False)
         return None
     trig, scaling = scaled
     concat = _producer(trig.inputs[0], "Concat")
@@ -272,12 +284,12 @@ def _angles(value: ir.Value, function: str) -> _Angles | None:
     return _Angles(rows, trig.inputs[0], scaling, HALF)
 
 
-def _interleaved_angles(value: ir.Value, function: str) -> _Angles | None:
+def _interleaved_angles(value: ir.Value, function: str, heads_axis: int = 1) -> _Angles | None:
     """``value`` if it is ``repeat_interleave(U[..., :D/2], 2, dim=-1)`` of ``U = Unsqueeze(function(Concat(f, f)),
     [1])``, as ``Reshape(Expand(Unsqueeze(Slice(U, 0, D/2, axis=-1), -1), [1, 1, 1, 1, 2]))`` -> ``U``'s angles."""
     paired = _repeated_pairs(value, 4)
     first_half = _producer(paired, "Slice") if paired is not None else None
-    angles = _angles(first_half.inputs[0], function) if first_half is not None else None
+    angles = _angles(first_half.inputs[0], function, heads_axis) if first_half is not None else None
     if angles is None or angles.layout != HALVES:
         return None
     shape, bounds = angles.rows.shape, _slice_on_axis(first_half, 3)
@@ -287,8 +299,11 @@ def _interleaved_angles(value: ir.Value, function: str) -> _Angles | None:
 
 def _same_rotation(cos: _Angles | None, sin: _Angles | None, layouts: tuple[str, ...]) -> bool:
     """Whether ``cos`` and ``sin`` are rows of the same angles and scaling, laid out alike in one of ``layouts``."""
-    return cos is not None and sin is not None and cos.layout == sin.layout and cos.layout in layouts \
-        and cos.angles is sin.angles and cos.scaling == sin.scaling
+    if cos is None or sin is None or cos.layout != sin.layout or cos.layout not in layouts:
+        return False
+    if not cos.traced or not sin.traced:  # built rows: nothing to compare them by, and the kernel needs nothing
+        return cos.traced == sin.traced
+    return cos.angles is sin.angles and cos.scaling == sin.scaling
 
 
 def _other_factor(mul: ir.Node | None, x: ir.Value) -> ir.Value | None:
@@ -348,6 +363,15 @@ def _rotary(value: ir.Value) -> _Rotary | None:
     are then taken as computed)."""
     if (split_half := _split_half_rotary(value)) is not None:
         return split_half
+    moved = _producer(value, "Transpose")
+    if moved is not None and _perm(moved) == (0, 2, 1, 3):  # rotated per token [B, S, heads, D] (Gemma 4), then moved
+        return _rotation(moved.inputs[0], lambda x: _Heads(x, value), heads_axis=2)
+    return _rotation(value, _heads, heads_axis=1)
+
+
+def _rotation(value: ir.Value, heads_of, heads_axis: int) -> _Rotary | None:
+    """``_rotary``'s ``x * cos + rotation(x) * sin`` forms on ``value``, the heads ``x`` on axis ``heads_axis``;
+    ``heads_of(x)``: ``x`` as ``_Heads`` (None: not heads the kernel can take)."""
     whole, rotary_dim = None, None
     concat = _producer(value, "Concat")
     if concat is not None and len(concat.inputs) == 2 and _axis(concat) == 3:
@@ -370,14 +394,14 @@ def _rotary(value: ir.Value) -> _Rotary | None:
                 if rotated_part is None or rotated_part.inputs[0] is not whole \
                         or _slice_on_axis(rotated_part, 3) != (0, rotary_dim):
                     continue
-            heads = _heads(whole if whole is not None else x)
+            heads = heads_of(whole if whole is not None else x)
             if heads is None:
                 continue
             for interleaved, angles_of, is_rotation, layouts in _ROTATIONS:
-                if (cos_angles := angles_of(cos, "Cos")) is None:
+                if (cos_angles := angles_of(cos, "Cos", heads_axis)) is None:
                     continue
                 for rotated_x, sin in (tuple(rotated_mul.inputs), tuple(reversed(rotated_mul.inputs))):
-                    sin_angles = angles_of(sin, "Sin")
+                    sin_angles = angles_of(sin, "Sin", heads_axis)
                     if _same_rotation(cos_angles, sin_angles, layouts) and is_rotation(rotated_x, x):
                         return _Rotary(heads, cos_angles.rows, sin_angles.rows, interleaved,
                                        cos_angles.layout == PAIRS, rotary_dim)

@@ -332,6 +332,24 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
                                 _decode(source.output, steps, capacity), atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["gemma4_text", "qwen3_5_moe_text"])
+def test_fused_attention_rotates_per_token_heads_and_built_rows(tmp_path, model_type):
+    """RotaryEmbedding also for a rotation done before the heads move to [B, heads, S, D] (Gemma 4: cos/sin
+    unsqueezed on axis 2) and for cos/sin rows built other than by one Cos/Sin (Qwen3.5's multimodal rope, whose
+    equal halves are all the kernel needs), beside linear-attention layers. Equal to the exported graph."""
+    source = _with_past(tmp_path, model_type)
+    outputs = onnx.load(source.output, load_external_data=False).graph.output
+    layers = sum(o.name.startswith("present.") and o.name.endswith(".key") for o in outputs)  # attention layers
+    model = ir.load(source.output)
+    assert FuseAttentionPass()(model).modified
+    REMOVE_UNUSED(model)
+    ir.save(model, tmp_path / "fused.onnx")
+    ops = [node.op_type for node in onnx.load(tmp_path / "fused.onnx").graph.node]
+    assert (ops.count("GroupQueryAttention"), ops.count("RotaryEmbedding")) == (layers, 2 * layers)
+    for steps in (_steps(), _steps(batch=1)):
+        _assert_close_on_tokens(_decode(tmp_path / "fused.onnx", steps), _decode(source.output, steps), atol=1e-5)
+
+
 @pytest.mark.parametrize(("model_type", "kv_cache"), [("granitemoehybrid", "concat"), ("hunyuan_v1_moe", "shared")])
 def test_fused_attention_takes_heads_as_the_graph_computes_them(tmp_path, model_type, kv_cache):
     """Queries and keys whose rotation RotaryEmbedding cannot do go into GroupQueryAttention as computed: none at
