@@ -358,9 +358,10 @@ _ROTATIONS = ((False, _angles, _half_rotation, (HALVES,)),
 
 def _rotary(value: ir.Value) -> _Rotary | None:
     """``value`` as a rotation ``RotaryEmbedding`` can do: transformers' ``x * cos + rotate_half(x) * sin`` over
-    ``cat(f, f)``, its pairwise form (``rotate_every_two``, the kernel's ``interleaved``), either on the first
-    columns of each head only (a partial rotary), or gpt-oss's split-half form; None for anything else (the heads
-    are then taken as computed)."""
+    ``cat(f, f)`` (or over rows built with equal halves), its pairwise form (``rotate_every_two``, the kernel's
+    ``interleaved``), either on the first columns of each head only (a partial rotary) and on the heads as
+    ``[B, heads, S, D]`` or per token before they move there, or gpt-oss's split-half form; None for anything else
+    (the heads are then taken as computed)."""
     if (split_half := _split_half_rotary(value)) is not None:
         return split_half
     moved = _producer(value, "Transpose")
