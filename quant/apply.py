@@ -28,7 +28,7 @@ import onnx_ir as ir
 from moeport._scoped import logger_level
 from moeport.quant import calibration as calib
 from moeport.quant.passes import (REMOVE_UNUSED, ExpertLayer, FuseExpertsPass, GatherBlockQuantizedPass, SplicePass,
-                                  nbits_quantizer_module, run_passes, save_model)
+                                  external_data_name, nbits_quantizer_module, run_passes, save_model)
 from moeport.quant.schemes import (DEFAULT_EMBEDDING_BLOCK_SIZE, DYNAMIC_DOWN, FLOAT, STATIC_DOWN, IntScheme,
                                    NBitsLayout, WideDown)
 from moeport.runtime.moe_graph import tensor_nbytes
@@ -137,7 +137,7 @@ def write_external(proto: onnx.ModelProto, path: Path) -> None:
     """Save a model held in memory to ``path``, its tensors over 1 KiB in ``<path>.data`` (what onnxruntime's
     ``use_external_data_format`` writes)."""
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024, convert_attribute=False)
+                    location=external_data_name(path), size_threshold=1024, convert_attribute=False)
 
 
 def _part_of(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto | None:

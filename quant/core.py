@@ -53,8 +53,8 @@ from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, ExpertLayer,
                                   FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass,
                                   PassRecord, RaiseOpsetPass, ShareCacheBufferPass, StackProjectionsPass,
-                                  StampQuantizationPass, UntieTransposedWeightPass, node_metadata_bytes, run_passes,
-                                  save_model)
+                                  StampQuantizationPass, UntieTransposedWeightPass, external_data_name,
+                                  node_metadata_bytes, run_passes, save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
 from moeport.runtime.fusions import cache_layers, unfused_layers
@@ -575,7 +575,7 @@ def quantize(
                           perplexity=perplexity, latency_runs=latency_runs, parity_shapes=parity_shapes)
     except BaseException:
         # A file whose report failed (a parity run that could not start, an interrupt) is not left as if done.
-        for path in (out, out.with_name(f"{out.name}.data")):
+        for path in (out, out.with_name(external_data_name(out))):
             path.unlink(missing_ok=True)
         raise
     if settings.fused_attention and not settings.share_cache and _copies_its_cache(source, quantized):

@@ -590,13 +590,18 @@ def run_passes(model: ir.Model, passes: list[QuantPass]) -> list[PassRecord]:
     return records
 
 
+def external_data_name(path: str | os.PathLike) -> str:
+    """The file name of the weights that ``save_model`` (and ``apply.write_external``) put beside ``path``."""
+    return f"{Path(path).name}.data"
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool) -> None:
     """Write ``model`` to ``path``; with ``external_data``, its initializers over 1 KiB go to ``<name>.data``
     beside it (tensor by tensor: tensors that live in another file are streamed, never all in memory), else
     every tensor goes into the one file (only for models under protobuf's 2 GB)."""
     path = Path(path)
     if external_data:
-        ir.external_data.unload_from_model(model, path.parent, f"{path.name}.data", size_threshold_bytes=1024)
+        ir.external_data.unload_from_model(model, path.parent, external_data_name(path), size_threshold_bytes=1024)
     else:  # tensors read lazily from another file would be written as references to it
         ir.external_data.load_to_model(model)
     onnx.save(serialize(model), str(path))

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moeport.contract import KV_CACHE_SHARED, LOGITS, Reference, is_cache_input, metadata_of_map, present_for
+from moeport.contract import LOGITS, Reference, is_cache_input, present_for
 from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
-from moeport.runtime.generate import CachedDecoder, decoder_feeds, empty_past
+from moeport.runtime.generate import CachedDecoder, decoder_feeds, empty_past, has_shared_cache
 from moeport.runtime.moe_graph import (find_routers, kernel_routed_indices, load_graph, tensor_nbytes,
                                       top_k_as_qmoe)
 from moeport.runtime.session import create_session
@@ -242,7 +242,7 @@ def _timed_calls(session, ids: np.ndarray) -> dict[str, Callable[[], object]]:
     if not inputs:
         return {kind: functools.partial(session.run, None, text_feeds(ids, names, "latency ids"))}
     mask, prompt, last = np.ones_like(ids), ids[:, :-1], ids[:, -1:]
-    if metadata_of_map(session.get_modelmeta().custom_metadata_map).get("kv_cache") == KV_CACHE_SHARED:
+    if has_shared_cache(session):
         decoder = CachedDecoder(session, 1, capacity=ids.shape[1])
         decoder.step(prompt, mask[:, :-1])
         return {kind: functools.partial(decoder.step, last, mask),

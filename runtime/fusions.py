@@ -166,10 +166,10 @@ def _slice_on_axis(node: ir.Node, axis: int, rank: int = 4, step: int = 1) -> tu
     return starts[0], ends[0] if ends is not None else None
 
 
-def _last_size(value: ir.Value) -> int | None:
-    """The size of a rank-4 ``value``'s last axis when the graph knows it."""
+def _last_size(value: ir.Value, rank: int = 4) -> int | None:
+    """The size of a rank-``rank`` ``value``'s last axis when the graph knows it."""
     shape = value.shape
-    return shape[3] if shape is not None and len(shape) == 4 and isinstance(shape[3], int) else None
+    return shape[-1] if shape is not None and len(shape) == rank and isinstance(shape[-1], int) else None
 
 
 def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
@@ -193,7 +193,7 @@ def _last_axis(node: ir.Node, rank: int) -> bool:
     """Whether ``node`` (Concat, or Unsqueeze by its axes input) works on the last of ``rank`` axes."""
     if node.op_type == "Unsqueeze":
         return constant_ints(node.inputs[1]) in ([rank - 1], [-1])
-    return node.attributes.get_int("axis", 0) in (rank - 1, -1)
+    return _axis(node, rank) == rank - 1
 
 
 def _interleaved_rotation(value: ir.Value, x: ir.Value) -> bool:
@@ -292,8 +292,7 @@ def _interleaved_angles(value: ir.Value, function: str, heads_axis: int = 1) -> 
     angles = _angles(first_half.inputs[0], function, heads_axis) if first_half is not None else None
     if angles is None or angles.layout != HALVES:
         return None
-    shape, bounds = angles.rows.shape, _slice_on_axis(first_half, 3)
-    head_size = shape[2] if shape is not None and len(shape) == 3 and isinstance(shape[2], int) else None
+    head_size, bounds = _last_size(angles.rows, rank=3), _slice_on_axis(first_half, 3)
     return angles if head_size is not None and bounds == (0, head_size // 2) else None
 
 
@@ -656,7 +655,6 @@ class _Shared:
         """(cos_cache, sin_cache [B * S, head_size / 2], positions [B, S] = b * S + s) for the angles of ``rotary``;
         ``head_size``: the columns of a head that rotate (all of them but in a partial rotary)."""
         if rotary.cos not in self.rows:
-            half = self.constant(f"moeport_rope_half_{len(self.rows)}", np.array([head_size // 2], np.int64))
             start, last = self.constant(f"moeport_rope_start_{len(self.rows)}", np.array([0], np.int64)), \
                 self.constant(f"moeport_rope_axis_{len(self.rows)}", np.array([2], np.int64))
             rows = self.constant(f"moeport_rope_rows_{len(self.rows)}", np.array([-1, head_size // 2], np.int64))
@@ -664,7 +662,8 @@ class _Shared:
                 bounds = [start, self.constant(f"moeport_rope_end_{len(self.rows)}", np.array([head_size], np.int64)),
                           last, self.constant(f"moeport_rope_pairs_{len(self.rows)}", np.array([2], np.int64))]
             else:
-                bounds = [start, half, last]
+                bounds = [start, self.constant(f"moeport_rope_half_{len(self.rows)}",
+                                               np.array([head_size // 2], np.int64)), last]
             caches = [self.add("Reshape", [self.add("Slice", [angle, *bounds]), rows])
                       for angle in (rotary.cos, rotary.sin)]
             batch_and_sequence = self.add("Shape", [rotary.cos], {"start": 0, "end": 2})

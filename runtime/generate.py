@@ -65,6 +65,11 @@ def decoder_feeds(attention_mask: np.ndarray, input_ids: np.ndarray,
     return feeds
 
 
+def has_shared_cache(session) -> bool:
+    """Whether an onnxruntime session's model records its KV cache as one shared buffer (``KV_CACHE_SHARED``)."""
+    return metadata_of_map(session.get_modelmeta().custom_metadata_map).get("kv_cache") == KV_CACHE_SHARED
+
+
 class CachedDecoder:
     """Steps one with-past session, keeping its cache in onnxruntime's memory between steps.
 
@@ -81,7 +86,7 @@ class CachedDecoder:
 
         self._ort, self._session, self._batch = ort, session, batch
         self._past = [i.name for i in session.get_inputs() if is_cache_input(i.name)]
-        shared = metadata_of_map(session.get_modelmeta().custom_metadata_map).get("kv_cache") == KV_CACHE_SHARED
+        shared = has_shared_cache(session)
         if shared and capacity < 1:
             raise ValueError("a shared KV cache needs a capacity: the longest prompt plus the new tokens")
         self.capacity = capacity if shared else 0
