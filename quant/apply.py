@@ -8,8 +8,9 @@ unprotected router, does it skip Gemm). A ``QuantMode`` (``moeport.quant.modes``
 built-in steps are ``QDQ_STATIC`` (int8), ``DYNAMIC`` (int8-dynamic), ``FP16`` and ``NBITS`` (int4).
 
 Files in, files out, always with external data: a model over protobuf's 2 GB cannot be handed over in memory,
-and onnxruntime's tools take ``use_external_data_format`` for that. Each tool still loads the weights it
-quantizes into memory; nothing here keeps a second copy.
+and onnxruntime's tools take ``use_external_data_format`` for that. The integer tools load the weights they
+quantize into memory, in parts where they would hold copies (``_in_parts``); the float16 converter gets the graph
+without its weights, which are then converted one at a time (``run_fp16``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -352,15 +354,105 @@ def run_dynamic(job: QuantJob) -> None:
 
 
 def run_fp16(job: QuantJob) -> None:
-    """``onnxruntime.transformers.float16``: float16 weights and compute, float32 graph inputs and outputs."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    """``onnxruntime.transformers.float16``: float16 weights and compute, float32 graph inputs and outputs.
 
-    # The prepared file carries its inferred shapes already (shape inference in memory would fail past 2 GB).
-    # The converter appends the Casts it adds for initializers after their consumers; quantize() puts the
-    # nodes back in topological order (onnxruntime and the checker need it).
-    write_external(convert_float_to_float16(str(job.source), keep_io_types=True, disable_shape_infer=True,
-                                            op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-                                            node_block_list=sorted(job.exclude)), job.output)
+    Streamed: the converter decides the graph (which nodes run in float16, where Casts go, which initializers
+    become float16) on the graph without its weights, each external float32 initializer standing in as one value
+    (``_ExternalWeights``); then the weights are converted (the converter's own ``convert_np_to_float16``) and
+    written one at a time. In memory the converter held the float32 weights and their float16 copies at once: 1.52x
+    the fp32 file at granite-3.0-1b-a400m size (BENCHMARKS.md, Memory)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16, convert_np_to_float16
+
+    graph = onnx.load(str(job.source), load_external_data=False)
+    weights = _ExternalWeights.stand_in(graph, job.source.parent)
+    # disable_shape_infer: the prepared file carries its inferred shapes already. The converter appends the Casts
+    # it adds for initializers after their consumers; quantize() puts the nodes back in topological order
+    # (onnxruntime and the checker need it).
+    converted = convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=True,
+                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                         node_block_list=sorted(job.exclude))
+    weights.write(converted, job.output, to_float16=convert_np_to_float16)
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in its nodes' attributes, depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _graphs(sub)
+
+
+@dataclass
+class _ExternalWeights:
+    """The external-data initializers of a model loaded without its weights, for a converter that must not load
+    them: ``stand_in`` swaps each for a one-value tensor of its name and type (the shape it had and where its
+    bytes are kept here); ``write`` puts the real weights back, streamed into ``<output>.data``, in the dtype the
+    converter left each stand-in in."""
+
+    base: Path
+    kept: dict[str, tuple[list[int], int, dict[str, str]]]  # name -> (dims, data type, external data entries)
+
+    @classmethod
+    def stand_in(cls, model: onnx.ModelProto, base: Path) -> "_ExternalWeights":
+        kept = {}
+        for graph in _graphs(model.graph):
+            for tensor in graph.initializer:
+                if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                if tensor.name in kept:
+                    raise ValueError(f"two external initializers named {tensor.name!r}: cannot stand them in")
+                kept[tensor.name] = (list(tensor.dims), tensor.data_type,
+                                     {entry.key: entry.value for entry in tensor.external_data})
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                del tensor.dims[:]
+                tensor.dims.append(1)
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = np.zeros(1, dtype).tobytes()
+        return cls(base, kept)
+
+    def write(self, model: onnx.ModelProto, output: Path, to_float16: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Write ``model`` to ``output``, each stood-in weight read from its own file and converted to float16
+        where the converter made its stand-in float16 (one tensor in memory at a time)."""
+        location = external_data_name(output)
+        offset = 0
+        with open(output.with_name(location), "wb") as data:
+            for graph in _graphs(model.graph):
+                stood_in = {tensor.name for tensor in graph.initializer if tensor.name in self.kept}
+                # The converter typed each float16 stand-in in value_info with its one-value shape: the real one.
+                for info in graph.value_info:
+                    if info.name in stood_in and info.type.HasField("tensor_type"):
+                        shape = info.type.tensor_type.shape
+                        del shape.dim[:]
+                        for size in self.kept[info.name][0]:
+                            shape.dim.add(dim_value=size)
+                for tensor in graph.initializer:
+                    if tensor.name not in stood_in:
+                        continue
+                    dims, dtype, external = self.kept[tensor.name]
+                    values = self._read(dims, dtype, external)  # flat, as the converter reads raw data
+                    if tensor.data_type == onnx.TensorProto.FLOAT16 and dtype == onnx.TensorProto.FLOAT:
+                        values = to_float16(values)
+                    raw = values.tobytes()
+                    data.write(raw)
+                    tensor.ClearField("raw_data")
+                    del tensor.dims[:]
+                    tensor.dims.extend(dims)
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                        tensor.external_data.add(key=key, value=value)
+                    offset += len(raw)
+        onnx.save_model(model, str(output))
+
+    def _read(self, dims: list[int], dtype: int, external: dict[str, str]) -> np.ndarray:
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        count = int(np.prod(dims, dtype=np.int64))
+        values = np.fromfile(self.base / external["location"], dtype=np_dtype, count=count,
+                             offset=int(external.get("offset", 0)))
+        if values.size != count:
+            raise ValueError(f"{external['location']} holds {values.size} of the {count} values of a weight")
+        return values
 
 
 def run_nbits(job: QuantJob) -> None:

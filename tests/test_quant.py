@@ -279,6 +279,38 @@ def test_int8_dynamic_down_activations_int8(quantized):
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
+def test_fp16_streams_the_weights_into_what_the_converter_writes_in_memory(topk, tmp_path):
+    """run_fp16 converts on the graph without its weights, then streams them; the file must be the one
+    onnxruntime's converter makes with every weight in memory: same nodes, same value types, same tensors (the
+    router's weights kept float32, the rest float16)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    source = tmp_path / "source.onnx"
+    model = onnx.load(str(topk.output))
+    # every tensor external (a small sample's weights would otherwise stay inline and not take the streamed path)
+    onnx.save_model(model, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="source.onnx.data", size_threshold=0)
+    router = set(find_routers(model).nodes)
+    job = apply.QuantJob(source=source, output=tmp_path / "fp16.onnx", targets=[], exclude=router, experts=set(),
+                         down=set(), bits=16)
+    apply.run_fp16(job)
+    in_memory = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, disable_shape_infer=True,
+                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=sorted(router))
+    streamed = onnx.load(str(job.output))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in streamed.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in in_memory.graph.node]
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in streamed.graph.initializer}
+    assert written.keys() == expected.keys()
+    for name, values in expected.items():
+        assert written[name].dtype == values.dtype and np.array_equal(written[name], values), name
+    assert {a.dtype for a in written.values()} >= {np.dtype(np.float16), np.dtype(np.float32)}
+    graph_only = onnx.load(str(job.output), load_external_data=False).graph
+    assert all(t.data_location == TensorProto.EXTERNAL for t in graph_only.initializer)
+    assert {(v.name, str(v.type)) for v in streamed.graph.value_info} == {
+        (v.name, str(v.type)) for v in in_memory.graph.value_info}
+
+
 def test_fp16_keeps_io_and_router_float32(quantized):
     result = quantized("fp16")
     model = onnx.load(result.output)
