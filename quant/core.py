@@ -563,6 +563,8 @@ def quantize(
         # The checkpoint's tokenizer when it has one (read once, and only when text is encoded).
         return calib.text_encoder(source.vocab, tokenizer)
 
+    if perplexity or settings.mode.needs_calibration:
+        encoder()  # a tokenizer that cannot be read is reported now, not after the model is quantized
     calibrated = None
     if settings.mode.needs_calibration:
         calibrated = _calibrate(source, settings, calibration, random_calibration, calibration_samples, encoder())
