@@ -123,15 +123,17 @@ def constant_ints(value: ir.Value | None) -> list[int] | None:
 @dataclass
 class _Heads:
     """Heads ``[B, S, heads, D]`` moved to ``[B, heads, S, D]`` by ``Transpose(per_token, [0, 2, 1, 3])``:
-    ``per_token`` is a projection split by a Reshape, or something computed per head after it (Qwen3's q/k norm)."""
+    ``per_token`` is a projection split by a Reshape, or something computed per head after it (Qwen3's q/k norm).
+    ``per_token`` is None for heads computed after they moved (EXAONE's and HunYuan-3's q/k norm on
+    ``[B, heads, S, D]``): the fusion moves ``split`` back itself."""
 
-    per_token: ir.Value  # [B, S, heads, D]
+    per_token: ir.Value | None  # [B, S, heads, D]
     split: ir.Value  # the Transpose's output [B, heads, S, D]
 
     @property
     def projection(self) -> ir.Value | None:
         """The ``[B, S, heads * D]`` tensor the Reshape split, when ``per_token`` is just that split."""
-        reshape = _producer(self.per_token, "Reshape")
+        reshape = _producer(self.per_token, "Reshape") if self.per_token is not None else None
         return reshape.inputs[0] if reshape is not None else None
 
 
@@ -140,6 +142,17 @@ def _heads(value: ir.Value) -> _Heads | None:
     if transpose is None or _perm(transpose) != (0, 2, 1, 3):
         return None
     return _Heads(transpose.inputs[0], transpose.outputs[0])
+
+
+def _rotated_heads(value: ir.Value) -> _Heads | None:
+    """The heads ``[B, heads, S, D]`` a rotation reads: moved there by a Transpose (``_heads``), or computed after
+    it (a q/k norm over the last axis), which the kernel takes moved back (any rank-4 ``value`` is such heads: the
+    rotation's cos/sin rows, unsqueezed on axis 1, say its axes are ``[B, heads, S, D]``)."""
+    moved = _heads(value)
+    if moved is not None:
+        return moved
+    shape = value.shape
+    return _Heads(None, value) if shape is not None and len(shape) == 4 else None
 
 
 @dataclass
@@ -366,7 +379,7 @@ def _rotary(value: ir.Value) -> _Rotary | None:
     moved = _producer(value, "Transpose")
     if moved is not None and _perm(moved) == (0, 2, 1, 3):  # rotated per token [B, S, heads, D] (Gemma 4), then moved
         return _rotation(moved.inputs[0], lambda x: _Heads(x, value), heads_axis=2)
-    return _rotation(value, _heads, heads_axis=1)
+    return _rotation(value, _rotated_heads, heads_axis=1)
 
 
 def _rotation(value: ir.Value, heads_of, heads_axis: int) -> _Rotary | None:
@@ -730,7 +743,11 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
                 rotated.append(shared.flat(side))
                 continue
             cos_cache, sin_cache, positions = shared.rotary_rows(side, side.rotary_dim or layer.head_size)
-            per_token = side.heads.projection or shared.add("Reshape", [side.heads.per_token, shared.tokens])
+            per_token = side.heads.projection
+            if per_token is None:
+                moved = side.heads.per_token if side.heads.per_token is not None else \
+                    shared.add("Transpose", [side.heads.split], {"perm": [0, 2, 1, 3]})
+                per_token = shared.add("Reshape", [moved, shared.tokens])
             rotated.append(shared.add("RotaryEmbedding", [per_token, positions, cos_cache, sin_cache],
                                       {"num_heads": heads, "interleaved": int(side.interleaved),
                                        **({"rotary_embedding_dim": side.rotary_dim} if side.rotary_dim else {})},
