@@ -25,7 +25,8 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
 - ``scores = MatMul(q, Transpose(present.key))`` (``q = rot(Transpose(Reshape(q_lin)))``, grouped into
   ``[B, kvh, rep * S, D]`` rows by a Reshape when kvh < heads), times a constant scale, plus an additive mask
   ``[B, 1, S, T]`` (tiled over the groups' rows when grouped), floored (``FloorAttentionScores``), Softmax over
-  the keys, ``MatMul(probs, present.value)`` and back to ``[B, S, heads * D]``;
+  the keys (after a subtraction of the row maximum or not: the same probabilities), ``MatMul(probs,
+  present.value)`` and back to ``[B, S, heads * D]``;
 - gpt-oss's variants of both: the rotation written on the halves (``x1, x2 = Split(x)``, ``Concat(x1 * cos - x2 *
   sin, x2 * cos + x1 * sin)`` with ``cos = Cos(f) * scaling``, YaRN's attention factor), and attention sinks: a
   ``[1, heads, 1, 1]`` logit per head expanded and concatenated to the masked scores as one more key, the softmax
@@ -41,9 +42,10 @@ What it matches, per layer (with or without ``SharedKeyValueHeads``):
   ``[B, heads, S, D]`` (Gemma 4), and over cos/sin rows built other than by one Cos/Sin but with equal halves,
   ``Concat(c, c)`` (Qwen3.5's multimodal rope): the kernel's rotation needs nothing more.
 
-A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's attention layers; a
-norm after the rotation) is handed to the kernel as the graph computes it, its own nodes kept: the kernel's softmax,
-mask and cache do not care how the keys were made.
+Heads normed after they moved to ``[B, heads, S, D]`` (EXAONE's q/k norm) are moved back by a Transpose for the
+kernel's rotation. A query or key whose rotation is none of these (no position embedding at all, as granite-4.0's
+attention layers; a norm after the rotation) is handed to the kernel as the graph computes it, its own nodes kept:
+the kernel's softmax, mask and cache do not care how the keys were made.
 
 It becomes ``RotaryEmbedding`` on ``q_lin`` and ``k_lin`` and ``GroupQueryAttention(q, k, v_lin, past_key,
 past_value, seqlens_k, total_sequence_length, attention_bias=mask[, head_sink=sinks])`` whose outputs are the
@@ -589,7 +591,9 @@ def _match(number: int, graph: ir.Graph, outputs: dict[str, ir.Value], past_name
         sinks = _sink_logits(sink_column, probabilities_input)
         if isinstance(sinks, str):
             return sinks
-        probabilities_input = _max_shifted(sink_column.outputs[0])
+        probabilities_input = sink_column.outputs[0]
+    # the row maximum subtracted by hand (gpt-oss, and MiMo-V2's layers with and without sinks)
+    probabilities_input = _max_shifted(probabilities_input)
     floor = [user for user, _ in probabilities_input.uses() if user.op_type == "Max"]
     if floor:  # FloorAttentionScores: Max(x, ReduceMax(x) + floor) -- the kernel's softmax needs no floor
         probabilities_input = floor[0].outputs[0]

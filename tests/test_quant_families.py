@@ -332,13 +332,14 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
                                 _decode(source.output, steps, capacity), atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["gemma4_text", "qwen3_5_moe_text", "exaone_moe"])
+@pytest.mark.parametrize("model_type", ["gemma4_text", "qwen3_5_moe_text", "exaone_moe", "mimo_v2_flash"])
 def test_fused_attention_rotates_per_token_heads_and_built_rows(tmp_path, model_type):
     """RotaryEmbedding also for a rotation done before the heads move to [B, heads, S, D] (Gemma 4: cos/sin
     unsqueezed on axis 2), for cos/sin rows built other than by one Cos/Sin (Qwen3.5's multimodal rope, whose
     equal halves are all the kernel needs), beside linear-attention layers, and for heads normed after they moved
-    to [B, heads, S, D] (EXAONE's q/k norm: no Transpose right before the rotation). Equal to the exported
-    graph."""
+    to [B, heads, S, D] (EXAONE's q/k norm: no Transpose right before the rotation); every layer fused where the
+    softmax is made safe by hand, with sinks and without (MiMo-V2's sliding and full layers). Equal to the
+    exported graph."""
     source = _with_past(tmp_path, model_type)
     outputs = onnx.load(source.output, load_external_data=False).graph.output
     layers = sum(o.name.startswith("present.") and o.name.endswith(".key") for o in outputs)  # attention layers
