@@ -658,15 +658,21 @@ class _Shared:
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0] if outputs == 1 else node.outputs
 
-    def flat(self, computed: _Computed) -> ir.Value:
-        """``computed``'s heads as ``[B, S, heads * D]``, the kernel's layout: the projection they were split
-        from when there is one, else the heads moved back (if need be) and merged."""
-        moved = None if computed.per_token else _heads(computed.heads)
-        if moved is not None and moved.projection is not None:
-            return moved.projection
-        per_token = computed.heads if computed.per_token else moved.per_token if moved is not None else \
-            self.add("Transpose", [computed.heads], {"perm": [0, 2, 1, 3]})
+    def merged(self, heads: _Heads) -> ir.Value:
+        """``heads`` as ``[B, S, heads * D]``, the kernels' layout: the projection they were split from when there
+        is one, else the heads per token (moved back by a Transpose where only ``[B, heads, S, D]`` is known)
+        merged."""
+        if heads.projection is not None:
+            return heads.projection
+        per_token = heads.per_token if heads.per_token is not None else \
+            self.add("Transpose", [heads.split], {"perm": [0, 2, 1, 3]})
         return self.add("Reshape", [per_token, self.tokens])
+
+    def flat(self, computed: _Computed) -> ir.Value:
+        """``computed``'s heads as ``[B, S, heads * D]`` (``merged``)."""
+        if computed.per_token:
+            return self.add("Reshape", [computed.heads, self.tokens])
+        return self.merged(_heads(computed.heads) or _Heads(None, computed.heads))
 
     def rotary_rows(self, rotary: _Rotary, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value]:
         """(cos_cache, sin_cache [B * S, head_size / 2], positions [B, S] = b * S + s) for the angles of ``rotary``;
@@ -747,12 +753,7 @@ def fuse_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
                 rotated.append(shared.flat(side))
                 continue
             cos_cache, sin_cache, positions = shared.rotary_rows(side, side.rotary_dim or layer.head_size)
-            per_token = side.heads.projection
-            if per_token is None:
-                moved = side.heads.per_token if side.heads.per_token is not None else \
-                    shared.add("Transpose", [side.heads.split], {"perm": [0, 2, 1, 3]})
-                per_token = shared.add("Reshape", [moved, shared.tokens])
-            rotated.append(shared.add("RotaryEmbedding", [per_token, positions, cos_cache, sin_cache],
+            rotated.append(shared.add("RotaryEmbedding", [shared.merged(side.heads), positions, cos_cache, sin_cache],
                                       {"num_heads": heads, "interleaved": int(side.interleaved),
                                        **({"rotary_embedding_dim": side.rotary_dim} if side.rotary_dim else {})},
                                       domain="com.microsoft"))
