@@ -146,15 +146,18 @@ def _heads(value: ir.Value) -> _Heads | None:
     return _Heads(transpose.inputs[0], transpose.outputs[0])
 
 
+def _heads_at(value: ir.Value) -> _Heads:
+    """Heads ``value`` ``[B, heads, S, D]``: moved there by a Transpose (``_heads``), or computed after it (a q/k norm
+    over the last axis; ``per_token`` None: the fusion moves them back)."""
+    return _heads(value) or _Heads(None, value)
+
+
 def _rotated_heads(value: ir.Value) -> _Heads | None:
-    """The heads ``[B, heads, S, D]`` a rotation reads: moved there by a Transpose (``_heads``), or computed after
-    it (a q/k norm over the last axis), which the kernel takes moved back (any rank-4 ``value`` is such heads: the
-    rotation's cos/sin rows, unsqueezed on axis 1, say its axes are ``[B, heads, S, D]``)."""
-    moved = _heads(value)
-    if moved is not None:
-        return moved
+    """The heads ``[B, heads, S, D]`` a rotation reads (``_heads_at``): a computed ``value`` must be rank 4 (the
+    rotation's cos/sin rows, unsqueezed on axis 1, then say its axes are ``[B, heads, S, D]``)."""
+    heads = _heads_at(value)
     shape = value.shape
-    return _Heads(None, value) if shape is not None and len(shape) == 4 else None
+    return heads if heads.per_token is not None or (shape is not None and len(shape) == 4) else None
 
 
 @dataclass
@@ -672,7 +675,7 @@ class _Shared:
         """``computed``'s heads as ``[B, S, heads * D]`` (``merged``)."""
         if computed.per_token:
             return self.add("Reshape", [computed.heads, self.tokens])
-        return self.merged(_heads(computed.heads) or _Heads(None, computed.heads))
+        return self.merged(_heads_at(computed.heads))
 
     def rotary_rows(self, rotary: _Rotary, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value]:
         """(cos_cache, sin_cache [B * S, head_size / 2], positions [B, S] = b * S + s) for the angles of ``rotary``;
