@@ -7,6 +7,9 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
    (hidden 1024, 16 heads, 8 KV heads, 32 experts top-8, expert intermediate 512, vocab 49155, tied
    embeddings; ``--layers`` of them) saved with ``save_pretrained``, plus a sentencepiece tokenizer trained
    on local text (Python standard-library sources), which llama.cpp's converter reads as ``tokenizer.model``.
+   ``tokenizer``: the same tokenizer as ``tokenizer.json`` (transformers' conversion of ``tokenizer.model``,
+   checked to give sentencepiece's ids on held-out text), what ``moeport quantize --tokenizer`` reads to
+   calibrate from text and measure perplexity.
 2. ``export`` / ``quantize``: ``moeport export --task text-generation-with-past --kv-cache concat|shared
    [--fused-attention]`` (``--kv-cache``, ``--fused-attention``; redone when the file there was made otherwise),
    then ``moeport.quant.quantize`` in every mode (int8 calibrated from an .npz of ``input_ids`` rows of training
@@ -101,6 +104,26 @@ def worker_build(out: Path, layers: int) -> dict:
     (checkpoint / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_prefix_space": True}))
     params = sum(p.numel() for p in model.parameters())
     return {"parameters": params, "checkpoint": str(checkpoint)}
+
+
+def worker_tokenizer(out: Path) -> dict:
+    """``tokenizer.json`` beside the checkpoint's ``tokenizer.model``: what moeport (and every reader of fast
+    tokenizers) loads, the same tokenizer as the sentencepiece model llama.cpp's converter reads."""
+    import sentencepiece as spm
+    import transformers
+
+    checkpoint = out / "checkpoint"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    sample = corpus(held_out=True)[:400_000]
+    expected = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model")).encode(sample)
+    converted = tokenizer.encode(sample, add_special_tokens=False)
+    if converted != expected:  # whitespace rules and byte fallback must convert, or text ids would differ
+        first = next((i for i, (a, b) in enumerate(zip(expected, converted)) if a != b), min(map(len, (expected,
+                                                                                                       converted))))
+        raise SystemExit(f"the converted tokenizer differs from sentencepiece at token {first} of {len(expected)}")
+    # Only tokenizer.json: the tokenizer_config.json written by the build (add_bos_token false) stays llama.cpp's.
+    tokenizer.backend_tokenizer.save(str(checkpoint / "tokenizer.json"))
+    return {"tokens_checked": len(expected)}
 
 
 def _encode(out: Path, held_out: bool, count: int) -> np.ndarray:
@@ -285,7 +308,7 @@ def worker_quality(out: Path, system: str, threads: int, positions: int) -> dict
             "positions": int(kl.size)}
 
 
-WORKERS = {"build": worker_build, "export": worker_export, "quantize": worker_quantize,
+WORKERS = {"build": worker_build, "tokenizer": worker_tokenizer, "export": worker_export, "quantize": worker_quantize,
            "quantize_gguf": worker_quantize_gguf, "time": worker_time, "reference": worker_reference,
            "quality": worker_quality, "interleaved": worker_interleaved}
 
@@ -370,6 +393,7 @@ def main(argv=None) -> int:
 
     modes = args.modes.split(",")
     stage("build", (out / "checkpoint" / "tokenizer.model").is_file(), lambda: run_worker(py, "build", out, args.layers))
+    stage("tokenizer", (out / "checkpoint" / "tokenizer.json").is_file(), lambda: run_worker(py, "tokenizer", out))
     fp32_bytes = sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))
     attention = "fused" if args.fused_attention else "standard"
     fp32_file = out / "moeport" / "fp32.onnx"
