@@ -123,7 +123,7 @@ class QuantizeResult:
             lines.append(f"  (input file {q.size_before / 1e6:.3f} MB includes {q.debug_metadata / 1e6:.3f} MB of "
                          "torch.onnx per-node debug metadata, not written to the output)")
         if q.perplexity_before is not None:
-            lines.append(f"  {f'perplexity ({q.heldout_tokens} held-out bytes)':<34} {q.perplexity_before:12.4f} "
+            lines.append(f"  {f'perplexity ({q.heldout_tokens} held-out tokens)':<34} {q.perplexity_before:12.4f} "
                          f"{q.perplexity_after:12.4f} {q.perplexity_change:+9.2%}  <= +{m.max_perplexity_increase:.1%} "
                          f"{mark[met['perplexity']]}")
         if q.latency_before_ms is not None:
