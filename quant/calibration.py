@@ -75,11 +75,14 @@ def _starts_from_ids(input_names: list[str]) -> bool:
     return POSITION_IDS in input_names and any(is_cache_input(name) for name in input_names)
 
 
-def text_feeds(ids: np.ndarray, input_names: list[str], source: str) -> dict[str, np.ndarray]:
-    """Feeds for token ids ``[batch, seq]``: ``input_ids`` plus an all-ones ``attention_mask`` if the graph has one;
-    for a text-generation-with-past graph, its prefill step (empty past)."""
+def text_feeds(ids: np.ndarray, inputs, source: str, outputs=()) -> dict[str, np.ndarray]:
+    """Feeds for token ids ``[batch, seq]`` of a graph with ``inputs`` (specs with ``.name`` and ``.shape``:
+    onnxruntime's or ``TensorSpec``): ``input_ids`` plus an all-ones ``attention_mask`` if the graph has one; for a
+    text-generation-with-past graph, its prefill step from the empty cache the specs (and the matching ``outputs``)
+    give (``generate.prefill_feeds``)."""
+    input_names = [spec.name for spec in inputs]
     if _starts_from_ids(input_names):
-        return prefill_feeds(ids, input_names)
+        return prefill_feeds(ids, inputs, outputs)
     other = [n for n in input_names if n not in ("input_ids", "attention_mask")]
     if "input_ids" not in input_names and len(input_names) == 1:
         return {input_names[0]: ids}  # a graph with one differently named id input
@@ -92,12 +95,12 @@ def text_feeds(ids: np.ndarray, input_names: list[str], source: str) -> dict[str
     return feeds
 
 
-def _windows(ids: np.ndarray, seq: int, count: int, input_names: list[str], source: str) -> list[dict[str, np.ndarray]]:
+def _windows(ids: np.ndarray, seq: int, count: int, inputs, outputs, source: str) -> list[dict[str, np.ndarray]]:
     """``count`` evenly spaced windows of ``seq`` ids from a 1-D stream (fewer if it is short)."""
     if ids.size < seq:
         seq = int(ids.size)
     starts = np.unique(np.linspace(0, ids.size - seq, num=max(count, 1)).astype(np.int64))
-    return [text_feeds(ids[s:s + seq][None, :].astype(np.int64), input_names, source) for s in starts[:count]]
+    return [text_feeds(ids[s:s + seq][None, :].astype(np.int64), inputs, source, outputs) for s in starts[:count]]
 
 
 def _text_bytes(path: Path) -> bytes:
@@ -117,12 +120,14 @@ def _text_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _from_npz(path: Path, input_names: list[str], vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
+def _from_npz(path: Path, inputs, outputs, vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
     archive = load_npz(path, what="calibration")
+    input_names = [spec.name for spec in inputs]
     if _starts_from_ids(input_names) and set(archive) == {"input_ids"}:
         # A with-past graph calibrated from rows of ids: each row is a prefill (empty past), as text would be.
-        return [text_feeds(row["input_ids"], input_names, f"calibration file {path}")
-                for row in _from_npz(path, ["input_ids"], vocab_size, count)]
+        ids_only = [spec for spec in inputs if spec.name == "input_ids"]
+        return [text_feeds(row["input_ids"], inputs, f"calibration file {path}", outputs)
+                for row in _from_npz(path, ids_only, (), vocab_size, count)]
     missing = [n for n in input_names if n not in archive]
     if missing:
         raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "
@@ -145,19 +150,23 @@ def _from_npz(path: Path, input_names: list[str], vocab_size: int | None, count:
 def load_calibration(
     source: str | os.PathLike,
     *,
-    input_names: list[str],
+    inputs,
+    outputs=(),
     vocab_size: int | None,
     samples: int,
     seq: int = DEFAULT_SEQ,
     seed: int = 0,
     encoder: TextEncoder | None = None,
 ) -> CalibrationSet:
-    """Read ``source`` (see the module docstring) into at most ``samples`` windows of ``seq`` tokens.
+    """Read ``source`` (see the module docstring) into at most ``samples`` windows of ``seq`` tokens, as feeds of a
+    graph with ``inputs`` and ``outputs`` (specs with ``.name`` and ``.shape``, e.g. ``inspect.graph_specs``; a
+    with-past graph's outputs size its empty cache).
 
     ``encoder`` turns text into ids (``text_encoder``); None means bytes for a byte-level model.
     """
     if samples < 1:
         raise MoeportError(f"calibration samples must be at least 1, got {samples}")
+    input_names = [spec.name for spec in inputs]
     if str(source) == RANDOM:
         if vocab_size is None or len(input_names) != 1:
             raise MoeportError("random calibration needs a moeport-exported model (one input_ids input)")
@@ -169,7 +178,7 @@ def load_calibration(
     if not path.is_file():
         raise MoeportError(f"calibration file not found: {path}")
     if path.suffix == ".npz":
-        return CalibrationSet(str(path), _from_npz(path, input_names, vocab_size, samples))
+        return CalibrationSet(str(path), _from_npz(path, inputs, outputs, vocab_size, samples))
     if encoder is None:
         if vocab_size is None:
             raise MoeportError(f"calibration text {path} needs the model's vocabulary size, but the model has no "
@@ -188,7 +197,7 @@ def load_calibration(
     if vocab_size is not None and ids.size and ids.max() >= vocab_size:
         raise MoeportError(f"calibration text {path} encodes to ids up to {ids.max()}, outside the model's "
                            f"vocabulary of {vocab_size}")
-    windows = _windows(ids, seq, samples, input_names, f"calibration text {path}")
+    windows = _windows(ids, seq, samples, inputs, outputs, f"calibration text {path}")
     return CalibrationSet(f"{path} ({encoder.name})", windows)
 
 

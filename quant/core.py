@@ -58,6 +58,7 @@ from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
 from moeport.runtime.fusions import cache_layers, unfused_layers
+from moeport.runtime.inspect import graph_specs
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
                                       load_graph)
 from moeport.samples import TRAINED_DIR
@@ -336,9 +337,9 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
     derive the range overrides: borrowed ranges for starved experts, 16-bit down-projection inputs."""
     graph = source.proto.graph
     initializers = {x.name for x in graph.initializer}
-    input_names = [i.name for i in graph.input if i.name not in initializers]
-    data = calib.load_calibration(_calibration_source(calibration, random_calibration), input_names=input_names,
-                                  vocab_size=source.vocab, samples=samples, encoder=encoder)
+    inputs, outputs = graph_specs(graph)
+    data = calib.load_calibration(_calibration_source(calibration, random_calibration), inputs=inputs,
+                                  outputs=outputs, vocab_size=source.vocab, samples=samples, encoder=encoder)
     found = list(data.warnings)
     expert_inputs = ranges.expert_inputs(source.experts, source.targets)
     activations = ranges.activation_tensors(source.targets, initializers)

@@ -135,18 +135,12 @@ class CachedDecoder:
         return logits.numpy()
 
 
-def prefill_feeds(ids: np.ndarray, input_names: list[str]) -> dict[str, np.ndarray]:
-    """The prefill step of a with-past graph for unpadded ids ``[batch, seq]``, knowing only its input names:
-    every past input empty as ``[batch, 0, 0, 0]`` (its kv_heads and head_dim axes are free in the graph and an
-    empty past adds nothing to the cache). A hybrid's recurrent states have fixed shapes that names do not give:
-    those graphs need ``empty_past`` on the session's inputs."""
-    states = [name for name in input_names if is_cache_input(name) and not name.startswith("past_key_values.")]
-    if states:
-        raise MoeportError(f"token ids alone cannot start a graph with recurrent-state inputs ({states[0]}, ...): "
-                           "pass a .npz with one array per input")
-    past = {name: np.zeros((ids.shape[0], 0, 0, 0), dtype=np.float32)
-            for name in input_names if name.startswith("past_key_values.")}
-    return decoder_feeds(np.ones_like(ids), ids, past)
+def prefill_feeds(ids: np.ndarray, session_inputs, session_outputs=()) -> dict[str, np.ndarray]:
+    """The prefill step of a with-past graph for unpadded ids ``[batch, seq]``: its inputs' specs (``.name``,
+    ``.shape``: onnxruntime's, or ``TensorSpec``) give the empty cache of ``empty_past`` -- the graph's kv_heads and
+    head_dim, which a fused attention (GroupQueryAttention) checks even on an empty past, and a hybrid's recurrent
+    states at their fixed shapes."""
+    return decoder_feeds(np.ones_like(ids), ids, empty_past(session_inputs, ids.shape[0], session_outputs))
 
 
 def parse_prompt_ids(text: str) -> list[int]:

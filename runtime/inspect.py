@@ -34,6 +34,13 @@ def value_spec(value) -> TensorSpec:
     return TensorSpec(value.name, dtype, dims)
 
 
+def graph_specs(graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A GraphProto's inputs (initializers left out: they are weights, not feeds) and outputs as TensorSpecs."""
+    initializers = {i.name for i in graph.initializer}
+    return ([value_spec(v) for v in graph.input if v.name not in initializers],
+            [value_spec(v) for v in graph.output])
+
+
 def parameter_stats(graph) -> tuple[int, int]:
     """(element count, bytes) of the initializers, from their dims so external data need not be read."""
     from onnx import helper
@@ -112,13 +119,11 @@ def inspect_model(model: str | os.PathLike, *, ep: str = "cpu", fallback: str | 
     path = model_file(model)
     proto = load_model_proto(path)  # also refuses external data outside the model's directory
     graph = proto.graph
-    initializers = {i.name for i in graph.initializer}
     metadata = metadata_props(proto)
     info = optional_model_info(metadata, path)
     vocab = None if info is None else info.vocab_size
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    inputs = [value_spec(v) for v in graph.input if v.name not in initializers]
-    outputs = [value_spec(v) for v in graph.output]
+    inputs, outputs = graph_specs(graph)
     count, size = parameter_stats(graph)
     histogram = dict(Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
                              for n in graph.node).most_common())

@@ -36,7 +36,7 @@ from moeport._scoped import logger_level
 from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import TensorSpec, session_specs
-from moeport.runtime.inspect import value_spec
+from moeport.runtime.inspect import graph_specs, value_spec
 from moeport.runtime.layouts import model_file
 from moeport.runtime.placement import EpCoverage, mobile_coverage
 from moeport.runtime.run import example_feeds
@@ -182,9 +182,7 @@ def package_model(
     proto = load_model_proto(model)  # also refuses external data outside the model's directory
     onnx.load_external_data_for_model(proto, str(model.parent))  # no-op without external data
     proto = fix_shapes(proto, shapes)
-    initializers = {i.name for i in proto.graph.initializer}
-    inputs = [value_spec(v) for v in proto.graph.input if v.name not in initializers]
-    outputs = [value_spec(v) for v in proto.graph.output]
+    inputs, outputs = graph_specs(proto.graph)
     notes = []
     dynamic = [s for s in inputs if s.dynamic_axes]
     if dynamic and target in ("android", "ios"):

@@ -860,22 +860,25 @@ def test_cli(topk, tmp_path, capsys, sample_checkpoint):
 
 def test_calibration_sources(tmp_path):
     from moeport.quant.calibration import load_calibration
+    from moeport.runtime._io import TensorSpec
+
+    IDS_ONLY = [TensorSpec("input_ids", "int64", ("batch", "sequence"))]
 
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text('{"text": "import os"}\n\n{"text": "x = 1"}\n', encoding="utf-8")
-    data = load_calibration(jsonl, input_names=["input_ids"], vocab_size=256, samples=3, seq=4)
+    data = load_calibration(jsonl, inputs=IDS_ONLY, vocab_size=256, samples=3, seq=4)
     assert [s["input_ids"].shape for s in data.samples] == [(1, 4)] * 3
     assert bytes(data.samples[0]["input_ids"][0].astype("uint8")) == b"impo"
     text = tmp_path / "c.txt"
     text.write_bytes(TEXT)
-    windows = load_calibration(text, input_names=["input_ids"], vocab_size=256, samples=5, seq=32).samples
+    windows = load_calibration(text, inputs=IDS_ONLY, vocab_size=256, samples=5, seq=32).samples
     assert len(windows) == 5 and windows[-1]["input_ids"][0, -1] == TEXT[-1]  # evenly spaced, to the end
     with pytest.raises(MoeportError, match="needs a tokenizer: the model's vocabulary is 32000 .not bytes.; pass "
                                            "--checkpoint with the checkpoint's tokenizer, or a .npz of token ids"):
-        load_calibration(text, input_names=["input_ids"], vocab_size=32000, samples=1)
+        load_calibration(text, inputs=IDS_ONLY, vocab_size=32000, samples=1)
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n', encoding="utf-8")
     with pytest.raises(MoeportError, match=r"bad.jsonl:1 has no string \"text\" field"):
-        load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], vocab_size=256, samples=1)
+        load_calibration(tmp_path / "bad.jsonl", inputs=IDS_ONLY, vocab_size=256, samples=1)
 
 
 def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
@@ -907,6 +910,77 @@ def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
     expected_tokens = (len(tokenizer.encode(TEXT.decode(), add_special_tokens=False)) // 256) * 255
     assert q.heldout_tokens == expected_tokens > 0 and q.perplexity_after > 1
     assert q.parity is not None and q.parity.routing_agreement is not None
+
+
+def test_a_shared_buffer_export_is_calibrated_and_measured_like_its_concat_export(tmp_path, monkeypatch):
+    """Text calibration and held-out perplexity start a with-past graph from the empty cache its own specs give:
+    a shared-buffer export (``--kv-cache shared --fused-attention``, whose GroupQueryAttention checks the cache's
+    kv_heads even when it is empty) is calibrated and measured exactly as the Concat export of the same
+    checkpoint. Before, every mode failed on it in onnxruntime as soon as it had held-out text."""
+    transformers = pytest.importorskip("transformers")
+    from moeport.exporter.export import export_checkpoint
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=256)
+    checkpoint = tmp_path / "mixtral"
+    transformers.MixtralForCausalLM(config).eval().save_pretrained(checkpoint)
+    save_char_tokenizer(checkpoint)
+    text = tmp_path / "text.txt"
+    text.write_bytes(TEXT)
+    results = {}
+    for kv_cache in ("concat", "shared"):
+        model = export_checkpoint(checkpoint, tmp_path / f"{kv_cache}.onnx", task="text-generation-with-past",
+                                  kv_cache=kv_cache, fused_attention=kv_cache == "shared", validate=False).output
+        for mode in ("int8", "int4"):
+            results[kv_cache, mode] = quantize(
+                model, tmp_path / f"{kv_cache}-{mode}.onnx", mode=mode, tokenizer=checkpoint, heldout=text,
+                latency_runs=0, **({"calibration": text, "calibration_samples": 4} if mode == "int8" else {}))
+    concat, shared = results["concat", "int8"], results["shared", "int8"]
+    assert shared.calibration["tokens"] == concat.calibration["tokens"] == 4 * 128
+    assert shared.calibration["coverage"] == concat.calibration["coverage"]  # the same experts saw the same tokens
+    for mode in ("int8", "int4"):
+        concat, shared = results["concat", mode].quality, results["shared", mode].quality
+        assert shared.heldout_tokens == concat.heldout_tokens > 0
+        assert shared.perplexity_before == pytest.approx(concat.perplexity_before, rel=1e-6)
+        assert shared.perplexity_after == pytest.approx(concat.perplexity_after, rel=1e-4)
+    # A large vocabulary runs fewer windows at a time (bounded logits); the figures are the same.
+    from moeport.quant import quality as qual
+    from moeport.runtime.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(checkpoint).encode_bytes(TEXT)
+    shared_int4 = results["shared", "int4"]
+    by_eight = qual.heldout_quality(tmp_path / "shared.onnx", shared_int4.output, ids)
+    monkeypatch.setattr(qual, "PPL_LOGITS_BYTES", 1)
+    one_by_one = qual.heldout_quality(tmp_path / "shared.onnx", shared_int4.output, ids)
+    assert ids.size // qual.PPL_WINDOW > 1 and one_by_one[2] == by_eight[2]
+    assert one_by_one[:2] == pytest.approx(by_eight[:2], rel=1e-6)
+    assert one_by_one[0] == pytest.approx(shared_int4.quality.perplexity_before, rel=1e-6)
+
+
+def test_a_hybrid_with_past_export_is_calibrated_and_measured_from_text(tmp_path):
+    """A hybrid's with-past graph also takes recurrent states (fixed shapes its specs give): its prefill from token
+    ids starts them at zeros, as transformers does, so text calibrates it and measures its perplexity -- the same
+    perplexity as its logits-only export's. Before, token ids alone were refused for such a graph."""
+    import hf_families
+    from moeport.exporter.export import export_checkpoint
+
+    checkpoint = tmp_path / "granitemoehybrid"
+    hf_families.random_model("granitemoehybrid").save_pretrained(checkpoint)
+    save_char_tokenizer(checkpoint)
+    text = tmp_path / "text.txt"
+    text.write_bytes(TEXT)
+    measured = {}
+    for task in ("logits", "text-generation-with-past"):
+        model = export_checkpoint(checkpoint, tmp_path / f"{task}.onnx", task=task, validate=False).output
+        measured[task] = quantize(model, tmp_path / f"{task}-int8.onnx", mode="int8", calibration=text,
+                                  calibration_samples=4, tokenizer=checkpoint, heldout=text, latency_runs=0)
+    logits_only, with_past = measured["logits"], measured["text-generation-with-past"]
+    assert with_past.calibration["tokens"] == 4 * 128
+    assert with_past.calibration["coverage"] == logits_only.calibration["coverage"]
+    assert with_past.quality.heldout_tokens == logits_only.quality.heldout_tokens > 0
+    assert with_past.quality.perplexity_before == pytest.approx(logits_only.quality.perplexity_before, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8-blocks"])
