@@ -347,6 +347,31 @@ def test_save_npz_is_atomic_and_respects_force(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
 
 
+def test_kernel_events_belong_to_their_run_and_know_idle_kernels(tmp_path):
+    """onnxruntime writes a run's ``model_run`` event after that run's kernels: each kernel is counted in the run
+    whose span holds it (0, 1, 2 in call order), with its input shapes; a kernel whose input had no rows is idle."""
+    from onnx import TensorProto, helper
+
+    from moeport.runtime.profile import kernel_events
+    from moeport.runtime.session import create_session
+
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                               helper.make_node("Relu", ["y"], ["z"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["rows", 3])], [weight])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    session = create_session(path, "cpu", profile_dir=tmp_path)
+    for rows in (2, 0, 5):
+        session.run(None, {"x": np.ones((rows, 4), np.float32)})
+    events = [e for e in kernel_events(session.end_profiling()) if e.node in ("mm", "relu")]
+    assert sorted((e.run, e.node) for e in events) == [(r, n) for r in range(3) for n in ("mm", "relu")]
+    matmuls = sorted((e for e in events if e.node == "mm"), key=lambda e: e.run)
+    assert [e.input_shapes[0] for e in matmuls] == [(2, 4), (0, 4), (5, 4)]
+    assert [e.idle for e in matmuls] == [False, True, False]
+
+
 def test_placement_from_profile_counts_each_node_once(tmp_path):
     events = [
         {"cat": "Session", "name": "model_run"},
