@@ -881,19 +881,24 @@ def test_calibration_sources(tmp_path):
         load_calibration(tmp_path / "bad.jsonl", inputs=IDS_ONLY, vocab_size=256, samples=1)
 
 
-def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
-    """A transformers checkpoint with a tokenizer: calibration and perplexity text go through it, and the
-    graph's attention_mask is fed alongside the ids."""
+def _tiny_mixtral_checkpoint(tmp_path):
+    """A seeded 2-layer Mixtral (vocab 128, 4 experts top-2) saved with save_pretrained, and its char tokenizer."""
     transformers = pytest.importorskip("transformers")
-    from moeport.exporter.export import export_checkpoint
-
     torch.manual_seed(0)
     config = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                         num_experts_per_tok=2, max_position_embeddings=256)
     checkpoint = tmp_path / "mixtral"
     transformers.MixtralForCausalLM(config).eval().save_pretrained(checkpoint)
-    tokenizer = save_char_tokenizer(checkpoint)
+    return checkpoint, save_char_tokenizer(checkpoint)
+
+
+def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
+    """A transformers checkpoint with a tokenizer: calibration and perplexity text go through it, and the
+    graph's attention_mask is fed alongside the ids."""
+    from moeport.exporter.export import export_checkpoint
+
+    checkpoint, tokenizer = _tiny_mixtral_checkpoint(tmp_path)
     model = export_checkpoint(checkpoint, tmp_path / "m.onnx", with_routing=True).output
     text = tmp_path / "calib.txt"
     text.write_bytes(TEXT)
@@ -917,16 +922,9 @@ def test_a_shared_buffer_export_is_calibrated_and_measured_like_its_concat_expor
     a shared-buffer export (``--kv-cache shared --fused-attention``, whose GroupQueryAttention checks the cache's
     kv_heads even when it is empty) is calibrated and measured exactly as the Concat export of the same
     checkpoint. Before, every mode failed on it in onnxruntime as soon as it had held-out text."""
-    transformers = pytest.importorskip("transformers")
     from moeport.exporter.export import export_checkpoint
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2, max_position_embeddings=256)
-    checkpoint = tmp_path / "mixtral"
-    transformers.MixtralForCausalLM(config).eval().save_pretrained(checkpoint)
-    save_char_tokenizer(checkpoint)
+    checkpoint, _ = _tiny_mixtral_checkpoint(tmp_path)
     text = tmp_path / "text.txt"
     text.write_bytes(TEXT)
     results = {}
