@@ -166,12 +166,14 @@ def load_calibration(
     """
     if samples < 1:
         raise MoeportError(f"calibration samples must be at least 1, got {samples}")
-    input_names = [spec.name for spec in inputs]
     if str(source) == RANDOM:
-        if vocab_size is None or len(input_names) != 1:
-            raise MoeportError("random calibration needs a moeport-exported model (one input_ids input)")
+        if vocab_size is None:
+            raise MoeportError("random calibration needs the model's vocabulary size, but the model has no moeport "
+                               "metadata; pass a .npz of token ids")
         rng = np.random.default_rng(seed)
-        data = [{input_names[0]: rng.integers(0, vocab_size, size=(1, seq), dtype=np.int64)} for _ in range(samples)]
+        # Fed as text windows would be: an attention_mask, or a with-past graph's prefill, where the graph takes one.
+        data = [text_feeds(rng.integers(0, vocab_size, size=(1, seq), dtype=np.int64), inputs, "random calibration",
+                           outputs) for _ in range(samples)]
         return CalibrationSet(RANDOM, data, [
             "calibrating on random tokens: activation ranges and expert coverage will not match real inputs"])
     path = Path(source)

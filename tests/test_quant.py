@@ -957,6 +957,21 @@ def test_a_shared_buffer_export_is_calibrated_and_measured_like_its_concat_expor
     assert one_by_one[0] == pytest.approx(shared_int4.quality.perplexity_before, rel=1e-6)
 
 
+def test_random_calibration_feeds_every_input_a_text_window_would(tmp_path):
+    """--random-calibration on a Hugging Face export (input_ids and attention_mask) and on its with-past export:
+    random ids fed as text would be, not refused for having more than one input."""
+    from moeport.exporter.export import export_checkpoint
+
+    checkpoint, _ = _tiny_mixtral_checkpoint(tmp_path)
+    for task in ("logits", "text-generation-with-past"):
+        model = export_checkpoint(checkpoint, tmp_path / f"{task}.onnx", task=task, validate=False).output
+        with pytest.warns(UserWarning, match="calibrating on random tokens"):
+            result = quantize(model, tmp_path / f"{task}-int8.onnx", mode="int8", random_calibration=True,
+                              calibration_samples=3, latency_runs=0, perplexity=False)
+        assert result.calibration["source"] == "random" and result.calibration["tokens"] == 3 * 128
+        assert sum(result.calibration["coverage"][0]["counts"]) == 3 * 128 * 2  # top-2 of every token
+
+
 def test_a_hybrid_with_past_export_is_calibrated_and_measured_from_text(tmp_path):
     """A hybrid's with-past graph also takes recurrent states (fixed shapes its specs give): its prefill from token
     ids starts them at zeros, as transformers does, so text calibrates it and measures its perplexity -- the same
