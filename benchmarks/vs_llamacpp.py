@@ -118,8 +118,8 @@ def worker_tokenizer(out: Path) -> dict:
     expected = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model")).encode(sample)
     converted = tokenizer.encode(sample, add_special_tokens=False)
     if converted != expected:  # whitespace rules and byte fallback must convert, or text ids would differ
-        first = next((i for i, (a, b) in enumerate(zip(expected, converted)) if a != b), min(map(len, (expected,
-                                                                                                       converted))))
+        first = next((i for i, (a, b) in enumerate(zip(expected, converted)) if a != b),
+                     min(len(expected), len(converted)))
         raise SystemExit(f"the converted tokenizer differs from sentencepiece at token {first} of {len(expected)}")
     # Only tokenizer.json: the tokenizer_config.json written by the build (add_bos_token false) stays llama.cpp's.
     tokenizer.backend_tokenizer.save(str(checkpoint / "tokenizer.json"))
