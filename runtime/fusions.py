@@ -190,15 +190,25 @@ def _last_size(value: ir.Value, rank: int = 4) -> int | None:
     return shape[-1] if shape is not None and len(shape) == rank and isinstance(shape[-1], int) else None
 
 
+def _negated_and_plain_slices(negated: ir.Value, plain: ir.Value, x: ir.Value) -> tuple[ir.Node, ir.Node] | None:
+    """(the Slice in ``negated`` = ``Neg(Slice(x))``, the Slice ``plain`` = ``Slice(x)``): the two halves every
+    rotation form joins, one negated; None unless both slice ``x`` itself."""
+    neg = _producer(negated, "Neg")
+    first, second = _producer(neg.inputs[0], "Slice") if neg else None, _producer(plain, "Slice")
+    if first is None or second is None or first.inputs[0] is not x or second.inputs[0] is not x:
+        return None
+    return first, second
+
+
 def _half_rotation(value: ir.Value, x: ir.Value) -> bool:
     """Whether ``value`` is transformers' ``rotate_half(x)``: ``Concat(-x[..., D/2:], x[..., :D/2], axis=-1)``."""
     concat = _producer(value, "Concat")
     if concat is None or len(concat.inputs) != 2 or _axis(concat) != 3:
         return False
-    neg = _producer(concat.inputs[0], "Neg")
-    first, second = _producer(neg.inputs[0], "Slice") if neg else None, _producer(concat.inputs[1], "Slice")
-    if first is None or second is None or first.inputs[0] is not x or second.inputs[0] is not x:
+    slices = _negated_and_plain_slices(concat.inputs[0], concat.inputs[1], x)
+    if slices is None:
         return False
+    first, second = slices
     head_size = _last_size(x)
     upper, lower = _slice_on_axis(first, 3), _slice_on_axis(second, 3)
     if head_size is None or upper is None or lower is None or upper[1] is None:
@@ -224,10 +234,10 @@ def _interleaved_rotation(value: ir.Value, x: ir.Value) -> bool:
     first, second = _producer(concat.inputs[0], "Unsqueeze"), _producer(concat.inputs[1], "Unsqueeze")
     if first is None or second is None or not _last_axis(first, 5) or not _last_axis(second, 5):
         return False
-    neg = _producer(first.inputs[0], "Neg")
-    odd, even = _producer(neg.inputs[0], "Slice") if neg else None, _producer(second.inputs[0], "Slice")
-    if odd is None or even is None or odd.inputs[0] is not x or even.inputs[0] is not x:
+    slices = _negated_and_plain_slices(first.inputs[0], second.inputs[0], x)
+    if slices is None:
         return False
+    odd, even = slices
     odd_bounds, even_bounds = _slice_on_axis(odd, 3, step=2), _slice_on_axis(even, 3, step=2)
     head_size = _last_size(x)
     return head_size is not None and odd_bounds is not None and even_bounds is not None \
