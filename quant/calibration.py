@@ -24,10 +24,10 @@ from typing import Callable
 import numpy as np
 
 from moeport._fs import load_npz
-from moeport.contract import POSITION_IDS, is_cache_input
+from moeport.contract import INPUT_IDS, POSITION_IDS, is_cache_input
 from moeport.errors import MoeportError
-from moeport.runtime.generate import prefill_feeds
 from moeport.runtime.tokenizer import has_tokenizer, load_tokenizer
+from moeport.runtime.verify import model_feeds
 
 BYTE_VOCAB = 256
 DEFAULT_SEQ = 128
@@ -79,10 +79,11 @@ def text_feeds(ids: np.ndarray, inputs, source: str, outputs=()) -> dict[str, np
     """Feeds for token ids ``[batch, seq]`` of a graph with ``inputs`` (specs with ``.name`` and ``.shape``:
     onnxruntime's or ``TensorSpec``): ``input_ids`` plus an all-ones ``attention_mask`` if the graph has one; for a
     text-generation-with-past graph, its prefill step from the empty cache the specs (and the matching ``outputs``)
-    give (``generate.prefill_feeds``)."""
+    give (``verify.model_feeds``: the graph's kv_heads and head_dim, which a fused attention checks even on an empty
+    past; a hybrid's recurrent states at their fixed shapes)."""
     input_names = [spec.name for spec in inputs]
     if _starts_from_ids(input_names):
-        return prefill_feeds(ids, inputs, outputs)
+        return model_feeds({INPUT_IDS: ids}, inputs, outputs)
     other = [n for n in input_names if n not in ("input_ids", "attention_mask")]
     if "input_ids" not in input_names and len(input_names) == 1:
         return {input_names[0]: ids}  # a graph with one differently named id input

@@ -135,14 +135,6 @@ class CachedDecoder:
         return logits.numpy()
 
 
-def prefill_feeds(ids: np.ndarray, session_inputs, session_outputs=()) -> dict[str, np.ndarray]:
-    """The prefill step of a with-past graph for unpadded ids ``[batch, seq]``: its inputs' specs (``.name``,
-    ``.shape``: onnxruntime's, or ``TensorSpec``) give the empty cache of ``empty_past`` -- the graph's kv_heads and
-    head_dim, which a fused attention (GroupQueryAttention) checks even on an empty past, and a hybrid's recurrent
-    states at their fixed shapes."""
-    return decoder_feeds(np.ones_like(ids), ids, empty_past(session_inputs, ids.shape[0], session_outputs))
-
-
 def parse_prompt_ids(text: str) -> list[int]:
     """``"1,2,3"`` -> ``[1, 2, 3]``; anything else is a usage error."""
     try:
