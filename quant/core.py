@@ -425,8 +425,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
 
 
 def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _Settings, *,
-             reference: Reference | None, encoder, heldout, perplexity: bool, latency_runs: int,
-             parity_shapes) -> qual.QualityReport:
+             reference: Reference | None, encoder, heldout, perplexity: bool, heldout_tokens: int | None,
+             latency_runs: int, parity_shapes) -> qual.QualityReport:
     """Size, parity with ``reference``, perplexity and routing on held-out text, latency: before vs after."""
     model, graph, spec = source.path, source.proto, settings.mode
     report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(graph),
@@ -453,8 +453,14 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
     elif heldout_ids is None:
         report.notes.append("no perplexity: no held-out text (pass --heldout FILE)")
     else:
-        ppl = qual.heldout_quality(model, out, heldout_ids, [r.indices_output for r in source.plan.routers])
+        ppl = qual.heldout_quality(model, out, heldout_ids, [r.indices_output for r in source.plan.routers],
+                                   max_tokens=heldout_tokens)
         report.perplexity_before, report.perplexity_after, report.heldout_tokens, routing, top1 = ppl
+        report.heldout_text_tokens = int(heldout_ids.size)
+        read = len(qual.heldout_windows(heldout_ids, max_tokens=heldout_tokens)) * qual.PPL_WINDOW
+        if read < heldout_ids.size - qual.PPL_WINDOW:  # more than the partial window at the end was left out
+            report.notes.append(f"perplexity read {read} of the held-out text's {heldout_ids.size} tokens, in evenly "
+                                f"spaced windows of {qual.PPL_WINDOW} (--heldout-tokens to read more)")
         labels = source.labels
         if labels and len(labels) == len(routing):
             routing, top1 = dict(zip(labels, routing.values())), dict(zip(labels, top1.values()))
@@ -515,6 +521,7 @@ def quantize(
     down_activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
+    heldout_tokens: int | None = None,
     parity_shapes: tuple[tuple[int, int], ...] | None = None,
     force: bool = False,
 ) -> QuantizeResult:
@@ -544,7 +551,8 @@ def quantize(
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
     text, else ``quality.PARITY_SHAPES``). ``latency_runs=0`` skips the latency
-    measurement, ``perplexity=False`` the held-out text pass.
+    measurement, ``perplexity=False`` the held-out text pass; ``heldout_tokens``: perplexity reads at most this many
+    tokens of the held-out text (``quality.heldout_windows``; None: ``quality.PPL_MAX_TOKENS``, 0: all of it).
     """
     started = time.perf_counter()
     model, out = Path(model), Path(out)
@@ -553,6 +561,13 @@ def quantize(
                                      kv_projection_bits, embedding_block_size, head_block_size=head_block_size),
                          calibration,
                          random_calibration, fused_attention)
+    if heldout_tokens is None:
+        heldout_tokens = qual.PPL_MAX_TOKENS
+    elif heldout_tokens == 0:
+        heldout_tokens = None  # the whole text
+    elif heldout_tokens < qual.PPL_WINDOW:
+        raise MoeportError(f"heldout tokens {heldout_tokens}: perplexity reads windows of {qual.PPL_WINDOW} tokens; "
+                           f"give at least {qual.PPL_WINDOW}, or 0 for the whole text")
     _check_paths(model, out, force)
     source = _read(model, settings)
     settings.share_cache = _share_cache(source, settings, kv_cache)
@@ -575,7 +590,8 @@ def quantize(
     quantized, passes = _write(source, out, settings, calibrated)
     try:
         report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
-                          perplexity=perplexity, latency_runs=latency_runs, parity_shapes=parity_shapes)
+                          perplexity=perplexity, heldout_tokens=heldout_tokens, latency_runs=latency_runs,
+                          parity_shapes=parity_shapes)
     except BaseException:
         # A file whose report failed (a parity run that could not start, an interrupt) is not left as if done.
         for path in (out, out.with_name(external_data_name(out))):

@@ -858,6 +858,48 @@ def test_cli(topk, tmp_path, capsys, sample_checkpoint):
     assert data["targets_met"]["routing"] is True
 
 
+def test_perplexity_reads_at_most_heldout_tokens_in_evenly_spaced_windows(topk, tmp_path, capsys):
+    from moeport.quant import quality as qual
+
+    ids = np.arange(10 * qual.PPL_WINDOW + 7)
+    assert qual.heldout_windows(ids, max_tokens=None).shape == (10, qual.PPL_WINDOW)
+    four = qual.heldout_windows(ids, max_tokens=4 * qual.PPL_WINDOW + 100)
+    assert [row[0] // qual.PPL_WINDOW for row in four] == [0, 3, 6, 9]  # first and last window kept
+    assert len(qual.heldout_windows(ids, max_tokens=1)) == 1
+    with pytest.raises(MoeportError, match="the held-out text has 7 tokens, fewer than one window of 256"):
+        qual.heldout_windows(ids[:7])
+
+    text = tmp_path / "heldout.txt"
+    text.write_bytes(TEXT)  # byte-level model: one token a byte
+    windows = len(TEXT) // qual.PPL_WINDOW
+    assert windows > 3
+    capped = quantize(topk.output, tmp_path / "capped.onnx", mode="fp16", heldout=text, heldout_tokens=768,
+                      latency_runs=0)
+    whole = quantize(topk.output, tmp_path / "whole.onnx", mode="fp16", heldout=text, heldout_tokens=0,
+                     latency_runs=0)
+    assert capped.quality.heldout_tokens == 3 * (qual.PPL_WINDOW - 1)
+    assert whole.quality.heldout_tokens == windows * (qual.PPL_WINDOW - 1)
+    assert capped.quality.heldout_text_tokens == whole.quality.heldout_text_tokens == len(TEXT)
+    assert f"perplexity read 768 of the held-out text's {len(TEXT)} tokens, in evenly spaced windows of 256 " \
+           "(--heldout-tokens to read more)" in capped.quality.notes
+    assert not any("perplexity read" in note for note in whole.quality.notes)
+    # The default reads the trained sample's whole held-out file, so its figures do not change.
+    assert qual.PPL_MAX_TOKENS >= (TRAINED_DIR / "heldout.txt").stat().st_size
+    with pytest.raises(MoeportError, match="heldout tokens 100: perplexity reads windows of 256 tokens; give at "
+                                           "least 256, or 0 for the whole text"):
+        quantize(topk.output, tmp_path / "few.onnx", mode="fp16", heldout=text, heldout_tokens=100)
+    assert not (tmp_path / "few.onnx").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(topk.output), "-o", str(tmp_path / "few.onnx"), "--mode", "fp16", "--heldout-tokens",
+              "100"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: heldout tokens 100") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"[default: {qual.PPL_MAX_TOKENS}]" in help_text  # the help states the library's default
+
+
 def test_calibration_sources(tmp_path):
     from moeport.quant.calibration import load_calibration
     from moeport.runtime._io import TensorSpec

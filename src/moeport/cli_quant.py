@@ -85,6 +85,9 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="int4: width of the embedding table.")
 @click.option("--no-perplexity", is_flag=True, help="Skip the held-out perplexity and routing pass.")
+@click.option("--heldout-tokens", type=click.IntRange(min=0), default=None,
+              help="Perplexity reads at most this many tokens of the held-out text, in evenly spaced windows of 256 "
+                   "(0: all of it) [default: 65536].")
 @click.option("--latency-runs", type=int, default=10, show_default=True, help="CPU latency runs (0: skip).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -92,7 +95,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                  checkpoint, tokenizer, heldout, down_activations, block_size, embedding_block_size,
                  dense_block_size, dense_bits,
                  kv_projection_bits, head_bits, head_block_size, fused_experts, fused_attention, kv_cache,
-                 embedding_bits, no_perplexity,
+                 embedding_bits, no_perplexity, heldout_tokens,
                  latency_runs, force,
                  as_json):
     """Quantize the exported ONNX file MODEL (or a model folder's model, adding the variant to the folder) and
@@ -128,7 +131,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           fused_experts=fused_experts, fused_attention=fused_attention, kv_cache=kv_cache,
                           embedding_bits=int(embedding_bits),
                           down_activations=down_activations, latency_runs=latency_runs,
-                          perplexity=not no_perplexity, force=force)
+                          perplexity=not no_perplexity, heldout_tokens=heldout_tokens, force=force)
     emit(result, as_json)
 
 
