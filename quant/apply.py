@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from moeport._fs import subgraphs
 from moeport._scoped import logger_level
 from moeport.quant import calibration as calib
 from moeport.quant.passes import (REMOVE_UNUSED, ExpertLayer, FuseExpertsPass, GatherBlockQuantizedPass, SplicePass,
@@ -374,15 +375,6 @@ def run_fp16(job: QuantJob) -> None:
     weights.write(converted, job.output, to_float16=convert_np_to_float16)
 
 
-def _graphs(graph: onnx.GraphProto):
-    """``graph`` and every subgraph in its nodes' attributes, depth first."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                yield from _graphs(sub)
-
-
 @dataclass
 class _ExternalWeights:
     """The external-data initializers of a model loaded without its weights, for a converter that must not load
@@ -396,7 +388,7 @@ class _ExternalWeights:
     @classmethod
     def stand_in(cls, model: onnx.ModelProto, base: Path) -> "_ExternalWeights":
         kept = {}
-        for graph in _graphs(model.graph):
+        for graph in [model.graph, *subgraphs(model.graph.node)]:
             for tensor in graph.initializer:
                 if tensor.data_location != onnx.TensorProto.EXTERNAL:
                     continue
@@ -418,7 +410,7 @@ class _ExternalWeights:
         location = external_data_name(output)
         offset = 0
         with open(output.with_name(location), "wb") as data:
-            for graph in _graphs(model.graph):
+            for graph in [model.graph, *subgraphs(model.graph.node)]:
                 stood_in = {tensor.name for tensor in graph.initializer if tensor.name in self.kept}
                 # The converter typed each float16 stand-in in value_info with its one-value shape: the real one.
                 for info in graph.value_info:

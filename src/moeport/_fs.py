@@ -269,33 +269,33 @@ def load_npz(path: str | os.PathLike, what: str = "inputs") -> dict[str, np.ndar
         raise MoeportError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
 
 
+def subgraphs(nodes):
+    """Every graph held in the attributes of ``nodes`` (``If`` branches, ``Loop`` and ``Scan`` bodies) and in theirs,
+    depth first."""
+    for node in nodes:
+        for attribute in node.attribute:
+            for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield graph
+                yield from subgraphs(graph.node)
+
+
 def _external_tensors(proto):
     """(tensor name, location) of every tensor stored as external data, subgraphs and functions included."""
     import onnx
 
-    def tensors_of_graph(graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            yield from tensors_of_nodes(node)
-
-    def tensors_of_nodes(node):
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from tensors_of_graph(attr.g)
-            for graph in attr.graphs:
-                yield from tensors_of_graph(graph)
-
     def all_tensors():
-        yield from tensors_of_graph(proto.graph)
-        for function in proto.functions:
-            for node in function.node:
-                yield from tensors_of_nodes(node)
+        function_nodes = [node for function in proto.functions for node in function.node]
+        graphs = [proto.graph, *subgraphs(proto.graph.node), *subgraphs(function_nodes)]
+        for graph in graphs:
+            yield from graph.initializer
+            for sparse in graph.sparse_initializer:
+                yield sparse.values
+                yield sparse.indices
+        for node in [*function_nodes, *(node for graph in graphs for node in graph.node)]:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
 
     for tensor in all_tensors():
         if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
