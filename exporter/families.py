@@ -25,6 +25,7 @@ from moeport.contract import LOGITS, TIE_MARGIN, ModelInfo, MoELayerInfo, random
 from moeport.errors import MoeportError
 from moeport.exporter.patching import Patch
 from moeport.exporter.strategies import ExpertsSite
+from moeport.registry import Registry
 from moeport.samples import checkpoint as ckpt
 
 
@@ -79,29 +80,23 @@ class FamilySpec:
 FAMILY_HOOKS = ("build", "moe_layers", "describe", "experts_sites", "routing_margins", "load", "export_patches")
 
 
-_FAMILIES: dict[str, FamilySpec] = {}
+_FAMILIES: Registry[FamilySpec] = Registry("model family")
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
-    if spec.name in _FAMILIES:
-        raise ValueError(f"model family {spec.name!r} is already registered")
     for attr in ("matches", *FAMILY_HOOKS):
         hook = getattr(spec, attr)
         if not (callable(hook) or (attr == "load" and hook is None)):  # no load: the default loader
             raise TypeError(f"family {spec.name!r}: {attr} must be callable")
-    _FAMILIES[spec.name] = spec
-    return spec
+    return _FAMILIES.add(spec.name, spec)
 
 
 def families() -> list[FamilySpec]:
-    return list(_FAMILIES.values())
+    return _FAMILIES.values()
 
 
 def get_family(name: str) -> FamilySpec:
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise MoeportError(f"unknown model family {name!r}; known families: {', '.join(_FAMILIES)}") from None
+    return _FAMILIES.get(name)
 
 
 def find_family(config: dict, where: str = "config.json") -> FamilySpec:
@@ -110,7 +105,7 @@ def find_family(config: dict, where: str = "config.json") -> FamilySpec:
             return spec
     named = config.get("family", config.get("model_type"))
     raise MoeportError(
-        f"{where} names no known model family (family={named!r}); known families: {', '.join(_FAMILIES)}"
+        f"{where} names no known model family (family={named!r}); known families: {', '.join(_FAMILIES.names())}"
     )
 
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeport.errors import MoeportError
 from moeport.exporter import custom_ops
 from moeport.exporter.patching import Patch, Patcher
+from moeport.registry import Registry
 
 _PREFIX = "moeport_"
 
@@ -101,29 +101,23 @@ class DispatchStrategy:
     compute_extras: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
-_STRATEGIES: dict[str, DispatchStrategy] = {}
+_STRATEGIES: Registry[DispatchStrategy] = Registry("strategy", reserved=("auto",))
 
 
 def register_strategy(strategy: DispatchStrategy) -> DispatchStrategy:
-    if strategy.name in _STRATEGIES or strategy.name == "auto":
-        raise ValueError(f"dispatch strategy {strategy.name!r} is already registered (or reserved)")
     if not callable(strategy.dispatch):
         raise TypeError(f"strategy {strategy.name!r} needs a callable dispatch")
     if bool(strategy.extra_outputs) != (strategy.compute_extras is not None):
         raise ValueError(f"strategy {strategy.name!r}: extra_outputs and compute_extras go together")
-    _STRATEGIES[strategy.name] = strategy
-    return strategy
+    return _STRATEGIES.add(strategy.name, strategy)
 
 
 def strategy_names() -> list[str]:
-    return list(_STRATEGIES)
+    return _STRATEGIES.names()
 
 
 def get_strategy(name: str) -> DispatchStrategy:
-    try:
-        return _STRATEGIES[name]
-    except KeyError:
-        raise MoeportError(f"unknown strategy {name!r}; choose auto or one of: {', '.join(_STRATEGIES)}") from None
+    return _STRATEGIES.get(name)
 
 
 class _Weights:

@@ -37,6 +37,7 @@ from moeport.contract import (ATTENTION_MASK, INPUT_IDS, INDEXER_KEY, KV_CACHE_C
 from moeport.errors import MoeportError
 from moeport.exporter import families, strategies
 from moeport.exporter.families import LoadedModel
+from moeport.registry import Registry
 from moeport.runtime.compare import Comparator, Comparison
 from moeport.runtime.generate import decoder_feeds
 
@@ -62,24 +63,19 @@ class Task:
     build: Callable[..., TaskGraph]  # (loaded, with_routing, strategy, options, example_shape, seed, **task options)
 
 
-_TASKS: dict[str, Task] = {}
+_TASKS: Registry[Task] = Registry("task")
 
 
 def register_task(task: Task) -> Task:
-    if task.name in _TASKS:
-        raise ValueError(f"task {task.name!r} is already registered")
-    _TASKS[task.name] = task
-    return task
+    return _TASKS.add(task.name, task)
 
 
 def task_names() -> list[str]:
-    return list(_TASKS)
+    return _TASKS.names()
 
 
 def get_task(name: str, loaded: LoadedModel) -> Task:
-    if name not in _TASKS:
-        raise MoeportError(f"unknown task {name!r}; choose one of: {', '.join(_TASKS)}")
-    task = _TASKS[name]
+    task = _TASKS.get(name)
     reason = task.unsupported_reason(loaded)
     if reason:
         raise MoeportError(f"task {name!r} does not apply to this {loaded.info.family} model: {reason}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from moeport.errors import MoeportError
 from moeport.quant.apply import DYNAMIC, FP16, NBITS, QDQ_STATIC, ApplyStep
+from moeport.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class QuantMode:
                 "max_perplexity_increase": self.max_perplexity_increase, "bits": self.bits}
 
 
-_MODES: dict[str, QuantMode] = {}
+_MODES: Registry[QuantMode] = Registry("quantization mode")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
@@ -71,8 +71,6 @@ def _step_of(mode: QuantMode) -> ApplyStep:
 def register_mode(mode: QuantMode) -> QuantMode:
     """Add ``mode`` (its ``step`` filled in from ``kind`` when not given) and return what was registered;
     programming errors (duplicate, unknown kind, bad field) raise ValueError at import time."""
-    if mode.name in _MODES:
-        raise ValueError(f"quantization mode {mode.name!r} is already registered")
     if not _NAME.match(mode.name):
         raise ValueError(f"mode names are lower-case letters, digits and '-': {mode.name!r}")
     step = _step_of(mode)
@@ -86,20 +84,15 @@ def register_mode(mode: QuantMode) -> QuantMode:
         raise ValueError(f"mode {mode.name!r}: perplexity increase must be non-negative")
     if mode.bits not in (4, 8, 16):
         raise ValueError(f"mode {mode.name!r}: bits must be 4, 8 or 16")
-    mode = replace(mode, step=step)
-    _MODES[mode.name] = mode
-    return mode
+    return _MODES.add(mode.name, replace(mode, step=step))
 
 
 def modes() -> list[QuantMode]:
-    return list(_MODES.values())
+    return _MODES.values()
 
 
 def get_mode(name: str) -> QuantMode:
-    try:
-        return _MODES[name]
-    except KeyError:
-        raise MoeportError(f"unknown quantization mode {name!r}; choose one of {', '.join(_MODES)}") from None
+    return _MODES.get(name)
 
 
 register_mode(QuantMode("int8", "qdq_static", "static int8 QDQ, per-channel weights, calibrated activations",

@@ -38,6 +38,7 @@ from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_CONCAT, KV_CAC
                               POSITION_IDS, is_cache_input, metadata_props, optional_model_info, past_name,
                               past_name_pattern, present_name, present_name_pattern)
 from moeport.errors import MoeportError
+from moeport.registry import Registry
 from moeport.runtime.tokenizer import TOKENIZER_JSON, load_tokenizer
 
 MODEL_FILE = "model.onnx"
@@ -127,13 +128,11 @@ class Layout:
         return self.generic_model_type
 
 
-_LAYOUTS: dict[str, Layout] = {}
+_LAYOUTS: Registry[Layout] = Registry("layout")
 
 
 def register_layout(layout: Layout) -> Layout:
     """Add ``layout``; a duplicate name or an inconsistent spec is a programming error (ValueError)."""
-    if layout.name in _LAYOUTS:
-        raise ValueError(f"layout {layout.name!r} is already registered")
     if layout.model_dir.startswith("/") or ".." in layout.model_dir.split("/"):
         raise ValueError(f"layout {layout.name!r}: model_dir must stay inside the folder, got {layout.model_dir!r}")
     stems = [layout.model_file("model" + suffix) for suffix in layout.variant_suffixes.values()]
@@ -143,23 +142,19 @@ def register_layout(layout: Layout) -> Layout:
         raise ValueError(f"layout {layout.name!r} accepts no model type")
     if not layout.marker[0]:
         raise ValueError(f"layout {layout.name!r} needs a marker file")
-    _LAYOUTS[layout.name] = layout
-    return layout
+    return _LAYOUTS.add(layout.name, layout)
 
 
 def layout_names() -> list[str]:
-    return list(_LAYOUTS)
+    return _LAYOUTS.names()
 
 
 def layouts() -> list[Layout]:
-    return list(_LAYOUTS.values())
+    return _LAYOUTS.values()
 
 
 def get_layout(name: str) -> Layout:
-    try:
-        return _LAYOUTS[name]
-    except KeyError:
-        raise MoeportError(f"unknown layout {name!r}; choose one of {', '.join(_LAYOUTS)}") from None
+    return _LAYOUTS.get(name)
 
 
 # -- reading what a folder is made from ---------------------------------------------------------------

@@ -35,12 +35,13 @@ from moeport._fs import check_output_directory, load_model_proto, staged_directo
 from moeport._scoped import logger_level
 from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
+from moeport.registry import Registry
 from moeport.runtime._io import TensorSpec, session_specs
 from moeport.runtime.inspect import graph_specs, value_spec
 from moeport.runtime.layouts import model_file
 from moeport.runtime.placement import EpCoverage, mobile_coverage
 from moeport.runtime.run import example_feeds
-from moeport.runtime.session import create_session
+from moeport.runtime.session import create_session, provider_names
 
 BUNDLE_FORMAT = "moeport-bundle/1"
 OPERATOR_CONFIG = "required_operators.config"
@@ -54,11 +55,24 @@ class Target:
     description: str
 
 
-TARGETS = {t.name: t for t in (
+TARGETS: Registry[Target] = Registry("target")
+
+
+def register_target(target: Target) -> Target:
+    """Add a device ``target``; providers that are not registered ones are a programming error (ValueError)."""
+    unknown = [name for name in target.providers if name not in provider_names()]
+    if unknown or not target.providers:
+        raise ValueError(f"target {target.name!r}: providers must be registered execution providers, got "
+                         f"{list(target.providers)}")
+    return TARGETS.add(target.name, target)
+
+
+for _target in (
     Target("android", "arm", ("nnapi", "xnnpack", "cpu"), "Android phones (arm64-v8a)"),
     Target("ios", "arm", ("coreml", "xnnpack", "cpu"), "iPhones and iPads (arm64)"),
     Target("arm64-linux", "arm", ("xnnpack", "cpu"), "64-bit ARM Linux boards"),
-)}
+):
+    register_target(_target)
 
 
 @dataclass
@@ -173,9 +187,7 @@ def package_model(
     import onnx
     import onnxruntime as ort
 
-    if target not in TARGETS:
-        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    spec = TARGETS[target]
+    spec = TARGETS.get(target)
     model, output = model_file(model), Path(output)  # a model folder: its model file
     shapes = dict(shapes or {})
     _prepare_destination(output, force)
@@ -246,4 +258,4 @@ def package_model(
                          output / "bundle.json", shapes, inputs, outputs, coverage, check, operators, notes)
 
 
-__all__ = ["TARGETS", "PackageResult", "Target", "fix_shapes", "package_model"]
+__all__ = ["TARGETS", "PackageResult", "Target", "fix_shapes", "package_model", "register_target"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moeport._fs import load_model_proto
 from moeport.errors import MoeportError
+from moeport.registry import Registry
 
 # Tensors up to this size are read into a graph handed to onnxruntime in memory (see create_session).
 _INLINE_BYTES = 1024
@@ -28,16 +29,13 @@ class ExecutionProvider:
     needs_static_shapes: bool = False
 
 
-_PROVIDERS: dict[str, ExecutionProvider] = {}
+_PROVIDERS: Registry[ExecutionProvider] = Registry("execution provider")
 
 
 def register_provider(provider: ExecutionProvider) -> ExecutionProvider:
-    if provider.name in _PROVIDERS:
-        raise ValueError(f"execution provider {provider.name!r} is already registered")
     if not provider.ort_name.endswith("ExecutionProvider"):
         raise ValueError(f"{provider.ort_name!r} is not an onnxruntime provider name")
-    _PROVIDERS[provider.name] = provider
-    return provider
+    return _PROVIDERS.add(provider.name, provider)
 
 
 for _provider in (
@@ -57,7 +55,11 @@ for _provider in (
 
 
 def providers() -> list[ExecutionProvider]:
-    return list(_PROVIDERS.values())
+    return _PROVIDERS.values()
+
+
+def provider_names() -> list[str]:
+    return _PROVIDERS.names()
 
 
 def available_providers() -> list[str]:
@@ -70,17 +72,16 @@ def available_providers() -> list[str]:
 
 def resolve_provider(name: str, fallback: str | None = None) -> ExecutionProvider:
     """The provider to use for ``name``; a missing one raises, or falls back with a warning."""
-    if name not in _PROVIDERS:
-        raise MoeportError(f"unknown execution provider {name!r}; known: {', '.join(_PROVIDERS)}")
+    provider = _PROVIDERS.get(name)
     available = available_providers()
     if name in available:
-        return _PROVIDERS[name]
+        return provider
     if fallback is not None:
         if fallback not in available:
             raise MoeportError(f"fallback provider {fallback!r} is not available either; available: {', '.join(available)}")
         warnings.warn(f"execution provider {name!r} is not available in this onnxruntime; falling back to {fallback!r}",
                       stacklevel=2)
-        return _PROVIDERS[fallback]
+        return _PROVIDERS.get(fallback)
     raise MoeportError(
         f"execution provider {name!r} is not available in this onnxruntime; available: {', '.join(available)} "
         f"(pass --fallback cpu to run on cpu instead)"

@@ -13,6 +13,7 @@ from torch import nn
 
 from moeport._fs import staged_directory, writing
 from moeport.errors import MoeportError
+from moeport.registry import Registry
 from moeport.samples import TRAINED_DIR
 from moeport.samples.checkpoint import save_checkpoint
 from moeport.samples.model import EnsembleConfig, EnsembleLM, LMConfig, MoEConfig, MoELM
@@ -29,16 +30,13 @@ class Sample:
     seed: int = 0
 
 
-_SAMPLES: dict[str, Sample] = {}
+_SAMPLES: Registry[Sample] = Registry("sample")
 
 
 def register_sample(sample: Sample) -> Sample:
-    if sample.name in _SAMPLES:
-        raise ValueError(f"sample {sample.name!r} is already registered")
     if not sample.name.replace("-", "").isalnum():
         raise ValueError(f"sample names are letters, digits and '-': {sample.name!r}")
-    _SAMPLES[sample.name] = sample
-    return sample
+    return _SAMPLES.add(sample.name, sample)
 
 
 def _lm(**moe) -> Callable[[], LMConfig]:
@@ -73,14 +71,11 @@ register_sample(Sample("trained", "byte-level LM trained on Python standard-libr
 
 
 def list_samples() -> list[Sample]:
-    return list(_SAMPLES.values())
+    return _SAMPLES.values()
 
 
 def get_sample(name: str) -> Sample:
-    try:
-        return _SAMPLES[name]
-    except KeyError:
-        raise MoeportError(f"unknown sample {name!r}; known samples: {', '.join(_SAMPLES)}") from None
+    return _SAMPLES.get(name)
 
 
 def build_model(config: LMConfig | EnsembleConfig) -> nn.Module:

@@ -158,3 +158,38 @@ def test_a_family_module_registers_the_hooks_it_defines():
         assert [getattr(family.SPEC, hook) for hook in families.FAMILY_HOOKS] == [
             getattr(family, hook) for hook in families.FAMILY_HOOKS]
         assert family.SPEC.input_names == ("input_ids", "attention_mask")
+
+
+def test_every_extension_point_is_one_registry():
+    """Families, strategies, tasks, quant modes, providers, device targets, folder layouts and samples share one
+    Registry: a
+    duplicate (or reserved) name is refused at registration, an unknown one is a user error naming the choices."""
+    import importlib
+
+    from moeport.errors import MoeportError
+    from moeport.registry import Registry
+
+    points = {"moeport.exporter.families": "_FAMILIES", "moeport.exporter.strategies": "_STRATEGIES",
+              "moeport.exporter.tasks": "_TASKS", "moeport.quant.modes": "_MODES", "moeport.runtime.session": "_PROVIDERS",
+              "moeport.runtime.layouts": "_LAYOUTS", "moeport.samples.catalog": "_SAMPLES",
+              "moeport.runtime.package": "TARGETS"}
+    for module, name in points.items():
+        registry = getattr(importlib.import_module(module), name)
+        assert isinstance(registry, Registry) and registry.names(), module
+
+    registry = Registry("widget", reserved=("auto",))
+    assert registry.add("a", 1) == 1 and registry.add("b", 2) == 2
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        registry.add("a", 3)
+    with pytest.raises(ValueError, match=r"widget 'auto' is already registered \(or reserved\)"):
+        registry.add("auto", 3)
+    with pytest.raises(MoeportError, match="unknown widget 'c'; choose one of auto, a, b"):
+        registry.get("c")
+    from moeport.runtime.package import Target, register_target
+
+    with pytest.raises(ValueError, match=r"target 'tpu-board': providers must be registered execution providers, got "
+                                         r"\['tpu'\]"):
+        register_target(Target("tpu-board", "arm", ("tpu",), "a board"))
+    twin = registry.copy()
+    twin.add("c", 3)
+    assert "c" in twin and "c" not in registry and registry.values() == [1, 2] and list(twin) == [1, 2, 3]

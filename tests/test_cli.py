@@ -105,7 +105,7 @@ def test_verify_without_routing_reports_null(capsys, exported, sample_checkpoint
      "error: Invalid value for '--strategy': 'magic' is not one of 'auto', 'sorted', 'gather', 'dense', "
      "'capacity'. (see moeport --help)"),
     ("unknown sample", ["samples", "create", "nope", "{tmp}/s"], 1,
-     "error: unknown sample 'nope'; known samples: topk, topk-raw, switch, sigmoid-shared, soft, ensemble, "
+     "error: unknown sample 'nope'; choose one of topk, topk-raw, switch, sigmoid-shared, soft, ensemble, "
      "ensemble-fixed, trained"),
 ])
 def test_failure_cases_print_one_line(capsys, tmp_path, case, args, exit_code, message):

@@ -685,7 +685,7 @@ def test_mode_registry_validates():
 
 def test_a_new_mode_is_one_registration(topk, tmp_path, monkeypatch):
     """A mode carries its apply step: reusing a registered step takes its kind's name; nothing else changes."""
-    monkeypatch.setattr(modes_module, "_MODES", dict(modes_module._MODES))
+    monkeypatch.setattr(modes_module, "_MODES", modes_module._MODES.copy())
     mode = register_mode(QuantMode("int8-wide", "nbits", "8-bit block weights", False, 0.40, 0.95, 0.05, bits=8))
     assert mode.step is get_mode("int4").step and get_mode("int8-wide") is mode
     result = quantize(topk.output, tmp_path / "b.onnx", mode="int8-wide", latency_runs=0, perplexity=False)
@@ -698,7 +698,7 @@ def test_a_new_mode_is_one_registration(topk, tmp_path, monkeypatch):
 
 
 def test_mode_registry_validates_steps(monkeypatch):
-    monkeypatch.setattr(modes_module, "_MODES", dict(modes_module._MODES))
+    monkeypatch.setattr(modes_module, "_MODES", modes_module._MODES.copy())
     with pytest.raises(ValueError, match=r"kind must be one of \('qdq_static', 'dynamic', 'fp16', 'nbits'\)"):
         register_mode(QuantMode("int3", "magic", "", False, 0.1, 0.9, 0.1))
     with pytest.raises(ValueError, match="kind 'nbits' must name its step 'fp16'"):

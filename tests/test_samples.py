@@ -57,7 +57,7 @@ def test_create_refuses_non_empty_directory(tmp_path):
 
 
 def test_unknown_sample():
-    with pytest.raises(MoeportError, match="unknown sample 'nope'; known samples: topk"):
+    with pytest.raises(MoeportError, match="unknown sample 'nope'; choose one of topk"):
         create_sample("nope", "/tmp/never-written")
 
 

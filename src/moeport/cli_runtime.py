@@ -77,7 +77,7 @@ def inspect_cmd(model, ep, fallback, no_placement, as_json):
 
 @click.command("package")
 @click.argument("model", type=click.Path())
-@click.option("--target", required=True, type=LazyChoice(lambda: list(_package.TARGETS)),
+@click.option("--target", required=True, type=LazyChoice(lambda: _package.TARGETS.names()),
               help="Device family the bundle is for.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--shape", "shape_items", multiple=True, metavar="NAME=D0xD1",
