@@ -9,11 +9,12 @@ Modes are registered in ``moeport.quant.modes``; routers and experts are found b
 from moeport.quant.core import quantize
 from moeport.quant.modes import QuantMode, get_mode, modes, register_mode
 from moeport.quant.result import QuantizeResult, QuantizeWarning
-from moeport.quant.schemes import TARGETS, choose_scheme
+from moeport.quant.schemes import TARGETS, QuantTarget, choose_scheme, register_target
 
 __all__ = [
     "TARGETS",
     "QuantMode",
+    "QuantTarget",
     "QuantizeResult",
     "QuantizeWarning",
     "choose_scheme",
@@ -21,4 +22,5 @@ __all__ = [
     "modes",
     "quantize",
     "register_mode",
+    "register_target",
 ]

@@ -66,7 +66,6 @@ from moeport.samples import TRAINED_DIR
 DEFAULT_CALIBRATION_SAMPLES = 64
 DEFAULT_LATENCY_RUNS = 20
 # Targets that run on onnxruntime's CPU provider.
-CPU_TARGETS = ("cpu", "arm")
 # Weights below this (bytes) stay in a CPU's caches: the report explains a quantized model that is slower there.
 SMALL_WEIGHTS = 32 * 2**20
 # What quantization adds to a graph (the report counts them).
@@ -141,8 +140,7 @@ class _Calibrated:
 
 def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
               calibration, random_calibration: bool, fused_attention: bool = False) -> _Settings:
-    if target not in TARGETS:
-        raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    on_cpu = TARGETS.get(target).cpu
     spec = get_mode(mode or default_mode(target, calibration is not None or random_calibration))
     step = spec.step
     if step.targets is not None and target not in step.targets:
@@ -162,7 +160,7 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
         raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
     # GroupQueryAttention's CPU kernel is float32/float16; its CUDA kernel takes no float32, and NNAPI, QNN and
     # Core ML have none: only integer-weight modes for CPUs get it.
-    fused = fused_attention and target in CPU_TARGETS and step.integer_weights
+    fused = fused_attention and on_cpu and step.integer_weights
     return _Settings(spec, target, keep_router, scheme, layout if step.layout else None, fused)
 
 
@@ -602,7 +600,7 @@ def quantize(
                             "--kv-cache shared records it as one buffer written in place (int4 at granite-3.0-1b-a400m "
                             "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md), and the file "
                             "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
-    if settings.mode.step.calibrated and target in CPU_TARGETS:
+    if settings.mode.step.calibrated and TARGETS.get(target).cpu:
         report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode: onnxruntime's CPU "
                             "provider runs QDQ int8 as many small kernels and dequantizes 16-bit-input weights at "
                             "every run (granite-3.0-1b-a400m size: 1.4 decode tokens/s, 4.6 with --down-activations "

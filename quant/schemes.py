@@ -16,15 +16,43 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from moeport.errors import MoeportError
+from moeport.registry import Registry
 
-TARGETS = ("cpu", "cuda", "arm", "nnapi", "coreml", "qnn")
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """What a quantized model is for (``quantize --target``): the mode it gets when none is asked for, and whether
+    it runs on onnxruntime's CPU provider (its contrib kernels and fused attention; QDQ there runs as many small
+    kernels)."""
+
+    name: str
+    default_mode: str  # a registered quantization mode (tests/test_quant.py checks every target's)
+    cpu: bool
+    description: str
+
+
+TARGETS: Registry[QuantTarget] = Registry("target")
+
+
+def register_target(target: QuantTarget) -> QuantTarget:
+    return TARGETS.add(target.name, target)
+
+
 # The mode each target gets when none is asked for. CPUs (x86, arm): 8-bit blocks in onnxruntime's own kernels
 # (QMoE, MatMulNBits, GatherBlockQuantized). On a granite-3.0-1b-a400m-shaped model, 2 threads (BENCHMARKS.md):
 # 51.7 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decoded 1.4 tokens/s
 # (onnxruntime's CPU provider dequantizes the 16-bit-input down projections' weights at every step; 4.6 with
 # 8-bit inputs) at a KL of 1.7e-5. NNAPI and QNN run QDQ natively; GPUs and Core ML run fp16.
-DEFAULT_MODE = {"cpu": "int8-blocks", "arm": "int8-blocks", "nnapi": "int8", "qnn": "int8", "cuda": "fp16",
-                "coreml": "fp16"}
+for _target in (
+    QuantTarget("cpu", "int8-blocks", True, "x86 or arm CPUs, onnxruntime's CPU provider"),
+    QuantTarget("cuda", "fp16", False, "NVIDIA GPUs"),
+    QuantTarget("arm", "int8-blocks", True, "arm CPUs (phones, boards), onnxruntime's CPU provider"),
+    QuantTarget("nnapi", "int8", False, "Android Neural Networks API (runs QDQ natively)"),
+    QuantTarget("coreml", "fp16", False, "Apple Core ML"),
+    QuantTarget("qnn", "int8", False, "Qualcomm AI Engine Direct (runs QDQ natively)"),
+):
+    register_target(_target)
 # What a user who gives calibration data and no mode asks for: the calibrated mode.
 CALIBRATED_MODE = "int8"
 
@@ -37,7 +65,7 @@ FLOAT = "float"
 
 def default_mode(target: str, calibrated: bool) -> str:
     """The mode for ``target`` when none is given; ``calibrated``: calibration data was given."""
-    return CALIBRATED_MODE if calibrated else DEFAULT_MODE[target]
+    return CALIBRATED_MODE if calibrated else TARGETS.get(target).default_mode
 
 
 @dataclass(frozen=True)
@@ -116,8 +144,7 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
 
 def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | None = None) -> IntScheme:
     """The int8 scheme for ``target``; for ``cpu`` it depends on this machine (or the given one)."""
-    if target not in TARGETS:
-        raise MoeportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    TARGETS.get(target)  # an unknown target is a user error naming the known ones
     if target == "cpu":
         machine = (machine or platform.machine()).lower()
         if machine in ("x86_64", "amd64", "i686", "x86"):

@@ -29,7 +29,7 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--mode", default=None, type=LazyChoice(lambda: [m.name for m in _modes.modes()]),
               help="Quantization mode (default: int8-blocks for --target cpu/arm, int8 for nnapi/qnn or when "
                    "calibration data is given, fp16 for cuda/coreml).")
-@click.option("--target", default="cpu", show_default=True, type=LazyChoice(lambda: list(_schemes.TARGETS)),
+@click.option("--target", default="cpu", show_default=True, type=LazyChoice(lambda: _schemes.TARGETS.names()),
               help="Where the model will run: picks the int8 scheme (cpu: by this CPU's VNNI support).")
 @click.option("--calibration", type=click.Path(), default=None,
               help="int8: calibration text (bytes), .jsonl ({\"text\": ...} per line) or .npz of input arrays "
