@@ -65,7 +65,6 @@ from moeport.samples import TRAINED_DIR
 
 DEFAULT_CALIBRATION_SAMPLES = 64
 DEFAULT_LATENCY_RUNS = 20
-# Targets that run on onnxruntime's CPU provider.
 # Weights below this (bytes) stay in a CPU's caches: the report explains a quantized model that is slower there.
 SMALL_WEIGHTS = 32 * 2**20
 # What quantization adds to a graph (the report counts them).

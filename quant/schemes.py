@@ -19,7 +19,6 @@ from moeport.errors import MoeportError
 from moeport.registry import Registry
 
 
-
 @dataclass(frozen=True)
 class QuantTarget:
     """What a quantized model is for (``quantize --target``): the mode it gets when none is asked for, and whether
@@ -53,6 +52,7 @@ for _target in (
     QuantTarget("qnn", "int8", False, "Qualcomm AI Engine Direct (runs QDQ natively)"),
 ):
     register_target(_target)
+
 # What a user who gives calibration data and no mode asks for: the calibrated mode.
 CALIBRATED_MODE = "int8"
 
