@@ -669,7 +669,7 @@ def test_cli_choices_come_from_the_registries():
     choices = {p.name: p.type.choices for p in cli_quant.quantize_cmd.params if hasattr(p.type, "choices")}
     assert choices["mode"] == tuple(m.name for m in modes())
     assert list(choices["target"]) == TARGETS.names() == ["cpu", "cuda", "arm", "nnapi", "coreml", "qnn"]
-    assert {target.default_mode for target in TARGETS} <= {m.name for m in modes()}  # every default is a mode
+    assert {target.default_mode for target in TARGETS.values()} <= {m.name for m in modes()}  # every default is a mode
     assert choices["down_activations"] == schemes.DOWN_ACTIVATIONS
 
 

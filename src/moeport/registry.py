@@ -1,11 +1,10 @@
-"""The one shape every extension point's registry has (families, strategies, tasks, quant modes, providers, model
-folder layouts, samples): named entries in registration order, a duplicate name refused at registration (a
+"""The one shape every extension point's registry has (families, strategies, tasks, quantization modes and
+targets, providers, device targets, model folder layouts, samples): named entries in registration order, a duplicate name refused at registration (a
 programming error: ValueError), an unknown name asked for a user error that lists the choices. What an entry must
 satisfy beyond its name is checked by the extension point's own ``register_*`` before it calls ``add``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from moeport.errors import MoeportError
@@ -54,7 +53,5 @@ class Registry(Generic[T]):
         return list(self._entries.values())
 
     def __contains__(self, name: object) -> bool:
+        """Whether an entry is registered under ``name`` (no ``__iter__``: say ``names()`` or ``values()``)."""
         return name in self._entries
-
-    def __iter__(self) -> Iterator[T]:
-        return iter(self._entries.values())
