@@ -1,7 +1,8 @@
 """The one shape every extension point's registry has (families, strategies, tasks, quantization modes and
-targets, providers, device targets, model folder layouts, samples): named entries in registration order, a duplicate name refused at registration (a
-programming error: ValueError), an unknown name asked for a user error that lists the choices. What an entry must
-satisfy beyond its name is checked by the extension point's own ``register_*`` before it calls ``add``."""
+targets, providers, device targets, model folder layouts, samples): named entries in registration order, a
+duplicate name refused at registration (a programming error: ValueError), an unknown name asked for a user error
+that lists the choices. What an entry must satisfy beyond its name is checked by the extension point's own
+``register_*`` before it calls ``add``."""
 
 from __future__ import annotations
 
