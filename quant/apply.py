@@ -99,7 +99,8 @@ class ApplyStep:
     step stores MatMul weights as integers, so a MatMul over a transposed initializer shared with a Gather (a tied
     lm_head) gets its own weight first (``passes.UntieTransposedWeightPass``); a float step leaves the tie, which
     onnxruntime folds at load at no cost per step. ``targets``: the deployment targets whose runtimes run what the
-    step writes (None: every target; onnxruntime's contrib operators run on its CPU and CUDA providers only).
+    step writes (names of ``schemes.TARGETS``, checked when a mode using the step registers; None: every target;
+    onnxruntime's contrib operators run on its CPU and CUDA providers only).
     """
 
     name: str

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, replace
 
 from moeport.quant.apply import DYNAMIC, FP16, NBITS, QDQ_STATIC, ApplyStep
+from moeport.quant.schemes import TARGETS
 from moeport.registry import Registry
 
 
@@ -84,6 +85,10 @@ def register_mode(mode: QuantMode) -> QuantMode:
         raise ValueError(f"mode {mode.name!r}: perplexity increase must be non-negative")
     if mode.bits not in (4, 8, 16):
         raise ValueError(f"mode {mode.name!r}: bits must be 4, 8 or 16")
+    unknown = [target for target in step.targets or () if target not in TARGETS]
+    if unknown:
+        raise ValueError(f"mode {mode.name!r}: its step runs on {unknown}, which are not quantization targets "
+                         f"({', '.join(TARGETS.names())})")
     return _MODES.add(mode.name, replace(mode, step=step))
 
 

@@ -708,6 +708,10 @@ def test_mode_registry_validates_steps(monkeypatch):
         register_mode(QuantMode("int3", "nbits", "", False, 0.1, 0.9, 0.1, step=ApplyStep("nbits", lambda job: None)))
     with pytest.raises(ValueError, match="run must be a function"):
         ApplyStep("nbits2", None)
+    with pytest.raises(ValueError, match=r"mode 'int3': its step runs on \['tpu'\], which are not quantization "
+                                         r"targets \(cpu, cuda, arm, nnapi, coreml, qnn\)"):
+        register_mode(QuantMode("int3", "blocks3", "", False, 0.1, 0.9, 0.1,
+                                step=ApplyStep("blocks3", lambda job: None, targets=("cpu", "tpu"))))
     assert "int3" not in [m.name for m in modes()]
 
 
