@@ -170,9 +170,10 @@ def test_every_extension_point_is_one_registry():
     from moeport.registry import Registry
 
     points = {"moeport.exporter.families": "_FAMILIES", "moeport.exporter.strategies": "_STRATEGIES",
-              "moeport.exporter.tasks": "_TASKS", "moeport.quant.modes": "_MODES", "moeport.runtime.session": "_PROVIDERS",
-              "moeport.runtime.layouts": "_LAYOUTS", "moeport.samples.catalog": "_SAMPLES",
-              "moeport.runtime.package": "TARGETS", "moeport.quant.schemes": "TARGETS"}
+              "moeport.exporter.tasks": "_TASKS", "moeport.quant.modes": "_MODES",
+              "moeport.runtime.session": "_PROVIDERS", "moeport.runtime.layouts": "_LAYOUTS",
+              "moeport.samples.catalog": "_SAMPLES", "moeport.runtime.package": "TARGETS",
+              "moeport.quant.schemes": "TARGETS"}
     for module, name in points.items():
         registry = getattr(importlib.import_module(module), name)
         assert isinstance(registry, Registry) and registry.names(), module
