@@ -100,7 +100,9 @@ class ApplyStep:
     lm_head) gets its own weight first (``passes.UntieTransposedWeightPass``); a float step leaves the tie, which
     onnxruntime folds at load at no cost per step. ``targets``: the deployment targets whose runtimes run what the
     step writes (names of ``schemes.TARGETS``, checked when a mode using the step registers; None: every target;
-    onnxruntime's contrib operators run on its CPU and CUDA providers only).
+    onnxruntime's contrib operators run on its CPU and CUDA providers only). ``quantizes_outputs``: the step's tool
+    also quantizes the outputs of the nodes it quantizes (QDQ), the lm_head's among them; for CPU targets the
+    pipeline takes that off the logits (``passes.FloatLogitsPass``).
     """
 
     name: str
@@ -112,6 +114,7 @@ class ApplyStep:
     gemms_as_matmuls: bool = False
     integer_weights: bool = True
     targets: tuple[str, ...] | None = None
+    quantizes_outputs: bool = False
 
     def __post_init__(self):
         if not _STEP_NAME.match(self.name):
@@ -473,7 +476,7 @@ def run_nbits(job: QuantJob) -> None:
 
 
 QDQ_STATIC = ApplyStep("qdq_static", run_qdq_static, calibrated=True, down=STATIC_DOWN,
-                       unprotected_ops=("Softmax", "Sigmoid"))
+                       unprotected_ops=("Softmax", "Sigmoid"), quantizes_outputs=True)
 # quantize_dynamic has no Gemm kernel, MatMulNBitsQuantizer skips Gemm: both get the Gemms as MatMuls.
 DYNAMIC = ApplyStep("dynamic", run_dynamic, down=DYNAMIC_DOWN, gemms_as_matmuls=True)
 FP16 = ApplyStep("fp16", run_fp16, integer_weights=False)
