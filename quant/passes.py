@@ -381,7 +381,8 @@ class GatherBlockQuantizedPass(QuantPass):
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
         rewritten, left, stored = [], [], {}
-        for node in [n for n in graph if n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.name in self.names]:
+        for node in [n for n in graph
+                     if n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.name in self.names]:
             table = node.inputs[0]
             axis = node.attributes.get("axis")
             if table is None or table.const_value is None or len(table.shape or ()) != 2 or (axis and axis.value):
