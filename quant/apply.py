@@ -101,8 +101,8 @@ class ApplyStep:
     onnxruntime folds at load at no cost per step. ``targets``: the deployment targets whose runtimes run what the
     step writes (names of ``schemes.TARGETS``, checked when a mode using the step registers; None: every target;
     onnxruntime's contrib operators run on its CPU and CUDA providers only). ``quantizes_outputs``: the step's tool
-    also quantizes the outputs of the nodes it quantizes (QDQ), the lm_head's among them; for CPU targets the
-    pipeline takes that off the logits (``passes.FloatLogitsPass``).
+    also quantizes the outputs of the nodes it quantizes (QDQ); for CPU targets the pipeline takes that off the
+    MatMuls' outputs (``passes.FloatOutputsPass``).
     """
 
     name: str

@@ -51,7 +51,7 @@ from moeport.quant import ranges
 from moeport.quant.apply import QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, ExpertLayer,
-                                  FloatLogitsPass, FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass,
+                                  FloatOutputsPass, FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass,
                                   MarkPreProcessedPass, PassRecord, RaiseOpsetPass, ShareCacheBufferPass,
                                   StackProjectionsPass, StampQuantizationPass, UntieTransposedWeightPass,
                                   external_data_name, node_metadata_bytes, run_passes, save_model)
@@ -390,7 +390,7 @@ def _write(source: _Source, out: Path, settings: _Settings,
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
     if step.quantizes_outputs and TARGETS.get(settings.target).cpu:
-        finish = [FloatLogitsPass(_head_names(source))] + finish
+        finish = [FloatOutputsPass({n.name for n in source.targets if n.op_type == "MatMul"})] + finish
     if step.layout:  # after the attention fusion (below), which matches what the projections feed
         finish = [StackProjectionsPass(), REMOVE_UNUSED] + finish
     if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):

@@ -12,8 +12,8 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
   8-bit blocks (one scale and zero point per block of a row);
 - ``StackProjectionsPass``: ``MatMulNBits`` nodes that read one input with one layout (a layer's query, key and
   value projections) as one over their stacked weights and a ``Split``;
-- ``FloatLogitsPass(names)``: the named lm_head MatMuls' outputs (the logits) freed of the activation Q/DQ pairs a
-  QDQ quantizer put after them;
+- ``FloatOutputsPass(names)``: the named MatMuls' outputs (the logits among them) freed of the activation Q/DQ
+  pairs a QDQ quantizer put after them;
 - ``RaiseOpsetPass(opset)``: onnxscript's version converter on the graph (16-bit Q/DQ need opset 21);
 - ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
 - ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's
@@ -279,16 +279,20 @@ class UntieTransposedWeightPass(QuantPass):
         return Rewritten(model, False, "no MatMul to quantize reads a transposed initializer")
 
 
-class FloatLogitsPass(QuantPass):
-    """Keep the named lm_head MatMuls' outputs -- the logits -- float in a QDQ model: remove the activation
-    ``QuantizeLinear -> DequantizeLinear`` pairs after them, which onnxruntime's static quantizer puts on the
-    output of every MatMul it quantizes. The MatMul keeps its 8-bit input and weight.
+class FloatOutputsPass(QuantPass):
+    """Keep the outputs of the named MatMuls float in a QDQ model: remove the activation ``QuantizeLinear ->
+    DequantizeLinear`` pairs that onnxruntime's static quantizer puts on the output of every MatMul it quantizes.
+    Each MatMul keeps its quantized input and weight; a consumer that read the pair's output reads the MatMul's.
+    A graph output (the logits) keeps its name.
 
-    Why: 8-bit logits, one scale for the whole ``[batch, seq, vocab]`` tensor, were most of static int8's error. On
-    the 4-layer granite-shaped model (benchmarks/vs_llamacpp.py, 256 held-out positions) the mean next-token KL from
-    PyTorch was 1.44e-5 with them and 2.85e-6 without, at the same decode speed (onnxruntime's CPU provider runs
-    the lm_head as ``MatMulIntegerToFloat`` then). For CPU targets only: NNAPI and QNN run a QDQ node group on the
-    accelerator only when its output is quantized too."""
+    Why, on onnxruntime's CPU provider (the cpu and arm targets): there the output pair is rounding and two kernels,
+    not what runs the product. Without it the provider runs an 8-bit-input MatMul as ``MatMulIntegerToFloat`` and a
+    16-bit-input one (the expert down projections) as ``MatMulNBits`` over its 8-bit weight; with it, the 16-bit ones
+    had no kernel, so their weights were dequantized at every run. And the lm_head's pair put the logits on an 8-bit
+    grid with one scale for the whole tensor, most of the mode's error. At granite-3.0-1b-a400m size (24 layers,
+    benchmarks/vs_llamacpp.py): decode 1.3 -> 27.4 tokens/s, mean next-token KL from PyTorch 1.66e-5 -> 5.6e-6
+    (BENCHMARKS.md). Not for NNAPI and QNN: they run a QDQ node group on the accelerator only when its output is
+    quantized too."""
 
     def __init__(self, names: set[str]):
         super().__init__()
@@ -296,10 +300,10 @@ class FloatLogitsPass(QuantPass):
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
-        freed, pairs = [], 0
+        freed, pairs, logits = 0, 0, []
         for node in [n for n in graph if n.op_type == "MatMul" and n.name in self.names]:
-            logits, before = node.outputs[0], pairs
-            for quantize in list(logits.consumers()):
+            product, before = node.outputs[0], pairs
+            for quantize in list(product.consumers()):
                 codes = quantize.outputs[0]
                 dequantizes = list(codes.consumers())
                 if (quantize.op_type != "QuantizeLinear" or codes.is_graph_output() or not dequantizes
@@ -308,18 +312,19 @@ class FloatLogitsPass(QuantPass):
                 for dequantize in dequantizes:
                     restored = dequantize.outputs[0]
                     output_name = restored.name if restored.is_graph_output() else None
-                    restored.replace_all_uses_with(logits, replace_graph_outputs=True)
+                    restored.replace_all_uses_with(product, replace_graph_outputs=True)
                     if output_name is not None:  # the graph output keeps its name ("logits"), type and shape
-                        restored.name, logits.name = f"{output_name}_quantized", output_name
-                        logits.type, logits.shape = logits.type or restored.type, logits.shape or restored.shape
+                        restored.name, product.name = f"{output_name}_quantized", output_name
+                        product.type, product.shape = product.type or restored.type, product.shape or restored.shape
+                        logits.append(output_name)
                 graph.remove([quantize, *dequantizes], safe=True)
                 pairs += len(dequantizes)
-            if pairs > before:
-                freed.append(node.name)
+            freed += pairs > before
         if freed:
-            return Rewritten(model, True, f"kept the logits float: removed {pairs} QuantizeLinear/DequantizeLinear "
-                                          f"pair(s) after {', '.join(freed)}")
-        why = "no lm_head MatMul found" if not self.names else "no QuantizeLinear reads the lm_head's output"
+            outputs = f" (graph output {', '.join(logits)} among them)" if logits else ""
+            return Rewritten(model, True, f"kept the outputs of {freed} MatMul(s) float{outputs}: removed {pairs} "
+                                          "QuantizeLinear/DequantizeLinear pair(s)")
+        why = "no quantized MatMul named" if not self.names else "no QuantizeLinear reads a quantized MatMul's output"
         return Rewritten(model, False, why)
 
 
