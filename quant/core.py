@@ -603,9 +603,9 @@ def quantize(
                             "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
     if settings.mode.step.calibrated and TARGETS.get(target).cpu:
         report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode: onnxruntime's CPU "
-                            "provider runs QDQ int8 as many small kernels and dequantizes 16-bit-input weights at "
-                            "every run (granite-3.0-1b-a400m size: 1.4 decode tokens/s, 4.6 with --down-activations "
-                            "int8, int8-blocks 51.7; BENCHMARKS.md)")
+                            "provider runs QDQ int8 as many small kernels, every expert's also without rows "
+                            "(granite-3.0-1b-a400m size: 26 decode tokens/s at a next-token KL of 5.6e-6 from "
+                            "PyTorch, int8-blocks 62-68 at 1.5e-6; BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     layout = settings.layout
     if layout is not None and layout.fused_experts and not after["QMoE"]:
