@@ -40,9 +40,9 @@ def register_target(target: QuantTarget) -> QuantTarget:
 
 # The mode each target gets when none is asked for. CPUs (x86, arm): 8-bit blocks in onnxruntime's own kernels
 # (QMoE, MatMulNBits, GatherBlockQuantized). On a granite-3.0-1b-a400m-shaped model, 2 threads (BENCHMARKS.md):
-# 51.7 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decoded 1.4 tokens/s
-# (onnxruntime's CPU provider dequantizes the 16-bit-input down projections' weights at every step; 4.6 with
-# 8-bit inputs) at a KL of 1.7e-5. NNAPI and QNN run QDQ natively; GPUs and Core ML run fp16.
+# 51.7-68 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decodes 26 tokens/s
+# at a KL of 5.6e-6 (its MatMuls' outputs float, passes.FloatOutputsPass; 1.4 tokens/s at 1.7e-5 before). NNAPI and
+# QNN run QDQ natively; GPUs and Core ML run fp16.
 for _target in (
     QuantTarget("cpu", "int8-blocks", True, "x86 or arm CPUs, onnxruntime's CPU provider"),
     QuantTarget("cuda", "fp16", False, "NVIDIA GPUs"),
@@ -78,7 +78,8 @@ class WideDown:
     targets: tuple[str, ...]
 
 
-# Static QDQ at 16 bits runs on onnxruntime's CPU provider (dequantize -> float MatMul) and QNN HTP (A16W8);
+# Static QDQ at 16 bits runs on onnxruntime's CPU provider (MatMulNBits over the 8-bit weight once the MatMul's output
+# is float, passes.FloatOutputsPass) and QNN HTP (A16W8);
 # dynamic int8 keeps them float with 8-bit block weights (MatMulNBits: CPU builds of onnxruntime).
 # NNAPI, TensorRT and Core ML have neither.
 STATIC_DOWN = WideDown("int8 (static)", "int16", ("cpu", "arm", "qnn"))
