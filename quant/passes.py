@@ -290,7 +290,7 @@ class FloatOutputsPass(QuantPass):
     16-bit-input one (the expert down projections) as ``MatMulNBits`` over its 8-bit weight; with it, the 16-bit ones
     had no kernel, so their weights were dequantized at every run. And the lm_head's pair put the logits on an 8-bit
     grid with one scale for the whole tensor, most of the mode's error. At granite-3.0-1b-a400m size (24 layers,
-    benchmarks/vs_llamacpp.py): decode 1.3 -> 27.4 tokens/s, mean next-token KL from PyTorch 1.66e-5 -> 5.6e-6
+    benchmarks/vs_llamacpp.py): decode 1.3 -> 26 tokens/s, mean next-token KL from PyTorch 1.66e-5 -> 5.6e-6
     (BENCHMARKS.md). Not for NNAPI and QNN: they run a QDQ node group on the accelerator only when its output is
     quantized too."""
 
