@@ -90,6 +90,11 @@ class _Settings:
     fused_attention: bool = False  # attention as onnxruntime's GroupQueryAttention (passes.FuseAttentionPass)
     share_cache: bool = False  # a Concat cache recorded as a shared buffer (passes.ShareCacheBufferPass)
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the target runs on onnxruntime's CPU provider (``schemes.QuantTarget.cpu``)."""
+        return TARGETS.get(self.target).cpu
+
     def to_dict(self) -> dict:
         """What the output's ``moeport.quantization`` metadata records."""
         return {"mode": self.mode.name, "target": self.target, "keep_router": self.keep_router,
@@ -379,9 +384,10 @@ def _write(source: _Source, out: Path, settings: _Settings,
     the output has external data when the input had. Written to a staging directory and moved to ``out`` only
     when every step succeeded. Returns the output's graph (without weights) and what the passes did."""
     step = settings.mode.step
+    matmuls = {n.name for n in source.targets if n.op_type == "MatMul"}
     prepare = [InlineSmallTensorsPass(), CLEAR_METADATA]
     if step.integer_weights:
-        prepare += [UntieTransposedWeightPass({n.name for n in source.targets if n.op_type == "MatMul"})]
+        prepare += [UntieTransposedWeightPass(matmuls)]
     if step.gemms_as_matmuls:
         prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"})]
     prepare += [REMOVE_UNUSED]
@@ -389,8 +395,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
         prepare += [RaiseOpsetPass(settings.scheme.opset)]
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
-    if step.quantizes_outputs and TARGETS.get(settings.target).cpu:
-        finish = [FloatOutputsPass({n.name for n in source.targets if n.op_type == "MatMul"})] + finish
+    if step.quantizes_outputs and settings.on_cpu:
+        finish = [FloatOutputsPass(matmuls)] + finish
     if step.layout:  # after the attention fusion (below), which matches what the projections feed
         finish = [StackProjectionsPass(), REMOVE_UNUSED] + finish
     if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):
@@ -601,7 +607,7 @@ def quantize(
                             "--kv-cache shared records it as one buffer written in place (int4 at granite-3.0-1b-a400m "
                             "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md), and the file "
                             "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
-    if settings.mode.step.calibrated and TARGETS.get(target).cpu:
+    if settings.mode.step.calibrated and settings.on_cpu:
         report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode: onnxruntime's CPU "
                             "provider runs QDQ int8 as many small kernels, every expert's also without rows "
                             "(granite-3.0-1b-a400m size: 26 decode tokens/s at a next-token KL of 5.6e-6 from "
