@@ -5,7 +5,8 @@ calibration samples through it when the mode calibrates (``_calibrate``); write 
 (``_write``: passes that prepare the graph, the mode's apply step, passes that finish it, the checker); measure
 what it cost (``_measure``). The apply steps (``moeport.quant.apply``) are onnxruntime's tools:
 
-- ``qdq_static`` (int8): ``quantize_static`` in QDQ format, per-channel weights, MinMax calibration;
+- ``qdq_static`` (int8): ``quantize_static`` in QDQ format, per-channel weights, MinMax calibration (for CPU
+  targets 16-bit activations and the weights then in blocks: ``IntScheme.with_activations``);
 - ``dynamic`` (int8-dynamic): ``quantize_dynamic`` (weights int8, activations quantized per run);
 - ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
 - ``nbits`` (int4): ``MatMulNBitsQuantizer`` (MatMul -> MatMulNBits), asymmetric blocks along K (a 4-bit
@@ -50,11 +51,12 @@ from moeport.quant import quality as qual
 from moeport.quant import ranges
 from moeport.quant.apply import QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
-from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT, ExpertLayer,
-                                  FloatOutputsPass, FuseAttentionPass, GemmAsMatMulPass, InlineSmallTensorsPass,
-                                  MarkPreProcessedPass, PassRecord, RaiseOpsetPass, ShareCacheBufferPass,
-                                  StackProjectionsPass, StampQuantizationPass, UntieTransposedWeightPass,
-                                  external_data_name, node_metadata_bytes, run_passes, save_model)
+from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
+                                  BlockWeightsPass, ExpertLayer, FloatOutputsPass, FuseAttentionPass, GemmAsMatMulPass,
+                                  InlineSmallTensorsPass, MarkPreProcessedPass, PassRecord, RaiseOpsetPass,
+                                  ShareCacheBufferPass, StackProjectionsPass, StampQuantizationPass,
+                                  UntieTransposedWeightPass, external_data_name, node_metadata_bytes, run_passes,
+                                  save_model)
 from moeport.quant.result import QuantizeResult, QuantizeWarning
 from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme, default_mode
 from moeport.runtime.fusions import cache_layers, unfused_layers
@@ -143,7 +145,8 @@ class _Calibrated:
 
 
 def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
-              calibration, random_calibration: bool, fused_attention: bool = False) -> _Settings:
+              calibration, random_calibration: bool, fused_attention: bool = False,
+              activations: str = "auto") -> _Settings:
     on_cpu = TARGETS.get(target).cpu
     spec = get_mode(mode or default_mode(target, calibration is not None or random_calibration))
     step = spec.step
@@ -158,10 +161,16 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
         raise MoeportError(f"mode {spec.name} uses no calibration data; drop --calibration/--random-calibration")
     scheme = None
     if step.down is not None:  # an 8-bit step
-        scheme = choose_scheme(target).with_down_activations(down_activations, target, step.down)
+        scheme = choose_scheme(target)
+        if step.calibrated:
+            scheme = scheme.with_activations(activations, target, step.down, on_cpu=on_cpu)
+        scheme = scheme.with_down_activations(down_activations, target, step.down)
     elif down_activations != "auto":
         takers = " and ".join(m.name for m in modes() if m.step.down is not None)
         raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
+    if activations != "auto" and not (step.down is not None and step.calibrated):
+        takers = " and ".join(m.name for m in modes() if m.step.down is not None and m.step.calibrated)
+        raise MoeportError(f"--activations applies to {takers}, not {spec.name}")
     # GroupQueryAttention's CPU kernel is float32/float16; its CUDA kernel takes no float32, and NNAPI, QNN and
     # Core ML have none: only integer-weight modes for CPUs get it.
     fused = fused_attention and on_cpu and step.integer_weights
@@ -388,7 +397,9 @@ def _write(source: _Source, out: Path, settings: _Settings,
     prepare = [InlineSmallTensorsPass(), CLEAR_METADATA]
     if step.integer_weights:
         prepare += [UntieTransposedWeightPass(matmuls)]
-    if step.gemms_as_matmuls:
+    # With 16-bit activations onnxruntime's CPU provider has no QDQ Gemm kernel (it would dequantize the weight
+    # at every run); a MatMul over the same weight runs as MatMulNBits.
+    if step.gemms_as_matmuls or (settings.scheme is not None and settings.scheme.wide_activations):
         prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"})]
     prepare += [REMOVE_UNUSED]
     if settings.scheme is not None and settings.scheme.opset is not None:
@@ -420,6 +431,9 @@ def _write(source: _Source, out: Path, settings: _Settings,
                        head=_head_names(source), kv=_kv_projection_names(source))
         step.run(job)
         records += job.records
+        if settings.scheme is not None and settings.scheme.weight_block_size:
+            # the fp32 weights are still in ``prepared``
+            finish = [BlockWeightsPass(matmuls, prepared, settings.scheme.weight_block_size), REMOVE_UNUSED] + finish
         model = ir.load(quantized)
         records += run_passes(model, finish)
         save_model(model, staged, external_data=source.external)
@@ -524,6 +538,7 @@ def quantize(
     fused_attention: bool = True,
     kv_cache: str | None = None,
     down_activations: str = "auto",
+    activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
     heldout_tokens: int | None = None,
@@ -554,8 +569,10 @@ def quantize(
     4-bit one.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
-    ``IntScheme``). ``parity_shapes``: random-id shapes for parity (default: held-out text windows when there is
-    text, else ``quality.PARITY_SHAPES``). ``latency_runs=0`` skips the latency
+    ``IntScheme``). ``activations`` (int8): auto|int8|int16, the width of every activation Q/DQ (auto: int16
+    for cpu/arm targets, int8 elsewhere; ``IntScheme.with_activations``). ``parity_shapes``: random-id shapes
+    for parity (default: held-out text windows when there is text, else ``quality.PARITY_SHAPES``).
+    ``latency_runs=0`` skips the latency
     measurement, ``perplexity=False`` the held-out text pass; ``heldout_tokens``: perplexity reads at most this many
     tokens of the held-out text (``quality.heldout_windows``; None: ``quality.PPL_MAX_TOKENS``, 0: all of it).
     """
@@ -565,7 +582,7 @@ def quantize(
                          NBitsLayout(block_size, dense_block_size, embedding_bits, dense_bits, fused_experts, head_bits,
                                      kv_projection_bits, embedding_block_size, head_block_size=head_block_size),
                          calibration,
-                         random_calibration, fused_attention)
+                         random_calibration, fused_attention, activations)
     if heldout_tokens is None:
         heldout_tokens = qual.PPL_MAX_TOKENS
     elif heldout_tokens == 0:
@@ -608,10 +625,11 @@ def quantize(
                             "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md), and the file "
                             "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
     if settings.mode.step.calibrated and settings.on_cpu:
-        report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode: onnxruntime's CPU "
-                            "provider runs QDQ int8 as many small kernels, every expert's also without rows "
-                            "(granite-3.0-1b-a400m size: 26 decode tokens/s at a next-token KL of 5.6e-6 from "
-                            "PyTorch, int8-blocks 62-68 at 1.5e-6; BENCHMARKS.md)")
+        report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode, in less memory: "
+                            "onnxruntime's CPU provider runs QDQ int8 as many small kernels, every expert's also "
+                            "without rows (granite-3.0-1b-a400m size: 26-27 decode tokens/s at a next-token KL of "
+                            "1.7e-6 from PyTorch, 4.2 GB resident; int8-blocks 61-66 at 1.5e-6, 1.6 GB; "
+                            "BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     layout = settings.layout
     if layout is not None and layout.fused_experts and not after["QMoE"]:

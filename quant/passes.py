@@ -14,6 +14,8 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
   value projections) as one over their stacked weights and a ``Split``;
 - ``FloatOutputsPass(names)``: the named MatMuls' outputs (the logits among them) freed of the activation Q/DQ
   pairs a QDQ quantizer put after them;
+- ``BlockWeightsPass(names, source, block_size)``: the named QDQ MatMuls' per-channel int8 weights again from the
+  fp32 ``source``, in symmetric 8-bit blocks with float16 scales (16-bit activations on CPU targets);
 - ``RaiseOpsetPass(opset)``: onnxscript's version converter on the graph (16-bit Q/DQ need opset 21);
 - ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
 - ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's
@@ -326,6 +328,100 @@ class FloatOutputsPass(QuantPass):
                                           "QuantizeLinear/DequantizeLinear pair(s)")
         why = "no quantized MatMul named" if not self.names else "no QuantizeLinear reads a quantized MatMul's output"
         return Rewritten(model, False, why)
+
+
+class BlockWeightsPass(QuantPass):
+    """Store the 8-bit weights of the named QDQ MatMuls in blocks: each ``DequantizeLinear`` of a per-channel int8
+    weight ``[K, N]`` becomes one over int8 ``[K, N]`` with a scale per ``block_size`` values of a column
+    (``axis=0``, ``block_size``; opset 21), symmetric, quantized again from the float weight of the same name in
+    ``source`` (the fp32 model the quantizer read; onnxruntime's static quantizer names a weight ``W``'s codes
+    ``W_quantized``). The scales are stored as float16 and cast to float32 by a ``Cast`` that onnxruntime folds
+    at load: 8.5 bits a weight at blocks of 32, as llama.cpp's Q8_0.
+
+    Why: per-channel scales span all K inputs of a column, so one large weight coarsens the column's every step;
+    a scale per 32 is what Q8_0 stores. Only with 16-bit activations on onnxruntime's CPU provider
+    (``IntScheme.with_activations``): there such a MatMul runs as ``MatMulNBits`` over the blocks. With 8-bit
+    activations onnxruntime 1.32 fuses the group into ``MatMulIntegerToFloat`` and computes a wrong product
+    (``benchmarks/blocked_qdq.py``). At granite-3.0-1b-a400m size (24 layers, 256 held-out positions): mean
+    next-token KL from PyTorch 1.73e-6, llama.cpp Q8_0 1.81e-6 (BENCHMARKS.md). A weight whose K is not a whole
+    number of blocks, or without a float original of its shape, keeps its channels (the note says which)."""
+
+    def __init__(self, names: set[str], source: str | os.PathLike, block_size: int):
+        super().__init__()
+        self.names, self.source, self.block_size = frozenset(names), Path(source), block_size
+
+    def call(self, model: ir.Model) -> Rewritten:
+        graph = model.graph
+        floats = ir.load(self.source).graph.initializers  # external weights are read when used
+        blocked, left = 0, []
+        for node in [n for n in graph if n.op_type == "MatMul" and n.name in self.names]:
+            dequantize = node.inputs[1].producer() if node.inputs[1] is not None else None
+            if dequantize is None or dequantize.op_type != "DequantizeLinear":
+                continue  # not a quantized weight
+            codes = dequantize.inputs[0]
+            if codes.const_value is None or codes.dtype != ir.DataType.INT8 or len(codes.shape) != 2 \
+                    or dequantize.attributes.get_int("block_size", 0):
+                continue
+            original = floats.get(codes.name.removesuffix("_quantized"))
+            k, n = (int(d) for d in codes.shape)
+            if original is None or original.const_value is None or tuple(original.shape) != (k, n):
+                left.append(f"{node.name} (no float weight {codes.name.removesuffix('_quantized')} of shape {[k, n]})")
+                continue
+            if k % self.block_size:
+                left.append(f"{node.name} (K {k} is not a multiple of {self.block_size})")
+                continue
+            compute = _ComputedOnce(functools.partial(_symmetric_blocks, original.const_value, self.block_size), 2)
+            weight, scale = _lazy_initializers(
+                graph, compute, [(f"{codes.name}_b{self.block_size}", ir.DataType.INT8, [k, n]),
+                                 (f"{codes.name}_b{self.block_size}_scale", ir.DataType.FLOAT16,
+                                  [k // self.block_size, n])])
+            widened = ir.node("Cast", [scale], attributes={"to": ir.DataType.FLOAT}, name=f"{dequantize.name}_scale")
+            replacement = ir.node("DequantizeLinear", [weight, widened.outputs[0]],
+                                  attributes={"axis": 0, "block_size": self.block_size}, name=dequantize.name)
+            ir.convenience.replace_nodes_and_values(graph, dequantize, [dequantize], [widened, replacement],
+                                                    [dequantize.outputs[0]], [replacement.outputs[0]])
+            blocked += 1
+        done = f"stored {blocked} MatMul weight(s) in 8-bit blocks of {self.block_size}" if blocked else None
+        return _outcome(model, done, "no per-channel int8 MatMul weight among the named nodes", left,
+                        "kept per channel")
+
+
+def _symmetric_blocks(weight: ir.TensorProtocol, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``weight`` [K, N] as int8 codes [K, N] and float16 scales [K / block_size, N]: symmetric, one scale per
+    ``block_size`` values of a column, the largest magnitude mapping to at most 127. Each value is within half its
+    block's scale of the original."""
+    values = weight.numpy().astype(np.float32)
+    k, n = values.shape
+    blocks = values.reshape(k // block_size, block_size, n)
+    exact = np.abs(blocks).max(axis=1) / 127
+    scales = exact.astype(np.float16)
+    # Rounded to float16 the scale may come out below the largest magnitude's: one step up keeps the codes in range
+    # (so every value within half a step). The smallest subnormal stands in for a scale float16 cannot hold.
+    low = scales.astype(np.float32) < exact
+    scales[low] = np.nextafter(scales[low], np.float16(np.inf))
+    scales[exact == 0] = 1  # an all-zero block: any scale gives codes 0
+    wide = scales.astype(np.float32)
+    codes = np.clip(np.rint(blocks / wide[:, None, :]), -127, 127).astype(np.int8)
+    return codes.reshape(k, n), scales
+
+
+class _ComputedOnce:
+    """``compute()`` evaluated once for ``parts`` readers (the initializers of one weight) and released after the
+    last has read it, so a model's worth of computed weights is never held at once (computed again if read again)."""
+
+    def __init__(self, compute: Callable[[], tuple[np.ndarray, ...]], parts: int):
+        self.compute, self.parts = compute, parts
+        self.value: tuple[np.ndarray, ...] | None = None
+        self.reads = 0
+
+    def __call__(self) -> tuple[np.ndarray, ...]:
+        if self.value is None:
+            self.value, self.reads = self.compute(), 0
+        value = self.value
+        self.reads += 1
+        if self.reads >= self.parts:
+            self.value = None
+        return value
 
 
 def nbits_quantizer_module():

@@ -86,8 +86,9 @@ class QuantizeResult:
                 ", float inputs with 8-bit block weights for every MatMul but the experts' gate and up projections, "
                 "embedding in 8-bit blocks" if s.down_activation_type == FLOAT
                 else f", expert down-projection inputs {s.down_activation_type}")
-            lines.append(f"scheme: activations {s.activation_type}{down}, weights {s.weight_type}, "
-                         f"{'per-channel' if s.per_channel else 'per-tensor'}"
+            weights = (f"in blocks of {s.weight_block_size}" if s.weight_block_size
+                       else "per-channel" if s.per_channel else "per-tensor")
+            lines.append(f"scheme: activations {s.activation_type}{down}, weights {s.weight_type}, {weights}"
                          f"{', reduce_range' if s.reduce_range else ''} ({s.reason})")
         if self.layout is not None:
             lines.append(f"layout: {self.layout.describe()}")

@@ -40,9 +40,10 @@ def register_target(target: QuantTarget) -> QuantTarget:
 
 # The mode each target gets when none is asked for. CPUs (x86, arm): 8-bit blocks in onnxruntime's own kernels
 # (QMoE, MatMulNBits, GatherBlockQuantized). On a granite-3.0-1b-a400m-shaped model, 2 threads (BENCHMARKS.md):
-# 51.7-68 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decodes 26 tokens/s
-# at a KL of 5.6e-6 (its MatMuls' outputs float, passes.FloatOutputsPass; 1.4 tokens/s at 1.7e-5 before). NNAPI and
-# QNN run QDQ natively; GPUs and Core ML run fp16.
+# 51.7-68 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decodes 26-27
+# tokens/s at a KL of 1.7e-6 (16-bit activations, weights in blocks: IntScheme.with_activations; 1.4 tokens/s at
+# 1.7e-5 with 8-bit activations and outputs) in 2.6x the memory. NNAPI and QNN run QDQ natively; GPUs and Core ML
+# run fp16.
 for _target in (
     QuantTarget("cpu", "int8-blocks", True, "x86 or arm CPUs, onnxruntime's CPU provider"),
     QuantTarget("cuda", "fp16", False, "NVIDIA GPUs"),
@@ -58,6 +59,11 @@ CALIBRATED_MODE = "int8"
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 DOWN_ACTIVATIONS = ("auto", "int8", "int16", "float")
+# Static int8's activation width (quantize --activations).
+ACTIVATIONS = ("auto", "int8", "int16")
+# Static int8's weights per scale where its activations are 16-bit on a CPU target (passes.BlockWeightsPass): 32,
+# llama.cpp Q8_0's block.
+QDQ_WEIGHT_BLOCK_SIZE = 32
 # 16-bit activation type matching an 8-bit one's signedness (onnxruntime QuantType names).
 WIDE = {"QUInt8": "QUInt16", "QInt8": "QInt16"}
 FLOAT = "float"
@@ -88,7 +94,8 @@ DYNAMIC_DOWN = WideDown("int8-dynamic", FLOAT, ("cpu", "arm"))
 
 @dataclass(frozen=True)
 class IntScheme:
-    """8-bit scheme: types are onnxruntime QuantType names (QUInt8, QInt8).
+    """8-bit scheme: types are onnxruntime QuantType names (QUInt8, QInt8; static int8's activations are
+    QUInt16 on CPU targets, ``with_activations``).
 
     ``down_activation_type``: how the expert down-projection inputs (``silu(gate) * up``) are kept when not
     at 8 bits: a 16-bit QuantType (static int8) or ``"float"`` (dynamic int8: float activations, 8-bit block
@@ -105,9 +112,40 @@ class IntScheme:
     symmetric_activations: bool
     reason: str
     down_activation_type: str | None = None
+    # Weights in blocks of this many (MatMuls along K, embedding tables along a row) instead of per channel / tensor
+    weight_block_size: int | None = None
+
+    @property
+    def wide_activations(self) -> bool:
+        """Every activation at 16 bits (static int8 on CPU targets, ``with_activations``)."""
+        return self.activation_type in WIDE.values()
+
+    def with_activations(self, width: str, target: str, down: WideDown, on_cpu: bool) -> "IntScheme":
+        """Static int8's activation width. ``width``: auto (16 bits where the target runs on onnxruntime's CPU
+        provider, ``on_cpu``), int8, or int16 (the targets of ``down`` that run 16-bit Q/DQ). 16 bits on a CPU
+        target also stores the weights in blocks of ``QDQ_WEIGHT_BLOCK_SIZE`` (``passes.BlockWeightsPass``, the
+        embedding tables ``GatherBlockQuantized``); 8 bits keeps the mode to standard ONNX ops.
+
+        Why 16 bits on CPUs: onnxruntime's CPU provider runs a QDQ MatMul with 16-bit inputs and a float output
+        as ``MatMulNBits`` over its 8-bit weight, whose kernel quantizes each row's activations to 8 bits per
+        block of 32 at run time (as llama.cpp's Q8_0 does), so the calibrated 16-bit Q/DQ only clips to the observed
+        range. 8-bit inputs run as ``MatMulIntegerToFloat`` with one activation scale per tensor, and those
+        scales' error adds up over the layers. On the 4-layer granite-shaped model (256 held-out positions), mean
+        next-token KL from PyTorch: 8-bit 1.5e-6 and 16-bit 6.1e-7 (both with the embedding table in blocks,
+        float table measured), llama.cpp Q8_0 6.4e-7; decode 122 against 125 tokens/s (BENCHMARKS.md)."""
+        if width not in ACTIVATIONS:
+            raise MoeportError(f"unknown activation width {width!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if width == "int16" and target not in down.targets:
+            raise MoeportError(f"target {target} cannot run int16 activations; use --activations int8 or auto "
+                               f"(int16 targets: {', '.join(down.targets)})")
+        if width == "int16" or (width == "auto" and on_cpu):
+            return replace(self, activation_type=WIDE[self.activation_type], down_activation_type=None,
+                           weight_block_size=QDQ_WEIGHT_BLOCK_SIZE if on_cpu else None)
+        return self
 
     def with_down_activations(self, width: str, target: str, down: WideDown) -> "IntScheme":
-        """``width``: auto (the widest ``down`` allows on the target), int8, int16 or float."""
+        """``width``: auto (the widest ``down`` allows on the target), int8, int16 or float. With every
+        activation at 16 bits already (``with_activations``), only auto and int16 apply."""
         if width not in DOWN_ACTIVATIONS:
             raise MoeportError(f"unknown down-projection activation width {width!r}; choose one of "
                                f"{', '.join(DOWN_ACTIVATIONS)}")
@@ -115,6 +153,11 @@ class IntScheme:
         if width not in ("auto", "int8", wide):
             raise MoeportError(f"--down-activations {width} does not apply to {down.label}; choose auto, int8 "
                                f"or {wide}")
+        if self.wide_activations:
+            if width == "int8":
+                raise MoeportError(f"--down-activations {width} does not apply when every activation is int16 "
+                                   f"(the default for target {target}); add --activations int8 to choose it")
+            return self
         if width == wide and target not in targets:
             raise MoeportError(f"target {target} cannot run {wide} down-projection inputs; use --down-activations "
                                f"int8 or auto ({wide} targets: {', '.join(targets)})")

@@ -97,20 +97,21 @@ def test_router_plan_sigmoid_with_bias(exported):
     assert "MatMul" not in plan.op_types  # expert MatMuls are never part of the router
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "int4"])
-def test_shared_experts_quantized_router_reads_float(exported, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "target"), [("int8", "nnapi"), ("int8", "cpu"), ("int8-dynamic", "cpu"),
+                                              ("int4", "cpu")])
+def test_shared_experts_quantized_router_reads_float(exported, tmp_path, mode, target):
     """sigmoid-shared: the shared experts' Gemm reads the same hidden states as the router gate."""
     model = exported("sigmoid-shared").output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = quantize(model, tmp_path / "s.onnx", mode=mode, random_calibration=mode == "int8",
+        result = quantize(model, tmp_path / "s.onnx", mode=mode, target=target, random_calibration=mode == "int8",
                           calibration_samples=4, latency_runs=0, perplexity=False)
     out = onnx.load(result.output)
     producers = _producers(out)
     shared = [n for n in out.graph.node if n.op_type == "Gemm" and n.name not in set(find_routers(out).nodes)]
-    if mode == "int8":  # QDQ keeps Gemm, with int8 weights
+    if target == "nnapi":  # 8-bit QDQ keeps Gemm, with int8 weights
         assert len(shared) == 6 and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in shared)
-    else:  # rewritten as MatMul first, then quantized
+    else:  # rewritten as MatMul first (16-bit QDQ has no Gemm kernel on the CPU provider), then quantized
         assert not shared
     gates = [n for n in out.graph.node if n.name in {r.gate for r in find_routers(out).routers}]
     assert len(gates) == 2 and result.router_kept_float["Sigmoid"] == 2
@@ -137,13 +138,18 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
                     and n.op_type in ("Gemm", "MatMul")]
     assert len(gate_weights) == 2 and all(inits[w].data_type == TensorProto.FLOAT for w in gate_weights)
     assert result.router_kept_float == {"Div": 2, "Gemm": 2, "ReduceSum": 2, "Reshape": 2, "Softmax": 2, "TopK": 2}
-    # per-channel weights: one scale per output column of each expert MatMul
+    # the CPU default: weights in 8-bit blocks of 32 along K (a float16 scale per block of a column, cast to
+    # float32), every activation 16-bit, the embedding table in 8-bit blocks
     for node in experts:
         dq = producers[node.input[1]]
-        assert list(inits[dq.input[1]].dims) == [inits[dq.input[0]].dims[1]]
-    # activations: 8-bit into gate/up, 16-bit into the down projections (the CPU default), weights all 8-bit
-    assert _activation_bits(model, experts) == {"gate_up": {TensorProto.UINT8}, "down": {TensorProto.UINT16}}
-    assert result.scheme.down_activation_type == "QUInt16" and "down-projection inputs QUInt16" in result.render()
+        k, n = inits[dq.input[0]].dims
+        scale = inits[producers[dq.input[1]].input[0]]
+        assert list(scale.dims) == [k // 32, n] and scale.data_type == TensorProto.FLOAT16
+        assert _attributes(dq) == {"axis": 0, "block_size": 32}
+    assert _activation_bits(model, experts) == {"gate_up": {TensorProto.UINT16}, "down": {TensorProto.UINT16}}
+    assert result.scheme.activation_type == "QUInt16" and result.scheme.down_activation_type is None
+    assert "scheme: activations QUInt16, weights QInt8, in blocks of 32" in result.render()
+    assert [n.op_type for n in model.graph.node if n.name == "node_embedding"] == ["GatherBlockQuantized"]
 
 
 def _activation_bits(model, experts) -> dict[str, set[int]]:
@@ -157,15 +163,67 @@ def _activation_bits(model, experts) -> dict[str, set[int]]:
 
 
 @pytest.mark.parametrize(("options", "down"), [
-    (dict(down_activations="int8"), TensorProto.UINT8),
+    (dict(activations="int8"), TensorProto.UINT16),  # 8-bit activations but the down projections' (auto)
+    (dict(activations="int8", down_activations="int8"), TensorProto.UINT8),
     (dict(target="nnapi"), TensorProto.UINT8),  # no 16-bit activations on NNAPI: auto keeps 8
 ])
-def test_int8_down_activations_option(quantized, options, down):
+def test_int8_activation_options(quantized, options, down):
     result = quantized("int8", **options)
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
-    assert _activation_bits(model, _experts(model))["down"] == {down}
-    assert result.scheme.down_activation_type is None
+    producers, inits = _producers(model), {i.name: i for i in model.graph.initializer}
+    experts = _experts(model)
+    assert _activation_bits(model, experts) == {"gate_up": {TensorProto.UINT8}, "down": {down}}
+    assert result.scheme.activation_type == "QUInt8" and result.scheme.weight_block_size is None
+    # 8-bit activations keep per-channel weights (blocks would be mis-run by onnxruntime: benchmarks/blocked_qdq.py);
+    # NNAPI's are per tensor
+    for node in experts:
+        dq = producers[node.input[1]]
+        scales = [inits[dq.input[0]].dims[1]] if result.scheme.per_channel else []
+        assert "block_size" not in _attributes(dq) and list(inits[dq.input[1]].dims) == scales
+    # standard ops only: the embedding table QDQ per tensor
+    assert [n.op_type for n in model.graph.node if n.name == "node_embedding"] == ["Gather"]
+    assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+
+
+def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
+    """Static int8 for CPU targets: 16-bit activations and 8-bit weights in blocks of 32, which onnxruntime's CPU
+    provider runs as MatMulNBits; with 8-bit activations the MatMuls run as MatMulIntegerToFloat, with one
+    activation scale per tensor. The logits of the default file are closer to the fp32 model's, the block weights
+    are within half a step of the fp32 weights, and the graph onnxruntime runs has the block kernels."""
+    wide, narrow = quantized("int8"), quantized("int8", activations="int8")
+    record = next(r for r in wide.passes if r.name == "BlockWeightsPass")
+    # every quantized MatMul: 48 experts, 8 attention projections, the lm_head
+    assert record.modified and record.note == "stored 57 MatMul weight(s) in 8-bit blocks of 32"
+    assert not any(r.name == "BlockWeightsPass" for r in narrow.passes)
+
+    fp32 = onnx.load(topk.output)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    model = onnx.load(wide.output)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = _producers(model)
+    checked = 0
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_b32")):
+        codes, scale = inits[dq.input[0]], inits[producers[dq.input[1]].input[0]].astype(np.float32)
+        original = weights[dq.input[0].removesuffix("_quantized_b32")]
+        step = np.repeat(scale, 32, axis=0)
+        assert codes.dtype == np.int8 and np.all(np.abs(codes * step - original) <= step / 2 * (1 + 1e-6))
+        checked += 1
+    assert checked == 57
+
+    def kernels(path) -> set[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(path.with_name(path.stem + ".optimized.onnx"))
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+    assert "MatMulNBits" in kernels(wide.output) and "MatMulIntegerToFloat" not in kernels(wide.output)
+    assert "MatMulIntegerToFloat" in kernels(narrow.output)
+
+    feeds = contract.random_inputs(topk.info, 2, 9, seed=3)  # not the export's shape
+    reference = create_session(topk.output).run(["logits"], feeds)[0]
+    errors = [np.abs(create_session(r.output).run(["logits"], feeds)[0] - reference).mean() for r in (wide, narrow)]
+    assert errors[0] < 0.95 * errors[1], errors  # 0.0061 against 0.0070 when written
 
 
 def test_int8_report(quantized):
@@ -673,6 +731,7 @@ def test_cli_choices_come_from_the_registries():
     assert list(choices["target"]) == TARGETS.names() == ["cpu", "cuda", "arm", "nnapi", "coreml", "qnn"]
     assert {target.default_mode for target in TARGETS.values()} <= {m.name for m in modes()}  # every default is a mode
     assert choices["down_activations"] == schemes.DOWN_ACTIVATIONS
+    assert choices["activations"] == schemes.ACTIVATIONS
 
 
 def test_mode_registry_validates():
@@ -831,6 +890,12 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int8-dynamic", down_activations="int16"), "--down-activations int16 does not apply to int8-dynamic"),
         (dict(mode="int8", down_activations="int4"), "unknown down-projection activation width 'int4'"),
         (dict(mode="fp16", down_activations="int16"), "--down-activations applies to int8"),
+        (dict(mode="int8", down_activations="int8"), re.escape(
+            "--down-activations int8 does not apply when every activation is int16 (the default for target cpu); "
+            "add --activations int8 to choose it")),
+        (dict(mode="int8", target="nnapi", activations="int16"), "target nnapi cannot run int16 activations"),
+        (dict(mode="int8", activations="int4"), "unknown activation width 'int4'"),
+        (dict(mode="int8-dynamic", activations="int16"), "--activations applies to int8, not int8-dynamic"),
     ]
     for options, message in cases:
         model = options.pop("model", topk.output)

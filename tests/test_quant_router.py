@@ -33,7 +33,10 @@ def test_keep_router_beats_unprotected(wide, tmp_path):
     for keep in (True, False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # random calibration warns, on purpose here
-            result = quantize(model, tmp_path / f"keep-{keep}.onnx", mode="int8", random_calibration=True,
+            # 8-bit activations. At 16 bits (the CPU default) the Softmax's grid is finer: measured 0.969 kept
+            # vs 0.930 unprotected, the router's float32 still ahead
+            result = quantize(model, tmp_path / f"keep-{keep}.onnx", mode="int8", activations="int8",
+                              random_calibration=True,
                               calibration_samples=16, keep_router=keep, reference=CheckpointReference.load(checkpoint),
                               parity_shapes=((2, 64),), latency_runs=0, perplexity=False)
         agreement[keep] = result.quality.parity.routing_agreement

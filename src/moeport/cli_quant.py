@@ -52,6 +52,11 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
                    "on cpu/arm/qnn, float for int8-dynamic on cpu/arm, where every MatMul but the experts' gate and "
                    "up projections is 8-bit blocks too and its embedding table 8-bit blocks; int8 elsewhere, and "
                    "standard ops only). Weights stay 8-bit.")
+@click.option("--activations", default="auto", show_default=True,
+              type=LazyChoice(lambda: list(_schemes.ACTIVATIONS)),
+              help="int8: width of the calibrated activations (auto: int16 for --target cpu/arm, where onnxruntime "
+                   "runs those MatMuls as 8-bit block kernels, with the weights in blocks of 32 and the embedding "
+                   "table in 8-bit blocks; int8 elsewhere, standard ops only). int16 also runs on qnn.")
 @click.option("--block-size", type=int, default=None,
               help="int4, int8-blocks: expert weights per quantization block [default: 128, halved to fit "
                    "smaller widths].")
@@ -92,7 +97,7 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quantize_cmd(model, output, mode, target, calibration, calibration_samples, random_calibration, keep_router,
-                 checkpoint, tokenizer, heldout, down_activations, block_size, embedding_block_size,
+                 checkpoint, tokenizer, heldout, down_activations, activations, block_size, embedding_block_size,
                  dense_block_size, dense_bits,
                  kv_projection_bits, head_bits, head_block_size, fused_experts, fused_attention, kv_cache,
                  embedding_bits, no_perplexity, heldout_tokens,
@@ -130,7 +135,7 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           kv_projection_bits=int(kv_projection_bits),
                           fused_experts=fused_experts, fused_attention=fused_attention, kv_cache=kv_cache,
                           embedding_bits=int(embedding_bits),
-                          down_activations=down_activations, latency_runs=latency_runs,
+                          down_activations=down_activations, activations=activations, latency_runs=latency_runs,
                           perplexity=not no_perplexity, heldout_tokens=heldout_tokens, force=force)
     emit(result, as_json)
 
