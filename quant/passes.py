@@ -343,7 +343,7 @@ class BlockWeightsPass(QuantPass):
     (``IntScheme.with_activations``): there such a MatMul runs as ``MatMulNBits`` over the blocks. With 8-bit
     activations onnxruntime 1.32 fuses the group into ``MatMulIntegerToFloat`` and computes a wrong product
     (``benchmarks/blocked_qdq.py``). At granite-3.0-1b-a400m size (24 layers, 256 held-out positions): mean
-    next-token KL from PyTorch 1.73e-6, llama.cpp Q8_0 1.81e-6 (BENCHMARKS.md). A weight whose K is not a whole
+    next-token KL from PyTorch 1.72e-6, llama.cpp Q8_0 1.81e-6 (BENCHMARKS.md). A weight whose K is not a whole
     number of blocks, or without a float original of its shape, keeps its channels (the note says which)."""
 
     def __init__(self, names: set[str], source: str | os.PathLike, block_size: int):

@@ -131,8 +131,9 @@ class IntScheme:
         block of 32 at run time (as llama.cpp's Q8_0 does), so the calibrated 16-bit Q/DQ only clips to the observed
         range. 8-bit inputs run as ``MatMulIntegerToFloat`` with one activation scale per tensor, and those
         scales' error adds up over the layers. On the 4-layer granite-shaped model (256 held-out positions), mean
-        next-token KL from PyTorch: 8-bit 1.5e-6 and 16-bit 6.1e-7 (both with the embedding table in blocks,
-        float table measured), llama.cpp Q8_0 6.4e-7; decode 122 against 125 tokens/s (BENCHMARKS.md)."""
+        next-token KL from PyTorch: 8-bit activations with per-channel weights 2.5e-6 (1.65e-6 with the table in
+        blocks), 16-bit with the weights and the table in blocks of 32 5.9e-7, llama.cpp Q8_0 6.4e-7; decode 125
+        against 124 tokens/s (BENCHMARKS.md)."""
         if width not in ACTIVATIONS:
             raise MoeportError(f"unknown activation width {width!r}; choose one of {', '.join(ACTIVATIONS)}")
         if width == "int16" and target not in down.targets:
@@ -156,7 +157,8 @@ class IntScheme:
         if self.wide_activations:
             if width == "int8":
                 raise MoeportError(f"--down-activations {width} does not apply when every activation is int16 "
-                                   f"(the default for target {target}); add --activations int8 to choose it")
+                                   "(--activations int16, the default for cpu and arm); add --activations int8 to "
+                                   "choose it")
             return self
         if width == wide and target not in targets:
             raise MoeportError(f"target {target} cannot run {wide} down-projection inputs; use --down-activations "

@@ -186,6 +186,17 @@ def test_int8_activation_options(quantized, options, down):
     assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
 
 
+def test_int8_int16_activations_on_qnn_keep_standard_ops(quantized):
+    """QNN runs 16-bit activations with 8-bit weights (A16W8) as they are: no blocks, standard ops only."""
+    result = quantized("int8", target="qnn", activations="int16")
+    model = onnx.load(result.output)
+    assert result.scheme.activation_type == "QUInt16" and result.scheme.weight_block_size is None
+    assert _activation_bits(model, _experts(model)) == {"gate_up": {TensorProto.UINT16}, "down": {TensorProto.UINT16}}
+    assert not any(r.name == "BlockWeightsPass" for r in result.passes)
+    assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "block_size" in _attributes(n)]
+
+
 def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
     """Static int8 for CPU targets: 16-bit activations and 8-bit weights in blocks of 32, which onnxruntime's CPU
     provider runs as MatMulNBits; with 8-bit activations the MatMuls run as MatMulIntegerToFloat, with one
@@ -891,8 +902,8 @@ def test_user_errors(topk, tmp_path, monkeypatch):
         (dict(mode="int8", down_activations="int4"), "unknown down-projection activation width 'int4'"),
         (dict(mode="fp16", down_activations="int16"), "--down-activations applies to int8"),
         (dict(mode="int8", down_activations="int8"), re.escape(
-            "--down-activations int8 does not apply when every activation is int16 (the default for target cpu); "
-            "add --activations int8 to choose it")),
+            "--down-activations int8 does not apply when every activation is int16 (--activations int16, the "
+            "default for cpu and arm); add --activations int8 to choose it")),
         (dict(mode="int8", target="nnapi", activations="int16"), "target nnapi cannot run int16 activations"),
         (dict(mode="int8", activations="int4"), "unknown activation width 'int4'"),
         (dict(mode="int8-dynamic", activations="int16"), "--activations applies to int8, not int8-dynamic"),
