@@ -279,6 +279,14 @@ def _rewritten(job: QuantJob, rewrites: list, name: str) -> Path:
     return path
 
 
+def _tables_in_blocks(job: QuantJob, tables: set[str], block_size: int) -> tuple[Path, frozenset[str]]:
+    """``job.source`` with the embedding Gathers ``tables`` as ``GatherBlockQuantized`` in 8-bit blocks of
+    ``block_size`` (a scratch file), and the Gathers it stored (a table whose rows are not a whole number of blocks
+    is left a Gather)."""
+    table_pass = GatherBlockQuantizedPass(tables, block_size)
+    return _rewritten(job, [table_pass], "tables"), table_pass.stored
+
+
 def run_qdq_static(job: QuantJob) -> None:
     """``quantize_static`` in QDQ format: per-channel weights (``passes.BlockWeightsPass`` puts them in blocks
     afterwards for a scheme with ``weight_block_size``), activations at the ranges calibration observed
@@ -302,8 +310,8 @@ def run_qdq_static(job: QuantJob) -> None:
     names, source = job.names, job.source
     tables = job.names_of("Gather") if scheme.weight_block_size else set()
     if tables:
-        source = _rewritten(job, [GatherBlockQuantizedPass(tables, scheme.weight_block_size)], "tables")
-        names = names - tables
+        source, _ = _tables_in_blocks(job, tables, scheme.weight_block_size)
+        names = names - tables  # the ones left alone stay float
     # The prepare passes raised the opset for 16-bit types (IntScheme.opset), so onnxruntime converts nothing.
     graph = onnx.load(str(source), load_external_data=False)
 
@@ -355,10 +363,8 @@ def run_dynamic(job: QuantJob) -> None:
     tables = job.names_of("Gather") if blocks else set()
     source = job.source
     if tables:
-        table_pass = GatherBlockQuantizedPass(tables, DEFAULT_EMBEDDING_BLOCK_SIZE)
-        source = _rewritten(job, [table_pass], "tables")
         # A table the pass left (its rows not a whole number of blocks) stays a Gather for the dynamic quantizer.
-        tables = table_pass.stored
+        source, tables = _tables_in_blocks(job, tables, DEFAULT_EMBEDDING_BLOCK_SIZE)
     first = job.scratch("dynamic.onnx") if wide else job.output
 
     def dynamic(names: set[str]) -> Callable[[Path, Path], None]:

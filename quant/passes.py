@@ -362,10 +362,11 @@ class BlockWeightsPass(QuantPass):
             if codes.const_value is None or codes.dtype != ir.DataType.INT8 or len(codes.shape) != 2 \
                     or dequantize.attributes.get_int("block_size", 0):
                 continue
-            original = floats.get(codes.name.removesuffix("_quantized"))
+            base = codes.name.removesuffix("_quantized")
+            original = floats.get(base)
             k, n = (int(d) for d in codes.shape)
             if original is None or original.const_value is None or tuple(original.shape) != (k, n):
-                left.append(f"{node.name} (no float weight {codes.name.removesuffix('_quantized')} of shape {[k, n]})")
+                left.append(f"{node.name} (no float weight {base} of shape {[k, n]})")
                 continue
             if k % self.block_size:
                 left.append(f"{node.name} (K {k} is not a multiple of {self.block_size})")
