@@ -406,8 +406,7 @@ def _write(source: _Source, out: Path, settings: _Settings,
         prepare += [RaiseOpsetPass(settings.scheme.opset)]
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
-    if step.quantizes_outputs and settings.on_cpu:
-        finish = [FloatOutputsPass(matmuls)] + finish
+    float_outputs = [FloatOutputsPass(matmuls)] if step.quantizes_outputs and settings.on_cpu else []
     if step.layout:  # after the attention fusion (below), which matches what the projections feed
         finish = [StackProjectionsPass(), REMOVE_UNUSED] + finish
     if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):
@@ -432,8 +431,10 @@ def _write(source: _Source, out: Path, settings: _Settings,
         step.run(job)
         records += job.records
         if settings.scheme is not None and settings.scheme.weight_block_size:
-            # the fp32 weights are still in ``prepared``
+            # After FloatOutputsPass, which finds the MatMuls this turns into MatMulNBits; the fp32 weights are still
+            # in ``prepared``.
             finish = [BlockWeightsPass(matmuls, prepared, settings.scheme.weight_block_size), REMOVE_UNUSED] + finish
+        finish = float_outputs + finish
         model = ir.load(quantized)
         records += run_passes(model, finish)
         save_model(model, staged, external_data=source.external)
@@ -628,7 +629,7 @@ def quantize(
         report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode, in less memory: "
                             "onnxruntime's CPU provider runs QDQ int8 as many small kernels, every expert's also "
                             "without rows (granite-3.0-1b-a400m size: 26-27 decode tokens/s at a next-token KL of "
-                            "1.7e-6 from PyTorch, 4.2 GB resident; int8-blocks 61-66 at 1.5e-6, 1.6 GB; "
+                            "1.7e-6 from PyTorch, 2.1 GB resident; int8-blocks 61-66 at 1.5e-6, 1.65 GB; "
                             "BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     layout = settings.layout

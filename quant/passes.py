@@ -14,8 +14,8 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
   value projections) as one over their stacked weights and a ``Split``;
 - ``FloatOutputsPass(names)``: the named MatMuls' outputs (the logits among them) freed of the activation Q/DQ
   pairs a QDQ quantizer put after them;
-- ``BlockWeightsPass(names, source, block_size)``: the named QDQ MatMuls' per-channel int8 weights again from the
-  fp32 ``source``, in symmetric 8-bit blocks with float16 scales (16-bit activations on CPU targets);
+- ``BlockWeightsPass(names, source, block_size)``: the named QDQ MatMuls as ``MatMulNBits`` over their weights
+  again from the fp32 ``source``, in symmetric 8-bit blocks with float16 scales (16-bit activations on CPU targets);
 - ``RaiseOpsetPass(opset)``: onnxscript's version converter on the graph (16-bit Q/DQ need opset 21);
 - ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
 - ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's
@@ -331,19 +331,25 @@ class FloatOutputsPass(QuantPass):
 
 
 class BlockWeightsPass(QuantPass):
-    """Store the 8-bit weights of the named QDQ MatMuls in blocks: each ``DequantizeLinear`` of a per-channel int8
-    weight ``[K, N]`` becomes one over int8 ``[K, N]`` with a scale per ``block_size`` values of a column
-    (``axis=0``, ``block_size``; opset 21), symmetric, quantized again from the float weight of the same name in
-    ``source`` (the fp32 model the quantizer read; onnxruntime's static quantizer names a weight ``W``'s codes
-    ``W_quantized``). The scales are stored as float16 and cast to float32 by a ``Cast`` that onnxruntime folds
-    at load: 8.5 bits a weight at blocks of 32, as llama.cpp's Q8_0.
+    """The named QDQ MatMuls over a per-channel int8 weight ``[K, N]`` as onnxruntime's ``MatMulNBits``
+    (com.microsoft; ``bits=8``, ``block_size``, ``accuracy_level=4``) over that weight quantized again from the
+    float weight of the same name in ``source`` (the fp32 model the quantizer read; onnxruntime's static quantizer
+    names a weight ``W``'s codes ``W_quantized``): symmetric, one scale per ``block_size`` values along K, codes
+    stored as uint8 ``[N, K / block_size, block_size]`` (the int8 code + 128: the kernel's default zero point for
+    8 bits), scales ``[N, K / block_size]`` stored as float16 and cast to float32 by a ``Cast`` that onnxruntime
+    folds at load: 8.5 bits a weight at blocks of 32, as llama.cpp's Q8_0. The MatMul's input keeps its
+    calibrated 16-bit Q/DQ.
 
-    Why: per-channel scales span all K inputs of a column, so one large weight coarsens the column's every step;
-    a scale per 32 is what Q8_0 stores. Only with 16-bit activations on onnxruntime's CPU provider
-    (``IntScheme.with_activations``): there such a MatMul runs as ``MatMulNBits`` over the blocks. With 8-bit
-    activations onnxruntime 1.32 fuses the group into ``MatMulIntegerToFloat`` and computes a wrong product
-    (``benchmarks/blocked_qdq.py``). At granite-3.0-1b-a400m size (24 layers, 256 held-out positions): mean
-    next-token KL from PyTorch 1.72e-6, llama.cpp Q8_0 1.81e-6 (BENCHMARKS.md). A weight whose K is not a whole
+    Why blocks: per-channel scales span all K inputs of a column, so one large weight coarsens the column's every
+    step; a scale per 32 is what Q8_0 stores. At granite-3.0-1b-a400m size (24 layers, 256 held-out positions):
+    mean next-token KL from PyTorch 1.72e-6, llama.cpp Q8_0 1.81e-6 (BENCHMARKS.md). Only with 16-bit
+    activations on onnxruntime's CPU provider (``IntScheme.with_activations``): behind 8-bit activations
+    onnxruntime 1.32 fuses a blocked QDQ weight into ``MatMulIntegerToFloat`` and computes a wrong product
+    (``benchmarks/blocked_qdq.py``).
+
+    Why ``MatMulNBits`` in the file rather than a blocked ``DequantizeLinear``: onnxruntime fuses the latter into
+    this same kernel at load (the logits are identical) but held twice the memory doing so (4-layer
+    granite-shaped model: 855 against 459 MB for the session; BENCHMARKS.md). A weight whose K is not a whole
     number of blocks, or without a float original of its shape, keeps its channels (the note says which)."""
 
     def __init__(self, names: set[str], source: str | os.PathLike, block_size: int):
@@ -371,20 +377,29 @@ class BlockWeightsPass(QuantPass):
             if k % self.block_size:
                 left.append(f"{node.name} (K {k} is not a multiple of {self.block_size})")
                 continue
-            compute = _ComputedOnce(functools.partial(_symmetric_blocks, original.const_value, self.block_size), 2)
+            blocks = k // self.block_size
+            compute = _ComputedOnce(functools.partial(_nbits_blocks, original.const_value, self.block_size), 2)
             weight, scale = _lazy_initializers(
-                graph, compute, [(f"{codes.name}_b{self.block_size}", ir.DataType.INT8, [k, n]),
-                                 (f"{codes.name}_b{self.block_size}_scale", ir.DataType.FLOAT16,
-                                  [k // self.block_size, n])])
+                graph, compute, [(f"{codes.name}_b{self.block_size}", ir.DataType.UINT8, [n, blocks, self.block_size]),
+                                 (f"{codes.name}_b{self.block_size}_scale", ir.DataType.FLOAT16, [n, blocks])])
             widened = ir.node("Cast", [scale], attributes={"to": ir.DataType.FLOAT}, name=f"{dequantize.name}_scale")
-            replacement = ir.node("DequantizeLinear", [weight, widened.outputs[0]],
-                                  attributes={"axis": 0, "block_size": self.block_size}, name=dequantize.name)
-            ir.convenience.replace_nodes_and_values(graph, dequantize, [dequantize], [widened, replacement],
-                                                    [dequantize.outputs[0]], [replacement.outputs[0]])
+            product = ir.node("MatMulNBits", [node.inputs[0], weight, widened.outputs[0]], domain="com.microsoft",
+                              attributes={"K": k, "N": n, "bits": 8, "block_size": self.block_size,
+                                          "accuracy_level": NBITS_ACCURACY_LEVEL}, name=node.name)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [widened, product],
+                                                    [node.outputs[0]], [product.outputs[0]])
             blocked += 1
-        done = f"stored {blocked} MatMul weight(s) in 8-bit blocks of {self.block_size}" if blocked else None
+        if blocked:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        done = f"stored {blocked} MatMul weight(s) in 8-bit blocks of {self.block_size} (MatMulNBits)" \
+            if blocked else None
         return _outcome(model, done, "no per-channel int8 MatMul weight among the named nodes", left,
                         "kept per channel")
+
+
+# MatMulNBits' accuracy_level for static int8's blocks: 4 (int8 compute: each activation row rounded to 8 bits per
+# block as the kernel runs, as llama.cpp's Q8_0 does); what onnxruntime's own DQ + MatMul fusion writes by default.
+NBITS_ACCURACY_LEVEL = 4
 
 
 def _symmetric_blocks(weight: ir.TensorProtocol, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -404,6 +419,15 @@ def _symmetric_blocks(weight: ir.TensorProtocol, block_size: int) -> tuple[np.nd
     wide = scales.astype(np.float32)
     codes = np.clip(np.rint(blocks / wide[:, None, :]), -127, 127).astype(np.int8)
     return codes.reshape(k, n), scales
+
+
+def _nbits_blocks(weight: ir.TensorProtocol, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_symmetric_blocks`` in ``MatMulNBits``' 8-bit layout: uint8 codes ``[N, K / block_size, block_size]``
+    (code + 128) and float16 scales ``[N, K / block_size]``."""
+    codes, scales = _symmetric_blocks(weight, block_size)
+    k, n = codes.shape
+    shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
+    return np.ascontiguousarray(shifted.T.reshape(n, k // block_size, block_size)), np.ascontiguousarray(scales.T)
 
 
 class _ComputedOnce:

@@ -404,10 +404,11 @@ def test_transformers_js_quantized_variants(deployed, tmp_path):
     assert "QMoE" not in ops and "MatMulNBits" in ops and "GroupQueryAttention" not in ops
     q8 = onnx.load(folder / get_layout("transformers.js").variant_file("int8-dynamic"), load_external_data=False)
     assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in q8.graph.node}
-    # static int8 in its CPU form: 16-bit activations, weights in blocks of 32, the table GatherBlockQuantized
+    # static int8 in its CPU form: 16-bit activations, 8-bit MatMulNBits in blocks of 32, the table
+    # GatherBlockQuantized
     int8 = onnx.load(folder / get_layout("transformers.js").variant_file("int8"), load_external_data=False)
-    blocked = [n for n in int8.graph.node if n.op_type == "DequantizeLinear"
-               and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
+    blocked = [n for n in int8.graph.node if n.op_type == "MatMulNBits"
+               and {(a.name, a.i) for a in n.attribute} >= {("bits", 8), ("block_size", 32)}]
     assert blocked and "GatherBlockQuantized" in {n.op_type for n in int8.graph.node}
     assert {i.data_type for i in int8.graph.initializer if i.name.endswith("_zero_point")} >= {TensorProto.UINT16}
     cases = [{"folder": str(folder), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS, "dtype": dtypes[mode]}

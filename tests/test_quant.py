@@ -128,9 +128,7 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
     inits = {i.name: i for i in model.graph.initializer}
     experts = _experts(model)
     assert len(experts) == len(_experts(onnx.load(topk.output))) == 48  # 2 layers x 8 experts x 3 MatMuls (gate, up, down)
-    assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in experts)  # int8 weights
-    assert all(inits[producers[n.input[1]].input[0]].data_type == TensorProto.INT8 for n in experts)
-    assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in experts)  # activations too
+    assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in experts)  # activations quantized
     for name in find_routers(onnx.load(topk.output)).nodes:
         node = next(n for n in model.graph.node if n.name == name)
         assert not any(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input), name
@@ -138,14 +136,16 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
                     and n.op_type in ("Gemm", "MatMul")]
     assert len(gate_weights) == 2 and all(inits[w].data_type == TensorProto.FLOAT for w in gate_weights)
     assert result.router_kept_float == {"Div": 2, "Gemm": 2, "ReduceSum": 2, "Reshape": 2, "Softmax": 2, "TopK": 2}
-    # the CPU default: weights in 8-bit blocks of 32 along K (a float16 scale per block of a column, cast to
-    # float32), every activation 16-bit, the embedding table in 8-bit blocks
+    # the CPU default: every expert a MatMulNBits over 8-bit blocks of 32 along K (uint8 codes [N, K/32, 32], a
+    # float16 scale per block cast to float32), every activation 16-bit, the embedding table in 8-bit blocks
     for node in experts:
-        dq = producers[node.input[1]]
-        k, n = inits[dq.input[0]].dims
-        scale = inits[producers[dq.input[1]].input[0]]
-        assert list(scale.dims) == [k // 32, n] and scale.data_type == TensorProto.FLOAT16
-        assert _attributes(dq) == {"axis": 0, "block_size": 32}
+        attributes = _attributes(node)
+        k, n = attributes["K"], attributes["N"]
+        assert node.op_type == "MatMulNBits" and len(node.input) == 3
+        assert attributes == {"K": k, "N": n, "bits": 8, "block_size": 32, "accuracy_level": 4}
+        codes, scale = inits[node.input[1]], inits[producers[node.input[2]].input[0]]
+        assert list(codes.dims) == [n, k // 32, 32] and codes.data_type == TensorProto.UINT8
+        assert list(scale.dims) == [n, k // 32] and scale.data_type == TensorProto.FLOAT16
     assert _activation_bits(model, experts) == {"gate_up": {TensorProto.UINT16}, "down": {TensorProto.UINT16}}
     assert result.scheme.activation_type == "QUInt16" and result.scheme.down_activation_type is None
     assert "scheme: activations QUInt16, weights QInt8, in blocks of 32" in result.render()
@@ -157,7 +157,8 @@ def _activation_bits(model, experts) -> dict[str, set[int]]:
     producers, inits = _producers(model), {i.name: i for i in model.graph.initializer}
     bits: dict[str, set[int]] = {"gate_up": set(), "down": set()}
     for node in experts:
-        kind = "down" if "down" in producers[node.input[1]].input[0] else "gate_up"
+        weight = node.input[1] if node.op_type == "MatMulNBits" else producers[node.input[1]].input[0]
+        kind = "down" if "down" in weight else "gate_up"
         bits[kind].add(inits[producers[node.input[0]].input[2]].data_type)
     return bits
 
@@ -198,14 +199,15 @@ def test_int8_int16_activations_on_qnn_keep_standard_ops(quantized):
 
 
 def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
-    """Static int8 for CPU targets: 16-bit activations and 8-bit weights in blocks of 32, which onnxruntime's CPU
-    provider runs as MatMulNBits; with 8-bit activations the MatMuls run as MatMulIntegerToFloat, with one
-    activation scale per tensor. The logits of the default file are closer to the fp32 model's, the block weights
-    are within half a step of the fp32 weights, and the graph onnxruntime runs has the block kernels."""
+    """Static int8 for CPU targets: 16-bit activations and 8-bit weights in blocks of 32, written as MatMulNBits
+    (onnxruntime fused a blocked DequantizeLinear + MatMul into the same kernel at load, in twice the memory); with
+    8-bit activations the MatMuls run as MatMulIntegerToFloat, with one activation scale per tensor. The logits of
+    the default file are closer to the fp32 model's, and the block weights are within half a step of the fp32
+    weights."""
     wide, narrow = quantized("int8"), quantized("int8", activations="int8")
     record = next(r for r in wide.passes if r.name == "BlockWeightsPass")
     # every quantized MatMul: 48 experts, 8 attention projections, the lm_head
-    assert record.modified and record.note == "stored 57 MatMul weight(s) in 8-bit blocks of 32"
+    assert record.modified and record.note == "stored 57 MatMul weight(s) in 8-bit blocks of 32 (MatMulNBits)"
     assert not any(r.name == "BlockWeightsPass" for r in narrow.passes)
 
     fp32 = onnx.load(topk.output)
@@ -214,13 +216,18 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = _producers(model)
     checked = 0
-    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_b32")):
-        codes, scale = inits[dq.input[0]], inits[producers[dq.input[1]].input[0]].astype(np.float32)
-        original = weights[dq.input[0].removesuffix("_quantized_b32")]
-        step = np.repeat(scale, 32, axis=0)
-        assert codes.dtype == np.int8 and np.all(np.abs(codes * step - original) <= step / 2 * (1 + 1e-6))
+    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
+        k, n = _attributes(node)["K"], _attributes(node)["N"]
+        # [N, K/32, 32] uint8 (code + 128) -> [K, N] codes; [N, K/32] scales -> one per weight, [K, N]
+        codes = (inits[node.input[1]].astype(np.int16) - 128).reshape(n, k).T
+        step = np.repeat(inits[producers[node.input[2]].input[0]].astype(np.float32).T, 32, axis=0)
+        original = weights[node.input[1].removesuffix("_quantized_b32")]
+        assert np.all(np.abs(codes) <= 127) and np.all(np.abs(codes * step - original) <= step / 2 * (1 + 1e-6))
         checked += 1
     assert checked == 57
+    # the MatMuls' outputs stay float (FloatOutputsPass ran before they became MatMulNBits)
+    assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear" and producers.get(n.input[0])
+                and producers[n.input[0]].op_type == "MatMulNBits"]
 
     def kernels(path) -> set[str]:
         options = ort.SessionOptions()
@@ -228,8 +235,7 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
 
-    run = kernels(wide.output)
-    assert "MatMulNBits" in run and "MatMulIntegerToFloat" not in run
+    assert "MatMulIntegerToFloat" not in kernels(wide.output)
     assert "MatMulIntegerToFloat" in kernels(narrow.output)
 
     feeds = contract.random_inputs(topk.info, 2, 9, seed=3)  # not the export's shape
@@ -1144,11 +1150,12 @@ def test_int8_keeps_matmul_outputs_and_logits_float_on_cpu_targets(quantized, to
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     producers = _producers(model)
-    quantized_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in producers
-                         and producers[n.input[1]].op_type == "DequantizeLinear"]
+    # QDQ MatMuls; on CPU targets MatMulNBits over 8-bit blocks (16-bit activations, BlockWeightsPass)
+    quantized_matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits" or (
+        n.op_type == "MatMul" and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear")]
     readers = {n.name: {r.op_type for r in model.graph.node if n.output[0] in r.input} for n in quantized_matmuls}
     head = producers["logits"]
-    while head.op_type != "MatMul":  # back through scale factors and the logits' own Q/DQ
+    while head.op_type not in ("MatMul", "MatMulNBits"):  # back through scale factors and the logits' own Q/DQ
         head = producers[head.input[0]]
     record = [r for r in result.passes if r.name == "FloatOutputsPass"]
     feeds = contract.random_inputs(topk.info, 2, 9, seed=3)
