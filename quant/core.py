@@ -49,7 +49,7 @@ from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
 from moeport.quant import ranges
-from moeport.quant.apply import QuantJob
+from moeport.quant.apply import NBITS_ACCURACY_LEVEL, QuantJob
 from moeport.quant.modes import QuantMode, get_mode, modes
 from moeport.quant.passes import (CLEAR_METADATA, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
                                   BlockWeightsPass, ExpertLayer, FloatOutputsPass, FuseAttentionPass, GemmAsMatMulPass,
@@ -398,7 +398,7 @@ def _write(source: _Source, out: Path, settings: _Settings,
     if step.integer_weights:
         prepare += [UntieTransposedWeightPass(matmuls)]
     # With 16-bit activations onnxruntime's CPU provider has no QDQ Gemm kernel (it would dequantize the weight
-    # at every run); a MatMul over the same weight runs as MatMulNBits.
+    # at every run); a MatMul over the same weight becomes MatMulNBits (BlockWeightsPass).
     if step.gemms_as_matmuls or (settings.scheme is not None and settings.scheme.wide_activations):
         prepare += [GemmAsMatMulPass({n.name for n in source.targets if n.op_type == "Gemm"})]
     prepare += [REMOVE_UNUSED]
@@ -433,7 +433,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
         if settings.scheme is not None and settings.scheme.weight_block_size:
             # After FloatOutputsPass, which finds the MatMuls this turns into MatMulNBits; the fp32 weights are still
             # in ``prepared``.
-            finish = [BlockWeightsPass(matmuls, prepared, settings.scheme.weight_block_size), REMOVE_UNUSED] + finish
+            finish = [BlockWeightsPass(matmuls, prepared, settings.scheme.weight_block_size, NBITS_ACCURACY_LEVEL),
+                      REMOVE_UNUSED] + finish
         finish = float_outputs + finish
         model = ir.load(quantized)
         records += run_passes(model, finish)

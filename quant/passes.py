@@ -332,7 +332,7 @@ class FloatOutputsPass(QuantPass):
 
 class BlockWeightsPass(QuantPass):
     """The named QDQ MatMuls over a per-channel int8 weight ``[K, N]`` as onnxruntime's ``MatMulNBits``
-    (com.microsoft; ``bits=8``, ``block_size``, ``accuracy_level=4``) over that weight quantized again from the
+    (com.microsoft; ``bits=8``, ``block_size``, ``accuracy_level``) over that weight quantized again from the
     float weight of the same name in ``source`` (the fp32 model the quantizer read; onnxruntime's static quantizer
     names a weight ``W``'s codes ``W_quantized``): symmetric, one scale per ``block_size`` values along K, codes
     stored as uint8 ``[N, K / block_size, block_size]`` (the int8 code + 128: the kernel's default zero point for
@@ -353,9 +353,10 @@ class BlockWeightsPass(QuantPass):
     (BENCHMARKS.md). A weight whose K is not a whole number of blocks, or without a float original of its shape,
     keeps its channels (the note says which)."""
 
-    def __init__(self, names: set[str], source: str | os.PathLike, block_size: int):
+    def __init__(self, names: set[str], source: str | os.PathLike, block_size: int, accuracy_level: int):
         super().__init__()
         self.names, self.source, self.block_size = frozenset(names), Path(source), block_size
+        self.accuracy_level = accuracy_level
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
@@ -386,7 +387,7 @@ class BlockWeightsPass(QuantPass):
             widened = ir.node("Cast", [scale], attributes={"to": ir.DataType.FLOAT}, name=f"{dequantize.name}_scale")
             product = ir.node("MatMulNBits", [node.inputs[0], weight, widened.outputs[0]], domain="com.microsoft",
                               attributes={"K": k, "N": n, "bits": 8, "block_size": self.block_size,
-                                          "accuracy_level": NBITS_ACCURACY_LEVEL}, name=node.name)
+                                          "accuracy_level": self.accuracy_level}, name=node.name)
             ir.convenience.replace_nodes_and_values(graph, node, [node], [widened, product],
                                                     [node.outputs[0]], [product.outputs[0]])
             blocked += 1
@@ -396,11 +397,6 @@ class BlockWeightsPass(QuantPass):
             if blocked else None
         return _outcome(model, done, "no per-channel int8 MatMul weight among the named nodes", left,
                         "kept per channel")
-
-
-# MatMulNBits' accuracy_level for static int8's blocks: 4 (int8 compute: each activation row rounded to 8 bits per
-# block as the kernel runs, as llama.cpp's Q8_0 does); what onnxruntime's own DQ + MatMul fusion writes by default.
-NBITS_ACCURACY_LEVEL = 4
 
 
 def _symmetric_blocks(weight: ir.TensorProtocol, block_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,7 @@ class WideDown:
 
 
 # Static QDQ at 16 bits runs on onnxruntime's CPU provider (MatMulNBits over the 8-bit weight once the MatMul's output
-# is float, passes.FloatOutputsPass) and QNN HTP (A16W8);
+# is float, passes.FloatOutputsPass; for cpu and arm written so, passes.BlockWeightsPass) and QNN HTP (A16W8);
 # dynamic int8 keeps them float with 8-bit block weights (MatMulNBits: CPU builds of onnxruntime).
 # NNAPI, TensorRT and Core ML have neither.
 STATIC_DOWN = WideDown("int8 (static)", "int16", ("cpu", "arm", "qnn"))
@@ -123,8 +123,9 @@ class IntScheme:
     def with_activations(self, width: str, target: str, down: WideDown, on_cpu: bool) -> "IntScheme":
         """Static int8's activation width. ``width``: auto (16 bits where the target runs on onnxruntime's CPU
         provider, ``on_cpu``), int8, or int16 (the targets of ``down`` that run 16-bit Q/DQ). 16 bits on a CPU
-        target also stores the weights in blocks of ``QDQ_WEIGHT_BLOCK_SIZE`` (``passes.BlockWeightsPass``, the
-        embedding tables ``GatherBlockQuantized``); 8 bits keeps the mode to standard ONNX ops.
+        target also stores the weights in 8-bit blocks of ``QDQ_WEIGHT_BLOCK_SIZE`` as ``MatMulNBits``
+        (``passes.BlockWeightsPass``, the embedding tables ``GatherBlockQuantized``); 8 bits keeps the mode to
+        standard ONNX ops.
 
         Why 16 bits on CPUs: onnxruntime's CPU provider runs a QDQ MatMul with 16-bit inputs and a float output
         as ``MatMulNBits`` over its 8-bit weight, whose kernel quantizes each row's activations to 8 bits per
