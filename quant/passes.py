@@ -14,8 +14,9 @@ raises is re-raised as ``onnx_ir.passes.PassError`` naming it.
   value projections) as one over their stacked weights and a ``Split``;
 - ``FloatOutputsPass(names)``: the named MatMuls' outputs (the logits among them) freed of the activation Q/DQ
   pairs a QDQ quantizer put after them;
-- ``BlockWeightsPass(names, source, block_size)``: the named QDQ MatMuls as ``MatMulNBits`` over their weights
-  again from the fp32 ``source``, in symmetric 8-bit blocks with float16 scales (16-bit activations on CPU targets);
+- ``BlockWeightsPass(names, source, block_size, accuracy_level)``: the named QDQ MatMuls as ``MatMulNBits`` over
+  their weights again from the fp32 ``source``, in symmetric 8-bit blocks with float16 scales (16-bit activations
+  on CPU targets);
 - ``RaiseOpsetPass(opset)``: onnxscript's version converter on the graph (16-bit Q/DQ need opset 21);
 - ``StampQuantizationPass(metadata, info)``: the source's moeport metadata carried over, plus how it was quantized;
 - ``CLEAR_METADATA``: onnx_ir's ``ClearMetadataAndDocStringPass`` (node and graph metadata such as torch.onnx's

@@ -153,9 +153,6 @@ def create_session(
     state = ort.capi.onnxruntime_pybind11_state
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=chosen)
-        if path.suffix != ".ort":
-            _return_freed_heap()
-        return session
     except (state.InvalidProtobuf, state.InvalidGraph, state.Fail, state.NoSuchFile, state.InvalidArgument,
             state.NotImplemented) as exc:  # InvalidArgument/NotImplemented: a bad opset or a type ORT lacks
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -164,6 +161,8 @@ def create_session(
         # A corrupted name in the graph: onnxruntime's error message quotes it and pybind11 cannot decode it.
         raise MoeportError(f"onnxruntime cannot load {path}: it holds text that is not UTF-8 (a corrupted "
                            "file?); re-export it") from exc
+    _return_freed_heap()
+    return session
 
 
 @functools.cache

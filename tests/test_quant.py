@@ -200,10 +200,10 @@ def test_int8_int16_activations_on_qnn_keep_standard_ops(quantized):
 
 def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
     """Static int8 for CPU targets: 16-bit activations and 8-bit weights in blocks of 32, written as MatMulNBits
-    (onnxruntime fused a blocked DequantizeLinear + MatMul into the same kernel at load, in twice the memory); with
-    8-bit activations the MatMuls run as MatMulIntegerToFloat, with one activation scale per tensor. The logits of
-    the default file are closer to the fp32 model's, and the block weights are within half a step of the fp32
-    weights."""
+    (onnxruntime fused a blocked DequantizeLinear + MatMul into the same kernel at load, and a process kept the
+    memory fusing took: BENCHMARKS.md); with 8-bit activations the MatMuls run as MatMulIntegerToFloat, with one
+    activation scale per tensor. The logits of the default file are closer to the fp32 model's, and the block
+    weights are within half a step of the fp32 weights."""
     wide, narrow = quantized("int8"), quantized("int8", activations="int8")
     record = next(r for r in wide.passes if r.name == "BlockWeightsPass")
     # every quantized MatMul: 48 experts, 8 attention projections, the lm_head
