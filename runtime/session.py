@@ -183,10 +183,11 @@ def _return_freed_heap() -> None:
     Why: loading a model without external data, ``create_session``'s check parses it whole (its weights too) and
     frees the parse, and onnxruntime frees its own working copies of the weights (after prepacking them, say).
     Freeing such large blocks raises glibc's threshold for serving allocations from their own mappings, so later
-    ones come from the heap, which keeps its pages resident after they are freed. 4-layer granite-shaped model,
-    resident after load: static int8 (a 340 MB file) 830 MB before, 478 MB after; fp32 (1.06 GB) 1.31 GB after,
-    2.12 GB in a session onnxruntime opened directly; ``moeport bench`` peaks 703 -> 516 MB and 1360 -> 1298 MB
-    (BENCHMARKS.md). A model in external data is read into large blocks of its own and gains nothing."""
+    ones come from the heap, which keeps its pages resident after they are freed (how much differs from run to
+    run). 4-layer granite-shaped model, resident after a prefill and decode steps: static int8 (a 340 MB file)
+    0.80-0.98 GB before, 0.60 GB after, as onnxruntime opening it directly; fp32 (1.06 GB) 1.46 -> 1.41 GB, where
+    onnxruntime directly held 1.38 GB in one run and 2.21 GB in the next (BENCHMARKS.md). A model in external data
+    is mostly read into large blocks of their own."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
