@@ -363,6 +363,7 @@ class BlockWeightsPass(QuantPass):
         graph = model.graph
         floats = ir.load(self.source).graph.initializers  # external weights are read when used
         blocked, left = 0, []
+        stored: dict[str, tuple[ir.Value, ir.Value]] = {}  # codes name -> (blocks, float32 scales)
         for node in [n for n in graph if n.op_type == "MatMul" and n.name in self.names]:
             dequantize = node.inputs[1].producer() if node.inputs[1] is not None else None
             if dequantize is None or dequantize.op_type != "DequantizeLinear":
@@ -380,16 +381,22 @@ class BlockWeightsPass(QuantPass):
             if k % self.block_size:
                 left.append(f"{node.name} (K {k} is not a multiple of {self.block_size})")
                 continue
-            blocks = k // self.block_size
-            compute = _ComputedOnce(functools.partial(_nbits_blocks, original.const_value, self.block_size), 2)
-            weight, scale = _lazy_initializers(
-                graph, compute, [(f"{codes.name}_b{self.block_size}", ir.DataType.UINT8, [n, blocks, self.block_size]),
-                                 (f"{codes.name}_b{self.block_size}_scale", ir.DataType.FLOAT16, [n, blocks])])
-            widened = ir.node("Cast", [scale], attributes={"to": ir.DataType.FLOAT}, name=f"{dequantize.name}_scale")
-            product = ir.node("MatMulNBits", [node.inputs[0], weight, widened.outputs[0]], domain="com.microsoft",
+            widened = []
+            if codes.name not in stored:  # one blocked weight for every MatMul that reads it
+                blocks = k // self.block_size
+                compute = _ComputedOnce(functools.partial(_nbits_blocks, original.const_value, self.block_size), 2)
+                weight, scale = _lazy_initializers(
+                    graph, compute, [(f"{codes.name}_b{self.block_size}", ir.DataType.UINT8,
+                                      [n, blocks, self.block_size]),
+                                     (f"{codes.name}_b{self.block_size}_scale", ir.DataType.FLOAT16, [n, blocks])])
+                widened = [ir.node("Cast", [scale], attributes={"to": ir.DataType.FLOAT},
+                                   name=f"{dequantize.name}_scale")]
+                stored[codes.name] = weight, widened[0].outputs[0]
+            weight, scale = stored[codes.name]
+            product = ir.node("MatMulNBits", [node.inputs[0], weight, scale], domain="com.microsoft",
                               attributes={"K": k, "N": n, "bits": 8, "block_size": self.block_size,
                                           "accuracy_level": self.accuracy_level}, name=node.name)
-            ir.convenience.replace_nodes_and_values(graph, node, [node], [widened, product],
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [*widened, product],
                                                     [node.outputs[0]], [product.outputs[0]])
             blocked += 1
         if blocked:

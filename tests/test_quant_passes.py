@@ -13,9 +13,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from moeport.quant.passes import (CLEAR_METADATA, METADATA_KEY, REMOVE_UNUSED, SHAPE_INFERENCE, TOPOLOGICAL_SORT,
-                                  GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass, QuantPass,
-                                  SplicePass, StackProjectionsPass, StampQuantizationPass, UntieTransposedWeightPass,
-                                  _block_quantize, node_metadata_bytes, run_passes, save_model, serialize)
+                                  BlockWeightsPass, GemmAsMatMulPass, InlineSmallTensorsPass, MarkPreProcessedPass,
+                                  QuantPass, SplicePass, StackProjectionsPass, StampQuantizationPass,
+                                  UntieTransposedWeightPass, _block_quantize, node_metadata_bytes, run_passes, save_model,
+                                  serialize)
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((5, 8)).astype(np.float32)
@@ -331,3 +332,45 @@ def test_gathers_of_one_table_share_its_blocks_and_a_constant_row_is_no_embeddin
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
            for m in (after, proto)]
     np.testing.assert_allclose(run[0], run[1], atol=0.05, rtol=0)  # 8-bit blocks of values of about 3
+
+
+def test_block_weights_share_one_blocked_weight_between_its_matmuls(tmp_path):
+    """Two MatMuls reading one int8 weight through their own DequantizeLinear (onnxruntime's static quantizer with
+    DedicatedQDQPair) become two MatMulNBits over one blocked weight and one Cast of its scales (registering the
+    weight twice would fail), and compute the float product to within the blocks' rounding."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((64, 16)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    source = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "fp32",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])], [numpy_helper.from_array(weight, "W")]),
+        opset_imports=[helper.make_opsetid("", 21)], ir_version=10), source)
+    scale = np.abs(weight).max(axis=0) / 127
+    codes = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+    quantized = helper.make_model(helper.make_graph([
+        helper.make_node("DequantizeLinear", ["W_quantized", "W_scale"], ["w1"], name="dq1", axis=1),
+        helper.make_node("DequantizeLinear", ["W_quantized", "W_scale"], ["w2"], name="dq2", axis=1),
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="m1"),
+        helper.make_node("MatMul", ["x", "w2"], ["m2"], name="m2"),
+        helper.make_node("Add", ["m1", "m2"], ["y"]),
+    ], "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(codes, "W_quantized"), numpy_helper.from_array(scale, "W_scale")]),
+        opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    model = ir.from_proto(quantized)
+    records = run_passes(model, [BlockWeightsPass({"m1", "m2"}, source, 32, 4), REMOVE_UNUSED])
+    after = serialize(model)
+    assert records[0].note == "stored 2 MatMul weight(s) in 8-bit blocks of 32 (MatMulNBits)"
+    nbits = [n for n in after.graph.node if n.op_type == "MatMulNBits"]
+    assert [n.name for n in nbits] == ["m1", "m2"] and nbits[0].input[1:] == nbits[1].input[1:]
+    assert _ops(after) == {"Cast": 1, "MatMulNBits": 2, "Add": 1}
+    assert sorted(t.name for t in after.graph.initializer) == ["W_quantized_b32", "W_quantized_b32_scale"]
+    after.graph.output.append(helper.make_tensor_value_info("m1", TensorProto.FLOAT, ["n", 16]))
+    y, m1 = ort.InferenceSession(after.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(y, 2 * m1)  # both MatMuls compute the same product
+    # the float product within 1% of its largest value: the kernel also rounds each row of x to 8 bits per block
+    # (a weight transposed the wrong way, or read without the +128 offset, is off by about its whole size)
+    reference = x @ weight
+    assert np.abs(m1 - reference).max() <= 0.01 * np.abs(reference).max()
