@@ -11,11 +11,11 @@
 
 Why custom ops: a segment's length depends on the routing, and tracing a per-expert loop over a Python
 split bakes the example input's routing into the graph. Torch sees each segment with an unbacked
-(data-dependent) row count, so the expert code between the two ops -- the family's own MatMuls, biases and
-gate function, one copy per expert -- is traced as ordinary torch. The ONNX side is one ``Split`` by the
-counts and one ``Concat``: standard ops, each expert works only on its own rows (compute grows with k,
-not with the number of experts), and each expert's intermediate activations stay small enough to stay in
-cache instead of making a round trip through one [S, 2*inter] tensor.
+(data-dependent) row count, so the expert code between the two ops -- the family's own MatMuls and biases,
+one copy per expert -- is traced as ordinary torch. The ONNX side is one ``Split`` by the counts and one
+``Concat``: standard ops, and each expert works only on its own rows (compute grows with k, not with the
+number of experts). The sorted dispatch uses the pair twice per layer, around the gate-and-up projections and
+around the down projections, with the gate function once over the concatenated rows between them.
 """
 
 from __future__ import annotations

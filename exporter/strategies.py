@@ -9,9 +9,11 @@ which attribute of the module runs them, and any other attribute that must chang
 through one ``patching.Patcher``, which puts the model back as it was on exit.
 
 - ``sorted``: sort the tokens*k slots by expert, one contiguous segment per expert (the
-  ``moeport::segment_split`` / ``segment_concat`` custom ops around the per-expert FFNs), put the results
+  ``moeport::segment_split`` / ``segment_concat`` custom ops around the per-expert MatMuls), put the results
   back with the inverse permutation and sum over k. Compute grows with k, not with the number of experts.
-  The default for top-k routers.
+  Each expert's gate and up are one MatMul; the family's gate function runs once over all experts' rows
+  (segments concatenated, gated, cut again for the down projections): a decode step then launches two
+  kernels per expert instead of five, most of them on an expert's zero rows. The default for top-k routers.
 - ``gather``: gather each slot's expert weight matrices and multiply; cheapest for one or a few
   tokens, memory-bound for long prompts.
 - ``dense``: every expert on every token, weights scattered into a [tokens, E] matrix with zeros for
@@ -48,8 +50,9 @@ class ExpertBank:
     order); ``down``: E tensors ``[inter, hidden]``; biases ``[E, G]`` / ``[E, hidden]`` or None;
     ``apply_gate``: ``[rows, G] -> [rows, inter]`` (GLU, plain activation, or a family's custom gate).
     ``glu_act``: set when ``apply_gate(h)`` is exactly ``glu_act(h[:, :inter]) * h[:, inter:]`` (columns
-    ``[gate | up]``, the common SwiGLU layout); the per-expert strategies then keep gate and up as two
-    weights ``[hidden, inter]`` and run two MatMuls instead of one MatMul and a Split of its result.
+    ``[gate | up]``, the common SwiGLU layout); the dense and capacity strategies then keep gate and up as two
+    weights ``[hidden, inter]`` and run two MatMuls instead of one MatMul and a Split of its result (the sorted
+    strategy keeps one weight: it splits the rows of all experts at once).
     """
 
     gate_up: list[torch.Tensor]
@@ -99,6 +102,8 @@ class DispatchStrategy:
     # (num_experts, expert_idx, options) -> {name: tensor}: a pure function of the routing, so the export
     # wrapper computes it without the dispatch keeping state on the module.
     compute_extras: Callable[..., dict[str, torch.Tensor]] | None = None
+    # the gate function once over all experts' rows (each expert's gate and up as one weight), not per expert
+    gate_per_layer: bool = False
 
 
 _STRATEGIES: Registry[DispatchStrategy] = Registry("strategy", reserved=("auto",))
@@ -123,9 +128,12 @@ def get_strategy(name: str) -> DispatchStrategy:
 class _Weights:
     """Read access, at dispatch time, to the bank tensors attached to a site's module as buffers."""
 
-    def __init__(self, module: nn.Module, num_experts: int, apply_gate: Callable, glu_act: Callable | None = None):
+    def __init__(self, module: nn.Module, num_experts: int, apply_gate: Callable, glu_act: Callable | None = None,
+                 layer_gate: Callable | None = None):
         self.module, self.num_experts, self.apply_gate = module, num_experts, apply_gate
         self.glu_act = glu_act  # set when gate and up are separate buffers (see ExpertBank.glu_act)
+        # [rows, G] -> [rows, inter] over the rows of every expert at once (strategies with gate_per_layer)
+        self.layer_gate = layer_gate or apply_gate
 
     def per_expert(self, kind: str) -> list[torch.Tensor]:
         return [getattr(self.module, f"{_PREFIX}{kind}_{e}") for e in range(self.num_experts)]
@@ -137,8 +145,21 @@ class _Weights:
         return getattr(self.module, f"{_PREFIX}{kind}_bias", None)
 
 
-def _splits_glu(bank: ExpertBank, stacked: bool) -> bool:
-    return bank.glu_act is not None and not stacked
+def _splits_glu(bank: ExpertBank, strategy: DispatchStrategy) -> bool:
+    return bank.glu_act is not None and not strategy.stacked and not strategy.gate_per_layer
+
+
+def _layer_gate(bank: ExpertBank) -> Callable:
+    """The bank's gate over ``[rows, G]``; for the common SwiGLU layout written as one Split of the rows into their
+    ``[gate | up]`` halves, the form ``quant.expert_forms`` reads (a family's own code may use two Slices)."""
+    if bank.glu_act is None:
+        return bank.apply_gate
+
+    def halves(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.split(h.shape[-1] // 2, dim=-1)
+        return bank.glu_act(gate) * up
+
+    return halves
 
 
 def _own(tensor: torch.Tensor) -> torch.Tensor:
@@ -147,12 +168,12 @@ def _own(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def _bank_buffers(bank: ExpertBank, stacked: bool) -> dict[str, torch.Tensor]:
+def _bank_buffers(bank: ExpertBank, strategy: DispatchStrategy) -> dict[str, torch.Tensor]:
     """The module buffers the traced graph reads: one copy per expert weight (bank tensors may be views of the
     model's parameters, which the graph must not alias)."""
-    if stacked:
+    if strategy.stacked:
         buffers = {f"{_PREFIX}gate_up": torch.stack(bank.gate_up), f"{_PREFIX}down": torch.stack(bank.down)}
-    elif _splits_glu(bank, stacked):
+    elif _splits_glu(bank, strategy):
         inter = bank.gate_up[0].shape[1] // 2
         buffers = {f"{_PREFIX}gate_{e}": _own(w[:, :inter]) for e, w in enumerate(bank.gate_up)}
         buffers.update({f"{_PREFIX}up_{e}": _own(w[:, inter:]) for e, w in enumerate(bank.gate_up)})
@@ -161,7 +182,7 @@ def _bank_buffers(bank: ExpertBank, stacked: bool) -> dict[str, torch.Tensor]:
         buffers = {f"{_PREFIX}gate_up_{e}": _own(w) for e, w in enumerate(bank.gate_up)}
         buffers.update({f"{_PREFIX}down_{e}": _own(w) for e, w in enumerate(bank.down)})
     if bank.gate_up_bias is not None:
-        if _splits_glu(bank, stacked):
+        if _splits_glu(bank, strategy):
             inter = bank.gate_up_bias.shape[1] // 2
             buffers[f"{_PREFIX}gate_bias"] = _own(bank.gate_up_bias[:, :inter])
             buffers[f"{_PREFIX}up_bias"] = _own(bank.gate_up_bias[:, inter:])
@@ -185,10 +206,7 @@ def _expert_ffn(weights: _Weights, x: torch.Tensor, e: int) -> torch.Tensor:
         hidden = weights.glu_act(_projection(weights, x, "gate", e)) * _projection(weights, x, "up", e)
     else:
         hidden = weights.apply_gate(_projection(weights, x, "gate_up", e))
-    y = hidden @ weights.per_expert("down")[e]
-    if (bias := weights.bias("down")) is not None:
-        y = y + bias[e]
-    return y
+    return _projection(weights, hidden, "down", e)
 
 
 def sorted_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options):
@@ -205,8 +223,13 @@ def sorted_dispatch(weights: _Weights, x, expert_idx, expert_weight, *, options)
     token_of_slot = torch.arange(tokens, device=x.device)[:, None].expand(tokens, k).reshape(-1)
     sorted_x = x.index_select(0, token_of_slot.index_select(0, order))
     segments = torch.ops.moeport.segment_split(sorted_x, counts)
-    # Each expert runs on its own rows only; the family's gate function is traced once per expert.
-    y = torch.ops.moeport.segment_concat([_expert_ffn(weights, rows, e) for e, rows in enumerate(segments)],
+    # Each expert's MatMuls run on its own rows only. The gate function is row by row, so it runs once over the
+    # concatenated [S, G] projections: traced per expert it was 3 (SwiGLU) or more kernels per expert and
+    # layer, launched at every decode step for the experts that got no row.
+    projected = torch.ops.moeport.segment_concat(
+        [_projection(weights, rows, "gate_up", e) for e, rows in enumerate(segments)], sorted_x)
+    gated = torch.ops.moeport.segment_split(weights.layer_gate(projected), counts)
+    y = torch.ops.moeport.segment_concat([_projection(weights, rows, "down", e) for e, rows in enumerate(gated)],
                                          sorted_x)
     y = y * expert_weight.reshape(-1).index_select(0, order)[:, None]
     # Back to slot order with the inverse permutation, then sum each token's k slots: no scatter-add,
@@ -272,7 +295,7 @@ def capacity_extras(num_experts: int, expert_idx: torch.Tensor, options: Strateg
 
 
 register_strategy(DispatchStrategy("sorted", "sort slots by expert; one segment per expert (compute ~ k)",
-                                   False, sorted_dispatch))
+                                   False, sorted_dispatch, gate_per_layer=True))
 register_strategy(DispatchStrategy("gather", "gather each token's expert weights (for 1-few tokens)",
                                    True, gather_dispatch))
 register_strategy(DispatchStrategy("dense", "every expert on every token, zero weight when unselected",
@@ -287,9 +310,9 @@ def _site_patches(site: ExpertsSite, strategy: DispatchStrategy, options: Strate
     module, the dispatch on its attribute, then the site's own patches."""
     with torch.no_grad():  # export-time copies of the weights, not trainable parameters
         bank = site.bank()
-        buffers = _bank_buffers(bank, strategy.stacked)
+        buffers = _bank_buffers(bank, strategy)
     weights = _Weights(site.module, bank.num_experts, bank.apply_gate,
-                       bank.glu_act if _splits_glu(bank, strategy.stacked) else None)
+                       bank.glu_act if _splits_glu(bank, strategy) else None, _layer_gate(bank))
     dispatch = functools.partial(strategy.dispatch, weights, options=options)
     return [*(Patch(site.module, name, tensor, buffer=True) for name, tensor in buffers.items()),
             Patch(site.module, site.attribute, site.call(dispatch)), *site.patches]

@@ -5,7 +5,9 @@ QMoE (onnxruntime, com.microsoft) runs one gated form on CPU: ``down(act(gate(x)
 (no clipping without a limit), each projection with an optional bias. That covers SwiGLU (alpha 1, beta 0, no
 limit: Mixtral, Qwen, DeepSeek, GraniteMoE, ...) and the clamped SwiGLU of gpt-oss, HunYuan-V4 and MiniMax-M3.
 Gate and up are read wherever the export put them: two MatMuls on the expert's rows, or one MatMul over their
-concatenated weights cut in halves by a Split or into even and odd columns by two Slices (gpt-oss).
+concatenated weights cut in halves by a Split or into even and odd columns by two Slices (gpt-oss). The gate
+function may run per expert or once over all experts' projections (concatenated, gated, then cut by the routing's
+counts for the down projections: the sorted dispatch of ``moeport.exporter.strategies``).
 """
 
 from __future__ import annotations
@@ -72,14 +74,18 @@ class GatedExpert:
 def gated_expert(down: ir.Node) -> GatedExpert | str:
     """The expert whose down projection is the MatMul ``down``, or why it is not in QMoE's gated form (a reason
     naming the ops it computes)."""
-    product = _producer(down.inputs[0])
+    product, expert = _producer(down.inputs[0]), None
+    if product is not None and _is_routed_split(product):
+        # the gated rows of all experts, cut by the routing's counts: this expert's projections are its inputs
+        # of the Concat before the gate function
+        expert, product = list(product.outputs).index(down.inputs[0]), _producer(product.inputs[0])
     if product is not None and product.op_type == "Mul":
         for gated_value, linear_value in (tuple(product.inputs), tuple(reversed(product.inputs))):
             gated = _gated(gated_value)
             linear = gated and _linear(linear_value, gated[2])
             if not linear:
                 continue
-            gate, up = _projection(gated[0]), _projection(linear[0])
+            gate, up = _projection(gated[0], expert), _projection(linear[0], expert)
             if gate is None or up is None or gate[0] is not up[0]:
                 continue
             down_projection = _down(down)
@@ -142,9 +148,9 @@ def _linear(value: ir.Value, limit: float | None) -> tuple[ir.Value, float] | No
     return clip.inputs[0], beta
 
 
-def _projection(value: ir.Value) -> tuple[ir.Value, Projection] | None:
+def _projection(value: ir.Value, expert: int | None = None) -> tuple[ir.Value, Projection] | None:
     """(x, the projection) where ``value`` is ``x @ W + b`` or a half (Split) or the even or odd columns (Slice with
-    step 2) of it, along the last axis."""
+    step 2) of it, along the last axis; with ``expert``, ``x @ W + b`` is that input of a Concat of all experts'."""
     node, part = _producer(value), None
     if node is not None and node.op_type == "Split":
         if len(node.outputs) != 2 or not _last_axis(node.attributes.get_int("axis", 0), node.inputs[0]):
@@ -158,6 +164,12 @@ def _projection(value: ir.Value) -> tuple[ir.Value, Projection] | None:
                 or not _last_axis(axes[0], node.inputs[0]):
             return None
         part, value = ("every other", starts[0], None), node.inputs[0]
+    if expert is not None:
+        concat = _producer(value)
+        if concat is None or concat.op_type != "Concat" or concat.attributes.get_int("axis", 0) != 0 \
+                or expert >= len(concat.inputs):
+            return None
+        value = concat.inputs[expert]
     node, bias = _producer(value), None
     if node is not None and node.op_type == "Add":
         biases = [_constant_vector(v) for v in node.inputs]
@@ -243,9 +255,20 @@ def _ops_between(down: ir.Node) -> str:
     ops, frontier, seen = set(), [down.inputs[0]], set()
     while frontier:
         node = _producer(frontier.pop())
-        if node is None or node.op_type in ("MatMul", "Gather") or id(node) in seen:
+        # the Concat of all experts' projections and the cut of the gated rows by the routing's counts are the
+        # dispatch around a gate function run once for all experts, not the expert's compute
+        if node is None or node.op_type in ("MatMul", "Gather", "Concat") or id(node) in seen:
             continue
         seen.add(id(node))
+        if _is_routed_split(node):
+            frontier.append(node.inputs[0])
+            continue
         ops.add(node.op_type)
         frontier.extend(node.inputs)
     return ", ".join(sorted(ops)) if ops else "no op"
+
+
+def _is_routed_split(node: ir.Node) -> bool:
+    """A Split by sizes computed in the graph (the routing's counts), not constants."""
+    return node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None \
+        and constant_ints(node.inputs[1]) is None

@@ -466,8 +466,12 @@ def expert_layers(model: onnx.ModelProto) -> list[dict[ExpertGroup, list[onnx.No
 
 def _segment_of(g: _Graph, node: onnx.NodeProto, slice_position: dict[str, int]) -> tuple[str, int, int] | None:
     """(rows, crossed, expert) of an expert MatMul of the sorted or capacity dispatch, walking back along first
-    inputs; None when no segment is within reach."""
-    crossed, value = 0, node.input[0]
+    inputs; None when no segment is within reach.
+
+    Where the sorted dispatch gates all experts' rows at once (concatenated, gated, cut again by the same counts),
+    a down projection's segment is a cut of the gated rows: the walk goes on through that expert's input of the
+    Concat to the segment of the layer's rows, so both projections of an expert get the same rows and expert."""
+    crossed, value, expert = 0, node.input[0], None
     for _ in range(_MAX_WALK):
         source = g.producer.get(value)
         while source is not None and source.op_type in _TRANSPARENT_OPS:
@@ -476,11 +480,52 @@ def _segment_of(g: _Graph, node: onnx.NodeProto, slice_position: dict[str, int])
         if source is None:
             return None
         if _is_routed_split(g, source):
-            return source.input[0], crossed, list(source.output).index(value)
+            index = list(source.output).index(value)
+            concat = _gated_rows_concat(g, source) if expert is None else None
+            if concat is None:
+                return source.input[0], crossed, index if expert is None else expert
+            expert, value = index, concat.input[index]
+            continue
         if _is_row_slice(g, source):
             return source.input[0], crossed, slice_position[source.name]
         crossed += source.op_type in _EXPERT_OPS
         if not source.input:
+            return None
+        value = source.input[0]
+    return None
+
+
+def _gated_rows_concat(g: _Graph, split: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The Concat of the experts' first projections where the routed ``split`` cuts rows that were gated once for
+    all experts (``strategies.sorted_dispatch``); None where ``split`` cuts anything else.
+
+    The Concat is reached from the split's input through non-expert ops along first inputs, has one input per
+    segment, and its first input comes (through one expert MatMul) from a Split by the same counts: a Concat of
+    an earlier layer's experts was cut by that layer's own counts."""
+    value = split.input[0]
+    for _ in range(_MAX_WALK):
+        source = g.producer.get(value)
+        if source is None or source.op_type in _EXPERT_OPS or _is_routed_split(g, source):
+            return None
+        if source.op_type == "Concat" and len(source.input) == len(split.output):
+            return source if _first_segment_counts(g, source.input[0]) == split.input[1] else None
+        if not source.input:
+            return None
+        value = source.input[0]
+    return None
+
+
+def _first_segment_counts(g: _Graph, value: str) -> str | None:
+    """The counts input of the routed Split that ``value`` is computed from, through at most one expert MatMul."""
+    crossed = 0
+    for _ in range(_MAX_WALK):
+        source = g.producer.get(value)
+        if source is None or not source.input:
+            return None
+        if _is_routed_split(g, source):
+            return source.input[1]
+        crossed += source.op_type in _EXPERT_OPS
+        if crossed > 1:
             return None
         value = source.input[0]
     return None

@@ -139,7 +139,8 @@ def routed_segments():
 
     That is the sorted dispatch's footprint: the slots sorted by expert are cut into one segment per expert
     by counts computed from the routing (not a constant), and every segment feeds a MatMul, so each expert
-    multiplies only its own rows. A dense or routing-frozen graph has no such Split.
+    multiplies only its own rows. A dense or routing-frozen graph has no such Split. One entry per layer: the
+    gated rows cut again by the same counts for the down projections are the same layer's.
     """
 
     def segments(model) -> list[int]:
@@ -150,12 +151,12 @@ def routed_segments():
         for node in graph.node:
             for name in node.input:
                 consumers.setdefault(name, []).append(node.op_type)
-        found = []
+        found: dict[str, int] = {}  # counts -> segments
         for node in graph.node:
             if node.op_type == "Split" and len(node.input) > 1 and node.input[1] and node.input[1] not in constants:
                 assert all("MatMul" in consumers.get(out, []) for out in node.output), "a segment bypasses MatMul"
-                found.append(len(node.output))
-        return found
+                assert found.setdefault(node.input[1], len(node.output)) == len(node.output)
+        return list(found.values())
 
     return segments
 

@@ -86,6 +86,29 @@ def test_sorted_graph_is_sparse(exported, routed_segments):
     assert "ScatterND" not in ops  # combine without scatter-add (OpenVINO refuses reduction=add)
 
 
+def test_sorted_graph_gates_each_layer_once(exported, sample_checkpoint):
+    """Each expert's gate and up are one MatMul, and the SwiGLU runs once per layer over all experts' rows: at a
+    decode step the experts that got no row cost two empty MatMuls each, not five kernels. The numbers are
+    PyTorch's at a batch and length the export did not see."""
+    result = exported("topk")
+    model = onnx.load(str(result.output))
+    layers = len(result.info.layers)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Sigmoid") == layers  # the sample's silu; its routers are softmax
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and "moeport_" in n.input[1]}
+    gate_up = {inits[w] for w in weights if "moeport_gate_up_" in w}
+    down = {inits[w] for w in weights if "moeport_down_" in w}
+    assert len(weights) == 2 * sum(layer.num_experts for layer in result.info.layers)
+    (inter, hidden), = down
+    assert gate_up == {(hidden, 2 * inter)}
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    halves = [n for n in model.graph.node if n.op_type == "Split" and producers.get(n.input[0]) == "Concat"]
+    assert len(halves) == layers and all(len(n.output) == 2 for n in halves)  # [gate | up] of all experts' rows
+    report = verify_checkpoint(result.output, sample_checkpoint("topk"), shapes=[(3, 11), (1, 1)], seed=5)
+    assert report.passed, report
+
+
 STRATEGY_OPTIONS = {"capacity": {"capacity_factor": 4.0}}  # E/k = 8/2: nothing can be dropped
 
 

@@ -24,14 +24,16 @@ def test_expert_finder_sees_every_dispatch(exported, strategy):
     model = onnx.load(exported("topk", strategy=strategy, with_routing=True).output)
     layers = expert_layers(model)
     assert len(layers) == 2
+    # SwiGLU experts, 8 a layer. Sorted: gate and up as one MatMul (depth 0) before the layer's one gate function,
+    # then down (depth 1) on the gated rows cut again; the others: separate gate and up (depth 0, index 0 and 1).
+    depths = [(0, 0), (1, 0)] if strategy == "sorted" else [(0, 0), (0, 1), (1, 0)]
     for groups in layers:
-        # SwiGLU experts: separate gate and up (depth 0, index 0 and 1), then down (depth 1); 8 experts each
-        assert sorted((g.crossed, g.index) for g in groups) == [(0, 0), (0, 1), (1, 0)]
+        assert sorted((g.crossed, g.index) for g in groups) == depths
         assert all(len(nodes) == 8 for nodes in groups.values())
         assert len({g.rows for g in groups}) == 1
     found = {n.name: n for groups in layers for nodes in groups.values() for n in nodes}
     named = {n.name for n in model.graph.node if n.op_type == "MatMul" and EXPERT_WEIGHT.search(n.input[1])}
-    assert set(found) == named and len(named) == 48
+    assert set(found) == named and len(named) == 2 * 8 * len(depths)
     downs = {n.input[1] for g, nodes in find_expert_matmuls(model).items() if g.is_down_projection for n in nodes}
     assert len(downs) == 16 and all("moeport_down_" in w for w in downs)
 
@@ -51,10 +53,12 @@ def _with_layers(source, path, edit) -> str:
 def test_efficiency_gives_each_layer_its_own_top_k(exported, tmp_path):
     model = exported("topk", with_routing=True).output
     projections = expert_projections(model)
-    assert [(p.layer, p.top_k, len(p.nodes)) for p in projections] == [(label, 2, 8) for label in "000111"]
+    # per layer: each expert's gate and up as one projection, then down
+    assert [(p.layer, p.top_k, len(p.nodes)) for p in projections] == [(label, 2, 8) for label in "0011"]
+    assert [(p.k, p.n) for p in projections[:2]] == [(64, 128), (64, 64)]
     mixed = _with_layers(model, tmp_path / "mixed.onnx", lambda layers: [layers[0], {**layers[1], "top_k": 1}])
     mixed_projections = expert_projections(mixed)
-    assert [p.top_k for p in mixed_projections] == [2, 2, 2, 1, 1, 1]
+    assert [p.top_k for p in mixed_projections] == [2, 2, 1, 1]
     tokens = 16
     per_layer = [sum(p.flops(tokens) for p in projections if p.layer == label) for label in "01"]
     assert sum(p.flops(tokens) for p in mixed_projections) == per_layer[0] + per_layer[1] // 2

@@ -290,14 +290,14 @@ def test_sample_export_leaves_the_model_as_it_was(tmp_path, sample_checkpoint, l
 def test_a_site_failing_midway_restores_the_sites_before_it(sample_checkpoint):
     loaded = families.load_checkpoint(sample_checkpoint("topk"))
     second = loaded.moe_layers[1]
-    second.moeport_gate_0 = "taken"  # the name of the first buffer the second site attaches
+    second.moeport_gate_up_0 = "taken"  # the name of the first buffer the second site attaches
     state = module_state(loaded.model)
     with pytest.raises(KeyError) as failure:
         with strategies.use_strategy(loaded.sites, strategies.get_strategy("sorted")):
             pytest.fail("the block must not run when a site fails")
-    assert failure.value.args == ("attribute 'moeport_gate_0' already exists",)
+    assert failure.value.args == ("attribute 'moeport_gate_up_0' already exists",)
     assert_same_state(state, module_state(loaded.model))
-    assert second.moeport_gate_0 == "taken"
+    assert second.moeport_gate_up_0 == "taken"
 
 
 def test_an_error_while_a_strategy_is_installed_restores_the_model(sample_checkpoint):

@@ -127,7 +127,8 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
     producers = _producers(model)
     inits = {i.name: i for i in model.graph.initializer}
     experts = _experts(model)
-    assert len(experts) == len(_experts(onnx.load(topk.output))) == 48  # 2 layers x 8 experts x 3 MatMuls (gate, up, down)
+    # 2 layers x 8 experts x 2 MatMuls (gate and up as one, down)
+    assert len(experts) == len(_experts(onnx.load(topk.output))) == 32
     assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in experts)  # activations quantized
     for name in find_routers(onnx.load(topk.output)).nodes:
         node = next(n for n in model.graph.node if n.name == name)
@@ -206,8 +207,8 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
     weights are within half a step of the fp32 weights."""
     wide, narrow = quantized("int8"), quantized("int8", activations="int8")
     record = next(r for r in wide.passes if r.name == "BlockWeightsPass")
-    # every quantized MatMul: 48 experts, 8 attention projections, the lm_head
-    assert record.modified and record.note == "stored 57 MatMul weight(s) in 8-bit blocks of 32 (MatMulNBits)"
+    # every quantized MatMul: 32 experts', 8 attention projections, the lm_head
+    assert record.modified and record.note == "stored 41 MatMul weight(s) in 8-bit blocks of 32 (MatMulNBits)"
     assert not any(r.name == "BlockWeightsPass" for r in narrow.passes)
 
     fp32 = onnx.load(topk.output)
@@ -224,7 +225,7 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
         original = weights[node.input[1].removesuffix("_quantized_b32")]
         assert np.all(np.abs(codes) <= 127) and np.all(np.abs(codes * step - original) <= step / 2 * (1 + 1e-6))
         checked += 1
-    assert checked == 57
+    assert checked == 41
     # the MatMuls' outputs stay float (FloatOutputsPass ran before they became MatMulNBits)
     assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear" and producers.get(n.input[0])
                 and producers[n.input[0]].op_type == "MatMulNBits"]
@@ -273,7 +274,7 @@ def test_int8_dynamic(quantized, topk):
     groups = find_expert_matmuls(model)
     gate_up = [n for group, nodes in groups.items() if not group.is_down_projection for n in nodes]
     down = [n for group, nodes in groups.items() if group.is_down_projection for n in nodes]
-    assert len(gate_up) == 32 and {n.op_type for n in gate_up} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert len(gate_up) == 16 and {n.op_type for n in gate_up} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
     # CPU default: the down projections read float inputs with 8-bit block weights
     assert len(down) == 16 and {n.op_type for n in down} == {"MatMulNBits"}
     assert {onnx.helper.get_attribute_value(a) for n in down for a in n.attribute if a.name == "bits"} == {8}
@@ -351,7 +352,7 @@ def test_int8_dynamic_down_activations_int8(quantized):
     result = quantized("int8-dynamic", down_activations="int8")
     model = onnx.load(result.output)
     experts = _experts(model)
-    assert len(experts) == 48 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert len(experts) == 32 and {n.op_type for n in experts} <= {"MatMulInteger", "DynamicQuantizeMatMul"}
     assert result.scheme.down_activation_type is None
     # standard ONNX ops only: no onnxruntime contrib operator for the head or the embedding either
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
@@ -396,7 +397,7 @@ def test_fp16_keeps_io_and_router_float32(quantized):
         assert value.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT64), value.name
     inits = {i.name: i for i in model.graph.initializer}
     experts = _experts(model)
-    assert len(experts) == 48 and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in experts)
+    assert len(experts) == 32 and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in experts)
     router = find_routers(model)
     gates = [n for n in model.graph.node if n.name in set(router.nodes) and n.op_type in ("Gemm", "MatMul")]
     producers = _producers(model)
@@ -574,12 +575,13 @@ def test_int4_matmulnbits_for_experts(quantized):
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    # StackProjectionsPass: each expert's gate and up read its rows (one MatMulNBits), each layer's q, k and v the
-    # normed hidden states: 2 layers x 8 experts x (gate and up, down) + 2 x (q, k and v, o) + the lm_head
+    # each expert's gate and up are one MatMul in the export; StackProjectionsPass stacks each layer's q, k and v
+    # (they read the normed hidden states): 2 layers x 8 experts x (gate and up, down) + 2 x (q, k and v, o) + the
+    # lm_head
     assert len(nbits) == 37, [n.name for n in nbits]
     experts = _experts(model)
     assert len(experts) == 32 and all(n.op_type == "MatMulNBits" for n in experts)
-    assert len([n for n in experts if n.name.endswith("_stacked")]) == 16
+    assert len([n for n in nbits if n.name.endswith("_stacked")]) == 2
     # experts: 4-bit blocks of --block-size; attention: 8-bit blocks of the dense block size (int4's default for
     # 8-bit ones: 128, halved to 64, the sample's hidden width); the lm_head (the 256-byte vocabulary): 4-bit blocks
     # of 32, int4's default
@@ -836,7 +838,7 @@ def test_starved_experts_warn(topk, tmp_path):
     producers = _producers(model)
     scales = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     expert_inputs = [producers[n.input[0]] for n in _experts(model)]
-    assert len(expert_inputs) == 48 and all(float(scales[dq.input[1]]) < 0.5 for dq in expert_inputs)
+    assert len(expert_inputs) == 32 and all(float(scales[dq.input[1]]) < 0.5 for dq in expert_inputs)
 
 
 @pytest.mark.parametrize(("make", "message"), [
@@ -1160,7 +1162,8 @@ def test_int8_keeps_matmul_outputs_and_logits_float_on_cpu_targets(quantized, to
     record = [r for r in result.passes if r.name == "FloatOutputsPass"]
     feeds = contract.random_inputs(topk.info, 2, 9, seed=3)
     logits = create_session(result.output).run(["logits"], feeds)[0]
-    assert len(quantized_matmuls) > 48 and head in quantized_matmuls  # experts, attention, the lm_head
+    # 32 experts' (gate and up as one, down), 8 attention projections, the lm_head
+    assert len(quantized_matmuls) == 41 and head in quantized_matmuls
     if float_outputs:
         assert not any("QuantizeLinear" in types for types in readers.values())
         assert [model.graph.output[0].name] == ["logits"] and producers["logits"] is head

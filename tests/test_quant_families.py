@@ -166,8 +166,8 @@ def test_int4_leaves_experts_it_cannot_fuse_and_says_why(hf_export, tmp_path):
     layers = ", ".join(str(number) for number in range(len(result.info.layers)))
     assert not record.modified and record.note == (
         f"no MoE layer's experts are in a form QMoE runs; left as MatMuls: layers {layers} (the expert computes Gelu, "
-        "Mul between its projections, not down(silu(gate(x)) * up(x)) or its clamped form, the gated forms QMoE's "
-        "kernel runs)")
+        "Mul, Split between its projections, not down(silu(gate(x)) * up(x)) or its clamped form, the gated forms "
+        "QMoE's kernel runs)")
     assert "QMoE" not in fused.output_ops and fused.output_ops["MatMulNBits"] > 0
     assert not fused.layout.fused_experts and not fused.to_dict()["nbits_layout"]["fused_experts"]
     assert "layout: expert weights 4-bit blocks of " in fused.render()  # a fused file's: the test above
