@@ -872,10 +872,10 @@ class FuseExpertsPass(QuantPass):
     """Replace each named MoE layer's per-expert MatMuls with one onnxruntime ``QMoE`` (com.microsoft) node over
     block-quantized expert weights, keeping the routing moeport's own.
 
-    Why: a decode step runs every expert's MatMuls, whether or not a token was routed to it (32 experts x 3
-    MatMuls per layer, most of them on 0 rows) -- with the Split/Concat around them about a thousand kernel
-    launches per step at 4 layers, which is what kept the quantized models behind llama.cpp. ``QMoE`` runs only
-    the selected experts, in one kernel.
+    Why: a decode step runs every expert's MatMuls, whether or not a token was routed to it (32 experts x 2
+    MatMuls per layer, most of them on 0 rows; 3 and their gate functions before the export gated all rows at
+    once) -- with the Split/Concat around them about a thousand kernel launches per step at 4 layers, which is
+    what kept the quantized models behind llama.cpp. ``QMoE`` runs only the selected experts, in one kernel.
 
     What it matches (the sorted dispatch ``moeport.exporter.strategies`` writes): the layer's rows
     ``X [tokens, H]`` gathered in expert order and cut by one Split; expert e in QMoE's gated form
