@@ -629,7 +629,7 @@ def quantize(
     if settings.mode.step.calibrated and settings.on_cpu:
         report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode, in less memory: "
                             "onnxruntime's CPU provider runs QDQ int8 as many small kernels, every expert's also "
-                            "without rows (granite-3.0-1b-a400m size: 26-27 decode tokens/s at a next-token KL of "
+                            "without rows (granite-3.0-1b-a400m size: 29-30 decode tokens/s at a next-token KL of "
                             "1.7e-6 from PyTorch, 2.1 GB resident; int8-blocks 61-66 at 1.5e-6, 1.65 GB; "
                             "BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
