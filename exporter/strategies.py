@@ -128,12 +128,12 @@ def get_strategy(name: str) -> DispatchStrategy:
 class _Weights:
     """Read access, at dispatch time, to the bank tensors attached to a site's module as buffers."""
 
-    def __init__(self, module: nn.Module, num_experts: int, apply_gate: Callable, glu_act: Callable | None = None,
-                 layer_gate: Callable | None = None):
+    def __init__(self, module: nn.Module, num_experts: int, apply_gate: Callable, glu_act: Callable | None,
+                 layer_gate: Callable):
         self.module, self.num_experts, self.apply_gate = module, num_experts, apply_gate
         self.glu_act = glu_act  # set when gate and up are separate buffers (see ExpertBank.glu_act)
         # [rows, G] -> [rows, inter] over the rows of every expert at once (strategies with gate_per_layer)
-        self.layer_gate = layer_gate or apply_gate
+        self.layer_gate = layer_gate
 
     def per_expert(self, kind: str) -> list[torch.Tensor]:
         return [getattr(self.module, f"{_PREFIX}{kind}_{e}") for e in range(self.num_experts)]

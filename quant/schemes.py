@@ -40,7 +40,7 @@ def register_target(target: QuantTarget) -> QuantTarget:
 
 # The mode each target gets when none is asked for. CPUs (x86, arm): 8-bit blocks in onnxruntime's own kernels
 # (QMoE, MatMulNBits, GatherBlockQuantized). On a granite-3.0-1b-a400m-shaped model, 2 threads (BENCHMARKS.md):
-# 51.7-68 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decodes 26-27
+# 51.7-68 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decodes 29-30
 # tokens/s at a KL of 1.7e-6 (16-bit activations, weights in blocks: IntScheme.with_activations; 1.4 tokens/s at
 # 1.7e-5 with 8-bit activations and outputs) in 1.3x the resident memory (2.1 against 1.65 GB). NNAPI and QNN run
 # QDQ natively; GPUs and Core ML run fp16.
