@@ -448,7 +448,8 @@ def _write(source: _Source, out: Path, settings: _Settings,
 def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _Settings, *,
              reference: Reference | None, encoder, heldout, perplexity: bool, heldout_tokens: int | None,
              latency_runs: int, parity_shapes) -> qual.QualityReport:
-    """Size, parity with ``reference``, perplexity and routing on held-out text, latency: before vs after."""
+    """Size, parity with ``reference``, perplexity and routing on held-out text, latency: before vs after.
+    ``heldout_tokens``: perplexity reads at most this many tokens of the text (None: all of it)."""
     model, graph, spec = source.path, source.proto, settings.mode
     report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(graph),
                                 qual.weight_bytes(quantized), node_metadata_bytes(graph))
@@ -543,7 +544,7 @@ def quantize(
     activations: str = "auto",
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     perplexity: bool = True,
-    heldout_tokens: int | None = None,
+    heldout_tokens: int = qual.PPL_MAX_TOKENS,
     parity_shapes: tuple[tuple[int, int], ...] | None = None,
     force: bool = False,
 ) -> QuantizeResult:
@@ -576,7 +577,7 @@ def quantize(
     for parity (default: held-out text windows when there is text, else ``quality.PARITY_SHAPES``).
     ``latency_runs=0`` skips the latency
     measurement, ``perplexity=False`` the held-out text pass; ``heldout_tokens``: perplexity reads at most this many
-    tokens of the held-out text (``quality.heldout_windows``; None: ``quality.PPL_MAX_TOKENS``, 0: all of it).
+    tokens of the held-out text (``quality.heldout_windows``; 0: all of it).
     """
     started = time.perf_counter()
     model, out = Path(model), Path(out)
@@ -585,11 +586,7 @@ def quantize(
                                      kv_projection_bits, embedding_block_size, head_block_size=head_block_size),
                          calibration,
                          random_calibration, fused_attention, activations)
-    if heldout_tokens is None:
-        heldout_tokens = qual.PPL_MAX_TOKENS
-    elif heldout_tokens == 0:
-        heldout_tokens = None  # the whole text
-    elif heldout_tokens < qual.PPL_WINDOW:
+    if heldout_tokens < 0 or 0 < heldout_tokens < qual.PPL_WINDOW:
         raise MoeportError(f"heldout tokens {heldout_tokens}: perplexity reads windows of {qual.PPL_WINDOW} tokens; "
                            f"give at least {qual.PPL_WINDOW}, or 0 for the whole text")
     _check_paths(model, out, force)
@@ -614,7 +611,8 @@ def quantize(
     quantized, passes = _write(source, out, settings, calibrated)
     try:
         report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
-                          perplexity=perplexity, heldout_tokens=heldout_tokens, latency_runs=latency_runs,
+                          perplexity=perplexity, heldout_tokens=heldout_tokens or None,  # 0: all of it
+                          latency_runs=latency_runs,
                           parity_shapes=parity_shapes)
     except BaseException:
         # A file whose report failed (a parity run that could not start, an interrupt) is not left as if done.

@@ -980,6 +980,8 @@ def test_perplexity_reads_at_most_heldout_tokens_in_evenly_spaced_windows(topk, 
     with pytest.raises(MoeportError, match="heldout tokens 100: perplexity reads windows of 256 tokens; give at "
                                            "least 256, or 0 for the whole text"):
         quantize(topk.output, tmp_path / "few.onnx", mode="fp16", heldout=text, heldout_tokens=100)
+    with pytest.raises(MoeportError, match="heldout tokens -1: "):
+        quantize(topk.output, tmp_path / "few.onnx", mode="fp16", heldout=text, heldout_tokens=-1)
     assert not (tmp_path / "few.onnx").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", str(topk.output), "-o", str(tmp_path / "few.onnx"), "--mode", "fp16", "--heldout-tokens",

@@ -136,7 +136,9 @@ def quantize_cmd(model, output, mode, target, calibration, calibration_samples, 
                           fused_experts=fused_experts, fused_attention=fused_attention, kv_cache=kv_cache,
                           embedding_bits=int(embedding_bits),
                           down_activations=down_activations, activations=activations, latency_runs=latency_runs,
-                          perplexity=not no_perplexity, heldout_tokens=heldout_tokens, force=force)
+                          perplexity=not no_perplexity, force=force,
+                          # not given: the library's default (the help's)
+                          **({} if heldout_tokens is None else {"heldout_tokens": heldout_tokens}))
     emit(result, as_json)
 
 
