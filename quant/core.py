@@ -63,6 +63,7 @@ from moeport.runtime.fusions import cache_layers, unfused_layers
 from moeport.runtime.inspect import graph_specs
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
                                       load_graph)
+from moeport.runtime.verify import check_reference, reference_warnings
 from moeport.samples import TRAINED_DIR
 
 DEFAULT_CALIBRATION_SAMPLES = 64
@@ -591,6 +592,11 @@ def quantize(
                            f"give at least {qual.PPL_WINDOW}, or 0 for the whole text")
     _check_paths(model, out, force)
     source = _read(model, settings)
+    if reference is not None and source.info is not None:
+        # Before the minutes of quantizing: a checkpoint of another model is an error; one whose files hash
+        # differently from the export's, a warning in the result.
+        check_reference(model, source.info, reference)
+        source.warnings += reference_warnings(metadata_of_map(source.metadata), reference)
     settings.share_cache = _share_cache(source, settings, kv_cache)
     if settings.layout is not None:
         settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source))

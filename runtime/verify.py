@@ -157,8 +157,7 @@ def verify(
     checkpoint = reference.source
     report_warnings = []
     check_reference(model, info, reference)
-    if metadata.get("source_sha256") and metadata["source_sha256"] != reference.source_sha256:
-        report_warnings.append("the checkpoint's files differ from the ones this model was exported from")
+    report_warnings += reference_warnings(metadata, reference)
     comparator = Comparator(atol=reference.tolerance if atol is None else atol, rtol=rtol,
                             min_routing_agreement=min_routing_agreement)
     session = create_session(model, ep, fallback=fallback, threads=threads)
@@ -202,6 +201,17 @@ def model_feeds(inputs: dict[str, np.ndarray], session_inputs, session_outputs=(
     ids = inputs[INPUT_IDS]
     mask = inputs.get(ATTENTION_MASK, np.ones_like(ids))
     return decoder_feeds(mask, ids, empty_past(session_inputs, ids.shape[0], session_outputs, capacity))
+
+
+def reference_warnings(metadata: dict[str, str], reference: Reference) -> list[str]:
+    """What a report should say when ``reference`` may not be the checkpoint a model with ``metadata`` (its
+    ``moeport.*`` entries, keys without the prefix) was exported from: its config and weights hash differently
+    from the ones recorded at export. A warning, not an error: the same weights saved again (another shard size,
+    safetensors instead of a pickle) hash differently too."""
+    recorded = metadata.get("source_sha256")
+    if recorded and recorded != reference.source_sha256:
+        return [f"the checkpoint's files ({reference.source}) differ from the ones this model was exported from"]
+    return []
 
 
 def check_reference(model: str | os.PathLike, info: ModelInfo, reference: Reference) -> None:

@@ -550,3 +550,38 @@ def test_quantize_fuses_attention_for_cpu_targets_only(tmp_path):
     unfused = _decode(tmp_path / "off.onnx", _steps(1))
     for a, b in zip(_decode(fused.output, _steps(1)), unfused):
         assert np.abs(a[:, -1] - b[:, -1]).max() < 0.05 * np.abs(b).max()
+
+
+def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(tmp_path):
+    """``quantize --checkpoint`` on a with-past export: parity runs decoder steps (a prompt from the empty cache)
+    through PyTorch and the quantized file. A checkpoint whose files differ from the export's is named in a
+    warning; one with other MoE layers is refused before anything is quantized, and nothing is written."""
+    from moeport.errors import MoeportError
+    from moeport.exporter.reference import CheckpointReference
+
+    source = _with_past(tmp_path, "granitemoe")
+    checkpoint = tmp_path / "granitemoe"
+    result = quantize(source.output, tmp_path / "q.onnx", mode="int4", reference=CheckpointReference.load(checkpoint),
+                      latency_runs=0, perplexity=False)
+    parity = result.quality.parity
+    assert parity.shapes == [f"{b}x{s}" for b, s in quant_core.qual.PARITY_SHAPES] and parity.inputs == "random ids"
+    assert 0 < parity.max_abs_err < 0.5 and parity.argmax_agreement > 0.8, parity
+    assert not result.warnings
+
+    reseeded = tmp_path / "reseeded"
+    hf_families.random_model("granitemoe", seed=1).save_pretrained(reseeded)
+    with pytest.warns(quant_core.QuantizeWarning, match="differ from the ones this model was exported from"):
+        other = quantize(source.output, tmp_path / "other.onnx", mode="int4",
+                         reference=CheckpointReference.load(reseeded), latency_runs=0, perplexity=False)
+    assert other.warnings == [f"the checkpoint's files ({reseeded}) differ from the ones this model was exported from"]
+    assert other.quality.parity.max_abs_err > 10 * parity.max_abs_err  # measured against another model's weights
+    # verify says the same of the fp32 file
+    from moeport.runtime.verify import verify
+    assert other.warnings[0] in verify(source.output, CheckpointReference.load(reseeded), shapes=[(1, 4)]).warnings
+
+    deeper = tmp_path / "deeper"
+    hf_families.random_model("granitemoe", num_hidden_layers=3).save_pretrained(deeper)
+    with pytest.raises(MoeportError, match="have different MoE layers; was it exported from this checkpoint"):
+        quantize(source.output, tmp_path / "refused.onnx", mode="int4", reference=CheckpointReference.load(deeper),
+                 latency_runs=0, perplexity=False)
+    assert not (tmp_path / "refused.onnx").exists()
