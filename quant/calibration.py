@@ -189,7 +189,8 @@ def load_calibration(
         encoder = text_encoder(vocab_size)
         if encoder is None:
             raise MoeportError(f"calibration text {path} needs a tokenizer: the model's vocabulary is {vocab_size} "
-                               "(not bytes); pass --checkpoint with the checkpoint's tokenizer, or a .npz of token ids")
+                               "(not bytes) and no tokenizer was found; give a directory holding one (--checkpoint, "
+                               "--tokenizer), or a .npz of token ids")
     try:
         data = _text_bytes(path)
     except (OSError, UnicodeDecodeError) as exc:

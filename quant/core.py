@@ -471,8 +471,8 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
     if not perplexity:
         report.notes.append("perplexity not measured (skipped on request)")
     elif encoder() is None:
-        report.notes.append("no perplexity: the model is not byte-level and no tokenizer was given (--tokenizer DIR, "
-                            "or --checkpoint with the checkpoint's tokenizer)")
+        report.notes.append("no perplexity: the model is not byte-level and no tokenizer was found (give a "
+                            "directory holding one: --checkpoint, --tokenizer)")
     elif heldout_ids is None:
         report.notes.append("no perplexity: no held-out text (pass --heldout FILE)")
     else:

@@ -1009,8 +1009,9 @@ def test_calibration_sources(tmp_path):
     text.write_bytes(TEXT)
     windows = load_calibration(text, inputs=IDS_ONLY, vocab_size=256, samples=5, seq=32).samples
     assert len(windows) == 5 and windows[-1]["input_ids"][0, -1] == TEXT[-1]  # evenly spaced, to the end
-    with pytest.raises(MoeportError, match="needs a tokenizer: the model's vocabulary is 32000 .not bytes.; pass "
-                                           "--checkpoint with the checkpoint's tokenizer, or a .npz of token ids"):
+    with pytest.raises(MoeportError, match="needs a tokenizer: the model's vocabulary is 32000 .not bytes. and no "
+                                           "tokenizer was found; give a directory holding one .--checkpoint, "
+                                           "--tokenizer., or a .npz of token ids"):
         load_calibration(text, inputs=IDS_ONLY, vocab_size=32000, samples=1)
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n', encoding="utf-8")
     with pytest.raises(MoeportError, match=r"bad.jsonl:1 has no string \"text\" field"):
