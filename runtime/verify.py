@@ -219,6 +219,12 @@ def check_reference(model: str | os.PathLike, info: ModelInfo, reference: Refere
     if reference.info.family != info.family:
         raise MoeportError(f"{model} was exported from a {info.family} model but {reference.source} is "
                            f"{reference.info.family}")
+    if info.model_type and reference.info.model_type and reference.info.model_type != info.model_type:
+        raise MoeportError(f"{model} was exported from a {info.model_type} checkpoint but {reference.source} is "
+                           f"{reference.info.model_type}")
+    if reference.info.vocab_size != info.vocab_size:
+        raise MoeportError(f"{model} has a vocabulary of {info.vocab_size} tokens but {reference.source} has "
+                           f"{reference.info.vocab_size}; was it exported from this checkpoint?")
     if reference.info.layers != info.layers:
         raise MoeportError(f"{model} and {reference.source} have different MoE layers; was it exported from this "
                            "checkpoint?")

@@ -555,7 +555,8 @@ def test_quantize_fuses_attention_for_cpu_targets_only(tmp_path):
 def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(tmp_path):
     """``quantize --checkpoint`` on a with-past export: parity runs decoder steps (a prompt from the empty cache)
     through PyTorch and the quantized file. A checkpoint whose files differ from the export's is named in a
-    warning; one with other MoE layers is refused before anything is quantized, and nothing is written."""
+    warning; one of another model type or with other MoE layers is refused before anything is quantized, and
+    nothing is written."""
     from moeport.errors import MoeportError
     from moeport.exporter.reference import CheckpointReference
 
@@ -579,6 +580,11 @@ def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(t
     from moeport.runtime.verify import verify
     assert other.warnings[0] in verify(source.output, CheckpointReference.load(reseeded), shapes=[(1, 4)]).warnings
 
+    mixtral = tmp_path / "mixtral"
+    hf_families.random_model("mixtral").save_pretrained(mixtral)
+    with pytest.raises(MoeportError, match="was exported from a granitemoe checkpoint but .*mixtral is mixtral$"):
+        quantize(source.output, tmp_path / "refused.onnx", mode="int4", reference=CheckpointReference.load(mixtral),
+                 latency_runs=0, perplexity=False)
     deeper = tmp_path / "deeper"
     hf_families.random_model("granitemoe", num_hidden_layers=3).save_pretrained(deeper)
     with pytest.raises(MoeportError, match="have different MoE layers; was it exported from this checkpoint"):
