@@ -401,8 +401,8 @@ class BlockWeightsPass(QuantPass):
             blocked += 1
         if blocked:
             model.opset_imports.setdefault("com.microsoft", 1)
-        done = f"stored {blocked} MatMul weight(s) in 8-bit blocks of {self.block_size} (MatMulNBits)" \
-            if blocked else None
+        done = (f"rewrote {blocked} MatMul(s) as MatMulNBits reading {len(stored)} weight(s) stored in 8-bit blocks "
+                f"of {self.block_size}") if blocked else None
         return _outcome(model, done, "no per-channel int8 MatMul weight among the named nodes", left,
                         "kept per channel")
 

@@ -208,7 +208,8 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
     wide, narrow = quantized("int8"), quantized("int8", activations="int8")
     record = next(r for r in wide.passes if r.name == "BlockWeightsPass")
     # every quantized MatMul: 32 experts', 8 attention projections, the lm_head
-    assert record.modified and record.note == "stored 41 MatMul weight(s) in 8-bit blocks of 32 (MatMulNBits)"
+    assert record.modified and record.note == ("rewrote 41 MatMul(s) as MatMulNBits reading 41 weight(s) stored in "
+                                               "8-bit blocks of 32")
     assert not any(r.name == "BlockWeightsPass" for r in narrow.passes)
 
     fp32 = onnx.load(topk.output)

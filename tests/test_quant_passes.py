@@ -362,7 +362,8 @@ def test_block_weights_share_one_blocked_weight_between_its_matmuls(tmp_path):
     model = ir.from_proto(quantized)
     records = run_passes(model, [BlockWeightsPass({"m1", "m2"}, source, 32, 4), REMOVE_UNUSED])
     after = serialize(model)
-    assert records[0].note == "stored 2 MatMul weight(s) in 8-bit blocks of 32 (MatMulNBits)"
+    # one weight read by two MatMuls is stored once
+    assert records[0].note == "rewrote 2 MatMul(s) as MatMulNBits reading 1 weight(s) stored in 8-bit blocks of 32"
     nbits = [n for n in after.graph.node if n.op_type == "MatMulNBits"]
     assert [n.name for n in nbits] == ["m1", "m2"] and nbits[0].input[1:] == nbits[1].input[1:]
     assert _ops(after) == {"Cast": 1, "MatMulNBits": 2, "Add": 1}
