@@ -5,7 +5,9 @@ Sources (``load_calibration``):
 - a text file (``.txt`` or anything not below): token ids from the checkpoint's tokenizer when it has one
   (``TextEncoder``), else bytes for a byte-level model (vocab 256);
 - a JSONL file (``.jsonl``): one JSON object per line, its ``"text"`` field, encoded the same way;
-- a ``.npz`` file: one array per graph input, named as the input, ``[samples, seq]`` integer ids;
+- a ``.npz`` file: one array per graph input, named as the input, ``[samples, seq]`` integer ids; for a
+  text-generation-with-past graph, ``input_ids`` alone or with its ``attention_mask`` (0/1): each row is then a
+  prefill from the empty cache;
 - ``"random"``: seeded uniform token ids; only when asked for explicitly, with a warning (random bytes
   route unlike real text, so the activation ranges and per-expert coverage are not representative).
 
@@ -24,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from moeport._fs import load_npz
-from moeport.contract import INPUT_IDS, POSITION_IDS, is_cache_input
+from moeport.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, is_cache_input
 from moeport.errors import MoeportError
 from moeport.runtime.tokenizer import has_tokenizer, load_tokenizer
 from moeport.runtime.verify import model_feeds
@@ -124,11 +126,14 @@ def _text_bytes(path: Path) -> bytes:
 def _from_npz(path: Path, inputs, outputs, vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
     archive = load_npz(path, what="calibration")
     input_names = [spec.name for spec in inputs]
-    if _starts_from_ids(input_names) and set(archive) == {"input_ids"}:
-        # A with-past graph calibrated from rows of ids: each row is a prefill (empty past), as text would be.
-        ids_only = [spec for spec in inputs if spec.name == "input_ids"]
-        return [text_feeds(row["input_ids"], inputs, f"calibration file {path}", outputs)
-                for row in _from_npz(path, ids_only, (), vocab_size, count)]
+    if _starts_from_ids(input_names) and INPUT_IDS in archive and set(archive) <= {INPUT_IDS, ATTENTION_MASK}:
+        # A with-past graph calibrated from rows of ids (and their attention mask, as a tokenizer pads them): each
+        # row is a prefill from the empty past, as text would be.
+        given = [spec for spec in inputs if spec.name in archive]
+        rows = _from_npz(path, given, (), vocab_size, count)
+        if ATTENTION_MASK in archive:
+            _check_mask(path, np.concatenate([row[ATTENTION_MASK] for row in rows]))
+        return [model_feeds(row, inputs, outputs) for row in rows]
     missing = [n for n in input_names if n not in archive]
     if missing:
         raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "
@@ -146,6 +151,16 @@ def _from_npz(path: Path, inputs, outputs, vocab_size: int | None, count: int) -
         raise MoeportError(f"calibration file {path}: its arrays have different numbers of samples")
     total = rows.pop()
     return [{n: arrays[n][i:i + 1].astype(np.int64) for n in input_names} for i in range(min(total, count))]
+
+
+def _check_mask(path: Path, mask: np.ndarray) -> None:
+    """User errors for an attention mask ``[samples, seq]`` that is not 0/1 or leaves a row with no token."""
+    if not np.isin(mask, (0, 1)).all():
+        raise MoeportError(f"calibration file {path}: 'attention_mask' holds values other than 0 and 1")
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise MoeportError(f"calibration file {path}: 'attention_mask' masks every token of row(s) "
+                           f"{empty.tolist()[:5]}")
 
 
 def load_calibration(

@@ -591,3 +591,33 @@ def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(t
         quantize(source.output, tmp_path / "refused.onnx", mode="int4", reference=CheckpointReference.load(deeper),
                  latency_runs=0, perplexity=False)
     assert not (tmp_path / "refused.onnx").exists()
+
+
+def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(tmp_path):
+    """Static int8 of a with-past export calibrated from an .npz of token ids, as a tokenizer writes them: with or
+    without their ``attention_mask`` (each row a prefill from the empty past, its positions from the mask). A mask
+    of ones calibrates exactly as no mask; a mask that is not 0/1, or hides a whole row, is refused in one line."""
+    from moeport.errors import MoeportError
+
+    source = _with_past(tmp_path, "granitemoe")
+    ids = np.random.default_rng(0).integers(3, 128, (4, 16))
+    results = {}
+    for name, arrays in (("ids", {"input_ids": ids}), ("ones", {"input_ids": ids, "attention_mask": np.ones_like(ids)})):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        results[name] = quantize(source.output, tmp_path / f"{name}.onnx", mode="int8",
+                                 calibration=tmp_path / f"{name}.npz", latency_runs=0, perplexity=False)
+    assert results["ones"].calibration["tokens"] == results["ids"].calibration["tokens"] == ids.size
+    assert results["ones"].calibration["coverage"] == results["ids"].calibration["coverage"]
+    padded = np.ones_like(ids)
+    padded[0, :5] = 0  # left padding, as a batch of prompts of different lengths
+    np.savez(tmp_path / "padded.npz", input_ids=ids, attention_mask=padded)
+    assert quantize(source.output, tmp_path / "padded.onnx", mode="int8", calibration=tmp_path / "padded.npz",
+                    latency_runs=0, perplexity=False).calibration["tokens"] == ids.size
+    for bad, message in ((np.full_like(ids, 2), "'attention_mask' holds values other than 0 and 1"),
+                         (np.vstack([np.zeros_like(ids[:1]), padded[1:]]),
+                          r"'attention_mask' masks every token of row\(s\) \[0\]")):
+        np.savez(tmp_path / "bad.npz", input_ids=ids, attention_mask=bad)
+        with pytest.raises(MoeportError, match=message):
+            quantize(source.output, tmp_path / "bad.onnx", mode="int8", calibration=tmp_path / "bad.npz",
+                     latency_runs=0, perplexity=False)
+        assert not (tmp_path / "bad.onnx").exists()
