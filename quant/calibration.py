@@ -5,9 +5,10 @@ Sources (``load_calibration``):
 - a text file (``.txt`` or anything not below): token ids from the checkpoint's tokenizer when it has one
   (``TextEncoder``), else bytes for a byte-level model (vocab 256);
 - a JSONL file (``.jsonl``): one JSON object per line, its ``"text"`` field, encoded the same way;
-- a ``.npz`` file: one array per graph input, named as the input, ``[samples, seq]`` integer ids; for a
-  text-generation-with-past graph, ``input_ids`` alone or with its ``attention_mask`` (0/1): each row is then a
-  prefill from the empty cache;
+- a ``.npz`` file: one array per graph input, named as the input, ``[samples, seq]`` integer ids; where the
+  graph takes token ids (``input_ids``, an ``attention_mask``, and a with-past graph's cache), ``input_ids`` alone
+  or with its ``attention_mask`` (0/1; all ones when absent): a with-past graph runs each row as a prefill from the
+  empty cache;
 - ``"random"``: seeded uniform token ids; only when asked for explicitly, with a warning (random bytes
   route unlike real text, so the activation ranges and per-expert coverage are not representative).
 
@@ -126,19 +127,33 @@ def _text_bytes(path: Path) -> bytes:
 def _from_npz(path: Path, inputs, outputs, vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
     archive = load_npz(path, what="calibration")
     input_names = [spec.name for spec in inputs]
-    if _starts_from_ids(input_names) and INPUT_IDS in archive and set(archive) <= {INPUT_IDS, ATTENTION_MASK}:
-        # A with-past graph calibrated from rows of ids (and their attention mask, as a tokenizer pads them): each
-        # row is a prefill from the empty past, as text would be.
-        given = [spec for spec in inputs if spec.name in archive]
-        rows = _from_npz(path, given, (), vocab_size, count)
-        if ATTENTION_MASK in archive:
+    tokens = {INPUT_IDS, ATTENTION_MASK}
+    with_past = _starts_from_ids(input_names)
+    if INPUT_IDS in archive and set(archive) <= tokens and (with_past or set(input_names) <= tokens):
+        # Rows of ids, with their attention mask where a tokenizer padded them (all ones where there is none): a
+        # with-past graph runs each row as a prefill from the empty past, as text would be.
+        if ATTENTION_MASK in archive and archive[ATTENTION_MASK].shape != archive[INPUT_IDS].shape:
+            raise MoeportError(f"calibration file {path}: 'attention_mask' is {list(archive[ATTENTION_MASK].shape)} "
+                               f"but 'input_ids' is {list(archive[INPUT_IDS].shape)}; a mask covers the ids")
+        rows = _npz_rows(path, archive, [n for n in (INPUT_IDS, ATTENTION_MASK) if n in archive], vocab_size, count)
+        for row in rows:
+            row.setdefault(ATTENTION_MASK, np.ones_like(row[INPUT_IDS]))
+        if ATTENTION_MASK in input_names or with_past:
             _check_mask(path, np.concatenate([row[ATTENTION_MASK] for row in rows]))
-        return [model_feeds(row, inputs, outputs) for row in rows]
+        if with_past:
+            return [model_feeds(row, inputs, outputs) for row in rows]
+        return [{name: row[name] for name in input_names} for row in rows]
     missing = [n for n in input_names if n not in archive]
     if missing:
         raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "
                            f"{sorted(archive)}, the model needs {input_names}")
-    arrays = {n: archive[n] for n in input_names}
+    return _npz_rows(path, archive, input_names, vocab_size, count)
+
+
+def _npz_rows(path: Path, archive, names: list[str], vocab_size: int | None, count: int) -> list[dict[str, np.ndarray]]:
+    """The first ``count`` samples of the arrays ``names`` of ``archive``, each ``{name: [1, seq] int64}``, checked
+    as token ids ``[samples, seq]`` of a vocabulary of ``vocab_size``."""
+    arrays = {n: archive[n] for n in names}
     rows = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
     for name, array in arrays.items():
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
@@ -150,7 +165,7 @@ def _from_npz(path: Path, inputs, outputs, vocab_size: int | None, count: int) -
     if len(rows) != 1:
         raise MoeportError(f"calibration file {path}: its arrays have different numbers of samples")
     total = rows.pop()
-    return [{n: arrays[n][i:i + 1].astype(np.int64) for n in input_names} for i in range(min(total, count))]
+    return [{n: arrays[n][i:i + 1].astype(np.int64) for n in names} for i in range(min(total, count))]
 
 
 def _check_mask(path: Path, mask: np.ndarray) -> None:

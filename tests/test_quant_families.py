@@ -596,7 +596,8 @@ def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(t
 def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(tmp_path):
     """Static int8 of a with-past export calibrated from an .npz of token ids, as a tokenizer writes them: with or
     without their ``attention_mask`` (each row a prefill from the empty past, its positions from the mask). A mask
-    of ones calibrates exactly as no mask; a mask that is not 0/1, or hides a whole row, is refused in one line."""
+    of ones calibrates exactly as no mask; a mask that is not 0/1, hides a whole row or does not cover the ids is
+    refused in one line. A logits export (ids and mask) takes the ids alone too, and routes them the same."""
     from moeport.errors import MoeportError
 
     source = _with_past(tmp_path, "granitemoe")
@@ -615,9 +616,17 @@ def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(tmp_p
                     latency_runs=0, perplexity=False).calibration["tokens"] == ids.size
     for bad, message in ((np.full_like(ids, 2), "'attention_mask' holds values other than 0 and 1"),
                          (np.vstack([np.zeros_like(ids[:1]), padded[1:]]),
-                          r"'attention_mask' masks every token of row\(s\) \[0\]")):
+                          r"'attention_mask' masks every token of row\(s\) \[0\]"),
+                         (padded[:, 1:], r"'attention_mask' is \[4, 15\] but 'input_ids' is \[4, 16\]")):
         np.savez(tmp_path / "bad.npz", input_ids=ids, attention_mask=bad)
         with pytest.raises(MoeportError, match=message):
             quantize(source.output, tmp_path / "bad.onnx", mode="int8", calibration=tmp_path / "bad.npz",
                      latency_runs=0, perplexity=False)
         assert not (tmp_path / "bad.onnx").exists()
+    # A logits export takes input_ids and attention_mask: ids alone get a mask of ones, as text windows do.
+    logits = export_checkpoint(tmp_path / "granitemoe", tmp_path / "logits.onnx", validate=False)
+    assert [i.name for i in onnx.load(logits.output, load_external_data=False).graph.input] == \
+        ["input_ids", "attention_mask"]
+    by_ids = quantize(logits.output, tmp_path / "logits-int8.onnx", mode="int8", calibration=tmp_path / "ids.npz",
+                      latency_runs=0, perplexity=False)
+    assert by_ids.calibration["coverage"] == results["ids"].calibration["coverage"]

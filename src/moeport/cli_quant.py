@@ -33,7 +33,7 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="Where the model will run: picks the int8 scheme (cpu: by this CPU's VNNI support).")
 @click.option("--calibration", type=click.Path(), default=None,
               help="int8: calibration text (bytes), .jsonl ({\"text\": ...} per line) or .npz of input arrays "
-                   "(a with-past model: input_ids, and its attention_mask if padded) (default: the trained sample's "
+                   "(or input_ids alone, with its attention_mask if padded) (default: the trained sample's "
                    "calibration.txt).")
 @click.option("--calibration-samples", type=int, default=64, show_default=True,
               help="int8: number of 128-token calibration windows.")
