@@ -136,13 +136,12 @@ def _from_npz(path: Path, inputs, outputs, vocab_size: int | None, count: int) -
             raise MoeportError(f"calibration file {path}: 'attention_mask' is {list(archive[ATTENTION_MASK].shape)} "
                                f"but 'input_ids' is {list(archive[INPUT_IDS].shape)}; a mask covers the ids")
         rows = _npz_rows(path, archive, [n for n in (INPUT_IDS, ATTENTION_MASK) if n in archive], vocab_size, count)
+        if ATTENTION_MASK in archive and (ATTENTION_MASK in input_names or with_past):
+            _check_mask(path, np.concatenate([row[ATTENTION_MASK] for row in rows]))
         for row in rows:
             row.setdefault(ATTENTION_MASK, np.ones_like(row[INPUT_IDS]))
-        if ATTENTION_MASK in input_names or with_past:
-            _check_mask(path, np.concatenate([row[ATTENTION_MASK] for row in rows]))
-        if with_past:
-            return [model_feeds(row, inputs, outputs) for row in rows]
-        return [{name: row[name] for name in input_names} for row in rows]
+        # model_feeds: a logits graph's own inputs of the row; a with-past graph's prefill from the empty cache
+        return [model_feeds(row, inputs, outputs) for row in rows]
     missing = [n for n in input_names if n not in archive]
     if missing:
         raise MoeportError(f"calibration file {path} does not fit the model: it has arrays "
