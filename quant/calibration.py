@@ -29,6 +29,7 @@ import numpy as np
 from moeport._fs import load_npz
 from moeport.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, is_cache_input
 from moeport.errors import MoeportError
+from moeport.runtime._io import check_prompt_mask
 from moeport.runtime.tokenizer import has_tokenizer, load_tokenizer
 from moeport.runtime.verify import model_feeds
 
@@ -132,12 +133,9 @@ def _from_npz(path: Path, inputs, outputs, vocab_size: int | None, count: int) -
     if INPUT_IDS in archive and set(archive) <= tokens and (with_past or set(input_names) <= tokens):
         # Rows of ids, with their attention mask where a tokenizer padded them (all ones where there is none): a
         # with-past graph runs each row as a prefill from the empty past, as text would be.
-        if ATTENTION_MASK in archive and archive[ATTENTION_MASK].shape != archive[INPUT_IDS].shape:
-            raise MoeportError(f"calibration file {path}: 'attention_mask' is {list(archive[ATTENTION_MASK].shape)} "
-                               f"but 'input_ids' is {list(archive[INPUT_IDS].shape)}; a mask covers the ids")
         rows = _npz_rows(path, archive, [n for n in (INPUT_IDS, ATTENTION_MASK) if n in archive], vocab_size, count)
-        if ATTENTION_MASK in archive and (ATTENTION_MASK in input_names or with_past):
-            _check_mask(path, np.concatenate([row[ATTENTION_MASK] for row in rows]))
+        if ATTENTION_MASK in archive:
+            check_prompt_mask(archive[ATTENTION_MASK], archive[INPUT_IDS], f"calibration file {path}:")
         for row in rows:
             row.setdefault(ATTENTION_MASK, np.ones_like(row[INPUT_IDS]))
         # model_feeds: a logits graph's own inputs of the row; a with-past graph's prefill from the empty cache
@@ -165,16 +163,6 @@ def _npz_rows(path: Path, archive, names: list[str], vocab_size: int | None, cou
         raise MoeportError(f"calibration file {path}: its arrays have different numbers of samples")
     total = rows.pop()
     return [{n: arrays[n][i:i + 1].astype(np.int64) for n in names} for i in range(min(total, count))]
-
-
-def _check_mask(path: Path, mask: np.ndarray) -> None:
-    """User errors for an attention mask ``[samples, seq]`` that is not 0/1 or leaves a row with no token."""
-    if not np.isin(mask, (0, 1)).all():
-        raise MoeportError(f"calibration file {path}: 'attention_mask' holds values other than 0 and 1")
-    empty = np.flatnonzero(mask.sum(axis=1) == 0)
-    if empty.size:
-        raise MoeportError(f"calibration file {path}: 'attention_mask' masks every token of row(s) "
-                           f"{empty.tolist()[:5]}")
 
 
 def load_calibration(

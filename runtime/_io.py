@@ -94,6 +94,20 @@ def check_inputs(feeds: dict[str, np.ndarray], specs: list[TensorSpec], vocab_si
                                f"[0, {vocab_size})")
 
 
+def check_prompt_mask(mask: np.ndarray, ids: np.ndarray, source: str) -> None:
+    """One-line MoeportErrors for an ``attention_mask`` that cannot be a prompt's: not the shape of its ``input_ids``
+    ``[rows, seq]``, values other than 0 and 1, or a row with every token masked. ``source`` starts each message
+    (``"input"``, ``"calibration file data.npz:"``)."""
+    if mask.shape != ids.shape:
+        raise MoeportError(f"{source} 'attention_mask' is {list(mask.shape)} but 'input_ids' is {list(ids.shape)}; "
+                           "a mask covers the ids")
+    if not np.isin(mask, (0, 1)).all():
+        raise MoeportError(f"{source} 'attention_mask' holds values other than 0 and 1")
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise MoeportError(f"{source} 'attention_mask' masks every token of row(s) {empty.tolist()[:5]}")
+
+
 def save_npz(path: Path, arrays: dict[str, np.ndarray], force: bool = False) -> Path:
     """Write ``arrays`` to ``path`` atomically (np.savez through a file object, so no ``.npz`` is appended)."""
     check_output_file(path, force)

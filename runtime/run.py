@@ -4,7 +4,9 @@ Exported models take ``input_ids`` ``[batch, sequence]`` int64 and return ``logi
 ``[batch, sequence, vocab]`` float32, plus ``routing.{label}.experts`` ``[batch*sequence, k]`` int64 and
 ``routing.{label}.weights`` ``[batch*sequence, k]`` float32 when exported ``--with-routing``. The inputs
 are checked against the model (names, rank, dtype, fixed dims, token ids against the vocabulary) before
-onnxruntime sees them; the outputs go to an ``.npz`` written atomically.
+onnxruntime sees them; the outputs go to an ``.npz`` written atomically. A text-generation-with-past model also
+takes a prompt alone (``input_ids [batch, seq]``, with or without its 0/1 ``attention_mask``): it runs as the
+prompt's prefill from an empty cache, ``position_ids`` from the mask, as ``moeport generate`` starts.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from moeport._fs import check_output_file, load_npz
-from moeport.contract import INPUT_IDS, KV_CACHE_SHARED, is_cache_input, vocab_size
-from moeport.runtime._io import TensorSpec, check_inputs, save_npz, session_specs
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, is_cache_input, metadata_of_map,
+                              vocab_size)
+from moeport.runtime._io import TensorSpec, check_inputs, check_prompt_mask, save_npz, session_specs
 from moeport.runtime.layouts import model_file
 from moeport.runtime.placement import Placement, profiled_session, resolve_with_warnings, run_profiled
 from moeport.runtime.verify import model_feeds
@@ -59,6 +62,7 @@ class RunResult:
     output_file: Path | None = None
     warnings: list[str] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the outputs themselves
+    filled: list[str] = field(default_factory=list)  # inputs moeport made for a prompt alone (prompt_feeds)
 
     def to_dict(self) -> dict:
         return {"model": str(self.model), "ep": self.ep,
@@ -66,12 +70,17 @@ class RunResult:
                 "outputs": [o.to_dict() for o in self.outputs],
                 "output_file": None if self.output_file is None else str(self.output_file),
                 "seconds": round(self.seconds, 4), "placement": self.placement.to_dict(),
-                "warnings": self.warnings}
+                "warnings": self.warnings, "filled": self.filled}
 
     def render(self) -> str:
         lines = [f"warning: {w}" for w in self.warnings]
         shapes = ", ".join(f"{k} {list(v)}" for k, v in self.inputs.items())
         lines.append(f"ran {self.model} on {self.ep} with {shapes} in {self.seconds * 1e3:.1f} ms")
+        if self.filled:
+            made = [name for name in self.filled if not is_cache_input(name)]
+            caches = len(self.filled) - len(made)
+            made += [f"{caches} cache input{'s' * (caches != 1)} (empty)"] if caches else []
+            lines.append(f"a prompt alone: ran as its prefill from an empty cache; filled in {', '.join(made)}")
         for o in self.outputs:
             stats = "" if o.min is None else f"  min {o.min:.4g} max {o.max:.4g} mean {o.mean:.4g}"
             lines.append(f"  {o.name:<28} {o.dtype:<8} {str(list(o.shape)):<16}{stats}")
@@ -103,9 +112,14 @@ def run_model(
     provider, notes = resolve_with_warnings(ep, fallback)
     with tempfile.TemporaryDirectory(prefix="moeport-profile-") as tmp:
         session = profiled_session(model, provider, threads=threads, profile_dir=tmp)
-        input_specs, _ = session_specs(session)
+        input_specs, output_specs = session_specs(session)
         metadata = session.get_modelmeta().custom_metadata_map
-        check_inputs(feeds, input_specs, vocab_size(metadata, model))
+        given = list(feeds)
+        if is_prompt(feeds, input_specs):
+            feeds = prompt_feeds(feeds, input_specs, output_specs, vocab_size(metadata, model),
+                                 metadata_of_map(metadata).get("kv_cache"))
+        else:
+            check_inputs(feeds, input_specs, vocab_size(metadata, model))
         start = time.perf_counter()
         values, placement = run_profiled(session, feeds, provider.ort_name)
         seconds = time.perf_counter() - start
@@ -113,7 +127,29 @@ def run_model(
     if output is not None:
         save_npz(output, arrays, force=force)
     return RunResult(model, provider.name, {k: tuple(v.shape) for k, v in feeds.items()},
-                     [OutputSummary.of(k, v) for k, v in arrays.items()], placement, seconds, output, notes, arrays)
+                     [OutputSummary.of(k, v) for k, v in arrays.items()], placement, seconds, output, notes, arrays,
+                     [name for name in feeds if name not in given])
+
+
+def is_prompt(feeds: dict[str, np.ndarray], specs: list[TensorSpec]) -> bool:
+    """Whether ``feeds`` is a prompt alone (``input_ids``, with or without its ``attention_mask``) for a with-past
+    graph (inputs ``specs``, some of them cache inputs, contract ``is_cache_input``)."""
+    names = {spec.name for spec in specs}
+    return (any(is_cache_input(name) for name in names) and INPUT_IDS in feeds
+            and set(feeds) <= {INPUT_IDS, ATTENTION_MASK} & names)
+
+
+def prompt_feeds(feeds: dict[str, np.ndarray], input_specs: list[TensorSpec], output_specs: list[TensorSpec],
+                 vocab: int | None, kv_cache: str | None) -> dict[str, np.ndarray]:
+    """A with-past graph's feeds for the prompt ``feeds`` (``is_prompt``): its prefill from an empty cache
+    (``verify.model_feeds``: ``position_ids`` from the mask, a mask of ones when none is given; a shared buffer,
+    ``kv_cache`` contract ``KV_CACHE_SHARED``, as long as the prompt). The prompt is checked first, as
+    ``check_inputs`` checks whole feeds."""
+    check_inputs(feeds, [spec for spec in input_specs if spec.name in feeds], vocab)
+    ids = feeds[INPUT_IDS]
+    if ATTENTION_MASK in feeds:
+        check_prompt_mask(feeds[ATTENTION_MASK], ids, "input")
+    return model_feeds(feeds, input_specs, output_specs, ids.shape[1] if kv_cache == KV_CACHE_SHARED else 0)
 
 
 def example_feeds(specs: list[TensorSpec], vocab: int | None, batch: int = 1, seq: int = 8,

@@ -179,3 +179,58 @@ def test_bench_times_prefill_and_decode_of_a_with_past_model(with_past, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["bench", str(model_path), "--no-progress", *extra])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_run_takes_a_prompt_alone_for_a_with_past_model(with_past, capsys, tmp_path):
+    """``moeport run`` of a with-past model on ``input_ids`` (and its mask) alone runs the prompt's prefill from an
+    empty cache: the logits of the unmasked positions are transformers' for the same left-padded batch, the report
+    names the inputs it filled in, and a mask that cannot be the prompt's is refused in one line, nothing written."""
+    from moeport.runtime.compare import Comparator
+
+    _, model_path, model = with_past("mixtral")
+    width = max(map(len, PADDED))
+    ids = np.array([[0] * (width - len(row)) + row for row in PADDED], dtype=np.int64)
+    mask = np.array([[0] * (width - len(row)) + [1] * len(row) for row in PADDED], dtype=np.int64)
+    np.savez(tmp_path / "prompt.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "out.npz"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(model_path), "--inputs", str(tmp_path / "prompt.npz"), "-o", str(out), "--json"])
+    assert exit_info.value.code in (0, None)
+    result = json.loads(capsys.readouterr().out)
+    layers = model.config.num_hidden_layers
+    assert result["filled"] == ["position_ids"] + [f"past_key_values.{i}.{p}" for i in range(layers)
+                                                   for p in ("key", "value")]
+    assert result["inputs"]["past_key_values.0.key"][2] == 0
+    with np.load(out) as saved:
+        logits = saved["logits"]
+        assert saved["present.0.key"].shape[2] == width  # the prompt's keys, nothing before them
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    kept = mask.astype(bool)
+    comparison = Comparator(atol=1e-4).compare({"logits": expected[kept]}, {"logits": logits[kept]}, [])
+    assert comparison.passed and comparison.argmax_agreement == 1.0, comparison.to_dict()
+
+    np.savez(tmp_path / "ids.npz", input_ids=ids[1:])  # a mask of ones, then printed with what was filled in
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(model_path), "--inputs", str(tmp_path / "ids.npz")])
+    assert exit_info.value.code in (0, None)
+    assert (f"a prompt alone: ran as its prefill from an empty cache; filled in attention_mask, position_ids, "
+            f"{2 * layers} cache inputs (empty)") in capsys.readouterr().out
+
+    for bad, message in ((mask[:, 1:], "input 'attention_mask' is [2, 5] but 'input_ids' is [2, 6]; a mask covers "
+                                       "the ids"),
+                         (mask * 2, "input 'attention_mask' holds values other than 0 and 1"),
+                         (mask * [[0], [1]], "input 'attention_mask' masks every token of row(s) [0]"),
+                         (mask.astype(np.int32), "input 'attention_mask' has dtype int32; the model expects int64 "
+                                                 "with shape [batch, past_sequence + sequence]")):
+        np.savez(tmp_path / "bad.npz", input_ids=ids, attention_mask=bad)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", str(model_path), "--inputs", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "bad-out.npz")])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+        assert not (tmp_path / "bad-out.npz").exists()
+    # Part of a cache is not a prompt: the usual input check names what is missing.
+    np.savez(tmp_path / "part.npz", input_ids=ids, attention_mask=mask, position_ids=mask)
+    with pytest.raises(SystemExit):
+        main(["run", str(model_path), "--inputs", str(tmp_path / "part.npz")])
+    assert capsys.readouterr().err.startswith("error: input 'past_key_values.0.key' is missing")
