@@ -872,10 +872,13 @@ class FuseExpertsPass(QuantPass):
     """Replace each named MoE layer's per-expert MatMuls with one onnxruntime ``QMoE`` (com.microsoft) node over
     block-quantized expert weights, keeping the routing moeport's own.
 
-    Why: a decode step runs every expert's MatMuls, whether or not a token was routed to it (32 experts x 2
-    MatMuls per layer, most of them on 0 rows; 3 and their gate functions before the export gated all rows at
-    once) -- with the Split/Concat around them about a thousand kernel launches per step at 4 layers, which is
-    what kept the quantized models behind llama.cpp. ``QMoE`` runs only the selected experts, in one kernel.
+    Why: ``QMoE`` runs a layer's selected experts in one kernel, where the export runs every expert's MatMuls
+    (32 experts x 2 per layer on the granite-shaped model, most of them on zero rows) between a Split and a
+    Concat. Measured at edge size (BENCHMARKS.md): int4 decode +22-28% (PhiMoE-shaped) and +65-69%
+    (gpt-oss-shaped) over per-expert MatMulNBits. The idle experts' kernels are little of that: an empty
+    MatMulNBits costs 0.5-0.8 us without the profiler (``benchmarks/empty_kernels.py``; the profiler shows about
+    5): 1,344 idle ones, 0.7-1.1 ms of a 12 ms int4 step at 24 layers. The rest is what the per-expert form
+    runs for the experts with rows, not broken down further.
 
     What it matches (the sorted dispatch ``moeport.exporter.strategies`` writes): the layer's rows
     ``X [tokens, H]`` gathered in expert order and cut by one Split; expert e in QMoE's gated form
