@@ -79,7 +79,7 @@ class RunResult:
         if self.filled:
             made = [name for name in self.filled if not is_cache_input(name)]
             caches = len(self.filled) - len(made)
-            made += [f"{caches} cache input{'s' * (caches != 1)} (empty)"] if caches else []
+            made += [f"the empty cache's {caches} input{'s' * (caches != 1)}"] if caches else []
             lines.append(f"a prompt alone: ran as its prefill from an empty cache; filled in {', '.join(made)}")
         for o in self.outputs:
             stats = "" if o.min is None else f"  min {o.min:.4g} max {o.max:.4g} mean {o.mean:.4g}"

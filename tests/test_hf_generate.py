@@ -215,7 +215,7 @@ def test_run_takes_a_prompt_alone_for_a_with_past_model(with_past, capsys, tmp_p
         main(["run", str(model_path), "--inputs", str(tmp_path / "ids.npz")])
     assert exit_info.value.code in (0, None)
     assert (f"a prompt alone: ran as its prefill from an empty cache; filled in attention_mask, position_ids, "
-            f"{2 * layers} cache inputs (empty)") in capsys.readouterr().out
+            f"the empty cache's {2 * layers} inputs") in capsys.readouterr().out
 
     for bad, message in ((mask[:, 1:], "input 'attention_mask' is [2, 5] but 'input_ids' is [2, 6]; a mask covers "
                                        "the ids"),
