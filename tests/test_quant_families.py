@@ -96,11 +96,11 @@ def test_a_tied_lm_head_gets_its_own_quantized_weight(tmp_path, mode):
     assert any(i.startswith(table + "_kn") for i in lm_inputs), sorted(lm_inputs)
 
 
-def test_latency_of_a_with_past_model_is_a_decode_step_and_its_prefill(tmp_path):
+def test_latency_of_a_with_past_model_is_a_decode_step_and_its_prefill(with_past, tmp_path):
     """A with-past model is deployed decoding: the report times one decode step after a 127-token prompt, and the
     128-token prompt's prefill from an empty cache, fp32 and quantized side by side (a model without a cache: the
     whole 1x128 run only, tests/test_quant.py)."""
-    source = _with_past(tmp_path, "granitemoe")
+    source = with_past("granitemoe")
     result = quantize(source.output, tmp_path / "q.onnx", mode="int8-blocks", latency_runs=3, perplexity=False)
     quality = result.quality
     assert quality.latency_of == "decode@127" and quality.latency_before_ms > 0 and quality.latency_after_ms > 0
@@ -111,10 +111,10 @@ def test_latency_of_a_with_past_model_is_a_decode_step_and_its_prefill(tmp_path)
     assert quality.prefill_before_ms > quality.latency_before_ms
 
 
-def test_a_prefill_slower_than_fp32_is_explained(tmp_path, monkeypatch):
+def test_a_prefill_slower_than_fp32_is_explained(with_past, tmp_path, monkeypatch):
     """A model too large for the CPU's caches whose quantized prefill is slower than fp32's gets a note saying why
     and what measures it (the timings are given: which way a real run goes depends on the CPU)."""
-    source = _with_past(tmp_path, "granitemoe")
+    source = with_past("granitemoe")
     monkeypatch.setattr(quant_core, "SMALL_WEIGHTS", 0)
     monkeypatch.setattr(quant_core.qual, "latency_ms",
                         lambda *args: {"decode@127": (2.0, 1.0), "prefill 1x128": (10.0, 15.0)})
@@ -222,11 +222,26 @@ def test_a_clamped_swiglu_with_biases_fuses_with_its_limit(tmp_path):
     assert np.abs(unclamped - per_expert).max() > 2e-2
 
 
-def _with_past(tmp_path, model_type: str, kv_cache: str = "concat"):
-    checkpoint = tmp_path / model_type
-    hf_families.random_model(model_type).save_pretrained(checkpoint)
-    return export_checkpoint(checkpoint, tmp_path / f"{model_type}.onnx", task="text-generation-with-past",
-                             kv_cache=kv_cache, validate=False)
+@pytest.fixture(scope="module")
+def with_past(tmp_path_factory):
+    """with_past(model_type, kv_cache="concat") -> ExportResult: the tiny random checkpoint of ``model_type``
+    (``hf_families.random_model``, seeded) exported with ``--task text-generation-with-past`` and ``kv_cache``,
+    without validation, once per module (exports are most of this file's time); both caches of a family come from
+    one checkpoint, ``result.output.parent / model_type``. Tests read these files and write their own elsewhere."""
+    root = tmp_path_factory.mktemp("with_past")
+    made = {}
+
+    def make(model_type: str, kv_cache: str = "concat"):
+        checkpoint = root / model_type
+        if not checkpoint.exists():
+            hf_families.random_model(model_type).save_pretrained(checkpoint)
+        if (model_type, kv_cache) not in made:
+            made[model_type, kv_cache] = export_checkpoint(
+                checkpoint, root / f"{model_type}.{kv_cache}.onnx", task="text-generation-with-past",
+                kv_cache=kv_cache, validate=False)
+        return made[model_type, kv_cache]
+
+    return make
 
 
 def _decode(path, steps, capacity: int = 0):
@@ -268,11 +283,11 @@ def _assert_close_on_tokens(logits_a, logits_b, atol: float):
 
 
 @pytest.mark.parametrize("kv_cache", ["concat", "shared"])
-def test_cached_decoder_keeps_the_cache_in_onnxruntime(tmp_path, kv_cache):
+def test_cached_decoder_keeps_the_cache_in_onnxruntime(with_past, tmp_path, kv_cache):
     """``CachedDecoder`` (what ``moeport generate`` steps with) gives the logits of feeding each step's presents
     back through numpy; a shared buffer is written in place: after the steps its columns hold the keys of every
     token so far and zeros beyond, and it is the same buffer object throughout; ``reset`` starts a new prompt."""
-    source = _with_past(tmp_path, "mixtral", kv_cache)
+    source = with_past("mixtral", kv_cache)
     quantized = quantize(source.output, tmp_path / "q.onnx", mode="int4", latency_runs=0, perplexity=False)
     capacity = 16 if kv_cache == "shared" else 0
     for path in (source.output, quantized.output):  # standard ops, and GroupQueryAttention writing in place
@@ -298,13 +313,13 @@ def test_cached_decoder_keeps_the_cache_in_onnxruntime(tmp_path, kv_cache):
                                                      ("granitemoe", "concat"), ("mixtral", "shared"),
                                                      ("ernie4_5_moe", "concat"), ("cohere2_moe", "concat"),
                                                      ("glm4_moe", "concat")])
-def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cache):
+def test_fused_attention_gives_the_exported_numbers(with_past, tmp_path, model_type, kv_cache):
     """Each layer's attention as one GroupQueryAttention (with RotaryEmbedding): grouped query heads (mixtral),
     q/k norms per head (qwen3_moe), an unwritten scale of 1 (granitemoe), the shared buffer cache, the pairwise
     (interleaved) rotation over halves of the angle rows (ERNIE 4.5) and over pairwise repeated angles (Cohere),
     a rotation of the first half of each head (GLM-4.5). Equal to the exported graph on a left-padded batch, decode
     steps and a several-token step after a past."""
-    source = _with_past(tmp_path, model_type, kv_cache)
+    source = with_past(model_type, kv_cache)
     layers = len(source.info.layers)
     model = ir.load(source.output)
     record = FuseAttentionPass()(model)
@@ -332,14 +347,14 @@ def test_fused_attention_gives_the_exported_numbers(tmp_path, model_type, kv_cac
 
 
 @pytest.mark.parametrize("model_type", ["gemma4_text", "qwen3_5_moe_text", "exaone_moe", "mimo_v2_flash"])
-def test_fused_attention_rotates_per_token_heads_and_built_rows(tmp_path, model_type):
+def test_fused_attention_rotates_per_token_heads_and_built_rows(with_past, tmp_path, model_type):
     """RotaryEmbedding also for a rotation done before the heads move to [B, heads, S, D] (Gemma 4: cos/sin
     unsqueezed on axis 2), for cos/sin rows built other than by one Cos/Sin (Qwen3.5's multimodal rope, whose
     equal halves are all the kernel needs), beside linear-attention layers, and for heads normed after they moved
     to [B, heads, S, D] (EXAONE's q/k norm: no Transpose right before the rotation); every layer fused where the
     softmax is made safe by hand, with sinks and without (MiMo-V2's sliding and full layers). Equal to the
     exported graph."""
-    source = _with_past(tmp_path, model_type)
+    source = with_past(model_type)
     outputs = onnx.load(source.output, load_external_data=False).graph.output
     layers = sum(o.name.startswith("present.") and o.name.endswith(".key") for o in outputs)  # attention layers
     model = ir.load(source.output)
@@ -353,11 +368,11 @@ def test_fused_attention_rotates_per_token_heads_and_built_rows(tmp_path, model_
 
 
 @pytest.mark.parametrize(("model_type", "kv_cache"), [("granitemoehybrid", "concat"), ("hunyuan_v1_moe", "shared")])
-def test_fused_attention_takes_heads_as_the_graph_computes_them(tmp_path, model_type, kv_cache):
+def test_fused_attention_takes_heads_as_the_graph_computes_them(with_past, tmp_path, model_type, kv_cache):
     """Queries and keys whose rotation RotaryEmbedding cannot do go into GroupQueryAttention as computed: none at
     all (granite-4.0's hybrid: its one attention layer, beside a Mamba layer), a norm after the rotation (HunYuan,
     on the shared buffer). Equal to the exported graph."""
-    source = _with_past(tmp_path, model_type, kv_cache)
+    source = with_past(model_type, kv_cache)
     outputs = onnx.load(source.output, load_external_data=False).graph.output
     layers = sum(o.name.startswith("present.") and o.name.endswith(".key") for o in outputs)  # attention layers
     model = ir.load(source.output)
@@ -409,14 +424,14 @@ def test_fused_attention_takes_gpt_oss_sinks(tmp_path, kv_cache):
 
 
 @pytest.mark.parametrize("kv_cache", ["concat", "shared"])
-def test_export_with_fused_attention(tmp_path, kv_cache):
+def test_export_with_fused_attention(with_past, tmp_path, kv_cache):
     """``export(..., fused_attention=True)``: GroupQueryAttention in every layer of the fp32 file, validated against
     PyTorch on the export's own shapes (a left-padded batch's real tokens), and the same numbers as the standard-ops
     export on other shapes (a padded batch of 2, decode steps, several tokens after a past for one row)."""
-    source = _with_past(tmp_path, "mixtral", kv_cache)
+    source = with_past("mixtral", kv_cache)
     layers = len(source.info.layers)
-    fused = export_checkpoint(tmp_path / "mixtral", tmp_path / "fused.onnx", task="text-generation-with-past",
-                              kv_cache=kv_cache, fused_attention=True)
+    fused = export_checkpoint(source.output.parent / "mixtral", tmp_path / "fused.onnx",
+                              task="text-generation-with-past", kv_cache=kv_cache, fused_attention=True)
     assert fused.validation is not None and fused.validation.passed
     report = next(r for r in fused.passes if r["pass"] == "FuseAttention")
     assert report["changed"]
@@ -443,13 +458,13 @@ def test_export_with_fused_attention(tmp_path, kv_cache):
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "granitemoe", "gpt_oss"])
-def test_quantize_turns_a_concat_cache_into_a_shared_buffer(tmp_path, model_type):
+def test_quantize_turns_a_concat_cache_into_a_shared_buffer(with_past, tmp_path, model_type):
     """``kv_cache="shared"`` on a Concat-cache export (int4, cpu): recorded as a shared buffer, and driven as one
     (a 16-column buffer as past and present) it gives the logits of int4 of the shared-buffer export; driven as a
     Concat cache it still gives the Concat int4's (a padded batch of 2 with decode steps; several tokens after a
     past for one row)."""
-    concat = _with_past(tmp_path / "c", model_type)
-    shared = _with_past(tmp_path / "s", model_type, "shared")
+    concat = with_past(model_type)
+    shared = with_past(model_type, "shared")
     options = {"mode": "int4", "latency_runs": 0, "perplexity": False}
     turned = quantize(concat.output, tmp_path / "turned.onnx", kv_cache="shared", **options)
     record = next(r for r in turned.passes if r.name == "ShareCacheBufferPass")
@@ -466,10 +481,10 @@ def test_quantize_turns_a_concat_cache_into_a_shared_buffer(tmp_path, model_type
                                     atol=1e-4)
 
 
-def test_quantize_kv_cache_user_errors(tmp_path):
+def test_quantize_kv_cache_user_errors(with_past, tmp_path):
     from moeport.errors import MoeportError
 
-    concat = _with_past(tmp_path, "mixtral")
+    concat = with_past("mixtral")
     options = {"latency_runs": 0, "perplexity": False}
     needs = ("^--kv-cache shared on a Concat-cache export needs its attention fused into onnxruntime's "
              "GroupQueryAttention \\(an integer mode, --target cpu or arm, without --no-fused-attention\\); else "
@@ -477,13 +492,13 @@ def test_quantize_kv_cache_user_errors(tmp_path):
     for extra in ({"mode": "fp16"}, {"mode": "int4", "fused_attention": False}, {"mode": "int4", "target": "cuda"}):
         with pytest.raises(MoeportError, match=needs):
             quantize(concat.output, tmp_path / "x.onnx", kv_cache="shared", **options, **extra)
-    latent = _with_past(tmp_path, "deepseek_v2")  # latent attention: no GroupQueryAttention for it
+    latent = with_past("deepseek_v2")  # latent attention: no GroupQueryAttention for it
     with pytest.raises(MoeportError, match="^--kv-cache shared needs every layer's attention fused into "
                                            "GroupQueryAttention \\(layers 0, 1: the key cache is read other than "
                                            "by one Transpose into the scores\\); export with --kv-cache shared "
                                            "instead$"):
         quantize(latent.output, tmp_path / "x.onnx", mode="int4", kv_cache="shared", **options)
-    shared = _with_past(tmp_path / "s", "mixtral", "shared")
+    shared = with_past("mixtral", "shared")
     with pytest.raises(MoeportError, match="keeps a shared buffer; a Concat cache needs an export with --kv-cache "
                                            "concat$"):
         quantize(shared.output, tmp_path / "x.onnx", mode="int4", kv_cache="concat", **options)
@@ -507,10 +522,10 @@ def test_export_fused_attention_user_errors(tmp_path):
 
 @pytest.mark.parametrize(("model_type", "reason"), [
     ("deepseek_v3", "the key cache is read other than by one Transpose into the scores")])
-def test_fused_attention_leaves_what_it_cannot_fuse_and_says_why(tmp_path, model_type, reason):
+def test_fused_attention_leaves_what_it_cannot_fuse_and_says_why(with_past, tmp_path, model_type, reason):
     """DeepSeek's latent attention reads its key cache in parts (a rotated and an unrotated one): it keeps its
     exported attention."""
-    source = _with_past(tmp_path, model_type)
+    source = with_past(model_type)
     model = ir.load(source.output)
     before = ir.to_proto(model).SerializeToString()
     record = FuseAttentionPass()(model)
@@ -519,10 +534,10 @@ def test_fused_attention_leaves_what_it_cannot_fuse_and_says_why(tmp_path, model
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_quantize_times_a_shared_buffer_export_as_generate_steps_it(tmp_path, fused):
+def test_quantize_times_a_shared_buffer_export_as_generate_steps_it(with_past, tmp_path, fused):
     """The report's latency of a --kv-cache shared export: its buffers bound as past and present (an empty past
     of no columns cannot take the prompt: onnxruntime's ScatterND refused it), with and without fused attention."""
-    exported = _with_past(tmp_path, "mixtral", kv_cache="shared")
+    exported = with_past("mixtral", kv_cache="shared")
     result = quantize(exported.output, tmp_path / "int4.onnx", mode="int4", fused_attention=fused, latency_runs=2,
                       perplexity=False)
     quality = result.quality
@@ -532,10 +547,10 @@ def test_quantize_times_a_shared_buffer_export_as_generate_steps_it(tmp_path, fu
     assert read_metadata(result.output)["kv_cache"] == "shared"
 
 
-def test_quantize_fuses_attention_for_cpu_targets_only(tmp_path):
+def test_quantize_fuses_attention_for_cpu_targets_only(with_past, tmp_path):
     """int4 of a with-past model: GroupQueryAttention in every layer by default (recorded in the quantization
     metadata), none with fused_attention=False or for a target whose provider has no float32 kernel (cuda)."""
-    source = _with_past(tmp_path, "mixtral")
+    source = with_past("mixtral")
     layers = len(source.info.layers)
     options = {"mode": "int4", "latency_runs": 0, "perplexity": False}
     fused = quantize(source.output, tmp_path / "fused.onnx", **options)
@@ -552,7 +567,7 @@ def test_quantize_fuses_attention_for_cpu_targets_only(tmp_path):
         assert np.abs(a[:, -1] - b[:, -1]).max() < 0.05 * np.abs(b).max()
 
 
-def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(tmp_path):
+def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(with_past, tmp_path):
     """``quantize --checkpoint`` on a with-past export: parity runs decoder steps (a prompt from the empty cache)
     through PyTorch and the quantized file. A checkpoint whose files differ from the export's is named in a
     warning; one of another model type or with other MoE layers is refused before anything is quantized, and
@@ -560,8 +575,8 @@ def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(t
     from moeport.errors import MoeportError
     from moeport.exporter.reference import CheckpointReference
 
-    source = _with_past(tmp_path, "granitemoe")
-    checkpoint = tmp_path / "granitemoe"
+    source = with_past("granitemoe")
+    checkpoint = source.output.parent / "granitemoe"
     result = quantize(source.output, tmp_path / "q.onnx", mode="int4", reference=CheckpointReference.load(checkpoint),
                       latency_runs=0, perplexity=False)
     parity = result.quality.parity
@@ -593,14 +608,14 @@ def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(t
     assert not (tmp_path / "refused.onnx").exists()
 
 
-def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(tmp_path):
+def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(with_past, tmp_path):
     """Static int8 of a with-past export calibrated from an .npz of token ids, as a tokenizer writes them: with or
     without their ``attention_mask`` (each row a prefill from the empty past, its positions from the mask). A mask
     of ones calibrates exactly as no mask; a mask that is not 0/1, hides a whole row or does not cover the ids is
     refused in one line. A logits export (ids and mask) takes the ids alone too, and routes them the same."""
     from moeport.errors import MoeportError
 
-    source = _with_past(tmp_path, "granitemoe")
+    source = with_past("granitemoe")
     ids = np.random.default_rng(0).integers(3, 128, (4, 16))
     results = {}
     for name, arrays in (("ids", {"input_ids": ids}), ("ones", {"input_ids": ids, "attention_mask": np.ones_like(ids)})):
@@ -624,7 +639,7 @@ def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(tmp_p
                      latency_runs=0, perplexity=False)
         assert not (tmp_path / "bad.onnx").exists()
     # A logits export takes input_ids and attention_mask: ids alone get a mask of ones, as text windows do.
-    logits = export_checkpoint(tmp_path / "granitemoe", tmp_path / "logits.onnx", validate=False)
+    logits = export_checkpoint(source.output.parent / "granitemoe", tmp_path / "logits.onnx", validate=False)
     assert [i.name for i in onnx.load(logits.output, load_external_data=False).graph.input] == \
         ["input_ids", "attention_mask"]
     by_ids = quantize(logits.output, tmp_path / "logits-int8.onnx", mode="int8", calibration=tmp_path / "ids.npz",
