@@ -6,6 +6,8 @@ exporting the same thing again.
 
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,17 +84,33 @@ def exported(workdir, sample_checkpoint):
 def hf_export(tmp_path_factory):
     """hf_export(model_type, variant="default", validate=True) -> (ExportResult, checkpoint dir) of a tiny random
     transformers checkpoint, cached for the session: the family tests and the quantization tests share them
-    (the first caller's ``validate`` decides; the family tests need the validated export)."""
-    root = tmp_path_factory.mktemp("hf_families")
+    (the first caller's ``validate`` decides; the family tests need the validated export).
+
+    Shared by the pytest-xdist workers too: those two test files usually run on different workers, and each
+    export takes seconds. The first worker to ask exports under a file lock and leaves the result pickled beside
+    the files; the others wait for the lock and read it. Tests read these files and write their own elsewhere."""
+    from filelock import FileLock  # torch's own dependency
+
+    basetemp = tmp_path_factory.getbasetemp()
+    # a worker's basetemp is <run>/popen-gwN: the run's directory is the one every worker sees
+    root = (basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp) / "hf_families"
+    root.mkdir(exist_ok=True)
     cache: dict = {}
 
     def make(model_type: str, variant: str = "default", validate: bool = True):
         key = (model_type, variant)
         if key not in cache:
-            checkpoint = root / f"{model_type}.{variant}"
-            hf_families.random_model(model_type, **hf_families.variants(model_type)[variant]).save_pretrained(checkpoint)
-            result = export_checkpoint(checkpoint, root / f"{model_type}.{variant}.onnx", with_routing=True,
-                                       validate=validate)
+            name = f"{model_type}.{variant}"
+            checkpoint, pickled = root / name, root / f"{name}.result.pickle"
+            with FileLock(root / f"{name}.lock"):
+                if pickled.exists():
+                    result = pickle.loads(pickled.read_bytes())
+                else:
+                    model = hf_families.random_model(model_type, **hf_families.variants(model_type)[variant])
+                    model.save_pretrained(checkpoint)
+                    result = export_checkpoint(checkpoint, root / f"{name}.onnx", with_routing=True,
+                                               validate=validate)
+                    pickled.write_bytes(pickle.dumps(result))
             cache[key] = (result, checkpoint)
         return cache[key]
 
