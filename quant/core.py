@@ -503,11 +503,18 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
             report.prefill_of = prefill
             report.prefill_before_ms, report.prefill_after_ms = timed[prefill]
         if report.latency_after_ms > report.latency_before_ms and report.weights_before < SMALL_WEIGHTS:
+            # Why, by what was timed. One row (a decode step): little compute, so the kernels' own cost. Many rows:
+            # compute; the bundled sample's 1x128 profile has its 4 QMoE nodes alone slower than all 85 float
+            # MatMuls of the fp32 file (BENCHMARKS.md, "The demo's quantized latency").
+            why = (" and its time goes to per-kernel overhead, which quantized kernels add to"
+                   if report.latency_of.startswith("decode") else
+                   ", and at many rows onnxruntime's block-quantized kernels compute slower than float SGEMM "
+                   "(benchmarks/nbits_rows.py)")
             report.notes.append(
                 f"slower than fp32 here (latency {report.latency_of}): this model's "
-                f"{report.weights_before / 2**20:.1f} MiB of weights fit in the CPU's caches, so its time goes to "
-                "per-kernel overhead, which quantized kernels add to; on a 1.3B-parameter MoE the 8-bit and 4-bit "
-                "block modes decoded 2.6-4.3x and 3.2-6.1x faster than fp32 (BENCHMARKS.md)")
+                f"{report.weights_before / 2**20:.1f} MiB of weights fit in the CPU's caches, so reading fewer bytes "
+                f"gains nothing{why}; on a 1.3B-parameter MoE the 8-bit and 4-bit block modes decoded 2.6-4.3x "
+                "and 3.2-6.1x faster than fp32 (BENCHMARKS.md)")
         elif (report.prefill_of and report.weights_before >= SMALL_WEIGHTS
               and report.prefill_after_ms > report.prefill_before_ms):
             report.notes.append(

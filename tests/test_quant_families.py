@@ -126,6 +126,27 @@ def test_a_prefill_slower_than_fp32_is_explained(with_past, tmp_path, monkeypatc
             and "benchmarks/nbits_rows.py" in note]
 
 
+@pytest.mark.parametrize("timed, why", (
+    ({"decode@127": (1.0, 2.0), "prefill 1x128": (10.0, 9.0)}, "its time goes to per-kernel overhead"),
+    ({"1x128": (1.0, 2.0)}, "at many rows onnxruntime's block-quantized kernels compute slower than float SGEMM"),
+))
+def test_a_small_model_slower_than_fp32_is_explained_by_what_was_timed(with_past, tmp_path, monkeypatch, timed, why):
+    """A model whose weights fit in the CPU's caches, quantized slower than fp32: the note gives the reason for what
+    was timed, a decode step (one row: the kernels' own cost) or a whole sequence (many rows: compute). The timings
+    are given; which way a real run goes depends on the CPU."""
+    source = with_past("granitemoe")
+    if "1x128" in timed:  # a logits graph is timed on the whole sequence
+        source = export_checkpoint(source.output.parent / "granitemoe", tmp_path / "logits.onnx", validate=False)
+    monkeypatch.setattr(quant_core.qual, "latency_ms", lambda *args: timed)
+    result = quantize(source.output, tmp_path / "q.onnx", mode="int8-blocks", latency_runs=3, perplexity=False)
+    kind = next(iter(timed))
+    assert result.quality.latency_of == kind
+    notes = [note for note in result.quality.notes if note.startswith(f"slower than fp32 here (latency {kind})")]
+    assert len(notes) == 1 and "fit in the CPU's caches, so reading fewer bytes gains nothing" in notes[0], notes
+    assert why in notes[0] and "BENCHMARKS.md" in notes[0]
+    assert not [note for note in result.quality.notes if "prefill 1x128 is slower" in note]  # a small model's
+
+
 @pytest.mark.parametrize("model_type, in_kernel", (("mixtral", True), ("deepseek_v3", False), ("qwen2_moe", False),
                                                    ("phimoe", False), ("beam", False)))
 def test_int4_fuses_each_layers_experts_into_one_qmoe(hf_export, tmp_path, model_type, in_kernel):
