@@ -6,7 +6,8 @@ tokens, and a quantized file of a model small enough for the CPU's caches can co
 says which kernels take the time. First the files take turns run by run (``moeport.runtime.timing.alternate``,
 as the quantize report times them; medians), then each is profiled (onnxruntime's profiler adds a few
 microseconds to every kernel: the table is for where the time goes, the medians above it for speed). Token ids
-are seeded random ids; an ``attention_mask`` input gets ones.
+are seeded random ids (the same for every file whose vocabulary has 200 tokens or more); an ``attention_mask``
+input gets ones (a with-past file runs the ids' prefill).
 """
 
 from __future__ import annotations
@@ -19,35 +20,37 @@ from pathlib import Path
 
 import numpy as np
 
+from moeport.contract import vocab_size
 from moeport.runtime.profile import kernel_events
 from moeport.runtime.session import create_session
 from moeport.runtime.timing import alternate
+from moeport.runtime.verify import model_feeds
 
 
-def _feeds(session, ids: np.ndarray) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    if set(names) - {"input_ids", "attention_mask"}:
-        raise SystemExit(f"{names}: not a logits model of input_ids (and attention_mask)")
-    return {name: ids if name == "input_ids" else np.ones_like(ids) for name in names}
+def _feeds(session, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Seeded ids ``[3, 200)`` of ``shape`` (below the model's vocabulary) and a mask of ones, as the session's inputs
+    (``verify.model_feeds``: a with-past file's prefill)."""
+    vocab = vocab_size(session.get_modelmeta().custom_metadata_map) or 200
+    ids = np.random.default_rng(0).integers(3, min(200, vocab), size=shape, dtype=np.int64)
+    return model_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, session.get_inputs(),
+                       session.get_outputs())
 
 
 def compare(paths: list[Path], shape: tuple[int, int], threads: int, runs: int) -> dict[str, float]:
     """Median ms of each file's forward pass on ids of ``shape``, the files taking turns."""
-    ids = np.random.default_rng(0).integers(3, 200, size=shape, dtype=np.int64)
     calls = {}
     for path in paths:
         session = create_session(path, "cpu", threads=threads)
-        calls[str(path)] = lambda session=session, feeds=_feeds(session, ids): session.run(["logits"], feeds)
+        calls[str(path)] = lambda session=session, feeds=_feeds(session, shape): session.run(["logits"], feeds)
     times = alternate(calls, runs=runs, warmup=3)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def profile(path: Path, shape: tuple[int, int], threads: int, runs: int) -> list[tuple[str, int, float]]:
     """(op type, kernels a run, kernel ms a run) of ``path``'s forward pass, the op types taking most time first."""
-    ids = np.random.default_rng(0).integers(3, 200, size=shape, dtype=np.int64)
     with tempfile.TemporaryDirectory() as scratch:
         session = create_session(path, "cpu", threads=threads, profile_dir=scratch)
-        feeds = _feeds(session, ids)
+        feeds = _feeds(session, shape)
         for _ in range(runs + 1):
             session.run(["logits"], feeds)
         kernels = defaultdict(list)

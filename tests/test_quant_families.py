@@ -130,13 +130,13 @@ def test_a_prefill_slower_than_fp32_is_explained(with_past, tmp_path, monkeypatc
     ({"decode@127": (1.0, 2.0), "prefill 1x128": (10.0, 9.0)}, "its time goes to per-kernel overhead"),
     ({"1x128": (1.0, 2.0)}, "at many rows onnxruntime's block-quantized kernels compute slower than float SGEMM"),
 ))
-def test_a_small_model_slower_than_fp32_is_explained_by_what_was_timed(with_past, tmp_path, monkeypatch, timed, why):
+def test_a_small_model_slower_than_fp32_is_explained_by_what_was_timed(tiny_export, tmp_path, monkeypatch, timed,
+                                                                       why):
     """A model whose weights fit in the CPU's caches, quantized slower than fp32: the note gives the reason for what
     was timed, a decode step (one row: the kernels' own cost) or a whole sequence (many rows: compute). The timings
     are given; which way a real run goes depends on the CPU."""
-    source = with_past("granitemoe")
-    if "1x128" in timed:  # a logits graph is timed on the whole sequence
-        source = export_checkpoint(source.output.parent / "granitemoe", tmp_path / "logits.onnx", validate=False)
+    # a logits graph is timed on the whole sequence, a with-past one by its decode step
+    source = tiny_export("granitemoe", "logits" if "1x128" in timed else "text-generation-with-past")
     monkeypatch.setattr(quant_core.qual, "latency_ms", lambda *args: timed)
     result = quantize(source.output, tmp_path / "q.onnx", mode="int8-blocks", latency_runs=3, perplexity=False)
     kind = next(iter(timed))
@@ -244,25 +244,33 @@ def test_a_clamped_swiglu_with_biases_fuses_with_its_limit(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def with_past(tmp_path_factory):
-    """with_past(model_type, kv_cache="concat") -> ExportResult: the tiny random checkpoint of ``model_type``
-    (``hf_families.random_model``, seeded) exported with ``--task text-generation-with-past`` and ``kv_cache``,
-    without validation, once per module (exports are most of this file's time); both caches of a family come from
-    one checkpoint, ``result.output.parent / model_type``. Tests read these files and write their own elsewhere."""
-    root = tmp_path_factory.mktemp("with_past")
+def tiny_export(tmp_path_factory):
+    """tiny_export(model_type, task="text-generation-with-past", kv_cache="concat") -> ExportResult: the tiny random
+    checkpoint of ``model_type`` (``hf_families.random_model``, seeded) exported for ``task`` (a with-past export
+    with ``kv_cache``), without validation, once per module (exports are most of this file's time); every export of
+    a family comes from one checkpoint, ``result.output.parent / model_type``. Tests read these files and write
+    their own elsewhere."""
+    root = tmp_path_factory.mktemp("tiny_exports")
     made = {}
 
-    def make(model_type: str, kv_cache: str = "concat"):
+    def make(model_type: str, task: str = "text-generation-with-past", kv_cache: str | None = "concat"):
+        kv_cache = kv_cache if task == "text-generation-with-past" else None  # a logits graph has no cache
         checkpoint = root / model_type
         if not checkpoint.exists():
             hf_families.random_model(model_type).save_pretrained(checkpoint)
-        if (model_type, kv_cache) not in made:
-            made[model_type, kv_cache] = export_checkpoint(
-                checkpoint, root / f"{model_type}.{kv_cache}.onnx", task="text-generation-with-past",
-                kv_cache=kv_cache, validate=False)
-        return made[model_type, kv_cache]
+        key = (model_type, task, kv_cache)
+        if key not in made:
+            made[key] = export_checkpoint(checkpoint, root / f"{model_type}.{task}.{kv_cache}.onnx", task=task,
+                                          kv_cache=kv_cache, validate=False)
+        return made[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def with_past(tiny_export):
+    """with_past(model_type, kv_cache="concat") -> ExportResult: ``tiny_export``'s with-past export."""
+    return lambda model_type, kv_cache="concat": tiny_export(model_type, "text-generation-with-past", kv_cache)
 
 
 def _decode(path, steps, capacity: int = 0):
@@ -629,7 +637,7 @@ def test_quantize_with_a_checkpoint_measures_a_with_past_model_against_pytorch(w
     assert not (tmp_path / "refused.onnx").exists()
 
 
-def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(with_past, tmp_path):
+def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(with_past, tiny_export, tmp_path):
     """Static int8 of a with-past export calibrated from an .npz of token ids, as a tokenizer writes them: with or
     without their ``attention_mask`` (each row a prefill from the empty past, its positions from the mask). A mask
     of ones calibrates exactly as no mask; a mask that is not 0/1, hides a whole row or does not cover the ids is
@@ -660,7 +668,7 @@ def test_a_with_past_model_is_calibrated_from_ids_and_their_attention_mask(with_
                      latency_runs=0, perplexity=False)
         assert not (tmp_path / "bad.onnx").exists()
     # A logits export takes input_ids and attention_mask: ids alone get a mask of ones, as text windows do.
-    logits = export_checkpoint(source.output.parent / "granitemoe", tmp_path / "logits.onnx", validate=False)
+    logits = tiny_export("granitemoe", "logits")
     assert [i.name for i in onnx.load(logits.output, load_external_data=False).graph.input] == \
         ["input_ids", "attention_mask"]
     by_ids = quantize(logits.output, tmp_path / "logits-int8.onnx", mode="int8", calibration=tmp_path / "ids.npz",

@@ -21,8 +21,9 @@ _io = _lazy.LazyModule("moeport.runtime._io", "package")
 
 @click.command("run")
 @click.argument("model", metavar="MODEL_OR_DIR", type=click.Path())
-@click.option("--inputs", required=True, type=click.Path(), help=".npz file with one array per model input (a with-past model also takes a prompt alone: "
-              "input_ids, with or without its attention_mask, run as its prefill from an empty cache).")
+@click.option("--inputs", required=True, type=click.Path(),
+              help=".npz file with one array per model input (a with-past model also takes a prompt alone: "
+                   "input_ids, with or without its attention_mask, run as its prefill from an empty cache).")
 @click.option("-o", "--output", type=click.Path(), default=None, help=".npz file to write the outputs to.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @EP
