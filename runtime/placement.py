@@ -201,12 +201,17 @@ def mobile_coverage(model: str | os.PathLike, *, also_if_fixed: bool = False) ->
     the checker's own ``analyze_model`` and the ORT-format conversion do. With ``also_if_fixed`` each entry
     also carries the figures the checker gives when it ignores dynamic shapes.
     """
-    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import optimize_model
 
     with tempfile.TemporaryDirectory(prefix="moeport-usability-") as tmp:
         optimized = pathlib.Path(tmp) / "model.onnx"
-        optimize_model(pathlib.Path(model), optimized)
-        proto = ModelProtoWithShapeInfo(optimized).model_with_shape_info
+        # The weights go to a file of their own beside the optimized graph, and only the graph is read back: the
+        # checker needs ops and shapes, not weights. (Written inline, a model above 2 GB cannot be saved, and one
+        # whose weights were external data kept pointing at its own file's name, which is not in this folder.)
+        optimize_model(pathlib.Path(model), optimized, use_external_initializers=True)
+        proto = onnx.shape_inference.infer_shapes(onnx.load(str(optimized), load_external_data=False),
+                                                  strict_mode=True)
     shapes = _shape_table(proto.graph)
     results = []
     for ep, label, config in MOBILE_EPS:

@@ -187,6 +187,24 @@ def test_inspect_json(capsys, routed):
     assert report["placement"]["providers"] == {"CPUExecutionProvider": report["placement"]["nodes"]}
 
 
+def test_inspect_a_model_with_external_data(capsys, tmp_path, routed):
+    # The mobile checker reads an optimized copy of the graph; with the weights outside the model file, that copy
+    # once pointed at a data file that was not beside it, and inspect crashed. Same report as the inline file's.
+    outside = tmp_path / "outside.onnx"
+    onnx.save_model(onnx.load(str(routed)), str(outside), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="outside.onnx.data")
+    reports = []
+    for model in (routed, outside):
+        code, stdout, _ = invoke(capsys, "inspect", model, "--json", "--no-placement")
+        assert code == 0
+        reports.append(json.loads(stdout))
+    inline, external = reports
+    assert external["parameters"] == inline["parameters"] > 0
+    assert external["mobile_coverage"] == inline["mobile_coverage"]
+    assert {c["ep"] for c in external["mobile_coverage"]} == {"nnapi", "coreml", "coreml-neuralnetwork"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.onnx", "outside.onnx.data"]  # nothing left
+
+
 def test_inspect_text_and_errors(capsys, tmp_path, routed):
     code, stdout, _ = invoke(capsys, "inspect", routed, "--no-placement")
     assert code == 0
