@@ -271,6 +271,7 @@ def _place_model(model: Path, target: Path, external_data: bool | None) -> bool:
     """Copy ``model`` to ``target``; its weights go to ``target.name + EXTERNAL_DATA_SUFFIX`` when the source
     keeps them outside or ``external_data`` asks for it. Returns whether the target has external data."""
     import onnx
+    import onnx_ir as ir
 
     proto = load_model_proto(model)  # refuses external data outside the model's directory
     has_external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
@@ -279,12 +280,9 @@ def _place_model(model: Path, target: Path, external_data: bool | None) -> bool:
     if not external and not has_external:
         shutil.copyfile(model, target)
         return False
-    proto = onnx.load(str(model), load_external_data=True)
-    if external:
-        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=target.name + EXTERNAL_DATA_SUFFIX, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(target))
+    # onnx_ir reads each external weight when it writes it: a model of several GB is copied in bounded memory.
+    ir.save(ir.load(model), target, external_data=target.name + EXTERNAL_DATA_SUFFIX if external else None,
+            size_threshold_bytes=1024)
     return external
 
 
