@@ -11,6 +11,7 @@ the measured placement of one profiled run on ``ep`` with a seeded ``[1, 8]`` in
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,39 @@ from moeport.runtime._io import TensorSpec
 from moeport.runtime.layouts import model_file
 from moeport.runtime.run import example_feeds
 from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
+
+_LAYER_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
+
+
+def _per_layer_groups(specs: list[TensorSpec]) -> list[tuple[str, TensorSpec]]:
+    """``specs`` with those that differ only in a layer index (``past_key_values.3.key``) and not in dtype, shape or
+    axes as one entry named for all of them (``past_key_values.{0..23}.key``), at the first one's place: a
+    with-past model of 24 layers has 96 cache inputs and outputs."""
+    groups: dict[tuple, list[tuple[int, TensorSpec]]] = {}
+    for spec in specs:
+        match = _LAYER_INDEX.search(spec.name)
+        pattern = spec.name if match is None else spec.name[:match.start()] + "{}" + spec.name[match.end():]
+        key = (pattern, spec.dtype, spec.shape_text(), tuple(spec.dynamic_axes.items()), match is None)
+        groups.setdefault(key, []).append((-1 if match is None else int(match.group(1)), spec))
+    named = []
+    for (pattern, *_, plain), members in groups.items():
+        if plain or len(members) == 1:
+            named += [(spec.name, spec) for _, spec in members]
+        else:
+            named.append((pattern.format("{" + _index_ranges([i for i, _ in members]) + "}"), members[0][1]))
+    return named
+
+
+def _index_ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 6]`` -> ``"0..2,5..6"``."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
 
 def value_spec(value) -> TensorSpec:
     """A graph input/output ValueInfoProto as a TensorSpec (dims: int, dim_param name, or None)."""
@@ -101,9 +135,9 @@ class InspectReport:
             lines.append("no moeport metadata (not exported by moeport)")
         lines.append(f"parameters: {self.parameters:,} ({self.parameter_bytes / 1e6:.2f} MB)")
         for kind, specs in (("input", self.inputs), ("output", self.outputs)):
-            for s in specs:
+            for name, s in _per_layer_groups(specs):
                 axes = ", ".join(f"{k}={v}" for k, v in s.dynamic_axes.items()) or "none"
-                lines.append(f"{kind} {s.name}: {s.dtype} {s.shape_text()} (dynamic axes: {axes})")
+                lines.append(f"{kind} {name}: {s.dtype} {s.shape_text()} (dynamic axes: {axes})")
         hist = ", ".join(f"{op} {n}" for op, n in self.op_histogram.items())
         lines.append(f"{self.nodes} nodes: {hist}")
         lines.append("mobile providers (onnxruntime usability checker, graph optimized to BASIC):")

@@ -205,6 +205,24 @@ def test_inspect_a_model_with_external_data(capsys, tmp_path, routed):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.onnx", "outside.onnx.data"]  # nothing left
 
 
+def test_inspect_text_names_a_cache_input_of_every_layer_once():
+    """A with-past model's 96 cache inputs and outputs (24 layers) read as one line per kind; a layer whose cache
+    differs (a hybrid's recurrent layers, another head size) keeps a line of its own."""
+    from moeport.runtime.inspect import _per_layer_groups
+
+    kv = ("batch", "kv_heads", "past_sequence", 64)
+    specs = [TensorSpec("input_ids", "int64", ("batch", "sequence")),
+             TensorSpec("past_conv.0", "float32", ("batch", 64, 4)),
+             *[TensorSpec(f"past_key_values.{i}.{part}", "float32", kv)
+               for i in (1, 2, 3, 5) for part in ("key", "value")],
+             TensorSpec("past_key_values.4.key", "float32", ("batch", "kv_heads", "past_sequence", 128)),
+             TensorSpec("layer.7", "float32", (1,))]
+    assert [(name, spec.shape) for name, spec in _per_layer_groups(specs)] == [
+        ("input_ids", ("batch", "sequence")), ("past_conv.0", ("batch", 64, 4)),
+        ("past_key_values.{1..3,5}.key", kv), ("past_key_values.{1..3,5}.value", kv),
+        ("past_key_values.4.key", ("batch", "kv_heads", "past_sequence", 128)), ("layer.7", (1,))]
+
+
 def test_inspect_text_and_errors(capsys, tmp_path, routed):
     code, stdout, _ = invoke(capsys, "inspect", routed, "--no-placement")
     assert code == 0
