@@ -300,6 +300,22 @@ def test_int8_dynamic(quantized, topk):
     assert result.quality.weights_ratio < 0.3
 
 
+def test_verify_of_a_quantized_model_says_why_the_float_tolerance_fails_it(quantized, sample_checkpoint, capsys):
+    """verify judged a quantized file at the family's float32 tolerance without a word: "FAILED" on every output."""
+    model, checkpoint = quantized("int8-dynamic").output, sample_checkpoint("topk")
+    runs = {}
+    for extra in ([], ["--atol", "100"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["verify", str(model), "--checkpoint", str(checkpoint), "--shapes", "2x5", *extra])
+        runs[bool(extra)] = exit_info.value.code, capsys.readouterr().out
+    code, out = runs[False]
+    assert code == 1 and out.splitlines()[-1].startswith("FAILED: max abs error")
+    assert ("warning: this model is quantized (int8-dynamic): its outputs differ from PyTorch's float32 by the "
+            "quantization, so the float tolerance (0.0001) fails it") in out
+    code, out = runs[True]  # a tolerance of the user's own: judged by it, nothing to explain
+    assert code in (0, None) and "warning" not in out and out.splitlines()[-1].startswith("PASSED")
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "int4"])
 def test_quantizers_are_pre_processed_and_log_no_onnxruntime_hints(topk, text_file, tmp_path, caplog, mode):
     """onnxruntime's quantize_static and quantize_dynamic ask for pre-processing, and 16-bit Q/DQ and n-bit
