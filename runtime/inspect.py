@@ -28,7 +28,7 @@ from moeport.runtime.placement import EpCoverage, Placement, measure_placement, 
 _LAYER_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
 
 
-def _per_layer_groups(specs: list[TensorSpec]) -> list[tuple[str, TensorSpec]]:
+def per_layer_groups(specs: list[TensorSpec]) -> list[tuple[str, TensorSpec]]:
     """``specs`` with those that differ only in a layer index (``past_key_values.3.key``) and not in dtype, shape or
     axes as one entry named for all of them (``past_key_values.{0..23}.key``), at the first one's place: a
     with-past model of 24 layers has 96 cache inputs and outputs."""
@@ -135,7 +135,7 @@ class InspectReport:
             lines.append("no moeport metadata (not exported by moeport)")
         lines.append(f"parameters: {self.parameters:,} ({self.parameter_bytes / 1e6:.2f} MB)")
         for kind, specs in (("input", self.inputs), ("output", self.outputs)):
-            for name, s in _per_layer_groups(specs):
+            for name, s in per_layer_groups(specs):
                 axes = ", ".join(f"{k}={v}" for k, v in s.dynamic_axes.items()) or "none"
                 lines.append(f"{kind} {name}: {s.dtype} {s.shape_text()} (dynamic axes: {axes})")
         hist = ", ".join(f"{op} {n}" for op, n in self.op_histogram.items())

@@ -37,14 +37,16 @@ from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
 from moeport.registry import Registry
 from moeport.runtime._io import TensorSpec, session_specs
-from moeport.runtime.inspect import graph_specs, value_spec
+from moeport.runtime.inspect import graph_specs, per_layer_groups, value_spec
 from moeport.runtime.layouts import model_file
+from moeport.runtime.moe_graph import tensor_nbytes
 from moeport.runtime.placement import EpCoverage, mobile_coverage
 from moeport.runtime.run import example_feeds
 from moeport.runtime.session import create_session, provider_names
 
 BUNDLE_FORMAT = "moeport-bundle/1"
 OPERATOR_CONFIG = "required_operators.config"
+MAX_BUNDLE_BYTES = 2**31 - 1  # a flatbuffer's and a protobuf's limit
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,10 @@ class PackageResult:
             lines.append(f"  {path.name:<32} {path.stat().st_size / 1e6:8.3f} MB")
         lines.append("estimated mobile provider coverage (onnxruntime usability checker):")
         lines += [f"  {c.render()}" for c in self.coverage]
-        lines.append(f".ort vs .onnx on {self.check['inputs']}: max abs difference {self.check['max_abs_diff']:.3g}")
+        # a with-past model's 48 cache inputs as two entries, past_key_values.{0..23}.key and .value
+        inputs = per_layer_groups([TensorSpec(name, "", tuple(shape)) for name, shape in self.check["inputs"].items()])
+        shown = ", ".join(f"{name} {spec.shape_text()}" for name, spec in inputs)
+        lines.append(f".ort vs .onnx on {shown}: max abs difference {self.check['max_abs_diff']:.3g}")
         return "\n".join(lines)
 
 
@@ -192,6 +197,12 @@ def package_model(
     shapes = dict(shapes or {})
     _prepare_destination(output, force)
     proto = load_model_proto(model)  # also refuses external data outside the model's directory
+    weights = sum(tensor_nbytes(init) for init in proto.graph.initializer)
+    if weights > MAX_BUNDLE_BYTES:
+        # Said before the weights are read: an ORT-format file (a flatbuffer) and the ONNX protobuf copied beside
+        # it both stop at 2 GB, and the conversion failed only after loading them all.
+        raise MoeportError(f"{model} has {weights / 1e9:.2f} GB of weights, but an ORT-format bundle holds at most "
+                           f"{MAX_BUNDLE_BYTES / 1e9:.2f} GB; quantize it first (moeport quantize --mode int4)")
     onnx.load_external_data_for_model(proto, str(model.parent))  # no-op without external data
     proto = fix_shapes(proto, shapes)
     inputs, outputs = graph_specs(proto.graph)

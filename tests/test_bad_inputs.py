@@ -131,6 +131,23 @@ def traversal_model(d: Path, art: Artifacts, location: str = "../outside.data") 
     return path
 
 
+def oversized_model(d: Path, art: Artifacts) -> Path:
+    """The exported model with one more weight of 2.4 GB (unused) in external data: a sparse file, so nothing of
+    that size is written or read."""
+    proto = onnx.load(str(art.model))
+    count = 600_000_000  # float32: 2.4 GB
+    big = proto.graph.initializer.add(name="unused_weight", data_type=onnx.TensorProto.FLOAT, dims=[count])
+    for key, value in (("location", "m.onnx.data"), ("offset", "0"), ("length", str(4 * count))):
+        big.external_data.add(key=key, value=value)
+    big.data_location = onnx.TensorProto.EXTERNAL
+    path = d / "model" / "m.onnx"
+    path.parent.mkdir(exist_ok=True)
+    with open(path.parent / "m.onnx.data", "wb") as data:
+        data.truncate(4 * count)
+    onnx.save(proto, str(path))
+    return path
+
+
 def linked_data_model(d: Path, art: Artifacts) -> Path:
     """``traversal_model`` with its weight in ``m.onnx.data`` next to it, as a symbolic link to a file elsewhere
     (a Hugging Face cache snapshot links its files to blobs)."""
@@ -600,6 +617,9 @@ CASES = [
       lambda d, a, mp: _package(d, a, model_path=truncated(model(d, a))), 1, "is not a readable ONNX model"),
     C("package-traversal", "package", "external data location ../outside.data",
       lambda d, a, mp: _package(d, a, model_path=traversal_model(d, a)), 1, "outside the model's directory"),
+    C("package-over-2gb", "package", "a model with more weights than an ORT-format file holds",
+      lambda d, a, mp: _package(d, a, model_path=oversized_model(d, a)), 1,
+      "but an ORT-format bundle holds at most 2.15 GB; quantize it first"),
     C("package-bad-shape", "package", "--shape that does not parse",
       lambda d, a, mp: _package(d, a, "--shape", "input_ids=1xq"), 2, "cannot parse shape"),
     C("package-shape-unknown-input", "package", "--shape names no input of the model",

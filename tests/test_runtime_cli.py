@@ -208,7 +208,7 @@ def test_inspect_a_model_with_external_data(capsys, tmp_path, routed):
 def test_inspect_text_names_a_cache_input_of_every_layer_once():
     """A with-past model's 96 cache inputs and outputs (24 layers) read as one line per kind; a layer whose cache
     differs (a hybrid's recurrent layers, another head size) keeps a line of its own."""
-    from moeport.runtime.inspect import _per_layer_groups
+    from moeport.runtime.inspect import per_layer_groups
 
     kv = ("batch", "kv_heads", "past_sequence", 64)
     specs = [TensorSpec("input_ids", "int64", ("batch", "sequence")),
@@ -217,7 +217,7 @@ def test_inspect_text_names_a_cache_input_of_every_layer_once():
                for i in (1, 2, 3, 5) for part in ("key", "value")],
              TensorSpec("past_key_values.4.key", "float32", ("batch", "kv_heads", "past_sequence", 128)),
              TensorSpec("layer.7", "float32", (1,))]
-    assert [(name, spec.shape) for name, spec in _per_layer_groups(specs)] == [
+    assert [(name, spec.shape) for name, spec in per_layer_groups(specs)] == [
         ("input_ids", ("batch", "sequence")), ("past_conv.0", ("batch", 64, 4)),
         ("past_key_values.{1..3,5}.key", kv), ("past_key_values.{1..3,5}.value", kv),
         ("past_key_values.4.key", ("batch", "kv_heads", "past_sequence", 128)), ("layer.7", (1,))]
