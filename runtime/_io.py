@@ -7,6 +7,7 @@ for a fixed dim and a name (``"batch"``) or ``None`` for a dynamic one. Exported
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,40 @@ class TensorSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                 "dynamic_axes": {str(k): v for k, v in self.dynamic_axes.items()}}
+
+
+_LAYER_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")  # the first dotted number: past_key_values.3.key
+
+
+def group_per_layer(items: list, key) -> list[tuple[str, list]]:
+    """``items`` (each named by ``key(item)[0]``) in groups of those whose names differ only in a layer index and
+    whose other ``key`` fields are equal, each named for all its members (``past_key_values.{0..3,5}.key``; a
+    lone item keeps its name), in the order of each group's first member."""
+    groups: dict[tuple, list[tuple[int, object]]] = {}
+    for item in items:
+        name, *rest = key(item)
+        match = _LAYER_INDEX.search(name)
+        pattern = (name, None) if match is None else (name[:match.start()] + "{}" + name[match.end():], 0)
+        groups.setdefault((*pattern, *rest), []).append((-1 if match is None else int(match.group(1)), item))
+    named = []
+    for (pattern, indexed, *_), members in groups.items():
+        if indexed is None or len(members) == 1:
+            named += [(key(item)[0], [item]) for _, item in members]
+        else:
+            named.append((pattern.format("{" + _index_ranges([i for i, _ in members]) + "}"),
+                          [item for _, item in members]))
+    return named
+
+
+def _index_ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 6]`` -> ``"0..2,5..6"``."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
 def session_specs(session) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -11,7 +11,6 @@ the measured placement of one profiled run on ``ep`` with a seeded ``[1, 8]`` in
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,42 +19,18 @@ import numpy as np
 
 from moeport._fs import load_model_proto
 from moeport.contract import metadata_props, optional_model_info
-from moeport.runtime._io import TensorSpec
+from moeport.runtime._io import TensorSpec, group_per_layer
 from moeport.runtime.layouts import model_file
 from moeport.runtime.run import example_feeds
 from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
 
-_LAYER_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
-
-
 def per_layer_groups(specs: list[TensorSpec]) -> list[tuple[str, TensorSpec]]:
     """``specs`` with those that differ only in a layer index (``past_key_values.3.key``) and not in dtype, shape or
-    axes as one entry named for all of them (``past_key_values.{0..23}.key``), at the first one's place: a
-    with-past model of 24 layers has 96 cache inputs and outputs."""
-    groups: dict[tuple, list[tuple[int, TensorSpec]]] = {}
-    for spec in specs:
-        match = _LAYER_INDEX.search(spec.name)
-        pattern = spec.name if match is None else spec.name[:match.start()] + "{}" + spec.name[match.end():]
-        key = (pattern, spec.dtype, spec.shape_text(), tuple(spec.dynamic_axes.items()), match is None)
-        groups.setdefault(key, []).append((-1 if match is None else int(match.group(1)), spec))
-    named = []
-    for (pattern, *_, plain), members in groups.items():
-        if plain or len(members) == 1:
-            named += [(spec.name, spec) for _, spec in members]
-        else:
-            named.append((pattern.format("{" + _index_ranges([i for i, _ in members]) + "}"), members[0][1]))
-    return named
-
-
-def _index_ranges(indices: list[int]) -> str:
-    """``[0, 1, 2, 5, 6]`` -> ``"0..2,5..6"``."""
-    runs: list[list[int]] = []
-    for i in sorted(indices):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+    axes as one entry named for all of them (``past_key_values.{0..23}.key``, ``_io.group_per_layer``), at the
+    first one's place: a with-past model of 24 layers has 96 cache inputs and outputs."""
+    groups = group_per_layer(specs, lambda spec: (spec.name, spec.dtype, spec.shape_text(),
+                                                  tuple(spec.dynamic_axes.items())))
+    return [(name, members[0]) for name, members in groups]
 
 
 def value_spec(value) -> TensorSpec:

@@ -21,8 +21,8 @@ from moeport._fs import load_npz
 from moeport.contract import (ATTENTION_MASK, INPUT_IDS, POSITION_IDS, QUANTIZATION_KEY, ModelInfo, Reference,
                               model_info, random_inputs, routing_name)
 from moeport.errors import MoeportError, UsageError
-from moeport.runtime._io import TensorSpec, check_inputs
-from moeport.runtime.compare import Comparator, Comparison
+from moeport.runtime._io import TensorSpec, check_inputs, group_per_layer
+from moeport.runtime.compare import Comparator, Comparison, OutputStats
 from moeport.runtime.generate import decoder_feeds, empty_past
 from moeport.runtime.layouts import model_file
 from moeport.runtime.session import create_session
@@ -106,10 +106,10 @@ class VerifyReport:
         for result in self.results:
             lines.append(f"shape {result.shape[0]}x{result.shape[1]}")
             lines.append(header)
-            for o in result.comparison.outputs:
-                argmax = "" if o.argmax_agreement is None else f"{o.argmax_agreement:.4f}"
-                lines.append(f"  {o.name:<28} {o.max_abs:9.2e} {o.mean_abs:9.2e} {o.p99_abs:9.2e} {o.max_rel:9.2e} "
-                             f"{o.cosine:9.6f} {argmax:>7}  {'yes' if o.passed else 'NO'}")
+            # A with-past model's 48 presents as two rows, present.{0..23}.key and .value, each the worst of its
+            # layers in every column (--json keeps every output).
+            lines += [_output_row(name, group) for name, group in
+                      group_per_layer(result.comparison.outputs, lambda o: (o.name, o.argmax_agreement))]
             for name in result.comparison.missing:
                 lines.append(f"  {name:<28} missing from the model's outputs  NO")
             for r in result.comparison.routing:
@@ -123,6 +123,18 @@ class VerifyReport:
         lines.append(f"{'PASSED' if self.passed else 'FAILED'}: max abs error {self.max_abs_err:.3g}, "
                      f"routing agreement {routing}, argmax agreement {argmax}")
         return "\n".join(lines)
+
+
+def _output_row(name: str, group: list[OutputStats]) -> str:
+    """The report's row for the outputs ``group`` (one, or one per layer) under ``name``: the worst of them in
+    every column."""
+    def worst(field: str, pick=max) -> float:
+        return pick(getattr(o, field) for o in group)
+
+    argmax = "" if group[0].argmax_agreement is None else f"{group[0].argmax_agreement:.4f}"
+    return (f"  {name:<28} {worst('max_abs'):9.2e} {worst('mean_abs'):9.2e} {worst('p99_abs'):9.2e} "
+            f"{worst('max_rel'):9.2e} {worst('cosine', min):9.6f} {argmax:>7}  "
+            f"{'yes' if all(o.passed for o in group) else 'NO'}")
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,24 @@ def test_missing_output_fails():
 
 def test_expert_load():
     assert expert_load(np.array([[0, 2], [2, 3]]), 5) == [1, 0, 2, 1, 0]
+
+
+def test_verify_text_shows_each_per_layer_output_once_at_its_worst():
+    """A 24-layer with-past model has 48 presents; the text report gives one row per kind, the worst layer in every
+    column and NO if any layer fails (its JSON keeps every output)."""
+    from moeport.runtime.verify import ShapeResult, VerifyReport
+
+    rng = np.random.default_rng(0)
+    ref = {"logits": rng.standard_normal((1, 2, 5)),
+           **{f"present.{i}.{part}": rng.standard_normal((1, 2, 2, 4)) for i in range(3) for part in ("key", "value")}}
+    got = {name: value + (0.5 if name == "present.1.value" else 1e-6) for name, value in ref.items()}
+    comparison = Comparator(atol=1e-4).compare(ref, got, [])
+    report = VerifyReport(Path("m.onnx"), Path("ckpt"), "cpu", "sorted", [ShapeResult((1, 2), comparison)])
+    rows = {line.split()[0]: line.split() for line in report.render().splitlines()[3:-1]}
+    assert list(rows) == ["logits", "present.{0..2}.key", "present.{0..2}.value"]
+    values = {o.name: o for o in comparison.outputs}
+    assert float(rows["present.{0..2}.value"][1]) == pytest.approx(values["present.1.value"].max_abs, rel=1e-2)
+    assert float(rows["present.{0..2}.value"][5]) == pytest.approx(min(values[f"present.{i}.value"].cosine
+                                                                       for i in range(3)), abs=1e-6)
+    assert (rows["present.{0..2}.key"][-1], rows["present.{0..2}.value"][-1]) == ("yes", "NO")
+    assert len(report.to_dict()["shapes"][0]["outputs"]) == 7
