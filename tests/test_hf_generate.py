@@ -214,8 +214,13 @@ def test_run_takes_a_prompt_alone_for_a_with_past_model(with_past, capsys, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["run", str(model_path), "--inputs", str(tmp_path / "ids.npz")])
     assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
     assert (f"a prompt alone: ran as its prefill from an empty cache; filled in attention_mask, position_ids, "
-            f"the empty cache's {2 * layers} inputs") in capsys.readouterr().out
+            f"the empty cache's {2 * layers} inputs") in text
+    # the cache's inputs and outputs once per kind, for every layer
+    assert f"past_key_values.{{0..{layers - 1}}}.value [1, 2, 0, 8]" in text and "past_key_values.0." not in text
+    rows = [line.split()[0] for line in text.splitlines() if line.startswith("  ") and "present" in line]
+    assert rows == [f"present.{{0..{layers - 1}}}.key", f"present.{{0..{layers - 1}}}.value"]
 
     for bad, message in ((mask[:, 1:], "input 'attention_mask' is [2, 5] but 'input_ids' is [2, 6]; a mask covers "
                                        "the ids"),
