@@ -85,8 +85,9 @@ class RunResult:
             lines.append(f"a prompt alone: ran as its prefill from an empty cache; filled in {', '.join(made)}")
         for name, group in group_per_layer(self.outputs, lambda o: (o.name, o.dtype, o.shape)):
             o = group[0]  # the group's outputs have one shape: the mean of their means is theirs
-            stats = "" if o.min is None else (f"  min {min(g.min for g in group):.4g} max {max(g.max for g in group):.4g}"
-                                              f" mean {sum(g.mean for g in group) / len(group):.4g}")
+            stats = "" if o.min is None else (f"  min {min(g.min for g in group):.4g} "
+                                              f"max {max(g.max for g in group):.4g} "
+                                              f"mean {sum(g.mean for g in group) / len(group):.4g}")
             lines.append(f"  {name:<28} {o.dtype:<8} {str(list(o.shape)):<16}{stats}")
         if self.output_file is not None:
             lines.append(f"outputs written to {self.output_file}")
