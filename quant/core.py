@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from moeport._fs import check_output_file, staged_file, work_directory, writing
 from moeport.contract import (KV_CACHE_CONCAT, KV_CACHES, ModelInfo, Reference, is_cache_input, metadata_of_map,
-                              metadata_props, optional_model_info)
+                              metadata_props, optional_model_info, quantization_mode)
 from moeport.errors import MoeportError
 from moeport.quant import calibration as calib
 from moeport.quant import quality as qual
@@ -599,6 +599,11 @@ def quantize(
                            f"give at least {qual.PPL_WINDOW}, or 0 for the whole text")
     _check_paths(model, out, force)
     source = _read(model, settings)
+    done = quantization_mode(metadata_of_map(source.metadata))
+    if done is not None:
+        # Its MatMuls are quantizer ops already: quantizing it again found nothing to do and wrote a copy whose
+        # report named the new mode's layout.
+        raise MoeportError(f"{model} is already quantized ({done}); quantize the float32 file it was made from")
     if reference is not None and source.info is not None:
         # Before the minutes of quantizing: a checkpoint of another model is an error; one whose files hash
         # differently from the export's, a warning in the result.

@@ -9,7 +9,6 @@ model was exported ``--with-routing``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from moeport._fs import load_npz
-from moeport.contract import (ATTENTION_MASK, INPUT_IDS, POSITION_IDS, QUANTIZATION_KEY, ModelInfo, Reference,
-                              model_info, random_inputs, routing_name)
+from moeport.contract import (ATTENTION_MASK, INPUT_IDS, POSITION_IDS, ModelInfo, Reference, model_info,
+                              quantization_mode, random_inputs, routing_name)
 from moeport.errors import MoeportError, UsageError
 from moeport.runtime._io import TensorSpec, check_inputs, group_per_layer
 from moeport.runtime.compare import Comparator, Comparison, OutputStats
@@ -171,8 +170,9 @@ def verify(
     report_warnings = []
     check_reference(model, info, reference)
     report_warnings += reference_warnings(metadata, reference)
-    if atol is None and QUANTIZATION_KEY in metadata:
-        report_warnings.append(quantized_tolerance_warning(metadata, reference.tolerance))
+    quantized = quantization_mode(metadata)
+    if atol is None and quantized is not None:
+        report_warnings.append(quantized_tolerance_warning(quantized, reference.tolerance))
     comparator = Comparator(atol=reference.tolerance if atol is None else atol, rtol=rtol,
                             min_routing_agreement=min_routing_agreement)
     session = create_session(model, ep, fallback=fallback, threads=threads)
@@ -218,13 +218,9 @@ def model_feeds(inputs: dict[str, np.ndarray], session_inputs, session_outputs=(
     return decoder_feeds(mask, ids, empty_past(session_inputs, ids.shape[0], session_outputs, capacity))
 
 
-def quantized_tolerance_warning(metadata: dict[str, str], tolerance: float) -> str:
-    """What verify says of a quantized model (``metadata``: its ``moeport.*`` entries, keys without the prefix)
-    judged at the float tolerance ``tolerance``: it differs from PyTorch by design, so it fails that tolerance."""
-    try:
-        mode = json.loads(metadata[QUANTIZATION_KEY]).get("mode", "quantized")
-    except (ValueError, AttributeError):  # a record moeport did not write: still a quantized model
-        mode = "quantized"
+def quantized_tolerance_warning(mode: str, tolerance: float) -> str:
+    """What verify says of a model quantized in ``mode`` judged at the float tolerance ``tolerance``: it differs
+    from PyTorch by design, so it fails that tolerance."""
     return (f"this model is quantized ({mode}): its outputs differ from PyTorch's float32 by the quantization, so "
             f"the float tolerance ({tolerance:g}) fails it; judge it by the argmax (and, exported --with-routing, "
             "routing) agreement, give --atol, or see the quality report of moeport quantize --checkpoint")

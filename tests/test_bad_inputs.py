@@ -414,6 +414,14 @@ def _layout_output_not_empty(d, art, mp):
     return _layout_export(checkpoint, d)
 
 
+def _quantize_quantized(d, art, mp):
+    """The exported model with the record ``moeport quantize`` leaves in a file it wrote."""
+    proto = onnx.load(str(art.model))
+    proto.metadata_props.add(key="moeport.quantization", value='{"mode": "int4", "target": "cpu"}')
+    onnx.save(proto, str(d / "int4.onnx"))
+    return _quantize(d, art, "--mode", "int8-blocks", model_path=d / "int4.onnx")
+
+
 def _quantize_variant_exists(d, art, mp):
     path = folder(d, art)
     write(path / "model_fp16.onnx", "an earlier variant")
@@ -639,6 +647,8 @@ CASES = [
     C("quantize-not-onnx", "quantize", "a text file named .onnx",
       lambda d, a, mp: _quantize(d, a, model_path=write(d / "m.onnx", "hello, not a model\n")), 1,
       "is not a readable ONNX model"),
+    C("quantize-quantized", "quantize", "a file quantize wrote, quantized again", _quantize_quantized, 1,
+      "is already quantized (int4); quantize the float32 file it was made from"),
     C("quantize-traversal", "quantize", "external data location ../outside.data",
       lambda d, a, mp: _quantize(d, a, model_path=traversal_model(d, a)), 1, "outside the model's directory"),
     C("quantize-bad-mode", "quantize", "unknown --mode",

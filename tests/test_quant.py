@@ -300,6 +300,16 @@ def test_int8_dynamic(quantized, topk):
     assert result.quality.weights_ratio < 0.3
 
 
+def test_quantization_mode_reads_the_record_quantize_leaves(quantized):
+    from moeport.contract import metadata_of_map, quantization_mode
+
+    model = onnx.load(quantized("int8-dynamic").output, load_external_data=False)
+    assert quantization_mode(metadata_of_map({p.key: p.value for p in model.metadata_props})) == "int8-dynamic"
+    assert quantization_mode({}) is None  # an export
+    # a record some other tool rewrote: still a quantized file
+    assert quantization_mode({"quantization": "not json"}) == quantization_mode({"quantization": "[1]"}) == "quantized"
+
+
 def test_verify_of_a_quantized_model_says_why_the_float_tolerance_fails_it(quantized, sample_checkpoint, capsys):
     """verify judged a quantized file at the family's float32 tolerance without a word: "FAILED" on every output."""
     model, checkpoint = quantized("int8-dynamic").output, sample_checkpoint("topk")

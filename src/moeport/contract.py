@@ -239,6 +239,20 @@ def metadata_of_map(props: dict[str, str]) -> dict[str, str]:
     return {k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
 
 
+def quantization_mode(metadata: dict[str, str]) -> str | None:
+    """The mode ``moeport quantize`` recorded in ``metadata`` (the ``moeport.*`` entries, keys without the prefix),
+    e.g. ``"int4"``; ``"quantized"`` for a record that names none; None for a file that was not quantized."""
+    record = metadata.get(QUANTIZATION_KEY)
+    if record is None:
+        return None
+    try:
+        parsed = json.loads(record)
+    except ValueError:  # a record some other tool wrote over ours: still a quantized file
+        return "quantized"
+    mode = parsed.get("mode") if isinstance(parsed, dict) else None
+    return str(mode) if mode else "quantized"
+
+
 def vocab_size(props: dict[str, str], model: str | os.PathLike = "the model") -> int | None:
     """The vocabulary size in a metadata map with prefixed keys (onnxruntime's ``custom_metadata_map``); None
     for a file moeport did not export."""
