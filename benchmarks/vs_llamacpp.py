@@ -32,6 +32,11 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
    every round; medians of the steps after the first of each block. This machine's speed drifts by 20-40% from
    minute to minute; taking turns every few hundred milliseconds puts both runtimes under the same drift, which
    separate processes (stage 4) cannot. llama-cpp-python is imported from ``--llama-python``'s site-packages.
+7. ``genai`` (with ``--genai``): the onnxruntime-genai folder a user deploys, ``out/genai``: the fp32 export placed
+   by the genai layout, then ``moeport quantize DIR --mode M`` for each mode; each ``genai:M`` is timed through
+   onnxruntime-genai's own generator (``append_tokens``, ``get_logits``) in stages 4 and 6 beside the others. Its
+   quality row is that of the file it loads, run by moeport's runner (genai's generator returns the last
+   position's logits only).
 
 Every child process reports its peak resident memory (``ru_maxrss``); export and quantize peaks are printed as
 multiples of the fp32 model's size. Results go to ``--out``/results.json and a markdown table on stdout.
@@ -160,6 +165,26 @@ def worker_quantize(out: Path, mode: str, kv_cache: str) -> dict:
             "router_kept_float": result.router_kept_float, "warnings": result.warnings}
 
 
+def worker_genai(out: Path, mode: str) -> dict:
+    """The onnxruntime-genai folder ``out/genai`` as a user makes it: the fp32 export placed with its genai_config
+    (``runtime.layouts.write_folder``, what ``moeport export --layout genai`` writes after its export), then
+    ``moeport quantize DIR --mode MODE``, which adds the variant genai loads with ``layouts.genai_overlay``."""
+    from moeport.cli import main as moeport
+    from moeport.runtime.layouts import write_folder
+
+    folder = out / "genai"
+    if not (folder / "genai_config.json").is_file():
+        write_folder("genai", out / "moeport" / "fp32.onnx", out / "checkpoint", folder)
+    if mode == "fp32":
+        return {"peak_rss": peak_rss_bytes()}
+    try:
+        moeport(["quantize", str(folder), "--mode", mode, "--no-perplexity", "--latency-runs", "0", "--force"])
+    except SystemExit as done:  # the command's exit: 0 (or None) when it wrote the variant
+        if done.code not in (0, None):
+            raise
+    return {"peak_rss": peak_rss_bytes()}
+
+
 def worker_quantize_gguf(out: Path, kind: str) -> dict:
     import llama_cpp
 
@@ -236,10 +261,54 @@ def _llama_runner(llm, logits_all: bool):
     return prefill, decode
 
 
+def _genai_file(out: Path, mode: str) -> Path:
+    """The model file of ``out/genai`` for ``mode``: the folder's model.onnx for fp32, else its variant."""
+    from moeport.runtime.layouts import open_folder
+
+    folder = open_folder(out / "genai")
+    return folder.model if mode == "fp32" else folder.variant(mode)
+
+
+def _genai_runner(out: Path, mode: str, threads: int):
+    """(prefill, decode) over onnxruntime-genai's own generator loop on the folder ``out/genai`` (its ``mode``
+    file), the last position's logits ``[1, 1, vocab]`` of each; its cache is ``SHARED_CAPACITY`` tokens long, as
+    moeport's and llama.cpp's."""
+    import onnxruntime_genai as og
+
+    from moeport.runtime.layouts import genai_overlay
+
+    config = og.Config(str(out / "genai"))
+    overlay = json.loads(genai_overlay(_genai_file(out, mode).name))
+    overlay["model"]["decoder"]["session_options"] = {"intra_op_num_threads": threads}
+    config.overlay(json.dumps(overlay))
+    model, state = og.Model(config), {}
+
+    def logits() -> np.ndarray:  # the last appended token's
+        return np.asarray(state["generator"].get_logits()).reshape(-1)[-GRANITE_1B_A400M["vocab_size"]:][None, None]
+
+    def prefill(ids: np.ndarray) -> np.ndarray:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=SHARED_CAPACITY, do_sample=False)
+        state["generator"] = og.Generator(model, params)
+        state["generator"].append_tokens(ids[0].astype(np.int32))  # one sequence: its ids
+        return logits()
+
+    def decode(token: int) -> np.ndarray:
+        state["generator"].append_tokens(np.array([token], dtype=np.int32))
+        return logits()
+
+    return prefill, decode
+
+
 def _runner(system: str, out: Path, threads: int, logits_all: bool = False):
     family, variant = system.split(":")
     if family == "moeport":
         return moeport_step_runner(_moeport_session(out / "moeport" / f"{variant}.onnx", threads))
+    if family == "genai" and logits_all:
+        # genai's generator gives the last position's logits only: the quality stage runs the file it loads
+        return moeport_step_runner(_moeport_session(_genai_file(out, variant), threads))
+    if family == "genai":
+        return _genai_runner(out, variant, threads)
     return _llama_runner(_llama(out / "llama" / f"{variant}.gguf", threads, logits_all), logits_all)
 
 
@@ -310,7 +379,7 @@ def worker_quality(out: Path, system: str, threads: int, positions: int) -> dict
 
 WORKERS = {"build": worker_build, "tokenizer": worker_tokenizer, "export": worker_export, "quantize": worker_quantize,
            "quantize_gguf": worker_quantize_gguf, "time": worker_time, "reference": worker_reference,
-           "quality": worker_quality, "interleaved": worker_interleaved}
+           "quality": worker_quality, "interleaved": worker_interleaved, "genai": worker_genai}
 
 
 # --- driver ---------------------------------------------------------------------------------------------------
@@ -371,6 +440,10 @@ def main(argv=None) -> int:
     parser.add_argument("--interleaved", action="store_true",
                         help="also time each mode against llama.cpp at the same bits in one process (stage 6)")
     parser.add_argument("--block", type=int, default=8, help="decode steps per turn with --interleaved")
+    parser.add_argument("--genai", action="store_true",
+                        help="also each mode as an onnxruntime-genai folder (out/genai: the fp32 export placed by "
+                             "the genai layout, then moeport quantize DIR --mode M), timed through genai's own "
+                             "generator loop")
     args = parser.parse_args(argv)
 
     out, py, results = args.out, sys.executable, {}
@@ -423,7 +496,12 @@ def main(argv=None) -> int:
         stage(f"gguf:{kind}", (llama_dir / f"{kind}.gguf").is_file(),
               lambda kind=kind: run_worker(args.llama_python, "quantize_gguf", out, kind))
 
-    systems = [(f"moeport:{m}", py) for m in modes] + [(f"llama:{k}", args.llama_python) for k in LLAMA_TYPES]
+    genai = [f"genai:{m}" for m in modes] if args.genai else []
+    for name in genai:
+        stage(name, (out / "genai" / "genai_config.json").is_file() and _genai_file(out, name[6:]).is_file(),
+              lambda name=name: run_worker(py, "genai", out, name[6:]))
+    systems = ([(f"moeport:{m}", py) for m in modes] + [(name, py) for name in genai]
+               + [(f"llama:{k}", args.llama_python) for k in LLAMA_TYPES])
     timings: dict[str, list[dict]] = {name: [] for name, _ in systems}
     for _ in range(args.rounds):
         for name, python in systems:  # alternating: every round runs each system once, in turn
@@ -433,6 +511,7 @@ def main(argv=None) -> int:
     from moeport.quant.quality import model_size
 
     sizes = {f"moeport:{m}": model_size(out / "moeport" / f"{m}.onnx") for m in modes}  # its external data too
+    sizes.update({name: model_size(_genai_file(out, name[6:])) for name in genai})
     sizes.update({f"llama:{k}": (llama_dir / f"{k}.gguf").stat().st_size for k in LLAMA_TYPES})
     table = {name: {"prefill_ms": statistics.median(t["prefill_ms"] for t in timings[name]),
                     "decode_tokens_per_s": statistics.median(t["decode_tokens_per_s"] for t in timings[name]),
@@ -451,7 +530,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, row in table.items():
         family, variant = name.split(":")
-        peer = table.get(f"llama:{SAME_BITS[variant]}") if family == "moeport" else None
+        peer = table.get(f"llama:{SAME_BITS[variant]}") if family in ("moeport", "genai") else None
         vs_peer = f"{row['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}" if peer else "-"
         vs_fp32 = f"{row['decode_tokens_per_s'] / fp32:.2f}" if fp32 else "-"
         print(f"| {name} | {row['prefill_ms']:.0f} | {row['decode_tokens_per_s']:.1f} | "
@@ -471,16 +550,19 @@ def interleaved(args, modes: list[str], results: dict) -> None:
                           capture_output=True, text=True, check=True).stdout.strip()
     rows = results.setdefault("interleaved", {})
     for mode in modes:
-        mine, theirs = f"moeport:{mode}", f"llama:{SAME_BITS[mode]}"
+        mine, theirs = f"moeport:{mode}" + (f",genai:{mode}" if args.genai else ""), f"llama:{SAME_BITS[mode]}"
         rows[mode] = run_worker(sys.executable, "interleaved", args.out, mine, theirs, args.threads, args.prompt,
                                 args.decode, args.block, args.rounds, site)
     print(f"\nin one process, turns of {args.block} decode steps, {args.rounds} x {args.decode} steps each "
           "(medians of the steps after each turn's first):")
-    print("| moeport mode | decode tokens/s | llama.cpp | decode tokens/s | x llama.cpp |")
+    print("| system | decode tokens/s | llama.cpp | decode tokens/s | x llama.cpp |")
     print("|---|---|---|---|---|")
     for mode, row in rows.items():
-        mine, theirs = row[f"moeport:{mode}"]["step_s"], row[f"llama:{SAME_BITS[mode]}"]["step_s"]
-        print(f"| {mode} | {1 / mine:.1f} | {SAME_BITS[mode]} | {1 / theirs:.1f} | {theirs / mine:.2f} |")
+        theirs = row[f"llama:{SAME_BITS[mode]}"]["step_s"]
+        for name in (f"moeport:{mode}", f"genai:{mode}"):
+            if name in row:
+                mine = row[name]["step_s"]
+                print(f"| {name} | {1 / mine:.1f} | {SAME_BITS[mode]} | {1 / theirs:.1f} | {theirs / mine:.2f} |")
 
 
 if __name__ == "__main__":
