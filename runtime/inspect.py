@@ -24,6 +24,7 @@ from moeport.runtime.layouts import model_file
 from moeport.runtime.run import example_feeds
 from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
 
+
 def per_layer_groups(specs: list[TensorSpec]) -> list[tuple[str, TensorSpec]]:
     """``specs`` with those that differ only in a layer index (``past_key_values.3.key``) and not in dtype, shape or
     axes as one entry named for all of them (``past_key_values.{0..23}.key``, ``_io.group_per_layer``), at the
