@@ -62,7 +62,7 @@ from moeport.quant.schemes import TARGETS, IntScheme, NBitsLayout, choose_scheme
 from moeport.runtime.fusions import cache_layers, unfused_layers
 from moeport.runtime.inspect import graph_specs
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
-                                      load_graph)
+                                      load_graph, weight_bytes)
 from moeport.runtime.verify import check_reference, reference_warnings
 from moeport.samples import TRAINED_DIR
 
@@ -452,8 +452,8 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
     """Size, parity with ``reference``, perplexity and routing on held-out text, latency: before vs after.
     ``heldout_tokens``: perplexity reads at most this many tokens of the text (None: all of it)."""
     model, graph, spec = source.path, source.proto, settings.mode
-    report = qual.QualityReport(qual.model_size(model), qual.model_size(out), qual.weight_bytes(graph),
-                                qual.weight_bytes(quantized), node_metadata_bytes(graph))
+    report = qual.QualityReport(qual.model_size(model), qual.model_size(out), weight_bytes(graph),
+                                weight_bytes(quantized), node_metadata_bytes(graph))
     text_path = Path(heldout) if heldout is not None else bundled_text("heldout.txt")
     if text_path is not None and not text_path.is_file():
         raise MoeportError(f"held-out text not found: {text_path}")

@@ -24,8 +24,7 @@ from moeport.errors import MoeportError
 from moeport.quant.calibration import text_feeds
 from moeport.runtime._io import TensorSpec
 from moeport.runtime.generate import CachedDecoder, decoder_feeds, empty_past, has_shared_cache
-from moeport.runtime.moe_graph import (find_routers, kernel_routed_indices, load_graph, tensor_nbytes,
-                                      top_k_as_qmoe)
+from moeport.runtime.moe_graph import find_routers, kernel_routed_indices, load_graph, top_k_as_qmoe
 from moeport.runtime.session import create_session
 from moeport.runtime.timing import alternate
 from moeport.runtime.verify import verify
@@ -115,11 +114,6 @@ def model_size(path: str | os.PathLike) -> int:
         for entry in init.external_data if entry.key == "location"
     }
     return size + sum((path.parent / loc).stat().st_size for loc in locations)
-
-
-def weight_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of the initializers' data, from their types and dims (the graph may be loaded without weights)."""
-    return sum(tensor_nbytes(init) for init in proto.graph.initializer)
 
 
 def parity_windows(ids: np.ndarray, count: int = PARITY_WINDOWS, window: int = PARITY_WINDOW) -> np.ndarray:

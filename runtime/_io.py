@@ -61,16 +61,25 @@ def group_per_layer(items: list, key) -> list[tuple[str, list]]:
     for item in items:
         name, *rest = key(item)
         match = _LAYER_INDEX.search(name)
-        pattern = (name, None) if match is None else (name[:match.start()] + "{}" + name[match.end():], 0)
-        groups.setdefault((*pattern, *rest), []).append((-1 if match is None else int(match.group(1)), item))
+        # the text around the index; a name without one is a group of its own (no text after it: None)
+        around = (name, None) if match is None else (name[:match.start()], name[match.end():])
+        groups.setdefault((*around, *rest), []).append((-1 if match is None else int(match.group(1)), item))
     named = []
-    for (pattern, indexed, *_), members in groups.items():
-        if indexed is None or len(members) == 1:
-            named += [(key(item)[0], [item]) for _, item in members]
+    for (before, after, *_), members in groups.items():
+        if len(members) == 1:
+            named.append((key(members[0][1])[0], [members[0][1]]))
         else:
-            named.append((pattern.format("{" + _index_ranges([i for i, _ in members]) + "}"),
-                          [item for _, item in members]))
+            indices = _index_ranges([i for i, _ in members])
+            named.append((f"{before}{{{indices}}}{after}", [item for _, item in members]))
     return named
+
+
+def shapes_text(shapes: dict[str, tuple | list]) -> str:
+    """``input_ids [1, 8], past_key_values.{0..23}.key [1, 8, 0, 64], ...``: the shapes of a run's inputs by name
+    (tuples, or lists as JSON keeps them), per-layer ones (a with-past model's cache) once per kind
+    (``group_per_layer``)."""
+    return ", ".join(f"{name} {list(group[0][1])}" for name, group in
+                     group_per_layer(list(shapes.items()), lambda item: (item[0], tuple(item[1]))))
 
 
 def _index_ranges(indices: list[int]) -> str:

@@ -222,6 +222,11 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the initializers' data, from their types and dims (the graph may be loaded without weights)."""
+    return sum(tensor_nbytes(init) for init in proto.graph.initializer)
+
+
 def _typed_data(tensor: onnx.TensorProto) -> bool:
     return any(len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
                                                   "uint64_data", "string_data"))

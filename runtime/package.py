@@ -36,10 +36,10 @@ from moeport._scoped import logger_level
 from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
 from moeport.registry import Registry
-from moeport.runtime._io import TensorSpec, session_specs
-from moeport.runtime.inspect import graph_specs, per_layer_groups, value_spec
+from moeport.runtime._io import TensorSpec, session_specs, shapes_text
+from moeport.runtime.inspect import graph_specs, value_spec
 from moeport.runtime.layouts import model_file
-from moeport.runtime.moe_graph import tensor_nbytes
+from moeport.runtime.moe_graph import weight_bytes
 from moeport.runtime.placement import EpCoverage, mobile_coverage
 from moeport.runtime.run import example_feeds
 from moeport.runtime.session import create_session, provider_names
@@ -104,10 +104,8 @@ class PackageResult:
             lines.append(f"  {path.name:<32} {path.stat().st_size / 1e6:8.3f} MB")
         lines.append("estimated mobile provider coverage (onnxruntime usability checker):")
         lines += [f"  {c.render()}" for c in self.coverage]
-        # a with-past model's 48 cache inputs as two entries, past_key_values.{0..23}.key and .value
-        inputs = per_layer_groups([TensorSpec(name, "", tuple(shape)) for name, shape in self.check["inputs"].items()])
-        shown = ", ".join(f"{name} {spec.shape_text()}" for name, spec in inputs)
-        lines.append(f".ort vs .onnx on {shown}: max abs difference {self.check['max_abs_diff']:.3g}")
+        lines.append(f".ort vs .onnx on {shapes_text(self.check['inputs'])}: max abs difference "
+                     f"{self.check['max_abs_diff']:.3g}")
         return "\n".join(lines)
 
 
@@ -197,7 +195,7 @@ def package_model(
     shapes = dict(shapes or {})
     _prepare_destination(output, force)
     proto = load_model_proto(model)  # also refuses external data outside the model's directory
-    weights = sum(tensor_nbytes(init) for init in proto.graph.initializer)
+    weights = weight_bytes(proto)
     if weights > MAX_BUNDLE_BYTES:
         # Said before the weights are read: an ORT-format file (a flatbuffer) and the ONNX protobuf copied beside
         # it both stop at 2 GB, and the conversion failed only after loading them all.

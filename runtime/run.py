@@ -22,7 +22,8 @@ import numpy as np
 from moeport._fs import check_output_file, load_npz
 from moeport.contract import (ATTENTION_MASK, INPUT_IDS, KV_CACHE_SHARED, is_cache_input, metadata_of_map,
                               vocab_size)
-from moeport.runtime._io import TensorSpec, check_inputs, check_prompt_mask, group_per_layer, save_npz, session_specs
+from moeport.runtime._io import (TensorSpec, check_inputs, check_prompt_mask, group_per_layer, save_npz, session_specs,
+                                shapes_text)
 from moeport.runtime.layouts import model_file
 from moeport.runtime.placement import Placement, profiled_session, resolve_with_warnings, run_profiled
 from moeport.runtime.verify import model_feeds
@@ -74,15 +75,13 @@ class RunResult:
 
     def render(self) -> str:
         lines = [f"warning: {w}" for w in self.warnings]
-        # per-layer inputs and outputs (a with-past model's cache) once per kind: past_key_values.{0..23}.key
-        shapes = ", ".join(f"{name} {list(group[0][1])}" for name, group in
-                           group_per_layer(list(self.inputs.items()), lambda item: item))
-        lines.append(f"ran {self.model} on {self.ep} with {shapes} in {self.seconds * 1e3:.1f} ms")
+        lines.append(f"ran {self.model} on {self.ep} with {shapes_text(self.inputs)} in {self.seconds * 1e3:.1f} ms")
         if self.filled:
             made = [name for name in self.filled if not is_cache_input(name)]
             caches = len(self.filled) - len(made)
             made += [f"the empty cache's {caches} input{'s' * (caches != 1)}"] if caches else []
             lines.append(f"a prompt alone: ran as its prefill from an empty cache; filled in {', '.join(made)}")
+        # per-layer outputs (a with-past model's cache) once per kind: present.{0..23}.key
         for name, group in group_per_layer(self.outputs, lambda o: (o.name, o.dtype, o.shape)):
             o = group[0]  # the group's outputs have one shape: the mean of their means is theirs
             stats = "" if o.min is None else (f"  min {min(g.min for g in group):.4g} "
