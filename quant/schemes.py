@@ -217,17 +217,23 @@ def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | 
     return IntScheme("QUInt8", "QInt8", False, True, False, "Core ML: u8s8 (fp16 is the default mode here)")
 
 
-# Expert weights per block by width. 4-bit: blocks of 128 (0.535 bytes per weight with the float32 scale and the
-# 4-bit zero point, under llama.cpp's Q4_0 at 0.5625; the group size of AWQ and GPTQ) instead of 64 (0.57) or 32
-# (0.64): a decode step reads fewer bytes. Measured on the 24-layer granite-shaped model (BENCHMARKS.md): 64 against
-# 32, one process, steps interleaved: 70.0 vs 66.9 and 69.7 vs 63.8 tokens/s, mean KL from PyTorch 5.3e-6 vs
-# 4.4e-6 (Q4_0: 1.2e-4); 128 against 64: decode +1.3% to +5% in four runs, prefill 10% shorter, KL 4.32e-5 vs
-# 4.25e-5 (Q4_0 1.19e-4), the trained sample's routing agreement 0.962 vs 0.968 and perplexity +0.99% vs +0.72%
-# (targets 0.95, +5%). 8-bit: blocks of 128 (1.04 bytes per weight against 1.16 at 32; Q8_0: 1.06): 53.7 vs 49.5 and
-# 59.5 vs 54.1 tokens/s, KL 1.52e-6 as at 32 (Q8_0: 1.81e-6) once the embedding kept its own blocks of 32 (with
-# the embedding in blocks of 128 too the KL was 1.79e-6: the table, not the experts, carried that error).
+# Expert weights per block by width. 4-bit: blocks of 256, the largest onnxruntime's block kernels take (0.517 bytes per
+# weight with the float32 scale and the 4-bit zero point, under llama.cpp's Q4_0 at 0.5625). QMoE's CPU kernel pays
+# per block as well as per byte: on the 24-layer granite-shaped model (BENCHMARKS.md) its time a layer went from
+# 270 us at 128 to 207 us at 256; decode +2% to +14% (eight runs, steps interleaved in one process), prefill 5-7%
+# shorter, mean KL from PyTorch 4.39e-5 against 4.32e-5 at 128 (Q4_0: 1.19e-4). Those are random weights: a
+# trained checkpoint's outliers cost more in a larger block (the trained sample, whose widths of 128 cannot show
+# 256, lost 0.006 of routing agreement from 64 to 128), so `--block-size 128` (the group size of AWQ and GPTQ)
+# or smaller is the choice where the quantize report's routing agreement or perplexity says so. Earlier steps:
+# 64 against 32: 70.0 vs 66.9 and 69.7 vs 63.8 tokens/s; 128 against 64: +1.3% to +5%, the trained sample's
+# routing agreement 0.962 vs 0.968 and perplexity +0.99% vs +0.72% (targets 0.95, +5%). 8-bit: blocks of 128 (1.04
+# bytes per weight against 1.16 at 32; Q8_0: 1.06): 53.7 vs 49.5 and 59.5 vs 54.1 tokens/s, KL 1.52e-6 as at 32
+# (Q8_0: 1.81e-6) once the embedding kept its own blocks of 32 (with the embedding in blocks of 128 too the KL was
+# 1.79e-6: the table, not the experts, carried that error); 256 gave +3.5% and -4.3% in two runs: noise, not taken.
 # A model whose widths the size does not divide gets it halved (down to 16): resolved_for.
-DEFAULT_EXPERT_BLOCK_SIZES = {4: 128, 8: 128}
+DEFAULT_EXPERT_BLOCK_SIZES = {4: 256, 8: 128}
+# onnxruntime's block quantizer (MlasQuantizeBlockwise) and kernels take blocks of 16 to 256 values.
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 # The embedding table's values per block. A token reads one row of the table, so the size of its blocks costs no
 # decode time, only file size; small blocks keep its error (which every position carries) small.
 DEFAULT_EMBEDDING_BLOCK_SIZE = 32
@@ -302,7 +308,7 @@ class NBitsLayout:
 
         def fitted(size: int, widths: Iterable[int]) -> int:
             widths = set(widths)
-            while size > 16 and any(width % size for width in widths):
+            while size > MIN_BLOCK_SIZE and any(width % size for width in widths):
                 size //= 2
             return size
 
@@ -327,8 +333,9 @@ class NBitsLayout:
                             ("embedding block size", self.embedding_block_size)):
             if size is None:  # the default, resolved_for the model
                 continue
-            if size < 16 or size & (size - 1):
-                raise MoeportError(f"{label} must be a power of two >= 16, got {size}")
+            if not MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE or size & (size - 1):
+                raise MoeportError(f"{label} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} "
+                                   f"(onnxruntime's block kernels), got {size}")
         for label, bits in (("embedding bits", self.embedding_bits), ("dense bits", self.dense_bits),
                             ("head bits", self.head_bits), ("key/value projection bits", self.kv_projection_bits)):
             if bits is not None and bits not in (4, 8):  # None: the default, resolved_for the mode

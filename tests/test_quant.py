@@ -542,7 +542,7 @@ def test_top_k_as_qmoe_picks_what_the_qmoe_kernel_picks():
 
 
 def test_expert_block_size_defaults_by_width(quantized):
-    """Without --block-size, int4's experts are 4-bit blocks of 128 and int8-blocks' 8-bit blocks of 128, halved to
+    """Without --block-size, int4's experts are 4-bit blocks of 256 and int8-blocks' 8-bit blocks of 128, halved to
     the sample's expert input widths (64) (schemes.DEFAULT_EXPERT_BLOCK_SIZES); the embedding has its own blocks
     of 32 (--embedding-block-size); a given size is used as given."""
     for mode, options, expected, table in (("int4", {}, 64, 32), ("int8-blocks", {}, 64, 32),
@@ -566,7 +566,8 @@ def test_default_block_sizes():
     """The default expert block is halved until it divides every expert input width and the embedding's rows, so small
     models' experts still fuse; a given size is kept (and refused later if it does not divide)."""
     default = NBitsLayout(None, 32, 8)
-    assert default.resolved_for(4, {1024, 512}, {1024}).expert_block_size == 128
+    assert default.resolved_for(4, {1024, 512}, {1024}).expert_block_size == 256
+    assert default.resolved_for(4, {1024, 384}, {1024}).expert_block_size == 128
     assert default.resolved_for(4, {1024, 192}, {1024}).expert_block_size == 64
     assert default.resolved_for(4, {32, 64}, {1024}).expert_block_size == 32
     assert default.resolved_for(4, {48}, {1024}).expert_block_size == 16
@@ -575,7 +576,7 @@ def test_default_block_sizes():
     assert default.resolved_for(8, {1024, 512}, {1024}).expert_block_size == 128
     assert default.resolved_for(8, {1024, 512}, {1024}).embedding_block_size == 32  # no table widths: the default
     assert default.resolved_for(4, {1024}, {1024}, {48}).embedding_block_size == 16  # fitted to the table's rows
-    assert default.resolved_for(4, set(), set()).expert_block_size == 128
+    assert default.resolved_for(4, set(), set()).expert_block_size == 256
     assert NBitsLayout(128, 32, 8).resolved_for(4, {32}, {32}).expert_block_size == 128
     # the other MatMuls: 128 where they are 8-bit in a 4-bit mode, 64 for 4-bit attention with 8-bit key/value
     # projections and lm_head, else 32, fitted to their widths; a given size stays
@@ -915,14 +916,19 @@ def test_an_unreadable_tokenizer_is_reported_before_the_model_is_quantized(topk,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
+def _block_size_error(label: str, size: int) -> str:
+    return re.escape(f"{label} must be a power of two from 16 to 256 (onnxruntime's block kernels), got {size}")
+
+
 def test_user_errors(topk, tmp_path, monkeypatch):
     cases = [
         (dict(model=tmp_path / "none.onnx", mode="int8"), "model file not found"),
         (dict(mode="fp16", calibration="x.txt"), "mode fp16 uses no calibration data"),
-        (dict(mode="int4", block_size=24), "block size must be a power of two >= 16, got 24"),
-        (dict(mode="int4", dense_block_size=8), "dense block size must be a power of two >= 16, got 8"),
-        (dict(mode="int4", head_block_size=48), "head block size must be a power of two >= 16, got 48"),
-        (dict(mode="int8-blocks", embedding_block_size=24), "embedding block size must be a power of two >= 16, got 24"),
+        (dict(mode="int4", block_size=24), _block_size_error("block size", 24)),
+        (dict(mode="int4", block_size=512), _block_size_error("block size", 512)),
+        (dict(mode="int4", dense_block_size=8), _block_size_error("dense block size", 8)),
+        (dict(mode="int4", head_block_size=48), _block_size_error("head block size", 48)),
+        (dict(mode="int8-blocks", embedding_block_size=24), _block_size_error("embedding block size", 24)),
         (dict(mode="int4", embedding_bits=2), "embedding bits must be 4 or 8, got 2"),
         (dict(mode="int4", dense_bits=2), "dense bits must be 4 or 8, got 2"),
         (dict(mode="int4", head_bits=3), "head bits must be 4 or 8, got 3"),
