@@ -31,7 +31,9 @@ skipped when its output is already in ``--out`` (so a long run can be resumed):
    threads go idle before the other runs), ``--decode`` steps each per round, both back to the prompt's cache
    every round; medians of the steps after the first of each block. This machine's speed drifts by 20-40% from
    minute to minute; taking turns every few hundred milliseconds puts both runtimes under the same drift, which
-   separate processes (stage 4) cannot. llama-cpp-python is imported from ``--llama-python``'s site-packages.
+   separate processes (stage 4) cannot. A model loaded later in a process decodes faster (up to 10% here), so
+   each round loads every system afresh, a different one first each round (``worker_interleaved``): give at least
+   as many ``--rounds`` as systems. llama-cpp-python is imported from ``--llama-python``'s site-packages.
 7. ``genai`` (with ``--genai``): the onnxruntime-genai folder a user deploys, ``out/genai``: the fp32 export placed
    by the genai layout, then ``moeport quantize DIR --mode M`` for each mode; each ``genai:M`` is timed through
    onnxruntime-genai's own generator (``append_tokens``, ``get_logits``) in stages 4 and 6 beside the others. Its
@@ -333,21 +335,36 @@ def worker_interleaved(out: Path, mine: str, theirs: str, threads: int, prompt: 
                        rounds: int, llama_site: str) -> dict:
     """``mine`` (a moeport system, or several separated by commas) and ``theirs`` (a llama.cpp one) in this
     process, decode steps in turns of ``block`` (see stage 6): per system the median step (seconds) over the steps
-    after each block's first."""
+    after each block's first.
+
+    Each round loads every system afresh, in an order turned by one each round, and each block's turns go in an
+    order turned by one too. Why: in one process the model loaded later decodes faster. Three sessions of the same
+    int4 file, loaded one after the other, took 12.5, 12.0 and 11.5 ms a step, and a session loaded into the memory
+    a freed first one had held was as slow as that one (so it is where its weights lie, not onnxruntime's thread
+    pools); int4 against Q4_0 read 0.98x and 1.15x with moeport loaded first, 1.12x and 1.25x with llama.cpp loaded
+    first (2026-12-05, BENCHMARKS.md). Turning the orders gives each system each place."""
+    import gc
+
     sys.path.append(llama_site)  # appended: this interpreter's own packages (numpy, onnxruntime) come first
     ids = _encode(out, True, prompt)[None]
-    runners = {name: _runner(name, out, threads) for name in (*mine.split(","), theirs)}
-    steps = {name: [] for name in runners}
-    for _ in range(rounds):
-        logits = {name: prefill(ids) for name, (prefill, _) in runners.items()}
+    names = [*mine.split(","), theirs]
+    steps, turn = {name: [] for name in names}, 0
+    for round_number in range(rounds):
+        first = round_number % len(names)
+        runners = {name: _runner(name, out, threads) for name in names[first:] + names[:first]}
+        logits = {name: runners[name][0](ids) for name in names}
         for start in range(0, decode_steps, block):
-            for name, (_, decode) in runners.items():
+            turn += 1
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                decode = runners[name][1]
                 time.sleep(0.2)  # the other runtime's threads stop spinning
                 for i in range(min(block, decode_steps - start)):
                     started = time.perf_counter()
                     logits[name] = decode(int(logits[name][0, -1].argmax()))
                     if i:  # the first step of a block wakes the threads: not a step of continuous decoding
                         steps[name].append(time.perf_counter() - started)
+        del runners, logits, decode
+        gc.collect()  # this round's models are freed before the next round loads its own
     return {name: {"step_s": statistics.median(t), "steps": len(t)} for name, t in steps.items()}
 
 
