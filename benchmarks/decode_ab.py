@@ -9,9 +9,9 @@ How: all sessions share one onnxruntime thread pool of ``--threads`` threads (pe
 spinning threads that take the cores from the next session's step). Each file prefills the same ``--prompt``
 token ids (ids 3, 4, ... : any ids; the speed does not depend on them), then decodes greedily, prefilling the
 prompt again every ``--restart`` steps so that the context stays between ``prompt`` and ``prompt + restart``
-as in benchmarks/vs_llamacpp.py (whose step runner this uses). The steps are split into one part per file; each
-part loads the files afresh, a different one first (a file loaded later decodes faster). Numbers are for comparing files with each other,
-not with llama.cpp (see vs_llamacpp.py --interleaved for that).
+as in benchmarks/vs_llamacpp.py (whose step runner this uses). The ``--steps`` are split into one part per file;
+each part loads the files afresh, a different one first (a file loaded later decodes faster). Numbers are for
+comparing files with each other, not with llama.cpp (see vs_llamacpp.py --interleaved for that).
 """
 
 from __future__ import annotations
@@ -50,19 +50,19 @@ def compare(paths: list[Path], threads: int, prompt: int, steps: int, restart: i
         order = list(range(load, len(paths))) + list(range(load))
         loaded = {k: _decoder(paths[k]) for k in order}
         decoders = [loaded[k] for k in range(len(paths))]
-        for prefill, _ in decoders:  # warm-up: allocators, caches, the thread pool
-            prefill(ids)
+        for k in range(len(paths)):  # warm-up: allocators, caches, the thread pool
+            decoders[k][0](ids)
         for step in range(steps // len(paths)):
-            for k, (prefill, decode) in enumerate(decoders):
+            for k in range(len(paths)):
                 if step % restart == 0:  # back to the prompt: the context stays within prompt + restart
                     started = time.perf_counter()
-                    logits[k] = prefill(ids)
+                    logits[k] = decoders[k][0](ids)
                     prefill_s[k].append(time.perf_counter() - started)
                 token = int(logits[k][0, -1].argmax())
                 started = time.perf_counter()
-                logits[k] = decode(token)
+                logits[k] = decoders[k][1](token)
                 step_s[k].append(time.perf_counter() - started)
-        del loaded, decoders, prefill, decode
+        del loaded, decoders
         gc.collect()  # this part's sessions are freed before the next part loads its own
     return [{"file": str(p), "prefill_s": float(np.median(pre)), "step_s": float(np.median(t)),
              "step_p25_s": float(np.percentile(t, 25)), "step_p75_s": float(np.percentile(t, 75))}

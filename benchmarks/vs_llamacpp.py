@@ -356,14 +356,13 @@ def worker_interleaved(out: Path, mine: str, theirs: str, threads: int, prompt: 
         for start in range(0, decode_steps, block):
             turn += 1
             for name in names[turn % len(names):] + names[:turn % len(names)]:
-                decode = runners[name][1]
                 time.sleep(0.2)  # the other runtime's threads stop spinning
                 for i in range(min(block, decode_steps - start)):
                     started = time.perf_counter()
-                    logits[name] = decode(int(logits[name][0, -1].argmax()))
+                    logits[name] = runners[name][1](int(logits[name][0, -1].argmax()))
                     if i:  # the first step of a block wakes the threads: not a step of continuous decoding
                         steps[name].append(time.perf_counter() - started)
-        del runners, logits, decode
+        del runners, logits
         gc.collect()  # this round's models are freed before the next round loads its own
     return {name: {"step_s": statistics.median(t), "steps": len(t)} for name, t in steps.items()}
 

@@ -100,7 +100,7 @@ class CachedDecoder:
             self._binding.bind_ortvalue_input(name, self._cache[name])
         # The logits go into an array of ours, bound once per shape: a decode step of the 24-layer granite-shaped
         # int4 model spent about 0.5 ms (4%) of 12 ms in Python around its run when every output was bound afresh
-        # and fetched each step, 0.15-0.3 ms with the bindings kept (BENCHMARKS.md). None: the vocabulary axis is
+        # and fetched each step, 0.27-0.35 ms with the bindings kept (BENCHMARKS.md). None: the vocabulary axis is
         # not fixed in the graph (or the logits are not float32), so onnxruntime allocates them every step.
         logits = next(o for o in session.get_outputs() if o.name == LOGITS)
         self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) and logits.type == "tensor(float)" else None
