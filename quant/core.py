@@ -573,7 +573,7 @@ def quantize(
     (contract ``KV_CACHES``; None keeps the export's): ``shared`` turns a Concat-cache export into a shared-buffer
     model (``passes.ShareCacheBufferPass``: needs every layer's attention fused).
     ``head_bits=None`` takes the mode's width (int4: 4, int8-blocks: 8); ``block_size=None`` the mode's width's
-    default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: int4 256, int8-blocks 128), ``embedding_block_size=None``
+    default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: int4 256 on CPU targets, 128 for cuda; int8-blocks 128), ``embedding_block_size=None``
     ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32), ``dense_block_size=None`` ``schemes.dense_block_default`` (int4:
     128 for 8-bit attention, 64 for 4-bit attention with 8-bit key/value projections; else 32),
     ``head_block_size=None`` the dense block size for an 8-bit lm_head, ``schemes.HEAD_BLOCK_SIZE_4BIT`` (32) for a
@@ -611,7 +611,8 @@ def quantize(
         source.warnings += reference_warnings(metadata_of_map(source.metadata), reference)
     settings.share_cache = _share_cache(source, settings, kv_cache)
     if settings.layout is not None:
-        settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source))
+        settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source),
+                                                       on_cpu=settings.on_cpu)
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:

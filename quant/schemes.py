@@ -230,8 +230,12 @@ def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | 
 # bytes per weight against 1.16 at 32; Q8_0: 1.06): 53.7 vs 49.5 and 59.5 vs 54.1 tokens/s, KL 1.52e-6 as at 32
 # (Q8_0: 1.81e-6) once the embedding kept its own blocks of 32 (with the embedding in blocks of 128 too the KL was
 # 1.79e-6: the table, not the experts, carried that error); 256 gave +3.5% and -4.3% in two runs: noise, not taken.
-# A model whose widths the size does not divide gets it halved (down to 16): resolved_for.
+# The arm target runs the same CPU kernel (not measured on arm). A model whose widths the size does not divide gets
+# it halved (down to 16): resolved_for.
 DEFAULT_EXPERT_BLOCK_SIZES = {4: 256, 8: 128}
+# Targets that do not run onnxruntime's CPU provider (cuda) keep 4-bit experts in blocks of 128: the gain of 256 is
+# the CPU kernel's, and no GPU was at hand to measure or check 256 on.
+NON_CPU_EXPERT_BLOCK_SIZE = 128
 # onnxruntime's block quantizer (MlasQuantizeBlockwise) and kernels take blocks of 16 to 256 values.
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 # The embedding table's values per block. A token reads one row of the table, so the size of its blocks costs no
@@ -299,9 +303,10 @@ class NBitsLayout:
     head_block_size: int | None = None
 
     def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int],
-                     table_widths: Iterable[int] = ()) -> NBitsLayout:
+                     table_widths: Iterable[int] = (), on_cpu: bool = True) -> NBitsLayout:
         """This layout with the block sizes filled in where none was given: DEFAULT_EXPERT_BLOCK_SIZES for a
-        ``bits``-wide mode's experts, ``dense_block_default`` for the other MatMuls, DEFAULT_EMBEDDING_BLOCK_SIZE
+        ``bits``-wide mode's experts (at most NON_CPU_EXPERT_BLOCK_SIZE where the target is not ``on_cpu``),
+        ``dense_block_default`` for the other MatMuls, DEFAULT_EMBEDDING_BLOCK_SIZE
         for the embedding, each halved (down to 16) until it divides every width it applies to (``expert_widths``:
         the expert weights' input widths; ``dense_widths``: the other MatMuls' input widths; ``table_widths``: the
         embedding's row length), so a small model still gets blocks (experts fused, no padded half-empty blocks)."""
@@ -316,7 +321,10 @@ class NBitsLayout:
         if layout.head_bits is None:
             layout = replace(layout, head_bits=bits)
         if layout.expert_block_size is None:
-            layout = replace(layout, expert_block_size=fitted(DEFAULT_EXPERT_BLOCK_SIZES[bits], expert_widths))
+            default = DEFAULT_EXPERT_BLOCK_SIZES[bits]
+            if not on_cpu:
+                default = min(default, NON_CPU_EXPERT_BLOCK_SIZE)
+            layout = replace(layout, expert_block_size=fitted(default, expert_widths))
         if layout.dense_block_size is None:
             default = dense_block_default(bits, layout.dense_bits, layout.kv_projection_bits)
             layout = replace(layout, dense_block_size=fitted(default, dense_widths))

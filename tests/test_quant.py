@@ -568,6 +568,7 @@ def test_default_block_sizes():
     default = NBitsLayout(None, 32, 8)
     assert default.resolved_for(4, {1024, 512}, {1024}).expert_block_size == 256
     assert default.resolved_for(4, {1024, 384}, {1024}).expert_block_size == 128
+    assert default.resolved_for(4, {1024, 512}, {1024}, on_cpu=False).expert_block_size == 128  # cuda: unmeasured
     assert default.resolved_for(4, {1024, 192}, {1024}).expert_block_size == 64
     assert default.resolved_for(4, {32, 64}, {1024}).expert_block_size == 32
     assert default.resolved_for(4, {48}, {1024}).expert_block_size == 16
