@@ -21,6 +21,7 @@ from moeport._fs import load_model_proto
 from moeport.contract import metadata_props, optional_model_info
 from moeport.runtime._io import TensorSpec, group_per_layer
 from moeport.runtime.layouts import model_file
+from moeport.runtime.moe_graph import tensor_nbytes
 from moeport.runtime.run import example_feeds
 from moeport.runtime.placement import EpCoverage, Placement, measure_placement, mobile_coverage, resolve_with_warnings
 
@@ -52,15 +53,10 @@ def graph_specs(graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def parameter_stats(graph) -> tuple[int, int]:
-    """(element count, bytes) of the initializers, from their dims so external data need not be read."""
-    from onnx import helper
-
-    count = size = 0
-    for init in graph.initializer:
-        n = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
-        count += n
-        size += n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    return count, size
+    """(element count, bytes) of the initializers, from their dims so external data need not be read; 4-bit
+    types (a 4-bit embedding table) count half a byte a value, as they are stored (``moe_graph.tensor_nbytes``)."""
+    count = sum(int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1 for init in graph.initializer)
+    return count, sum(tensor_nbytes(init) for init in graph.initializer)
 
 
 @dataclass

@@ -160,6 +160,17 @@ def test_run_fixed_dims_of_a_packaged_model(capsys, tmp_path, bundle):
 
 # --- inspect --------------------------------------------------------------------------------------
 
+def test_parameter_stats_count_4bit_values_as_half_bytes():
+    """A 4-bit initializer (a 4-bit embedding table, GatherBlockQuantized) is stored two values a byte; inspect's
+    bytes said one a value."""
+    from moeport.runtime.inspect import parameter_stats
+
+    graph = onnx.helper.make_graph([], "g", [], [], initializer=[
+        onnx.helper.make_tensor("codes", onnx.TensorProto.UINT4, [5], [1, 2, 3, 4, 5]),
+        numpy_helper.from_array(np.zeros((2, 3), np.float32), "scales")])
+    assert parameter_stats(graph) == (11, 3 + 24)
+
+
 def test_inspect_json(capsys, routed):
     code, stdout, _ = invoke(capsys, "inspect", routed, "--json")
     assert code == 0
