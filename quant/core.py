@@ -513,7 +513,7 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
             report.notes.append(
                 f"slower than fp32 here (latency {report.latency_of}): this model's "
                 f"{report.weights_before / 2**20:.1f} MiB of weights fit in the CPU's caches, so reading fewer bytes "
-                f"gains nothing{why}; on a 1.3B-parameter MoE the 8-bit and 4-bit block modes decoded 2.6-4.3x "
+                f"gains nothing{why}; on a 1.3B-parameter MoE the 8-bit and 4-bit block modes decoded 2.5-4.3x "
                 "and 3.2-6.1x faster than fp32 (BENCHMARKS.md)")
         elif (report.prefill_of and report.weights_before >= SMALL_WEIGHTS
               and report.prefill_after_ms > report.prefill_before_ms):
@@ -573,11 +573,11 @@ def quantize(
     (contract ``KV_CACHES``; None keeps the export's): ``shared`` turns a Concat-cache export into a shared-buffer
     model (``passes.ShareCacheBufferPass``: needs every layer's attention fused).
     ``head_bits=None`` takes the mode's width (int4: 4, int8-blocks: 8); ``block_size=None`` the mode's width's
-    default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: int4 256 on CPU targets, 128 for cuda; int8-blocks 128), ``embedding_block_size=None``
-    ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32), ``dense_block_size=None`` ``schemes.dense_block_default`` (int4:
-    128 for 8-bit attention, 64 for 4-bit attention with 8-bit key/value projections; else 32),
-    ``head_block_size=None`` the dense block size for an 8-bit lm_head, ``schemes.HEAD_BLOCK_SIZE_4BIT`` (32) for a
-    4-bit one.
+    default (``schemes.DEFAULT_EXPERT_BLOCK_SIZES``: int4 256 on CPU targets, 128 for cuda; int8-blocks 128),
+    ``embedding_block_size=None`` ``schemes.DEFAULT_EMBEDDING_BLOCK_SIZE`` (32), ``dense_block_size=None``
+    ``schemes.dense_block_default`` (int4: 128 for 8-bit attention, 64 for 4-bit attention with 8-bit key/value
+    projections; else 32), ``head_block_size=None`` ``schemes.HEAD_BLOCK_SIZE_8BIT`` (128) for an 8-bit lm_head,
+    ``schemes.HEAD_BLOCK_SIZE_4BIT`` (32) for a 4-bit one.
     ``down_activations`` (int8, int8-dynamic): auto|int8|int16|float, how the expert down-projection
     inputs are kept (auto: int16 for int8 and float for int8-dynamic where the target runs it, see
     ``IntScheme``). ``activations`` (int8): auto|int8|int16, the width of every activation Q/DQ (auto: int16

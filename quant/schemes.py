@@ -262,6 +262,11 @@ def dense_block_default(bits: int, dense_bits: int, kv_projection_bits: int = 8)
 # 4-bit lm_head in blocks of 32 gave a mean KL of 4.2e-5, in blocks of 64 5.2e-5 (8-bit blocks of 128: 5.5e-6;
 # llama.cpp Q4_0, whose tied output is Q6_K: 1.2e-4), both 7% faster than the 8-bit lm_head (BENCHMARKS.md).
 HEAD_BLOCK_SIZE_4BIT = 32
+# An 8-bit lm_head's values per block: 128 (1.04 bytes a weight against 1.16 in blocks of 32; the lm_head is 50M of
+# the granite-shaped model's weights and read whole at every step). int8-blocks on the 24-layer granite-shaped
+# model, its lm_head in blocks of 128 against the dense block of 32 it had (BENCHMARKS.md): decode +2.0% to +6.1%
+# in four runs of benchmarks/decode_ab.py (both orders), mean KL 1.65e-6 against 1.51e-6 (Q8_0: 1.81e-6).
+HEAD_BLOCK_SIZE_8BIT = 128
 
 
 @dataclass(frozen=True)
@@ -299,7 +304,7 @@ class NBitsLayout:
     kv_projection_bits: int = 8
     embedding_block_size: int | None = None  # None: DEFAULT_EMBEDDING_BLOCK_SIZE (resolved_for)
     expert_bits: int | None = None  # the mode's width, filled in by resolved_for (for the report and metadata)
-    # None: dense_block_size for an 8-bit lm_head, HEAD_BLOCK_SIZE_4BIT for a 4-bit one (resolved_for)
+    # None: HEAD_BLOCK_SIZE_8BIT for an 8-bit lm_head, HEAD_BLOCK_SIZE_4BIT for a 4-bit one (resolved_for)
     head_block_size: int | None = None
 
     def resolved_for(self, bits: int, expert_widths: Iterable[int], dense_widths: Iterable[int],
@@ -329,7 +334,7 @@ class NBitsLayout:
             default = dense_block_default(bits, layout.dense_bits, layout.kv_projection_bits)
             layout = replace(layout, dense_block_size=fitted(default, dense_widths))
         if layout.head_block_size is None:
-            default = layout.dense_block_size if layout.head_bits == 8 else HEAD_BLOCK_SIZE_4BIT
+            default = HEAD_BLOCK_SIZE_8BIT if layout.head_bits == 8 else HEAD_BLOCK_SIZE_4BIT
             layout = replace(layout, head_block_size=fitted(default, dense_widths))
         if layout.embedding_block_size is None:
             layout = replace(layout, embedding_block_size=fitted(DEFAULT_EMBEDDING_BLOCK_SIZE, table_widths))

@@ -586,12 +586,13 @@ def test_default_block_sizes():
     assert unset.resolved_for(4, {1024}, {1024, 64}).dense_block_size == 64
     assert replace(unset, dense_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 64
     assert replace(unset, dense_bits=4, kv_projection_bits=4).resolved_for(4, {1024}, {1024}).dense_block_size == 32
-    # the lm_head: the mode's width unless given; the dense block when 8-bit, 32 when 4-bit (fitted to the widths
-    # too); a given size stays
+    # the lm_head: the mode's width unless given; 128 when 8-bit, 32 when 4-bit (fitted to the widths too); a given
+    # size stays
     int4 = unset.resolved_for(4, {1024}, {1024})
     assert (int4.head_bits, int4.dense_block_size, int4.head_block_size) == (4, 128, 32)
     int8 = unset.resolved_for(8, {1024}, {1024})
-    assert (int8.head_bits, int8.head_block_size) == (8, 32)
+    assert (int8.head_bits, int8.dense_block_size, int8.head_block_size) == (8, 32, 128)
+    assert unset.resolved_for(8, {1024}, {1024, 64}).head_block_size == 64
     assert replace(unset, head_bits=8).resolved_for(4, {1024}, {1024}).head_block_size == 128
     assert unset.resolved_for(4, {1024}, {1024, 16}).head_block_size == 16
     assert replace(unset, head_block_size=64).resolved_for(4, {1024}, {1024}).head_block_size == 64

@@ -76,8 +76,8 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
 @click.option("--head-bits", type=click.Choice(["8", "4"]), default=None,
               help="int4, int8-blocks: width of the lm_head [default: the mode's, 4 for int4, 8 for int8-blocks].")
 @click.option("--head-block-size", type=int, default=None,
-              help="int4, int8-blocks: lm_head weights per block [default: the dense block size for an 8-bit lm_head, "
-                   "32 for a 4-bit one].")
+              help="int4, int8-blocks: lm_head weights per block [default: 128 for an 8-bit lm_head, 32 for a 4-bit "
+                   "one, halved to fit smaller widths].")
 @click.option("--fused-experts/--no-fused-experts", default=True, show_default=True,
               help="int4, int8-blocks: run each MoE layer's experts as one onnxruntime QMoE node (only the selected "
                    "experts run; the routing stays moeport's) instead of per-expert MatMulNBits. A model folder whose "
