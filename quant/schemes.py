@@ -217,13 +217,14 @@ def choose_scheme(target: str, *, machine: str | None = None, flags: set[str] | 
     return IntScheme("QUInt8", "QInt8", False, True, False, "Core ML: u8s8 (fp16 is the default mode here)")
 
 
-# Expert weights per block by width. 4-bit: blocks of 256, the largest onnxruntime's block kernels take (0.517 bytes per
-# weight with the float32 scale and the 4-bit zero point, under llama.cpp's Q4_0 at 0.5625). QMoE's CPU kernel pays
-# per block as well as per byte: on the 24-layer granite-shaped model (BENCHMARKS.md) its time a layer went from
-# 254 us at 128 to 207 us at 256 (profiles of 24 decode steps); decode +3.5% to +7.2% in four runs of
-# benchmarks/decode_ab.py (both orders, the files loaded in turn), prefill 5-7% shorter, mean KL from PyTorch 4.39e-5 against 4.32e-5 at 128 (Q4_0: 1.19e-4). Those are random weights: a
-# trained checkpoint's outliers cost more in a larger block (the trained sample, whose widths of 128 cannot show
-# 256, lost 0.006 of routing agreement from 64 to 128), so `--block-size 128` (the group size of AWQ and GPTQ)
+# Expert weights per block by width. 4-bit: blocks of 256, the largest onnxruntime's block kernels take (0.517 bytes
+# per weight with the float32 scale and the 4-bit zero point, under llama.cpp's Q4_0 at 0.5625). QMoE's CPU kernel
+# pays per block as well as per byte: on the 24-layer granite-shaped model (BENCHMARKS.md) its time a layer went
+# from 254 us at 128 to 207 us at 256 (profiles of 24 decode steps); decode +3.5% to +7.2% in four runs of
+# benchmarks/decode_ab.py (both orders, the files loaded in turn), prefill 5-7% shorter, mean KL from PyTorch
+# 4.39e-5 against 4.32e-5 at 128 (Q4_0: 1.19e-4). Those are random weights: a trained checkpoint's outliers cost
+# more in a larger block (the trained sample, whose widths of 128 cannot show 256, lost 0.006 of routing agreement
+# from 64 to 128), so `--block-size 128` (the group size of AWQ and GPTQ)
 # or smaller is the choice where the quantize report's routing agreement or perplexity says so. Earlier steps:
 # 64 against 32: 70.0 vs 66.9 and 69.7 vs 63.8 tokens/s; 128 against 64: +1.3% to +5%, the trained sample's
 # routing agreement 0.962 vs 0.968 and perplexity +0.99% vs +0.72% (targets 0.95, +5%). 8-bit: blocks of 128 (1.04

@@ -60,9 +60,9 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
                    "table in 8-bit blocks; int8 elsewhere, standard ops only). int16 also runs on qnn.")
 @click.option("--block-size", type=int, default=None,
               help="int4, int8-blocks: expert weights per quantization block, a power of two from 16 to 256 "
-                   "[default: int4 256 (128 for --target cuda), int8-blocks 128, halved to fit smaller widths]. Larger blocks decode faster; "
-                   "on a trained checkpoint with outlier weights, 128 or 64 may keep the routing closer (see the "
-                   "report's routing agreement).")
+                   "[default: int4 256 (128 for --target cuda), int8-blocks 128, halved to fit smaller widths]. "
+                   "Larger blocks decode faster on a CPU; on a trained checkpoint with outlier weights, 128 or 64 "
+                   "may keep the routing closer (see the report's routing agreement).")
 @click.option("--embedding-block-size", type=int, default=None,
               help="int4, int8-blocks: embedding values per quantization block [default: 32].")
 @click.option("--dense-block-size", type=int, default=None,
