@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vs_llamacpp import moeport_step_runner  # a sibling script: run as python benchmarks/decode_ab.py
+from vs_llamacpp import moeport_step_runner, turned  # a sibling script: run as python benchmarks/decode_ab.py
 
 
 def _decoder(path: Path):
@@ -47,8 +47,7 @@ def compare(paths: list[Path], threads: int, prompt: int, steps: int, restart: i
     # vs_llamacpp.worker_interleaved), so the steps are split into one part per file, each part loading every
     # file afresh with a different one first.
     for load in range(len(paths)):
-        order = list(range(load, len(paths))) + list(range(load))
-        loaded = {k: _decoder(paths[k]) for k in order}
+        loaded = {k: _decoder(paths[k]) for k in turned(list(range(len(paths))), load)}
         decoders = [loaded[k] for k in range(len(paths))]
         for k in range(len(paths)):  # warm-up: allocators, caches, the thread pool
             decoders[k][0](ids)

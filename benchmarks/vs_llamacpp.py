@@ -331,6 +331,13 @@ def worker_time(out: Path, system: str, threads: int, prompt: int, decode_steps:
     return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": decode_steps / decode_s, "peak_rss": peak_rss_bytes()}
 
 
+def turned(items: list, by: int) -> list:
+    """``items`` turned left by ``by`` places: each item first in turn as ``by`` counts up (the load and turn
+    orders of worker_interleaved and decode_ab.py)."""
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
 def worker_interleaved(out: Path, mine: str, theirs: str, threads: int, prompt: int, decode_steps: int, block: int,
                        rounds: int, llama_site: str) -> dict:
     """``mine`` (a moeport system, or several separated by commas) and ``theirs`` (a llama.cpp one) in this
@@ -350,12 +357,11 @@ def worker_interleaved(out: Path, mine: str, theirs: str, threads: int, prompt: 
     names = [*mine.split(","), theirs]
     steps, turn = {name: [] for name in names}, 0
     for round_number in range(rounds):
-        first = round_number % len(names)
-        runners = {name: _runner(name, out, threads) for name in names[first:] + names[:first]}
+        runners = {name: _runner(name, out, threads) for name in turned(names, round_number)}
         logits = {name: runners[name][0](ids) for name in names}
         for start in range(0, decode_steps, block):
             turn += 1
-            for name in names[turn % len(names):] + names[:turn % len(names)]:
+            for name in turned(names, turn):
                 time.sleep(0.2)  # the other runtime's threads stop spinning
                 for i in range(min(block, decode_steps - start)):
                     started = time.perf_counter()

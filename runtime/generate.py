@@ -104,6 +104,9 @@ class CachedDecoder:
         # not fixed in the graph (or the logits are not float32), so onnxruntime allocates them every step.
         logits = next(o for o in session.get_outputs() if o.name == LOGITS)
         self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) and logits.type == "tensor(float)" else None
+        # Outputs bound once per shape: nothing carried and the logits in an array of ours. Otherwise bound and
+        # fetched every step.
+        self._outputs_kept = not self._carried and self._vocab is not None
         self._logits: np.ndarray | None = None
         self._logits_value = None  # the OrtValue over self._logits that the binding writes to
         self._bound_shape: tuple | None = None
@@ -132,10 +135,10 @@ class CachedDecoder:
         for name in self._carried:
             binding.bind_ortvalue_input(name, self._cache[name])
         shape = (*input_ids.shape, self._vocab)
-        if self._carried or self._vocab is None or shape != self._bound_shape:
+        if not self._outputs_kept or shape != self._bound_shape:
             self._bind_outputs(shape)
         self._session.run_with_iobinding(binding)
-        if self._carried or self._vocab is None:
+        if not self._outputs_kept:
             logits, *presents = binding.get_outputs()[:1 + len(self._carried)]
             self._cache.update(zip(self._carried, presents))
             if self._vocab is None:
