@@ -294,7 +294,11 @@ def run_qdq_static(job: QuantJob) -> None:
     (``job.observed``, handed over as onnxruntime's calibration cache), in parts of the model
     (``_on_part``): memory stays at one part's weights, at any model size. With a scheme whose weights are in
     blocks (``IntScheme.weight_block_size``: 16-bit activations on a CPU target) the embedding tables are stored
-    in 8-bit blocks of that size (``GatherBlockQuantized``) instead.
+    in 8-bit blocks of that size (``GatherBlockQuantized``) instead, and with ``IntScheme.expert_block_size`` each
+    MoE layer's routed experts are one ``QMoE`` in 8-bit blocks (``passes.FuseExpertsPass``, as int8-blocks writes
+    them), which reads its float input: no calibrated range is used for the experts. Why: calibrated QDQ experts
+    run every expert's kernels, also those that got no row (29-30 decode tokens/s at granite-3.0-1b-a400m size,
+    2 threads; 53-58 as QMoE, at a next-token KL of 1.72e-6 from PyTorch either way; BENCHMARKS.md).
 
     Why the tables: QDQ stores a table with one scale for all of it. With 16-bit activations
     (``IntScheme.with_activations``) that scale was most of what was left of the mode's error (4-layer
@@ -310,11 +314,17 @@ def run_qdq_static(job: QuantJob) -> None:
     save_tensors_data(job.observed, cache)
     names, source = job.names, job.source
     tables = job.names_of("Gather") if scheme.weight_block_size else set()
+    rewrites = []
+    if scheme.expert_block_size and job.layers:
+        rewrites.append(FuseExpertsPass(job.layers, 8, scheme.expert_block_size, NBITS_ACCURACY_LEVEL))
     if tables:
-        source, _ = _tables_in_blocks(job, tables, scheme.weight_block_size)
+        rewrites.append(GatherBlockQuantizedPass(tables, scheme.weight_block_size))
         names = names - tables  # the ones left alone stay float
+    if rewrites:
+        source = _rewritten(job, rewrites, "rewritten")
     # The prepare passes raised the opset for 16-bit types (IntScheme.opset), so onnxruntime converts nothing.
     graph = onnx.load(str(source), load_external_data=False)
+    names = names & {node.name for node in graph.graph.node}  # the experts FuseExpertsPass put in QMoE nodes are gone
 
     def static(names: set[str]) -> Callable[[Path, Path], None]:
         present = _tensors_of(graph, names)  # onnxruntime refuses overrides for tensors the part lacks

@@ -143,6 +143,9 @@ class _Calibrated:
     overrides: dict  # onnxruntime TensorQuantOverrides
     warnings: list[str]
     observed: object  # onnxruntime TensorsData: the observed range of every activation to quantize
+    # What the coverage means for the experts' own activation ranges (starved experts, borrowed ranges): said only
+    # where the output quantizes experts per expert (a QMoE reads its float input: no calibrated range is used)
+    range_warnings: list[str]
 
 
 def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
@@ -164,7 +167,8 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
     if step.down is not None:  # an 8-bit step
         scheme = choose_scheme(target)
         if step.calibrated:
-            scheme = scheme.with_activations(activations, target, step.down, on_cpu=on_cpu)
+            scheme = scheme.with_activations(activations, target, step.down, on_cpu=on_cpu,
+                                              fused_experts=layout.fused_experts)
         scheme = scheme.with_down_activations(down_activations, target, step.down)
     elif down_activations != "auto":
         takers = " and ".join(m.name for m in modes() if m.step.down is not None)
@@ -352,7 +356,7 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
     inputs, outputs = graph_specs(graph)
     data = calib.load_calibration(_calibration_source(calibration, random_calibration), inputs=inputs,
                                   outputs=outputs, vocab_size=source.vocab, samples=samples, encoder=encoder)
-    found = list(data.warnings)
+    found, about_ranges = list(data.warnings), []
     expert_inputs = ranges.expert_inputs(source.experts, source.targets)
     activations = ranges.activation_tensors(source.targets, initializers)
     coverage, observed = ranges.coverage(source.path, source.plan, data, source.labels, expert_inputs, activations)
@@ -362,14 +366,14 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
         overrides = ranges.wide_down_inputs(overrides, expert_inputs, settings.scheme.down_activation_type)
     for cov in coverage:
         if cov.starved:
-            found.append(f"experts {cov.starved} of layer {cov.label} got under 10% of an even share of the "
-                         f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens")
+            about_ranges.append(f"experts {cov.starved} of layer {cov.label} got under 10% of an even share of the "
+                                f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens")
     if borrowed:
-        found.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use their layer's "
-                     "activation range instead of their own")
+        about_ranges.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use their "
+                            "layer's activation range instead of their own")
     report = {"source": data.source, "samples": len(data.samples), "tokens": data.tokens,
               "coverage": [c.to_dict() for c in coverage], "borrowed_ranges": borrowed}
-    return _Calibrated(data, report, overrides, found, ranges.tensors_data(observed, activations))
+    return _Calibrated(data, report, overrides, found, ranges.tensors_data(observed, activations), about_ranges)
 
 
 def _expert_layers(source: _Source) -> list[ExpertLayer]:
@@ -568,6 +572,7 @@ def quantize(
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
     ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``head_block_size``, ``kv_projection_bits``,
     ``embedding_bits``, ``embedding_block_size``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``;
+    ``fused_experts`` also applies to int8 with 16-bit activations on cpu/arm (``IntScheme.with_activations``);
     ``fused_attention``: each layer's attention of a with-past model as onnxruntime's ``GroupQueryAttention``
     (``passes.FuseAttentionPass``; integer modes for cpu/arm targets only, others ignore it). ``kv_cache``
     (contract ``KV_CACHES``; None keeps the export's): ``shared`` turns a Concat-cache export into a shared-buffer
@@ -613,6 +618,8 @@ def quantize(
     if settings.layout is not None:
         settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source),
                                                        on_cpu=settings.on_cpu)
+    if settings.scheme is not None:
+        settings.scheme = settings.scheme.with_expert_widths(_block_widths(source)[0])
 
     @functools.cache
     def encoder() -> calib.TextEncoder | None:
@@ -628,6 +635,10 @@ def quantize(
     for message in found:
         warnings.warn(message, QuantizeWarning, stacklevel=2)
     quantized, passes = _write(source, out, settings, calibrated)
+    if calibrated is not None and find_expert_matmuls(quantized):  # experts left per expert, at calibrated ranges
+        for message in calibrated.range_warnings:
+            warnings.warn(message, QuantizeWarning, stacklevel=2)
+        found += calibrated.range_warnings
     try:
         report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
                           perplexity=perplexity, heldout_tokens=heldout_tokens or None,  # 0: all of it
@@ -644,18 +655,20 @@ def quantize(
                             "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md), and the file "
                             "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
     if settings.mode.step.calibrated and settings.on_cpu:
-        report.notes.append(f"for target {target}, int8-blocks is the faster and closer 8-bit mode, in less memory: "
-                            "onnxruntime's CPU provider runs QDQ int8 as many small kernels, every expert's also "
-                            "without rows (granite-3.0-1b-a400m size: 29-30 decode tokens/s at a next-token KL of "
-                            "1.7e-6 from PyTorch, 2.1 GB resident; int8-blocks 61-66 at 1.5e-6, 1.65 GB; "
-                            "BENCHMARKS.md)")
+        report.notes.append(f"for target {target}, int8-blocks is a little faster and closer, without calibration: "
+                            "at granite-3.0-1b-a400m size, 2 threads, int8 decoded 53-58 tokens/s at a next-token KL "
+                            "of 1.72e-6 from PyTorch, int8-blocks 55-59 at 1.65e-6, llama.cpp Q8_0 52 at 1.81e-6 "
+                            "(BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     layout = settings.layout
     if layout is not None and layout.fused_experts and not after["QMoE"]:
         # The report states the layout written: no layer's experts fit QMoE (FuseExpertsPass says why).
         layout = replace(layout, fused_experts=False)
+    scheme = settings.scheme
+    if scheme is not None and scheme.expert_block_size and not after["QMoE"]:
+        scheme = replace(scheme, expert_block_size=None)  # as the layout's: what was written
     return QuantizeResult(
-        input=model, output=out, mode=settings.mode, target=target, scheme=settings.scheme, keep_router=keep_router,
+        input=model, output=out, mode=settings.mode, target=target, scheme=scheme, keep_router=keep_router,
         router=source.plan, router_kept_float=float_router_nodes(quantized) if keep_router else {},
         quantized_nodes=dict(Counter(n.op_type for n in source.targets)),
         output_ops={op: after[op] - before[op] for op in _QUANT_OPS if after[op] != before[op]},

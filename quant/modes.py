@@ -101,7 +101,7 @@ def get_mode(name: str) -> QuantMode:
 
 
 register_mode(QuantMode("int8", "qdq_static", "static int8 QDQ, calibrated activations (16-bit on CPU targets), "
-                        "per-channel weights (blocks of 32 on CPU targets)",
+                        "per-channel weights (blocks of 32 on CPU targets, the routed experts one QMoE per layer)",
                         True, 0.30, 0.98, 0.02, step=QDQ_STATIC))
 register_mode(QuantMode("int8-dynamic", "dynamic", "int8 weights, activations quantized at run time (no calibration)",
                         False, 0.30, 0.98, 0.02, step=DYNAMIC))

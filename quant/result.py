@@ -88,8 +88,10 @@ class QuantizeResult:
                 else f", expert down-projection inputs {s.down_activation_type}")
             weights = (f"in blocks of {s.weight_block_size}" if s.weight_block_size
                        else "per-channel" if s.per_channel else "per-tensor")
+            experts = f"; routed experts one QMoE per layer, 8-bit blocks of {s.expert_block_size}" \
+                if s.expert_block_size else ""
             lines.append(f"scheme: activations {s.activation_type}{down}, weights {s.weight_type}, {weights}"
-                         f"{', reduce_range' if s.reduce_range else ''} ({s.reason})")
+                         f"{', reduce_range' if s.reduce_range else ''}{experts} ({s.reason})")
         if self.layout is not None:
             lines.append(f"layout: {self.layout.describe()}")
         lines.append("graph passes: " + "; ".join(f"{p.name}: {p.note}" for p in self.passes))

@@ -40,10 +40,10 @@ def register_target(target: QuantTarget) -> QuantTarget:
 
 # The mode each target gets when none is asked for. CPUs (x86, arm): 8-bit blocks in onnxruntime's own kernels
 # (QMoE, MatMulNBits, GatherBlockQuantized). On a granite-3.0-1b-a400m-shaped model, 2 threads (BENCHMARKS.md):
-# 51.7-68 decode tokens/s and a next-token KL of 1.5e-6 from PyTorch, where calibrated QDQ int8 decodes 29-30
-# tokens/s at a KL of 1.7e-6 (16-bit activations, weights in blocks: IntScheme.with_activations; 1.4 tokens/s at
-# 1.7e-5 with 8-bit activations and outputs) in 1.3x the resident memory (2.1 against 1.65 GB). NNAPI and QNN run
-# QDQ natively; GPUs and Core ML run fp16.
+# 55-68 decode tokens/s and a next-token KL of 1.5-1.65e-6 from PyTorch, with no calibration data; calibrated QDQ
+# int8 decodes 53-58 tokens/s at a KL of 1.72e-6 (16-bit activations, weights in blocks, experts one QMoE a layer:
+# IntScheme.with_activations; 29-30 tokens/s with QDQ experts, 1.4 with 8-bit activations and outputs). NNAPI and
+# QNN run QDQ natively; GPUs and Core ML run fp16.
 for _target in (
     QuantTarget("cpu", "int8-blocks", True, "x86 or arm CPUs, onnxruntime's CPU provider"),
     QuantTarget("cuda", "fp16", False, "NVIDIA GPUs"),
@@ -114,17 +114,23 @@ class IntScheme:
     down_activation_type: str | None = None
     # Weights in blocks of this many (MatMuls along K, embedding tables along a row) instead of per channel / tensor
     weight_block_size: int | None = None
+    # The routed experts of each MoE layer as one onnxruntime QMoE node, weights in 8-bit blocks of this many
+    # (passes.FuseExpertsPass; CPU targets with 16-bit activations, with_activations); None: QDQ MatMuls per expert.
+    expert_block_size: int | None = None
 
     @property
     def wide_activations(self) -> bool:
         """Every activation at 16 bits (static int8 on CPU targets, ``with_activations``)."""
         return self.activation_type in WIDE.values()
 
-    def with_activations(self, width: str, target: str, down: WideDown, on_cpu: bool) -> "IntScheme":
+    def with_activations(self, width: str, target: str, down: WideDown, on_cpu: bool,
+                         fused_experts: bool = True) -> "IntScheme":
         """Static int8's activation width. ``width``: auto (16 bits where the target runs on onnxruntime's CPU
         provider, ``on_cpu``), int8, or int16 (the targets of ``down`` that run 16-bit Q/DQ). 16 bits on a CPU
         target also stores the weights in 8-bit blocks of ``QDQ_WEIGHT_BLOCK_SIZE`` as ``MatMulNBits``
-        (``passes.BlockWeightsPass``, the embedding tables ``GatherBlockQuantized``); 8 bits keeps the mode to
+        (``passes.BlockWeightsPass``, the embedding tables ``GatherBlockQuantized``) and, with ``fused_experts``,
+        each MoE layer's routed experts as one ``QMoE`` in 8-bit blocks (``expert_block_size``:
+        ``DEFAULT_EXPERT_BLOCK_SIZES[8]``, fitted to the model by ``with_expert_widths``); 8 bits keeps the mode to
         standard ONNX ops.
 
         Why 16 bits on CPUs: onnxruntime's CPU provider runs a QDQ MatMul with 16-bit inputs and a float output
@@ -142,8 +148,16 @@ class IntScheme:
                                f"(int16 targets: {', '.join(down.targets)})")
         if width == "int16" or (width == "auto" and on_cpu):
             return replace(self, activation_type=WIDE[self.activation_type], down_activation_type=None,
-                           weight_block_size=QDQ_WEIGHT_BLOCK_SIZE if on_cpu else None)
+                           weight_block_size=QDQ_WEIGHT_BLOCK_SIZE if on_cpu else None,
+                           expert_block_size=DEFAULT_EXPERT_BLOCK_SIZES[8] if on_cpu and fused_experts else None)
         return self
+
+    def with_expert_widths(self, widths: Iterable[int]) -> "IntScheme":
+        """This scheme with ``expert_block_size`` halved (down to MIN_BLOCK_SIZE) until it divides every expert
+        weight's input width ``widths``."""
+        if self.expert_block_size is None:
+            return self
+        return replace(self, expert_block_size=fitted_block_size(self.expert_block_size, widths))
 
     def with_down_activations(self, width: str, target: str, down: WideDown) -> "IntScheme":
         """``width``: auto (the widest ``down`` allows on the target), int8, int16 or float. With every
@@ -244,6 +258,15 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 DEFAULT_EMBEDDING_BLOCK_SIZE = 32
 
 
+def fitted_block_size(size: int, widths: Iterable[int]) -> int:
+    """``size`` halved (down to MIN_BLOCK_SIZE) until it divides every one of ``widths``: a small model still gets
+    blocks (experts fused, no padded half-empty blocks)."""
+    widths = set(widths)
+    while size > MIN_BLOCK_SIZE and any(width % size for width in widths):
+        size //= 2
+    return size
+
+
 def dense_block_default(bits: int, dense_bits: int, kv_projection_bits: int = 8) -> int:
     """Weights per block for the MatMuls outside the experts but the lm_head (attention, dense MLPs), before
     resolved_for fits it to their widths. 128 where they are 8-bit in a 4-bit mode: 1.03 bytes per weight against 1.16
@@ -317,12 +340,6 @@ class NBitsLayout:
         the expert weights' input widths; ``dense_widths``: the other MatMuls' input widths; ``table_widths``: the
         embedding's row length), so a small model still gets blocks (experts fused, no padded half-empty blocks)."""
 
-        def fitted(size: int, widths: Iterable[int]) -> int:
-            widths = set(widths)
-            while size > MIN_BLOCK_SIZE and any(width % size for width in widths):
-                size //= 2
-            return size
-
         layout = replace(self, expert_bits=bits)
         if layout.head_bits is None:
             layout = replace(layout, head_bits=bits)
@@ -330,15 +347,15 @@ class NBitsLayout:
             default = DEFAULT_EXPERT_BLOCK_SIZES[bits]
             if not on_cpu:
                 default = min(default, NON_CPU_EXPERT_BLOCK_SIZE)
-            layout = replace(layout, expert_block_size=fitted(default, expert_widths))
+            layout = replace(layout, expert_block_size=fitted_block_size(default, expert_widths))
         if layout.dense_block_size is None:
             default = dense_block_default(bits, layout.dense_bits, layout.kv_projection_bits)
-            layout = replace(layout, dense_block_size=fitted(default, dense_widths))
+            layout = replace(layout, dense_block_size=fitted_block_size(default, dense_widths))
         if layout.head_block_size is None:
             default = HEAD_BLOCK_SIZE_8BIT if layout.head_bits == 8 else HEAD_BLOCK_SIZE_4BIT
-            layout = replace(layout, head_block_size=fitted(default, dense_widths))
+            layout = replace(layout, head_block_size=fitted_block_size(default, dense_widths))
         if layout.embedding_block_size is None:
-            layout = replace(layout, embedding_block_size=fitted(DEFAULT_EMBEDDING_BLOCK_SIZE, table_widths))
+            layout = replace(layout, embedding_block_size=fitted_block_size(DEFAULT_EMBEDDING_BLOCK_SIZE, table_widths))
         return layout
 
     def validate(self) -> None:

@@ -121,7 +121,9 @@ def test_shared_experts_quantized_router_reads_float(exported, tmp_path, mode, t
 
 
 def test_int8_quantizes_experts_not_router(quantized, topk):
-    result = quantized("int8")
+    """Static int8 with its experts per expert (``fused_experts=False``; the transformers.js form): every expert
+    MatMul quantized, the routers float."""
+    result = quantized("int8", fused_experts=False)
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     producers = _producers(model)
@@ -149,8 +151,35 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
         assert list(scale.dims) == [n, k // 32] and scale.data_type == TensorProto.FLOAT16
     assert _activation_bits(model, experts) == {"gate_up": {TensorProto.UINT16}, "down": {TensorProto.UINT16}}
     assert result.scheme.activation_type == "QUInt16" and result.scheme.down_activation_type is None
-    assert "scheme: activations QUInt16, weights QInt8, in blocks of 32" in result.render()
+    assert "scheme: activations QUInt16, weights QInt8, in blocks of 32 (" in result.render()
     assert [n.op_type for n in model.graph.node if n.name == "node_embedding"] == ["GatherBlockQuantized"]
+
+
+def test_int8_on_cpu_fuses_experts_into_qmoe(quantized, topk):
+    """The CPU default of static int8: each MoE layer's experts one QMoE in 8-bit blocks (as int8-blocks writes
+    them), the other MatMuls calibrated 16-bit Q/DQ into MatMulNBits, the routers float; smaller than the
+    per-expert form, and within the mode's size, routing and perplexity targets."""
+    result, per_expert = quantized("int8"), quantized("int8", fused_experts=False)
+    model = onnx.load(result.output)
+    onnx.checker.check_model(model, full_check=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    assert not _experts(model)
+    qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
+    # the topk sample's expert width of 64 halves the default block of 128 (IntScheme.with_expert_widths)
+    assert result.scheme.expert_block_size == 64 and len(qmoe) == len(topk.info.layers) == 2
+    for node in qmoe:
+        attributes = _attributes(node)
+        assert attributes["expert_weight_bits"] == 8 and attributes["block_size"] == 64
+        assert inits[node.input[2]].data_type == TensorProto.UINT8  # fc1's codes
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    producers = _producers(model)
+    assert nbits and all(producers[n.input[0]].op_type == "DequantizeLinear" for n in nbits)  # calibrated inputs
+    assert {inits[producers[n.input[0]].input[2]].data_type for n in nbits} == {TensorProto.UINT16}
+    assert result.router_kept_float == {"Div": 2, "Gemm": 2, "ReduceSum": 2, "Softmax": 2, "TopK": 2}
+    assert "in blocks of 32; routed experts one QMoE per layer, 8-bit blocks of 64 (" in result.render()
+    assert "routed experts" not in per_expert.render() and per_expert.scheme.expert_block_size is None
+    assert result.quality.size_after < per_expert.quality.size_after
+    assert all(result.targets_met().values()), result.render()
 
 
 def _activation_bits(model, experts) -> dict[str, set[int]]:
@@ -203,9 +232,10 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
     """Static int8 for CPU targets: 16-bit activations and 8-bit weights in blocks of 32, written as MatMulNBits
     (onnxruntime fused a blocked DequantizeLinear + MatMul into the same kernel at load, and a process kept the
     memory fusing took: BENCHMARKS.md); with 8-bit activations the MatMuls run as MatMulIntegerToFloat, with one
-    activation scale per tensor. The logits of the default file are closer to the fp32 model's, and the block
-    weights are within half a step of the fp32 weights."""
-    wide, narrow = quantized("int8"), quantized("int8", activations="int8")
+    activation scale per tensor. The logits of the 16-bit file are closer to the fp32 model's, and the block
+    weights are within half a step of the fp32 weights. Experts per expert here (``fused_experts=False``), so that
+    every quantized MatMul is one of these; the default's QMoE: test_int8_on_cpu_fuses_experts_into_qmoe."""
+    wide, narrow = quantized("int8", fused_experts=False), quantized("int8", activations="int8")
     record = next(r for r in wide.passes if r.name == "BlockWeightsPass")
     # every quantized MatMul: 32 experts', 8 attention projections, the lm_head
     assert record.modified and record.note == ("rewrote 41 MatMul(s) as MatMulNBits reading 41 weight(s) stored in "
@@ -259,12 +289,13 @@ def test_int8_report(quantized):
     assert [c["label"] for c in coverage] == ["0", "1"]
     assert all(sum(c["counts"]) == result.calibration["tokens"] * 2 for c in coverage)  # top-2 slots
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["mode"]["name"] == "int8" and data["router"]["kept_float_nodes"] == 12
+    # 10: the routers' Reshapes that fed the routing weights to the experts went with them into QMoE
+    assert data["mode"]["name"] == "int8" and data["router"]["kept_float_nodes"] == 10
     text = result.render()
-    assert "router kept float32: 12 nodes" in text and "perplexity" in text and "routing agreement" in text
+    assert "router kept float32: 10 nodes" in text and "perplexity" in text and "routing agreement" in text
     # the 16-bit down-projection Q/DQ needs opset 21; onnxruntime's warning about it is replaced by this note
     assert "opset 20 -> 21" in text
-    assert "for target cpu, int8-blocks is the faster and closer 8-bit mode" in text  # QDQ is for NNAPI / QNN
+    assert "for target cpu, int8-blocks is a little faster and closer, without calibration" in text
     assert json.loads(onnx.load(result.output).metadata_props[-1].value)["mode"] == "int8"
 
 
@@ -853,11 +884,20 @@ def test_random_calibration_warns(topk, tmp_path):
 
 
 def test_starved_experts_warn(topk, tmp_path):
+    """Experts that calibration starved: warned about, and given their layer's range, where the experts are
+    quantized per expert at calibrated ranges (``fused_experts=False``). The CPU default's QMoE reads its float
+    input, so there the coverage is reported but nothing is said of ranges."""
     ids = np.zeros((2, 8), dtype=np.int64)  # one repeated byte: a few experts get every token
     np.savez(tmp_path / "same.npz", input_ids=ids)
+    with warnings.catch_warnings(record=True) as fused_caught:
+        warnings.simplefilter("always")
+        fused = quantize(topk.output, tmp_path / "f.onnx", mode="int8", calibration=tmp_path / "same.npz",
+                         latency_runs=0, perplexity=False)
+    assert fused.calibration["coverage"][0]["starved"] and fused.scheme.expert_block_size
+    assert not [w for w in fused_caught if "range" in str(w.message)] and not fused.warnings
     with pytest.warns(UserWarning) as caught:  # every warning, so none leaks into the run's summary
         result = quantize(topk.output, tmp_path / "s.onnx", mode="int8", calibration=tmp_path / "same.npz",
-                          latency_runs=0, perplexity=False)
+                          latency_runs=0, perplexity=False, fused_experts=False)
     messages = [str(warning.message) for warning in caught]
     for layer in (0, 1):
         assert any(re.search(rf"experts \[.*\] of layer {layer} got under 10% of an even share", m) for m in messages)
@@ -1200,8 +1240,9 @@ def test_int8_keeps_matmul_outputs_and_logits_float_on_cpu_targets(quantized, to
     record = [r for r in result.passes if r.name == "FloatOutputsPass"]
     feeds = contract.random_inputs(topk.info, 2, 9, seed=3)
     logits = create_session(result.output).run(["logits"], feeds)[0]
-    # 32 experts' (gate and up as one, down), 8 attention projections, the lm_head
-    assert len(quantized_matmuls) == 41 and head in quantized_matmuls
+    # 8 attention projections and the lm_head; for NNAPI also 32 experts' (gate and up as one, down), which on CPU
+    # targets are QMoE nodes (test_int8_on_cpu_fuses_experts_into_qmoe)
+    assert len(quantized_matmuls) == (9 if target == "cpu" else 41) and head in quantized_matmuls
     if float_outputs:
         assert not any("QuantizeLinear" in types for types in readers.values())
         assert [model.graph.output[0].name] == ["logits"] and producers["logits"] is head
