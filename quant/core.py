@@ -376,6 +376,19 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
     return _Calibrated(data, report, overrides, found, ranges.tensors_data(observed, activations), about_ranges)
 
 
+def _eight_bit_note(target: str, fused: bool) -> str:
+    """What int8-blocks would do instead, for an int8 or int8-dynamic file for a CPU ``target``; ``fused``: its
+    experts are QMoE nodes."""
+    if fused:
+        return (f"for target {target}, int8-blocks is a little faster and closer, without calibration: at "
+                "granite-3.0-1b-a400m size, 2 threads, int8 decoded 53-58 tokens/s at a next-token KL of 1.72e-6 "
+                "from PyTorch, int8-blocks 55-59 at 1.65e-6, llama.cpp Q8_0 52 at 1.81e-6 (BENCHMARKS.md)")
+    return (f"for target {target}, int8-blocks decodes about twice as fast: this file runs every expert's MatMuls, "
+            "also those of experts that got no row, where int8-blocks runs each MoE layer's chosen experts in one "
+            "QMoE (granite-3.0-1b-a400m size, 2 threads: int8-dynamic 31-34 decode tokens/s, int8 per expert 29-31, "
+            "int8-blocks 55-66, llama.cpp Q8_0 47-52; BENCHMARKS.md)")
+
+
 def _expert_layers(source: _Source) -> list[ExpertLayer]:
     """The MoE layers: each layer's down projections in expert order, with the selected-experts tensor of the
     router before it in graph order (a router precedes the dispatch it feeds, and follows the previous layer's)."""
@@ -654,12 +667,9 @@ def quantize(
                             "--kv-cache shared records it as one buffer written in place (int4 at granite-3.0-1b-a400m "
                             "size: decode 3-7% faster at a 128-token context, 15% at 512; BENCHMARKS.md), and the file "
                             "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
-    if settings.mode.step.calibrated and settings.on_cpu:
-        report.notes.append(f"for target {target}, int8-blocks is a little faster and closer, without calibration: "
-                            "at granite-3.0-1b-a400m size, 2 threads, int8 decoded 53-58 tokens/s at a next-token KL "
-                            "of 1.72e-6 from PyTorch, int8-blocks 55-59 at 1.65e-6, llama.cpp Q8_0 52 at 1.81e-6 "
-                            "(BENCHMARKS.md)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
+    if settings.on_cpu and settings.mode.step.down is not None:  # int8, int8-dynamic
+        report.notes.append(_eight_bit_note(target, fused=bool(after["QMoE"])))
     layout = settings.layout
     if layout is not None and layout.fused_experts and not after["QMoE"]:
         # The report states the layout written: no layer's experts fit QMoE (FuseExpertsPass says why).
