@@ -425,7 +425,9 @@ def _write(source: _Source, out: Path, settings: _Settings,
     prepare += [SHAPE_INFERENCE, MarkPreProcessedPass()]
     finish = [StampQuantizationPass(source.metadata, settings.to_dict()), TOPOLOGICAL_SORT]
     float_outputs = [FloatOutputsPass(matmuls)] if step.quantizes_outputs and settings.on_cpu else []
-    if step.layout:  # after the attention fusion (below), which matches what the projections feed
+    if step.layout or (settings.scheme is not None and settings.scheme.weight_block_size):
+        # after the attention fusion (below), which matches what the projections feed; static int8's MatMulNBits
+        # come from BlockWeightsPass (before the fusion)
         finish = [StackProjectionsPass(), REMOVE_UNUSED] + finish
     if settings.fused_attention and any(is_cache_input(i.name) for i in source.proto.graph.input):
         # after the apply step: the quantizers see the attention as exported

@@ -667,7 +667,12 @@ class StackProjectionsPass(QuantPass):
     up) are one kernel reading one weight instead of three. Exact: each output column has its own blocks (they run
     along K), and every weight-side input is N-major (packed ``[N, blocks, blob]``, scales ``[N * blocks]``, zero
     points ``[N * ...]``), so the stacked tensors are the nodes' own, one after the other (computed when the model
-    is written). Nodes with a group index or a bias are left alone."""
+    is written). Nodes with a group index or a bias are left alone.
+
+    Static int8 on CPU targets (``BlockWeightsPass``) gives each node its own 16-bit Q/DQ pair of the shared input
+    (onnxruntime's ``DedicatedQDQPair``) and its scales behind a ``Cast`` from float16: nodes whose pairs quantize
+    the same tensor with the same constants read the same input here, and scales behind a ``Cast`` of a constant
+    are stacked as the constants, under one ``Cast``. The other nodes' pairs are left for ``REMOVE_UNUSED``."""
 
     def call(self, model: ir.Model) -> Rewritten:
         graph = model.graph
@@ -675,30 +680,38 @@ class StackProjectionsPass(QuantPass):
         for node in graph:
             if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or len(node.inputs) > 4:
                 continue
-            weights = node.inputs[1:]
-            if any(v is not None and v.const_value is None for v in weights):
+            weights = [_constant_behind_cast(v) for v in node.inputs[1:]]
+            if any(w is False for w in weights):
                 continue
             layout = tuple(sorted((k, a.value) for k, a in node.attributes.items() if k != "N"))
-            groups.setdefault((node.inputs[0], layout, tuple(v is None for v in weights)), []).append(node)
+            casts = tuple(None if w is None else w[1] for w in weights)
+            groups.setdefault((_read_input(node.inputs[0]), layout, casts), []).append(node)
         stacked = []
         for nodes in (g for g in groups.values() if len(g) > 1):
             present = [i for i, v in enumerate(nodes[0].inputs) if i and v is not None]
             # the tensors themselves: the nodes and their initializers leave the graph before it is written
-            parts = [[n.inputs[i].const_value for n in nodes] for i in present]
+            sources = [[_constant_behind_cast(n.inputs[i]) for n in nodes] for i in present]
+            parts = [[constant.const_value for constant, _ in column] for column in sources]
             compute = functools.cache(lambda parts=parts: tuple(np.concatenate([t.numpy() for t in tensors])
                                                                 for tensors in parts))
             specs = []
-            for i in present:
-                first = nodes[0].inputs[i]
-                rows = sum(int(n.inputs[i].shape[0]) for n in nodes)
+            for i, column in zip(present, sources):
+                first = column[0][0]
+                rows = sum(int(constant.shape[0]) for constant, _ in column)
                 specs.append((f"{nodes[0].name}_stacked_{i}", first.dtype, [rows, *first.shape[1:]]))
+            weights, casts = [], []
+            for value, (_, to) in zip(_lazy_initializers(graph, compute, specs), (column[0] for column in sources)):
+                if to is not None:
+                    casts.append(ir.node("Cast", [value], attributes={"to": to}))
+                    value = casts[-1].outputs[0]
+                weights.append(value)
             widths = [n.attributes["N"].value for n in nodes]
             attributes = {k: a.value for k, a in nodes[0].attributes.items()} | {"N": sum(widths)}
-            merged = ir.node("MatMulNBits", [nodes[0].inputs[0], *_lazy_initializers(graph, compute, specs)],
+            merged = ir.node("MatMulNBits", [nodes[0].inputs[0], *weights],
                              attributes=attributes, domain="com.microsoft", name=f"{nodes[0].name}_stacked")
             sizes = add_constant(graph, f"{nodes[0].name}_stacked_widths", np.array(widths, np.int64))
             split = ir.node("Split", [merged.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes))
-            graph.insert_before(nodes[0], [merged, split])
+            graph.insert_before(nodes[0], [*casts, merged, split])
             for node, part in zip(nodes, split.outputs):
                 old = node.outputs[0]
                 part.shape, part.type = old.shape, old.type
@@ -709,6 +722,41 @@ class StackProjectionsPass(QuantPass):
         done = (f"stacked {sum(stacked)} MatMulNBits that share their input into {len(stacked)}"
                 if stacked else None)
         return _outcome(model, done, "no two MatMulNBits read the same input with the same layout", [], "")
+
+
+def _constant_behind_cast(value: ir.Value | None):
+    """For a weight-side input of ``MatMulNBits``: ``(constant, None)`` for a constant, ``(constant, to)`` for a
+    ``Cast(to)`` of one, None for an absent input, False for anything else (computed in the graph)."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value, None
+    cast = value.producer()
+    if cast is not None and cast.op_type == "Cast" and cast.domain in ("", "ai.onnx") \
+            and cast.inputs[0] is not None and cast.inputs[0].const_value is not None:
+        return cast.inputs[0], cast.attributes["to"].value
+    return False
+
+
+def _read_input(value: ir.Value):
+    """What a node reading ``value`` reads, for grouping: the tensor a ``QuantizeLinear`` -> ``DequantizeLinear``
+    pair with constant scales and zero points round-trips, with those constants (two pairs of the same tensor and
+    constants give the same values), else ``value`` itself."""
+    dequantize = value.producer()
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.domain not in ("", "ai.onnx"):
+        return value
+    quantize = dequantize.inputs[0].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain not in ("", "ai.onnx"):
+        return value
+    constants = []
+    for node in (quantize, dequantize):
+        for operand in node.inputs[1:]:
+            if operand is not None and operand.const_value is None:
+                return value
+            constants.append(None if operand is None else
+                             (operand.dtype, operand.const_value.numpy().tobytes()))
+        constants.append(tuple(sorted((k, a.value) for k, a in node.attributes.items())))
+    return quantize.inputs[0], tuple(constants)
 
 
 class SplicePass(QuantPass):

@@ -249,7 +249,11 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = _producers(model)
     checked = 0
-    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
+    # each layer's q, k and v are one MatMulNBits (StackProjectionsPass, exact: test_quant_passes.py); the others
+    # are checked against their fp32 weights
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len([n for n in nbits if n.name.endswith("_stacked")]) == 2
+    for node in (n for n in nbits if not n.name.endswith("_stacked")):
         k, n = _attributes(node)["K"], _attributes(node)["N"]
         # [N, K/32, 32] uint8 (code + 128) -> [K, N] codes; [N, K/32] scales -> one per weight, [K, N]
         codes = (inits[node.input[1]].astype(np.int16) - 128).reshape(n, k).T
@@ -257,7 +261,7 @@ def test_int8_on_cpu_runs_block_kernels_and_is_closer(quantized, topk):
         original = weights[node.input[1].removesuffix("_quantized_b32")]
         assert np.all(np.abs(codes) <= 127) and np.all(np.abs(codes * step - original) <= step / 2 * (1 + 1e-6))
         checked += 1
-    assert checked == 41
+    assert checked == 41 - 6  # 32 experts', 2 output projections, the lm_head
     # the MatMuls' outputs stay float (FloatOutputsPass ran before they became MatMulNBits)
     assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear" and producers.get(n.input[0])
                 and producers[n.input[0]].op_type == "MatMulNBits"]
@@ -1242,14 +1246,15 @@ def test_int8_keeps_matmul_outputs_and_logits_float_on_cpu_targets(quantized, to
     record = [r for r in result.passes if r.name == "FloatOutputsPass"]
     feeds = contract.random_inputs(topk.info, 2, 9, seed=3)
     logits = create_session(result.output).run(["logits"], feeds)[0]
-    # 8 attention projections and the lm_head; for NNAPI also 32 experts' (gate and up as one, down), which on CPU
-    # targets are QMoE nodes (test_int8_on_cpu_fuses_experts_into_qmoe)
-    assert len(quantized_matmuls) == (9 if target == "cpu" else 41) and head in quantized_matmuls
+    # the lm_head and 8 attention projections, on CPU targets each layer's q, k and v stacked into one
+    # (StackProjectionsPass); for NNAPI also 32 experts' (gate and up as one, down), which on CPU targets are QMoE
+    # nodes (test_int8_on_cpu_fuses_experts_into_qmoe)
+    assert len(quantized_matmuls) == (5 if target == "cpu" else 41) and head in quantized_matmuls
     if float_outputs:
         assert not any("QuantizeLinear" in types for types in readers.values())
         assert [model.graph.output[0].name] == ["logits"] and producers["logits"] is head
-        assert record[0].modified and record[0].note.startswith(
-            f"kept the outputs of {len(quantized_matmuls)} MatMul(s) float (graph output logits among them)")
+        assert record[0].modified and record[0].note.startswith(  # 9: before q, k and v were stacked
+            "kept the outputs of 9 MatMul(s) float (graph output logits among them)")
         assert np.unique(logits).size > 256  # not on an 8-bit grid
     else:
         assert all(types == {"QuantizeLinear"} for types in readers.values()) and not record

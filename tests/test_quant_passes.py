@@ -291,6 +291,48 @@ def test_stack_projections_makes_one_matmulnbits_of_those_sharing_input_and_layo
     assert not old & set(inits) and "p3_q" in inits  # the stacked nodes' weights are gone
 
 
+def _qdq_projections(zero_points: list[int]) -> onnx.ModelProto:
+    """Static int8's form on CPU targets: x [n, 8] -> per projection its own 16-bit QuantizeLinear ->
+    DequantizeLinear pair (zero point ``zero_points[i]``) -> MatMulNBits (width 4, 8-bit blocks of 16) whose
+    scales are float16 behind a Cast -> Concat -> y."""
+    initializers: list = []
+    nodes = []
+    for i, zero_point in enumerate(zero_points):
+        initializers += [numpy_helper.from_array(np.array(0.01, np.float32), f"s{i}"),
+                         numpy_helper.from_array(np.array(zero_point, np.uint16), f"z{i}")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", f"s{i}", f"z{i}"], [f"xq{i}"]),
+                  helper.make_node("DequantizeLinear", [f"xq{i}", f"s{i}", f"z{i}"], [f"xd{i}"])]
+        node = _nbits_node(f"p{i}", f"xd{i}", f"h{i}", 4, 8, 16, initializers)
+        scales = next(t for t in initializers if t.name == f"p{i}_scales")
+        half = numpy_helper.from_array(numpy_helper.to_array(scales).astype(np.float16), f"p{i}_scales16")
+        initializers[initializers.index(scales)] = half
+        nodes.append(helper.make_node("Cast", [half.name], [f"p{i}_scales"], to=TensorProto.FLOAT))
+        nodes.append(node)
+    nodes.append(helper.make_node("Concat", [f"h{i}" for i in range(len(zero_points))], ["y"], axis=1))
+    model = _model(nodes, initializers, width=4 * len(zero_points))
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return model
+
+
+def test_stack_projections_sees_through_static_int8s_own_qdq_pairs_and_cast_scales():
+    """Projections that each read their own Q/DQ pair of one tensor with the same constants, their scales float16
+    behind a Cast (static int8 on CPU targets), are stacked too: one pair, one Cast of the stacked scales, the same
+    outputs bit for bit; a projection whose pair has other constants stays apart."""
+    before = _qdq_projections([32768, 32768, 32768, 30000])
+    after, records = _apply(before, [StackProjectionsPass(), REMOVE_UNUSED])
+    onnx.checker.check_model(after, full_check=True)
+    np.testing.assert_array_equal(_outputs(after)[0], _outputs(before)[0])
+    assert records[0].note == "stacked 3 MatMulNBits that share their input into 1"
+    assert _ops(after) == {"QuantizeLinear": 2, "DequantizeLinear": 2, "Cast": 2, "MatMulNBits": 2, "Split": 1,
+                           "Concat": 1}
+    stacked = next(n for n in after.graph.node if n.name == "p0_stacked")
+    producers = {o: n for n in after.graph.node for o in n.output}
+    assert stacked.input[0] == "xd0" and producers[stacked.input[2]].op_type == "Cast"
+    inits = {t.name: t for t in after.graph.initializer}
+    assert inits[producers[stacked.input[2]].input[0]].data_type == TensorProto.FLOAT16
+
+
 def test_stack_projections_says_why_it_did_nothing():
     before = _projections([(8, 4, 16), (4, 8, 16)])
     after, records = _apply(before, [StackProjectionsPass()])
