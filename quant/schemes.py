@@ -41,7 +41,7 @@ def register_target(target: QuantTarget) -> QuantTarget:
 # The mode each target gets when none is asked for. CPUs (x86, arm): 8-bit blocks in onnxruntime's own kernels
 # (QMoE, MatMulNBits, GatherBlockQuantized). On a granite-3.0-1b-a400m-shaped model, 2 threads (BENCHMARKS.md):
 # 55-68 decode tokens/s and a next-token KL of 1.5-1.65e-6 from PyTorch, with no calibration data; calibrated QDQ
-# int8 decodes 53-58 tokens/s at a KL of 1.72e-6 (16-bit activations, weights in blocks, experts one QMoE a layer:
+# int8 decodes 53-62 tokens/s at a KL of 1.72e-6 (16-bit activations, weights in blocks, experts one QMoE a layer:
 # IntScheme.with_activations; 29-30 tokens/s with QDQ experts, 1.4 with 8-bit activations and outputs). NNAPI and
 # QNN run QDQ natively; GPUs and Core ML run fp16.
 for _target in (
