@@ -633,7 +633,7 @@ def quantize(
     if settings.layout is not None:
         settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source),
                                                        on_cpu=settings.on_cpu)
-    if settings.scheme is not None:
+    elif settings.scheme is not None and settings.scheme.expert_block_size:  # static int8's QMoE experts
         settings.scheme = settings.scheme.with_expert_widths(_block_widths(source)[0])
 
     @functools.cache

@@ -685,12 +685,13 @@ class StackProjectionsPass(QuantPass):
                 continue
             layout = tuple(sorted((k, a.value) for k, a in node.attributes.items() if k != "N"))
             casts = tuple(None if w is None else w[1] for w in weights)
-            groups.setdefault((_read_input(node.inputs[0]), layout, casts), []).append(node)
+            groups.setdefault((_read_input(node.inputs[0]), layout, casts), []).append((node, weights))
         stacked = []
-        for nodes in (g for g in groups.values() if len(g) > 1):
+        for members in (g for g in groups.values() if len(g) > 1):
+            nodes = [node for node, _ in members]
             present = [i for i, v in enumerate(nodes[0].inputs) if i and v is not None]
             # the tensors themselves: the nodes and their initializers leave the graph before it is written
-            sources = [[_constant_behind_cast(n.inputs[i]) for n in nodes] for i in present]
+            sources = [[weights[i - 1] for _, weights in members] for i in present]
             parts = [[constant.const_value for constant, _ in column] for column in sources]
             compute = functools.cache(lambda parts=parts: tuple(np.concatenate([t.numpy() for t in tensors])
                                                                 for tensors in parts))

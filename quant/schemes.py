@@ -153,10 +153,8 @@ class IntScheme:
         return self
 
     def with_expert_widths(self, widths: Iterable[int]) -> "IntScheme":
-        """This scheme with ``expert_block_size`` halved (down to MIN_BLOCK_SIZE) until it divides every expert
-        weight's input width ``widths``."""
-        if self.expert_block_size is None:
-            return self
+        """This scheme (``expert_block_size`` set) with ``expert_block_size`` halved (down to MIN_BLOCK_SIZE) until
+        it divides every expert weight's input width ``widths``."""
         return replace(self, expert_block_size=fitted_block_size(self.expert_block_size, widths))
 
     def with_down_activations(self, width: str, target: str, down: WideDown) -> "IntScheme":
