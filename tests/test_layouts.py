@@ -405,8 +405,9 @@ def test_transformers_js_quantized_variants(deployed, tmp_path):
     q8 = onnx.load(folder / get_layout("transformers.js").variant_file("int8-dynamic"), load_external_data=False)
     assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in q8.graph.node}
     # static int8 in its CPU form: 16-bit activations, 8-bit MatMulNBits in blocks of 32, the table
-    # GatherBlockQuantized
+    # GatherBlockQuantized; its experts per expert too (no QMoE), as the int4's
     int8 = onnx.load(folder / get_layout("transformers.js").variant_file("int8"), load_external_data=False)
+    assert "QMoE" not in {n.op_type for n in int8.graph.node}
     blocked = [n for n in int8.graph.node if n.op_type == "MatMulNBits"
                and {(a.name, a.i) for a in n.attribute} >= {("bits", 8), ("block_size", 32)}]
     assert blocked and "GatherBlockQuantized" in {n.op_type for n in int8.graph.node}
