@@ -143,9 +143,22 @@ class _Calibrated:
     overrides: dict  # onnxruntime TensorQuantOverrides
     warnings: list[str]
     observed: object  # onnxruntime TensorsData: the observed range of every activation to quantize
-    # What the coverage means for the experts' own activation ranges (starved experts, borrowed ranges): said only
-    # where the output quantizes experts per expert (a QMoE reads its float input: no calibrated range is used)
-    range_warnings: list[str]
+    # Per router: the experts calibration starved (a warning) and the input tensors of the experts it routes
+    starved: list[tuple[str, frozenset[str]]]
+    borrowed: frozenset[str]  # the expert input tensors given their layer's range (overrides)
+
+    def about_ranges(self, written: onnx.ModelProto) -> list[str]:
+        """What the coverage means for the experts' own activation ranges in the file ``written``, and the report's
+        ``borrowed_ranges`` set to match. Only experts still quantized per expert at calibrated ranges count: an
+        expert whose inputs ``written`` no longer reads went into a QMoE, which reads its float input."""
+        read = {name for node in written.graph.node for name in node.input}
+        messages = [message for message, tensors in self.starved if tensors & read]
+        borrowed = len(self.borrowed & read)
+        if borrowed:
+            messages.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use their "
+                            "layer's activation range instead of their own")
+        self.report["borrowed_ranges"] = borrowed
+        return messages
 
 
 def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
@@ -356,24 +369,33 @@ def _calibrate(source: _Source, settings: _Settings, calibration, random_calibra
     inputs, outputs = graph_specs(graph)
     data = calib.load_calibration(_calibration_source(calibration, random_calibration), inputs=inputs,
                                   outputs=outputs, vocab_size=source.vocab, samples=samples, encoder=encoder)
-    found, about_ranges = list(data.warnings), []
+    found = list(data.warnings)
     expert_inputs = ranges.expert_inputs(source.experts, source.targets)
     activations = ranges.activation_tensors(source.targets, initializers)
     coverage, observed = ranges.coverage(source.path, source.plan, data, source.labels, expert_inputs, activations)
     overrides = ranges.borrowed_ranges(observed, expert_inputs)
-    borrowed = len(overrides)
+    borrowed = frozenset(overrides)
     if settings.scheme.down_activation_type is not None:  # static: a 16-bit type
         overrides = ranges.wide_down_inputs(overrides, expert_inputs, settings.scheme.down_activation_type)
-    for cov in coverage:
-        if cov.starved:
-            about_ranges.append(f"experts {cov.starved} of layer {cov.label} got under 10% of an even share of the "
-                                f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens")
-    if borrowed:
-        about_ranges.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use their "
-                            "layer's activation range instead of their own")
+    routed = _routed_expert_inputs(source, expert_inputs)
+    starved = [(f"experts {cov.starved} of layer {cov.label} got under 10% of an even share of the "
+                f"{sum(cov.counts)} calibration slots; their activation ranges rest on few tokens",
+                routed.get(router.indices_output, frozenset()))
+               for router, cov in zip(source.plan.routers, coverage) if cov.starved]
     report = {"source": data.source, "samples": len(data.samples), "tokens": data.tokens,
-              "coverage": [c.to_dict() for c in coverage], "borrowed_ranges": borrowed}
-    return _Calibrated(data, report, overrides, found, ranges.tensors_data(observed, activations), about_ranges)
+              "coverage": [c.to_dict() for c in coverage], "borrowed_ranges": len(borrowed)}
+    return _Calibrated(data, report, overrides, found, ranges.tensors_data(observed, activations), starved, borrowed)
+
+
+def _routed_expert_inputs(source: _Source, expert_inputs: dict) -> dict[str, frozenset[str]]:
+    """{router's selected-experts tensor: the input tensors of every expert MatMul of the layer it routes}
+    (``expert_inputs``: ``ranges.expert_inputs``). A layer is its experts' dispatch (``ExpertGroup.rows``)."""
+    rows_of_down = {nodes[0].name: group.rows for group, nodes in source.experts.items() if nodes}
+    inputs_of_rows: dict[str, set[str]] = {}
+    for group, inputs in expert_inputs.items():
+        inputs_of_rows.setdefault(group.rows, set()).update(inputs.values())
+    return {layer.indices: frozenset(inputs_of_rows.get(rows_of_down[layer.downs[0]], ()))
+            for layer in _expert_layers(source)}
 
 
 def _eight_bit_note(target: str, fused: bool) -> str:
@@ -650,10 +672,11 @@ def quantize(
     for message in found:
         warnings.warn(message, QuantizeWarning, stacklevel=2)
     quantized, passes = _write(source, out, settings, calibrated)
-    if calibrated is not None and find_expert_matmuls(quantized):  # experts left per expert, at calibrated ranges
-        for message in calibrated.range_warnings:
+    if calibrated is not None:
+        about_ranges = calibrated.about_ranges(quantized)
+        for message in about_ranges:
             warnings.warn(message, QuantizeWarning, stacklevel=2)
-        found += calibrated.range_warnings
+        found += about_ranges
     try:
         report = _measure(source, out, quantized, settings, reference=reference, encoder=encoder, heldout=heldout,
                           perplexity=perplexity, heldout_tokens=heldout_tokens or None,  # 0: all of it

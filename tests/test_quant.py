@@ -901,6 +901,8 @@ def test_starved_experts_warn(topk, tmp_path):
                          latency_runs=0, perplexity=False)
     assert fused.calibration["coverage"][0]["starved"] and fused.scheme.expert_block_size
     assert not [w for w in fused_caught if "range" in str(w.message)] and not fused.warnings
+    # no range was borrowed for an expert that went into a QMoE, and the report does not say so
+    assert fused.calibration["borrowed_ranges"] == 0 and "use their layer's range" not in fused.render()
     with pytest.warns(UserWarning) as caught:  # every warning, so none leaks into the run's summary
         result = quantize(topk.output, tmp_path / "s.onnx", mode="int8", calibration=tmp_path / "same.npz",
                           latency_runs=0, perplexity=False, fused_experts=False)
@@ -909,12 +911,30 @@ def test_starved_experts_warn(topk, tmp_path):
         assert any(re.search(rf"experts \[.*\] of layer {layer} got under 10% of an even share", m) for m in messages)
     assert any("use their layer's activation range" in m for m in messages)
     assert result.calibration["coverage"][0]["starved"] and result.calibration["borrowed_ranges"] > 0
+    assert f"{result.calibration['borrowed_ranges']} starved expert inputs use their layer's range" in result.render()
     # onnxruntime would give an expert that saw no token scale 1.0 / zero point 0 (negative inputs -> 0)
     model = onnx.load(result.output)
     producers = _producers(model)
     scales = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     expert_inputs = [producers[n.input[0]] for n in _experts(model)]
     assert len(expert_inputs) == 32 and all(float(scales[dq.input[1]]) < 0.5 for dq in expert_inputs)
+
+
+def test_range_warnings_only_for_layers_left_per_expert():
+    """When some layers' experts went into a QMoE and others stayed per expert, the starved-expert warnings and
+    the borrowed-range count cover only the experts whose inputs the written file still reads."""
+    calibrated = core._Calibrated(
+        data=None, report={"borrowed_ranges": 3}, overrides={}, warnings=[], observed=None,
+        starved=[("experts [1] of layer 0 starved", frozenset({"x0.e1", "x0.e2"})),
+                 ("experts [2] of layer 1 starved", frozenset({"x1.e1", "x1.e2"}))],
+        borrowed=frozenset({"x0.e1", "x1.e1", "x1.e2"}))
+    per_expert = [onnx.helper.make_node("MatMul", [name, "w"], [f"y.{name}"]) for name in ("x1.e1", "x1.e2")]
+    written = onnx.helper.make_model(onnx.helper.make_graph(per_expert, "layer 1 per expert", [], []))
+    assert calibrated.about_ranges(written) == [
+        "experts [2] of layer 1 starved",
+        "2 expert input tensors saw too few calibration tokens; they use their layer's activation range instead of "
+        "their own"]
+    assert calibrated.report["borrowed_ranges"] == 2
 
 
 @pytest.mark.parametrize(("make", "message"), [
