@@ -282,11 +282,37 @@ def _matmul_weights(source: "_Source") -> dict[str, tuple[int, int]]:
 
 
 def _head_names(source: "_Source") -> set[str]:
-    """The MatMuls among the targets whose weight has a vocabulary-sized axis: the lm_head (directly, or through
-    the Transpose of a tied embedding)."""
+    """The lm_head: the MatMuls among the targets whose weight has a vocabulary-sized axis (directly, or through
+    the Transpose of a tied embedding) and whose output reaches a graph output through no other MatMul-like node.
+    Why both: a small model's vocabulary can be as wide as other weights (the bundled sample's 256 bytes, and its
+    experts' gate and up, 128 x 256), and those went into the lm_head's blocks."""
     if source.vocab is None:
         return set()
-    return {name for name, shape in _matmul_weights(source).items() if source.vocab in shape}
+    wide = {name for name, shape in _matmul_weights(source).items() if source.vocab in shape}
+    graph = source.proto.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+
+    def reaches_an_output(node: onnx.NodeProto) -> bool:
+        seen, frontier = set(), list(node.output)
+        while frontier:
+            name = frontier.pop()
+            if name in outputs:
+                return True
+            for reader in readers.get(name, ()):
+                if reader.op_type not in _PRODUCT_OPS and id(reader) not in seen:
+                    seen.add(id(reader))
+                    frontier.extend(reader.output)
+        return False
+
+    return {node.name for node in graph.node if node.name in wide and reaches_an_output(node)}
+
+
+# Nodes that multiply by a weight: a walk to the logits that meets one has left the lm_head behind.
+_PRODUCT_OPS = {"MatMul", "Gemm", "MatMulNBits", "QMoE", "MoE", "MatMulInteger", "FusedMatMul"}
 
 
 #: Ops between a key/value projection and attention's MatMuls: head layout, rotary embedding, the KV cache.

@@ -1245,6 +1245,22 @@ def test_block_modes_meet_their_targets_on_the_trained_sample(tmp_path, mode):
     assert result.targets_met() == {"size": True, "routing": True, "perplexity": True}, result.render()
 
 
+def test_lm_head_blocks_go_to_the_lm_head_only_when_other_weights_are_as_wide(tmp_path):
+    """The trained sample's vocabulary (256 bytes) is as wide as its experts' gate and up (128 x 256). Only the
+    MatMul that makes the logits is the lm_head: per-expert int4 keeps every expert in the experts' blocks (those
+    gate and up products had gone into the lm_head's 4-bit blocks of 32)."""
+    source = export_checkpoint(TRAINED_DIR, tmp_path / "m.onnx", validate=False)
+    result = quantize(source.output, tmp_path / "q.onnx", mode="int4", fused_experts=False, latency_runs=0,
+                      perplexity=False)
+    model = onnx.load(result.output)
+    experts = _experts(model)
+    head = _producers(model)["logits"]
+    assert head.op_type == "MatMulNBits" and _attributes(head)["N"] == source.info.vocab_size
+    assert len(experts) == 2 * 8 * len(source.info.layers) and _bits(experts) == {4}
+    assert _block_sizes(experts) == {result.layout.expert_block_size} == {128}
+    assert _block_sizes([head]) == {result.layout.head_block_size} == {32}
+
+
 @pytest.mark.parametrize(("target", "float_outputs"), [("cpu", True), ("nnapi", False)])
 def test_int8_keeps_matmul_outputs_and_logits_float_on_cpu_targets(quantized, topk, target, float_outputs):
     """onnxruntime's static quantizer quantizes the output of every MatMul it quantizes. On its CPU provider that
