@@ -296,9 +296,11 @@ def run_qdq_static(job: QuantJob) -> None:
     blocks (``IntScheme.weight_block_size``: 16-bit activations on a CPU target) the embedding tables are stored
     in 8-bit blocks of that size (``GatherBlockQuantized``) instead, and with ``IntScheme.expert_block_size`` each
     MoE layer's routed experts are one ``QMoE`` in 8-bit blocks (``passes.FuseExpertsPass``, as int8-blocks writes
-    them), which reads its float input: no calibrated range is used for the experts. Why: calibrated QDQ experts
-    run every expert's kernels, also those that got no row (29-30 decode tokens/s at granite-3.0-1b-a400m size,
-    2 threads; 53-58 as QMoE, at a next-token KL of 1.72e-6 from PyTorch either way; BENCHMARKS.md).
+    them), which reads its float input and quantizes it to 8 bits itself as it runs (its 8-bit kernel does at
+    every ``accuracy_level``; ``benchmarks/qmoe_arithmetic.py``): no calibrated range is used for the experts.
+    Why: calibrated QDQ experts run every expert's kernels, also those that got no row (29-30 decode tokens/s at
+    granite-3.0-1b-a400m size, 2 threads; 53-58 as QMoE, at a next-token KL of 1.72e-6 from PyTorch either way;
+    BENCHMARKS.md).
 
     Why the tables: QDQ stores a table with one scale for all of it. With 16-bit activations
     (``IntScheme.with_activations``) that scale was most of what was left of the mode's error (4-layer

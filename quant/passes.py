@@ -947,9 +947,11 @@ class FuseExpertsPass(QuantPass):
     (``moe_graph.ROUTER_INDICES_KEY``), for the routing comparisons of the quality report. Gate and up are
     interleaved into fc1 (``swiglu_fusion=1``; ``activation_alpha``, ``activation_beta`` and ``swiglu_limit`` the
     expert's: 1, 0 and none for silu(gate) * up), down is fc2, their biases fc1's and fc2's; weights are quantized
-    by onnxruntime's block kernel (asymmetric, ``block_size`` along K, computed when the model is written). A
-    layer that does not match is left alone, with the reason in the note; the old nodes are left for
-    ``REMOVE_UNUSED``.
+    by onnxruntime's block kernel (asymmetric, ``block_size`` along K, computed when the model is written). The
+    kernel quantizes its float input to 8 bits as it runs, as ``MatMulNBits`` at ``accuracy_level`` 4 does: at 8
+    bits whatever the ``accuracy_level`` (onnxruntime 1.32's CPU kernel), at 4 bits at level 4, float at 0
+    (``benchmarks/qmoe_arithmetic.py``). A layer that does not match is left alone, with the reason in the note;
+    the old nodes are left for ``REMOVE_UNUSED``.
     """
 
     def __init__(self, layers: list[ExpertLayer], bits: int, block_size: int, accuracy_level: int):
