@@ -63,6 +63,7 @@ from moeport.runtime.fusions import cache_layers, unfused_layers
 from moeport.runtime.inspect import graph_specs
 from moeport.runtime.moe_graph import (ExpertGroup, RouterPlan, find_expert_matmuls, find_routers, float_router_nodes,
                                       load_graph, weight_bytes)
+from moeport.runtime.placement import cpu_has_float16_matmul
 from moeport.runtime.verify import check_reference, reference_warnings
 from moeport.samples import TRAINED_DIR
 
@@ -424,6 +425,16 @@ def _routed_expert_inputs(source: _Source, expert_inputs: dict) -> dict[str, fro
             for layer in _expert_layers(source)}
 
 
+def _float16_note(target: str) -> str:
+    """Why a float16 file for a CPU ``target`` is no faster there, where onnxruntime's CPU provider has no float16
+    MatMul kernel (``runtime.placement.cpu_has_float16_matmul``)."""
+    return (f"for target {target}: onnxruntime's CPU provider here has no float16 MatMul kernel, so it casts the "
+            "weights back to float32 when it loads the file and each product's input at every run: half fp32's size "
+            "on disk, but fp32's memory and slower (granite-3.0-1b-a400m size, 2 threads: decode 11.9 against fp32's "
+            "15.5 tokens/s, 5.5 GB resident either way, 8.0 GB at load against 5.7; BENCHMARKS.md). On a CPU, "
+            "int8-blocks and int4 are smaller and faster; fp16 is for --target cuda or coreml")
+
+
 def _eight_bit_note(target: str, fused: bool) -> str:
     """What int8-blocks would do instead, for an int8 or int8-dynamic file for a CPU ``target``; ``fused``: its
     experts are QMoE nodes."""
@@ -569,7 +580,9 @@ def _measure(source: _Source, out: Path, quantized: onnx.ModelProto, settings: _
         if (prefill := qual.prefill_kind(ids.shape[1])) in timed:
             report.prefill_of = prefill
             report.prefill_before_ms, report.prefill_after_ms = timed[prefill]
-        if report.latency_after_ms > report.latency_before_ms and report.weights_before < SMALL_WEIGHTS:
+        # (A float16 file for a CPU has its own note: quantize's _float16_note.)
+        if (report.latency_after_ms > report.latency_before_ms and report.weights_before < SMALL_WEIGHTS
+                and settings.mode.step.integer_weights):
             # Why, by what was timed. One row (a decode step): little compute, so the kernels' own cost. Many rows:
             # compute; the bundled sample's 1x128 profile has its 4 QMoE nodes alone slower than all 85 float
             # MatMuls of the fp32 file (BENCHMARKS.md, "The demo's quantized latency").
@@ -721,6 +734,8 @@ def quantize(
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     if settings.on_cpu and settings.mode.step.down is not None:  # int8, int8-dynamic
         report.notes.append(_eight_bit_note(target, fused=bool(after["QMoE"])))
+    if settings.on_cpu and not settings.mode.step.integer_weights and not cpu_has_float16_matmul():  # fp16
+        report.notes.append(_float16_note(target))
     layout = settings.layout
     if layout is not None and layout.fused_experts and not after["QMoE"]:
         # The report states the layout written: no layer's experts fit QMoE (FuseExpertsPass says why).

@@ -14,6 +14,7 @@ partitions we add the share of MatMul/Gemm FLOPs each provider would take (needs
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import tempfile
@@ -222,3 +223,26 @@ def mobile_coverage(model: str | os.PathLike, *, also_if_fixed: bool = False) ->
                                         "partitions": relaxed.partitions, "suitability": relaxed.suitability}
         results.append(coverage)
     return results
+
+
+@functools.cache
+def cpu_has_float16_matmul() -> bool:
+    """Whether this machine's onnxruntime CPU provider runs a float16 ``MatMul`` in float16. Where it has no such
+    kernel, onnxruntime inserts Casts to float32 around the node when it optimizes the session (its
+    ``InsertedPrecisionFreeCast`` nodes) and runs the float32 kernel: a one-node graph, optimized, shows which."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    half = [helper.make_tensor_value_info(name, TensorProto.FLOAT16, [1, 8]) for name in ("x", "y")]
+    weight = helper.make_tensor("w", TensorProto.FLOAT16, [8, 8], np.eye(8, dtype=np.float16).tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "float16_matmul", half[:1], half[1:],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory(prefix="moeport-float16-") as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    return not any(node.op_type == "Cast" for node in optimized.graph.node)

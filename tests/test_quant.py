@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from moeport.quant import schemes
 from moeport.quant.schemes import NBitsLayout, choose_scheme, cpu_flags
 from moeport.quant.quality import RouterSession
 from moeport.runtime.moe_graph import find_expert_matmuls, find_routers, top_k_as_qmoe
+from moeport.runtime.placement import cpu_has_float16_matmul
 from moeport.runtime.session import create_session
 from moeport.samples import TRAINED_DIR
 
@@ -473,6 +475,20 @@ def test_fp16_keeps_io_and_router_float32(quantized):
     # random router logits have near-ties; fp16 may flip one of 32 tokens
     assert result.quality.parity.routing_agreement >= 0.95 and result.quality.parity.argmax_agreement == 1.0
     assert result.quality.size_ratio < 0.6
+
+
+def test_fp16_for_a_cpu_says_the_cpu_runs_it_as_float32(quantized, topk, tmp_path):
+    """onnxruntime's CPU provider (1.32 on x86) has no float16 MatMul kernel: it casts a float16 file back to float32
+    (at granite-3.0-1b-a400m size: decode 0.77x fp32's, fp32's memory). The report says so for a CPU target, and not
+    the small-model note that blames block-quantized kernels; a GPU target gets no such note."""
+    result = quantized("fp16")
+    said = [note for note in result.quality.notes if "no float16 MatMul kernel" in note]
+    assert bool(said) == (not cpu_has_float16_matmul())
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert said and said[0].startswith("for target cpu: onnxruntime's CPU provider here has no float16 MatMul")
+    assert "block-quantized" not in result.render()
+    gpu = quantize(topk.output, tmp_path / "cuda.onnx", mode="fp16", target="cuda", latency_runs=0, perplexity=False)
+    assert not [note for note in gpu.quality.notes if "float16 MatMul" in note]
 
 
 def _block_sizes(nodes) -> set[int]:
