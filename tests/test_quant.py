@@ -1250,22 +1250,29 @@ def test_a_hybrid_with_past_export_is_calibrated_and_measured_from_text(tmp_path
     assert with_past.quality.perplexity_before == pytest.approx(logits_only.quality.perplexity_before, rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+    """The bundled trained sample, exported with its routing outputs (once for the tests below)."""
+    return export_checkpoint(TRAINED_DIR, tmp_path_factory.mktemp("trained") / "m.onnx", with_routing=True,
+                             validate=False)
+
+
 @pytest.mark.parametrize("mode", ["int4", "int8-blocks"])
-def test_block_modes_meet_their_targets_on_the_trained_sample(tmp_path, mode):
+def test_block_modes_meet_their_targets_on_the_trained_sample(trained_export, tmp_path, mode):
     """The trained sample's size, routing-agreement and perplexity targets hold for the block modes (experts
     fused into QMoE), measured against the PyTorch checkpoint on held-out text."""
-    source = export_checkpoint(TRAINED_DIR, tmp_path / "m.onnx", with_routing=True, validate=False)
+    source = trained_export
     result = quantize(source.output, tmp_path / "q.onnx", mode=mode, reference=CheckpointReference.load(TRAINED_DIR),
                       latency_runs=0)
     assert result.output_ops["QMoE"] == len(source.info.layers)
     assert result.targets_met() == {"size": True, "routing": True, "perplexity": True}, result.render()
 
 
-def test_lm_head_blocks_go_to_the_lm_head_only_when_other_weights_are_as_wide(tmp_path):
+def test_lm_head_blocks_go_to_the_lm_head_only_when_other_weights_are_as_wide(trained_export, tmp_path):
     """The trained sample's vocabulary (256 bytes) is as wide as its experts' gate and up (128 x 256). Only the
     MatMul that makes the logits is the lm_head: per-expert int4 keeps every expert in the experts' blocks (those
     gate and up products had gone into the lm_head's 4-bit blocks of 32)."""
-    source = export_checkpoint(TRAINED_DIR, tmp_path / "m.onnx", validate=False)
+    source = trained_export
     result = quantize(source.output, tmp_path / "q.onnx", mode="int4", fused_experts=False, latency_runs=0,
                       perplexity=False)
     model = onnx.load(result.output)
