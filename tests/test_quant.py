@@ -485,7 +485,8 @@ def test_fp16_for_a_cpu_says_the_cpu_runs_it_as_float32(quantized, topk, tmp_pat
     said = [note for note in result.quality.notes if "no float16 MatMul kernel" in note]
     assert bool(said) == (not cpu_has_float16_matmul())
     if platform.machine() in ("x86_64", "AMD64"):
-        assert said and said[0].startswith("for target cpu: onnxruntime's CPU provider here has no float16 MatMul")
+        assert said and said[0].startswith(f"for target cpu: onnxruntime's CPU provider on this machine "
+                                           f"({platform.machine()}) has no float16 MatMul kernel")
     assert "block-quantized" not in result.render()
     gpu = quantize(topk.output, tmp_path / "cuda.onnx", mode="fp16", target="cuda", latency_runs=0, perplexity=False)
     assert not [note for note in gpu.quality.notes if "float16 MatMul" in note]
