@@ -433,7 +433,8 @@ def _float16_note(target: str) -> str:
             "MatMul kernel, so it casts the weights back to float32 when it loads the file and each product's input at "
             "every run: half fp32's size on disk, but fp32's memory and slower (granite-3.0-1b-a400m size, 2 threads: "
             "decode 11.9 against fp32's 15.5 tokens/s, 5.5 GB resident either way, 8.0 GB at load against 5.7; "
-            "BENCHMARKS.md). On a CPU, int8-blocks and int4 are smaller and faster; fp16 is for --target cuda or coreml")
+            "BENCHMARKS.md). On a CPU, int8-blocks and int4 are smaller and faster; fp16 is for --target cuda or "
+            "coreml")
 
 
 def _eight_bit_note(target: str, fused: bool) -> str:
