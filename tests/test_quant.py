@@ -32,8 +32,8 @@ from moeport.quant import schemes
 from moeport.quant.schemes import NBitsLayout, choose_scheme, cpu_flags
 from moeport.quant.quality import RouterSession
 from moeport.runtime.moe_graph import find_expert_matmuls, find_routers, top_k_as_qmoe
-from moeport.runtime.placement import cpu_has_float16_matmul
-from moeport.runtime.session import create_session
+from moeport.runtime.placement import cpu_has_float16_matmul, measure_placement
+from moeport.runtime.session import create_session, resolve_provider
 from moeport.samples import TRAINED_DIR
 
 # The module, not the function ``moeport.quant.modes`` that the package exports under the same name.
@@ -480,7 +480,8 @@ def test_fp16_keeps_io_and_router_float32(quantized):
 def test_fp16_for_a_cpu_says_the_cpu_runs_it_as_float32(quantized, topk, tmp_path):
     """onnxruntime's CPU provider (1.32 on x86) has no float16 MatMul kernel: it casts a float16 file back to float32
     (at granite-3.0-1b-a400m size: decode 0.77x fp32's, fp32's memory). The report says so for a CPU target, and not
-    the small-model note that blames block-quantized kernels; a GPU target gets no such note."""
+    the small-model note that blames block-quantized kernels; a GPU target gets no such note. ``moeport inspect``'s
+    placement counts the Casts onnxruntime inserted for it."""
     result = quantized("fp16")
     said = [note for note in result.quality.notes if "no float16 MatMul kernel" in note]
     assert bool(said) == (not cpu_has_float16_matmul())
@@ -490,6 +491,14 @@ def test_fp16_for_a_cpu_says_the_cpu_runs_it_as_float32(quantized, topk, tmp_pat
     assert "block-quantized" not in result.render()
     gpu = quantize(topk.output, tmp_path / "cuda.onnx", mode="fp16", target="cuda", latency_runs=0, perplexity=False)
     assert not [note for note in gpu.quality.notes if "float16 MatMul" in note]
+    # what inspect's placement shows of it: the Casts onnxruntime put in, counted apart
+    feeds = contract.random_inputs(topk.info, 1, 8, seed=0)
+    placement = measure_placement(result.output, feeds, resolve_provider("cpu"))
+    assert (placement.inserted_casts > 0) == (not cpu_has_float16_matmul())
+    assert placement.inserted_casts <= dict(placement.counts).get(("Cast", "CPUExecutionProvider"), 0)
+    assert (f"{placement.inserted_casts} of the Casts were inserted by onnxruntime" in placement.render()) == bool(
+        placement.inserted_casts)
+    assert measure_placement(topk.output, feeds, resolve_provider("cpu")).inserted_casts == 0  # the float32 file
 
 
 def _block_sizes(nodes) -> set[int]:
