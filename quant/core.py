@@ -149,18 +149,17 @@ class _Calibrated:
     starved: list[tuple[str, frozenset[str]]]
     borrowed: frozenset[str]  # the expert input tensors given their layer's range (overrides)
 
-    def about_ranges(self, written: onnx.ModelProto) -> list[str]:
-        """What the coverage means for the experts' own activation ranges in the file ``written``, and the report's
-        ``borrowed_ranges`` set to match. Only experts still quantized per expert at calibrated ranges count: an
-        expert whose inputs ``written`` no longer reads went into a QMoE, which reads its float input."""
+    def about_ranges(self, written: onnx.ModelProto) -> tuple[list[str], int]:
+        """What the coverage means for the experts' own activation ranges in the file ``written``: (warnings, how many
+        expert inputs use their layer's range). Only experts still quantized per expert at calibrated ranges count:
+        an expert whose inputs ``written`` no longer reads went into a QMoE, which quantizes its float input itself."""
         read = {name for node in written.graph.node for name in node.input}
         messages = [message for message, tensors in self.starved if tensors & read]
         borrowed = len(self.borrowed & read)
         if borrowed:
             messages.append(f"{borrowed} expert input tensors saw too few calibration tokens; they use their "
                             "layer's activation range instead of their own")
-        self.report["borrowed_ranges"] = borrowed
-        return messages
+        return messages, borrowed
 
 
 def _settings(mode: str | None, target: str, keep_router: bool, down_activations: str, layout: NBitsLayout,
@@ -714,7 +713,7 @@ def quantize(
         warnings.warn(message, QuantizeWarning, stacklevel=2)
     quantized, passes = _write(source, out, settings, calibrated)
     if calibrated is not None:
-        about_ranges = calibrated.about_ranges(quantized)
+        about_ranges, calibrated.report["borrowed_ranges"] = calibrated.about_ranges(quantized)
         for message in about_ranges:
             warnings.warn(message, QuantizeWarning, stacklevel=2)
         found += about_ranges
