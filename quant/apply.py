@@ -280,14 +280,6 @@ def _rewritten(job: QuantJob, rewrites: list, name: str) -> Path:
     return path
 
 
-def _tables_in_blocks(job: QuantJob, tables: set[str], block_size: int) -> tuple[Path, frozenset[str]]:
-    """``job.source`` with the embedding Gathers ``tables`` as ``GatherBlockQuantized`` in 8-bit blocks of
-    ``block_size`` (a scratch file), and the Gathers it stored (a table whose rows are not a whole number of blocks
-    is left a Gather)."""
-    table_pass = GatherBlockQuantizedPass(tables, block_size)
-    return _rewritten(job, [table_pass], "tables"), table_pass.stored
-
-
 def run_qdq_static(job: QuantJob) -> None:
     """``quantize_static`` in QDQ format: per-channel weights (``passes.BlockWeightsPass`` puts them in blocks
     afterwards for a scheme with ``weight_block_size``), activations at the ranges calibration observed
@@ -357,15 +349,19 @@ def run_dynamic(job: QuantJob) -> None:
     int8 activation scale per tensor: every other MatMul (the expert down projections, attention, dense MLPs and
     shared experts, the lm_head) keeps float inputs with 8-bit block weights (``MatMulNBits``, which quantizes its
     input per block of a row), and the embedding table is stored in 8-bit blocks (``GatherBlockQuantized``)
-    instead of with one scale for the whole table.
+    instead of with one scale for the whole table. With ``IntScheme.expert_block_size`` as well
+    (``IntScheme.with_fused_experts``) each MoE layer's routed experts are one ``QMoE`` in 8-bit blocks
+    (``passes.FuseExpertsPass``, as int8-blocks writes them), whose kernel quantizes its float input per block as
+    it runs; the experts of a layer the pass leaves stay as above.
 
     Why: on the 4-layer granite-shaped model (benchmarks/vs_llamacpp.py, 256 held-out positions) int8-dynamic's
     mean next-token KL from PyTorch was 3.4e-6 with everything but the down projections per tensor, 1.5e-6 with
     the lm_head left float and 2.3e-6 with the embedding left float; with both in blocks 0.9e-6. On the 24-layer
     model that left 3.2e-6, 1.8x llama.cpp Q8_0's 1.81e-6: the per-tensor scales of attention's inputs add up over
     the layers. With attention in blocks too: 1.49e-6, decode 31.2 against 29.4 tokens/s (decode_ab, one run).
-    The experts' gate and up projections in blocks as well gave 1.46e-6 and 35.5 tokens/s but a 9% larger file
-    and prefill 377 against 276 ms, and left nothing of the mode that int8-blocks does not do better
+    The experts' gate and up projections in blocks as well (per expert, ``MatMulNBits``) gave 1.46e-6 and 35.5
+    tokens/s but a 9% larger file and prefill 377 against 276 ms; as one QMoE a layer, which runs only the chosen
+    experts: 52.8 against 33.4 tokens/s per expert (decode_ab), 1.11-1.19x llama.cpp Q8_0, KL 1.51e-6
     (BENCHMARKS.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -374,10 +370,20 @@ def run_dynamic(job: QuantJob) -> None:
     # Everything the scheme widens: the MatMuls that are not a routed expert's, and the experts' down projections.
     wide = ((job.names_of("MatMul") - job.experts) | job.down) & job.names if blocks else set()
     tables = job.names_of("Gather") if blocks else set()
-    source = job.source
-    if tables:
-        # A table the pass left (its rows not a whole number of blocks) stays a Gather for the dynamic quantizer.
-        source, tables = _tables_in_blocks(job, tables, DEFAULT_EMBEDDING_BLOCK_SIZE)
+    source, names = job.source, job.names
+    rewrites = []
+    if scheme.expert_block_size and job.layers:
+        rewrites.append(FuseExpertsPass(job.layers, 8, scheme.expert_block_size, NBITS_ACCURACY_LEVEL))
+    table_pass = GatherBlockQuantizedPass(tables, DEFAULT_EMBEDDING_BLOCK_SIZE) if tables else None
+    if table_pass is not None:
+        rewrites.append(table_pass)
+    if rewrites:
+        source = _rewritten(job, rewrites, "rewritten")
+    # A table the pass left (its rows not a whole number of blocks) stays a Gather for the dynamic quantizer.
+    tables = table_pass.stored if table_pass is not None else set()
+    graph = onnx.load(str(source), load_external_data=False)
+    left = {node.name for node in graph.graph.node}
+    names, wide = names & left, wide & left  # the experts FuseExpertsPass put in QMoE nodes are gone
     first = job.scratch("dynamic.onnx") if wide else job.output
 
     def dynamic(names: set[str]) -> Callable[[Path, Path], None]:
@@ -387,8 +393,7 @@ def run_dynamic(job: QuantJob) -> None:
             nodes_to_quantize=sorted(names), nodes_to_exclude=sorted(job.exclude), use_external_data_format=True)
 
     # In parts: the dynamic quantizer holds three copies of what it is given (see _on_part).
-    _in_parts(source, onnx.load(str(source), load_external_data=False), job.names - wide - tables, dynamic,
-              "dynamic", first)
+    _in_parts(source, graph, names - wide - tables, dynamic, "dynamic", first)
     if wide:
         _nbits(first, job.output, [(wide, 8, DEFAULT_BLOCK_SIZE)], job.exclude)
 

@@ -184,6 +184,8 @@ def _settings(mode: str | None, target: str, keep_router: bool, down_activations
             scheme = scheme.with_activations(activations, target, step.down, on_cpu=on_cpu,
                                               fused_experts=layout.fused_experts)
         scheme = scheme.with_down_activations(down_activations, target, step.down)
+        if not step.calibrated:
+            scheme = scheme.with_fused_experts(layout.fused_experts)
     elif down_activations != "auto":
         takers = " and ".join(m.name for m in modes() if m.step.down is not None)
         raise MoeportError(f"--down-activations applies to {takers}, not {spec.name}")
@@ -436,9 +438,12 @@ def _float16_note(target: str) -> str:
             "coreml")
 
 
-def _eight_bit_note(target: str, fused: bool) -> str:
-    """What int8-blocks would do instead, for an int8 or int8-dynamic file for a CPU ``target``; ``fused``: its
-    experts are QMoE nodes."""
+def _eight_bit_note(target: str, calibrated: bool, fused: bool) -> str | None:
+    """What int8-blocks would do instead, for an int8 (``calibrated``) or int8-dynamic file for a CPU ``target``;
+    ``fused``: its experts are QMoE nodes. None where int8-blocks would do no better (int8-dynamic with QMoE
+    experts)."""
+    if fused and not calibrated:
+        return None
     if fused:
         return (f"for target {target}, int8-blocks is a little faster and closer, without calibration: at "
                 "granite-3.0-1b-a400m size, 2 threads, int8 decoded 53-62 tokens/s at a next-token KL of 1.72e-6 "
@@ -649,7 +654,8 @@ def quantize(
     with the model's ``tokenizer.json`` (e.g. the checkpoint) for text calibration and perplexity.
     ``block_size``, ``dense_block_size``, ``dense_bits``, ``head_bits``, ``head_block_size``, ``kv_projection_bits``,
     ``embedding_bits``, ``embedding_block_size``, ``fused_experts`` (int4, int8-blocks): see ``NBitsLayout``;
-    ``fused_experts`` also applies to int8 with 16-bit activations on cpu/arm (``IntScheme.with_activations``);
+    ``fused_experts`` also applies to int8 with 16-bit activations on cpu/arm (``IntScheme.with_activations``) and to
+    int8-dynamic with float down-projection inputs on cpu/arm (``IntScheme.with_fused_experts``);
     ``fused_attention``: each layer's attention of a with-past model as onnxruntime's ``GroupQueryAttention``
     (``passes.FuseAttentionPass``; integer modes for cpu/arm targets only, others ignore it). ``kv_cache``
     (contract ``KV_CACHES``; None keeps the export's): ``shared`` turns a Concat-cache export into a shared-buffer
@@ -695,7 +701,7 @@ def quantize(
     if settings.layout is not None:
         settings.layout = settings.layout.resolved_for(settings.mode.bits, *_block_widths(source),
                                                        on_cpu=settings.on_cpu)
-    elif settings.scheme is not None and settings.scheme.expert_block_size:  # static int8's QMoE experts
+    elif settings.scheme is not None and settings.scheme.expert_block_size:  # int8's and int8-dynamic's QMoE experts
         settings.scheme = settings.scheme.with_expert_widths(_block_widths(source)[0])
 
     @functools.cache
@@ -734,7 +740,9 @@ def quantize(
                             "still runs as a Concat cache too (a model folder: export it with --kv-cache shared)")
     before, after = (Counter(n.op_type for n in m.graph.node) for m in (source.proto, quantized))
     if settings.on_cpu and settings.mode.step.down is not None:  # int8, int8-dynamic
-        report.notes.append(_eight_bit_note(target, fused=bool(after["QMoE"])))
+        note = _eight_bit_note(target, settings.mode.step.calibrated, fused=bool(after["QMoE"]))
+        if note:
+            report.notes.append(note)
     if settings.on_cpu and not settings.mode.step.integer_weights and not cpu_has_float16_matmul():  # fp16
         report.notes.append(_float16_note(target))
     layout = settings.layout

@@ -82,8 +82,11 @@ class QuantizeResult:
         lines = [f"quantized {self.input} -> {self.output} ({m.name}, target {self.target}, {self.seconds:.1f}s)"]
         if self.scheme is not None:
             s = self.scheme
+            # int8-dynamic's per-tensor activations are for the experts' gate and up projections, and with its
+            # experts in QMoE only for those of a layer FuseExpertsPass left
+            unfused = "an unfused layer's expert" if s.expert_block_size else "the experts'"
             down = "" if s.down_activation_type is None else (
-                ", float inputs with 8-bit block weights for every MatMul but the experts' gate and up projections, "
+                f", float inputs with 8-bit block weights for every MatMul but {unfused} gate and up projections, "
                 "embedding in 8-bit blocks" if s.down_activation_type == FLOAT
                 else f", expert down-projection inputs {s.down_activation_type}")
             weights = (f"in blocks of {s.weight_block_size}" if s.weight_block_size

@@ -306,8 +306,37 @@ def test_int8_report(quantized):
     assert json.loads(onnx.load(result.output).metadata_props[-1].value)["mode"] == "int8"
 
 
-def test_int8_dynamic(quantized, topk):
-    result = quantized("int8-dynamic")
+def test_int8_dynamic_on_cpu_fuses_experts_into_qmoe(quantized, topk):
+    """The CPU default of int8-dynamic: each MoE layer's experts one QMoE in 8-bit blocks (as int8-blocks writes
+    them; the kernel quantizes its float input as it runs), every other MatMul 8-bit blocks with float inputs, the
+    table in 8-bit blocks, the routers float; nothing left for the dynamic quantizer's per-tensor scales."""
+    result, per_expert = quantized("int8-dynamic"), quantized("int8-dynamic", fused_experts=False)
+    model = onnx.load(result.output)
+    onnx.checker.check_model(model, full_check=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    assert not _experts(model)
+    qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
+    # the topk sample's expert width of 64 halves the default block of 128 (IntScheme.with_expert_widths)
+    assert result.scheme.expert_block_size == 64 and len(qmoe) == len(topk.info.layers) == 2
+    for node in qmoe:
+        attributes = _attributes(node)
+        assert attributes["expert_weight_bits"] == 8 and attributes["block_size"] == 64
+        assert inits[node.input[2]].data_type == TensorProto.UINT8  # fc1's codes
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert result.output_ops["QMoE"] == 2 and sum(result.router_kept_float.values()) > 0
+    text = result.render()
+    assert "8-bit block weights for every MatMul but an unfused layer's expert gate and up projections" in text
+    assert "routed experts one QMoE per layer, 8-bit blocks of 64 (" in text
+    assert "routed experts" not in per_expert.render() and per_expert.scheme.expert_block_size is None
+    assert "int8-blocks decodes about twice as fast" not in text
+    assert result.quality.parity.routing_agreement >= 0.9
+    assert all(result.targets_met().values()), text
+
+
+def test_int8_dynamic_per_expert(quantized, topk):
+    result = quantized("int8-dynamic", fused_experts=False)
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     groups = find_expert_matmuls(model)
@@ -902,6 +931,20 @@ def test_schemes_follow_cpu_and_target(tmp_path):
     assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx_vnni"}
     with pytest.raises(MoeportError, match="unknown target 'tpu'"):
         choose_scheme("tpu")
+
+
+def test_int8_dynamic_fuses_experts_only_where_its_inputs_stay_float():
+    """QMoE for int8-dynamic's experts where the target runs onnxruntime's CPU kernels (float inputs into 8-bit
+    blocks), not where the mode keeps standard ops (other targets, or --down-activations int8)."""
+    def dynamic(target: str, down: str = "auto"):
+        return choose_scheme(target).with_down_activations(down, target, schemes.DYNAMIC_DOWN)
+
+    for target in ("cpu", "arm"):
+        assert dynamic(target).with_fused_experts(True).expert_block_size == schemes.DEFAULT_EXPERT_BLOCK_SIZES[8]
+        assert dynamic(target).with_fused_experts(False).expert_block_size is None
+        assert dynamic(target, "int8").with_fused_experts(True).expert_block_size is None
+    for target in ("cuda", "nnapi", "coreml", "qnn"):
+        assert dynamic(target).with_fused_experts(True).expert_block_size is None
 
 
 def test_starvation_threshold():

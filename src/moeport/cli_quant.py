@@ -79,10 +79,11 @@ _layouts = _lazy.LazyModule("moeport.runtime.layouts", "quantize")
               help="int4, int8-blocks: lm_head weights per block [default: 128 for an 8-bit lm_head, 32 for a 4-bit "
                    "one, halved to fit smaller widths].")
 @click.option("--fused-experts/--no-fused-experts", default=True, show_default=True,
-              help="int4, int8-blocks, and int8 with 16-bit activations (cpu, arm): run each MoE layer's experts as "
-                   "one onnxruntime QMoE node in 8-bit or 4-bit blocks (only the selected experts run; the routing "
-                   "stays moeport's) instead of per-expert MatMulNBits. A model folder whose runtime cannot load QMoE "
-                   "(transformers.js) always gets MatMulNBits.")
+              help="int4, int8-blocks, and for cpu/arm int8 with 16-bit activations and int8-dynamic with float "
+                   "down-projection inputs: run each MoE layer's experts as one onnxruntime QMoE node in 8-bit or "
+                   "4-bit blocks (only the selected experts run; the routing stays moeport's) instead of per-expert "
+                   "MatMuls. A model folder whose runtime cannot load QMoE (transformers.js) always gets per-expert "
+                   "MatMuls.")
 @click.option("--fused-attention/--no-fused-attention", default=True, show_default=True,
               help="Integer modes for --target cpu/arm: each attention layer of a with-past model as one onnxruntime "
                    "GroupQueryAttention node (cache append, scores, mask, softmax) instead of ~30 standard ops. A "
