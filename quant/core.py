@@ -7,7 +7,9 @@ what it cost (``_measure``). The apply steps (``moeport.quant.apply``) are onnxr
 
 - ``qdq_static`` (int8): ``quantize_static`` in QDQ format, per-channel weights, MinMax calibration (for CPU
   targets 16-bit activations and the weights then in blocks: ``IntScheme.with_activations``);
-- ``dynamic`` (int8-dynamic): ``quantize_dynamic`` (weights int8, activations quantized per run);
+- ``dynamic`` (int8-dynamic): ``quantize_dynamic`` (weights int8, activations quantized per run; for CPU targets
+  the other MatMuls and the table in 8-bit blocks, the routed experts one QMoE per layer:
+  ``IntScheme.with_fused_experts``);
 - ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
 - ``nbits`` (int4): ``MatMulNBitsQuantizer`` (MatMul -> MatMulNBits), asymmetric blocks along K (a 4-bit
   zero point per block): expert weights in 4-bit blocks of ``block_size``, the other MatMuls (attention,

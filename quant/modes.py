@@ -103,7 +103,8 @@ def get_mode(name: str) -> QuantMode:
 register_mode(QuantMode("int8", "qdq_static", "static int8 QDQ, calibrated activations (16-bit on CPU targets), "
                         "per-channel weights (blocks of 32 on CPU targets, the routed experts one QMoE per layer)",
                         True, 0.30, 0.98, 0.02, step=QDQ_STATIC))
-register_mode(QuantMode("int8-dynamic", "dynamic", "int8 weights, activations quantized at run time (no calibration)",
+register_mode(QuantMode("int8-dynamic", "dynamic", "int8 weights, activations quantized at run time (no calibration; "
+                        "on CPU targets 8-bit blocks, the routed experts one QMoE per layer)",
                         False, 0.30, 0.98, 0.02, step=DYNAMIC))
 register_mode(QuantMode("fp16", "fp16", "float16 weights and compute; graph inputs/outputs stay float32",
                         False, 0.52, 0.995, 0.001, bits=16, step=FP16))
