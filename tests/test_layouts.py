@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = list(DEPLOYED)
 PROMPTS = ["the quick brown fox", "hello world! experts route tokens"]
 NEW_TOKENS = 20
-VARIANT_MODES = ("int4", "int8", "fp16", None)  # None: no --mode, the cpu default (int8-blocks)
+VARIANT_MODES = ("int4", "int8", "int8-dynamic", "fp16", None)  # None: no --mode, the cpu default (int8-blocks)
 TRANSFORMERS_JS = "4.3.2"
 OPTIMUM_ONNX = "0.1.0"
 
@@ -177,7 +177,8 @@ def test_generate_cli_prints_text_from_a_folder(deployed, capsys):
 
 @pytest.fixture(scope="module")
 def quantized_genai(deployed, tmp_path_factory):
-    """A copy of the Mixtral genai folder with the int4, int8 and fp16 variants ``moeport quantize DIR`` added."""
+    """A copy of the Mixtral genai folder with the int4, int8, int8-dynamic and fp16 variants ``moeport quantize DIR``
+    added."""
     folder = Path(shutil.copytree(deployed("mixtral").folder, tmp_path_factory.mktemp("variants") / "genai"))
     for mode in VARIANT_MODES:
         chosen = ["--mode", mode, "--calibration-samples", "8"] if mode else []
@@ -192,6 +193,9 @@ def test_genai_loads_and_runs_quantized_variants(quantized_genai, mode):
     spec = get_layout("genai")
     mode = mode or "int8-blocks"
     assert (quantized_genai / spec.variant_file(mode)).is_file()
+    # genai runs the CPU form: every integer mode's experts one QMoE a layer
+    graph = onnx.load(quantized_genai / spec.variant_file(mode), load_external_data=False).graph
+    assert ("QMoE" in {n.op_type for n in graph.node}) == (mode != "fp16")
     _, tokens = genai_greedy(quantized_genai, PROMPTS, model_file=spec.variant_file(mode))
     assert all(len(row) >= 1 and all(0 <= t < 128 for t in row) for row in tokens)
     if mode == "fp16":  # float16 weights keep this tiny model's argmax (int4/int8 move it: not compared)
