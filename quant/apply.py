@@ -361,7 +361,7 @@ def run_dynamic(job: QuantJob) -> None:
     the layers. With attention in blocks too: 1.49e-6, decode 31.2 against 29.4 tokens/s (decode_ab, one run).
     The experts' gate and up projections in blocks as well (per expert, ``MatMulNBits``) gave 1.46e-6 and 35.5
     tokens/s but a 9% larger file and prefill 377 against 276 ms; as one QMoE a layer, which runs only the chosen
-    experts: 52.8 against 33.4 tokens/s per expert (decode_ab), 1.11-1.19x llama.cpp Q8_0, KL 1.51e-6
+    experts: 52.8 against 33.4 tokens/s per expert (decode_ab), 1.11-1.31x llama.cpp Q8_0, KL 1.51e-6
     (BENCHMARKS.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
