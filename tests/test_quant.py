@@ -158,22 +158,29 @@ def test_int8_quantizes_experts_not_router(quantized, topk):
     assert [n.op_type for n in model.graph.node if n.name == "node_embedding"] == ["GatherBlockQuantized"]
 
 
-def test_int8_on_cpu_fuses_experts_into_qmoe(quantized, topk):
-    """The CPU default of static int8: each MoE layer's experts one QMoE in 8-bit blocks (as int8-blocks writes
-    them), the other MatMuls calibrated 16-bit Q/DQ into MatMulNBits, the routers float; smaller than the
-    per-expert form, and within the mode's size, routing and perplexity targets."""
-    result, per_expert = quantized("int8"), quantized("int8", fused_experts=False)
+def _eight_bit_qmoe_file(result, topk) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """The model ``result`` wrote for the topk sample and its initializers, after checking that it is valid and that
+    each MoE layer's experts are one QMoE in 8-bit blocks of 64 (the topk sample's expert width of 64 halves the
+    default block of 128: IntScheme.with_expert_widths), with no expert MatMul left."""
     model = onnx.load(result.output)
     onnx.checker.check_model(model, full_check=True)
     inits = {i.name: i for i in model.graph.initializer}
     assert not _experts(model)
     qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
-    # the topk sample's expert width of 64 halves the default block of 128 (IntScheme.with_expert_widths)
     assert result.scheme.expert_block_size == 64 and len(qmoe) == len(topk.info.layers) == 2
     for node in qmoe:
         attributes = _attributes(node)
         assert attributes["expert_weight_bits"] == 8 and attributes["block_size"] == 64
         assert inits[node.input[2]].data_type == TensorProto.UINT8  # fc1's codes
+    return model, inits
+
+
+def test_int8_on_cpu_fuses_experts_into_qmoe(quantized, topk):
+    """The CPU default of static int8: each MoE layer's experts one QMoE in 8-bit blocks (as int8-blocks writes
+    them), the other MatMuls calibrated 16-bit Q/DQ into MatMulNBits, the routers float; smaller than the
+    per-expert form, and within the mode's size, routing and perplexity targets."""
+    result, per_expert = quantized("int8"), quantized("int8", fused_experts=False)
+    model, inits = _eight_bit_qmoe_file(result, topk)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     producers = _producers(model)
     assert nbits and all(producers[n.input[0]].op_type == "DequantizeLinear" for n in nbits)  # calibrated inputs
@@ -311,17 +318,7 @@ def test_int8_dynamic_on_cpu_fuses_experts_into_qmoe(quantized, topk):
     them; the kernel quantizes its float input as it runs), every other MatMul 8-bit blocks with float inputs, the
     table in 8-bit blocks, the routers float; nothing left for the dynamic quantizer's per-tensor scales."""
     result, per_expert = quantized("int8-dynamic"), quantized("int8-dynamic", fused_experts=False)
-    model = onnx.load(result.output)
-    onnx.checker.check_model(model, full_check=True)
-    inits = {i.name: i for i in model.graph.initializer}
-    assert not _experts(model)
-    qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
-    # the topk sample's expert width of 64 halves the default block of 128 (IntScheme.with_expert_widths)
-    assert result.scheme.expert_block_size == 64 and len(qmoe) == len(topk.info.layers) == 2
-    for node in qmoe:
-        attributes = _attributes(node)
-        assert attributes["expert_weight_bits"] == 8 and attributes["block_size"] == 64
-        assert inits[node.input[2]].data_type == TensorProto.UINT8  # fc1's codes
+    model, inits = _eight_bit_qmoe_file(result, topk)
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
