@@ -451,10 +451,10 @@ def _eight_bit_note(target: str, calibrated: bool, fused: bool) -> str | None:
                 "granite-3.0-1b-a400m size, 2 threads, int8 decoded 53-62 tokens/s at a next-token KL of 1.72e-6 "
                 "from PyTorch, int8-blocks 55-70 at 1.65e-6, llama.cpp Q8_0 47-52 at 1.81e-6 (BENCHMARKS.md)")
     return (f"for target {target}, int8-blocks decodes about twice as fast: this file runs every expert's MatMuls, "
-            "also those of experts that got no row, where int8-blocks (and this mode without --no-fused-experts) "
-            "runs each MoE layer's chosen experts in one QMoE (granite-3.0-1b-a400m size, 2 threads: int8-dynamic "
-            "per expert 31-34 decode tokens/s, as QMoE 53-56; int8 per expert 29-31; int8-blocks 55-66; llama.cpp "
-            "Q8_0 46-52; BENCHMARKS.md)")
+            "also those of experts that got no row, where int8-blocks (and this mode with --fused-experts, its "
+            "default outside transformers.js folders) runs each MoE layer's chosen experts in one QMoE "
+            "(granite-3.0-1b-a400m size, 2 threads: int8-dynamic per expert 31-34 decode tokens/s, as QMoE 53-56; "
+            "int8 per expert 29-31; int8-blocks 55-66; llama.cpp Q8_0 46-52; BENCHMARKS.md)")
 
 
 def _expert_layers(source: _Source) -> list[ExpertLayer]:
