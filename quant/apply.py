@@ -280,6 +280,24 @@ def _rewritten(job: QuantJob, rewrites: list, name: str) -> Path:
     return path
 
 
+def _experts_and_tables(job: QuantJob, expert_bits: int, expert_block_size: int | None, tables: set[str],
+                        table_block_size: int) -> tuple[Path, frozenset[str]]:
+    """``job.source`` with each MoE layer's routed experts as one ``QMoE`` in ``expert_bits`` blocks of
+    ``expert_block_size`` (``passes.FuseExpertsPass``; None: the experts stay as they are) and the embedding Gathers
+    ``tables`` in 8-bit blocks of ``table_block_size`` (``passes.GatherBlockQuantizedPass``), as a scratch file
+    (``_rewritten``); ``job.source`` itself when there is neither. Also the Gathers stored in blocks (a table whose
+    rows are not a whole number of blocks is left a Gather; each mode decides what becomes of it)."""
+    rewrites = []
+    if expert_block_size and job.layers:
+        rewrites.append(FuseExpertsPass(job.layers, expert_bits, expert_block_size, NBITS_ACCURACY_LEVEL))
+    table_pass = GatherBlockQuantizedPass(tables, table_block_size) if tables else None
+    if table_pass is not None:
+        rewrites.append(table_pass)
+    if not rewrites:
+        return job.source, frozenset()
+    return _rewritten(job, rewrites, "rewritten"), table_pass.stored if table_pass is not None else frozenset()
+
+
 def run_qdq_static(job: QuantJob) -> None:
     """``quantize_static`` in QDQ format: per-channel weights (``passes.BlockWeightsPass`` puts them in blocks
     afterwards for a scheme with ``weight_block_size``), activations at the ranges calibration observed
@@ -306,16 +324,9 @@ def run_qdq_static(job: QuantJob) -> None:
     scheme = job.scheme
     cache = job.scratch("calibration.json")
     save_tensors_data(job.observed, cache)
-    names, source = job.names, job.source
     tables = job.names_of("Gather") if scheme.weight_block_size else set()
-    rewrites = []
-    if scheme.expert_block_size and job.layers:
-        rewrites.append(FuseExpertsPass(job.layers, 8, scheme.expert_block_size, NBITS_ACCURACY_LEVEL))
-    if tables:
-        rewrites.append(GatherBlockQuantizedPass(tables, scheme.weight_block_size))
-        names = names - tables  # the ones left alone stay float
-    if rewrites:
-        source = _rewritten(job, rewrites, "rewritten")
+    source, _ = _experts_and_tables(job, 8, scheme.expert_block_size, tables, scheme.weight_block_size)
+    names = job.names - tables  # the tables the pass left alone stay float
     # The prepare passes raised the opset for 16-bit types (IntScheme.opset), so onnxruntime converts nothing.
     graph = onnx.load(str(source), load_external_data=False)
     names = names & {node.name for node in graph.graph.node}  # the experts FuseExpertsPass put in QMoE nodes are gone
@@ -370,20 +381,11 @@ def run_dynamic(job: QuantJob) -> None:
     # Everything the scheme widens: the MatMuls that are not a routed expert's, and the experts' down projections.
     wide = ((job.names_of("MatMul") - job.experts) | job.down) & job.names if blocks else set()
     tables = job.names_of("Gather") if blocks else set()
-    source, names = job.source, job.names
-    rewrites = []
-    if scheme.expert_block_size and job.layers:
-        rewrites.append(FuseExpertsPass(job.layers, 8, scheme.expert_block_size, NBITS_ACCURACY_LEVEL))
-    table_pass = GatherBlockQuantizedPass(tables, DEFAULT_EMBEDDING_BLOCK_SIZE) if tables else None
-    if table_pass is not None:
-        rewrites.append(table_pass)
-    if rewrites:
-        source = _rewritten(job, rewrites, "rewritten")
     # A table the pass left (its rows not a whole number of blocks) stays a Gather for the dynamic quantizer.
-    tables = table_pass.stored if table_pass is not None else set()
+    source, tables = _experts_and_tables(job, 8, scheme.expert_block_size, tables, DEFAULT_EMBEDDING_BLOCK_SIZE)
     graph = onnx.load(str(source), load_external_data=False)
     left = {node.name for node in graph.graph.node}
-    names, wide = names & left, wide & left  # the experts FuseExpertsPass put in QMoE nodes are gone
+    names, wide = job.names & left, wide & left  # the experts FuseExpertsPass put in QMoE nodes are gone
     first = job.scratch("dynamic.onnx") if wide else job.output
 
     def dynamic(names: set[str]) -> Callable[[Path, Path], None]:
@@ -494,18 +496,15 @@ class _ExternalWeights:
 def run_nbits(job: QuantJob) -> None:
     """``MatMulNBitsQuantizer`` at ``job.bits``: experts and the other MatMuls in their blocks and widths
     (``NBitsLayout``), the embedding in 8-bit or 4-bit blocks (GatherBlockQuantized)."""
-    layout, source = job.layout, job.source
+    layout = job.layout
     gathers = job.names_of("Gather")
     matmuls = job.names - gathers
-    rewrites = []
-    if layout.fused_experts and job.layers:
-        rewrites.append(FuseExpertsPass(job.layers, job.bits, layout.expert_block_size, NBITS_ACCURACY_LEVEL))
-    if layout.embedding_bits == 8 and gathers:
-        # onnxruntime's n-bit quantizer packs Gather at 4 bits only: 8-bit blocks are GatherBlockQuantizedPass's.
-        rewrites.append(GatherBlockQuantizedPass(gathers, layout.embedding_block_size))
-        gathers = set()
-    if rewrites:
-        source = _rewritten(job, rewrites, "rewritten")
+    # onnxruntime's n-bit quantizer packs Gather at 4 bits only: 8-bit blocks are GatherBlockQuantizedPass's (a table
+    # it leaves stays float).
+    tables = gathers if layout.embedding_bits == 8 else set()
+    source, _ = _experts_and_tables(job, job.bits, layout.expert_block_size if layout.fused_experts else None,
+                                    tables, layout.embedding_block_size)
+    gathers = gathers - tables
     dense = matmuls - job.experts - job.head
     blocks = [(dense - job.kv, layout.dense_bits, layout.dense_block_size),
               (dense & job.kv, layout.kv_projection_bits, layout.dense_block_size),
