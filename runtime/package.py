@@ -1,9 +1,10 @@
 """``moeport package``: an ONNX model as an on-device bundle (ORT format + reduced-build config).
 
 Steps, each done by onnxruntime's own tools:
-1. fix dynamic input shapes (``onnxruntime.tools.onnx_model_utils.make_input_shape_fixed`` and
-   ``fix_output_shapes``, what ``make_dynamic_shape_fixed`` runs), then re-run ONNX shape inference so
-   every intermediate value has a static shape: NNAPI and CoreML only take nodes with static shapes;
+1. fix dynamic input shapes (``onnxruntime.tools.onnx_model_utils.make_input_shape_fixed``), then re-run
+   ONNX shape inference so every intermediate value and output has a static shape: NNAPI and CoreML only take
+   nodes with static shapes. This is done on the graph without its weights, which are read in only to write
+   the bundle's ``.onnx`` (one file) and otherwise stay on disk;
 2. estimate NNAPI/CoreML coverage (nodes, partitions, share of MatMul FLOPs) with the mobile usability
    checker (see ``placement.mobile_coverage``);
 3. convert to ORT format with ``convert_onnx_models_to_ort`` for the ARM target platform (so no
@@ -42,11 +43,12 @@ from moeport.runtime.layouts import model_file
 from moeport.runtime.moe_graph import weight_bytes
 from moeport.runtime.placement import EpCoverage, mobile_coverage
 from moeport.runtime.run import example_feeds
-from moeport.runtime.session import create_session, provider_names
+from moeport.runtime.session import create_session, provider_names, return_freed_heap
 
 BUNDLE_FORMAT = "moeport-bundle/1"
 OPERATOR_CONFIG = "required_operators.config"
 MAX_BUNDLE_BYTES = 2**31 - 1  # a flatbuffer's and a protobuf's limit
+SHAPE_VALUE_BYTES = 1024  # initializers in external data up to this size are read for shape inference (shapes, axes)
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,11 @@ def _sha256(path: Path) -> str:
 
 
 def fix_shapes(proto, shapes: dict[str, list[int]]):
-    """Fix the named inputs' shapes in ``proto`` (in place), then return it with inferred value shapes."""
+    """Fix the named inputs' shapes in ``proto`` (in place), then return it with inferred value shapes, its
+    outputs' shapes fixed where the inputs fix them. ``proto`` may come without its large weights (external data
+    not read in): only shapes, and small values such as Reshape's target shapes, are looked at."""
     import onnx
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
 
     names = [v.name for v in proto.graph.input]
     for name, dims in shapes.items():
@@ -134,15 +138,38 @@ def fix_shapes(proto, shapes: dict[str, list[int]]):
             make_input_shape_fixed(proto.graph, name, dims)
         except ValueError as exc:  # rank mismatch or a fixed dim that differs: the user's shape is wrong
             raise MoeportError(f"cannot fix input {name!r} to {'x'.join(map(str, dims))}: {exc}") from exc
+    # Shape inference again so every intermediate value is static too: the usability checker (and NNAPI/CoreML)
+    # look at each node's input shapes, not just the graph's. It also gives the graph's outputs the shapes the
+    # fixed inputs make (what onnxruntime's fix_output_shapes does, whose model check would look for the external
+    # data beside the working directory).
+    del proto.graph.value_info[:]
     try:
-        fix_output_shapes(proto)
-        # Shape inference again so every intermediate value is static too: the usability checker
-        # (and NNAPI/CoreML) look at each node's input shapes, not just the graph's.
-        del proto.graph.value_info[:]
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+    except onnx.shape_inference.InferenceError as exc:
         first = str(exc).strip().splitlines()[0]
         raise MoeportError(f"the model does not accept the fixed shapes {shapes}: {first}") from exc
+
+
+def _save_self_contained(proto, weights_dir: Path, path: Path) -> None:
+    """Write ``proto`` to ``path`` as one file, its initializers stored in external data (under ``weights_dir``)
+    read in; ``proto`` itself is left without them.
+
+    One file, because the bundle's ``.onnx`` stands beside the ``.ort`` on its own. The weights are in memory
+    only while this writes (twice: the model and its serialized bytes), not through the whole packaging.
+    """
+    import onnx
+
+    if not any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in proto.graph.initializer):
+        onnx.save(proto, str(path))
+        return
+    # A copy to read them into: clearing them from ``proto`` afterwards would not give their memory back (a
+    # message's memory is released with the message).
+    whole = onnx.ModelProto()
+    whole.CopyFrom(proto)
+    onnx.load_external_data_for_model(whole, str(weights_dir))
+    onnx.save(whole, str(path))
+    del whole
+    return_freed_heap()
 
 
 def _convert_to_ort(stage: Path, output_dir: Path, platform: str) -> str:
@@ -160,13 +187,15 @@ def _convert_to_ort(stage: Path, output_dir: Path, platform: str) -> str:
 
 def _compare_ort(onnx_file: Path, ort_file: Path, metadata: dict[str, str]) -> dict:
     """Max abs difference of each output between the .onnx and the .ort, on one seeded input."""
+    # One session at a time: each holds the model's weights (a quantized edge model's 0.8 GB, say).
     reference = create_session(onnx_file, "cpu")
-    packaged = create_session(ort_file, "cpu")
-    inputs, outputs = session_specs(packaged)
+    inputs, outputs = session_specs(reference)
+    names = [spec.name for spec in outputs]
     feeds = example_feeds(inputs, vocab_size(metadata, onnx_file), outputs=outputs,
                           kv_cache=metadata_of_map(metadata).get("kv_cache"))
-    expected = reference.run(None, feeds)
-    actual = packaged.run(None, feeds)
+    expected = reference.run(names, feeds)
+    del reference
+    actual = create_session(ort_file, "cpu").run(names, feeds)
     diffs = {spec.name: float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)), initial=0.0))
              for spec, a, e in zip(outputs, actual, expected)}
     return {"inputs": {k: list(v.shape) for k, v in feeds.items()}, "max_abs_diff": max(diffs.values(), default=0.0),
@@ -194,14 +223,19 @@ def package_model(
     model, output = model_file(model), Path(output)  # a model folder: its model file
     shapes = dict(shapes or {})
     _prepare_destination(output, force)
-    proto = load_model_proto(model)  # also refuses external data outside the model's directory
+    # The graph without its large weights (load_model_proto also refuses external data outside the model's
+    # directory): shape inference copies the model it is given twice over, and needs only small values.
+    proto = load_model_proto(model, inline_up_to=SHAPE_VALUE_BYTES)
     weights = weight_bytes(proto)
     if weights > MAX_BUNDLE_BYTES:
         # Said before the weights are read: an ORT-format file (a flatbuffer) and the ONNX protobuf copied beside
         # it both stop at 2 GB, and the conversion failed only after loading them all.
         raise MoeportError(f"{model} has {weights / 1e9:.2f} GB of weights, but an ORT-format bundle holds at most "
                            f"{MAX_BUNDLE_BYTES / 1e9:.2f} GB; quantize it first (moeport quantize --mode int4)")
-    onnx.load_external_data_for_model(proto, str(model.parent))  # no-op without external data
+    try:
+        onnx.checker.check_model(str(model))  # given the path, the check finds the external data beside the model
+    except onnx.checker.ValidationError as exc:
+        raise MoeportError(f"{model} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from exc
     proto = fix_shapes(proto, shapes)
     inputs, outputs = graph_specs(proto.graph)
     notes = []
@@ -217,11 +251,15 @@ def package_model(
         staged = work / ".stage" / f"{stem}.onnx"
         with writing(output):
             staged.parent.mkdir()
-            onnx.save(proto, str(staged))
+            _save_self_contained(proto, model.parent, staged)
         stage = staged.parent
+        # Each step below opens the model in onnxruntime and frees it again; the heap's freed pages go back to the
+        # system after each, or the next step's peak comes on top of them (24-layer int4: 4.9 GB -> 2.0 GB).
         coverage = mobile_coverage(staged)
+        return_freed_heap()
         with writing(output):  # the converter writes the .ort and the operator config itself
             _convert_to_ort(stage, work, spec.ort_platform)
+        return_freed_heap()
         onnx_file = work / f"{stem}.onnx"
         os.replace(staged, onnx_file)
         shutil.rmtree(stage)

@@ -161,7 +161,7 @@ def create_session(
         # A corrupted name in the graph: onnxruntime's error message quotes it and pybind11 cannot decode it.
         raise MoeportError(f"onnxruntime cannot load {path}: it holds text that is not UTF-8 (a corrupted "
                            "file?); re-export it") from exc
-    _return_freed_heap()
+    return_freed_heap()
     return session
 
 
@@ -177,7 +177,7 @@ def _malloc_trim():
     return getattr(libc, "malloc_trim", None)
 
 
-def _return_freed_heap() -> None:
+def return_freed_heap() -> None:
     """Give the C heap's free pages back to the system, where the C library can (glibc's ``malloc_trim``).
 
     Why: loading a model without external data, ``create_session``'s check parses it whole (its weights too) and

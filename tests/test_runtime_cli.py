@@ -366,6 +366,28 @@ def test_package_refuses_and_replaces(capsys, tmp_path, bundle):
     assert meta["inputs"][0]["shape"] == ["batch", "sequence"] and meta["fixed_shapes"] == {}
 
 
+def test_package_of_a_model_in_external_data_writes_a_self_contained_onnx(capsys, tmp_path, bundle):
+    """The weights stay on disk while the graph's shapes are fixed and are read in to write the bundle's .onnx,
+    one file whose initializers are the source's; the source is left as it was."""
+    source = onnx.load(str(bundle["source"]))
+    weights = {t.name: numpy_helper.to_array(t).tobytes() for t in source.graph.initializer}
+    external = tmp_path / "external" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(source, str(external), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in external.parent.iterdir()}
+    code, _, err = invoke(capsys, "package", external, "--target", "android", "-o", tmp_path / "b",
+                          "--shape", "input_ids=1x64")
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in external.parent.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["bundle.json", "model.onnx", "model.ort",
+                                                                 "required_operators.config"]
+    bundled = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in bundled.graph.initializer)
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in bundled.graph.initializer} == weights
+    assert [d.dim_value for d in bundled.graph.output[0].type.tensor_type.shape.dim] == [1, 64, VOCAB]
+    assert json.loads((tmp_path / "b" / "bundle.json").read_text())["check"]["max_abs_diff"] <= 1e-5
+
+
 # --- helpers --------------------------------------------------------------------------------------
 
 def test_parse_fixed_shapes():
