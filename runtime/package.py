@@ -254,7 +254,7 @@ def package_model(
             _save_self_contained(proto, model.parent, staged)
         stage = staged.parent
         # Each step below opens the model in onnxruntime and frees it again; the heap's freed pages go back to the
-        # system after each, or the next step's peak comes on top of them (24-layer int4: 4.9 GB -> 2.0 GB).
+        # system after each, or the next step's peak can come on top of them (BENCHMARKS.md, "Memory").
         coverage = mobile_coverage(staged)
         return_freed_heap()
         with writing(output):  # the converter writes the .ort and the operator config itself
