@@ -91,10 +91,7 @@ def hf_export(tmp_path_factory):
     the files; the others wait for the lock and read it. Tests read these files and write their own elsewhere."""
     from filelock import FileLock  # torch's own dependency
 
-    basetemp = tmp_path_factory.getbasetemp()
-    # a worker's basetemp is <run>/popen-gwN: the run's directory is the one every worker sees
-    root = (basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp) / "hf_families"
-    root.mkdir(exist_ok=True)
+    root = _shared_directory(tmp_path_factory, "hf_families")
     cache: dict = {}
 
     def make(model_type: str, variant: str = "default", validate: bool = True):
@@ -117,12 +114,39 @@ def hf_export(tmp_path_factory):
     return make
 
 
+def _shared_directory(tmp_path_factory, name: str) -> Path:
+    """A directory of this test run that every pytest-xdist worker sees (created if missing)."""
+    basetemp = tmp_path_factory.getbasetemp()
+    # a worker's basetemp is <run>/popen-gwN: the run's directory is the one every worker sees
+    root = (basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp) / name
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session")
-def deployed(workdir):
+def deployed(tmp_path_factory):
     """deployed(model_type, kv_cache="concat") -> Deployed: a tiny random checkpoint of that family
-    (tests/hf_families.py) with a BPE tokenizer, exported once per session with ``--task
-    text-generation-with-past --layout genai`` (and ``--kv-cache``, sharing the checkpoint)."""
+    (tests/hf_families.py) with a BPE tokenizer, exported once per test run with ``--task
+    text-generation-with-past --layout genai`` (and ``--kv-cache``, sharing the checkpoint).
+
+    Shared by the pytest-xdist workers like ``hf_export``: the first worker to ask exports under a file lock and
+    marks the folder once its validation passed; the others wait for the lock, then build the same seeded
+    transformers model and load the saved tokenizer. (Several test files deploy the same families; on different
+    workers each had exported them again.)"""
+    from filelock import FileLock  # torch's own dependency
+    from transformers import PreTrainedTokenizerFast
+
+    root = _shared_directory(tmp_path_factory, "deployed")
     made: dict[str, Deployed] = {}
+
+    def export_once(checkpoint: Path, folder: Path, **options) -> None:
+        passed = folder.parent / f"{folder.name}.passed"
+        with FileLock(folder.parent / f"{folder.name}.lock"):
+            if not passed.exists():
+                result = export_checkpoint(checkpoint, folder, task="text-generation-with-past", layout="genai",
+                                           **options)
+                assert result.validation.passed, result.validation.to_dict()
+                passed.touch()
 
     def make(model_type: str, kv_cache: str = "concat") -> Deployed:
         if kv_cache != "concat":
@@ -130,22 +154,24 @@ def deployed(workdir):
             if key not in made:
                 source = make(model_type)
                 folder = source.folder.parent / f"genai-{kv_cache}"
-                result = export_checkpoint(source.checkpoint, folder, task="text-generation-with-past",
-                                           layout="genai", kv_cache=kv_cache)
-                assert result.validation.passed, result.validation.to_dict()
+                export_once(source.checkpoint, folder, kv_cache=kv_cache)
                 made[key] = Deployed(source.checkpoint, folder, source.model, source.tokenizer)
             return made[key]
         if model_type not in made:
             options, bos = DEPLOYED[model_type]
             variant = hf_families.VARIANTS.get(model_type, {}).get(options.get("variant"), {})
-            root = workdir / "deployed" / model_type
-            model = hf_families.random_model(model_type, **variant)
-            model.save_pretrained(root / "checkpoint")
-            tokenizer = save_bpe_tokenizer(root / "checkpoint", vocab_size=model.config.vocab_size, bos=bos)
-            result = export_checkpoint(root / "checkpoint", root / "genai", task="text-generation-with-past",
-                                       layout="genai")
-            assert result.validation.passed, result.validation.to_dict()
-            made[model_type] = Deployed(root / "checkpoint", root / "genai", model, tokenizer)
+            base = root / model_type
+            base.mkdir(exist_ok=True)
+            checkpoint = base / "checkpoint"
+            model = hf_families.random_model(model_type, **variant)  # seeded: the same weights on every worker
+            with FileLock(base / "checkpoint.lock"):
+                if (checkpoint / "tokenizer.json").exists():
+                    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+                else:
+                    model.save_pretrained(checkpoint)
+                    tokenizer = save_bpe_tokenizer(checkpoint, vocab_size=model.config.vocab_size, bos=bos)
+            export_once(checkpoint, base / "genai")
+            made[model_type] = Deployed(checkpoint, base / "genai", model, tokenizer)
         return made[model_type]
 
     return make
