@@ -45,36 +45,59 @@ def _no_transformers_progress_bars():
     logging.enable_progress_bar()
 
 
+def _shared_directory(tmp_path_factory, name: str) -> Path:
+    """A directory of this test run that every pytest-xdist worker sees (created if missing)."""
+    basetemp = tmp_path_factory.getbasetemp()
+    # a worker's basetemp is <run>/popen-gwN: the run's directory is the one every worker sees
+    root = (basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp) / name
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("moeport")
 
 
 @pytest.fixture(scope="session")
-def sample_checkpoint(workdir):
-    """sample_checkpoint(name) -> Path of that sample's checkpoint directory (created once)."""
+def sample_checkpoint(tmp_path_factory):
+    """sample_checkpoint(name) -> Path of that sample's checkpoint directory (created once a test run, under a
+    file lock: the pytest-xdist workers share it, like ``hf_export``'s files)."""
+    from filelock import FileLock  # torch's own dependency
+
+    root = _shared_directory(tmp_path_factory, "checkpoints")
     made: dict[str, Path] = {}
 
     def make(name: str) -> Path:
         if name not in made:
-            made[name] = create_sample(name, workdir / "checkpoints" / name)
+            with FileLock(root / f"{name}.lock"):
+                made[name] = root / name if (root / name).is_dir() else create_sample(name, root / name)
         return made[name]
 
     return make
 
 
 @pytest.fixture(scope="session")
-def exported(workdir, sample_checkpoint):
-    """exported(name, **export options) -> ExportResult, cached per (name, options)."""
+def exported(tmp_path_factory, sample_checkpoint):
+    """exported(name, **export options) -> ExportResult, cached per (name, options) for the test run: the first
+    pytest-xdist worker to ask exports under a file lock and leaves the result pickled beside the file, as
+    ``hf_export`` does (tests read these files and write their own elsewhere)."""
+    from filelock import FileLock  # torch's own dependency
+
+    root = _shared_directory(tmp_path_factory, "models")
     cache: dict = {}
 
     def export(name: str, **options):
         key = (name, tuple(sorted(options.items())))
         if key not in cache:
             tag = "-".join(f"{k}={v}" for k, v in sorted(options.items())) or "default"
-            out = workdir / "models" / f"{name}.{tag}.onnx"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            cache[key] = export_checkpoint(sample_checkpoint(name), out, **options)
+            out, pickled = root / f"{name}.{tag}.onnx", root / f"{name}.{tag}.result.pickle"
+            with FileLock(root / f"{name}.{tag}.lock"):
+                if pickled.exists():
+                    cache[key] = pickle.loads(pickled.read_bytes())
+                else:
+                    cache[key] = export_checkpoint(sample_checkpoint(name), out, **options)
+                    pickled.write_bytes(pickle.dumps(cache[key]))
         return cache[key]
 
     return export
@@ -112,15 +135,6 @@ def hf_export(tmp_path_factory):
         return cache[key]
 
     return make
-
-
-def _shared_directory(tmp_path_factory, name: str) -> Path:
-    """A directory of this test run that every pytest-xdist worker sees (created if missing)."""
-    basetemp = tmp_path_factory.getbasetemp()
-    # a worker's basetemp is <run>/popen-gwN: the run's directory is the one every worker sees
-    root = (basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp) / name
-    root.mkdir(exist_ok=True)
-    return root
 
 
 @pytest.fixture(scope="session")
