@@ -235,7 +235,8 @@ def package_model(
     try:
         onnx.checker.check_model(str(model))  # given the path, the check finds the external data beside the model
     except onnx.checker.ValidationError as exc:
-        raise MoeportError(f"{model} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from exc
+        # The checker's message runs over several lines (the node it names on the next); one line is what we print.
+        raise MoeportError(f"{model} is not a valid ONNX model: {' '.join(str(exc).split())}") from exc
     proto = fix_shapes(proto, shapes)
     inputs, outputs = graph_specs(proto.graph)
     notes = []

@@ -341,6 +341,21 @@ def _package(d, art, *extra: str, model_path: Path | None = None) -> list[str]:
     return ["package", str(model_path or model(d, art)), "--target", "android", "-o", str(d / "bundle"), *extra]
 
 
+def unsorted_model(d: Path, art: Artifacts) -> Path:
+    """The exported model with its first two nodes swapped: a graph onnx's checker refuses (a node reads a value no
+    node before it made), while protobuf still parses it."""
+    proto = onnx.load(str(art.model))
+    first, second = onnx.NodeProto(), onnx.NodeProto()
+    first.CopyFrom(proto.graph.node[0])
+    second.CopyFrom(proto.graph.node[1])
+    proto.graph.node[0].CopyFrom(second)
+    proto.graph.node[1].CopyFrom(first)
+    path = d / "model" / "m.onnx"
+    path.parent.mkdir(exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
+
+
 def _package_enospc(d, art, mp):
     disk_full(mp, onnx, "save")
     return _package(d, art, "--shape", "input_ids=1x8")
@@ -628,6 +643,8 @@ CASES = [
     C("package-over-2gb", "package", "a model with more weights than an ORT-format file holds",
       lambda d, a, mp: _package(d, a, model_path=oversized_model(d, a)), 1,
       "but an ORT-format bundle holds at most 2.15 GB; quantize it first"),
+    C("package-invalid-graph", "package", "a graph onnx's checker refuses (nodes out of order)",
+      lambda d, a, mp: _package(d, a, model_path=unsorted_model(d, a)), 1, "is not a valid ONNX model: "),
     C("package-bad-shape", "package", "--shape that does not parse",
       lambda d, a, mp: _package(d, a, "--shape", "input_ids=1xq"), 2, "cannot parse shape"),
     C("package-shape-unknown-input", "package", "--shape names no input of the model",
