@@ -54,6 +54,21 @@ def _shared_directory(tmp_path_factory, name: str) -> Path:
     return root
 
 
+def _built_once(root: Path, name: str, build):
+    """``build()``'s result, built by the first pytest-xdist worker to ask, under the file lock ``root/name.lock``,
+    and left pickled beside its files (``root/name.result.pickle``); the other workers wait for the lock and read
+    it. A build that raises leaves nothing, so the next to ask builds again."""
+    from filelock import FileLock  # torch's own dependency
+
+    pickled = root / f"{name}.result.pickle"
+    with FileLock(root / f"{name}.lock"):
+        if pickled.exists():
+            return pickle.loads(pickled.read_bytes())
+        result = build()
+        pickled.write_bytes(pickle.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("moeport")
@@ -82,22 +97,15 @@ def exported(tmp_path_factory, sample_checkpoint):
     """exported(name, **export options) -> ExportResult, cached per (name, options) for the test run: the first
     pytest-xdist worker to ask exports under a file lock and leaves the result pickled beside the file, as
     ``hf_export`` does (tests read these files and write their own elsewhere)."""
-    from filelock import FileLock  # torch's own dependency
-
     root = _shared_directory(tmp_path_factory, "models")
     cache: dict = {}
 
     def export(name: str, **options):
         key = (name, tuple(sorted(options.items())))
         if key not in cache:
-            tag = "-".join(f"{k}={v}" for k, v in sorted(options.items())) or "default"
-            out, pickled = root / f"{name}.{tag}.onnx", root / f"{name}.{tag}.result.pickle"
-            with FileLock(root / f"{name}.{tag}.lock"):
-                if pickled.exists():
-                    cache[key] = pickle.loads(pickled.read_bytes())
-                else:
-                    cache[key] = export_checkpoint(sample_checkpoint(name), out, **options)
-                    pickled.write_bytes(pickle.dumps(cache[key]))
+            stem = f"{name}.{'-'.join(f'{k}={v}' for k, v in sorted(options.items())) or 'default'}"
+            cache[key] = _built_once(root, stem, lambda: export_checkpoint(sample_checkpoint(name),
+                                                                           root / f"{stem}.onnx", **options))
         return cache[key]
 
     return export
@@ -112,8 +120,6 @@ def hf_export(tmp_path_factory):
     Shared by the pytest-xdist workers too: those two test files usually run on different workers, and each
     export takes seconds. The first worker to ask exports under a file lock and leaves the result pickled beside
     the files; the others wait for the lock and read it. Tests read these files and write their own elsewhere."""
-    from filelock import FileLock  # torch's own dependency
-
     root = _shared_directory(tmp_path_factory, "hf_families")
     cache: dict = {}
 
@@ -121,17 +127,14 @@ def hf_export(tmp_path_factory):
         key = (model_type, variant)
         if key not in cache:
             name = f"{model_type}.{variant}"
-            checkpoint, pickled = root / name, root / f"{name}.result.pickle"
-            with FileLock(root / f"{name}.lock"):
-                if pickled.exists():
-                    result = pickle.loads(pickled.read_bytes())
-                else:
-                    model = hf_families.random_model(model_type, **hf_families.variants(model_type)[variant])
-                    model.save_pretrained(checkpoint)
-                    result = export_checkpoint(checkpoint, root / f"{name}.onnx", with_routing=True,
-                                               validate=validate)
-                    pickled.write_bytes(pickle.dumps(result))
-            cache[key] = (result, checkpoint)
+            checkpoint = root / name
+
+            def build():
+                model = hf_families.random_model(model_type, **hf_families.variants(model_type)[variant])
+                model.save_pretrained(checkpoint)
+                return export_checkpoint(checkpoint, root / f"{name}.onnx", with_routing=True, validate=validate)
+
+            cache[key] = (_built_once(root, name, build), checkpoint)
         return cache[key]
 
     return make
@@ -144,7 +147,7 @@ def deployed(tmp_path_factory):
     text-generation-with-past --layout genai`` (and ``--kv-cache``, sharing the checkpoint).
 
     Shared by the pytest-xdist workers like ``hf_export``: the first worker to ask exports under a file lock and
-    marks the folder once its validation passed; the others wait for the lock, then build the same seeded
+    marks the folder once its validation passed (``_built_once``); the others wait for the lock, then build the same seeded
     transformers model and load the saved tokenizer. (Several test files deploy the same families; on different
     workers each had exported them again.)"""
     from filelock import FileLock  # torch's own dependency
@@ -154,13 +157,12 @@ def deployed(tmp_path_factory):
     made: dict[str, Deployed] = {}
 
     def export_once(checkpoint: Path, folder: Path, **options) -> None:
-        passed = folder.parent / f"{folder.name}.passed"
-        with FileLock(folder.parent / f"{folder.name}.lock"):
-            if not passed.exists():
-                result = export_checkpoint(checkpoint, folder, task="text-generation-with-past", layout="genai",
-                                           **options)
-                assert result.validation.passed, result.validation.to_dict()
-                passed.touch()
+        def build() -> None:  # nothing to keep: the pickle beside the folder says its validation passed
+            result = export_checkpoint(checkpoint, folder, task="text-generation-with-past", layout="genai",
+                                       **options)
+            assert result.validation.passed, result.validation.to_dict()
+
+        _built_once(folder.parent, folder.name, build)
 
     def make(model_type: str, kv_cache: str = "concat") -> Deployed:
         if kv_cache != "concat":
