@@ -45,6 +45,36 @@ def _no_transformers_progress_bars():
     logging.enable_progress_bar()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _worker_threads():
+    """Under pytest-xdist, each worker's torch and onnxruntime sessions get this worker's share of the cores
+    (one each for two workers on two cores). By default each takes every core, and onnxruntime's threads spin
+    while they wait: two workers then run four or more busy threads on two cores, and the exports' tracing,
+    which is single-threaded Python, waits for a core. A session given a thread count keeps it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not workers:
+        yield
+        return
+    import onnxruntime as ort
+    import torch
+
+    share = max(1, (os.cpu_count() or 1) // workers)
+    threads_before = torch.get_num_threads()
+    open_session = ort.InferenceSession.__init__
+
+    def open_with_share(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        sess_options = sess_options or ort.SessionOptions()
+        if not sess_options.intra_op_num_threads:  # 0: onnxruntime's default, every core
+            sess_options.intra_op_num_threads = share
+        open_session(self, path_or_bytes, sess_options, *args, **kwargs)
+
+    torch.set_num_threads(share)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ort.InferenceSession, "__init__", open_with_share)
+        yield
+    torch.set_num_threads(threads_before)
+
+
 def _shared_directory(tmp_path_factory, name: str) -> Path:
     """A directory of this test run that every pytest-xdist worker sees (created if missing)."""
     basetemp = tmp_path_factory.getbasetemp()
