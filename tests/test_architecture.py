@@ -83,11 +83,12 @@ def test_every_runtime_and_quant_module_imports_without_torch():
 
 
 @pytest.fixture(scope="module")
-def exported_files(tmp_path_factory, sample_checkpoint):
-    """A logits export of the topk sample and a with-past export of a tiny Mixtral with a tokenizer."""
+def exported_files(tmp_path_factory, exported):
+    """A logits export of the topk sample (the run's shared one) and a with-past export of a tiny Mixtral with a
+    tokenizer; the commands write their outputs into ``root``."""
 
     root = tmp_path_factory.mktemp("torch-free")
-    logits = export_checkpoint(sample_checkpoint("topk"), root / "topk.onnx", with_routing=True).output
+    logits = exported("topk", with_routing=True).output
     checkpoint = save_tiny_mixtral(root / "mixtral")
     save_char_tokenizer(checkpoint, " abcdefghijklmnopqrstuvwxyz")  # 28 tokens, within the 64-token vocabulary
     with_past = export_checkpoint(checkpoint, root / "mixtral-past.onnx", task="text-generation-with-past").output

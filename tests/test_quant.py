@@ -1201,8 +1201,6 @@ def _tiny_mixtral_checkpoint(tmp_path):
 def test_text_calibration_uses_the_checkpoints_tokenizer(tmp_path):
     """A transformers checkpoint with a tokenizer: calibration and perplexity text go through it, and the
     graph's attention_mask is fed alongside the ids."""
-    from moeport.exporter.export import export_checkpoint
-
     checkpoint, tokenizer = _tiny_mixtral_checkpoint(tmp_path)
     model = export_checkpoint(checkpoint, tmp_path / "m.onnx", with_routing=True).output
     text = tmp_path / "calib.txt"
@@ -1227,8 +1225,6 @@ def test_a_shared_buffer_export_is_calibrated_and_measured_like_its_concat_expor
     a shared-buffer export (``--kv-cache shared --fused-attention``, whose GroupQueryAttention checks the cache's
     kv_heads even when it is empty) is calibrated and measured exactly as the Concat export of the same
     checkpoint. Before, every mode failed on it in onnxruntime as soon as it had held-out text."""
-    from moeport.exporter.export import export_checkpoint
-
     checkpoint, _ = _tiny_mixtral_checkpoint(tmp_path)
     text = tmp_path / "text.txt"
     text.write_bytes(TEXT)
@@ -1265,8 +1261,6 @@ def test_a_shared_buffer_export_is_calibrated_and_measured_like_its_concat_expor
 def test_random_calibration_feeds_every_input_a_text_window_would(tmp_path):
     """--random-calibration on a Hugging Face export (input_ids and attention_mask) and on its with-past export:
     random ids fed as text would be, not refused for having more than one input."""
-    from moeport.exporter.export import export_checkpoint
-
     checkpoint, _ = _tiny_mixtral_checkpoint(tmp_path)
     for task in ("logits", "text-generation-with-past"):
         model = export_checkpoint(checkpoint, tmp_path / f"{task}.onnx", task=task, validate=False).output
@@ -1282,8 +1276,6 @@ def test_a_hybrid_with_past_export_is_calibrated_and_measured_from_text(tmp_path
     ids starts them at zeros, as transformers does, so text calibrates it and measures its perplexity -- the same
     perplexity as its logits-only export's. Before, token ids alone were refused for such a graph."""
     import hf_families
-    from moeport.exporter.export import export_checkpoint
-
     checkpoint = tmp_path / "granitemoehybrid"
     hf_families.random_model("granitemoehybrid").save_pretrained(checkpoint)
     save_char_tokenizer(checkpoint)
@@ -1302,10 +1294,10 @@ def test_a_hybrid_with_past_export_is_calibrated_and_measured_from_text(tmp_path
 
 
 @pytest.fixture(scope="module")
-def trained_export(tmp_path_factory):
-    """The bundled trained sample, exported with its routing outputs (once for the tests below)."""
-    return export_checkpoint(TRAINED_DIR, tmp_path_factory.mktemp("trained") / "m.onnx", with_routing=True,
-                             validate=False)
+def trained_export(exported):
+    """The bundled trained sample (a copy of ``TRAINED_DIR``), exported with its routing outputs: the run's shared
+    export, which tests/test_export.py verifies."""
+    return exported("trained", with_routing=True)
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8-blocks"])
