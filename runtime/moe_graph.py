@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from moeport._fs import check_single_links, load_model_proto
+from moeport._fs import SHAPE_VALUE_BYTES, check_single_links, load_model_proto
 
 _SCORE_OPS = ("Softmax", "Sigmoid")
 # Ops the closure never crosses: they do the experts' compute, not the routing arithmetic.
@@ -56,9 +56,6 @@ _SELECTION_OPS = frozenset({"TopK", "ArgMax"})
 _QMOE_ROUTER_WEIGHTS = 14
 _MAX_ROUTER_NODES = 64
 _SHAPE_OPS = frozenset({"Shape", "Size"})
-# Initializers up to this size keep their data in a graph loaded without weights (onnx_ir's shape inference
-# keeps 1000 bytes for the same reason).
-_SMALL_TENSOR_BYTES = 1024
 _FOUR_BIT_TYPES = frozenset({TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1})
 # The MatMuls that may carry an expert's weight, float or quantized.
 _EXPERT_OPS = frozenset({"MatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul"})
@@ -181,14 +178,14 @@ def load_graph(path: str | os.PathLike, single_links: bool = False) -> onnx.Mode
     are checked before anything is read (``moeport._fs.load_model_proto``); ``single_links`` also refuses external
     data files with several hard links (``moeport._fs.check_single_links``: onnx_ir will not read them).
     """
-    proto = load_model_proto(path, inline_up_to=_SMALL_TENSOR_BYTES)
+    proto = load_model_proto(path, inline_up_to=SHAPE_VALUE_BYTES)
     if single_links:
         check_single_links(proto, path)  # before ``weightless`` drops the locations
     return weightless(proto)
 
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers over ``_SMALL_TENSOR_BYTES`` carry name, type, dims and data
+    """A copy of ``model`` whose initializers over ``SHAPE_VALUE_BYTES`` carry name, type, dims and data
     location only (no data, in the proto or outside it); nodes, I/O, value info, functions and metadata are
     copied."""
     skeleton = onnx.ModelProto()
@@ -202,7 +199,7 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(graph, field_name).extend(getattr(source, field_name))
     for init in source.initializer:
-        if tensor_nbytes(init) <= _SMALL_TENSOR_BYTES:
+        if tensor_nbytes(init) <= SHAPE_VALUE_BYTES:
             graph.initializer.append(init)
         else:
             # Where the data lives is kept (an external model's output is written with external data too).

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeport._fs import check_output_directory, load_model_proto, staged_directory, writing
+from moeport._fs import SHAPE_VALUE_BYTES, check_output_directory, load_model_proto, staged_directory, writing
 from moeport._scoped import logger_level
 from moeport.contract import metadata_of_map, vocab_size
 from moeport.errors import MoeportError, UsageError
@@ -48,7 +48,6 @@ from moeport.runtime.session import create_session, provider_names, return_freed
 BUNDLE_FORMAT = "moeport-bundle/1"
 OPERATOR_CONFIG = "required_operators.config"
 MAX_BUNDLE_BYTES = 2**31 - 1  # a flatbuffer's and a protobuf's limit
-SHAPE_VALUE_BYTES = 1024  # initializers in external data up to this size are read for shape inference (shapes, axes)
 
 
 @dataclass(frozen=True)
@@ -112,11 +111,8 @@ class PackageResult:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fix_shapes(proto, shapes: dict[str, list[int]]):

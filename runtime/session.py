@@ -15,12 +15,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeport._fs import load_model_proto
+from moeport._fs import SHAPE_VALUE_BYTES, load_model_proto
 from moeport.errors import MoeportError
 from moeport.registry import Registry
 
-# Tensors up to this size are read into a graph handed to onnxruntime in memory (see create_session).
-_INLINE_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,7 @@ def create_session(
         # Refuses external data outside the model's directory before ORT reads it. Small tensors are read in:
         # onnxruntime infers shapes from constant inputs before it resolves external data for a graph handed
         # over in memory.
-        proto = load_model_proto(path, inline_up_to=_INLINE_BYTES if extra_outputs else 0)
+        proto = load_model_proto(path, inline_up_to=SHAPE_VALUE_BYTES if extra_outputs else 0)
         if not extra_outputs:
             del proto  # a model without external data is all in it: not held while onnxruntime loads its own copy
         else:

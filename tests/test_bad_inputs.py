@@ -777,11 +777,8 @@ def snapshot(root: Path) -> dict[str, str]:
         if stat.st_size > SNAPSHOT_HASH_LIMIT:
             files[key] = f"{stat.st_size} bytes, modified {stat.st_mtime_ns}"
             continue
-        digest = hashlib.sha256()
         with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        files[key] = digest.hexdigest()
+            files[key] = hashlib.file_digest(handle, "sha256").hexdigest()
     return files
 
 

@@ -339,6 +339,12 @@ def check_single_links(proto, path: str | os.PathLike) -> None:
                                "data is a file of its own")
 
 
+# Initializers at most this many bytes hold values that a graph's shapes depend on (Reshape's shape, axes,
+# scalars): they are read in when a graph is loaded without its weights, for shape inference and graph analyses
+# (onnx_ir's shape inference keeps 1000 bytes for the same reason).
+SHAPE_VALUE_BYTES = 1024
+
+
 def load_model_proto(path: str | os.PathLike, inline_up_to: int = 0):
     """The ModelProto of the ONNX file ``path`` without external data, its external data locations checked.
 
