@@ -58,7 +58,8 @@ def _worker_threads():
     import onnxruntime as ort
     import torch
 
-    share = max(1, (os.cpu_count() or 1) // workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // workers)
     threads_before = torch.get_num_threads()
     open_session = ort.InferenceSession.__init__
 
