@@ -20,7 +20,6 @@ from moeport.errors import MoeportError
 from moeport.registry import Registry
 
 
-
 @dataclass(frozen=True)
 class ExecutionProvider:
     name: str  # short name used on the command line
