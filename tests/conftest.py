@@ -109,15 +109,12 @@ def workdir(tmp_path_factory) -> Path:
 def sample_checkpoint(tmp_path_factory):
     """sample_checkpoint(name) -> Path of that sample's checkpoint directory (created once a test run, under a
     file lock: the pytest-xdist workers share it, like ``hf_export``'s files)."""
-    from filelock import FileLock  # torch's own dependency
-
     root = _shared_directory(tmp_path_factory, "checkpoints")
     made: dict[str, Path] = {}
 
     def make(name: str) -> Path:
         if name not in made:
-            with FileLock(root / f"{name}.lock"):
-                made[name] = root / name if (root / name).is_dir() else create_sample(name, root / name)
+            made[name] = _built_once(root, name, lambda: create_sample(name, root / name))
         return made[name]
 
     return make

@@ -1276,6 +1276,7 @@ def test_a_hybrid_with_past_export_is_calibrated_and_measured_from_text(tmp_path
     ids starts them at zeros, as transformers does, so text calibrates it and measures its perplexity -- the same
     perplexity as its logits-only export's. Before, token ids alone were refused for such a graph."""
     import hf_families
+
     checkpoint = tmp_path / "granitemoehybrid"
     hf_families.random_model("granitemoehybrid").save_pretrained(checkpoint)
     save_char_tokenizer(checkpoint)
