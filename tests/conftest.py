@@ -259,7 +259,7 @@ def pytest_addoption(parser):
 # pytest-xdist's --dist loadfile hands files to the workers in collection order. In alphabetical order
 # test_quant_families came late, and a worker that took it could still be running it long after the other had
 # finished; handed out first, the long files share out more evenly. The suite's time in CI: 646, 669 and 709 s this
-# way; 697 s in alphabetical order just before (the same tests), 712-733 s the day before: a gain of about half a
+# way; 697 s in alphabetical order just before (the same tests), 712-733 s the sitting before: a gain of about half a
 # minute, near the spread between runs.
 LONGEST_FILES = ("test_quant_families.py", "test_hf_families.py", "test_export.py", "test_quant.py", "test_layouts.py")
 
