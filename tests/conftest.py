@@ -252,20 +252,3 @@ def routed_segments():
 def pytest_addoption(parser):
     parser.addoption("--regen", action="store_true",
                      help="rewrite generated docs (docs/errors.md) from the test cases instead of only checking them")
-
-
-# The test files that take longest (seconds of test time in one run of the suite on two workers, 2026-12-06:
-# test_quant_families 369, test_hf_families 252, test_export 161, test_quant 159, test_layouts 126; the next is 79).
-# pytest-xdist's --dist loadfile hands files to the workers in collection order. In alphabetical order
-# test_quant_families came late, and a worker that took it could still be running it long after the other had
-# finished; handed out first, the long files share out more evenly (a simulation of the handing out over one run's
-# file times: 681 against 792 s). The suite's time in CI: 646, 669, 709 and 796 s this way; 697 s in alphabetical
-# order just before (the same tests), 712-733 s the sitting before: no gain that stands out from the spread between
-# runs on this machine.
-LONGEST_FILES = ("test_quant_families.py", "test_hf_families.py", "test_export.py", "test_quant.py", "test_layouts.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Put the tests of ``LONGEST_FILES`` first, longest first; every other file keeps its place after them."""
-    rank = {name: place for place, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: order inside a file kept
